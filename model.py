@@ -1,0 +1,443 @@
+"""
+ECHO-LLaMA: a Llama whose layers may reuse the keys and values of an earlier layer.
+
+Everything about the model lives in this file: the config, the Llama blocks (RMSNorm, rotary
+embeddings, grouped-query attention, SwiGLU), cross-layer KV sharing through `kv_source`, the
+owners-only KV cache used by `generate`, and the FLOP accounting behind MFU.
+
+kv_source[i] = j means "layer i attends with its own queries over the keys and values that layer j
+computed". Layer j is then an *owner* (kv_source[j] == j) and layer i a *consumer*. Consumers have
+no key/value projections at all, and the cache stores only owners, so a model with half its layers
+sharing caches half the K/V of the dense model.
+"""
+
+import math
+import inspect
+from dataclasses import dataclass, asdict
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# kv_source: parsing and validation
+
+
+def parse_kv_source(spec, n_layer: int) -> tuple:
+    """Turn a kv_source preset or list into a validated tuple of ints, one per layer.
+
+    Presets (strings, so train.py can take them on the command line):
+      dense          every layer owns its K/V
+      cla:N          groups of N adjacent layers share the first one's K/V (Cross-Layer Attention)
+      upper:K        the top K layers reuse the K/V of the last owner below them
+      upper:half     the same with K = n_layer // 2
+      0,0,2,2,4,...  an explicit list
+    """
+    if spec is None:
+        return tuple(range(n_layer))
+    if isinstance(spec, str):
+        spec = spec.strip().lower()
+        if spec == "dense":
+            return tuple(range(n_layer))
+        if spec.startswith("cla:"):
+            group = _preset_int(spec, spec[4:], low=1)
+            return tuple(i - i % group for i in range(n_layer))
+        if spec.startswith("upper:"):
+            arg = spec[6:]
+            k = n_layer // 2 if arg == "half" else _preset_int(spec, arg, low=0)
+            if k >= n_layer:
+                raise ValueError(f"kv_source preset {spec!r}: at most n_layer-1={n_layer - 1} layers "
+                                 "can share, the lowest layer must own its K/V")
+            owner = n_layer - k - 1
+            return tuple(i if i <= owner else owner for i in range(n_layer))
+        try:
+            spec = [int(s) for s in spec.replace("[", "").replace("]", "").split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"unknown kv_source {spec!r}: use 'dense', 'cla:N', 'upper:K', "
+                             "'upper:half' or a comma-separated list of layer indices like 0,0,2,2") from None
+    return validate_kv_source(tuple(int(j) for j in spec), n_layer)
+
+
+def _preset_int(spec, text, low):
+    if not text.isdigit() or int(text) < low:
+        raise ValueError(f"kv_source preset {spec!r}: expected an integer >= {low} after the colon")
+    return int(text)
+
+
+def validate_kv_source(kv_source: tuple, n_layer: int) -> tuple:
+    if len(kv_source) != n_layer:
+        raise ValueError(f"kv_source has {len(kv_source)} entries but the model has n_layer={n_layer}: "
+                         "give one source layer per layer")
+    for i, j in enumerate(kv_source):
+        if not 0 <= j < n_layer:
+            raise ValueError(f"kv_source[{i}] = {j} is out of range: must be a layer index in 0..{i}")
+        if j > i:
+            raise ValueError(f"kv_source[{i}] = {j} points forward: a layer can only reuse the K/V of "
+                             f"itself or an earlier layer (0..{i})")
+        if kv_source[j] != j:
+            raise ValueError(f"kv_source[{i}] = {j} but layer {j} is itself a consumer of layer "
+                             f"{kv_source[j]}: chains are not allowed, point layer {i} at the owner "
+                             f"{kv_source[j]} directly")
+    return kv_source
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class LlamaConfig:
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 2
+    n_embd: int = 384
+    intermediate_size: int = 1024
+    vocab_size: int = 256
+    block_size: int = 256
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama 3 style: {"rope_type": "llama3", "factor": ..., ...}
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    kv_source: Union[None, str, tuple, list] = None  # a preset or list; a tuple of ints after init
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "vocab_size", "block_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                             "pick n_head so that n_embd / n_head (the head size) is an integer")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: "
+                             "each K/V head must serve a whole group of query heads")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for rotary embeddings")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "llama3":
+            raise ValueError(f"rope_scaling {self.rope_scaling!r} is not supported: only rope_type 'llama3' (or none)")
+        self.kv_source = parse_kv_source(self.kv_source, self.n_layer)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def owners(self) -> list:
+        return [i for i, j in enumerate(self.kv_source) if i == j]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kv_source"] = list(self.kv_source)
+        return d
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 as Hugging Face does, so bf16 runs match and do not underflow
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    d = config.head_dim
+    # fp32 throughout, exactly as Hugging Face computes it, so converted models match to the last bit
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    if s is not None:  # Llama 3.1: slow down the low frequencies, keep the high ones, blend between
+        factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
+        scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor,
+                               torch.where(wavelen < old_len / high, inv_freq, scaled))
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half convention (as in Hugging Face): pairs are (x[i], x[i + d/2])."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, owns_kv: bool):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        if owns_kv:
+            self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+            self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+
+    @property
+    def owns_kv(self):
+        return hasattr(self, "k_proj")
+
+    def compute_kv(self, x, cos, sin):
+        B, T, _ = x.shape
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x, k, v, cos, sin, mask):
+        """Attend over k, v (post-RoPE, shape B, n_kv_head, S, head_dim), whoever computed them.
+
+        mask is None for causal attention over the T new positions (training, prefill) and a
+        boolean (T, S) mask when decoding against a longer cache.
+        """
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_head != self.n_kv_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, owns_kv: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config, owns_kv)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache(nn.Module):
+    """Static, preallocated cache for the owner layers only, written in place while decoding."""
+
+    def __init__(self, n_owners, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (n_owners, batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self):
+        return self.k.shape[3]
+
+    def update(self, slot, input_pos, k, v):
+        """Write new positions of owner `slot`; return that owner's whole cache."""
+        self.k[slot].index_copy_(2, input_pos, k)
+        self.v[slot].index_copy_(2, input_pos, v)
+        return self.k[slot], self.v[slot]
+
+    def nbytes(self):
+        return self.k.numel() * self.k.element_size() * 2
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, owns_kv=(j == i)) for i, j in enumerate(config.kv_source))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # cos/sin for every position are buffers: not learned, not saved, moved with .to(device)
+        positions = torch.arange(config.block_size, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(config))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        # layer -> index of its owner's slot in the KV cache
+        self.cache_slot = {owner: slot for slot, owner in enumerate(config.owners)}
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, exclude_embedding=False):
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if exclude_embedding:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, cache: Optional[KVCache] = None, input_pos=None):
+        """Logits for every position, and the mean cross-entropy against `targets` if given.
+
+        Without a cache, idx holds positions 0..T-1. With a cache, a call with T > 1 tokens is a
+        prefill from position 0 and a call with one token decodes at position input_pos; owners
+        write their new K/V into the cache and everyone attends over it.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+            input_pos = torch.arange(T, device=idx.device)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        mask = None  # causal over the T new positions
+        if cache is not None and T == 1:
+            mask = torch.arange(cache.max_len, device=idx.device) <= input_pos.view(-1, 1)
+
+        x = self.embed_tokens(idx)
+        kv = {}  # owner layer -> its (k, v), handed to its consumers; the same path with or without cache
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            owner = self.config.kv_source[i]
+            if owner == i:
+                k, v = layer.self_attn.compute_kv(h, cos, sin)
+                if cache is not None:
+                    k_all, v_all = cache.update(self.cache_slot[i], input_pos, k, v)
+                    if mask is not None:  # decoding: attend over the whole cache
+                        k, v = k_all, v_all
+                kv[i] = (k, v)
+            x = x + layer.self_attn(h, *kv[owner], cos, sin, mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    def new_cache(self, batch_size, max_len, dtype=None) -> KVCache:
+        c = self.config
+        return KVCache(len(c.owners), batch_size, c.n_kv_head, max_len, c.head_dim,
+                       dtype or self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
+
+    def decode_step(self, token, input_pos, cache):
+        """One token per sequence at position input_pos (a 1-element tensor): its logits. Static
+        shapes throughout, so torch.compile can turn it into one graph."""
+        logits, _ = self(token, cache=cache, input_pos=input_pos)
+        return logits[:, -1, :]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile_decode=False):
+        """Continue each row of idx (B, T) by max_new_tokens tokens. temperature=0 is greedy."""
+        B, T = idx.shape
+        total = T + max_new_tokens
+        if total > self.config.block_size:
+            raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {total} exceeds "
+                             f"block_size={self.config.block_size}: shorten the prompt or generate fewer tokens")
+        if max_new_tokens <= 0:
+            return idx
+        step = self.decode_step
+        if compile_decode:
+            if not hasattr(self, "_compiled_decode_step"):
+                self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True)
+            step = self._compiled_decode_step
+        cache = self.new_cache(B, total)
+        logits, _ = self(idx, cache=cache, input_pos=torch.arange(T, device=idx.device))
+        out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)
+        out[:, :T] = idx
+        next_token = sample_token(logits[:, -1, :], temperature, top_k)
+        for pos in range(T, total):
+            out[:, pos] = next_token
+            if pos == total - 1:
+                break
+            input_pos = torch.tensor([pos], device=idx.device)
+            next_token = sample_token(step(next_token.view(B, 1), input_pos, cache), temperature, top_k)
+        return out
+
+    # -------------------------------------------------------------------------
+    # FLOP accounting and optimizer
+
+    def flops_per_token(self, seq_len=None, causal=True) -> dict:
+        """Matmul FLOPs per token of one forward pass, by component, plus 'total' and 'train' (x3).
+
+        Counts what this model does: consumers have no K/V projections, and with causal=True the
+        attention over a sequence of seq_len covers (seq_len+1)/2 keys on average (flash kernels
+        skip the masked half). Elementwise work (norms, RoPE, softmax) is left out, as is usual.
+        """
+        c = self.config
+        T = seq_len or c.block_size
+        d, hd = c.n_embd, c.head_dim
+        keys = (T + 1) / 2 if causal else T
+        n_owners = len(c.owners)
+        parts = {
+            "q": c.n_layer * 2 * d * c.n_head * hd,
+            "kv": n_owners * 2 * d * 2 * c.n_kv_head * hd,
+            "o": c.n_layer * 2 * c.n_head * hd * d,
+            "mlp": c.n_layer * 3 * 2 * d * c.intermediate_size,
+            "attention": c.n_layer * 2 * 2 * c.n_head * hd * keys,  # q @ k^T and probs @ v
+            "head": 2 * d * c.vocab_size,
+        }
+        parts["total"] = sum(parts.values())
+        parts["train"] = 3 * parts["total"]  # backward costs twice the forward
+        return parts
+
+    def estimate_mfu(self, tokens_per_s, seq_len=None, peak_flops=None, device_name=None):
+        """Model FLOPs utilisation of training: achieved train FLOP/s over the device's peak."""
+        if peak_flops is None:
+            peak_flops = peak_flops_for(device_name)
+        return self.flops_per_token(seq_len)["train"] * tokens_per_s / peak_flops
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]  # matrices decay; norms don't
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+
+def sample_token(logits, temperature=1.0, top_k=None):
+    """Pick one token per row of logits (B, vocab)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).view(-1)
+
+
+# dense bf16 tensor-core peak FLOP/s per GPU, from the vendors' datasheets (no sparsity)
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM and NVL
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+}
+
+
+def peak_flops_for(device_name=None) -> float:
+    if device_name is None:
+        if not torch.cuda.is_available():
+            raise ValueError("no GPU: pass peak_flops explicitly (bench.py measures a CPU's matmul rate)")
+        device_name = torch.cuda.get_device_name()
+    for key, flops in PEAK_BF16_FLOPS.items():  # most specific names first
+        if key.lower() in device_name.lower():
+            return flops
+    raise ValueError(f"no peak FLOP/s known for device {device_name!r}: pass peak_flops explicitly "
+                     f"(known: {', '.join(PEAK_BF16_FLOPS)})")
