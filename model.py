@@ -274,6 +274,9 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
         # layer -> index of its owner's slot in the KV cache
         self.cache_slot = {owner: slot for slot, owner in enumerate(config.owners)}
+        # layer-wise adaptation (adapt.py): layers switching to a consumer blend in their future
+        # owner's K/V, {layer: (owner, weight)}
+        self.kv_blend = {}
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -310,6 +313,9 @@ class Llama(nn.Module):
             owner = self.config.kv_source[i]
             if owner == i:
                 k, v = layer.self_attn.compute_kv(h, cos, sin)
+                if i in self.kv_blend:
+                    source, w = self.kv_blend[i]
+                    k, v = k + w * (kv[source][0] - k), v + w * (kv[source][1] - v)
                 if cache is not None:
                     k_all, v_all = cache.update(self.cache_slot[i], input_pos, k, v)
                     if mask is not None:  # decoding: attend over the whole cache
@@ -324,9 +330,42 @@ class Llama(nn.Module):
         return logits, loss
 
     # -------------------------------------------------------------------------
+    # layer-wise adaptation: turning an owner into a consumer in place
+
+    def start_blend(self, layer, owner):
+        """Let `layer` attend over (1 - w) * its own K/V + w * `owner`'s, w set by set_blend."""
+        self._check_switch(layer, owner)
+        self.kv_blend[layer] = (owner, torch.zeros((), device=self.rope_cos.device))
+
+    def set_blend(self, layer, weight):
+        self.kv_blend[layer][1].fill_(weight)  # in place: a compiled forward keeps its graph
+
+    def make_consumer(self, layer, owner) -> list:
+        """Drop `layer`'s K/V projections and point it at `owner`; returns the removed parameters
+        (their optimizer state has to go too)."""
+        self._check_switch(layer, owner)
+        attn = self.layers[layer].self_attn
+        removed = [attn.k_proj.weight, attn.v_proj.weight]
+        del attn.k_proj, attn.v_proj
+        self.config.kv_source = tuple(owner if i == layer else j for i, j in enumerate(self.config.kv_source))
+        self.cache_slot = {o: slot for slot, o in enumerate(self.config.owners)}
+        self.kv_blend.pop(layer, None)
+        return removed
+
+    def _check_switch(self, layer, owner):
+        kv_source = list(self.config.kv_source)
+        if kv_source[layer] != layer:
+            raise ValueError(f"layer {layer} is already a consumer of layer {kv_source[layer]}")
+        kv_source[layer] = owner
+        validate_kv_source(tuple(kv_source), self.config.n_layer)
+
+    # -------------------------------------------------------------------------
     # generation
 
     def new_cache(self, batch_size, max_len, dtype=None) -> KVCache:
+        if self.kv_blend:
+            raise ValueError(f"layers {sorted(self.kv_blend)} are halfway through an adaptation stage: "
+                             "finish it (make_consumer) before generating")
         c = self.config
         return KVCache(len(c.owners), batch_size, c.n_kv_head, max_len, c.head_dim,
                        dtype or self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
@@ -352,7 +391,8 @@ class Llama(nn.Module):
             if not hasattr(self, "_compiled_decode_step"):
                 self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True)
             step = self._compiled_decode_step
-        cache = self.new_cache(B, total)
+        # a compiled step is specialised to the cache shape: give every call the same one
+        cache = self.new_cache(B, self.config.block_size if compile_decode else total)
         logits, _ = self(idx, cache=cache, input_pos=torch.arange(T, device=idx.device))
         out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)
         out[:, :T] = idx

@@ -1,0 +1,262 @@
+"""
+Layer-wise adaptation: turn a pretrained dense Llama into a KV-shared one (the ECHO recipe).
+
+The paper describes "shared KV caching coupled with layer-wise adaptation, gradually converting
+pretrained LLaMA" layers but not the schedule, so the choices here are ours and are measured in
+experiments/echo.py:
+- a target kv_source, chosen by hand or from data (`calibrate`, below);
+- the consumers switch in stages (top-down, bottom-up, or most similar first). During its stage a
+  switching layer attends over (1 - w) * its own K/V + w * its owner's, w rising from 0 to 1, and at
+  the end of the stage it drops its K/V weights and their optimizer state. `abrupt` switches all at once;
+- optionally only some layers train (`converted`: the consumers and their owners; `upward`: every
+  layer from the lowest consumer up). Autograd records nothing below the lowest trainable layer,
+  since nothing there requires a gradient: those layers cost a forward pass only;
+- optionally the dense model teaches: loss = (1 - a) * CE + a * T^2 * KL(teacher || student).
+
+train.py drives this through `Adaptation` and `distillation_loss`. Run this file to calibrate:
+    python adapt.py --init_from=out-dense/ckpt.pt --n_share=3
+"""
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from model import parse_kv_source
+
+ORDERS = ("top-down", "bottom-up", "similarity")
+TRAIN_LAYERS = ("all", "converted", "upward")
+
+
+class Adaptation:
+    """Which layers switch when. Stateless given the iteration, so resuming needs no extra state:
+    `apply(model, optimizer, iter_num)` brings the model to where the schedule says it is."""
+
+    def __init__(self, kv_source, target, mode="gradual", order="top-down", stage_iters=100,
+                 layers_per_stage=1, similarity=None):
+        n_layer = len(kv_source)
+        try:
+            target = parse_kv_source(target, n_layer)
+        except ValueError as e:
+            raise ValueError(f"adapt_target: {e}") from None
+        for i, (now, goal) in enumerate(zip(kv_source, target)):
+            if now != i and now != goal:
+                raise ValueError(f"adapt_target: layer {i} already reuses layer {now}'s K/V but the target "
+                                 f"says {goal}: a consumer can't become an owner again (its K/V weights are gone)")
+        switching = [i for i in range(n_layer) if target[i] != i and kv_source[i] == i]
+        if mode not in ("gradual", "abrupt"):
+            raise ValueError(f"adapt_mode must be 'gradual' or 'abrupt', got {mode!r}")
+        explicit = None
+        if order not in ORDERS:
+            try:
+                explicit = [int(s) for s in str(order).split(",") if s.strip()]
+            except ValueError:
+                raise ValueError(f"adapt_order must be one of {ORDERS} or a list of layers like "
+                                 f"'5,4,3', got {order!r}") from None
+            if sorted(explicit) != sorted(switching):
+                raise ValueError(f"adapt_order={order!r} must list each switching layer once: the target "
+                                 f"converts layers {sorted(switching)}")
+        if mode == "gradual" and (stage_iters < 1 or layers_per_stage < 1):
+            raise ValueError("adapt_stage_iters and adapt_layers_per_stage must be >= 1")
+        if explicit is not None:
+            switching = explicit
+        elif order == "top-down":
+            switching.sort(reverse=True)
+        elif order == "similarity":
+            if similarity is None:
+                raise ValueError("adapt_order='similarity' needs a calibration (run adapt.py first)")
+            switching.sort(key=lambda i: -float(similarity[i, target[i]]))
+        self.target, self.mode, self.stage_iters = target, mode, stage_iters
+        step = len(switching) if mode == "abrupt" else layers_per_stage
+        self.stages = [switching[s:s + step] for s in range(0, len(switching), step)]
+
+    @property
+    def total_iters(self):
+        """Iterations until the last layer has switched."""
+        return 0 if self.mode == "abrupt" else len(self.stages) * self.stage_iters
+
+    def apply(self, model, optimizer, iter_num) -> bool:
+        """Switch, blend and drop layers as the schedule says for iter_num. True if parameters
+        were removed (the caller re-wraps DDP / torch.compile around the changed model)."""
+        if self.mode == "abrupt":
+            done, current, weight = len(self.stages), None, 0.0
+        else:
+            done = min(iter_num // self.stage_iters, len(self.stages))
+            current = self.stages[done] if done < len(self.stages) else None
+            weight = (iter_num % self.stage_iters) / self.stage_iters
+        changed = False
+        for stage in self.stages[:done]:
+            for layer in stage:
+                if model.config.kv_source[layer] == layer:
+                    drop_params(optimizer, model.make_consumer(layer, self.target[layer]))
+                    changed = True
+        for layer in current or []:
+            if layer not in model.kv_blend:
+                model.start_blend(layer, self.target[layer])
+            model.set_blend(layer, weight)
+        return changed
+
+
+def drop_params(optimizer, params):
+    """Remove params and their state (Adam moments) from an optimizer."""
+    if optimizer is None:
+        return
+    gone = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in gone]
+    for p in params:
+        optimizer.state.pop(p, None)
+
+
+def freeze(model, target, train_layers="all") -> list:
+    """Freeze all but the layers adaptation trains; return the indices of the trainable layers."""
+    if train_layers not in TRAIN_LAYERS:
+        raise ValueError(f"adapt_train_layers must be one of {TRAIN_LAYERS}, got {train_layers!r}")
+    n_layer = model.config.n_layer
+    consumers = [i for i in range(n_layer) if target[i] != i]
+    if train_layers == "all":
+        return list(range(n_layer))
+    if not consumers:
+        raise ValueError(f"adapt_train_layers={train_layers!r} with a target that shares no layer would freeze "
+                         "every layer: pick a target with consumers or adapt_train_layers='all'")
+    if train_layers == "converted":
+        trainable = sorted(set(consumers) | {target[i] for i in consumers})
+    else:
+        trainable = list(range(min(consumers), n_layer))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i in trainable:
+        model.layers[i].requires_grad_(True)
+    if train_layers == "upward":  # the final norm and head sit above every layer
+        model.norm.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    return trainable
+
+
+def distillation_loss(logits, teacher_logits, targets, alpha, temperature):
+    """(1 - alpha) * CE(targets) + alpha * T^2 * KL(teacher || student), both at temperature T;
+    the T^2 keeps the gradient scale of the soft term independent of T (Hinton et al.)."""
+    logits = logits.float().view(-1, logits.size(-1))
+    ce = F.cross_entropy(logits, targets.view(-1), ignore_index=-1)
+    if alpha == 0:
+        return ce
+    student = F.log_softmax(logits / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().view(-1, logits.size(-1)) / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+
+
+# -----------------------------------------------------------------------------
+# calibration: which earlier layer's K/V is most like each layer's own
+
+
+@torch.no_grad()
+def kv_similarity(model, batches):
+    """Cosine similarity of every dense layer's keys and values with every other layer's, per K/V
+    head, averaged over heads and over keys and values: an (n_layer, n_layer) tensor.
+
+    The projections are read before RoPE: both layers rotate the same position by the same angle,
+    which leaves their dot product, and so the cosine, unchanged."""
+    c = model.config
+    if any(j != i for i, j in enumerate(c.kv_source)):
+        raise ValueError("calibration needs a dense model: every layer must compute its own K/V")
+    outputs = {}
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        for name in ("k_proj", "v_proj"):
+            hooks.append(getattr(layer.self_attn, name).register_forward_hook(
+                lambda mod, inp, out, key=(i, name): outputs.__setitem__(key, out)))
+    n = c.n_layer
+    dots = torch.zeros(2, c.n_kv_head, n, n, dtype=torch.float64)
+    model.eval()
+    try:
+        for idx in batches:
+            model(idx)
+            for slot, name in enumerate(("k_proj", "v_proj")):
+                # (n_layer, heads, tokens * head_dim): one vector per layer and head
+                x = torch.stack([outputs[(i, name)].double().view(-1, c.n_kv_head, c.head_dim) for i in range(n)])
+                x = x.permute(0, 2, 1, 3).reshape(n, c.n_kv_head, -1)
+                dots[slot] += torch.einsum("ihd,jhd->hij", x, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    norms = dots.diagonal(dim1=-2, dim2=-1).sqrt()  # (2, heads, n)
+    cosine = dots / (norms[..., :, None] * norms[..., None, :]).clamp_min(1e-30)
+    return cosine.mean(dim=(0, 1)).float()
+
+
+def propose_kv_source(similarity, n_share) -> tuple:
+    """Greedily make the n_share most similar (layer, earlier layer) pairs consumer and owner,
+    keeping the map valid: owners stay owners, consumers are never sources."""
+    n = similarity.shape[0]
+    if not 0 <= n_share < n:
+        raise ValueError(f"n_share={n_share}: can share between 0 and n_layer-1={n - 1} layers")
+    pairs = sorted(((float(similarity[i, j]), i, j) for i in range(n) for j in range(i)), reverse=True)
+    kv_source = list(range(n))
+    is_source = set()
+    shared = 0
+    for _, i, j in pairs:
+        if shared == n_share:
+            break
+        if kv_source[i] == i and i not in is_source and kv_source[j] == j:
+            kv_source[i] = j
+            is_source.add(j)
+            shared += 1
+    return tuple(kv_source)
+
+
+def save_heatmap(similarity, path, title="K/V cosine similarity"):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = similarity.shape[0]
+    fig, ax = plt.subplots(figsize=(1 + 0.45 * n, 0.6 + 0.45 * n))
+    im = ax.imshow(similarity.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xlabel("earlier layer (owner candidate)")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    import train  # the checkpoint loading and data sampling that training uses
+    args = dict(init_from="out/ckpt.pt", dataset=None, n_share=None, batches=8, batch_size=8,
+                out=None, seed=1337)
+    for arg in argv:
+        key, _, value = arg.lstrip("-").partition("=")
+        if key not in args or not value:
+            sys.exit(f"adapt.py: unknown or empty option {arg!r}; options: "
+                     + " ".join(f"--{k}=..." for k in args))
+        args[key] = value
+    model, checkpoint = train.load_model(args["init_from"])
+    dataset = args["dataset"] or checkpoint.get("config", {}).get("dataset")
+    if dataset is None:
+        sys.exit("adapt.py: the checkpoint does not name its dataset: pass --dataset=NAME (a folder in data/)")
+    data = train.open_split(dataset, "val")
+    generator = torch.Generator().manual_seed(int(args["seed"]))
+    block = model.config.block_size
+    batches = [train.sample_batch(data, int(args["batch_size"]), block, generator)[0]
+               for _ in range(int(args["batches"]))]
+    sim = kv_similarity(model, batches)
+    n = model.config.n_layer
+    print("cosine similarity of K/V (row: layer, column: earlier layer)")
+    print("     " + "".join(f"{j:6d}" for j in range(n)))
+    for i in range(n):
+        print(f"{i:4d} " + "".join(f"{sim[i, j]:6.2f}" for j in range(i + 1)))
+    out = args["out"] or os.path.dirname(os.path.abspath(args["init_from"]))
+    os.makedirs(out, exist_ok=True)
+    torch.save(sim, os.path.join(out, "kv_similarity.pt"))
+    save_heatmap(sim, os.path.join(out, "kv_similarity.png"))
+    print(f"saved {out}/kv_similarity.pt and {out}/kv_similarity.png")
+    n_share = int(args["n_share"]) if args["n_share"] is not None else n // 2
+    proposal = propose_kv_source(sim, n_share)
+    print(f"proposed kv_source (sharing {n_share} layers): {','.join(map(str, proposal))}")
+    return proposal
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
