@@ -305,6 +305,9 @@ def atomic_torch_save(obj, path):
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=out_dir)
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -184,6 +184,11 @@ def test_kv_init_mean_is_the_mean_of_the_dense_projections(tmp_path):
         torch.testing.assert_close(getattr(model.layers[1].self_attn, kind).weight, want, rtol=0, atol=1e-7)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, VOCAB, (1, 8)))[0]).all()
+    with pytest.raises(ConversionError, match="kv_init must be"):
+        load_hf_llama(tmp_path, kv_source="upper:2", kv_init="median")
+    with pytest.raises(ConversionError, match="kv_source"):
+        load_hf_llama(tmp_path, kv_source="0,2,2,2")
+    assert load_hf_llama(tmp_path, block_size=16).rope_cos.shape[0] == 16
 
 
 # -----------------------------------------------------------------------------
@@ -204,6 +209,7 @@ def test_export_round_trip(tmp_path, tie, rope_scaling):
     x = torch.randint(0, VOCAB, (2, 40))
     with torch.no_grad():
         diff = (hf(x).logits - ours(x)[0]).abs().max().item()
+    print(f"export tie={tie} llama3={rope_scaling is not None}: max abs logit difference {diff:.2e}")
     assert diff < 1e-5, diff
     back = load_hf_llama(tmp_path)
     assert back.config.to_dict() == config.to_dict()
