@@ -393,6 +393,29 @@ def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=N
                   "model.safetensors", file=sys.stderr)
 
 
+def verify_export(model: Llama, out_dir, n_tokens=32, tol=1e-4) -> float:
+    """Load out_dir with transformers (only here, and only when asked) and compare fp32 logits with
+    model's on random tokens; returns the max abs difference, raises ConversionError above tol."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConversionError("--verify needs the transformers package (pip install transformers)") from None
+    try:
+        hf = transformers.LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager")
+    except TypeError:  # transformers 4.x before the dtype argument
+        hf = transformers.LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32,
+                                                           attn_implementation="eager")
+    ours = Llama(model.config)
+    ours.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    x = torch.randint(0, model.config.vocab_size, (1, min(n_tokens, model.config.block_size)),
+                      generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf.eval()(x).logits - ours.eval()(x)[0]).abs().max().item()
+    if not diff <= tol:
+        raise ConversionError(f"transformers loads {out_dir} but its logits differ from ours by {diff:.3g} (> {tol})")
+    return diff
+
+
 def _write_json(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
@@ -417,6 +440,7 @@ def main(argv=None):
     exp.add_argument("checkpoint")
     exp.add_argument("out_dir")
     exp.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: the checkpoint's dtype")
+    exp.add_argument("--verify", action="store_true", help="load the result with transformers and compare logits")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     try:
@@ -430,6 +454,9 @@ def main(argv=None):
             model, ckpt = load_checkpoint_model(args.checkpoint)
             export_hf(model, args.out_dir, dtype, ckpt.get("tokenizer_json"), ckpt.get("hf_config"))
             print(f"wrote {args.out_dir}: config.json, model.safetensors")
+            if args.verify:
+                diff = verify_export(model, args.out_dir)
+                print(f"verified: transformers' fp32 logits match ours to {diff:.2e} (max abs difference)")
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

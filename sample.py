@@ -124,7 +124,6 @@ def tokenizer_from_meta(path):
 
 def tokenizer_from_spec(spec, data_dir):
     """--tokenizer: gpt2, a tokenizer.json, a meta.json, or a directory holding one of them."""
-    from tokenizers import Tokenizer
     if spec.lower() in ("gpt2", "r50k_base"):
         return gpt2_tokenizer([data_dir] if data_dir else [])
     if os.path.isdir(spec):
@@ -138,22 +137,36 @@ def tokenizer_from_spec(spec, data_dir):
     if os.path.basename(spec) == "meta.json":
         return tokenizer_from_meta(spec)
     try:
-        return HFTokenizer(Tokenizer.from_file(spec), spec)
+        return hf_tokenizer(spec)
+    except SampleError:
+        raise
     except Exception as e:
         raise SampleError(f"--tokenizer={spec}: not a tokenizer.json the tokenizers library can read ({e})") from None
 
 
+def hf_tokenizer(path=None, json_text=None):
+    """tokenizer.json through the tokenizers library, imported only here: sampling a checkpoint trained on
+    a char or GPT-2 dataset needs neither it nor safetensors."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise SampleError("this model's tokenizer is a tokenizer.json, which needs the 'tokenizers' package: "
+                          "pip install tokenizers") from None
+    if json_text is not None:
+        return HFTokenizer(Tokenizer.from_str(json_text), "carried by the checkpoint")
+    return HFTokenizer(Tokenizer.from_file(path), path)
+
+
 def find_tokenizer(args, ckpt, hf_dir):
-    from tokenizers import Tokenizer
     if args.tokenizer:
         return tokenizer_from_spec(args.tokenizer, args.data_dir)
     if hf_dir is not None:
         path = os.path.join(hf_dir, "tokenizer.json")
         if os.path.isfile(path):
-            return HFTokenizer(Tokenizer.from_file(path), path)
+            return hf_tokenizer(path)
         raise SampleError(f"no tokenizer.json in {hf_dir}: pass --tokenizer=...")
     if ckpt.get("tokenizer_json"):
-        return HFTokenizer(Tokenizer.from_str(ckpt["tokenizer_json"]), "carried by the checkpoint")
+        return hf_tokenizer(json_text=ckpt["tokenizer_json"])
     dataset = (ckpt.get("config") or {}).get("dataset") if isinstance(ckpt.get("config"), dict) else None
     if dataset:
         roots = [args.data_dir] if args.data_dir else [os.path.join(ROOT, "data"), "data"]

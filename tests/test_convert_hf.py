@@ -217,14 +217,17 @@ def test_export_round_trip(tmp_path, tie, rope_scaling):
         assert torch.equal(p, back.state_dict()[name]), name
 
 
-def test_export_cli_from_a_converted_checkpoint(tmp_path):
+def test_export_cli_from_a_converted_checkpoint(tmp_path, capsys):
     hf = make_hf(tmp_path / "hf", tie=True)
+    (tmp_path / "hf" / "tokenizer.json").write_text('{"stand-in": "tokenizer"}')
     convert(tmp_path / "hf", tmp_path / "c.pt")
-    assert convert_hf.main(["export", str(tmp_path / "c.pt"), str(tmp_path / "back")]) == 0
+    assert convert_hf.main(["export", str(tmp_path / "c.pt"), str(tmp_path / "back"), "--verify"]) == 0
     again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
     x = torch.randint(0, VOCAB, (1, 16))
     with torch.no_grad():
         assert (again(x).logits - hf(x).logits).abs().max() < 1e-6
+    assert "verified: transformers' fp32 logits match ours" in capsys.readouterr().out
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == '{"stand-in": "tokenizer"}'
 
 
 def test_export_refuses_a_shared_model(tmp_path):

@@ -127,6 +127,21 @@ def test_sample_train_checkpoint_with_char_meta(tmp_path, capsys, meta_style):
     assert text.startswith("first ") and len(text) == 16 and set(text) <= set(chars)
 
 
+def test_train_checkpoint_needs_neither_tokenizers_nor_safetensors_nor_transformers(tmp_path):
+    chars = list("abc \n")
+    os.makedirs(tmp_path / "data" / "abc")
+    with open(tmp_path / "data" / "abc" / "meta.json", "w") as f:
+        json.dump({"vocab_size": len(chars), "chars": chars}, f)
+    save_train_style_checkpoint(str(tmp_path / "ckpt.pt"), len(chars), "abc")
+    code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('tokenizers', 'safetensors', 'transformers')]; "
+            "import sample; sys.exit(sample.main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, f"--init_from={tmp_path / 'ckpt.pt'}", "--start=ab",
+                        f"--data_dir={tmp_path / 'data'}", "--max_new_tokens=5", "--device=cpu"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ab") and len(r.stdout.split("\n---------------")[0]) == 7
+
+
 def test_gpt2_meta_builds_tiktoken_offline(tmp_path, capsys):
     if not os.path.isfile(os.path.join(ROOT, "data", "gpt2.tiktoken")):
         pytest.skip("data/gpt2.tiktoken is not in the repository")
