@@ -98,24 +98,29 @@ def gpt2_tokenizer(search_dirs=()):
                           f"it ({type(e).__name__}); copy gpt2.tiktoken into data/") from None
 
 
-def tokenizer_from_meta(path):
-    """Tolerant reader of data/<dataset>/meta.json: {"tokenizer": "gpt2"} or a char table under
-    "chars" (list or string), "itos" (list, or dict of index -> char) or "stoi" (char -> index)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SampleError(f"cannot read {path}: {e}") from None
+def tokenizer_from_meta(path, meta=None):
+    """Tolerant reader of data/<dataset>/meta.json (or the same dict carried in a checkpoint as 'meta'):
+    {"tokenizer": "gpt2"} or a char table under "chars" (list or string), "itos" (list, or dict of
+    index -> char) or "stoi" (char -> index)."""
+    if meta is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SampleError(f"cannot read {path}: {e}") from None
     name = next((meta[k] for k in ("tokenizer", "encoding", "tokenizer_name") if isinstance(meta.get(k), str)), None)
     if name is not None and name.lower() in ("gpt2", "r50k_base", "gpt-2"):
-        return gpt2_tokenizer([os.path.dirname(path)])
+        return gpt2_tokenizer([os.path.dirname(path)] if os.path.isfile(path) else [])
     if name is not None and name.lower() not in ("char", "chars", "character"):
         raise SampleError(f"{path}: unknown tokenizer {name!r} (known: gpt2, char)")
     table = next((meta[k] for k in ("chars", "itos", "vocab") if k in meta), None)
     if isinstance(table, (list, str)):
         return CharTokenizer(dict(enumerate(table)))
-    if isinstance(table, dict):
-        return CharTokenizer({int(k): v for k, v in table.items()})
+    if isinstance(table, dict):  # index -> char, or char -> index
+        if all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in table.items()):
+            return CharTokenizer({int(k): v for k, v in table.items()})
+        if all(isinstance(v, int) for v in table.values()):
+            return CharTokenizer({v: k for k, v in table.items()})
     if isinstance(meta.get("stoi"), dict):
         return CharTokenizer({int(v): k for k, v in meta["stoi"].items()})
     raise SampleError(f"{path}: unknown tokenizer: no 'tokenizer' name (gpt2) and no character table "
@@ -167,9 +172,13 @@ def find_tokenizer(args, ckpt, hf_dir):
         raise SampleError(f"no tokenizer.json in {hf_dir}: pass --tokenizer=...")
     if ckpt.get("tokenizer_json"):
         return hf_tokenizer(json_text=ckpt["tokenizer_json"])
+    if isinstance(ckpt.get("meta"), dict):
+        return tokenizer_from_meta("the checkpoint's 'meta'", ckpt["meta"])
     dataset = (ckpt.get("config") or {}).get("dataset") if isinstance(ckpt.get("config"), dict) else None
     if dataset:
         roots = [args.data_dir] if args.data_dir else [os.path.join(ROOT, "data"), "data"]
+        if os.path.isfile(os.path.join(str(dataset), "meta.json")):  # a path rather than a name
+            return tokenizer_from_meta(os.path.join(str(dataset), "meta.json"))
         for root in roots:
             path = os.path.join(root, str(dataset), "meta.json")
             if os.path.isfile(path):

@@ -110,11 +110,12 @@ def save_train_style_checkpoint(path, vocab_size, dataset, block_size=32):
     return model
 
 
-@pytest.mark.parametrize("meta_style", ["chars-list", "itos-dict", "stoi"])
+@pytest.mark.parametrize("meta_style", ["chars-list", "itos-dict", "stoi", "vocab-dict"])
 def test_sample_train_checkpoint_with_char_meta(tmp_path, capsys, meta_style):
     chars = sorted(set("first citizen: before we proceed any further, hear me speak.\n"))
     table = {"chars-list": {"chars": chars}, "itos-dict": {"itos": {str(i): c for i, c in enumerate(chars)}},
-             "stoi": {"stoi": {c: i for i, c in enumerate(chars)}}}[meta_style]
+             "stoi": {"stoi": {c: i for i, c in enumerate(chars)}},
+             "vocab-dict": {"vocab": {c: i for i, c in enumerate(chars)}}}[meta_style]
     os.makedirs(tmp_path / "data" / "tiny_char")
     with open(tmp_path / "data" / "tiny_char" / "meta.json", "w") as f:
         json.dump({"vocab_size": len(chars), "dtype": "uint16", **table}, f)
@@ -224,3 +225,15 @@ def test_other_bad_inputs(hf_dir, tmp_path, capsys):
     os.makedirs(tmp_path / "empty")
     rc, _, err = run_main([f"--init_from={tmp_path / 'empty'}"], capsys)
     assert rc == 1 and "neither config.json" in err
+
+
+def test_meta_carried_in_the_checkpoint(tmp_path, capsys):
+    chars = list("xyz \n")
+    save_train_style_checkpoint(str(tmp_path / "ckpt.pt"), len(chars), "gone")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt["meta"] = {"vocab_size": len(chars), "chars": chars}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    rc, out, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", "--start=xy", "--max_new_tokens=3",
+                             "--device=cpu"], capsys)
+    assert rc == 0, err
+    assert out.startswith("xy") and set(out.split("\n---------------")[0]) <= set(chars)
