@@ -300,7 +300,10 @@ def run(args):
         raise SampleError(f"--num_samples must be at least 1, got {args.num_samples}")
     if args.temperature < 0:
         raise SampleError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SampleError(f"unknown --device={args.device!r}: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SampleError("--device=cuda but no GPU is available: use --device=cpu")
     if args.dtype == "auto":
