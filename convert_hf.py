@@ -333,12 +333,16 @@ def convert(hf_dir, out_path, kv_source=None, kv_init="own", dtype=None, block_s
 # checkpoints and weights out
 
 
-def load_checkpoint_model(path, map_location="cpu"):
-    """(Llama, checkpoint dict) from a checkpoint written by convert or train.py."""
+def load_checkpoint_model(path, map_location="cpu", mmap=False):
+    """(Llama, checkpoint dict) from a checkpoint written by convert or train.py.
+
+    mmap=True leaves the weights in the file's pages instead of reading them into memory: right for a
+    one-shot job like export, wrong for a long-lived one while something may rewrite the file in place
+    (a training run saving ckpt.pt), which is why sample.py reads the file instead."""
     if not os.path.isfile(path):
         raise ConversionError(f"checkpoint {path!r} not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:
         raise ConversionError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
@@ -451,7 +455,7 @@ def main(argv=None):
                   f"{len(c.owners)} own their K/V (kv_source={list(c.kv_source)}), "
                   f"{str(model.embed_tokens.weight.dtype).replace('torch.', '')}")
         else:
-            model, ckpt = load_checkpoint_model(args.checkpoint)
+            model, ckpt = load_checkpoint_model(args.checkpoint, mmap=True)
             export_hf(model, args.out_dir, dtype, ckpt.get("tokenizer_json"), ckpt.get("hf_config"))
             print(f"wrote {args.out_dir}: config.json, model.safetensors")
             if args.verify:
