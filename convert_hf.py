@@ -1,0 +1,471 @@
+"""
+Hugging Face Llama checkpoints in and out of ECHO-LLaMA.
+
+    # HF directory -> checkpoint that train.py (init_from=...) and sample.py start from
+    python convert_hf.py import path/to/hf_llama out/llama.pt
+    # ... turned into a KV-shared model on the way: consumers drop their K/V projections and owners
+    # keep their own (--kv_init=own) or take the mean over the layers that will use them (mean)
+    python convert_hf.py import path/to/hf_llama out/llama_upper.pt --kv_source=upper:half --kv_init=mean
+    # a dense checkpoint -> HF directory that transformers loads (config.json + model.safetensors)
+    python convert_hf.py export out/ckpt.pt path/to/hf_out
+
+The HF Llama layout is model.py's own (same module names, rotate-half RoPE), so weights load by
+stripping the "model." prefix. Loading goes shard by shard through memory-mapped files and hands
+each tensor to a model built on the meta device, so no second full copy is ever held. Needs
+safetensors (for .safetensors weights and for export); transformers is never imported here.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+
+import torch
+
+from model import Llama, LlamaConfig, rope_inv_freq
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConversionError(ValueError):
+    """Bad input: a directory or checkpoint that is not a (supported) Llama. The message says why."""
+
+
+# -----------------------------------------------------------------------------
+# config.json <-> LlamaConfig
+
+
+def read_hf_config(hf_dir) -> dict:
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"{hf_dir!r} is not a directory: expected a Hugging Face model directory "
+                              "with config.json and model.safetensors (or shards, or pytorch_model*.bin)")
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"no config.json in {hf_dir!r}: not a Hugging Face model directory")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def hf_rope(hf: dict):
+    """(rope_theta, rope_scaling or None) from a 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters)
+    config, with transformers' precedence: rope_scaling, then rope_parameters, then top-level keys."""
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ConversionError(f"config.json: rope type {rope_type!r} is not supported (only the default RoPE "
+                              "and Llama 3 'llama3' scaling are)")
+    if "factor" not in rope:
+        raise ConversionError("config.json: llama3 rope scaling without a 'factor'")
+    scaling = {"rope_type": "llama3", "factor": float(rope["factor"]),
+               "low_freq_factor": float(rope.get("low_freq_factor", 1.0)),
+               "high_freq_factor": float(rope.get("high_freq_factor", 4.0)),
+               "original_max_position_embeddings": int(rope.get("original_max_position_embeddings",
+                                                                hf.get("max_position_embeddings")))}
+    return theta, scaling
+
+
+def llama_config_from_hf(hf: dict, kv_source=None, block_size=None) -> LlamaConfig:
+    """LlamaConfig for a Hugging Face Llama config.json (4.x or 5.x keys). Anything this model does not
+    implement (biases, other activations, a head_dim that is not hidden/heads, ...) is an error."""
+    model_type = hf.get("model_type")
+    if model_type != "llama":
+        raise ConversionError(f"config.json: model_type is {model_type!r}, not 'llama': only Llama models "
+                              "convert (architectures: {})".format(hf.get("architectures")))
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if not isinstance(hf.get(key), int):
+            raise ConversionError(f"config.json: missing or non-integer {key!r}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConversionError(f"config.json: {key}=true is not supported (this Llama has no biases)")
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and n_head and head_dim * n_head != n_embd:
+        raise ConversionError(f"config.json: head_dim={head_dim} with {n_head} heads does not give "
+                              f"hidden_size={n_embd}: decoupled head sizes are not supported")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConversionError(f"config.json: partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
+    theta, scaling = hf_rope(hf)
+    if block_size is None:
+        block_size = hf.get("max_position_embeddings") or 2048
+    try:
+        return LlamaConfig(
+            n_layer=hf["num_hidden_layers"], n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+            intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"], block_size=int(block_size),
+            rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), kv_source=kv_source)
+    except ValueError as e:
+        raise ConversionError(f"config.json: {e}") from None
+
+
+def hf_dtype(hf: dict):
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return DTYPES.get(str(name).replace("torch.", ""), torch.float32)
+
+
+def hf_config_from_llama(config: LlamaConfig, dtype=torch.float32, extra=None) -> dict:
+    """A config.json that transformers 5.x (rope_parameters, dtype) and 4.x (rope_theta, rope_scaling,
+    torch_dtype) both read."""
+    rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope_parameters = {**config.rope_scaling, "rope_type": "llama3", "rope_theta": config.rope_theta}
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+    hf = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.n_embd, "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size, "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "rope_theta": config.rope_theta, "rope_scaling": None if config.rope_scaling is None else
+        {**config.rope_scaling, "rope_type": "llama3"},
+        "rope_parameters": rope_parameters, "dtype": dtype_name, "torch_dtype": dtype_name,
+        "use_cache": True,
+    }
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if extra and key in extra:
+            hf[key] = extra[key]
+    return hf
+
+
+# -----------------------------------------------------------------------------
+# weights in
+
+
+def hf_weight_files(hf_dir) -> list:
+    """The weight files of a HF directory, in the order transformers would pick them."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = os.path.join(hf_dir, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not os.path.isfile(os.path.join(hf_dir, name)):
+                    raise ConversionError(f"{index_name} names shard {name!r} which is not in {hf_dir!r}")
+            return [os.path.join(hf_dir, name) for name in files]
+        if os.path.isfile(os.path.join(hf_dir, single)):
+            return [os.path.join(hf_dir, single)]
+    raise ConversionError(f"no weights in {hf_dir!r}: expected model.safetensors, model.safetensors.index.json "
+                          "with shards, pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+def iter_hf_tensors(files):
+    """(file, name, tensor) for every tensor, one file at a time, memory-mapped where possible."""
+    for path in files:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield path, name, f.get_tensor(name)
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) torch.save format cannot be memory-mapped
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+            for name in list(sd):
+                yield path, name, sd.pop(name)
+            del sd
+
+
+def _hf_name(key):
+    return key if key.startswith("lm_head.") else "model." + key
+
+
+_KV_KEY = re.compile(r"layers\.(\d+)\.self_attn\.([kv])_proj\.weight$")
+
+
+def rope_buffers(config: LlamaConfig):
+    """The rope_cos/rope_sin buffers Llama.__init__ computes (needed again after building on meta)."""
+    positions = torch.arange(config.block_size, dtype=torch.float32)
+    freqs = torch.outer(positions, rope_inv_freq(config))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def build_on_meta(config: LlamaConfig, state_dict: dict) -> Llama:
+    """A Llama that takes the tensors of state_dict as its parameters (no copy, no random init)."""
+    with torch.device("meta"):
+        model = Llama(config)
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
+    if missing or result.unexpected_keys:
+        raise ConversionError(f"state dict does not fit the model: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(result.unexpected_keys)[:5]}")
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = rope_buffers(config)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        assert not t.is_meta, name
+    return model
+
+
+def load_hf_llama(hf_dir, kv_source=None, kv_init="own", dtype=None, block_size=None) -> Llama:
+    """A Llama with the weights of the Hugging Face Llama in hf_dir, in eval mode on the CPU.
+
+    kv_source: None (dense, an exact copy) or a preset/list as in model.parse_kv_source; consumer layers
+      then have no K/V projections.
+    kv_init: 'own' keeps each owner's K/V projections; 'mean' sets them to the mean of the dense
+      projections of every layer that uses that owner (the owner included).
+    dtype: torch dtype of the weights; None takes config.json's dtype.
+    block_size: the context length to build for (rope tables); None takes max_position_embeddings.
+    """
+    if kv_init not in ("own", "mean"):
+        raise ConversionError(f"kv_init must be 'own' or 'mean', got {kv_init!r}")
+    hf = read_hf_config(hf_dir)
+    dense = llama_config_from_hf(hf, None, block_size)
+    config = llama_config_from_hf(hf, kv_source, block_size)
+    dtype = dtype or hf_dtype(hf)
+    files = hf_weight_files(hf_dir)
+
+    with torch.device("meta"):
+        expected = {_hf_name(k): tuple(v.shape) for k, v in Llama(dense).state_dict().items()}
+    if config.tie_embeddings:
+        del expected["lm_head.weight"]  # tied: lm_head is embed_tokens (a copy in the file is ignored)
+
+    state_dict, seen, kv_sum = {}, set(), {}
+    for path, name, tensor in iter_hf_tensors(files):
+        where = os.path.basename(path)
+        if name.endswith("rotary_emb.inv_freq"):  # saved by old transformers; recomputed from the config
+            continue
+        if config.tie_embeddings and name == "lm_head.weight":
+            continue
+        if name not in expected:
+            raise ConversionError(f"unexpected key {name!r} in {where}: not a weight of a Llama with this "
+                                  "config.json (not a Llama, or a variant this model does not implement)")
+        if name in seen:
+            raise ConversionError(f"key {name!r} appears twice (again in {where})")
+        if tuple(tensor.shape) != expected[name]:
+            raise ConversionError(f"shape mismatch for {name!r} in {where}: {tuple(tensor.shape)} in the file, "
+                                  f"{expected[name]} expected from config.json")
+        if not tensor.is_floating_point():
+            raise ConversionError(f"{name!r} in {where} has dtype {tensor.dtype}, expected floating point weights")
+        seen.add(name)
+        key = name[len("model."):] if name.startswith("model.") else name
+        m = _KV_KEY.match(key)
+        if m:
+            layer, owner = int(m.group(1)), config.kv_source[int(m.group(1))]
+            if kv_init == "mean":  # summed in fp32 per owner; owners without consumers get their own back
+                acc = kv_sum.setdefault((owner, m.group(2)), [0, 0])
+                acc[0] = acc[0] + tensor.float()
+                acc[1] += 1
+                continue
+            if owner != layer:  # a consumer: its K/V projections are dropped
+                continue
+        state_dict[key] = tensor.to(dtype)
+        del tensor
+
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(f"missing key {missing[0]!r}{more} in {hf_dir!r}: the weights do not match "
+                              "config.json or are incomplete")
+    for (owner, kind), (total, count) in kv_sum.items():
+        state_dict[f"layers.{owner}.self_attn.{kind}_proj.weight"] = (total / count).to(dtype)
+    model = build_on_meta(config, state_dict)
+    return model.eval()
+
+
+def read_tokenizer_json(hf_dir):
+    path = os.path.join(hf_dir, "tokenizer.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return None
+
+
+def checkpoint_dict(model: Llama, hf=None, tokenizer_json=None, source=None, kv_init=None) -> dict:
+    """What convert writes: the two keys train.py's init_from needs, plus what sample.py can use."""
+    ckpt = {"model": model.state_dict(), "model_config": model.config.to_dict()}
+    if hf is not None:
+        ckpt["hf_config"] = hf
+    if tokenizer_json is not None:
+        ckpt["tokenizer_json"] = tokenizer_json
+    if source is not None:
+        ckpt["converted_from"] = {"hf_dir": os.path.abspath(source), "kv_init": kv_init}
+    return ckpt
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temporary file beside path, then rename: path is either complete or untouched."""
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=out_dir)
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def convert(hf_dir, out_path, kv_source=None, kv_init="own", dtype=None, block_size=None) -> Llama:
+    """HF directory -> checkpoint file. Validates everything (keys, shapes, a finite forward pass)
+    before anything is written."""
+    model = load_hf_llama(hf_dir, kv_source=kv_source, kv_init=kv_init, dtype=dtype, block_size=block_size)
+    with torch.no_grad():
+        logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
+    if not torch.isfinite(logits).all():
+        raise ConversionError(f"the converted model gives non-finite logits: the weights in {hf_dir!r} are broken")
+    atomic_torch_save(checkpoint_dict(model, read_hf_config(hf_dir), read_tokenizer_json(hf_dir), hf_dir, kv_init),
+                      out_path)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# checkpoints and weights out
+
+
+def load_checkpoint_model(path, map_location="cpu", mmap=False):
+    """(Llama, checkpoint dict) from a checkpoint written by convert or train.py.
+
+    mmap=True leaves the weights in the file's pages instead of reading them into memory: right for a
+    one-shot job like export, wrong for a long-lived one while something may rewrite the file in place
+    (a training run saving ckpt.pt), which is why sample.py reads the file instead."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"checkpoint {path!r} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except Exception as e:
+        raise ConversionError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ConversionError(f"{path!r} is not an ECHO-LLaMA checkpoint: expected a dict with 'model' and "
+                              "'model_config' (for a Hugging Face directory pass the directory)")
+    try:
+        config = LlamaConfig(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{path!r}: bad model_config: {e}") from None
+    prefix = "_orig_mod."  # checkpoints saved from a compiled wrapper
+    state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in ckpt["model"].items()}
+    if config.tie_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    try:
+        model = build_on_meta(config, state_dict)
+    except (ConversionError, RuntimeError) as e:
+        raise ConversionError(f"{path!r}: weights do not fit model_config: {e}") from None
+    return model.eval(), ckpt
+
+
+def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=None):
+    """Write a dense model as a Hugging Face Llama directory (config.json + model.safetensors) that
+    transformers' LlamaForCausalLM.from_pretrained loads with identical logits."""
+    from safetensors.torch import save_file
+    config = model.config
+    if tuple(config.kv_source) != tuple(range(config.n_layer)):
+        raise ConversionError(f"cannot export a KV-shared model (kv_source={list(config.kv_source)}) as a Hugging "
+                              "Face Llama: its consumer layers have no K/V projections of their own, and "
+                              "LlamaForCausalLM has no way to reuse another layer's. Only dense models export.")
+    dtype = dtype or model.embed_tokens.weight.dtype
+    tensors = {}
+    for key, t in model.state_dict().items():
+        if config.tie_embeddings and key == "lm_head.weight":
+            continue
+        tensors[_hf_name(key)] = t.detach().to("cpu", dtype).contiguous()
+    os.makedirs(out_dir, exist_ok=True)
+    files = {"model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+             "config.json": lambda p: _write_json(hf_config_from_llama(config, dtype, hf_extra), p)}
+    if tokenizer_json is not None:
+        files["tokenizer.json"] = lambda p: open(p, "w", encoding="utf-8").write(tokenizer_json)
+    for name, write in files.items():
+        tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-{name}")
+        try:
+            write(tmp)
+            os.replace(tmp, os.path.join(out_dir, name))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    for stale in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            print(f"warning: {out_dir}/{stale} is left over from before; remove it so loaders pick "
+                  "model.safetensors", file=sys.stderr)
+
+
+def verify_export(model: Llama, out_dir, n_tokens=32, tol=1e-4) -> float:
+    """Load out_dir with transformers (only here, and only when asked) and compare fp32 logits with
+    model's on random tokens; returns the max abs difference, raises ConversionError above tol."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConversionError("--verify needs the transformers package (pip install transformers)") from None
+    try:
+        hf = transformers.LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager")
+    except TypeError:  # transformers 4.x before the dtype argument
+        hf = transformers.LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32,
+                                                           attn_implementation="eager")
+    ours = Llama(model.config)
+    ours.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    x = torch.randint(0, model.config.vocab_size, (1, min(n_tokens, model.config.block_size)),
+                      generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf.eval()(x).logits - ours.eval()(x)[0]).abs().max().item()
+    if not diff <= tol:
+        raise ConversionError(f"transformers loads {out_dir} but its logits differ from ours by {diff:.3g} (> {tol})")
+    return diff
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert Hugging Face Llama checkpoints to and from ECHO-LLaMA.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="HF Llama directory -> checkpoint for train.py / sample.py")
+    imp.add_argument("hf_dir")
+    imp.add_argument("out", help="checkpoint file to write (e.g. out/llama.pt)")
+    imp.add_argument("--kv_source", default=None, help="dense (default), cla:N, upper:K, upper:half or 0,0,2,2,...")
+    imp.add_argument("--kv_init", default="own", choices=["own", "mean"])
+    imp.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: config.json's dtype")
+    imp.add_argument("--block_size", type=int, default=None, help="context length (default max_position_embeddings)")
+    exp = sub.add_parser("export", help="dense checkpoint -> HF Llama directory")
+    exp.add_argument("checkpoint")
+    exp.add_argument("out_dir")
+    exp.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: the checkpoint's dtype")
+    exp.add_argument("--verify", action="store_true", help="load the result with transformers and compare logits")
+    args = p.parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    try:
+        if args.cmd == "import":
+            model = convert(args.hf_dir, args.out, args.kv_source, args.kv_init, dtype, args.block_size)
+            c = model.config
+            print(f"wrote {args.out}: {model.num_params() / 1e6:.2f}M parameters, {c.n_layer} layers, "
+                  f"{len(c.owners)} own their K/V (kv_source={list(c.kv_source)}), "
+                  f"{str(model.embed_tokens.weight.dtype).replace('torch.', '')}")
+        else:
+            model, ckpt = load_checkpoint_model(args.checkpoint, mmap=True)
+            export_hf(model, args.out_dir, dtype, ckpt.get("tokenizer_json"), ckpt.get("hf_config"))
+            print(f"wrote {args.out_dir}: config.json, model.safetensors")
+            if args.verify:
+                diff = verify_export(model, args.out_dir)
+                print(f"verified: transformers' fp32 logits match ours to {diff:.2e} (max abs difference)")
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""sample.py end to end: HF directories, converted checkpoints and train.py-style checkpoints with a
+dataset meta.json; the timed generation loop against model.generate; every bad input's error."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+from model import Llama, LlamaConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHARS = ["<unk>"] + list(" \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,:;!?'-")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the CI's cores are shared: two threads per op
+    oversubscribed here made generation up to 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def char_tokenizer_json():
+    """A tokenizer.json (tokenizers library) with one token per character."""
+    from tokenizers import Tokenizer, decoders, models
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=len(CHARS), max_position_embeddings=48,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(path)
+    char_tokenizer_json().save(str(path / "tokenizer.json"))
+    return path, hf
+
+
+def run_main(argv, capsys):
+    rc = sample.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_sample_from_hf_dir_matches_transformers_greedy(hf_dir, capsys):
+    path, hf = hf_dir
+    rc, out, err = run_main([f"--init_from={path}", "--start=hello world", "--max_new_tokens=16",
+                             "--temperature=0", "--device=cpu"], capsys)
+    assert rc == 0, err
+    tok = char_tokenizer_json()
+    ids = torch.tensor([tok.encode("hello world").ids])
+    want = hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert out.split("\n---------------\n")[0] == tok.decode(want[0].tolist())
+    assert out.startswith("hello world")
+
+
+def test_sample_from_converted_checkpoint_prints_text_and_speed(hf_dir, tmp_path, capsys):
+    from convert_hf import convert
+    path, _ = hf_dir
+    convert(path, tmp_path / "c.pt", kv_source="upper:1", kv_init="mean")
+    argv = [f"--init_from={tmp_path / 'c.pt'}", "--start=the ", "--max_new_tokens=20", "--num_samples=2",
+            "--top_k=5", "--seed=7", "--show_speed=True", "--device=cpu"]
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 0, err
+    assert out.count("---------------") == 2 and out.count("[speed] prefill") == 2
+    texts = [t.strip("\n") for t in out.split("---------------") if t.strip()]
+    assert all(t.startswith("the ") for t in texts)
+    rc, again, _ = run_main(argv, capsys)  # the seed fixes the samples
+    strip = lambda s: [line for line in s.splitlines() if not line.startswith("[speed]")]  # noqa: E731
+    assert strip(again) == strip(out)
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (0.9, 7)])
+def test_generate_timed_matches_model_generate(temperature, top_k):
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=64, vocab_size=50, block_size=40,
+                              kv_source="0,0,2")).eval()
+    x = torch.randint(0, 50, (2, 5))
+    torch.manual_seed(3)
+    want = model.generate(x, 20, temperature=temperature, top_k=top_k)
+    torch.manual_seed(3)
+    got, times = sample.generate_timed(model, x, 20, temperature, top_k)
+    assert torch.equal(got, want)
+    assert times["decode_steps"] == 18 and times["prefill_s"] > 0
+
+
+def save_train_style_checkpoint(path, vocab_size, dataset, block_size=32):
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, vocab_size=vocab_size,
+                              block_size=block_size, kv_source="cla:2"))
+    ckpt = {"model": model.state_dict(), "model_config": model.config.to_dict(), "config": {"dataset": dataset},
+            "iter_num": 0}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(ckpt, path)
+    return model
+
+
+@pytest.mark.parametrize("meta_style", ["chars-list", "itos-dict", "stoi", "vocab-dict"])
+def test_sample_train_checkpoint_with_char_meta(tmp_path, capsys, meta_style):
+    chars = sorted(set("first citizen: before we proceed any further, hear me speak.\n"))
+    table = {"chars-list": {"chars": chars}, "itos-dict": {"itos": {str(i): c for i, c in enumerate(chars)}},
+             "stoi": {"stoi": {c: i for i, c in enumerate(chars)}},
+             "vocab-dict": {"vocab": {c: i for i, c in enumerate(chars)}}}[meta_style]
+    os.makedirs(tmp_path / "data" / "tiny_char")
+    with open(tmp_path / "data" / "tiny_char" / "meta.json", "w") as f:
+        json.dump({"vocab_size": len(chars), "dtype": "uint16", **table}, f)
+    save_train_style_checkpoint(str(tmp_path / "out" / "ckpt.pt"), len(chars), "tiny_char")
+    (tmp_path / "prompt.txt").write_text("first ")
+    rc, out, err = run_main([f"--init_from={tmp_path / 'out'}", f"--start=FILE:{tmp_path / 'prompt.txt'}",
+                             f"--data_dir={tmp_path / 'data'}", "--max_new_tokens=10", "--device=cpu"], capsys)
+    assert rc == 0, err
+    text = out.split("\n---------------")[0]
+    assert text.startswith("first ") and len(text) == 16 and set(text) <= set(chars)
+
+
+def test_train_checkpoint_needs_neither_tokenizers_nor_safetensors_nor_transformers(tmp_path):
+    chars = list("abc \n")
+    os.makedirs(tmp_path / "data" / "abc")
+    with open(tmp_path / "data" / "abc" / "meta.json", "w") as f:
+        json.dump({"vocab_size": len(chars), "chars": chars}, f)
+    save_train_style_checkpoint(str(tmp_path / "ckpt.pt"), len(chars), "abc")
+    code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('tokenizers', 'safetensors', 'transformers')]; "
+            "import sample; sys.exit(sample.main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, f"--init_from={tmp_path / 'ckpt.pt'}", "--start=ab",
+                        f"--data_dir={tmp_path / 'data'}", "--max_new_tokens=5", "--device=cpu"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ab") and len(r.stdout.split("\n---------------")[0]) == 7
+
+
+def test_gpt2_meta_builds_tiktoken_offline(tmp_path, capsys):
+    if not os.path.isfile(os.path.join(ROOT, "data", "gpt2.tiktoken")):
+        pytest.skip("data/gpt2.tiktoken is not in the repository")
+    os.makedirs(tmp_path / "data" / "owt")
+    with open(tmp_path / "data" / "owt" / "meta.json", "w") as f:
+        json.dump({"vocab_size": 50257, "dtype": "uint16", "tokenizer": "gpt2"}, f)
+    tok = sample.tokenizer_from_meta(str(tmp_path / "data" / "owt" / "meta.json"))
+    assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
+    assert tok.decode([15496, 995]) == "Hello world"
+    save_train_style_checkpoint(str(tmp_path / "ckpt.pt"), 50257, "owt")
+    rc, out, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", "--start=Hello", f"--data_dir={tmp_path / 'data'}",
+                             "--max_new_tokens=4", "--device=cpu"], capsys)
+    assert rc == 0, err
+    assert out.startswith("Hello")
+
+
+def test_compiled_decode_gives_the_same_tokens(tmp_path, capsys):
+    """The one test here that compiles (10-25 s cold on a CPU)."""
+    path = tmp_path / "ckpt.pt"
+    model = save_train_style_checkpoint(str(path), len(CHARS), "none")
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["tokenizer_json"] = char_tokenizer_json().to_str()
+    torch.save(ckpt, path)
+    base = [f"--init_from={path}", "--start=abc", "--max_new_tokens=8", "--temperature=0", "--device=cpu"]
+    rc, eager, err = run_main(base, capsys)
+    assert rc == 0, err
+    rc, compiled, err = run_main(base + ["--compile=True", "--show_speed=True"], capsys)
+    assert rc == 0, err
+    assert "(includes compilation)" in compiled
+    assert [line for line in compiled.splitlines() if not line.startswith("[speed]")] == eager.splitlines()
+    del model
+
+
+# -----------------------------------------------------------------------------
+# bad input: a clear message and a nonzero exit, no traceback
+
+
+def test_missing_checkpoint_exits_nonzero_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "sample.py", f"--init_from={tmp_path / 'nope.pt'}"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prompt_longer_than_context(hf_dir, capsys):
+    path, _ = hf_dir
+    rc, _, err = run_main([f"--init_from={path}", "--start=" + "a" * 60, "--device=cpu"], capsys)
+    assert rc == 1 and "prompt is 60 tokens long but the model's context is block_size=48" in err
+    rc, _, err = run_main([f"--init_from={path}", "--start=abc", "--max_new_tokens=46", "--device=cpu"], capsys)
+    assert rc == 1 and "ask for at most 45 new tokens" in err
+
+
+def test_unknown_tokenizer(tmp_path, capsys):
+    save_train_style_checkpoint(str(tmp_path / "ckpt.pt"), 20, "missing_dataset")
+    rc, _, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", f"--data_dir={tmp_path}", "--device=cpu"], capsys)
+    assert rc == 1 and "unknown tokenizer" in err and "missing_dataset" in err
+    os.makedirs(tmp_path / "missing_dataset")
+    with open(tmp_path / "missing_dataset" / "meta.json", "w") as f:
+        json.dump({"vocab_size": 20, "tokenizer": "sentencepiece"}, f)
+    rc, _, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", f"--data_dir={tmp_path}", "--device=cpu"], capsys)
+    assert rc == 1 and "unknown tokenizer 'sentencepiece'" in err
+    rc, _, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", "--tokenizer=klingon", "--device=cpu"], capsys)
+    assert rc == 1 and "unknown tokenizer 'klingon'" in err
+    torch.save({"model": torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"],
+                "model_config": torch.load(tmp_path / "ckpt.pt", weights_only=False)["model_config"]}, tmp_path / "bare.pt")
+    rc, _, err = run_main([f"--init_from={tmp_path / 'bare.pt'}", "--device=cpu"], capsys)
+    assert rc == 1 and "unknown tokenizer" in err and "--tokenizer=" in err
+
+
+def test_other_bad_inputs(hf_dir, tmp_path, capsys):
+    path, _ = hf_dir
+    rc, _, err = run_main([f"--init_from={path}", f"--start=FILE:{tmp_path / 'none.txt'}"], capsys)
+    assert rc == 1 and "cannot read the prompt file" in err
+    rc, _, err = run_main([f"--init_from={path}", "--start=hello \u00e9", "--tokenizer=gpt2", "--device=cpu"], capsys) \
+        if os.path.isfile(os.path.join(ROOT, "data", "gpt2.tiktoken")) else (1, "", "wrong tokenizer for this checkpoint")
+    assert rc == 1 and "wrong tokenizer for this checkpoint" in err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    rc, _, err = run_main([f"--init_from={tmp_path / 'junk.pt'}"], capsys)
+    assert rc == 1 and "cannot read checkpoint" in err
+    os.makedirs(tmp_path / "empty")
+    rc, _, err = run_main([f"--init_from={tmp_path / 'empty'}"], capsys)
+    assert rc == 1 and "neither config.json" in err
+
+
+def test_meta_carried_in_the_checkpoint(tmp_path, capsys):
+    chars = list("xyz \n")
+    save_train_style_checkpoint(str(tmp_path / "ckpt.pt"), len(chars), "gone")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt["meta"] = {"vocab_size": len(chars), "chars": chars}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    rc, out, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", "--start=xy", "--max_new_tokens=3",
+                             "--device=cpu"], capsys)
+    assert rc == 0, err
+    assert out.startswith("xy") and set(out.split("\n---------------")[0]) <= set(chars)
