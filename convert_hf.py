@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 
-from model import Llama, LlamaConfig, rope_inv_freq
+from model import Llama, LlamaConfig, rope_tables
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -187,14 +187,6 @@ def _hf_name(key):
 _KV_KEY = re.compile(r"layers\.(\d+)\.self_attn\.([kv])_proj\.weight$")
 
 
-def rope_buffers(config: LlamaConfig):
-    """The rope_cos/rope_sin buffers Llama.__init__ computes (needed again after building on meta)."""
-    positions = torch.arange(config.block_size, dtype=torch.float32)
-    freqs = torch.outer(positions, rope_inv_freq(config))
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
 def build_on_meta(config: LlamaConfig, state_dict: dict) -> Llama:
     """A Llama that takes the tensors of state_dict as its parameters (no copy, no random init)."""
     with torch.device("meta"):
@@ -206,7 +198,7 @@ def build_on_meta(config: LlamaConfig, state_dict: dict) -> Llama:
                               f"unexpected {sorted(result.unexpected_keys)[:5]}")
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = rope_buffers(config)
+    model.rope_cos, model.rope_sin = rope_tables(config)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         assert not t.is_meta, name
     return model

@@ -11,8 +11,9 @@ no key/value projections at all, and the cache stores only owners, so a model wi
 sharing caches half the K/V of the dense model.
 """
 
-import math
 import inspect
+import math
+import time
 from dataclasses import dataclass, asdict
 from typing import Optional, Union
 
@@ -164,6 +165,14 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
+def rope_tables(config: LlamaConfig):
+    """cos and sin of every position's angles, (block_size, head_dim)."""
+    positions = torch.arange(config.block_size, dtype=torch.float32)
+    freqs = torch.outer(positions, rope_inv_freq(config))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
 def apply_rope(x, cos, sin):
     """Rotate-half convention (as in Hugging Face): pairs are (x[i], x[i + d/2])."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -267,11 +276,9 @@ class Llama(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # cos/sin for every position are buffers: not learned, not saved, moved with .to(device)
-        positions = torch.arange(config.block_size, dtype=torch.float32)
-        freqs = torch.outer(positions, rope_inv_freq(config))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         # layer -> index of its owner's slot in the KV cache
         self.cache_slot = {owner: slot for slot, owner in enumerate(config.owners)}
         # layer-wise adaptation (adapt.py): layers switching to a consumer blend in their future
@@ -377,8 +384,12 @@ class Llama(nn.Module):
         return logits[:, -1, :]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile_decode=False):
-        """Continue each row of idx (B, T) by max_new_tokens tokens. temperature=0 is greedy."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile_decode=False, timings=None):
+        """Continue each row of idx (B, T) by max_new_tokens tokens. temperature=0 is greedy.
+
+        Pass a dict as `timings` to get the seconds spent in prefill_s, first_decode_s (compilation
+        lands here) and decode_s over decode_steps further steps; the device is synchronised around
+        each step, so only ask for it when you measure."""
         B, T = idx.shape
         total = T + max_new_tokens
         if total > self.config.block_size:
@@ -391,18 +402,21 @@ class Llama(nn.Module):
             if not hasattr(self, "_compiled_decode_step"):
                 self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True)
             step = self._compiled_decode_step
+        clock = _Clock(idx.device, timings)
         # a compiled step is specialised to the cache shape: give every call the same one
         cache = self.new_cache(B, self.config.block_size if compile_decode else total)
         logits, _ = self(idx, cache=cache, input_pos=torch.arange(T, device=idx.device))
         out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)
         out[:, :T] = idx
         next_token = sample_token(logits[:, -1, :], temperature, top_k)
+        clock.lap("prefill_s")
         for pos in range(T, total):
             out[:, pos] = next_token
             if pos == total - 1:
                 break
             input_pos = torch.tensor([pos], device=idx.device)
             next_token = sample_token(step(next_token.view(B, 1), input_pos, cache), temperature, top_k)
+            clock.lap("first_decode_s" if pos == T else "decode_s")
         return out
 
     # -------------------------------------------------------------------------
@@ -446,6 +460,28 @@ class Llama(nn.Module):
                   {"params": no_decay, "weight_decay": 0.0}]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+
+class _Clock:
+    """Adds the seconds since the last lap to timings[name]; does nothing without a timings dict."""
+
+    def __init__(self, device, timings):
+        self.timings, self.device = timings, device
+        if timings is not None:
+            timings.update(prefill_s=0.0, first_decode_s=0.0, decode_s=0.0, decode_steps=0)
+            self.t = self._now()
+
+    def _now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name):
+        if self.timings is not None:
+            now = self._now()
+            self.timings[name] += now - self.t
+            self.timings["decode_steps"] += name == "decode_s"
+            self.t = now
 
 
 def sample_token(logits, temperature=1.0, top_k=None):

@@ -18,12 +18,9 @@ import hashlib
 import json
 import os
 import sys
-import time
-from contextlib import nullcontext
 
 import torch
 
-from model import sample_token
 from convert_hf import ConversionError, load_checkpoint_model, load_hf_llama, DTYPES
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -211,46 +208,6 @@ def load_model(args):
     return model, ckpt, None
 
 
-@torch.no_grad()
-def generate_timed(model, idx, max_new_tokens, temperature=1.0, top_k=None, compile_decode=False):
-    """model.generate with clocks: the same steps (prefill into a fresh owners-only cache, then one
-    decode_step per token) and the same sampling calls, so a seed gives the same tokens. Returns
-    (tokens, timings) with prefill_s, first_decode_s (includes compilation when compiling) and decode_s
-    (the remaining steps)."""
-    B, T = idx.shape
-    total = T + max_new_tokens
-    sync = torch.cuda.synchronize if idx.device.type == "cuda" else (lambda: None)
-    step = model.decode_step
-    if compile_decode:
-        if not hasattr(model, "_compiled_decode_step"):  # the attribute model.generate caches it under
-            model._compiled_decode_step = torch.compile(model.decode_step, fullgraph=True)
-        step = model._compiled_decode_step
-    sync()
-    t0 = time.perf_counter()
-    cache = model.new_cache(B, total)
-    logits, _ = model(idx, cache=cache, input_pos=torch.arange(T, device=idx.device))
-    next_token = sample_token(logits[:, -1, :], temperature, top_k)
-    sync()
-    times = {"prefill_s": time.perf_counter() - t0, "first_decode_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
-    out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)
-    out[:, :T] = idx
-    for pos in range(T, total):
-        out[:, pos] = next_token
-        if pos == total - 1:
-            break
-        t = time.perf_counter()
-        next_token = sample_token(step(next_token.view(B, 1), torch.tensor([pos], device=idx.device), cache),
-                                  temperature, top_k)
-        sync()
-        dt = time.perf_counter() - t
-        if pos == T:
-            times["first_decode_s"] = dt
-        else:
-            times["decode_s"] += dt
-            times["decode_steps"] += 1
-    return out, times
-
-
 def str2bool(s):
     if isinstance(s, bool):
         return s
@@ -342,9 +299,9 @@ def run(args):
     for _ in range(args.num_samples):
         if args.show_speed:
             compiling = args.compile and not hasattr(model, "_compiled_decode_step")
-            y, t = generate_timed(model, x, max_new, args.temperature, top_k, args.compile)
-        else:
-            y = model.generate(x, max_new, temperature=args.temperature, top_k=top_k, compile_decode=args.compile)
+        t = {} if args.show_speed else None
+        y = model.generate(x, max_new, temperature=args.temperature, top_k=top_k, compile_decode=args.compile,
+                           timings=t)
         print(tokenizer.decode(y[0].tolist()))
         if args.show_speed:
             decode = (f"decode {t['decode_steps'] / t['decode_s']:.1f} tok/s over {t['decode_steps']} steps"

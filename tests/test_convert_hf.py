@@ -115,12 +115,12 @@ def test_parity_with_transformers(tmp_path, name):
     assert torch.equal(ours.generate(prompt, 24, temperature=0), want)
 
 
-def test_rope_buffers_match_a_cpu_built_model():
+def test_model_built_on_meta_gets_the_rope_tables_of_a_cpu_built_model(tmp_path):
     config = LlamaConfig(n_layer=1, n_head=4, n_kv_head=2, n_embd=64, block_size=32, rope_theta=5e5,
                          rope_scaling=LLAMA3)
-    cos, sin = convert_hf.rope_buffers(config)
     model = Llama(config)
-    assert torch.equal(cos, model.rope_cos) and torch.equal(sin, model.rope_sin)
+    on_meta = convert_hf.build_on_meta(config, model.state_dict())
+    assert torch.equal(on_meta.rope_cos, model.rope_cos) and torch.equal(on_meta.rope_sin, model.rope_sin)
 
 
 def test_convert_cli_writes_a_checkpoint_train_and_sample_can_load(tmp_path):
