@@ -44,7 +44,9 @@ class Adaptation:
             if now != i and now != goal:
                 raise ValueError(f"adapt_target: layer {i} already reuses layer {now}'s K/V but the target "
                                  f"says {goal}: a consumer can't become an owner again (its K/V weights are gone)")
-        switching = [i for i in range(n_layer) if target[i] != i and kv_source[i] == i]
+        # every consumer of the target has its place in the plan, also one that has switched already:
+        # a resumed run, whose model has lost some K/V, makes the same plan as the run it continues
+        switching = [i for i in range(n_layer) if target[i] != i]
         if mode not in ("gradual", "abrupt"):
             raise ValueError(f"adapt_mode must be 'gradual' or 'abrupt', got {mode!r}")
         explicit = None
@@ -92,6 +94,8 @@ class Adaptation:
                     drop_params(optimizer, model.make_consumer(layer, self.target[layer]))
                     changed = True
         for layer in current or []:
+            if model.config.kv_source[layer] != layer:
+                continue
             if layer not in model.kv_blend:
                 model.start_blend(layer, self.target[layer])
             model.set_blend(layer, weight)
@@ -223,25 +227,30 @@ def save_heatmap(similarity, path, title="K/V cosine similarity"):
 
 
 def main(argv):
-    import train  # the checkpoint loading and data sampling that training uses
-    args = dict(init_from="out/ckpt.pt", dataset=None, n_share=None, batches=8, batch_size=8,
-                out=None, seed=1337)
+    import train  # checkpoints and data exactly as training reads them
+    from data.common import load_meta
+    from model import Llama, LlamaConfig
+    args = dict(init_from="out/ckpt.pt", dataset="", n_share="", batches="8", batch_size="8", out="", seed="1337")
     for arg in argv:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in args or not value:
-            sys.exit(f"adapt.py: unknown or empty option {arg!r}; options: "
-                     + " ".join(f"--{k}=..." for k in args))
+        key, eq, value = arg.lstrip("-").partition("=")
+        if key not in args or not eq:
+            sys.exit(f"adapt.py: unknown option {arg!r}; options: " + " ".join(f"--{k}=..." for k in args))
         args[key] = value
-    model, checkpoint = train.load_model(args["init_from"])
-    dataset = args["dataset"] or checkpoint.get("config", {}).get("dataset")
-    if dataset is None:
+    ckpt = train.load_checkpoint(args["init_from"])
+    model = Llama(LlamaConfig(**ckpt["model_config"]))
+    model.load_state_dict(train._strip_prefixes(ckpt["model"]))
+    dataset = args["dataset"] or ckpt.get("config", {}).get("dataset")
+    if not dataset:
         sys.exit("adapt.py: the checkpoint does not name its dataset: pass --dataset=NAME (a folder in data/)")
-    data = train.open_split(dataset, "val")
-    generator = torch.Generator().manual_seed(int(args["seed"]))
-    block = model.config.block_size
-    batches = [train.sample_batch(data, int(args["batch_size"]), block, generator)[0]
-               for _ in range(int(args["batches"]))]
-    sim = kv_similarity(model, batches)
+    data_dir = train.data_dir_for(dataset)
+    sampler = train.BatchSampler(train.open_tokens(data_dir, "val", load_meta(data_dir)),
+                                 model.config.block_size, int(args["batch_size"]), int(args["seed"]), "cpu")
+    try:
+        sim = kv_similarity(model, [sampler.get("eval_val", 0, k)[0] for k in range(int(args["batches"]))])
+        n_share = int(args["n_share"]) if args["n_share"] else model.config.n_layer // 2
+        proposal = propose_kv_source(sim, n_share)
+    except ValueError as e:
+        sys.exit(f"adapt.py: {e}")
     n = model.config.n_layer
     print("cosine similarity of K/V (row: layer, column: earlier layer)")
     print("     " + "".join(f"{j:6d}" for j in range(n)))
@@ -251,10 +260,8 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     torch.save(sim, os.path.join(out, "kv_similarity.pt"))
     save_heatmap(sim, os.path.join(out, "kv_similarity.png"))
-    print(f"saved {out}/kv_similarity.pt and {out}/kv_similarity.png")
-    n_share = int(args["n_share"]) if args["n_share"] is not None else n // 2
-    proposal = propose_kv_source(sim, n_share)
-    print(f"proposed kv_source (sharing {n_share} layers): {','.join(map(str, proposal))}")
+    print(f"saved {out}/kv_similarity.pt (for adapt_order=similarity) and {out}/kv_similarity.png")
+    print(f"proposed kv_source sharing {n_share} layers: {','.join(map(str, proposal))}")
     return proposal
 
 

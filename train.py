@@ -31,6 +31,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from adapt import Adaptation, distillation_loss, freeze
 from model import Llama, LlamaConfig, parse_kv_source
 
 # -----------------------------------------------------------------------------
@@ -78,6 +79,17 @@ compile = "auto"             # True, False or 'auto' (on for CUDA, off on CPU: s
 backend = "auto"             # DDP backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl', 'gloo'
 seed = 1337
 peak_flops = 0.0             # per-device peak FLOP/s for MFU; 0: the GPU's datasheet value (no MFU on CPU)
+# layer-wise adaptation of a pretrained model into a KV-shared one (adapt.py); off while adapt_target is ''
+adapt_target = ""            # the kv_source to reach, e.g. 'upper:half'; start from init_from=<dense checkpoint>
+adapt_mode = "gradual"       # 'gradual' (stage by stage, blending K/V) or 'abrupt' (all layers at iteration 0)
+adapt_order = "top-down"     # 'top-down', 'bottom-up', 'similarity' (needs adapt_similarity) or a list like 5,4,3
+adapt_stage_iters = 100      # iterations per stage (gradual)
+adapt_layers_per_stage = 1
+adapt_train_layers = "all"   # 'all', 'converted' (consumers and their owners), 'upward' (lowest consumer and up)
+adapt_similarity = ""        # kv_similarity.pt from `python adapt.py`, for adapt_order='similarity'
+distill_alpha = 0.0          # loss = (1 - a) * CE + a * T^2 * KL(teacher || student); 0: no teacher
+distill_temperature = 1.0
+distill_teacher = ""         # the teacher's checkpoint; '' = the init_from file (name it when resuming)
 # -----------------------------------------------------------------------------
 
 DEFAULTS = {k: v for k, v in globals().items()
@@ -457,11 +469,52 @@ def build_model(cfg, explicit, meta):
     return model, ckpt
 
 
-def compute_loss(model, X, Y, ctx):
-    """Loss of one micro-step (the hook for other training objectives)."""
+def compute_loss(model, X, Y, ctx, teacher=None, cfg=None):
+    """Loss of one micro-step: cross-entropy, or with a teacher the distillation loss."""
     with ctx:
-        _, loss = model(X, Y)
+        logits, loss = model(X, Y)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits, _ = teacher(X)
+            loss = distillation_loss(logits, teacher_logits, Y, cfg["distill_alpha"], cfg["distill_temperature"])
     return loss
+
+
+def setup_adaptation(cfg, model, dev):
+    """(Adaptation or None, teacher or None) for the adapt_* and distill_* settings; freezes the
+    layers that will not train. Every bad combination stops here, before any training."""
+    if not cfg["adapt_target"]:
+        if cfg["distill_alpha"] > 0:
+            raise SystemExit("distill_alpha > 0 needs adapt_target: the teacher is the dense model being adapted")
+        return None, None
+    similarity = None
+    if cfg["adapt_similarity"]:
+        if not os.path.isfile(cfg["adapt_similarity"]):
+            raise SystemExit(f"adapt_similarity={cfg['adapt_similarity']!r}: no such file (run `python adapt.py` first)")
+        similarity = torch.load(cfg["adapt_similarity"], weights_only=True)
+    try:
+        adaptation = Adaptation(model.config.kv_source, cfg["adapt_target"], cfg["adapt_mode"], cfg["adapt_order"],
+                                cfg["adapt_stage_iters"], cfg["adapt_layers_per_stage"], similarity)
+        freeze(model, adaptation.target, cfg["adapt_train_layers"])
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if not 0 <= cfg["distill_alpha"] <= 1 or cfg["distill_temperature"] <= 0:
+        raise SystemExit("distill_alpha must lie in [0, 1] and distill_temperature be > 0")
+    teacher = None
+    if cfg["distill_alpha"] > 0:
+        path = cfg["distill_teacher"] or (cfg["init_from"] if cfg["init_from"] not in ("scratch", "resume") else "")
+        if not path:
+            raise SystemExit("distillation needs its teacher: set distill_teacher=<the dense checkpoint adaptation "
+                             "started from> (init_from is not a file here)")
+        ckpt = load_checkpoint(path)
+        teacher = Llama(LlamaConfig(**ckpt["model_config"]))
+        teacher.load_state_dict(_strip_prefixes(ckpt["model"]))
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise SystemExit(f"distill_teacher {path}: vocab_size {teacher.config.vocab_size} differs from the "
+                             f"student's {model.config.vocab_size}")
+        teacher.requires_grad_(False)
+        teacher.eval().to(dev)
+    return adaptation, teacher
 
 
 def get_lr(it, cfg):
@@ -565,6 +618,10 @@ def _train(cfg, explicit, ddp, world, rank, master, local_steps, dev, device_typ
         raise SystemExit(f"block_size={cfg['block_size']} exceeds the model's block_size={model.config.block_size}")
     resume = cfg["init_from"] == "resume"
     model.to(dev)
+    adaptation, teacher = setup_adaptation(cfg, model, dev)
+    if adaptation is not None and master and cfg["max_iters"] < adaptation.total_iters:
+        print(f"warning: max_iters={cfg['max_iters']} ends before the last adaptation stage does "
+              f"(iteration {adaptation.total_iters}): the model will not reach adapt_target")
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dt == "float16"))
@@ -588,11 +645,15 @@ def _train(cfg, explicit, ddp, world, rank, master, local_steps, dev, device_typ
             restore_rng(ckpt["rng"])
     ckpt = None  # free it
     raw_model = model
-    if use_compile:
-        model = torch.compile(model)
-    eval_model = model  # compiled but not DDP-wrapped: evaluation needs no gradient sync
-    if ddp:
-        model = DDP(model, device_ids=[torch.device(dev).index] if device_type == "cuda" else None)
+
+    def wrap(raw_model):
+        """(model to train, model to evaluate): compiled, and for training DDP-wrapped."""
+        model = torch.compile(raw_model) if use_compile else raw_model
+        eval_model = model  # compiled but not DDP-wrapped: evaluation needs no gradient sync
+        if ddp:
+            model = DDP(model, device_ids=[torch.device(dev).index] if device_type == "cuda" else None)
+        return model, eval_model
+    model, eval_model = wrap(raw_model)
     train_sampler = BatchSampler(train_data, cfg["block_size"], cfg["batch_size"], seed, dev)
     val_sampler = BatchSampler(val_data, cfg["block_size"], cfg["batch_size"], seed, dev)
 
@@ -645,6 +706,11 @@ def _train(cfg, explicit, ddp, world, rank, master, local_steps, dev, device_typ
     val_loss = None
     model.train()
     while True:
+        if adaptation is not None and adaptation.apply(raw_model, optimizer, iter_num):
+            model, eval_model = wrap(raw_model)  # parameters were removed: DDP and compile must see it
+            if master:
+                log(f"iter {iter_num}: kv_source is now {list(raw_model.config.kv_source)}",
+                    kind="adapt", iter=iter_num, kv_source=list(raw_model.config.kv_source))
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -654,7 +720,8 @@ def _train(cfg, explicit, ddp, world, rank, master, local_steps, dev, device_typ
             val_loss = losses["val"]
             if master:
                 log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
-                    kind="eval", iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
+                    kind="eval", iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr,
+                    time=train_time)
             if not math.isfinite(val_loss):
                 raise SystemExit(f"val loss is {val_loss} at iter {iter_num}: training stopped; the last good "
                                  f"checkpoint {ckpt_path} (iter {last_saved}) was kept" if last_saved is not None else
@@ -677,7 +744,7 @@ def _train(cfg, explicit, ddp, world, rank, master, local_steps, dev, device_typ
             X, Y = train_sampler.get("train", iter_num, rank * local_steps + k)
             if ddp:
                 model.require_backward_grad_sync = k == local_steps - 1
-            loss = compute_loss(model, X, Y, ctx)
+            loss = compute_loss(model, X, Y, ctx, teacher, cfg)
             loss_sum += loss.detach().float()
             scaler.scale(loss / local_steps).backward()
         if ddp:
