@@ -340,6 +340,7 @@ def mem_child(args):
     it is an upper bound."""
     name = args._mem_child
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.set_num_threads(1)  # only memory is read here; the children run side by side
     baseline = rss_bytes()
     dense = build_ours(args, "dense" if name == "hf" else name, device)
     module = build_hf(args, dense, device) if name == "hf" else dense
@@ -355,7 +356,7 @@ def mem_child(args):
         module.float().train()
     if "train" not in args.skip:
         c = Contender(name, module, args, device, dtype)
-        for _ in range(max(args.warmup, 1) + 1):
+        for _ in range(2):  # the second step holds gradients and AdamW state together
             c.train_step()
         result["train"] = rss_bytes("VmHWM")
     print("MEMCHILD " + json.dumps(result))
