@@ -112,8 +112,6 @@ def parse_args(argv=None):
     args.matmul_n = preset["matmul_n"]
     if args.threads is None:
         args.threads = preset.get("threads")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     specs = []
     for item in (args.models or ["dense;upper:half"]):
         specs += [s.strip() for s in item.split(";") if s.strip()]
@@ -385,15 +383,24 @@ def measure_cpu_mem(args, names):
 
 
 def run(argv=None):
+    """Run the benchmark with command-line arguments `argv`; return the measurements (list of dicts)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args._argv = [a for a in argv]
-    if args._mem_child is not None:
-        mem_child(args)
-        return None
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args._mem_child is not None:
+            mem_child(args)
+            return None
+        return _run(args)
+    finally:  # callers in the same process (tests) keep their thread count
+        torch.set_num_threads(threads)
+
+
+def _run(args):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     on_gpu = device.type == "cuda"
     load_start = loadavg()
     dev_name = device_name(device)
@@ -418,6 +425,9 @@ def run(argv=None):
         print(f"hf reference: max |logits - ours| = {ref_diff:.2e} (fp32, same weights)")
         if ref_diff > 1e-3:
             raise RuntimeError(f"transformers' model does not match ours (max diff {ref_diff}): benchmark not comparable")
+    # fp32 runs on a GPU use TF32 tensor cores, as a user would (after the fp32 reference check above)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     names = list(modules)
     dense_cfg = M.LlamaConfig(**args.model_config, kv_source="dense")
     dense_ref = FlopView(dense_cfg)  # the dense model's FLOP accounting, without building its weights

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import bench
 import model as M
@@ -15,8 +16,10 @@ FIELDS = ("model", "mode", "device", "dtype", "tokens_per_s", "tokens_per_s_min"
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
+    threads = torch.get_num_threads()
     returned = bench.run(["--preset", "tiny", "--device", "cpu", "--models", "dense;upper:half",
                           "--reference", "hf", "--repeats", "2", "--skip", "refmem", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # the tiny preset's 1 thread does not leak into other tests
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(returned))  # the file holds what run() returned
     return written
