@@ -77,6 +77,12 @@ def test_config_errors(argv, match):
         train.parse_args(argv)
 
 
+def test_help_lists_settings(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0 and "--kv_source='upper:half'" in capsys.readouterr().out
+
+
 def test_config_file_errors(tmp_path):
     (tmp_path / "a.py").write_text("n_layers = 3\n")
     with pytest.raises(SystemExit, match=r"unknown setting 'n_layers' \(in .*a.py\); allowed"):
