@@ -172,6 +172,13 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
 
 
+def test_killed_write_leftover_is_ignored(data_dir, tmp_path):
+    """A process killed mid-write leaves only a hidden temp file; ckpt.pt and resume are unaffected."""
+    run(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2")
+    (tmp_path / ".ckpt.pt.abc123.tmp").write_bytes(b"PK\x03\x04 cut short")
+    assert run(data_dir, tmp_path, "--init_from=resume", "--max_iters=3", "--eval_interval=3")["iters"] == 3
+
+
 def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
     real = train.compute_loss
     calls = {"train": 0}
