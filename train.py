@@ -47,7 +47,7 @@ init_from = "scratch"        # 'scratch', 'resume' (out_dir/ckpt.pt) or the path
 # data
 dataset = "shakespeare_char"  # a directory under data/ or a path to one (train.bin, val.bin, meta.json)
 auto_prepare = True          # run the offline prepare.py of shakespeare_char / shakespeare if data is missing
-batch_size = 32              # sequences per micro-step per process
+batch_size = 16              # sequences per micro-step per process
 block_size = 128             # sequence length
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, in total over all DDP ranks
 # model
@@ -63,14 +63,14 @@ tie_embeddings = False
 kv_source = "upper:half"     # 'dense', 'cla:N', 'upper:K', 'upper:half' or a list like 0,0,2,2
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 2e-3
-max_iters = 1000
+max_iters = 300
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0              # 0: no clipping
 decay_lr = True
-warmup_iters = 50
-lr_decay_iters = 1000        # usually = max_iters
+warmup_iters = 30
+lr_decay_iters = 300         # usually = max_iters
 min_lr = 2e-4
 # system
 device = "auto"              # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -167,6 +167,10 @@ def _parse_text(key, text):
 def parse_args(argv):
     """Settings dict and the set of names given explicitly (config files and --key=value)."""
     cfg, explicit = dict(DEFAULTS), set()
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__ + "\nsettings and their defaults:\n" +
+              "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
+        raise SystemExit(0)
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
@@ -218,12 +222,12 @@ def resolve_device(cfg, local_rank):
 def resolve_dtype(cfg, device_type):
     """'auto': bf16 autocast on GPUs that have it, else fp16 with a GradScaler; fp32 on CPU.
 
-    CPU choice, measured on this project's 2-core AMD EPYC with AMX (docs/readme_train.md): for the
-    default model (4 layers, d=128, batch 32x128) bf16 autocast trained at about the same or fewer
-    tokens/s than fp32 -- the matrices are too small for AMX to win back the casts autocast adds
-    around every linear layer and the fp32 norms/softmax -- and fp32 is exact, so resume is bit
-    for bit. Bigger models on AMX CPUs can gain from --dtype=bfloat16 (see ../shared notes: ~2x
-    at d=512).
+    CPU, measured for the default model on this project's 2-core AMD EPYC (AVX512-BF16, no AMX),
+    10 alternating rounds of 8 steps: on the idle machine fp32 ran ~16,700 tokens/s (median) and
+    bf16 autocast ~17,200 (+3%, inside the round-to-round spread; faster in 7 of 10 rounds). At d=128
+    the matmuls are too small for bf16 units to matter, and fp32 keeps runs bit-exact (resume,
+    comparisons across runs), so fp32 is the CPU default. Bigger models on CPUs with bf16 matrix
+    units can gain from --dtype=bfloat16 (weights, optimizer and loss stay fp32 under autocast).
     """
     dt = cfg["dtype"]
     if dt == "auto":
@@ -237,8 +241,11 @@ def resolve_dtype(cfg, device_type):
 
 
 def resolve_compile(cfg, device_type):
-    """'auto': compile on CUDA. Off on CPU: for the default run torch.compile cost ~20 s cold and
-    returned too little per step to pay it back within a run of a few minutes (docs/readme_train.md)."""
+    """'auto': compile on CUDA, not on CPU. Measured for the default model on the idle 2-core CPU
+    (fp32): a cold torch.compile took ~22 s (~59 s while other jobs ran), then trained ~19% faster
+    (~20,000 vs ~16,800 tokens/s). That pays back after ~2.3 M tokens (~2.5 minutes of training);
+    the default run is 0.6 M tokens, so compiling would make it slower. Use --compile=True for
+    longer CPU runs."""
     c = cfg["compile"]
     return device_type == "cuda" if c == "auto" else bool(c)
 
@@ -401,9 +408,8 @@ def restore_rng(rng):
 def _strip_prefixes(state):
     out = {}
     for k, v in state.items():
-        for p in ("_orig_mod.", "module."):
-            while k.startswith(p):
-                k = k[len(p):]
+        while k.startswith(("_orig_mod.", "module.")):  # torch.compile / DDP wrappers, in any order
+            k = k.split(".", 1)[1]
         out[k] = v
     return out
 

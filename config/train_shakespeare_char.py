@@ -8,7 +8,7 @@ eval_interval = 100
 log_interval = 10
 eval_iters = 20
 
-batch_size = 32
+batch_size = 16
 block_size = 128
 gradient_accumulation_steps = 1
 
@@ -20,8 +20,8 @@ intermediate_size = 384
 kv_source = "upper:half"
 
 learning_rate = 2e-3
-max_iters = 1000
-lr_decay_iters = 1000
+max_iters = 300
+lr_decay_iters = 300
 min_lr = 2e-4
-warmup_iters = 50
+warmup_iters = 30
 beta2 = 0.99
