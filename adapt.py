@@ -238,7 +238,7 @@ def main(argv):
         args[key] = value
     ckpt = train.load_checkpoint(args["init_from"])
     model = Llama(LlamaConfig(**ckpt["model_config"]))
-    model.load_state_dict(train._strip_prefixes(ckpt["model"]))
+    model.load_state_dict(train.strip_prefixes(ckpt["model"]))
     dataset = args["dataset"] or ckpt.get("config", {}).get("dataset")
     if not dataset:
         sys.exit("adapt.py: the checkpoint does not name its dataset: pass --dataset=NAME (a folder in data/)")

@@ -32,10 +32,8 @@ On CPU, peak RSS (VmHWM) of a child process that builds only this model and runs
 """
 
 import argparse
-import copy
 import gc
 import json
-import math
 import os
 import platform
 import statistics

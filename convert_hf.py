@@ -20,11 +20,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 
 import torch
 
 from model import Llama, LlamaConfig, rope_tables
+from train import strip_prefixes, save_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -290,24 +290,6 @@ def checkpoint_dict(model: Llama, hf=None, tokenizer_json=None, source=None, kv_
     return ckpt
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temporary file beside path, then rename: path is either complete or untouched."""
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=out_dir)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual permissions
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def convert(hf_dir, out_path, kv_source=None, kv_init="own", dtype=None, block_size=None) -> Llama:
     """HF directory -> checkpoint file. Validates everything (keys, shapes, a finite forward pass)
     before anything is written."""
@@ -316,8 +298,8 @@ def convert(hf_dir, out_path, kv_source=None, kv_init="own", dtype=None, block_s
         logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
     if not torch.isfinite(logits).all():
         raise ConversionError(f"the converted model gives non-finite logits: the weights in {hf_dir!r} are broken")
-    atomic_torch_save(checkpoint_dict(model, read_hf_config(hf_dir), read_tokenizer_json(hf_dir), hf_dir, kv_init),
-                      out_path)
+    save_checkpoint(checkpoint_dict(model, read_hf_config(hf_dir), read_tokenizer_json(hf_dir), hf_dir, kv_init),
+                    out_path)  # train.py's atomic write: out_path is either complete or untouched
     return model
 
 
@@ -344,8 +326,7 @@ def load_checkpoint_model(path, map_location="cpu", mmap=False):
         config = LlamaConfig(**ckpt["model_config"])
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{path!r}: bad model_config: {e}") from None
-    prefix = "_orig_mod."  # checkpoints saved from a compiled wrapper
-    state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in ckpt["model"].items()}
+    state_dict = strip_prefixes(ckpt["model"])  # checkpoints saved from a compiled or DDP wrapper
     if config.tie_embeddings:
         state_dict.pop("lm_head.weight", None)
     try:

@@ -9,12 +9,10 @@ init_from: a checkpoint file (from train.py or convert_hf.py import), a training
 ckpt.pt, or a Hugging Face Llama directory (converted on the fly; --kv_source/--kv_init apply).
 Tokenizer, first match wins: --tokenizer (gpt2, a tokenizer.json, a meta.json or a directory holding
 one of them); the HF directory's tokenizer.json; the tokenizer.json a converted checkpoint carries;
-data/<dataset>/meta.json for a checkpoint from train.py (char table, or GPT-2 BPE).
+the dataset's meta.json (data/common.py: char table or GPT-2 BPE) for a checkpoint from train.py.
 """
 
 import argparse
-import base64
-import hashlib
 import json
 import os
 import sys
@@ -22,10 +20,8 @@ import sys
 import torch
 
 from convert_hf import ConversionError, load_checkpoint_model, load_hf_llama, DTYPES
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+from data.common import GPT2_EOT, get_codec, load_meta
+from train import data_dir_for
 
 
 class SampleError(Exception):
@@ -33,34 +29,38 @@ class SampleError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# tokenizers
+# tokenizers: data/common.py owns the dataset meta.json format and its codecs (char, GPT-2 BPE)
 
 
-class CharTokenizer:
-    def __init__(self, itos: dict):
-        self.name = "char"
-        self.itos = itos
-        self.stoi = {c: i for i, c in itos.items()}
+class DatasetTokenizer:
+    """The codec of a dataset's meta (data.common.get_codec) with sample.py's errors."""
 
-    def encode(self, text):
-        unknown = sorted({c for c in text if c not in self.stoi})
-        if unknown:
-            raise SampleError(f"the prompt has characters outside the model's character table: {unknown[:10]!r}")
-        return [self.stoi[c] for c in text]
-
-    def decode(self, ids):
-        return "".join(self.itos.get(i, "\ufffd") for i in ids)
-
-
-class TiktokenTokenizer:
-    def __init__(self, enc):
-        self.name, self.enc = enc.name, enc
+    def __init__(self, meta, where):
+        self.name = f"{meta.get('tokenizer')} ({where})"
+        try:
+            self.vocab_size = meta["vocab_size"]
+            self._encode, self._decode = get_codec(meta)
+        except KeyError as e:
+            raise SampleError(f"{where} lacks {e}: not a dataset meta.json (re-run the dataset's prepare.py)") from None
+        except (ValueError, SystemExit) as e:  # unknown tokenizer; gpt2.tiktoken missing or corrupt
+            raise SampleError(f"{where}: {e}") from None
 
     def encode(self, text):
-        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+        try:
+            return self._encode(text)
+        except ValueError as e:  # characters outside a char dataset's table
+            raise SampleError(f"the prompt cannot be encoded by the {self.name} tokenizer: {e}") from None
 
     def decode(self, ids):
-        return self.enc.decode(ids)
+        # a model's vocabulary may be bigger than its dataset's (vocab_size padded up): such ids print as U+FFFD
+        parts, run = [], []
+        for i in ids:
+            if i < self.vocab_size:
+                run.append(i)
+            else:
+                parts += [self._decode(run), "\ufffd"]
+                run = []
+        return "".join(parts) + self._decode(run)
 
 
 class HFTokenizer:
@@ -74,70 +74,32 @@ class HFTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def gpt2_tokenizer(search_dirs=()):
-    """GPT-2 BPE (= r50k_base) built offline from gpt2.tiktoken (data/ or the dataset's directory);
-    tiktoken's own cache or download is the last resort."""
-    import tiktoken
-    for d in list(search_dirs) + [os.path.join(ROOT, "data")]:
-        path = os.path.join(d, "gpt2.tiktoken")
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                data = f.read()
-            if hashlib.sha256(data).hexdigest() != GPT2_TIKTOKEN_SHA256:
-                raise SampleError(f"{path} is not the GPT-2 BPE file (sha256 mismatch)")
-            ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
-            return TiktokenTokenizer(tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                                       special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257))
+def dataset_tokenizer(data_dir):
+    """The tokenizer of a prepared dataset directory, from its meta.json."""
+    path = os.path.join(data_dir, "meta.json")
     try:
-        return TiktokenTokenizer(tiktoken.get_encoding("gpt2"))
-    except Exception as e:
-        raise SampleError(f"GPT-2 tokenizer unavailable: no gpt2.tiktoken in data/ and tiktoken could not fetch "
-                          f"it ({type(e).__name__}); copy gpt2.tiktoken into data/") from None
+        meta = load_meta(data_dir)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SampleError(f"cannot read {path}: {e}") from None
+    except ValueError as e:  # load_meta's own message names the file
+        raise SampleError(str(e)) from None
+    return DatasetTokenizer(meta, path)
 
 
-def tokenizer_from_meta(path, meta=None):
-    """Tolerant reader of data/<dataset>/meta.json (or the same dict carried in a checkpoint as 'meta'):
-    {"tokenizer": "gpt2"} or a char table under "chars" (list or string), "itos" (list, or dict of
-    index -> char) or "stoi" (char -> index)."""
-    if meta is None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise SampleError(f"cannot read {path}: {e}") from None
-    name = next((meta[k] for k in ("tokenizer", "encoding", "tokenizer_name") if isinstance(meta.get(k), str)), None)
-    if name is not None and name.lower() in ("gpt2", "r50k_base", "gpt-2"):
-        return gpt2_tokenizer([os.path.dirname(path)] if os.path.isfile(path) else [])
-    if name is not None and name.lower() not in ("char", "chars", "character"):
-        raise SampleError(f"{path}: unknown tokenizer {name!r} (known: gpt2, char)")
-    table = next((meta[k] for k in ("chars", "itos", "vocab") if k in meta), None)
-    if isinstance(table, (list, str)):
-        return CharTokenizer(dict(enumerate(table)))
-    if isinstance(table, dict):  # index -> char, or char -> index
-        if all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in table.items()):
-            return CharTokenizer({int(k): v for k, v in table.items()})
-        if all(isinstance(v, int) for v in table.values()):
-            return CharTokenizer({v: k for k, v in table.items()})
-    if isinstance(meta.get("stoi"), dict):
-        return CharTokenizer({int(v): k for k, v in meta["stoi"].items()})
-    raise SampleError(f"{path}: unknown tokenizer: no 'tokenizer' name (gpt2) and no character table "
-                      "('chars', 'itos' or 'stoi')")
-
-
-def tokenizer_from_spec(spec, data_dir):
+def tokenizer_from_spec(spec):
     """--tokenizer: gpt2, a tokenizer.json, a meta.json, or a directory holding one of them."""
     if spec.lower() in ("gpt2", "r50k_base"):
-        return gpt2_tokenizer([data_dir] if data_dir else [])
+        return DatasetTokenizer({"tokenizer": "gpt2", "vocab_size": GPT2_EOT + 1}, "--tokenizer")
     if os.path.isdir(spec):
         for name in ("tokenizer.json", "meta.json"):
             if os.path.isfile(os.path.join(spec, name)):
-                return tokenizer_from_spec(os.path.join(spec, name), data_dir)
+                return tokenizer_from_spec(os.path.join(spec, name))
         raise SampleError(f"--tokenizer={spec}: no tokenizer.json or meta.json in that directory")
     if not os.path.isfile(spec):
         raise SampleError(f"unknown tokenizer {spec!r}: use gpt2, a tokenizer.json, a meta.json or a directory "
                           "holding one")
     if os.path.basename(spec) == "meta.json":
-        return tokenizer_from_meta(spec)
+        return dataset_tokenizer(os.path.dirname(spec))
     try:
         return hf_tokenizer(spec)
     except SampleError:
@@ -161,7 +123,7 @@ def hf_tokenizer(path=None, json_text=None):
 
 def find_tokenizer(args, ckpt, hf_dir):
     if args.tokenizer:
-        return tokenizer_from_spec(args.tokenizer, args.data_dir)
+        return tokenizer_from_spec(args.tokenizer)
     if hf_dir is not None:
         path = os.path.join(hf_dir, "tokenizer.json")
         if os.path.isfile(path):
@@ -170,19 +132,14 @@ def find_tokenizer(args, ckpt, hf_dir):
     if ckpt.get("tokenizer_json"):
         return hf_tokenizer(json_text=ckpt["tokenizer_json"])
     if isinstance(ckpt.get("meta"), dict):
-        return tokenizer_from_meta("the checkpoint's 'meta'", ckpt["meta"])
+        return DatasetTokenizer(ckpt["meta"], "the checkpoint's 'meta'")
     dataset = (ckpt.get("config") or {}).get("dataset") if isinstance(ckpt.get("config"), dict) else None
-    if dataset:
-        roots = [args.data_dir] if args.data_dir else [os.path.join(ROOT, "data"), "data"]
-        if os.path.isfile(os.path.join(str(dataset), "meta.json")):  # a path rather than a name
-            return tokenizer_from_meta(os.path.join(str(dataset), "meta.json"))
-        for root in roots:
-            path = os.path.join(root, str(dataset), "meta.json")
-            if os.path.isfile(path):
-                return tokenizer_from_meta(path)
+    if dataset:  # where train.py found it, or under --data_dir
+        d = os.path.join(args.data_dir, str(dataset)) if args.data_dir else data_dir_for(str(dataset))
+        if os.path.isfile(os.path.join(d, "meta.json")):
+            return dataset_tokenizer(d)
         raise SampleError(f"unknown tokenizer: the checkpoint was trained on dataset {dataset!r} but "
-                          f"{os.path.join(roots[0], str(dataset), 'meta.json')} does not exist; prepare the "
-                          "dataset or pass --tokenizer=...")
+                          f"{os.path.join(d, 'meta.json')} does not exist; prepare the dataset or pass --tokenizer=...")
     raise SampleError("unknown tokenizer: the checkpoint names no dataset and carries no tokenizer; pass "
                       "--tokenizer=gpt2, a tokenizer.json or a meta.json")
 
@@ -234,7 +191,8 @@ def parse_args(argv=None):
     p.add_argument("--show_speed", type=str2bool, nargs="?", const=True, default=False,
                    help="print prefill and decode tokens/s")
     p.add_argument("--tokenizer", default=None, help="gpt2, a tokenizer.json, a meta.json or a directory holding one")
-    p.add_argument("--data_dir", default=None, help="where data/<dataset>/meta.json is looked up (default: data/)")
+    p.add_argument("--data_dir", default=None,
+                   help="where <dataset>/meta.json is looked up (default: where train.py finds the dataset)")
     p.add_argument("--kv_source", default=None, help="HF directories only: share K/V at load (e.g. upper:half)")
     p.add_argument("--kv_init", default="own", choices=["own", "mean"], help="HF directories only")
     p.add_argument("--block_size", type=int, default=None, help="HF directories only: context to build for")

@@ -346,6 +346,9 @@ def save_checkpoint(obj, path):
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes the file 0600; give it the usual permissions
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -405,7 +408,7 @@ def restore_rng(rng):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _strip_prefixes(state):
+def strip_prefixes(state):
     out = {}
     for k, v in state.items():
         while k.startswith(("_orig_mod.", "module.")):  # torch.compile / DDP wrappers, in any order
@@ -469,7 +472,7 @@ def build_model(cfg, explicit, meta):
     model = Llama(config)
     if ckpt is not None:
         try:
-            model.load_state_dict(_strip_prefixes(ckpt["model"]))
+            model.load_state_dict(strip_prefixes(ckpt["model"]))
         except RuntimeError as e:
             raise SystemExit(f"checkpoint weights do not fit its model_config: {str(e)[:500]}") from None
     return model, ckpt
@@ -514,7 +517,7 @@ def setup_adaptation(cfg, model, dev):
                              "started from> (init_from is not a file here)")
         ckpt = load_checkpoint(path)
         teacher = Llama(LlamaConfig(**ckpt["model_config"]))
-        teacher.load_state_dict(_strip_prefixes(ckpt["model"]))
+        teacher.load_state_dict(strip_prefixes(ckpt["model"]))
         if teacher.config.vocab_size != model.config.vocab_size:
             raise SystemExit(f"distill_teacher {path}: vocab_size {teacher.config.vocab_size} differs from the "
                              f"student's {model.config.vocab_size}")

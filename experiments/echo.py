@@ -8,7 +8,7 @@ Reproduce the ECHO results table and plots (README, "ECHO adaptation: results"):
   3. decoding tokens/s and KV cache bytes, adapted vs dense;
 plus the K/V similarity heatmap of the dense model.
 
-    python experiments/echo.py                      # the README's numbers (CPU, about 25 minutes)
+    python experiments/echo.py                      # the README's numbers (2-core CPU, about 30 minutes)
     python experiments/echo.py --pretrain_iters=200 --seeds=1 --out=/tmp/echo   # a quick look
 
 Every run is a plain `train.py` (or `adapt.py`) command, printed before it starts, so any single
@@ -28,13 +28,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 settings = dict(
-    out="results/echo",
-    pretrain_iters=1500,     # the dense model's pretraining; adaptation gets adapt_fraction of it
+    out="results/echo",      # the table, the JSON and the plots (committed)
+    runs="out-echo",         # the runs' checkpoints and logs (not committed)
+    pretrain_iters=800,      # the dense model's pretraining; adaptation gets adapt_fraction of it
     adapt_fraction=0.1,
     seeds="1,2,3",
     target="upper:half",
     # the model: a 6-layer character-level Llama, so upper:half has 3 consumers to switch in stages
-    model="--n_layer=6 --n_head=4 --n_kv_head=2 --n_embd=128 --intermediate_size=384 --block_size=128 --batch_size=32",
+    model="--n_layer=6 --n_head=4 --n_kv_head=2 --n_embd=128 --intermediate_size=384 --block_size=128 --batch_size=16",
     decode_tokens=200,
     device="cpu",
 )
@@ -76,7 +77,7 @@ def pretraining(seeds, iters):
     results = {}
     for seed in seeds:  # seed-major, so slow drift of the machine touches every map alike
         for kv in ("dense", settings["target"], "cla:2"):
-            out_dir = os.path.join(settings["out"], f"pretrain-{kv.replace(':', '')}-s{seed}")
+            out_dir = os.path.join(settings["runs"], f"pretrain-{kv.replace(':', '')}-s{seed}")
             records = run([f"--kv_source={kv}", f"--seed={seed}", f"--max_iters={iters}",
                            f"--lr_decay_iters={iters}", f"--eval_interval={eval_every}"], out_dir)
             results.setdefault(kv, []).append(summarize(records) | {"seed": seed, "out_dir": out_dir})
@@ -97,11 +98,11 @@ def adaptation(dense_ckpt, iters):
         "gradual + freezing (upward)": common + gradual + ["--adapt_train_layers=upward"],
         "gradual + distillation (a=0.5, T=2)": common + gradual + ["--distill_alpha=0.5", "--distill_temperature=2.0"],
     }
-    converted = run(common + ["--adapt_mode=abrupt", "--eval_only=True"], os.path.join(settings["out"], "adapt-converted-only"))
+    converted = run(common + ["--adapt_mode=abrupt", "--eval_only=True"], os.path.join(settings["runs"], "adapt-converted-only"))
     results = {"converted, no training": {"val_loss": next(r for r in converted if r["kind"] == "eval")["val_loss"]}}
     for name, args in runs.items():
         slug = name.split(" (")[0].replace(" + ", "-").replace(", ", "-").replace(" ", "-")
-        out_dir = os.path.join(settings["out"], f"adapt-{slug}")
+        out_dir = os.path.join(settings["runs"], f"adapt-{slug}")
         results[name] = summarize(run(args, out_dir)) | {"out_dir": out_dir}
     return results
 
@@ -163,6 +164,7 @@ def main(argv):
             sys.exit(f"unknown option {arg!r}; options: " + " ".join(f"--{k}=..." for k in settings))
         settings[key] = type(settings[key])(value)
     out = settings["out"] = os.path.abspath(settings["out"])
+    settings["runs"] = os.path.abspath(settings["runs"])
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
     seeds = [int(s) for s in settings["seeds"].split(",")]

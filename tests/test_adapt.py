@@ -1,11 +1,15 @@
 """Layer-wise adaptation: stage switching, blending, freezing, distillation, calibration."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from adapt import Adaptation, distillation_loss, freeze, kv_similarity, propose_kv_source, save_heatmap
+from adapt import main as adapt_main
 from model import Llama, LlamaConfig
 
 
@@ -175,3 +179,81 @@ def test_explicit_and_similarity_orders():
     sim = torch.eye(6)
     sim[3, 2], sim[4, 2], sim[5, 2] = 0.2, 0.9, 0.5
     assert Adaptation(dense, "upper:half", order="similarity", similarity=sim).stages == [[4], [5], [3]]
+
+
+# ---- through train.py: resume, DDP, the calibration command, bad settings
+
+from test_train import ROOT, TINY, records, run, train_losses  # noqa: E402
+
+ADAPT = ["--n_layer=4", "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3", "--adapt_target=upper:half",
+         "--adapt_stage_iters=2", "--adapt_train_layers=upward", "--distill_alpha=0.5", "--distill_temperature=2.0"]
+
+
+@pytest.fixture(scope="module")
+def dense_ckpt(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense")
+    run(data_dir, out, "--n_layer=4", "--kv_source=dense", "--max_iters=4", "--eval_interval=4")
+    return str(out / "ckpt.pt")
+
+
+def test_adaptation_through_train_resumes_exactly(data_dir, dense_ckpt, tmp_path):
+    run(data_dir, tmp_path / "a", *ADAPT, f"--init_from={dense_ckpt}")
+    run(data_dir, tmp_path / "b", *ADAPT, f"--init_from={dense_ckpt}", "--max_iters=3")
+    # mid-way: layer 3 has switched (stage 0 = iters 0-1), layer 2 is blending
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model_config"]["kv_source"] == [0, 1, 2, 1]
+    run(data_dir, tmp_path / "b", *ADAPT, "--init_from=resume", f"--distill_teacher={dense_ckpt}")
+    straight, resumed = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert sorted(straight) == sorted(resumed) == list(range(6))
+    assert straight == resumed  # bit for bit, across a stage switch and the distillation teacher
+    assert [r["kv_source"] for r in records(tmp_path / "a", "adapt")] == [[0, 1, 2, 1], [0, 1, 1, 1]]
+    final = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    assert final["model_config"]["kv_source"] == [0, 1, 1, 1]
+    assert not any(k.startswith(("layers.2.self_attn.k_proj", "layers.3.self_attn.v_proj")) for k in final["model"])
+    dense = torch.load(dense_ckpt, weights_only=True)["model"]
+    # upward freezing: everything below layer 2 is exactly the dense model's
+    for k, v in final["model"].items():
+        if k.startswith(("embed_tokens.", "layers.0.", "layers.1.")):
+            assert torch.equal(v, dense[k]), k
+
+
+def test_torchrun_adaptation_switches_layers_on_every_rank(data_dir, dense_ckpt, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py")] + TINY + ADAPT + [
+        f"--dataset={data_dir}", f"--out_dir={tmp_path}", f"--init_from={dense_ckpt}",
+        "--gradient_accumulation_steps=2", "--device=cpu"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "weights on all 2 ranks are identical" in r.stdout
+    assert records(tmp_path, "adapt")[-1]["kv_source"] == [0, 1, 1, 1]
+    assert records(tmp_path, "done")[-1]["ddp_weights_identical"]
+
+
+def test_calibration_command(data_dir, dense_ckpt, tmp_path, capsys):
+    proposal = adapt_main([f"--init_from={dense_ckpt}", f"--dataset={data_dir}", "--n_share=2", "--batches=2",
+                           f"--out={tmp_path}"])
+    out = capsys.readouterr().out
+    assert f"proposed kv_source sharing 2 layers: {','.join(map(str, proposal))}" in out
+    assert sum(j != i for i, j in enumerate(proposal)) == 2
+    sim = torch.load(tmp_path / "kv_similarity.pt")
+    assert sim.shape == (4, 4) and (tmp_path / "kv_similarity.png").exists()
+    # and training can take the similarity order from that file
+    run(data_dir, tmp_path / "run", "--n_layer=4", f"--init_from={dense_ckpt}", "--max_iters=2",
+        f"--adapt_target={','.join(map(str, proposal))}", "--adapt_order=similarity",
+        f"--adapt_similarity={tmp_path / 'kv_similarity.pt'}", "--adapt_stage_iters=1")
+    assert records(tmp_path / "run", "adapt")[-1]["kv_source"] == list(proposal)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--adapt_target=0,0,1"], r"adapt_target: kv_source has 3 entries but the model has n_layer=4"),
+    (["--adapt_target=dense", "--adapt_train_layers=converted"], r"would freeze every layer"),
+    (["--adapt_target=upper:half", "--adapt_order=3"], r"must list each switching layer once"),
+    (["--adapt_target=upper:half", "--adapt_mode=slow"], r"adapt_mode must be 'gradual' or 'abrupt'"),
+    (["--distill_alpha=0.5"], r"distill_alpha > 0 needs adapt_target"),
+    (["--adapt_target=upper:half", "--distill_alpha=1.5"], r"distill_alpha must lie in \[0, 1\]"),
+    (["--adapt_target=upper:half", "--adapt_order=similarity", "--adapt_similarity=nope.pt"], r"no such file"),
+])
+def test_bad_adaptation_settings_stop_before_training(data_dir, dense_ckpt, tmp_path, args, match):
+    with pytest.raises(SystemExit, match=match):
+        run(data_dir, tmp_path, "--n_layer=4", f"--init_from={dense_ckpt}", *args)
+    assert not (tmp_path / "ckpt.pt").exists()

@@ -10,27 +10,17 @@ import sys
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+import safetensors.torch as safetensors_torch
+import transformers
 
-import convert_hf  # noqa: E402
-from convert_hf import ConversionError, convert, export_hf, load_checkpoint_model, load_hf_llama  # noqa: E402
-from model import Llama, LlamaConfig  # noqa: E402
+import convert_hf
+from convert_hf import ConversionError, convert, export_hf, load_checkpoint_model, load_hf_llama
+from model import Llama, LlamaConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 96
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the CI's cores are shared: two threads per op
-    oversubscribed here made generation up to 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_hf(path, layers=3, heads=4, kv_heads=2, tie=False, rope_theta=10000.0, eps=1e-6, rope_scaling=None,

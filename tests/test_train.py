@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -18,18 +17,6 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermed
         "--block_size=16", "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--compile=False",
         "--learning_rate=1e-2", "--warmup_iters=2", "--min_lr=1e-3", "--dtype=float32", "--max_iters=2",
         "--lr_decay_iters=2"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("prep_char", os.path.join(ROOT, "data", "shakespeare_char", "prepare.py"))
-    prep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prep)
-    d = tmp_path_factory.mktemp("chars")
-    lines = ["the cat sat on the mat.", "a dog ran to the sun.", "to be or not to be."]
-    prep.prepare(str(d), text="\n".join(lines[i % 3] for i in range(600)), quiet=True)
-    return str(d)
 
 
 def run(data_dir, out_dir, *args):
@@ -269,11 +256,9 @@ def test_bad_model_settings(data_dir, tmp_path):
 # ---- DDP
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not found")
 def test_torchrun_two_ranks_gloo(data_dir, tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun if os.path.exists(torchrun) else "torchrun", "--standalone", "--nproc_per_node=2",
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")  # installed with torch
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py")] + TINY + [
         f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4",
         "--gradient_accumulation_steps=2", "--device=cpu"]
@@ -290,3 +275,10 @@ def test_torchrun_two_ranks_gloo(data_dir, tmp_path):
     ddp_losses, single_losses = train_losses(tmp_path), train_losses(single)
     assert ddp_losses.keys() == single_losses.keys()
     assert all(abs(ddp_losses[i] - single_losses[i]) < 1e-4 for i in ddp_losses)
+
+
+def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    train.save_checkpoint({"a": 1}, str(tmp_path / "c.pt"))
+    assert os.stat(tmp_path / "c.pt").st_mode & 0o777 == 0o666 & ~umask
