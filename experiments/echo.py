@@ -36,7 +36,7 @@ settings = dict(
     target="upper:half",
     # the model: a 6-layer character-level Llama, so upper:half has 3 consumers to switch in stages
     model="--n_layer=6 --n_head=4 --n_kv_head=2 --n_embd=128 --intermediate_size=384 --block_size=128 --batch_size=16",
-    decode_tokens=200,
+    decode_tokens=100,        # after a 16-token prompt: fits the 128-token context
     device="cpu",
 )
 
@@ -98,11 +98,11 @@ def adaptation(dense_ckpt, iters):
         "gradual + freezing (upward)": common + gradual + ["--adapt_train_layers=upward"],
         "gradual + distillation (a=0.5, T=2)": common + gradual + ["--distill_alpha=0.5", "--distill_temperature=2.0"],
     }
-    converted = run(common + ["--adapt_mode=abrupt", "--eval_only=True"], os.path.join(settings["runs"], "adapt-converted-only"))
+    converted = run(common + ["--adapt_mode=abrupt", "--eval_only=True"], os.path.join(settings["runs"], f"adapt{iters}-converted-only"))
     results = {"converted, no training": {"val_loss": next(r for r in converted if r["kind"] == "eval")["val_loss"]}}
     for name, args in runs.items():
         slug = name.split(" (")[0].replace(" + ", "-").replace(", ", "-").replace(" ", "-")
-        out_dir = os.path.join(settings["runs"], f"adapt-{slug}")
+        out_dir = os.path.join(settings["runs"], f"adapt{iters}-{slug}")
         results[name] = summarize(run(args, out_dir)) | {"out_dir": out_dir}
     return results
 
@@ -186,18 +186,19 @@ def main(argv):
 
     dense_val = statistics.mean(r["val_loss"] for r in pre["dense"])
     dense_train_tps = ada["dense, trained on (full training)"]["tokens_per_s"]
-    lines = [f"Machine: {os.cpu_count()}-core CPU, torch {torch.__version__}; run took {(time.time() - t_start) / 60:.0f} min "
-             f"(`python experiments/echo.py {' '.join(argv)}`).", "",
+    lines = [f"Machine: {os.cpu_count()}-core CPU, torch {torch.__version__}; `python experiments/echo.py {' '.join(argv)}` "
+             f"took {(time.time() - t_start) / 60:.0f} min (runs already finished in {settings['runs']} are reused).", "",
              f"1. Pretraining from scratch, {iters} iterations, seeds {settings['seeds']}:", "",
              "| kv_source | val loss (mean ± half-range) | vs dense | train tokens/s (mean) |", "|---|---|---|---|"]
     for kv, rs in pre.items():
         m, s = mean_spread([r["val_loss"] for r in rs])
         tps = statistics.mean(r["tokens_per_s"] for r in rs)
         lines.append(f"| {kv} | {m:.4f} ± {s:.4f} | {100 * (m / dense_val - 1):+.2f}% | {tps:,.0f} |")
-    lines += ["", f"2. Adapting the dense model (seed {seeds[0]}, val loss {pre['dense'][0]['val_loss']:.4f}) into "
+    # the pretrained dense model's val loss on the adaptation runs' own validation batches (iteration 0)
+    base = ada["dense, trained on (full training)"]["curve"][0][2]
+    lines += ["", f"2. Adapting the dense model (seed {seeds[0]}, val loss {base:.4f} on these runs' validation batches) into "
               f"{settings['target']} with {adapt_iters} iterations ({100 * settings['adapt_fraction']:.0f}% of its pretraining tokens):", "",
               "| run | val loss | vs pretrained dense | train tokens/s | vs dense full training |", "|---|---|---|---|---|"]
-    base = pre["dense"][0]["val_loss"]
     for name, r in ada.items():
         tps = r.get("tokens_per_s")
         lines.append(f"| {name} | {r['val_loss']:.4f} | {100 * (r['val_loss'] / base - 1):+.2f}% | "
