@@ -14,7 +14,7 @@ experiments/echo.py:
 - optionally the dense model teaches: loss = (1 - a) * CE + a * T^2 * KL(teacher || student).
 
 train.py drives this through `Adaptation` and `distillation_loss`. Run this file to calibrate:
-    python adapt.py --init_from=out-dense/ckpt.pt --n_share=3
+    python adapt.py --init_from=out-shakespeare-char-dense/ckpt.pt --n_share=2
 """
 
 import os

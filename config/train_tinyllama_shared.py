@@ -2,12 +2,11 @@
 # 4 K/V heads, FFN 5632, vocabulary 32000, context 2048. 'upper:half' makes the top 11 layers reuse
 # the K/V of layer 10 (12 owners instead of 22: the KV cache shrinks to 12/22).
 #
-# The vocabulary is the Llama tokenizer's 32000; the datasets here are GPT-2 BPE (50257), so either
-# start from a converted TinyLlama checkpoint (init_from=<file from convert_hf.py>) with data
-# tokenized by its tokenizer, or set vocab_size=0 to take the dataset's vocabulary when training
-# from scratch, e.g. on TinyStories:
+# TinyLlama's own vocabulary is the Llama tokenizer's 32000; the datasets here are GPT-2 BPE (50257),
+# so from scratch the vocabulary is the dataset's (vocab_size = 0). To continue a converted TinyLlama
+# instead, pass init_from=<file from convert_hf.py> with data tokenized by its tokenizer.
 #   python data/tinystories/prepare.py
-#   torchrun --standalone --nproc_per_node=8 train.py config/train_tinyllama_shared.py --vocab_size=0
+#   torchrun --standalone --nproc_per_node=8 train.py config/train_tinyllama_shared.py
 out_dir = "out-tinyllama-shared"
 dataset = "tinystories"
 eval_interval = 500
@@ -24,7 +23,7 @@ n_head = 32
 n_kv_head = 4
 n_embd = 2048
 intermediate_size = 5632
-vocab_size = 32000
+vocab_size = 0  # the dataset's: 50257 for tinystories
 rope_theta = 10000.0
 kv_source = "upper:half"
 

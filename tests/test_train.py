@@ -87,7 +87,7 @@ def test_shipped_configs_are_valid():
         LlamaConfig(**mc)  # validates kv_source and shapes without building the weights
     cfg, _ = train.parse_args([os.path.join(ROOT, "config", "train_tinyllama_shared.py")])
     assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["n_kv_head"], cfg["intermediate_size"],
-            cfg["vocab_size"], cfg["block_size"]) == (22, 2048, 32, 4, 5632, 32000, 2048)
+            cfg["vocab_size"], cfg["block_size"]) == (22, 2048, 32, 4, 5632, 0, 2048)  # vocab: the dataset's
     assert train.parse_args([os.path.join(ROOT, "config", "train_shakespeare_char.py")])[0] == train.DEFAULTS
 
 
