@@ -145,8 +145,9 @@ def distillation_loss(logits, teacher_logits, targets, alpha, temperature):
     ce = F.cross_entropy(logits, targets.view(-1), ignore_index=-1)
     if alpha == 0:
         return ce
-    student = F.log_softmax(logits / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float().view(-1, logits.size(-1)) / temperature, dim=-1)
+    keep = targets.view(-1) != -1  # the positions the cross-entropy counts
+    student = F.log_softmax(logits[keep] / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().view(-1, logits.size(-1))[keep] / temperature, dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 

@@ -481,12 +481,12 @@ def build_model(cfg, explicit, meta):
 def compute_loss(model, X, Y, ctx, teacher=None, cfg=None):
     """Loss of one micro-step: cross-entropy, or with a teacher the distillation loss."""
     with ctx:
-        logits, loss = model(X, Y)
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_logits, _ = teacher(X)
-            loss = distillation_loss(logits, teacher_logits, Y, cfg["distill_alpha"], cfg["distill_temperature"])
-    return loss
+        if teacher is None:
+            return model(X, Y)[1]
+        logits, _ = model(X)  # no cross-entropy here: distillation_loss computes it
+        with torch.no_grad():
+            teacher_logits, _ = teacher(X)
+        return distillation_loss(logits, teacher_logits, Y, cfg["distill_alpha"], cfg["distill_temperature"])
 
 
 def setup_adaptation(cfg, model, dev):
@@ -516,7 +516,8 @@ def setup_adaptation(cfg, model, dev):
             raise SystemExit("distillation needs its teacher: set distill_teacher=<the dense checkpoint adaptation "
                              "started from> (init_from is not a file here)")
         ckpt = load_checkpoint(path)
-        teacher = Llama(LlamaConfig(**ckpt["model_config"]))
+        # the teacher sees the student's batches: give it the student's context length
+        teacher = Llama(LlamaConfig(**{**ckpt["model_config"], "block_size": model.config.block_size}))
         teacher.load_state_dict(strip_prefixes(ckpt["model"]))
         if teacher.config.vocab_size != model.config.vocab_size:
             raise SystemExit(f"distill_teacher {path}: vocab_size {teacher.config.vocab_size} differs from the "
@@ -657,6 +658,8 @@ def _train(cfg, explicit, ddp, world, rank, master, local_steps, dev, device_typ
 
     def wrap(raw_model):
         """(model to train, model to evaluate): compiled, and for training DDP-wrapped."""
+        if use_compile:  # forget graphs of the model's earlier shapes: each stage would count
+            torch._dynamo.reset()  # against dynamo's recompile limit and end in silent eager mode
         model = torch.compile(raw_model) if use_compile else raw_model
         eval_model = model  # compiled but not DDP-wrapped: evaluation needs no gradient sync
         if ddp:
@@ -717,6 +720,7 @@ def _train(cfg, explicit, ddp, world, rank, master, local_steps, dev, device_typ
     while True:
         if adaptation is not None and adaptation.apply(raw_model, optimizer, iter_num):
             model, eval_model = wrap(raw_model)  # parameters were removed: DDP and compile must see it
+            best_val_loss = float("inf")  # "best" compares models of the same kv_source only
             if master:
                 log(f"iter {iter_num}: kv_source is now {list(raw_model.config.kv_source)}",
                     kind="adapt", iter=iter_num, kv_source=list(raw_model.config.kv_source))

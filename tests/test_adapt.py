@@ -121,6 +121,12 @@ def test_distillation_is_zero_when_student_equals_teacher():
     assert distillation_loss(logits, logits.clone(), targets, alpha=1.0, temperature=2.0).abs() < 1e-6
     other = distillation_loss(logits, torch.randn(2, 8, 50), targets, alpha=1.0, temperature=2.0)
     assert other > 0.01
+    # positions the cross-entropy ignores (target -1) do not count in the KL either
+    ignored = targets.clone()
+    ignored[0, :3] = -1
+    teacher = logits.clone()
+    teacher[0, :3] += torch.randn(3, 50)
+    assert distillation_loss(logits, teacher, ignored, alpha=1.0, temperature=2.0).abs() < 1e-6
     # alpha = 0 is plain cross-entropy, and the mix is linear in alpha
     ce = torch.nn.functional.cross_entropy(logits.view(-1, 50), targets.view(-1))
     torch.testing.assert_close(distillation_loss(logits, logits, targets, 0.0, 2.0), ce)
@@ -257,3 +263,10 @@ def test_bad_adaptation_settings_stop_before_training(data_dir, dense_ckpt, tmp_
     with pytest.raises(SystemExit, match=match):
         run(data_dir, tmp_path, "--n_layer=4", f"--init_from={dense_ckpt}", *args)
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_adapted_model_is_saved_even_when_only_improvements_are(data_dir, dense_ckpt, tmp_path):
+    # val loss rises as layers switch; "best" must not keep pointing at the dense model of iteration 0
+    run(data_dir, tmp_path, *ADAPT, f"--init_from={dense_ckpt}", "--always_save_checkpoint=False",
+        "--learning_rate=1e-6", "--min_lr=1e-7")  # too small to win back what switching costs
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model_config"]["kv_source"] == [0, 1, 1, 1]
