@@ -230,7 +230,6 @@ def save_heatmap(similarity, path, title="K/V cosine similarity"):
 def main(argv):
     import train  # checkpoints and data exactly as training reads them
     from data.common import load_meta
-    from model import Llama, LlamaConfig
     args = dict(init_from="out/ckpt.pt", dataset="", n_share="", batches="8", batch_size="8", out="", seed="1337")
     for arg in argv:
         key, eq, value = arg.lstrip("-").partition("=")
@@ -238,8 +237,7 @@ def main(argv):
             sys.exit(f"adapt.py: unknown option {arg!r}; options: " + " ".join(f"--{k}=..." for k in args))
         args[key] = value
     ckpt = train.load_checkpoint(args["init_from"])
-    model = Llama(LlamaConfig(**ckpt["model_config"]))
-    model.load_state_dict(train.strip_prefixes(ckpt["model"]))
+    model = train.model_from_checkpoint(ckpt)
     dataset = args["dataset"] or ckpt.get("config", {}).get("dataset")
     if not dataset:
         sys.exit("adapt.py: the checkpoint does not name its dataset: pass --dataset=NAME (a folder in data/)")

@@ -255,8 +255,7 @@ def run(args):
     top_k = args.top_k if args.top_k and args.top_k > 0 else None
     x = torch.tensor(ids, dtype=torch.long, device=device)[None]
     for _ in range(args.num_samples):
-        if args.show_speed:
-            compiling = args.compile and not hasattr(model, "_compiled_decode_step")
+        compiling = args.compile and not hasattr(model, "_compiled_decode_step")
         t = {} if args.show_speed else None
         y = model.generate(x, max_new, temperature=args.temperature, top_k=top_k, compile_decode=args.compile,
                            timings=t)

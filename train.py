@@ -408,6 +408,13 @@ def restore_rng(rng):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def model_from_checkpoint(ckpt, **config_changes):
+    """The plain Llama a checkpoint dict describes, holding its weights."""
+    model = Llama(LlamaConfig(**{**ckpt["model_config"], **config_changes}))
+    model.load_state_dict(strip_prefixes(ckpt["model"]))
+    return model
+
+
 def strip_prefixes(state):
     out = {}
     for k, v in state.items():
@@ -515,10 +522,8 @@ def setup_adaptation(cfg, model, dev):
         if not path:
             raise SystemExit("distillation needs its teacher: set distill_teacher=<the dense checkpoint adaptation "
                              "started from> (init_from is not a file here)")
-        ckpt = load_checkpoint(path)
         # the teacher sees the student's batches: give it the student's context length
-        teacher = Llama(LlamaConfig(**{**ckpt["model_config"], "block_size": model.config.block_size}))
-        teacher.load_state_dict(strip_prefixes(ckpt["model"]))
+        teacher = model_from_checkpoint(load_checkpoint(path), block_size=model.config.block_size)
         if teacher.config.vocab_size != model.config.vocab_size:
             raise SystemExit(f"distill_teacher {path}: vocab_size {teacher.config.vocab_size} differs from the "
                              f"student's {model.config.vocab_size}")

@@ -110,14 +110,10 @@ def adaptation(dense_ckpt, iters):
 @torch.no_grad()
 def decoding(checkpoints, n_tokens, repeats=5):
     """Greedy decoding tokens/s at batch 1 (prefill of 16 tokens excluded), repeats interleaved."""
-    from train import load_checkpoint
-    from model import Llama, LlamaConfig
+    from train import load_checkpoint, model_from_checkpoint
     models = {}
     for name, path in checkpoints.items():
-        ckpt = load_checkpoint(path)
-        model = Llama(LlamaConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        models[name] = model.eval()
+        models[name] = model_from_checkpoint(load_checkpoint(path)).eval()
     prompt = torch.randint(0, models[next(iter(models))].config.vocab_size, (1, 16))
     times = {name: [] for name in models}
     for rep in range(repeats + 1):
