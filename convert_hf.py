@@ -180,8 +180,21 @@ def iter_hf_tensors(files):
             del sd
 
 
-def _hf_name(key):
+# The Hugging Face name map, declared once and used both ways: model.py names its modules as
+# LlamaForCausalLM does, under a "model." prefix that only the LM head lacks.
+def hf_name(key):
     return key if key.startswith("lm_head.") else "model." + key
+
+
+def our_name(name):
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def hf_state_dict(model: Llama, dtype=None) -> dict:
+    """model's weights under Hugging Face names (a tied head is left out, as transformers saves it)."""
+    dtype = dtype or model.embed_tokens.weight.dtype
+    return {hf_name(k): t.detach().to("cpu", dtype).contiguous() for k, t in model.state_dict().items()
+            if not (model.config.tie_embeddings and k == "lm_head.weight")}
 
 
 _KV_KEY = re.compile(r"layers\.(\d+)\.self_attn\.([kv])_proj\.weight$")
@@ -223,7 +236,7 @@ def load_hf_llama(hf_dir, kv_source=None, kv_init="own", dtype=None, block_size=
     files = hf_weight_files(hf_dir)
 
     with torch.device("meta"):
-        expected = {_hf_name(k): tuple(v.shape) for k, v in Llama(dense).state_dict().items()}
+        expected = {hf_name(k): tuple(v.shape) for k, v in Llama(dense).state_dict().items()}
     if config.tie_embeddings:
         del expected["lm_head.weight"]  # tied: lm_head is embed_tokens (a copy in the file is ignored)
 
@@ -245,7 +258,7 @@ def load_hf_llama(hf_dir, kv_source=None, kv_init="own", dtype=None, block_size=
         if not tensor.is_floating_point():
             raise ConversionError(f"{name!r} in {where} has dtype {tensor.dtype}, expected floating point weights")
         seen.add(name)
-        key = name[len("model."):] if name.startswith("model.") else name
+        key = our_name(name)
         m = _KV_KEY.match(key)
         if m:
             layer, owner = int(m.group(1)), config.kv_source[int(m.group(1))]
@@ -346,11 +359,7 @@ def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=N
                               "Face Llama: its consumer layers have no K/V projections of their own, and "
                               "LlamaForCausalLM has no way to reuse another layer's. Only dense models export.")
     dtype = dtype or model.embed_tokens.weight.dtype
-    tensors = {}
-    for key, t in model.state_dict().items():
-        if config.tie_embeddings and key == "lm_head.weight":
-            continue
-        tensors[_hf_name(key)] = t.detach().to("cpu", dtype).contiguous()
+    tensors = hf_state_dict(model, dtype)
     os.makedirs(out_dir, exist_ok=True)
     files = {"model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"}),
              "config.json": lambda p: _write_json(hf_config_from_llama(config, dtype, hf_extra), p)}

@@ -13,7 +13,6 @@ sharing caches half the K/V of the dense model.
 
 import inspect
 import math
-import time
 from dataclasses import dataclass, asdict
 from typing import Optional, Union
 
@@ -239,25 +238,25 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Static, preallocated cache for the owner layers only, written in place while decoding.
+    """Static, preallocated cache of the owner layers only, written in place while decoding.
 
-    One tensor per owner: writing into a slice of one big tensor made torch.compile copy the whole
-    cache at every write (measured by bench.py: 3x slower compiled decoding)."""
+    One tensor per owner, keyed by the owner's layer index: writing into a slice of one big tensor
+    made torch.compile copy the whole cache at every write (3x slower compiled decoding, bench.py)."""
 
-    def __init__(self, n_owners, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+    def __init__(self, owners, batch_size, n_kv_head, max_len, head_dim, dtype, device):
         shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_owners)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_owners)]
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in owners}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in owners}
         self.max_len = max_len
 
-    def update(self, slot, input_pos, k, v):
-        """Write new positions of owner `slot`; return that owner's whole cache."""
-        self.k[slot].index_copy_(2, input_pos, k)
-        self.v[slot].index_copy_(2, input_pos, v)
-        return self.k[slot], self.v[slot]
+    def update(self, layer, input_pos, k, v):
+        """Write new positions of owner `layer`; return that owner's whole cache."""
+        self.k[layer].index_copy_(2, input_pos, k)
+        self.v[layer].index_copy_(2, input_pos, v)
+        return self.k[layer], self.v[layer]
 
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in [*self.k.values(), *self.v.values()])
 
 
 # -----------------------------------------------------------------------------
@@ -278,10 +277,8 @@ class Llama(nn.Module):
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # layer -> index of its owner's slot in the KV cache
-        self.cache_slot = {owner: slot for slot, owner in enumerate(config.owners)}
-        # layer-wise adaptation (adapt.py): layers switching to a consumer blend in their future
-        # owner's K/V, {layer: (owner, weight)}
+        # the one hook layer-wise adaptation (adapt.py) needs: {layer: (source, weight)} makes an owner
+        # attend over (1 - weight) * its own K/V + weight * source's while it is being switched over
         self.kv_blend = {}
         self.apply(self._init_weights)
 
@@ -313,7 +310,8 @@ class Llama(nn.Module):
             mask = torch.arange(cache.max_len, device=idx.device) <= input_pos.view(-1, 1)
 
         x = self.embed_tokens(idx)
-        kv = {}  # owner layer -> its (k, v), handed to its consumers; the same path with or without cache
+        kv = {}  # owner layer -> the (k, v) its consumers attend over; the same path with or without cache
+        fresh = {}  # owner layer -> the K/V of the new positions only
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             owner = self.config.kv_source[i]
@@ -321,9 +319,10 @@ class Llama(nn.Module):
                 k, v = layer.self_attn.compute_kv(h, cos, sin)
                 if i in self.kv_blend:
                     source, w = self.kv_blend[i]
-                    k, v = k + w * (kv[source][0] - k), v + w * (kv[source][1] - v)
+                    k, v = k + w * (fresh[source][0] - k), v + w * (fresh[source][1] - v)
+                fresh[i] = (k, v)
                 if cache is not None:
-                    k_all, v_all = cache.update(self.cache_slot[i], input_pos, k, v)
+                    k_all, v_all = cache.update(i, input_pos, k, v)
                     if mask is not None:  # decoding: attend over the whole cache
                         k, v = k_all, v_all
                 kv[i] = (k, v)
@@ -336,86 +335,56 @@ class Llama(nn.Module):
         return logits, loss
 
     # -------------------------------------------------------------------------
-    # layer-wise adaptation: turning an owner into a consumer in place
+    # generation: prefill, one decode step, and the loop (compiling and timing belong to the caller)
 
-    def start_blend(self, layer, owner):
-        """Let `layer` attend over (1 - w) * its own K/V + w * `owner`'s, w set by set_blend."""
-        self._check_switch(layer, owner)
-        self.kv_blend[layer] = (owner, torch.zeros((), device=self.rope_cos.device))
-
-    def set_blend(self, layer, weight):
-        self.kv_blend[layer][1].fill_(weight)  # in place: a compiled forward keeps its graph
-
-    def make_consumer(self, layer, owner) -> list:
-        """Drop `layer`'s K/V projections and point it at `owner`; returns the removed parameters
-        (their optimizer state has to go too)."""
-        self._check_switch(layer, owner)
-        attn = self.layers[layer].self_attn
-        removed = [attn.k_proj.weight, attn.v_proj.weight]
-        del attn.k_proj, attn.v_proj
-        self.config.kv_source = tuple(owner if i == layer else j for i, j in enumerate(self.config.kv_source))
-        self.cache_slot = {o: slot for slot, o in enumerate(self.config.owners)}
-        self.kv_blend.pop(layer, None)
-        return removed
-
-    def _check_switch(self, layer, owner):
-        kv_source = list(self.config.kv_source)
-        if kv_source[layer] != layer:
-            raise ValueError(f"layer {layer} is already a consumer of layer {kv_source[layer]}")
-        kv_source[layer] = owner
-        validate_kv_source(tuple(kv_source), self.config.n_layer)
-
-    # -------------------------------------------------------------------------
-    # generation
-
-    def new_cache(self, batch_size, max_len, dtype=None) -> KVCache:
-        if self.kv_blend:
-            raise ValueError(f"layers {sorted(self.kv_blend)} are halfway through an adaptation stage: "
-                             "finish it (make_consumer) before generating")
+    def new_cache(self, batch_size, max_len=None, dtype=None) -> KVCache:
         c = self.config
-        return KVCache(len(c.owners), batch_size, c.n_kv_head, max_len, c.head_dim,
+        return KVCache(c.owners, batch_size, c.n_kv_head, max_len or c.block_size, c.head_dim,
                        dtype or self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
 
+    def prefill(self, idx, cache):
+        """Run the prompt idx (B, T) from position 0, filling the cache; logits of the last position."""
+        logits, _ = self(idx, cache=cache, input_pos=torch.arange(idx.shape[1], device=idx.device))
+        return logits[:, -1, :]
+
     def decode_step(self, token, input_pos, cache):
-        """One token per sequence at position input_pos (a 1-element tensor): its logits. Static
+        """One token per sequence (B, 1) at position input_pos (a 1-element tensor): its logits. Static
         shapes throughout, so torch.compile can turn it into one graph."""
         logits, _ = self(token, cache=cache, input_pos=input_pos)
         return logits[:, -1, :]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile_decode=False, timings=None):
-        """Continue each row of idx (B, T) by max_new_tokens tokens. temperature=0 is greedy.
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, decode_step=None):
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens; temperature=0 is greedy.
 
-        Pass a dict as `timings` to get the seconds spent in prefill_s, first_decode_s (compilation
-        lands here) and decode_s over decode_steps further steps; the device is synchronised around
-        each step, so only ask for it when you measure."""
+        A row that produces eos_id stops (later positions hold eos_id), and generation ends when every
+        row has stopped. When the context is full, the most recent `keep_when_full` tokens are prefilled
+        again from position 0 and decoding goes on over that window, as nanoGPT crops its context.
+        decode_step: a replacement for self.decode_step, e.g. torch.compile(model.decode_step); the
+        cache always has block_size positions, so a compiled step never sees a new shape."""
         B, T = idx.shape
-        total = T + max_new_tokens
-        if total > self.config.block_size:
-            raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {total} exceeds "
-                             f"block_size={self.config.block_size}: shorten the prompt or generate fewer tokens")
-        if max_new_tokens <= 0:
-            return idx
-        step = self.decode_step
-        if compile_decode:
-            if not hasattr(self, "_compiled_decode_step"):
-                self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True)
-            step = self._compiled_decode_step
-        clock = _Clock(idx.device, timings)
-        # a compiled step is specialised to the cache shape: give every call the same one
-        cache = self.new_cache(B, self.config.block_size if compile_decode else total)
-        logits, _ = self(idx, cache=cache, input_pos=torch.arange(T, device=idx.device))
-        out = torch.empty(B, total, dtype=idx.dtype, device=idx.device)
-        out[:, :T] = idx
-        next_token = sample_token(logits[:, -1, :], temperature, top_k)
-        clock.lap("prefill_s")
-        for pos in range(T, total):
-            out[:, pos] = next_token
-            if pos == total - 1:
-                break
-            input_pos = torch.tensor([pos], device=idx.device)
-            next_token = sample_token(step(next_token.view(B, 1), input_pos, cache), temperature, top_k)
-            clock.lap("first_decode_s" if pos == T else "decode_s")
+        window = self.config.block_size
+        keep = keep_when_full(window)
+        cache = self.new_cache(B, window)
+        step = decode_step or self.decode_step
+        out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        pos = min(T, window)
+        logits = self.prefill(idx[:, -pos:], cache)
+        for n in range(T, T + max_new_tokens):
+            token = sample_token(logits, temperature, top_k)
+            if eos_id is not None:
+                token = token.masked_fill(done, eos_id)
+                done |= token == eos_id
+            out[:, n] = token
+            if n == T + max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+                return out[:, :n + 1]
+            if pos == window:  # full: start over from the most recent tokens
+                pos = keep
+                logits = self.prefill(out[:, n + 1 - keep:n + 1], cache)
+                continue
+            logits = step(token.view(B, 1), torch.tensor([pos], device=idx.device), cache)
+            pos += 1
         return out
 
     # -------------------------------------------------------------------------
@@ -461,26 +430,10 @@ class Llama(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
 
-class _Clock:
-    """Adds the seconds since the last lap to timings[name]; does nothing without a timings dict."""
-
-    def __init__(self, device, timings):
-        self.timings, self.device = timings, device
-        if timings is not None:
-            timings.update(prefill_s=0.0, first_decode_s=0.0, decode_s=0.0, decode_steps=0)
-            self.t = self._now()
-
-    def _now(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def lap(self, name):
-        if self.timings is not None:
-            now = self._now()
-            self.timings[name] += now - self.t
-            self.timings["decode_steps"] += name == "decode_s"
-            self.t = now
+def keep_when_full(block_size):
+    """How many recent tokens generation keeps when the context is full: three quarters of it, so a
+    re-prefill happens every block_size / 4 new tokens."""
+    return max(1, block_size - block_size // 4)
 
 
 def sample_token(logits, temperature=1.0, top_k=None):

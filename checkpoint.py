@@ -1,0 +1,163 @@
+"""
+Checkpoints: written atomically, read with validation, and turned into a ready model by one function
+(`load_model`) that train.py, sample.py, convert_hf.py, adapt.py, bench.py and the tests all use.
+
+A checkpoint is a dict saved with torch.save:
+  model          the plain module's state dict (no torch.compile / DDP prefixes)
+  model_config   LlamaConfig as a dict (kv_source as a list)
+  kv_blend       optional {layer: [source, weight]}: layers halfway through an adaptation stage
+  ...            whatever the writer adds: optimizer, iter_num, rng, sampler and config from
+                 train.py; tokenizer_json, chat_template, hf_config from convert_hf.py
+"""
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+from model import Llama, LlamaConfig, rope_tables
+
+CKPT_NAME = "ckpt.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not describe a model; the message says which."""
+
+
+def save_checkpoint(obj, path):
+    """Write a temp file in the same directory, fsync, rename it over the old one: a crash or error at
+    any point leaves the previous checkpoint intact."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes the file 0600; give it the usual permissions
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def checkpoint_path(path):
+    """A checkpoint file, or a training out_dir holding ckpt.pt."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, CKPT_NAME)
+        if os.path.isfile(inner):
+            return inner
+        raise CheckpointError(f"{path} is a directory without {CKPT_NAME}: give a checkpoint file or a training out_dir")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path, mmap=False):
+    """The checkpoint dict at path (a file or an out_dir), read with weights_only=True.
+
+    mmap=True leaves the weights in the file's pages: right for one-shot jobs like export, wrong for a
+    long-lived one while a training run may rewrite the file."""
+    path = checkpoint_path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read: it is corrupt, truncated or not a torch file "
+                              f"({type(e).__name__}: {msg}). It was left as it is.") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a checkpoint of this project: it needs 'model' and "
+                              f"'model_config', found {keys} (for a Hugging Face directory use convert_hf.py)")
+    return ckpt
+
+
+def strip_prefixes(state):
+    out = {}
+    for k, v in state.items():
+        while k.startswith(("_orig_mod.", "module.")):  # torch.compile / DDP wrappers, in any order
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def build_on_meta(config: LlamaConfig, state_dict: dict) -> Llama:
+    """A Llama that takes the tensors of state_dict as its parameters: built on the meta device and
+    loaded strictly with assign, so there is no random init and no second copy."""
+    with torch.device("meta"):
+        model = Llama(config)
+    state_dict = dict(state_dict)
+    if config.tie_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"the weights do not fit the model config: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(result.unexpected_keys)[:5]}")
+    for name, t in model.state_dict().items():
+        if tuple(t.shape) != tuple(state_dict[name].shape):
+            raise CheckpointError(f"{name} has shape {tuple(state_dict[name].shape)}, the config says {tuple(t.shape)}")
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = rope_tables(config)
+    return model
+
+
+def model_from_checkpoint(ckpt: dict, **config_changes) -> Llama:
+    """The Llama a checkpoint dict describes, with its weights and any adaptation blend in progress.
+    config_changes override model_config fields (e.g. block_size, which only sizes the RoPE tables)."""
+    try:
+        config = LlamaConfig(**{**ckpt["model_config"], **config_changes})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"bad model_config in the checkpoint: {e}") from None
+    model = build_on_meta(config, strip_prefixes(ckpt["model"]))
+    for layer, (source, weight) in (ckpt.get("kv_blend") or {}).items():
+        model.kv_blend[int(layer)] = (int(source), torch.tensor(float(weight)))
+    return model
+
+
+def load_model(path, **config_changes):
+    """(model in eval mode on the CPU, checkpoint dict) from a checkpoint file or out_dir."""
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, **config_changes).eval(), ckpt
+
+
+def blend_state(model: Llama) -> dict:
+    """model.kv_blend as plain values for a checkpoint."""
+    return {layer: [source, float(weight)] for layer, (source, weight) in model.kv_blend.items()}
+
+
+# -----------------------------------------------------------------------------
+# random number generators, for exact resume
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(rng: dict):
+    torch.set_rng_state(rng["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+    n = rng["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])

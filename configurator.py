@@ -1,0 +1,266 @@
+"""
+One settings mechanism for every script, and the run setup they share (device, precision, seed, DDP).
+
+A script declares its settings as plain globals with defaults, right at the top, and reads them with
+
+    DEFAULTS = settings_from(globals())          # just below the settings block
+    s, explicit = configure(DEFAULTS, argv, __doc__)
+
+Arguments apply in order: a path is a config file (Python that assigns some of the settings),
+`--key=value` or `--key value` sets one, and a bare `--key` sets a boolean to True. A value takes the
+type of its default; booleans are true/false (also 1/0, yes/no, on/off); dtypes are float32, bfloat16
+and float16 (fp32, bf16, fp16 are read as those). An unknown key or a value of the wrong type is a
+`ConfigError` that lists what is allowed. `explicit` is the set of keys the user gave.
+"""
+
+import builtins
+import os
+import random
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names it and says what is allowed."""
+
+
+class HelpRequested(Exception):
+    """--help: the message is the help text (a script's main prints it and exits 0)."""
+
+
+def settings_from(namespace: dict) -> dict:
+    """The plain settings of a module: lower-case names bound to bool, int, float or str."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))}
+
+
+def canonical_dtype(name: str) -> str:
+    return DTYPE_ALIASES.get(name.lower(), name.lower())
+
+
+def _is_dtype_key(key):
+    return key == "dtype" or key.endswith("_dtype")
+
+
+def check_value(defaults, choices, key, value, where):
+    """value converted to the type of defaults[key], or ConfigError."""
+    if key not in defaults:
+        raise ConfigError(f"unknown setting {key!r} ({where}); allowed: {', '.join(sorted(defaults))}")
+    default, allowed = defaults[key], choices.get(key)
+    if isinstance(value, (list, tuple)) and isinstance(default, str) and all(isinstance(j, int) for j in value):
+        value = ",".join(map(str, value))  # e.g. kv_source = [0, 0, 2, 2] in a config file
+    if isinstance(value, str) and _is_dtype_key(key):
+        value = canonical_dtype(value)
+    if allowed is not None and any(isinstance(a, bool) for a in allowed) and isinstance(value, str):
+        low = value.lower()
+        value = True if low in TRUE else False if low in FALSE else value
+    if allowed is not None and value in allowed and type(value) in {type(a) for a in allowed}:
+        return value
+    ok = _has_type(default, value)
+    value = float(value) if ok and isinstance(default, float) else value
+    if not ok or (allowed is not None and value not in allowed):
+        want = " or ".join(map(repr, allowed)) if allowed else type(default).__name__
+        raise ConfigError(f"setting {key} ({where}) must be {want}, got {value!r}")
+    return value
+
+
+def _has_type(default, value):
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)) and isinstance(value, bool):
+        return False
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def parse_text(default, text):
+    """A command-line string as the type of its default (left a string when it does not parse)."""
+    low = text.strip().lower()
+    if isinstance(default, bool):
+        return True if low in TRUE else False if low in FALSE else text
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                return text
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def read_config_file(path) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found (arguments are config files or --key=value)")
+    ns = {"__file__": os.path.abspath(path)}
+    with open(path) as f:
+        source = f.read()
+    try:
+        exec(builtins.compile(source, path, "exec"), ns)
+    except Exception as e:
+        raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in ns.items()
+            if not k.startswith("_") and not isinstance(v, types.ModuleType) and not callable(v)}
+
+
+def configure(defaults: dict, argv, doc="", choices=None):
+    """(settings as a namespace, set of keys given explicitly) from defaults and argv."""
+    choices = choices or {}
+    values, explicit = dict(defaults), set()
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        raise HelpRequested((doc or "").strip() + "\n\nsettings and their defaults:\n" +
+                            "\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+    while argv:
+        arg = argv.pop(0)
+        if not arg.startswith("--"):
+            for key, value in read_config_file(arg).items():
+                values[key] = check_value(defaults, choices, key, value, f"in {arg}")
+                explicit.add(key)
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if key not in defaults:
+            check_value(defaults, choices, key, None, "command line")  # raises: unknown key
+        if not eq:
+            is_flag = isinstance(defaults[key], bool) or any(isinstance(a, bool) for a in choices.get(key, ()))
+            if is_flag and (not argv or argv[0].lower() not in TRUE + FALSE):
+                text = "true"
+            elif argv:
+                text = argv.pop(0)
+            else:
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+        values[key] = check_value(defaults, choices, key, parse_text(defaults[key], text), "command line")
+        explicit.add(key)
+    return types.SimpleNamespace(**values), explicit
+
+
+# -----------------------------------------------------------------------------
+# device, precision, seed and processes: the one place every script sets them up
+
+
+def resolve_device(name: str, local_rank=None) -> str:
+    """'auto' is cuda when torch sees a GPU, else cpu; under DDP plain 'cuda' becomes cuda:LOCAL_RANK."""
+    dev = "cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={dev} but torch sees no CUDA GPU: use --device=cpu")
+        if dev == "cuda" and local_rank is not None:
+            dev = f"cuda:{local_rank}"
+    elif dev == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("device=mps but MPS is not available: use --device=cpu")
+    elif dev != "cpu":
+        raise ConfigError(f"device={dev!r}: use auto, cpu, cuda, cuda:N or mps")
+    try:
+        torch.device(dev)
+    except RuntimeError:
+        raise ConfigError(f"device={dev!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    return dev
+
+
+def resolve_dtype(name: str, device_type: str) -> str:
+    """'auto': bfloat16 on GPUs that have it, float16 on older GPUs, float32 elsewhere.
+
+    CPU stays float32 by default: at the default model's size (d=128) bf16 autocast measured within
+    the round-to-round spread of fp32 on the project's 2-core AVX-512 machine, and fp32 keeps runs
+    bit-exact (resume, comparisons across runs). Bigger models can gain from bfloat16."""
+    dt = canonical_dtype(name)
+    if dt == "auto":
+        if device_type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if dt not in DTYPES:
+        raise ConfigError(f"dtype={name!r}: use auto, float32, bfloat16 or float16 (or fp32, bf16, fp16)")
+    if dt == "float16" and device_type != "cuda":
+        raise ConfigError("dtype=float16 needs a CUDA GPU (it trains with a GradScaler); on CPU use float32 or bfloat16")
+    return dt
+
+
+def autocast(device_type: str, dtype: str):
+    """Mixed precision for a forward pass: nothing for float32, torch.autocast otherwise."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
+
+
+@dataclass
+class Runtime:
+    device: str
+    device_type: str
+    dtype: str
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        return autocast(self.device_type, self.dtype)
+
+
+def init_runtime(device="auto", dtype="auto", seed=1337, backend="auto") -> Runtime:
+    """Device, precision, seeds and (under torchrun) the process group, set up once per script.
+    Call `close_runtime` at the end."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0)) if ddp else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
+    dev = resolve_device(device, local_rank if ddp else None)
+    device_type = "cuda" if dev.startswith("cuda") else dev
+    rt = Runtime(dev, device_type, resolve_dtype(dtype, device_type), ddp, rank, local_rank,
+                 int(os.environ["WORLD_SIZE"]) if ddp else 1)
+    if backend not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"backend={backend!r}: use auto, nccl or gloo")
+    if ddp and backend == "nccl" and device_type != "cuda":
+        raise ConfigError("backend=nccl needs CUDA GPUs: use --backend=gloo (or auto) on CPU")
+    if ddp:
+        import torch.distributed as dist
+        if device_type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=("nccl" if device_type == "cuda" else "gloo") if backend == "auto" else backend)
+    seed_everything(seed + rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rt
+
+
+def close_runtime(rt: Runtime):
+    if rt.ddp:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def run_script(main, argv=None):
+    """Run a script's main(argv): help to stdout and 0, a bad input as one line on stderr and 1."""
+    import sys
+    try:
+        result = main(sys.argv[1:] if argv is None else argv)
+    except HelpRequested as h:
+        print(h)
+        return 0
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
