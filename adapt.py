@@ -13,8 +13,12 @@ experiments/echo.py:
   since nothing there requires a gradient: those layers cost a forward pass only;
 - optionally the dense model teaches: loss = (1 - a) * CE + a * T^2 * KL(teacher || student).
 
-train.py drives this through `Adaptation` and `distillation_loss`. Run this file to calibrate:
-    python adapt.py --init_from=out-shakespeare-char-dense/ckpt.pt --n_share=2
+Everything about adaptation lives here: the schedule (`Adaptation`), blending and switching a layer
+(`start_blend`, `make_consumer`), freezing, the teacher and its loss (`setup_adaptation`,
+`distillation_loss`), and calibration. train.py only calls `setup_adaptation` once and
+`Adaptation.apply` every iteration. Run this file to calibrate:
+
+    .venv/bin/python adapt.py --init_from=out-shakespeare-char-dense --n_share=2
 """
 
 import os
@@ -23,7 +27,22 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from model import parse_kv_source
+from checkpoint import load_model
+from configurator import configure, run_script, settings_from
+from data.common import BatchSampler, dataset_dir, load_meta, open_tokens
+from model import parse_kv_source, validate_kv_source
+
+# -----------------------------------------------------------------------------
+# calibration settings (`python adapt.py`); the adaptation settings themselves are train.py's adapt_*
+init_from = "out-shakespeare-char-dense"  # a dense checkpoint file or training out_dir
+dataset = ""                 # '' = the dataset the checkpoint was trained on
+n_share = -1                 # layers to turn into consumers in the proposed map; -1 = half
+batches = 8                  # validation batches the similarity is measured on
+batch_size = 8
+out = ""                     # where kv_similarity.pt/.png go; '' = beside the checkpoint
+seed = 1337
+# -----------------------------------------------------------------------------
+DEFAULTS = settings_from(globals())
 
 ORDERS = ("top-down", "bottom-up", "similarity")
 TRAIN_LAYERS = ("all", "converted", "upward")
@@ -91,15 +110,42 @@ class Adaptation:
         for stage in self.stages[:done]:
             for layer in stage:
                 if model.config.kv_source[layer] == layer:
-                    drop_params(optimizer, model.make_consumer(layer, self.target[layer]))
+                    drop_params(optimizer, make_consumer(model, layer, self.target[layer]))
                     changed = True
         for layer in current or []:
             if model.config.kv_source[layer] != layer:
                 continue
             if layer not in model.kv_blend:
-                model.start_blend(layer, self.target[layer])
-            model.set_blend(layer, weight)
+                start_blend(model, layer, self.target[layer])
+            model.kv_blend[layer][1].fill_(weight)  # in place: a compiled forward keeps its graph
         return changed
+
+
+def start_blend(model, layer, owner):
+    """Let `layer` attend over (1 - w) * its own K/V + w * `owner`'s (model.kv_blend, the forward's
+    hook), w starting at 0."""
+    _check_switch(model, layer, owner)
+    model.kv_blend[layer] = (owner, torch.zeros((), device=model.rope_cos.device))
+
+
+def make_consumer(model, layer, owner) -> list:
+    """Drop `layer`'s K/V projections and point it at `owner`; returns the removed parameters (their
+    optimizer state has to go too)."""
+    _check_switch(model, layer, owner)
+    attn = model.layers[layer].self_attn
+    removed = [attn.k_proj.weight, attn.v_proj.weight]
+    del attn.k_proj, attn.v_proj
+    model.config.kv_source = tuple(owner if i == layer else j for i, j in enumerate(model.config.kv_source))
+    model.kv_blend.pop(layer, None)
+    return removed
+
+
+def _check_switch(model, layer, owner):
+    kv_source = list(model.config.kv_source)
+    if kv_source[layer] != layer:
+        raise ValueError(f"layer {layer} is already a consumer of layer {kv_source[layer]}")
+    kv_source[layer] = owner
+    validate_kv_source(tuple(kv_source), model.config.n_layer)
 
 
 def drop_params(optimizer, params):
@@ -150,6 +196,41 @@ def distillation_loss(logits, teacher_logits, targets, alpha, temperature):
     teacher = F.log_softmax(teacher_logits.float().view(-1, logits.size(-1))[keep] / temperature, dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+
+
+def loss_with_teacher(model, teacher, X, Y, alpha, temperature):
+    """One micro-step's distillation loss: the student's logits against the frozen teacher's."""
+    logits, _ = model(X)  # no cross-entropy here: distillation_loss computes it
+    with torch.no_grad():
+        teacher_logits, _ = teacher(X)
+    return distillation_loss(logits, teacher_logits, Y, alpha, temperature)
+
+
+def setup_adaptation(model, target, mode, order, stage_iters, layers_per_stage, train_layers, similarity_path):
+    """The schedule for train.py's adapt_* settings, or None when target is ''; freezes the layers that
+    will not train. Every bad combination is a ValueError here, before any training."""
+    if not target:
+        return None
+    similarity = None
+    if similarity_path:
+        if not os.path.isfile(similarity_path):
+            raise ValueError(f"adapt_similarity={similarity_path!r}: no such file (run `python adapt.py` first)")
+        try:
+            similarity = torch.load(similarity_path, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"adapt_similarity={similarity_path!r} is not a similarity file from adapt.py ({e})") from None
+    adaptation = Adaptation(model.config.kv_source, target, mode, order, stage_iters, layers_per_stage, similarity)
+    freeze(model, adaptation.target, train_layers)
+    return adaptation
+
+
+def load_teacher(path, student_config, device):
+    """The frozen dense teacher, at the student's context length (it sees the student's batches)."""
+    teacher, _ = load_model(path, block_size=student_config.block_size)
+    if teacher.config.vocab_size != student_config.vocab_size:
+        raise ValueError(f"distill_teacher {path}: vocab_size {teacher.config.vocab_size} differs from the "
+                         f"student's {student_config.vocab_size}")
+    return teacher.requires_grad_(False).to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -227,42 +308,40 @@ def save_heatmap(similarity, path, title="K/V cosine similarity"):
     plt.close(fig)
 
 
-def main(argv):
-    import train  # checkpoints and data exactly as training reads them
-    from data.common import load_meta
-    args = dict(init_from="out/ckpt.pt", dataset="", n_share="", batches="8", batch_size="8", out="", seed="1337")
-    for arg in argv:
-        key, eq, value = arg.lstrip("-").partition("=")
-        if key not in args or not eq:
-            sys.exit(f"adapt.py: unknown option {arg!r}; options: " + " ".join(f"--{k}=..." for k in args))
-        args[key] = value
-    ckpt = train.load_checkpoint(args["init_from"])
-    model = train.model_from_checkpoint(ckpt)
-    dataset = args["dataset"] or ckpt.get("config", {}).get("dataset")
+def calibration_batches(model, ckpt, dataset, n_batches, batch_size, seed):
+    """n_batches validation batches of the checkpoint's dataset (or `dataset`) at the model's context."""
+    dataset = dataset or (ckpt.get("config") or {}).get("dataset")
     if not dataset:
-        sys.exit("adapt.py: the checkpoint does not name its dataset: pass --dataset=NAME (a folder in data/)")
-    data_dir = train.data_dir_for(dataset)
-    sampler = train.BatchSampler(train.open_tokens(data_dir, "val", load_meta(data_dir)),
-                                 model.config.block_size, int(args["batch_size"]), int(args["seed"]), "cpu")
-    try:
-        sim = kv_similarity(model, [sampler.get("eval_val", 0, k)[0] for k in range(int(args["batches"]))])
-        n_share = int(args["n_share"]) if args["n_share"] else model.config.n_layer // 2
-        proposal = propose_kv_source(sim, n_share)
-    except ValueError as e:
-        sys.exit(f"adapt.py: {e}")
-    n = model.config.n_layer
+        raise ValueError("the checkpoint does not name its dataset: pass --dataset=NAME (a folder in data/)")
+    data_dir = dataset_dir(dataset)
+    sampler = BatchSampler(open_tokens(data_dir, "val", load_meta(data_dir)), model.config.block_size,
+                           batch_size, seed, "cpu")
+    return [sampler.get("eval_val", 0, k)[0] for k in range(n_batches)]
+
+
+def print_similarity(sim):
+    n = sim.shape[0]
     print("cosine similarity of K/V (row: layer, column: earlier layer)")
     print("     " + "".join(f"{j:6d}" for j in range(n)))
     for i in range(n):
         print(f"{i:4d} " + "".join(f"{sim[i, j]:6.2f}" for j in range(i + 1)))
-    out = args["out"] or os.path.dirname(os.path.abspath(args["init_from"]))
-    os.makedirs(out, exist_ok=True)
-    torch.save(sim, os.path.join(out, "kv_similarity.pt"))
-    save_heatmap(sim, os.path.join(out, "kv_similarity.png"))
-    print(f"saved {out}/kv_similarity.pt (for adapt_order=similarity) and {out}/kv_similarity.png")
-    print(f"proposed kv_source sharing {n_share} layers: {','.join(map(str, proposal))}")
+
+
+def main(argv):
+    s, _ = configure(DEFAULTS, argv, __doc__)
+    model, ckpt = load_model(s.init_from)
+    sim = kv_similarity(model, calibration_batches(model, ckpt, s.dataset, s.batches, s.batch_size, s.seed))
+    n_share_ = s.n_share if s.n_share >= 0 else model.config.n_layer // 2
+    proposal = propose_kv_source(sim, n_share_)
+    print_similarity(sim)
+    out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(sim, os.path.join(out_dir, "kv_similarity.pt"))
+    save_heatmap(sim, os.path.join(out_dir, "kv_similarity.png"))
+    print(f"saved {out_dir}/kv_similarity.pt (for adapt_order=similarity) and {out_dir}/kv_similarity.png")
+    print(f"proposed kv_source sharing {n_share_} layers: {','.join(map(str, proposal))}")
     return proposal
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_script(main))

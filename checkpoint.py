@@ -105,14 +105,14 @@ def build_on_meta(config: LlamaConfig, state_dict: dict) -> Llama:
     state_dict = dict(state_dict)
     if config.tie_embeddings:
         state_dict.pop("lm_head.weight", None)
-    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"the weights do not fit the model config: {str(e)[:500]}") from None
     missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
     if missing or result.unexpected_keys:
         raise CheckpointError(f"the weights do not fit the model config: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(result.unexpected_keys)[:5]}")
-    for name, t in model.state_dict().items():
-        if tuple(t.shape) != tuple(state_dict[name].shape):
-            raise CheckpointError(f"{name} has shape {tuple(state_dict[name].shape)}, the config says {tuple(t.shape)}")
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope_cos, model.rope_sin = rope_tables(config)
@@ -132,9 +132,9 @@ def model_from_checkpoint(ckpt: dict, **config_changes) -> Llama:
     return model
 
 
-def load_model(path, **config_changes):
+def load_model(path, mmap=False, **config_changes):
     """(model in eval mode on the CPU, checkpoint dict) from a checkpoint file or out_dir."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=mmap)
     return model_from_checkpoint(ckpt, **config_changes).eval(), ckpt
 
 

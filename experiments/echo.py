@@ -27,18 +27,23 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-settings = dict(
-    out="results/echo",      # the table, the JSON and the plots (committed)
-    runs="out-echo",         # the runs' checkpoints and logs (not committed)
-    pretrain_iters=800,      # the dense model's pretraining; adaptation gets adapt_fraction of it
-    adapt_fraction=0.1,
-    seeds="1,2,3",
-    target="upper:half",
-    # the model: a 6-layer character-level Llama, so upper:half has 3 consumers to switch in stages
-    model="--n_layer=6 --n_head=4 --n_kv_head=2 --n_embd=128 --intermediate_size=384 --block_size=128 --batch_size=16",
-    decode_tokens=100,        # after a 16-token prompt: fits the 128-token context
-    device="cpu",
-)
+from checkpoint import load_model  # noqa: E402  (the repository root is on the path only from here)
+from configurator import configure, run_script, settings_from  # noqa: E402
+
+# -----------------------------------------------------------------------------
+out = "results/echo"         # the table, the JSON and the plots (committed)
+runs = "out-echo"            # the runs' checkpoints and logs (not committed)
+pretrain_iters = 800         # the dense model's pretraining; adaptation gets adapt_fraction of it
+adapt_fraction = 0.1
+seeds = "1,2,3"
+target = "upper:half"
+# the model: a 6-layer character-level Llama, so upper:half has 3 consumers to switch in stages
+model = "--n_layer=6 --n_head=4 --n_kv_head=2 --n_embd=128 --intermediate_size=384 --block_size=128 --batch_size=16"
+decode_tokens = 100          # after a 16-token prompt: fits the 128-token context
+device = "cpu"
+# -----------------------------------------------------------------------------
+DEFAULTS = settings_from(globals())
+settings = dict(DEFAULTS)  # this run's values (main fills them in)
 
 
 def run(args, out_dir):
@@ -110,10 +115,7 @@ def adaptation(dense_ckpt, iters):
 @torch.no_grad()
 def decoding(checkpoints, n_tokens, repeats=5):
     """Greedy decoding tokens/s at batch 1 (prefill of 16 tokens excluded), repeats interleaved."""
-    from train import load_checkpoint, model_from_checkpoint
-    models = {}
-    for name, path in checkpoints.items():
-        models[name] = model_from_checkpoint(load_checkpoint(path)).eval()
+    models = {name: load_model(path)[0] for name, path in checkpoints.items()}
     prompt = torch.randint(0, models[next(iter(models))].config.vocab_size, (1, 16))
     times = {name: [] for name in models}
     for rep in range(repeats + 1):
@@ -154,11 +156,7 @@ def plot_curves(runs, path, title):
 
 
 def main(argv):
-    for arg in argv:
-        key, eq, value = arg.lstrip("-").partition("=")
-        if key not in settings or not eq:
-            sys.exit(f"unknown option {arg!r}; options: " + " ".join(f"--{k}=..." for k in settings))
-        settings[key] = type(settings[key])(value)
+    settings.update(vars(configure(DEFAULTS, argv, __doc__)[0]))
     out = settings["out"] = os.path.abspath(settings["out"])
     settings["runs"] = os.path.abspath(settings["runs"])
     os.makedirs(out, exist_ok=True)
@@ -212,4 +210,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_script(main))

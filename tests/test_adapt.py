@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from adapt import Adaptation, distillation_loss, freeze, kv_similarity, propose_kv_source, save_heatmap
+from adapt import (Adaptation, distillation_loss, freeze, kv_similarity, make_consumer, propose_kv_source, save_heatmap,
+                   start_blend)
 from adapt import main as adapt_main
 from model import Llama, LlamaConfig
 
@@ -70,15 +71,14 @@ def test_blend_weight_zero_is_the_dense_layer_and_one_the_consumer():
     dense = dense_model().eval()
     x, _ = batch()
     blended = copy.deepcopy(dense)
-    blended.start_blend(4, 2)
-    blended.set_blend(4, 0.0)
+    start_blend(blended, 4, 2)
     assert torch.equal(blended(x)[0], dense(x)[0])
-    blended.set_blend(4, 1.0)
+    blended.kv_blend[4][1].fill_(1.0)
     consumer = copy.deepcopy(dense)
-    consumer.make_consumer(4, 2)
+    make_consumer(consumer, 4, 2)
     torch.testing.assert_close(blended(x)[0], consumer(x)[0], rtol=0, atol=1e-6)
     assert not torch.allclose(consumer(x)[0], dense(x)[0], atol=1e-4)  # the switch does matter
-    blended.set_blend(4, 0.5)
+    blended.kv_blend[4][1].fill_(0.5)
     mid = blended(x)[0]
     assert not torch.allclose(mid, dense(x)[0], atol=1e-5) and not torch.allclose(mid, consumer(x)[0], atol=1e-5)
 
@@ -260,7 +260,7 @@ def test_calibration_command(data_dir, dense_ckpt, tmp_path, capsys):
     (["--adapt_target=upper:half", "--adapt_order=similarity", "--adapt_similarity=nope.pt"], r"no such file"),
 ])
 def test_bad_adaptation_settings_stop_before_training(data_dir, dense_ckpt, tmp_path, args, match):
-    with pytest.raises(SystemExit, match=match):
+    with pytest.raises(ValueError, match=match):
         run(data_dir, tmp_path, "--n_layer=4", f"--init_from={dense_ckpt}", *args)
     assert not (tmp_path / "ckpt.pt").exists()
 
@@ -270,3 +270,28 @@ def test_adapted_model_is_saved_even_when_only_improvements_are(data_dir, dense_
     run(data_dir, tmp_path, *ADAPT, f"--init_from={dense_ckpt}", "--always_save_checkpoint=False",
         "--learning_rate=1e-6", "--min_lr=1e-7")  # too small to win back what switching costs
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model_config"]["kv_source"] == [0, 1, 1, 1]
+
+
+def test_checkpoint_written_mid_stage_loads_the_model_being_trained(data_dir, dense_ckpt, tmp_path):
+    """Stopped halfway through a stage, the checkpoint holds the blend weight: the model loaded from it
+    (resume, sample.py) gives the live model's logits, and its cached generation equals the uncached one."""
+    from checkpoint import load_model
+    run(data_dir, tmp_path, *ADAPT, f"--init_from={dense_ckpt}", "--max_iters=6", "--eval_interval=6",
+        "--adapt_stage_iters=4")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 6 and ckpt["kv_blend"]  # layer 2 is halfway (iteration 6 of stage 4..8)
+    (layer, (source, weight)), = ckpt["kv_blend"].items()
+    assert (layer, source, weight) == (2, 1, 0.5)
+    model, _ = load_model(str(tmp_path))
+    live = Llama(LlamaConfig(**ckpt["model_config"]))
+    live.load_state_dict(ckpt["model"])
+    x, _ = batch()
+    x = x[:, :16] % model.config.vocab_size
+    without_blend = live(x)[0]
+    start_blend(live, 2, 1)
+    live.kv_blend[2][1].fill_(0.5)
+    torch.testing.assert_close(model(x)[0], live(x)[0], rtol=0, atol=0)
+    assert not torch.allclose(model(x)[0], without_blend, atol=1e-5)
+    greedy = model.generate(x[:1, :4], 8, temperature=0)
+    for n in range(4, 12):
+        assert greedy[0, n] == model(greedy[:, :n])[0][0, -1].argmax()

@@ -14,7 +14,8 @@ import safetensors.torch as safetensors_torch
 import transformers
 
 import convert_hf
-from convert_hf import ConversionError, convert, export_hf, load_checkpoint_model, load_hf_llama
+from checkpoint import load_model
+from convert_hf import ConversionError, convert, export_hf, load_hf_llama
 from model import Llama, LlamaConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +122,7 @@ def test_convert_cli_writes_a_checkpoint_train_and_sample_can_load(tmp_path):
     assert {"model", "model_config"} <= set(ckpt)
     model = Llama(LlamaConfig(**ckpt["model_config"]))  # what train.py's init_from does
     model.load_state_dict(ckpt["model"])
-    loaded, _ = load_checkpoint_model(str(out))
+    loaded, _ = load_model(str(out))
     x = torch.randint(0, VOCAB, (1, 20))
     with torch.no_grad():
         want = hf(x).logits

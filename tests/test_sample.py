@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import sample
+from configurator import run_script
 from data.common import write_meta
-from model import Llama, LlamaConfig
+from model import Llama, LlamaConfig, keep_when_full
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = ["<unk>"] + list(" \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,:;!?'-")
@@ -42,7 +43,7 @@ def hf_dir(tmp_path_factory):
 
 
 def run_main(argv, capsys):
-    rc = sample.main(argv)
+    rc = run_script(sample.main, argv)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -67,7 +68,7 @@ def test_sample_from_converted_checkpoint_prints_text_and_speed(hf_dir, tmp_path
             "--top_k=5", "--seed=7", "--show_speed=True", "--device=cpu"]
     rc, out, err = run_main(argv, capsys)
     assert rc == 0, err
-    assert out.count("---------------") == 2 and out.count("[speed] prefill") == 2
+    assert out.count("---------------") == 2 and out.count("[speed] 20 new tokens") == 2
     texts = [t.strip("\n") for t in out.split("---------------") if t.strip()]
     assert all(t.startswith("the ") for t in texts)
     rc, again, _ = run_main(argv, capsys)  # the seed fixes the samples
@@ -75,19 +76,61 @@ def test_sample_from_converted_checkpoint_prints_text_and_speed(hf_dir, tmp_path
     assert strip(again) == strip(out)
 
 
-@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (0.9, 7)])
-def test_timed_generate_gives_the_same_tokens(temperature, top_k):
+def tiny_model(block_size=16, kv_source="0,0,2"):
     torch.manual_seed(0)
-    model = Llama(LlamaConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=64, vocab_size=50, block_size=40,
-                              kv_source="0,0,2")).eval()
+    return Llama(LlamaConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=64, vocab_size=50, block_size=block_size,
+                             kv_source=kv_source)).eval()
+
+
+@pytest.mark.parametrize("prompt_len", [5, 16, 23])
+def test_generation_past_the_context_equals_no_cache_over_the_same_window(prompt_len):
+    """Past block_size, generation re-prefills the most recent keep_when_full tokens and goes on; each token
+    equals the argmax of a no-cache forward over exactly that window (positions from 0)."""
+    model, W = tiny_model(), 16
+    x = torch.randint(0, 50, (2, prompt_len), generator=torch.Generator().manual_seed(1))
+    out = model.generate(x, 40, temperature=0)
+    assert out.shape == (2, prompt_len + 40)
+    length = min(prompt_len, W)  # the window the next token is predicted from
+    with torch.no_grad():
+        for n in range(prompt_len, prompt_len + 40):
+            logits, _ = model(out[:, n - length:n])
+            assert torch.equal(out[:, n], logits[:, -1].argmax(-1)), n
+            length = keep_when_full(W) if length == W else length + 1
+
+
+def test_generation_stops_at_eos_per_row():
+    model = tiny_model(block_size=64)
+    x = torch.randint(0, 50, (2, 4), generator=torch.Generator().manual_seed(2))
+    free = model.generate(x, 20, temperature=0)
+    eos = int(free[0, 7])  # plant: row 0 produces this token at position 7
+    first = {r: next((n for n in range(4, 24) if free[r, n] == eos), None) for r in (0, 1)}
+    out = model.generate(x, 20, temperature=0, eos_id=eos)
+    for r in (0, 1):
+        stop = first[r]
+        if stop is None:
+            assert torch.equal(out[r], free[r, :out.shape[1]])
+        else:
+            assert torch.equal(out[r, :stop + 1], free[r, :stop + 1]) and (out[r, stop:] == eos).all()
+    if all(first.values()):  # every row stopped: generation ends at the later stop
+        assert out.shape[1] == max(first.values()) + 1
+    else:
+        assert out.shape[1] == 24
+
+
+def test_generate_with_a_given_decode_step_gives_the_same_tokens():
+    model = tiny_model(block_size=40)
     x = torch.randint(0, 50, (2, 5))
+    calls = []
+
+    def step(token, pos, cache):
+        calls.append(int(pos))
+        return model.decode_step(token, pos, cache)
+
     torch.manual_seed(3)
-    want = model.generate(x, 20, temperature=temperature, top_k=top_k)
+    want = model.generate(x, 20, temperature=0.9, top_k=7)
     torch.manual_seed(3)
-    times = {}
-    got = model.generate(x, 20, temperature=temperature, top_k=top_k, timings=times)
-    assert torch.equal(got, want)
-    assert times["decode_steps"] == 18 and times["prefill_s"] > 0
+    assert torch.equal(model.generate(x, 20, temperature=0.9, top_k=7, decode_step=step), want)
+    assert calls == list(range(5, 24))
 
 
 def save_train_style_checkpoint(path, vocab_size, dataset, block_size=32):
@@ -120,7 +163,7 @@ def test_train_checkpoint_needs_neither_tokenizers_nor_safetensors_nor_transform
     write_meta(tmp_path / "data" / "abc", len(chars), "char", chars=chars)
     save_train_style_checkpoint(str(tmp_path / "ckpt.pt"), len(chars), "abc")
     code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('tokenizers', 'safetensors', 'transformers')]; "
-            "import sample; sys.exit(sample.main(sys.argv[1:]))")
+            "import sample, configurator; sys.exit(configurator.run_script(sample.main, sys.argv[1:]))")
     r = subprocess.run([sys.executable, "-c", code, f"--init_from={tmp_path / 'ckpt.pt'}", "--start=ab",
                         f"--data_dir={tmp_path / 'data'}", "--max_new_tokens=5", "--device=cpu"],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -153,7 +196,7 @@ def test_compiled_decode_gives_the_same_tokens(tmp_path, capsys):
     assert rc == 0, err
     rc, compiled, err = run_main(base + ["--compile=True", "--show_speed=True"], capsys)
     assert rc == 0, err
-    assert "(includes compilation)" in compiled
+    assert "(and compilation)" in compiled
     assert [line for line in compiled.splitlines() if not line.startswith("[speed]")] == eager.splitlines()
     del model
 
@@ -166,15 +209,17 @@ def test_missing_checkpoint_exits_nonzero_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "sample.py", f"--init_from={tmp_path / 'nope.pt'}"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode != 0
-    assert "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_prompt_longer_than_context(hf_dir, capsys):
-    path, _ = hf_dir
-    rc, _, err = run_main([f"--init_from={path}", "--start=" + "a" * 60, "--device=cpu"], capsys)
-    assert rc == 1 and "prompt is 60 tokens long but the model's context is block_size=48" in err
-    rc, _, err = run_main([f"--init_from={path}", "--start=abc", "--max_new_tokens=46", "--device=cpu"], capsys)
-    assert rc == 1 and "ask for at most 45 new tokens" in err
+def test_prompt_and_generation_longer_than_context(hf_dir, capsys):
+    path, _ = hf_dir  # block_size 48
+    rc, out, err = run_main([f"--init_from={path}", "--start=" + "a" * 60, "--max_new_tokens=10", "--device=cpu"], capsys)
+    assert rc == 0, err
+    assert out.startswith("a" * 60) and len(out.split("\n---------------")[0]) >= 70
+    rc, out, err = run_main([f"--init_from={path}", "--start=abc", "--max_new_tokens=100", "--device=cpu"], capsys)
+    assert rc == 0, err
+    assert out.startswith("abc") and len(out.split("\n---------------")[0]) >= 103
 
 
 def test_unknown_tokenizer(tmp_path, capsys):
@@ -202,7 +247,7 @@ def test_other_bad_inputs(hf_dir, tmp_path, capsys):
     assert rc == 1 and "wrong tokenizer for this checkpoint" in err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     rc, _, err = run_main([f"--init_from={tmp_path / 'junk.pt'}"], capsys)
-    assert rc == 1 and "cannot read checkpoint" in err
+    assert rc == 1 and "cannot be read" in err
     os.makedirs(tmp_path / "empty")
     rc, _, err = run_main([f"--init_from={tmp_path / 'empty'}"], capsys)
     assert rc == 1 and "neither config.json" in err

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import train
+from checkpoint import load_checkpoint, save_checkpoint
+from configurator import ConfigError, HelpRequested, configure
 from model import Llama, LlamaConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +30,11 @@ def records(out_dir, kind):
         return [r for r in map(json.loads, f) if r.get("kind") == kind]
 
 
+def parse_args(argv):
+    s, explicit = configure(train.DEFAULTS, argv, train.__doc__, train.CHOICES)
+    return vars(s), explicit
+
+
 def train_losses(out_dir):
     return {r["iter"]: r["loss"] for r in records(out_dir, "train")}
 
@@ -38,57 +45,58 @@ def train_losses(out_dir):
 def test_config_file_and_overrides(tmp_path):
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text("import math\nn_layer = 6\nkv_source = [0, 0, 2, 2, 4, 4]\nlearning_rate = 1\n")
-    cfg, explicit = train.parse_args([str(cfg_file), "--n_layer=8", "--compile=false", "--decay_lr=False",
+    cfg, explicit = parse_args([str(cfg_file), "--n_layer=8", "--compile=false", "--decay_lr=False",
                                       "--kv_source=cla:2", "--min_lr=3e-5", "--out_dir='x y'"])
     assert cfg["n_layer"] == 8 and cfg["kv_source"] == "cla:2" and cfg["compile"] is False
     assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
     assert cfg["decay_lr"] is False and cfg["min_lr"] == 3e-5 and cfg["out_dir"] == "x y"
     assert {"n_layer", "kv_source", "learning_rate", "compile"} <= explicit and "batch_size" not in explicit
-    cfg, _ = train.parse_args(["--kv_source=0,0,2,2"])
+    cfg, _ = parse_args(["--kv_source=0,0,2,2"])
     assert cfg["kv_source"] == "0,0,2,2"
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--n_layerz=3"], "unknown setting 'n_layerz'.*allowed settings: .*batch_size"),
+    (["--n_layerz=3"], "unknown setting 'n_layerz'.*allowed: .*batch_size"),
     (["--batch_size=big"], "batch_size .* must be int"),
     (["--batch_size=2.5"], "batch_size .* must be int"),
     (["--decay_lr=maybe"], "decay_lr .* must be bool"),
     (["--learning_rate=fast"], "learning_rate .* must be float"),
-    (["--dtype=fp8"], "dtype .* must be one of auto, float32, bfloat16, float16"),
-    (["--compile=sometimes"], "compile .* must be True/False or 'auto'"),
-    (["--max_iters"], "expected --key=value"),
+    (["--dtype=fp8"], "dtype .* must be 'auto' or 'float32' or 'bfloat16' or 'float16'"),
+    (["--compile=sometimes"], "compile .* must be 'auto' or True or False"),
+    (["--max_iters"], "--max_iters needs a value"),
     (["no/such/config.py"], "config file .* not found"),
 ])
 def test_config_errors(argv, match):
-    with pytest.raises(SystemExit, match=match):
-        train.parse_args(argv)
+    with pytest.raises(ConfigError, match=match):
+        parse_args(argv)
 
 
 def test_help_lists_settings(capsys):
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(["--help"])
-    assert e.value.code == 0 and "--kv_source='upper:half'" in capsys.readouterr().out
+    with pytest.raises(HelpRequested, match="--kv_source='upper:half'"):
+        parse_args(["--help"])
+    rc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert rc.returncode == 0 and "--kv_source='upper:half'" in rc.stdout
 
 
 def test_config_file_errors(tmp_path):
     (tmp_path / "a.py").write_text("n_layers = 3\n")
-    with pytest.raises(SystemExit, match=r"unknown setting 'n_layers' \(in .*a.py\); allowed"):
-        train.parse_args([str(tmp_path / "a.py")])
+    with pytest.raises(ConfigError, match=r"unknown setting 'n_layers' \(in .*a.py\); allowed"):
+        parse_args([str(tmp_path / "a.py")])
     (tmp_path / "b.py").write_text("batch_size = '8'\n")
-    with pytest.raises(SystemExit, match="batch_size .* must be int"):
-        train.parse_args([str(tmp_path / "b.py")])
+    with pytest.raises(ConfigError, match="batch_size .* must be int"):
+        parse_args([str(tmp_path / "b.py")])
 
 
 def test_shipped_configs_are_valid():
     for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
-        cfg, _ = train.parse_args([os.path.join(ROOT, "config", name)])
+        cfg, _ = parse_args([os.path.join(ROOT, "config", name)])
         mc = {k: cfg[k] for k in train.MODEL_KEYS}
         mc["vocab_size"] = mc["vocab_size"] or 84
         LlamaConfig(**mc)  # validates kv_source and shapes without building the weights
-    cfg, _ = train.parse_args([os.path.join(ROOT, "config", "train_tinyllama_shared.py")])
+    cfg, _ = parse_args([os.path.join(ROOT, "config", "train_tinyllama_shared.py")])
     assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["n_kv_head"], cfg["intermediate_size"],
             cfg["vocab_size"], cfg["block_size"]) == (22, 2048, 32, 4, 5632, 0, 2048)  # vocab: the dataset's
-    assert train.parse_args([os.path.join(ROOT, "config", "train_shakespeare_char.py")])[0] == train.DEFAULTS
+    assert parse_args([os.path.join(ROOT, "config", "train_shakespeare_char.py")])[0] == train.DEFAULTS
 
 
 # ---- training
@@ -144,7 +152,7 @@ def test_init_from_weights_only_file(data_dir, tmp_path):
 
 def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint({"model": {"w": torch.ones(3)}, "model_config": {}, "iter_num": 1}, str(path))
+    save_checkpoint({"model": {"w": torch.ones(3)}, "model_config": {}, "iter_num": 1}, str(path))
 
     def broken_save(obj, f, *a, **k):
         f.write(b"PK\x03\x04 half a checkpoint")
@@ -152,9 +160,9 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        train.save_checkpoint({"model": {"w": torch.zeros(3)}, "model_config": {}, "iter_num": 2}, str(path))
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "model_config": {}, "iter_num": 2}, str(path))
     monkeypatch.undo()
-    ck = train.load_checkpoint(str(path))
+    ck = load_checkpoint(str(path))
     assert ck["iter_num"] == 1 and torch.equal(ck["model"]["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
 
@@ -167,21 +175,21 @@ def test_killed_write_leftover_is_ignored(data_dir, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
-    real = train.compute_loss
+    real = train.Trainer.loss
     calls = {"train": 0}
 
-    def poisoned(model, X, Y, *rest, **kw):  # whatever else compute_loss takes (teacher, cfg, ...)
-        loss = real(model, X, Y, *rest, **kw)
+    def poisoned(self, model, X, Y, *rest, **kw):  # whatever else Trainer.loss takes (teacher, ...)
+        loss = real(self, model, X, Y, *rest, **kw)
         if torch.is_grad_enabled():
             calls["train"] += 1
             if calls["train"] == 4:  # iter 3
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train, "compute_loss", poisoned)
-    with pytest.raises(SystemExit, match=r"training loss is nan at iter 3.*checkpoint .*ckpt.pt \(iter 2\) was kept"):
+    monkeypatch.setattr(train.Trainer, "loss", poisoned)
+    with pytest.raises(ValueError, match=r"training loss is nan at iter 3.*checkpoint .*ckpt.pt \(iter 2\) was kept"):
         run(data_dir, tmp_path, "--max_iters=6", "--eval_interval=2")
-    ck = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ck = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ck["iter_num"] == 2
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
@@ -191,25 +199,25 @@ def test_corrupt_checkpoint(data_dir, tmp_path):
     path = tmp_path / "ckpt.pt"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(SystemExit, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="corrupt, truncated"):
         run(data_dir, tmp_path, "--max_iters=4", "--init_from=resume")
     assert path.read_bytes() == data[: len(data) // 2]  # left as it was
     path.write_bytes(b"")
-    with pytest.raises(SystemExit, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="corrupt, truncated"):
         run(data_dir, tmp_path, "--init_from=resume")
     torch.save({"weights": 1}, path)
-    with pytest.raises(SystemExit, match="needs 'model' and 'model_config'"):
+    with pytest.raises(ValueError, match="needs 'model' and 'model_config'"):
         run(data_dir, tmp_path, "--init_from=resume")
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         run(data_dir, tmp_path / "empty", "--init_from=resume")
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(ValueError, match="no such file"):
         run(data_dir, tmp_path, f"--init_from={tmp_path / 'nope.pt'}")
 
 
 def test_checkpoint_conflicts_with_command_line(data_dir, tmp_path):
     run(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2", "--kv_source=upper:half")
     before = (tmp_path / "ckpt.pt").read_bytes()
-    with pytest.raises(SystemExit, match=r"conflict with checkpoint .*n_layer=3 \(checkpoint: 2\).*kv_source='dense'"):
+    with pytest.raises(ValueError, match=r"conflict with checkpoint .*n_layer=3 \(checkpoint: 2\).*kv_source='dense'"):
         run(data_dir, tmp_path, "--init_from=resume", "--n_layer=3", "--kv_source=dense", "--max_iters=4")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     # the same values spelled differently are no conflict, and training continues from iter 2
@@ -223,18 +231,18 @@ def test_block_size_longer_than_data(tmp_path):
     write_tokens(str(tmp_path / "train.bin"), np.arange(100) % 5, 5)
     write_tokens(str(tmp_path / "val.bin"), np.arange(10) % 5, 5)
     write_meta(str(tmp_path), 5, "char", chars=list("abcde"))
-    with pytest.raises(SystemExit, match=r"block_size=16 is longer than the data: .*val.bin has 10 tokens"):
+    with pytest.raises(ValueError, match=r"block_size=16 is longer than the data: .*val.bin has 10 tokens"):
         run(str(tmp_path), tmp_path / "out")
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
 def test_missing_data(tmp_path):
-    with pytest.raises(SystemExit, match=r"train.bin.*missing"):
+    with pytest.raises(ValueError, match=r"train.bin.*missing"):
         run(str(tmp_path / "nothing"), tmp_path / "out")
     if not os.path.exists(os.path.join(ROOT, "data", "tinystories", "train.bin")):
-        with pytest.raises(SystemExit, match=r"run `python data/tinystories/prepare.py` first"):
+        with pytest.raises(ValueError, match=r"run `.venv/bin/python data/tinystories/prepare.py` first"):
             train.main(TINY + ["--dataset=tinystories", f"--out_dir={tmp_path}"])
-    with pytest.raises(SystemExit, match=r"no_such_set.*datasets with a prepare script: .*shakespeare_char"):
+    with pytest.raises(ValueError, match=r"no_such_set.*datasets with a prepare script: .*shakespeare_char"):
         train.main(TINY + ["--dataset=no_such_set", f"--out_dir={tmp_path}"])
 
 
@@ -242,14 +250,14 @@ def test_batch_must_divide_over_ranks(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(SystemExit, match="gradient_accumulation_steps=3 does not divide over 2 ranks"):
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=3 does not divide over 2 ranks"):
         run(data_dir, tmp_path, "--gradient_accumulation_steps=3")
 
 
 def test_bad_model_settings(data_dir, tmp_path):
-    with pytest.raises(SystemExit, match="kv_source.*points forward"):
+    with pytest.raises(ValueError, match="kv_source.*points forward"):
         run(data_dir, tmp_path, "--kv_source=0,2,2,2", "--n_layer=4")
-    with pytest.raises(SystemExit, match="bad model settings: n_embd=30 is not divisible"):
+    with pytest.raises(ValueError, match="bad model settings: n_embd=30 is not divisible"):
         run(data_dir, tmp_path, "--n_embd=30", "--n_head=4")
 
 
@@ -280,5 +288,5 @@ def test_torchrun_two_ranks_gloo(data_dir, tmp_path):
 def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
-    train.save_checkpoint({"a": 1}, str(tmp_path / "c.pt"))
+    save_checkpoint({"a": 1}, str(tmp_path / "c.pt"))
     assert os.stat(tmp_path / "c.pt").st_mode & 0o777 == 0o666 & ~umask
