@@ -234,42 +234,44 @@ def load_teacher(path, student_config, device):
 
 
 # -----------------------------------------------------------------------------
-# calibration: which earlier layer's K/V is most like each layer's own
+# calibration: which earlier layer's K/V can each layer use at the least cost
 
 
 @torch.no_grad()
 def kv_similarity(model, batches):
-    """Cosine similarity of every dense layer's keys and values with every other layer's, per K/V
-    head, averaged over heads and over keys and values: an (n_layer, n_layer) tensor.
+    """How little each layer's output changes when it attends over an earlier layer's K/V instead of its
+    own: S[i, j] = 1 - |attn_i(K_j, V_j) - attn_i(K_i, V_i)| / |x_i + attn_i(K_i, V_i)|, norms summed over
+    the calibration batches, x_i the residual stream entering layer i. An (n_layer, n_layer) tensor, 1 on
+    the diagonal; higher means cheaper sharing.
 
-    The projections are read before RoPE: both layers rotate the same position by the same angle,
-    which leaves their dot product, and so the cosine, unchanged."""
+    This measures what sharing does. Comparing the K/V vectors of two layers directly (their cosine)
+    says nothing on a real model: each layer projects into its own basis, and on SmolLM2 that cosine
+    is below 0.17 for every pair of layers."""
     c = model.config
     if any(j != i for i, j in enumerate(c.kv_source)):
         raise ValueError("calibration needs a dense model: every layer must compute its own K/V")
-    outputs = {}
-    hooks = []
-    for i, layer in enumerate(model.layers):
-        for name in ("k_proj", "v_proj"):
-            hooks.append(getattr(layer.self_attn, name).register_forward_hook(
-                lambda mod, inp, out, key=(i, name): outputs.__setitem__(key, out)))
+    seen, hooks = {}, []
+    for i, layer in enumerate(model.layers):  # what each attention call received, and the residual stream
+        hooks.append(layer.self_attn.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, (args, out))))
+        hooks.append(layer.input_layernorm.register_forward_pre_hook(
+            lambda m, args, i=i: seen.__setitem__(("x", i), args[0])))
     n = c.n_layer
-    dots = torch.zeros(2, c.n_kv_head, n, n, dtype=torch.float64)
+    change, scale = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     model.eval()
     try:
         for idx in batches:
             model(idx)
-            for slot, name in enumerate(("k_proj", "v_proj")):
-                # (n_layer, heads, tokens * head_dim): one vector per layer and head
-                x = torch.stack([outputs[(i, name)].double().view(-1, c.n_kv_head, c.head_dim) for i in range(n)])
-                x = x.permute(0, 2, 1, 3).reshape(n, c.n_kv_head, -1)
-                dots[slot] += torch.einsum("ihd,jhd->hij", x, x)
+            for i, layer in enumerate(model.layers):
+                (h, _, _, cos, sin, mask), own = seen[i]
+                scale[i] += (seen[("x", i)] + own).double().pow(2).sum()
+                for j in range(i):
+                    _, k_j, v_j, _, _, _ = seen[j][0]
+                    swapped = layer.self_attn.forward(h, k_j, v_j, cos, sin, mask)  # .forward: no hook
+                    change[i, j] += (swapped - own).double().pow(2).sum()
     finally:
-        for h in hooks:
-            h.remove()
-    norms = dots.diagonal(dim1=-2, dim2=-1).sqrt()  # (2, heads, n)
-    cosine = dots / (norms[..., :, None] * norms[..., None, :]).clamp_min(1e-30)
-    return cosine.mean(dim=(0, 1)).float()
+        for hook in hooks:
+            hook.remove()
+    return (1 - (change / scale[:, None]).sqrt()).float()
 
 
 def propose_kv_source(similarity, n_share) -> tuple:
@@ -292,16 +294,21 @@ def propose_kv_source(similarity, n_share) -> tuple:
     return tuple(kv_source)
 
 
-def save_heatmap(similarity, path, title="K/V cosine similarity"):
+def save_heatmap(similarity, path, title="K/V sharing: 1 - relative change of the layer's output"):
+    """The lower triangle (the pairs a map can use), coloured over the range of its own values, so the
+    differences the calibration acts on are visible."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = similarity.shape[0]
-    fig, ax = plt.subplots(figsize=(1 + 0.45 * n, 0.6 + 0.45 * n))
-    im = ax.imshow(similarity.numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
-    ax.set_xlabel("earlier layer (owner candidate)")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
+    lower = torch.tril(torch.ones(n, n, dtype=torch.bool), diagonal=-1)
+    values = similarity.masked_fill(~lower, float("nan")).numpy()
+    fig, ax = plt.subplots(figsize=(1.5 + 0.3 * n, 1 + 0.3 * n))
+    vals = similarity[lower]
+    im = ax.imshow(values, cmap="viridis", vmin=float(vals.min()) if n > 1 else 0, vmax=float(vals.max()) if n > 1 else 1)
+    ax.set_xlabel("earlier layer j (K/V owner)")
+    ax.set_ylabel("layer i (would reuse j's K/V)")
+    ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -321,7 +328,7 @@ def calibration_batches(model, ckpt, dataset, n_batches, batch_size, seed):
 
 def print_similarity(sim):
     n = sim.shape[0]
-    print("cosine similarity of K/V (row: layer, column: earlier layer)")
+    print("1 - relative change of layer i's output when it uses layer j's K/V (row: i, column: earlier j)")
     print("     " + "".join(f"{j:6d}" for j in range(n)))
     for i in range(n):
         print(f"{i:4d} " + "".join(f"{sim[i, j]:6.2f}" for j in range(i + 1)))

@@ -134,26 +134,44 @@ def test_distillation_is_zero_when_student_equals_teacher():
 
 
 def test_calibration_finds_a_planted_pair(tmp_path):
-    i, j = 1, 4
+    i, j = 0, 1
     model = dense_model(n_layer=6, seed=3)
     with torch.no_grad():
-        # layers i..j-1 add nothing to the residual stream, so layer j sees layer i's input ...
-        for layer in model.layers[i:j]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        # ... and computes K/V with layer i's weights: exactly layer i's K/V
+        # layer i adds nothing to the residual stream, so layer j sees layer i's input ...
+        model.layers[i].self_attn.o_proj.weight.zero_()
+        model.layers[i].mlp.down_proj.weight.zero_()
+        # ... and computes K/V with layer i's weights: exactly layer i's K/V, so sharing them changes nothing
         for name in ("input_layernorm", "self_attn.k_proj", "self_attn.v_proj"):
             model.layers[j].get_submodule(name).weight.copy_(model.layers[i].get_submodule(name).weight)
     sim = kv_similarity(model, [batch(seed=s)[0] for s in range(3)])
     assert sim.shape == (6, 6)
     assert sim[j, i] == pytest.approx(1.0, abs=1e-5)
     assert torch.allclose(sim.diagonal(), torch.ones(6))
+    others = [float(sim[a, b]) for a in range(6) for b in range(a) if (a, b) != (j, i)]
+    assert max(others) < 0.99  # every other swap changes the layer's output
     assert propose_kv_source(sim, 1) == tuple(i if k == j else k for k in range(6))
     proposal = propose_kv_source(sim, 3)
     assert proposal[j] == i and sum(k != s for k, s in enumerate(proposal)) == 3
     LlamaConfig(n_layer=6, kv_source=proposal)  # a valid map
     save_heatmap(sim, tmp_path / "heat.png")
     assert (tmp_path / "heat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibration_agrees_with_the_converted_model():
+    """1 - S[i, j] is the relative change of layer i's output when it attends over j's K/V: check it
+    against a model actually converted to that map (the first layer whose input is unchanged)."""
+    model = dense_model(n_layer=4, seed=5)
+    x = batch(seed=7)[0]
+    sim = kv_similarity(model, [x])
+    changed = copy.deepcopy(model)
+    make_consumer(changed, 3, 1)  # layer 3 is the last: only its own output changes
+    seen = {}
+    for m, key in ((model, "dense"), (changed, "shared")):
+        m.layers[3].self_attn.register_forward_hook(lambda mod, a, out, key=key: seen.__setitem__(key, out))
+        m.layers[3].input_layernorm.register_forward_pre_hook(lambda mod, a, key=key: seen.__setitem__(key + "x", a[0]))
+        m(x)
+    want = (seen["shared"] - seen["dense"]).norm() / (seen["densex"] + seen["dense"]).norm()
+    assert float(1 - sim[3, 1]) == pytest.approx(float(want), rel=1e-4)
 
 
 def test_bad_adaptation_input_is_rejected_before_training():

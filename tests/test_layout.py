@@ -1,0 +1,104 @@
+"""The shape of the code, read from the sources: the import graph has no cycle and no module imports a
+script, no function is too long to read at once, and every script takes its settings the same way."""
+
+import ast
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from configurator import run_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"train", "sample", "bench", "experiments.echo"}  # run, never imported (tests call their main)
+
+
+def project_modules():
+    """{module name: path} of the project's own Python files (tests excluded)."""
+    paths = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "data", "**", "*.py"), recursive=True) \
+        + glob.glob(os.path.join(ROOT, "experiments", "*.py"))
+    return {os.path.relpath(p, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__"): p for p in paths}
+
+
+def imports_of(path, modules):
+    """The project modules a file imports, anywhere in it (also inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] + [f"{node.module}.{a.name}" for a in node.names] \
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+        found |= {n for n in names if n in modules}
+    return found
+
+
+def import_graph():
+    modules = project_modules()
+    return {name: imports_of(path, modules) - {name} for name, path in modules.items()}
+
+
+def test_graph_sees_the_imports_it_must():
+    graph = import_graph()  # guard against a parser that finds nothing and so "proves" everything
+    assert {"model", "checkpoint", "configurator"} <= graph["train"]
+    assert "model" in graph["checkpoint"] and "data.common" in graph["adapt"]
+
+
+def test_no_module_imports_a_script():
+    offenders = {name: deps & SCRIPTS for name, deps in import_graph().items() if deps & SCRIPTS}
+    assert not offenders, f"modules importing a script: {offenders}"
+
+
+def test_import_graph_has_no_cycle():
+    graph = import_graph()
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in graph.get(node, ()):
+            if state.get(dep) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join(path + [node, dep])}")
+            if dep not in state:
+                visit(dep, path + [node])
+        state[node] = "done"
+
+    for node in graph:
+        if node not in state:
+            visit(node, [])
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    long = []
+    for name, path in project_modules().items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, long
+
+
+def load_script(name):
+    path = os.path.join(ROOT, *name.split(".")) + ".py"
+    spec = importlib.util.spec_from_file_location(f"_script_{name.replace('.', '_')}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# every script: an unknown key and a wrongly typed value are one line on stderr naming it, exit 1
+BAD_SETTINGS = [
+    ("train", ["--n_layerz=3"], "n_layerz"), ("train", ["--max_iters=many"], "max_iters"),
+    ("sample", ["--temprature=0"], "temprature"), ("sample", ["--num_samples=two"], "num_samples"),
+    ("adapt", ["--nshare=2"], "nshare"), ("adapt", ["--batches=some"], "batches"),
+    ("convert_hf", ["import", "a", "b.pt", "--kv_sorce=cla:2"], "kv_sorce"),
+    ("convert_hf", ["import", "a", "b.pt", "--block_size=long"], "block_size"),
+    ("bench", ["--presets=cpu"], "presets"), ("bench", ["--repeats=often"], "repeats"),
+    ("experiments.echo", ["--seedz=1"], "seedz"), ("experiments.echo", ["--pretrain_iters=lots"], "pretrain_iters"),
+]
+
+
+@pytest.mark.parametrize("script, argv, key", BAD_SETTINGS)
+def test_every_script_rejects_a_bad_setting_in_one_line(script, argv, key, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, wherever the script would write
+    rc = run_script(load_script(script).main, argv)
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.count("\n") == 1 and key in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []
