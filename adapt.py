@@ -16,9 +16,11 @@ experiments/echo.py:
 Everything about adaptation lives here: the schedule (`Adaptation`), blending and switching a layer
 (`start_blend`, `make_consumer`), freezing, the teacher and its loss (`setup_adaptation`,
 `distillation_loss`), and calibration. train.py only calls `setup_adaptation` once and
-`Adaptation.apply` every iteration. Run this file to calibrate:
+`Adaptation.apply` every iteration. Run this file to calibrate a dense model, or to convert it:
 
     .venv/bin/python adapt.py --init_from=out-shakespeare-char-dense --n_share=2
+    .venv/bin/python adapt.py --init_from=out-shakespeare-char-dense --convert_to=upper:half --kv_init=mean \\
+        --local_iters=100 --out=out-shakespeare-char-dense/upper_half.pt
 """
 
 import os
@@ -27,20 +29,25 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_model
-from configurator import configure, run_script, settings_from
+from checkpoint import build_on_meta, load_model, save_checkpoint
+from configurator import ConfigError, configure, run_script, settings_from
 from data.common import BatchSampler, dataset_dir, load_meta, open_tokens
-from model import parse_kv_source, validate_kv_source
+from model import LlamaConfig, parse_kv_source, validate_kv_source
 
 # -----------------------------------------------------------------------------
-# calibration settings (`python adapt.py`); the adaptation settings themselves are train.py's adapt_*
+# settings of `python adapt.py`; the settings of gradual adaptation in training are train.py's adapt_*
 init_from = "out-shakespeare-char-dense"  # a dense checkpoint file or training out_dir
 dataset = ""                 # '' = the dataset the checkpoint was trained on
-n_share = -1                 # layers to turn into consumers in the proposed map; -1 = half
-batches = 8                  # validation batches the similarity is measured on
+n_share = -1                 # calibrate: layers to turn into consumers in the proposed map; -1 = half
+batches = 8                  # batches the calibration (validation split) or local distillation (train split) use
 batch_size = 8
-out = ""                     # where kv_similarity.pt/.png go; '' = beside the checkpoint
+block_size = 0               # sequence length of those batches; 0 = the model's block_size
+out = ""                     # calibrate: a directory ('' = beside the checkpoint); convert: the checkpoint file
 seed = 1337
+convert_to = ""              # convert: the kv_source to convert the dense model to (abruptly)
+kv_init = "own"              # convert: owners keep their own K/V (own) or the mean of their users' (mean)
+local_iters = 0              # convert: steps of layer-local distillation of the consumers afterwards
+local_lr = 1e-3
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 
@@ -234,6 +241,99 @@ def load_teacher(path, student_config, device):
 
 
 # -----------------------------------------------------------------------------
+# abrupt conversion of a dense model's weights
+
+
+def share_kv_state(state_dict, kv_source, kv_init="own"):
+    """A dense state dict (model.py names) turned into one for kv_source: consumers' K/V projections are
+    dropped; each owner keeps its own (kv_init='own') or takes the mean of the K/V projections of every
+    layer that will use it, itself included ('mean', as LCKV initialises a shared projection)."""
+    if kv_init not in ("own", "mean"):
+        raise ValueError(f"kv_init must be 'own' or 'mean', got {kv_init!r}")
+    out, users = {}, {}
+    for key, tensor in state_dict.items():
+        parts = key.split(".")
+        if len(parts) == 5 and parts[0] == "layers" and parts[3] in ("k_proj", "v_proj"):
+            layer = int(parts[1])
+            users.setdefault((kv_source[layer], parts[3]), []).append(tensor)
+            if kv_source[layer] != layer:
+                continue
+        out[key] = tensor
+    if kv_init == "mean":
+        for (owner, name), tensors in users.items():
+            key = f"layers.{owner}.self_attn.{name}.weight"
+            out[key] = (sum(t.float() for t in tensors) / len(tensors)).to(out[key].dtype)
+    return out
+
+
+def convert_model(model, kv_source, kv_init="own"):
+    """A new Llama with model's weights converted to kv_source (see share_kv_state)."""
+    config = LlamaConfig(**{**model.config.to_dict(), "kv_source": kv_source})
+    if any(j != i for i, j in enumerate(model.config.kv_source)):
+        raise ValueError("conversion starts from a dense model: every layer must own its K/V")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return build_on_meta(config, share_kv_state(state, config.kv_source, kv_init)).to(model.rope_cos.device)
+
+
+# -----------------------------------------------------------------------------
+# layer-local distillation: each converted layer learns to give the dense layer's output
+
+
+def teacher_activations(teacher, idx):
+    """The residual stream entering each layer of the dense teacher, and the one leaving the last."""
+    xs = {}
+    hooks = [layer.input_layernorm.register_forward_pre_hook(lambda m, args, i=i: xs.__setitem__(i, args[0].detach()))
+             for i, layer in enumerate(teacher.layers)]
+    hooks.append(teacher.norm.register_forward_pre_hook(
+        lambda m, args: xs.__setitem__(len(teacher.layers), args[0].detach())))
+    try:
+        with torch.no_grad():
+            teacher(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return xs
+
+
+def layer_output(model, i, xs, cos, sin):
+    """Layer i of model applied to the teacher's input of layer i, attending over the K/V that its owner
+    computes from the teacher's input of the owner's layer."""
+    layer, owner = model.layers[i], model.config.kv_source[i]
+    with torch.no_grad():
+        k, v = model.layers[owner].self_attn.compute_kv(model.layers[owner].input_layernorm(xs[owner]), cos, sin)
+    h = layer.input_layernorm(xs[i])
+    x = xs[i] + layer.self_attn(h, k, v, cos, sin, None)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def local_distillation(student, teacher, batches, iters, learning_rate, log=print):
+    """Train each consumer layer of the student, alone, to reproduce the dense teacher's output of that
+    layer from the teacher's input (mean squared error relative to the output's mean square). Cheap: one
+    teacher forward and one layer's backward per consumer and step. Only the consumers' weights move
+    (owners keep theirs, so the layers below are untouched). Returns the final relative errors."""
+    consumers = [i for i, j in enumerate(student.config.kv_source) if j != i]
+    params = [p for i in consumers for p in student.layers[i].parameters()]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    errors = {}
+    for it in range(iters):
+        idx = batches[it % len(batches)]
+        xs = teacher_activations(teacher, idx)
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        cos, sin = student.rope_cos[pos], student.rope_sin[pos]
+        total = 0.0
+        for i in consumers:
+            target = xs[i + 1]
+            loss = (layer_output(student, i, xs, cos, sin) - target).pow(2).mean() / target.pow(2).mean()
+            loss.backward()
+            errors[i], total = loss.item(), total + loss.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if it % max(1, iters // 10) == 0 or it == iters - 1:
+            log(f"local distillation {it + 1}/{iters}: mean relative error {total / max(1, len(consumers)):.4f}")
+    return errors
+
+
+# -----------------------------------------------------------------------------
 # calibration: which earlier layer's K/V can each layer use at the least cost
 
 
@@ -315,15 +415,38 @@ def save_heatmap(similarity, path, title="K/V sharing: 1 - relative change of th
     plt.close(fig)
 
 
-def calibration_batches(model, ckpt, dataset, n_batches, batch_size, seed):
-    """n_batches validation batches of the checkpoint's dataset (or `dataset`) at the model's context."""
+def token_batches(model, ckpt, dataset, split, n_batches, batch_size, block_size, seed):
+    """n_batches batches of the checkpoint's dataset (or `dataset`), split 'train' or 'val'."""
     dataset = dataset or (ckpt.get("config") or {}).get("dataset")
     if not dataset:
-        raise ValueError("the checkpoint does not name its dataset: pass --dataset=NAME (a folder in data/)")
+        raise ConfigError("the checkpoint does not name its dataset: pass --dataset=NAME (a folder in data/)")
     data_dir = dataset_dir(dataset)
-    sampler = BatchSampler(open_tokens(data_dir, "val", load_meta(data_dir)), model.config.block_size,
+    sampler = BatchSampler(open_tokens(data_dir, split, load_meta(data_dir)), block_size or model.config.block_size,
                            batch_size, seed, "cpu")
-    return [sampler.get("eval_val", 0, k)[0] for k in range(n_batches)]
+    return [sampler.get("eval_val" if split == "val" else "train", 0, k)[0] for k in range(n_batches)]
+
+
+def converted_checkpoint(model, ckpt, dataset):
+    """A checkpoint for the converted model that keeps what the source carried for sampling."""
+    out = {"model": model.state_dict(), "model_config": model.config.to_dict(),
+           "config": {"dataset": dataset or (ckpt.get("config") or {}).get("dataset")}}
+    for key in ("tokenizer_json", "chat_template", "hf_config", "meta"):
+        if key in ckpt:
+            out[key] = ckpt[key]
+    return out
+
+
+def convert_command(s, model, ckpt):
+    if not s.out:
+        raise ConfigError("--convert_to needs --out=<checkpoint file to write>")
+    student = convert_model(model, s.convert_to, s.kv_init)
+    print(f"converted to kv_source {list(student.config.kv_source)} ({s.kv_init} K/V init)")
+    if s.local_iters > 0:
+        batches = token_batches(model, ckpt, s.dataset, "train", s.batches, s.batch_size, s.block_size, s.seed)
+        local_distillation(student, model.requires_grad_(False), batches, s.local_iters, s.local_lr)
+    save_checkpoint(converted_checkpoint(student, ckpt, s.dataset), s.out)
+    print(f"saved {s.out}: train it on with train.py --init_from={s.out}, or sample it with sample.py")
+    return student
 
 
 def print_similarity(sim):
@@ -335,9 +458,13 @@ def print_similarity(sim):
 
 
 def main(argv):
-    s, _ = configure(DEFAULTS, argv, __doc__)
+    s, _ = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean")})
     model, ckpt = load_model(s.init_from)
-    sim = kv_similarity(model, calibration_batches(model, ckpt, s.dataset, s.batches, s.batch_size, s.seed))
+    if s.convert_to:
+        convert_command(s, model, ckpt)
+        return 0
+    batches = token_batches(model, ckpt, s.dataset, "val", s.batches, s.batch_size, s.block_size, s.seed)
+    sim = kv_similarity(model, batches)
     n_share_ = s.n_share if s.n_share >= 0 else model.config.n_layer // 2
     proposal = propose_kv_source(sim, n_share_)
     print_similarity(sim)

@@ -313,3 +313,44 @@ def test_checkpoint_written_mid_stage_loads_the_model_being_trained(data_dir, de
     greedy = model.generate(x[:1, :4], 8, temperature=0)
     for n in range(4, 12):
         assert greedy[0, n] == model(greedy[:, :n])[0][0, -1].argmax()
+
+
+# ---- abrupt conversion and layer-local distillation
+
+
+def test_conversion_keeps_or_averages_the_owners_kv():
+    from adapt import convert_model
+    dense = dense_model(n_layer=4)
+    x = batch()[0]
+    assert torch.equal(convert_model(dense, "dense")(x)[0], dense(x)[0])
+    own, mean = convert_model(dense, "upper:half", "own"), convert_model(dense, "upper:half", "mean")
+    assert own.config.kv_source == (0, 1, 1, 1) and not hasattr(own.layers[2].self_attn, "k_proj")
+    assert torch.equal(own.layers[1].self_attn.k_proj.weight, dense.layers[1].self_attn.k_proj.weight)
+    want = sum(dense.layers[i].self_attn.v_proj.weight for i in (1, 2, 3)) / 3
+    torch.testing.assert_close(mean.layers[1].self_attn.v_proj.weight, want)
+    with pytest.raises(ValueError, match="starts from a dense model"):
+        convert_model(own, "cla:2")
+
+
+def test_local_distillation_brings_converted_layers_toward_the_dense_ones():
+    from adapt import convert_model, local_distillation
+    teacher = dense_model(n_layer=4, seed=2).requires_grad_(False)
+    student = convert_model(teacher, "upper:half", "mean")
+    batches = [batch(seed=s)[0] for s in range(4)]
+    lower = copy.deepcopy(student.layers[:2].state_dict())
+    before = local_distillation(student, teacher, batches, 1, 0.0, log=lambda *_: None)  # lr 0: just measure
+    after = local_distillation(student, teacher, batches, 60, 3e-3, log=lambda *_: None)
+    assert before.keys() == after.keys() == {2, 3}
+    assert all(after[i] < 0.5 * before[i] for i in before), (before, after)
+    # only the consumers moved
+    assert all(torch.equal(t, student.layers[:2].state_dict()[k]) for k, t in lower.items())
+
+
+def test_convert_command_writes_a_checkpoint_that_loads(data_dir, dense_ckpt, tmp_path, capsys):
+    from checkpoint import load_model
+    out = tmp_path / "shared.pt"
+    adapt_main([f"--init_from={dense_ckpt}", f"--dataset={data_dir}", "--convert_to=upper:half", "--kv_init=mean",
+                "--local_iters=3", "--batches=2", "--batch_size=2", f"--out={out}"])
+    assert "local distillation 3/3" in capsys.readouterr().out
+    model, ckpt = load_model(str(out))
+    assert model.config.kv_source == (0, 1, 1, 1) and ckpt["config"]["dataset"] == str(data_dir)
