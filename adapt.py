@@ -29,7 +29,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from checkpoint import build_on_meta, load_model, save_checkpoint
+from checkpoint import SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint
 from configurator import ConfigError, configure, run_script, settings_from
 from data.common import BatchSampler, dataset_dir, load_meta, open_tokens
 from model import LlamaConfig, parse_kv_source, validate_kv_source
@@ -430,10 +430,7 @@ def converted_checkpoint(model, ckpt, dataset):
     """A checkpoint for the converted model that keeps what the source carried for sampling."""
     out = {"model": model.state_dict(), "model_config": model.config.to_dict(),
            "config": {"dataset": dataset or (ckpt.get("config") or {}).get("dataset")}}
-    for key in ("tokenizer_json", "chat_template", "hf_config", "meta"):
-        if key in ckpt:
-            out[key] = ckpt[key]
-    return out
+    return out | {key: ckpt[key] for key in SAMPLING_KEYS if key in ckpt}
 
 
 def convert_command(s, model, ckpt):

@@ -7,7 +7,8 @@ A checkpoint is a dict saved with torch.save:
   model_config   LlamaConfig as a dict (kv_source as a list)
   kv_blend       optional {layer: [source, weight]}: layers halfway through an adaptation stage
   ...            whatever the writer adds: optimizer, iter_num, rng, sampler and config from
-                 train.py; tokenizer_json, chat_template, hf_config from convert_hf.py
+                 train.py; tokenizer_json, chat_template, hf_config (bos/eos ids) from convert_hf.py,
+                 which train.py and adapt.py pass on (SAMPLING_KEYS)
 """
 
 import os
@@ -20,6 +21,8 @@ import torch
 from model import Llama, LlamaConfig, rope_tables
 
 CKPT_NAME = "ckpt.pt"
+# what a checkpoint carries so that sample.py needs nothing else; training and conversion pass it on
+SAMPLING_KEYS = ("tokenizer_json", "chat_template", "hf_config", "meta")
 
 
 class CheckpointError(ValueError):

@@ -23,7 +23,7 @@ import time
 import torch
 
 from adapt import load_teacher, loss_with_teacher, setup_adaptation
-from checkpoint import (CKPT_NAME, blend_state, load_checkpoint, model_from_checkpoint, restore_rng, rng_state,
+from checkpoint import (CKPT_NAME, SAMPLING_KEYS, blend_state, load_checkpoint, model_from_checkpoint, restore_rng, rng_state,
                         save_checkpoint)
 from configurator import ConfigError, close_runtime, configure, init_runtime, run_script, settings_from
 from data.common import BatchSampler, ensure_dataset, load_meta, open_tokens
@@ -176,8 +176,8 @@ def build_model(s, explicit, ckpt, path, data_vocab):
     return model
 
 
-def make_checkpoint(raw_model, optimizer, scaler, iter_num, best_val_loss, sampler, settings):
-    ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+def make_checkpoint(raw_model, optimizer, scaler, iter_num, best_val_loss, sampler, settings, carried):
+    ckpt = carried | {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "model_config": raw_model.config.to_dict(), "kv_blend": blend_state(raw_model), "iter_num": iter_num,
             "best_val_loss": best_val_loss, "rng": rng_state(), "sampler": sampler.state_dict(),
             "config": dict(settings)}
@@ -254,6 +254,7 @@ class Trainer:
         self.compile_model, self.local_steps, self.grad_clip = compile_model, local_steps, grad_clip
         self.train_sampler, self.val_sampler = samplers
         self.teacher, self.distill = None, (0.0, 1.0)
+        self.carried = {}  # the tokenizer and chat template of the checkpoint the run started from
         self.wrap()
 
     def wrap(self):
@@ -354,6 +355,7 @@ def setup(s, explicit, rt):
     samplers = [BatchSampler(d, s.block_size, s.batch_size, data_seed, rt.device) for d in (train_data, val_data)]
     trainer = Trainer(raw_model, optimizer, scaler, rt, use_compile(s.compile, rt.device_type), samplers,
                       s.gradient_accumulation_steps // rt.world_size, s.grad_clip)
+    trainer.carried = {key: ckpt[key] for key in SAMPLING_KEYS if ckpt is not None and key in ckpt}
     if s.distill_alpha > 0:
         teacher_path = s.distill_teacher or (s.init_from if s.init_from not in ("scratch", "resume") else "")
         if not teacher_path:
@@ -431,7 +433,8 @@ def loop(s, trainer, adaptation, iter_num, best_val_loss, log):
             if (improved or s.always_save_checkpoint) and iter_num > start_iter and not s.eval_only:
                 if rt.master:
                     save_checkpoint(make_checkpoint(raw_model, trainer.optimizer, trainer.scaler, iter_num,
-                                                    best_val_loss, trainer.train_sampler, vars(s)), ckpt_path)
+                                                    best_val_loss, trainer.train_sampler, vars(s), trainer.carried),
+                                    ckpt_path)
                     log(f"saved {ckpt_path} (iter {iter_num})")
                 last_saved = iter_num
         if at_end or s.eval_only:

@@ -1,0 +1,287 @@
+"""
+SmolLM2-135M-Instruct, a real pretrained Llama, made cheaper on a CPU: calibration, abrupt conversion and
+adaptation into KV-shared models, measured on held-out Shakespeare plays and on a text of another kind
+(the King James Bible), both never trained on.
+
+    .venv/bin/python data/smollm2/prepare.py && .venv/bin/python data/shakespeare_smollm2/prepare.py
+    .venv/bin/python experiments/smollm2.py                          # -> out-smollm2-results/
+    .venv/bin/python experiments/smollm2.py --out=results/smollm2    # regenerate the committed results
+
+1. calibration (adapt.kv_similarity) on the dense model, its heatmap, and the maps it proposes;
+2. val loss right after conversion, no training: dense, cla:2, upper:half and the calibrated maps, with
+   the owners' own K/V and with the mean of their users' K/V;
+3. adaptation at one token budget (iters x batch_size x block_size tokens per run): the dense model
+   fine-tuned on the same tokens (the fair baseline), abrupt, gradual, with distillation, with freezing,
+   and with layer-local distillation first; then the KV cache fraction curve at that budget;
+4. decode tokens/s and KV cache bytes, and the greedy answers to five chat questions, dense vs adapted.
+Every training run is a train.py command (printed), so any number can be re-run by hand; finished runs
+are reused only when their settings match. Results: OUT/results.md, OUT/results.json, OUT/*.png.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from adapt import convert_model, kv_similarity, propose_kv_source, save_heatmap  # noqa: E402
+from checkpoint import load_model, save_checkpoint  # noqa: E402
+from configurator import configure, run_script, settings_from  # noqa: E402
+from data.common import BatchSampler, dataset_dir, ensure_dataset, load_meta, open_tokens  # noqa: E402
+
+# -----------------------------------------------------------------------------
+out = "out-smollm2-results"  # the tables, JSON and plots
+runs = "out-smollm2"         # converted checkpoints and training runs
+model = "data/smollm2/smollm2-135m-instruct.pt"
+dataset = "shakespeare_smollm2"
+iters = 64                   # optimizer steps per adaptation run: the token budget
+batch_size = 4
+block_size = 256
+dtype = "bfloat16"           # training autocast (evaluation is float32)
+learning_rate = 2e-4
+eval_batches = 16            # batches of each held-out text every model is evaluated on
+calib_batches = 4
+local_iters = 40             # layer-local distillation steps before end-to-end training
+share = "8,15,22"            # layers the calibrated maps share (of 30): KV cache 0.73, 0.50, 0.27
+seed = 1337
+# -----------------------------------------------------------------------------
+DEFAULTS = settings_from(globals())
+QUESTIONS = ["What is the capital of France?", "What is the capital of Germany?", "How many legs does a spider have?",
+             "Who wrote Romeo and Juliet?", "Give me a word that rhymes with cat."]
+
+
+def progress(text, t0=[time.time()]):
+    print(f"[{(time.time() - t0[0]) / 60:5.1f} min] {text}", flush=True)
+
+
+@torch.no_grad()
+def evaluate(model, data_dir, n_batches, batch_size, block_size, seed):
+    """Mean cross-entropy on the same n_batches batches of each held-out text, for every model."""
+    meta, losses = load_meta(data_dir), {}
+    for split in ("val", "other"):
+        sampler = BatchSampler(open_tokens(data_dir, split, meta), block_size, batch_size, seed, "cpu")
+        losses[split] = sum(model(*sampler.get("eval_val", 0, k))[1].item() for k in range(n_batches)) / n_batches
+    return losses
+
+
+def calibrate(dense, data_dir, s):
+    meta = load_meta(data_dir)
+    sampler = BatchSampler(open_tokens(data_dir, "train", meta), s.block_size, s.batch_size, s.seed + 1, "cpu")
+    sim = kv_similarity(dense, [sampler.get("train", 0, k)[0] for k in range(s.calib_batches)])
+    save_heatmap(sim, os.path.join(s.out, "kv_similarity.png"),
+                 "SmolLM2-135M: 1 - relative change of layer i's output with layer j's K/V")
+    torch.save(sim, os.path.join(s.runs, "kv_similarity.pt"))
+    maps = {f"calibrated {n}": propose_kv_source(sim, n) for n in map(int, s.share.split(","))}
+    return sim, maps
+
+
+def conversion_table(dense, maps, data_dir, s):
+    """Val loss of every map and K/V init right after conversion; the mean-init checkpoints are kept."""
+    rows = {"dense": evaluate(dense, data_dir, s.eval_batches, s.batch_size, s.block_size, s.seed)}
+    for name, kv in maps.items():
+        for init in ("own", "mean"):
+            converted = convert_model(dense, kv, init)
+            rows[f"{name}, {init} K/V"] = evaluate(converted, data_dir, s.eval_batches, s.batch_size, s.block_size, s.seed)
+            progress(f"converted to {name} ({init}): {rows[f'{name}, {init} K/V']}")
+            if init == "mean":
+                save_checkpoint({"model": converted.state_dict(), "model_config": converted.config.to_dict()},
+                                converted_path(s, name))
+    return rows
+
+
+def converted_path(s, name):
+    return os.path.join(s.runs, "converted-" + name.replace(" ", "-").replace(":", "") + ".pt")
+
+
+def train_run(name, args, s, k, n):
+    """One train.py run into runs/<name>; reused when a finished run with the same arguments is there."""
+    out_dir = os.path.join(s.runs, "train-" + name.replace(" ", "-").replace(":", "").replace("+", "plus"))
+    cmd = [sys.executable, "train.py", f"--dataset={s.dataset}", f"--out_dir={out_dir}", f"--max_iters={s.iters}",
+           f"--batch_size={s.batch_size}", f"--block_size={s.block_size}", f"--dtype={s.dtype}",
+           f"--learning_rate={s.learning_rate}", f"--min_lr={s.learning_rate / 10}", "--warmup_iters=4",
+           f"--lr_decay_iters={s.iters}", f"--eval_interval={s.iters}", "--eval_iters=4", "--log_interval=8",
+           "--compile=False", "--weight_decay=0.0", f"--seed={s.seed}", *args]
+    stamp = os.path.join(out_dir, "command.json")
+    log = os.path.join(out_dir, "log.jsonl")
+    done = os.path.exists(log) and any('"kind": "done"' in line for line in open(log))
+    if done and os.path.exists(stamp) and json.load(open(stamp)) == cmd[1:]:
+        progress(f"run {k}/{n} {name}: reusing {out_dir}")
+    else:
+        if os.path.exists(log):
+            os.remove(log)
+        os.makedirs(out_dir, exist_ok=True)
+        progress(f"run {k}/{n} {name}: $ {' '.join(cmd[1:])}")
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        json.dump(cmd[1:], open(stamp, "w"))
+    records = [json.loads(line) for line in open(log)]
+    return out_dir, next(r for r in records if r["kind"] == "done")["tokens_per_s"]
+
+
+def adaptation_runs(maps, s):
+    """The recipes at the half-cache calibrated map, then the other maps with the local-distillation recipe.
+    Returns {name: (out_dir, train tokens/s, kv_source)}."""
+    half = maps["calibrated 15"]
+    target = ",".join(map(str, half))
+    teacher = [f"--distill_teacher={s.model}", "--distill_alpha=0.5", "--distill_temperature=1.0"]
+    recipes = {
+        "dense fine-tuned": ([f"--init_from={s.model}"], None),
+        "abrupt": ([f"--init_from={converted_path(s, 'calibrated 15')}"], half),
+        "abrupt + distillation": ([f"--init_from={converted_path(s, 'calibrated 15')}", f"--adapt_target={target}",
+                                   *teacher], half),
+        "abrupt + freezing": ([f"--init_from={converted_path(s, 'calibrated 15')}", f"--adapt_target={target}",
+                               "--adapt_train_layers=converted"], half),
+        "gradual": ([f"--init_from={s.model}", f"--adapt_target={target}", "--adapt_mode=gradual",
+                     "--adapt_layers_per_stage=5", f"--adapt_stage_iters={s.iters // 4}"], half),
+    }
+    for name in ["calibrated 15", "upper:half", "cla:2"] + [m for m in maps if m.startswith("calibrated") and m != "calibrated 15"]:
+        recipes[f"local + abrupt, {name}"] = ([f"--init_from={local_checkpoint(name, s)}"], maps[name])
+    results = {}
+    for k, (name, (args, kv)) in enumerate(recipes.items(), 1):
+        out_dir, tps = train_run(name, args, s, k, len(recipes))
+        results[name] = (out_dir, tps, kv)
+    return results
+
+
+def local_checkpoint(name, s):
+    """The mean-init conversion to map `name`, then layer-local distillation (adapt.py --convert_to)."""
+    path = converted_path(s, name).replace("converted-", "local-")
+    if not os.path.exists(path):
+        kv = ",".join(map(str, MAPS[name]))
+        cmd = [sys.executable, "adapt.py", f"--init_from={s.model}", f"--dataset={s.dataset}", f"--convert_to={kv}",
+               "--kv_init=mean", f"--local_iters={s.local_iters}", "--batches=8", f"--batch_size={s.batch_size}",
+               f"--block_size={s.block_size}", f"--out={path}"]
+        progress(f"local distillation for {name}: $ {' '.join(cmd[1:])}")
+        t0 = time.time()
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        LOCAL_SECONDS[name] = time.time() - t0
+    return path
+
+
+MAPS, LOCAL_SECONDS = {}, {}
+
+
+@torch.no_grad()
+def decode_speed(models, n_tokens=64, prompt_len=128, rounds=3):
+    """Greedy batch-1 decode tokens/s (prefill excluded), median over interleaved rounds, fp32."""
+    prompt = torch.randint(0, 49152, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    times = {name: [] for name in models}
+    for r in range(rounds + 1):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            m.generate(prompt, 1, temperature=0)
+            t1 = time.perf_counter()
+            m.generate(prompt, n_tokens + 1, temperature=0)
+            if r:  # the first round warms up
+                times[name].append(n_tokens / ((time.perf_counter() - t1) - (t1 - t0)))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def chat_answers(checkpoints):
+    """Greedy answers (sample.py --chat) of each checkpoint to QUESTIONS."""
+    answers = {}
+    for name, path in checkpoints.items():
+        answers[name] = []
+        for q in QUESTIONS:
+            r = subprocess.run([sys.executable, "sample.py", f"--init_from={path}", "--chat", f"--start={q}",
+                                "--temperature=0", "--max_new_tokens=40", "--device=cpu"],
+                               cwd=ROOT, capture_output=True, text=True, check=True)
+            answers[name].append(r.stdout.split("\n---------------")[0].strip().replace("\n", " "))
+    return answers
+
+
+def plot_kv_curve(points, path):
+    """Val loss against the KV cache fraction at the token budget, one line per held-out text."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, split, title in zip(axes, ("val", "other"), ("held-out Shakespeare plays", "King James Bible (never trained)")):
+        xs = sorted(points)
+        ax.plot(xs, [points[x][split] for x in xs], "o-", label="adapted (local distillation + abrupt)")
+        ax.axhline(points[1.0][split], color="gray", ls="--", label="dense fine-tuned, same tokens")
+        ax.set_xlabel("KV cache fraction of dense")
+        ax.set_ylabel("val loss")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(rows, header):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+
+
+def report(s, sim_maps, converted, adapted, decode, answers, minutes):
+    dense = converted["dense"]
+    base = adapted["dense fine-tuned"]
+    lines = [f"`experiments/smollm2.py` on {os.cpu_count()} CPU cores, torch {torch.__version__}, {minutes:.0f} min; "
+             f"budget per run {s.iters} x {s.batch_size} x {s.block_size} = {s.iters * s.batch_size * s.block_size:,} "
+             f"tokens, {s.dtype} autocast; val loss = mean CE over {s.eval_batches} x {s.block_size} tokens of each "
+             "held-out text (fp32).", "", "Calibrated maps: " + "; ".join(f"{n}: {','.join(map(str, m))}"
+                                                                          for n, m in sim_maps.items()), "",
+             "**Right after conversion (no training)**", ""]
+    lines += table([(name, f"{r['val']:.3f}", f"{r['other']:.3f}") for name, r in converted.items()],
+                   ["model", "Shakespeare val loss", "Bible val loss"])
+    lines += ["", f"**After adaptation** (dense before training: {dense['val']:.3f} / {dense['other']:.3f})", ""]
+    rows = []
+    for name, r in adapted.items():
+        gap = lambda k: f"{100 * (r[k] / base[k] - 1):+.1f}%"  # noqa: E731
+        rows.append((name, f"{r['kv_fraction']:.2f}", f"{r['val']:.3f} ({gap('val')})", f"{r['other']:.3f} ({gap('other')})",
+                     f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s'] / base['tokens_per_s']:.2f}x)"))
+    lines += table(rows, ["run", "KV cache", "Shakespeare val (vs dense fine-tuned)", "Bible val (vs dense fine-tuned)",
+                          "train tokens/s (vs dense fine-tuned)"])
+    lines += ["", "**Decoding** (batch 1, fp32, 64 tokens after a 128-token prompt, median of 3 interleaved rounds)", ""]
+    lines += table([(n, f"{d['tokens_per_s']:.1f}", f"{d['kv_bytes_per_token']:,}") for n, d in decode.items()],
+                   ["model", "decode tokens/s", "KV cache bytes per token (batch 1)"])
+    lines += ["", "**Greedy chat answers**", ""]
+    lines += table([(q, *(answers[n][i] for n in answers)) for i, q in enumerate(QUESTIONS)], ["question", *answers])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    s, _ = configure(DEFAULTS, argv, __doc__)
+    for path in (s.out, s.runs):
+        os.makedirs(path, exist_ok=True)
+    t_start = time.time()
+    data_dir = ensure_dataset(s.dataset, auto_prepare=False)
+    dense, _ = load_model(s.model, block_size=s.block_size)
+    sim, maps = calibrate(dense, data_dir, s)
+    MAPS.update({"cla:2": convert_model(dense, "cla:2").config.kv_source,
+                 "upper:half": convert_model(dense, "upper:half").config.kv_source, **maps})
+    progress("calibrated maps: " + "; ".join(f"{n}: {m}" for n, m in maps.items()))
+    converted = conversion_table(dense, {k: MAPS[k] for k in ("cla:2", "upper:half", *maps)}, data_dir, s)
+    runs = adaptation_runs(MAPS, s)
+    adapted = {}
+    for name, (out_dir, tps, kv) in runs.items():
+        model_, _ = load_model(out_dir)
+        fraction = len(set(kv)) / len(kv) if kv else 1.0
+        adapted[name] = evaluate(model_, data_dir, s.eval_batches, s.batch_size, s.block_size, s.seed) | {
+            "tokens_per_s": tps, "kv_fraction": fraction, "kv_source": list(kv or range(30)), "out_dir": out_dir}
+        progress(f"{name}: {adapted[name]}")
+    best = "local + abrupt, calibrated 15"
+    models = {"dense fine-tuned": load_model(runs["dense fine-tuned"][0])[0], best: load_model(runs[best][0])[0]}
+    speed = decode_speed(models)
+    decode = {n: {"tokens_per_s": speed[n], "kv_bytes_per_token": m.new_cache(1, 1).nbytes()} for n, m in models.items()}
+    answers = chat_answers({"dense (as imported)": s.model, "dense fine-tuned": runs["dense fine-tuned"][0],
+                            best: runs[best][0]})
+    points = {adapted[n]["kv_fraction"]: adapted[n] for n in adapted if n.startswith("local + abrupt, calibrated")}
+    points[1.0] = adapted["dense fine-tuned"]
+    plot_kv_curve(points, os.path.join(s.out, "kv_fraction_vs_loss.png"))
+    text = report(s, maps, converted, adapted, decode, answers, (time.time() - t_start) / 60)
+    open(os.path.join(s.out, "results.md"), "w").write(text)
+    json.dump({"settings": vars(s), "maps": {k: list(v) for k, v in MAPS.items()}, "converted": converted,
+               "adapted": adapted, "decode": decode, "answers": answers, "local_distillation_s": LOCAL_SECONDS,
+               "similarity": sim.tolist()}, open(os.path.join(s.out, "results.json"), "w"), indent=1)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(main))
