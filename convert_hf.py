@@ -15,6 +15,7 @@ each tensor to a model built on the meta device, so no second full copy is ever 
 safetensors (for .safetensors weights and for export); transformers is never imported here.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -178,14 +179,10 @@ def iter_hf_tensors(files):
             del sd
 
 
-# The Hugging Face name map, declared once and used both ways: model.py names its modules as
-# LlamaForCausalLM does, under a "model." prefix that only the LM head lacks.
+# The Hugging Face name map, declared once and used both ways (collect_state_dict inverts it): model.py
+# names its modules as LlamaForCausalLM does, under a "model." prefix that only the LM head lacks.
 def hf_name(key):
     return key if key.startswith("lm_head.") else "model." + key
-
-
-def our_name(name):
-    return name[len("model."):] if name.startswith("model.") else name
 
 
 def hf_state_dict(model: Llama, dtype=None) -> dict:
@@ -196,6 +193,61 @@ def hf_state_dict(model: Llama, dtype=None) -> dict:
 
 
 _KV_KEY = re.compile(r"layers\.(\d+)\.self_attn\.([kv])_proj\.weight$")
+
+
+def collect_state_dict(tensors, config: LlamaConfig, name_of, kv_init="own", dtype=torch.float32, source="",
+                       described_by="config.json") -> dict:
+    """model.py's state dict for `config` from a stream of (where, name, tensor) in a file's own naming;
+    name_of(key) gives the file's name for one of our keys. Shared by the importers (HF, GGUF).
+
+    Every tensor is checked as it arrives (a weight of this model, seen once, the right shape, floating
+    point) and cast to dtype; consumers' K/V projections are dropped (kv_init='own') or averaged into their
+    owner's (kv_init='mean', summed in fp32), so only the result and one running sum per owner are held.
+    `where` (a file name) and `source` (the input) only go into error messages.
+    """
+    if kv_init not in ("own", "mean"):
+        raise ConversionError(f"kv_init must be 'own' or 'mean', got {kv_init!r}")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Llama(dataclasses.replace(config, kv_source=None)).state_dict().items()}
+    if config.tie_embeddings:
+        del shapes["lm_head.weight"]  # tied: lm_head is embed_tokens
+    keys = {name_of(k): k for k in shapes}
+
+    state_dict, seen, kv_sum = {}, set(), {}
+    for where, name, tensor in tensors:
+        key = keys.get(name)
+        if key is None:
+            raise ConversionError(f"unexpected key {name!r} in {where}: not a weight of a Llama with this "
+                                  f"{described_by} (not a Llama, or a variant this model does not implement)")
+        if name in seen:
+            raise ConversionError(f"key {name!r} appears twice (again in {where})")
+        if tuple(tensor.shape) != shapes[key]:
+            raise ConversionError(f"shape mismatch for {name!r} in {where}: {tuple(tensor.shape)} in the file, "
+                                  f"{shapes[key]} expected from {described_by}")
+        if not tensor.is_floating_point():
+            raise ConversionError(f"{name!r} in {where} has dtype {tensor.dtype}, expected floating point weights")
+        seen.add(name)
+        m = _KV_KEY.match(key)
+        if m:
+            layer, owner = int(m.group(1)), config.kv_source[int(m.group(1))]
+            if kv_init == "mean":  # summed in fp32 per owner; owners without consumers get their own back
+                acc = kv_sum.setdefault((owner, m.group(2)), [0, 0])
+                acc[0] = acc[0] + tensor.float()
+                acc[1] += 1
+                continue
+            if owner != layer:  # a consumer: its K/V projections are dropped
+                continue
+        state_dict[key] = tensor.to(dtype)
+        del tensor
+
+    missing = [name for name in keys if name not in seen]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(f"missing key {missing[0]!r}{more} in {str(source)!r}: the weights do not match "
+                              f"{described_by} or are incomplete")
+    for (owner, kind), (total, count) in kv_sum.items():
+        state_dict[f"layers.{owner}.self_attn.{kind}_proj.weight"] = (total / count).to(dtype)
+    return state_dict
 
 
 def load_hf_llama(hf_dir, kv_source=None, kv_init="own", dtype=None, block_size=None) -> Llama:
@@ -211,55 +263,19 @@ def load_hf_llama(hf_dir, kv_source=None, kv_init="own", dtype=None, block_size=
     if kv_init not in ("own", "mean"):
         raise ConversionError(f"kv_init must be 'own' or 'mean', got {kv_init!r}")
     hf = read_hf_config(hf_dir)
-    dense = llama_config_from_hf(hf, None, block_size)
     config = llama_config_from_hf(hf, kv_source, block_size)
     dtype = dtype or hf_dtype(hf)
     files = hf_weight_files(hf_dir)
 
-    with torch.device("meta"):
-        expected = {hf_name(k): tuple(v.shape) for k, v in Llama(dense).state_dict().items()}
-    if config.tie_embeddings:
-        del expected["lm_head.weight"]  # tied: lm_head is embed_tokens (a copy in the file is ignored)
-
-    state_dict, seen, kv_sum = {}, set(), {}
-    for path, name, tensor in iter_hf_tensors(files):
-        where = os.path.basename(path)
-        if name.endswith("rotary_emb.inv_freq"):  # saved by old transformers; recomputed from the config
-            continue
-        if config.tie_embeddings and name == "lm_head.weight":
-            continue
-        if name not in expected:
-            raise ConversionError(f"unexpected key {name!r} in {where}: not a weight of a Llama with this "
-                                  "config.json (not a Llama, or a variant this model does not implement)")
-        if name in seen:
-            raise ConversionError(f"key {name!r} appears twice (again in {where})")
-        if tuple(tensor.shape) != expected[name]:
-            raise ConversionError(f"shape mismatch for {name!r} in {where}: {tuple(tensor.shape)} in the file, "
-                                  f"{expected[name]} expected from config.json")
-        if not tensor.is_floating_point():
-            raise ConversionError(f"{name!r} in {where} has dtype {tensor.dtype}, expected floating point weights")
-        seen.add(name)
-        key = our_name(name)
-        m = _KV_KEY.match(key)
-        if m:
-            layer, owner = int(m.group(1)), config.kv_source[int(m.group(1))]
-            if kv_init == "mean":  # summed in fp32 per owner; owners without consumers get their own back
-                acc = kv_sum.setdefault((owner, m.group(2)), [0, 0])
-                acc[0] = acc[0] + tensor.float()
-                acc[1] += 1
+    def tensors():
+        for path, name, tensor in iter_hf_tensors(files):
+            if name.endswith("rotary_emb.inv_freq"):  # saved by old transformers; recomputed from the config
                 continue
-            if owner != layer:  # a consumer: its K/V projections are dropped
+            if config.tie_embeddings and name == "lm_head.weight":  # tied: a copy in the file is ignored
                 continue
-        state_dict[key] = tensor.to(dtype)
-        del tensor
+            yield os.path.basename(path), name, tensor
 
-    missing = [k for k in expected if k not in seen]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConversionError(f"missing key {missing[0]!r}{more} in {hf_dir!r}: the weights do not match "
-                              "config.json or are incomplete")
-    for (owner, kind), (total, count) in kv_sum.items():
-        state_dict[f"layers.{owner}.self_attn.{kind}_proj.weight"] = (total / count).to(dtype)
+    state_dict = collect_state_dict(tensors(), config, hf_name, kv_init, dtype, hf_dir, "config.json")
     try:
         model = build_on_meta(config, state_dict)
     except CheckpointError as e:
