@@ -361,7 +361,8 @@ def chat_prompt(hf_tok, question):
 def test_smollm2_logits_match_transformers(smollm2):
     ours, extras, theirs, hf_tok = smollm2
     c = ours.config
-    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.intermediate_size, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    shape = (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.intermediate_size, c.vocab_size)
+    assert shape == (30, 576, 9, 3, 1536, 49152)
     assert c.tie_embeddings and c.rope_theta == 1e5 and c.norm_eps == 1e-5 and c.block_size == 8192
     assert hf_tok.convert_ids_to_tokens(extras["eos_token_id"]) == "<|im_end|>"  # a chat turn ends there
     text = chat_prompt(hf_tok, "Write a short poem about the sea, and say what 12 + 7 is.")

@@ -95,7 +95,8 @@ def prepare(data_dir=HERE, tokenizer=None, plays=None, other=None, quiet=False):
     _atomic_write_text(os.path.join(data_dir, "tokenizer.json"), tok.to_str())
     meta = write_meta(data_dir, vocab, "hf", tokenizer_file="tokenizer.json", eot_token=tok.token_to_id(EOT),
                       val_files=list(VAL_PLAYS), train_files=len(splits["train"]),
-                      other={"file": "other.bin", "text": f"King James Bible ({BIBLE_SPEC})", "tokens": counts["other"]})
+                      other={"file": "other.bin", "text": f"King James Bible ({BIBLE_SPEC})",
+                             "tokens": counts["other"]})
     if not quiet:
         print(f"SmolLM2 BPE: train {counts['train']:,} tokens ({len(splits['train'])} texts), val "
               f"{counts['val']:,} ({', '.join(VAL_PLAYS)}), other {counts['other']:,} (KJV) -> {data_dir}")

@@ -66,8 +66,9 @@ def prepare(out=CHECKPOINT, download_dir=DOWNLOADS, force=False, quiet=False):
     if not quiet:
         rel = os.path.relpath(out, ROOT)
         print(f"{rel} is ready. Chat with it, or start training from it:\n"
-              f"  .venv/bin/python sample.py --init_from={rel} --chat --start=\"What is the capital of France?\" --temperature=0\n"
-              f"  .venv/bin/python train.py --init_from={rel} ...")
+              f"  .venv/bin/python sample.py --init_from={rel} --chat --temperature=0 "
+              f"--start=\"What is the capital of France?\"\n"
+              f"  .venv/bin/python train.py --init_from={rel} --dataset=shakespeare_smollm2 ...")
     return out
 
 
