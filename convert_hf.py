@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from adapt import share_kv_state
 from checkpoint import CheckpointError, build_on_meta, load_model, save_checkpoint
 from configurator import DTYPES, ConfigError, HelpRequested, configure, run_script, settings_from
 from model import Llama, LlamaConfig
@@ -195,7 +196,6 @@ def hf_state_dict(model: Llama, dtype=None) -> dict:
             if not (model.config.tie_embeddings and k == "lm_head.weight")}
 
 
-_KV_KEY = re.compile(r"layers\.(\d+)\.self_attn\.([kv])_proj\.weight$")
 
 
 def collect_state_dict(tensors, config: LlamaConfig, name_of, kv_init="own", dtype=torch.float32, source="",
@@ -204,8 +204,8 @@ def collect_state_dict(tensors, config: LlamaConfig, name_of, kv_init="own", dty
     name_of(key) gives the file's name for one of our keys. Shared by the importers (HF, GGUF).
 
     Every tensor is checked as it arrives (a weight of this model, seen once, the right shape, floating
-    point) and cast to dtype; consumers' K/V projections are dropped (kv_init='own') or averaged into their
-    owner's (kv_init='mean', summed in fp32), so only the result and one running sum per owner are held.
+    point) and cast to dtype; then adapt.share_kv_state drops the consumers' K/V projections
+    (kv_init='own') or averages them into their owner's (kv_init='mean').
     `where` (a file name) and `source` (the input) only go into error messages.
     """
     if kv_init not in ("own", "mean"):
@@ -216,7 +216,7 @@ def collect_state_dict(tensors, config: LlamaConfig, name_of, kv_init="own", dty
         del shapes["lm_head.weight"]  # tied: lm_head is embed_tokens
     keys = {name_of(k): k for k in shapes}
 
-    state_dict, seen, kv_sum = {}, set(), {}
+    state_dict, seen = {}, set()
     for where, name, tensor in tensors:
         key = keys.get(name)
         if key is None:
@@ -230,17 +230,7 @@ def collect_state_dict(tensors, config: LlamaConfig, name_of, kv_init="own", dty
         if not tensor.is_floating_point():
             raise ConversionError(f"{name!r} in {where} has dtype {tensor.dtype}, expected floating point weights")
         seen.add(name)
-        m = _KV_KEY.match(key)
-        if m:
-            layer, owner = int(m.group(1)), config.kv_source[int(m.group(1))]
-            if kv_init == "mean":  # summed in fp32 per owner; owners without consumers get their own back
-                acc = kv_sum.setdefault((owner, m.group(2)), [0, 0])
-                acc[0] = acc[0] + tensor.float()
-                acc[1] += 1
-                continue
-            if owner != layer:  # a consumer: its K/V projections are dropped
-                continue
-        state_dict[key] = tensor.to(dtype)
+        state_dict[key] = tensor
         del tensor
 
     missing = [name for name in keys if name not in seen]
@@ -248,9 +238,9 @@ def collect_state_dict(tensors, config: LlamaConfig, name_of, kv_init="own", dty
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ConversionError(f"missing key {missing[0]!r}{more} in {str(source)!r}: the weights do not match "
                               f"{described_by} or are incomplete")
-    for (owner, kind), (total, count) in kv_sum.items():
-        state_dict[f"layers.{owner}.self_attn.{kind}_proj.weight"] = (total / count).to(dtype)
-    return state_dict
+    # shared before the cast, so that a mean is taken over the weights as they are in the file
+    shared = share_kv_state(state_dict, config.kv_source, kv_init)
+    return {k: t.to(dtype) for k, t in shared.items()}  # no copy of a memory-mapped tensor already in dtype
 
 
 def load_hf_llama(hf_dir, kv_source=None, kv_init="own", dtype=None, block_size=None) -> Llama:
