@@ -1,14 +1,22 @@
 """
-ECHO-LLaMA: a Llama whose layers may reuse the keys and values of an earlier layer.
+ECHO-LLaMA: a Llama whose layers may reuse the keys and values, or the attention pattern, of an
+earlier layer.
 
 Everything about the model lives in this file: the config, the Llama blocks (RMSNorm, rotary
-embeddings, grouped-query attention, SwiGLU), cross-layer KV sharing through `kv_source`, the
-owners-only KV cache used by `generate`, and the FLOP accounting behind MFU.
+embeddings, grouped-query attention, SwiGLU), the two sharing maps, the owners-only KV cache used by
+`generate`, and the FLOP accounting behind MFU.
 
-kv_source[i] = j means "layer i attends with its own queries over the keys and values that layer j
-computed". Layer j is then an *owner* (kv_source[j] == j) and layer i a *consumer*. Consumers have
-no key/value projections at all, and the cache stores only owners, so a model with half its layers
-sharing caches half the K/V of the dense model.
+Who takes what from where (one entry per layer i, j <= i, both maps may be used in one model):
+
+    kv_source[i] = j    (ECHO-LLaMA) layer i attends with its own queries over the keys and values
+                        that layer j computed: softmax(q_i k_j^T / sqrt(d)) v_j. Layer j is an *owner*,
+                        layer i a *consumer*, with no K/V projections at all.
+    attn_source[i] = j  (EchoAtt) layer i attends with layer j's attention pattern over its own values:
+                        softmax(q_j k_j^T / sqrt(d)) v_i, k_j being the keys layer j attends with (its
+                        own, or its K/V owner's). Layer i has no Q or K projections.
+
+The cache stores K and V of the owners and only V of the attention sharers, so a model with half its
+layers sharing K/V caches half the K/V of the dense model.
 """
 
 import inspect
@@ -21,11 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# kv_source: parsing and validation
+# the sharing maps: parsing and validation
 
 
-def parse_kv_source(spec, n_layer: int) -> tuple:
-    """Turn a kv_source preset or list into a validated tuple of ints, one per layer.
+def parse_kv_source(spec, n_layer: int, name="kv_source") -> tuple:
+    """Turn a sharing map (kv_source or attn_source) preset or list into a validated tuple of ints.
 
     Presets (strings, so train.py can take them on the command line):
       dense          every layer owns its K/V
@@ -41,45 +49,57 @@ def parse_kv_source(spec, n_layer: int) -> tuple:
         if spec == "dense":
             return tuple(range(n_layer))
         if spec.startswith("cla:"):
-            group = _preset_int(spec, spec[4:], low=1)
+            group = _preset_int(name, spec, spec[4:], low=1)
             return tuple(i - i % group for i in range(n_layer))
         if spec.startswith("upper:"):
             arg = spec[6:]
-            k = n_layer // 2 if arg == "half" else _preset_int(spec, arg, low=0)
+            k = n_layer // 2 if arg == "half" else _preset_int(name, spec, arg, low=0)
             if k >= n_layer:
-                raise ValueError(f"kv_source preset {spec!r}: at most n_layer-1={n_layer - 1} layers "
-                                 "can share, the lowest layer must own its K/V")
+                raise ValueError(f"{name} preset {spec!r}: at most n_layer-1={n_layer - 1} layers "
+                                 "can share, the lowest layer must compute its own")
             owner = n_layer - k - 1
             return tuple(i if i <= owner else owner for i in range(n_layer))
         try:
             spec = [int(s) for s in spec.replace("[", "").replace("]", "").split(",") if s.strip()]
         except ValueError:
-            raise ValueError(f"unknown kv_source {spec!r}: use 'dense', 'cla:N', 'upper:K', "
+            raise ValueError(f"unknown {name} {spec!r}: use 'dense', 'cla:N', 'upper:K', "
                              "'upper:half' or a comma-separated list of layer indices like 0,0,2,2") from None
-    return validate_kv_source(tuple(int(j) for j in spec), n_layer)
+    return validate_kv_source(tuple(int(j) for j in spec), n_layer, name)
 
 
-def _preset_int(spec, text, low):
+def _preset_int(name, spec, text, low):
     if not text.isdigit() or int(text) < low:
-        raise ValueError(f"kv_source preset {spec!r}: expected an integer >= {low} after the colon")
+        raise ValueError(f"{name} preset {spec!r}: expected an integer >= {low} after the colon")
     return int(text)
 
 
-def validate_kv_source(kv_source: tuple, n_layer: int) -> tuple:
+def validate_kv_source(kv_source: tuple, n_layer: int, name="kv_source") -> tuple:
+    """A map must have one entry per layer, point at itself or an earlier layer, and not chain."""
     if len(kv_source) != n_layer:
-        raise ValueError(f"kv_source has {len(kv_source)} entries but the model has n_layer={n_layer}: "
+        raise ValueError(f"{name} has {len(kv_source)} entries but the model has n_layer={n_layer}: "
                          "give one source layer per layer")
     for i, j in enumerate(kv_source):
         if not 0 <= j < n_layer:
-            raise ValueError(f"kv_source[{i}] = {j} is out of range: must be a layer index in 0..{i}")
+            raise ValueError(f"{name}[{i}] = {j} is out of range: must be a layer index in 0..{i}")
         if j > i:
-            raise ValueError(f"kv_source[{i}] = {j} points forward: a layer can only reuse the K/V of "
-                             f"itself or an earlier layer (0..{i})")
+            raise ValueError(f"{name}[{i}] = {j} points forward: a layer can only reuse what itself or an "
+                             f"earlier layer (0..{i}) computed")
         if kv_source[j] != j:
-            raise ValueError(f"kv_source[{i}] = {j} but layer {j} is itself a consumer of layer "
-                             f"{kv_source[j]}: chains are not allowed, point layer {i} at the owner "
-                             f"{kv_source[j]} directly")
+            raise ValueError(f"{name}[{i}] = {j} but layer {j} itself reuses layer {kv_source[j]}'s: chains are "
+                             f"not allowed, point layer {i} at layer {kv_source[j]} directly")
     return kv_source
+
+
+def check_maps(kv_source: tuple, attn_source: tuple):
+    """What a layer cannot be under both maps at once: each error names the layer."""
+    for i, (owner, source) in enumerate(zip(kv_source, attn_source)):
+        if source != i and owner != i:
+            raise ValueError(f"layer {i}: kv_source[{i}] = {owner} and attn_source[{i}] = {source}: a layer "
+                             "reuses either an earlier layer's K/V or its attention pattern, not both")
+        users = [u for u, o in enumerate(kv_source) if o == i and u != i]
+        if source != i and users:
+            raise ValueError(f"layer {i} reuses layer {source}'s attention pattern, so it computes no keys, but "
+                             f"layers {users} take their K/V from it: point them at another owner")
 
 
 # -----------------------------------------------------------------------------
@@ -100,6 +120,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     kv_source: Union[None, str, tuple, list] = None  # a preset or list; a tuple of ints after init
+    attn_source: Union[None, str, tuple, list] = None  # the same syntax; EchoAtt's attention sharing
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "vocab_size", "block_size"):
@@ -116,6 +137,8 @@ class LlamaConfig:
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) != "llama3":
             raise ValueError(f"rope_scaling {self.rope_scaling!r} is not supported: only rope_type 'llama3' (or none)")
         self.kv_source = parse_kv_source(self.kv_source, self.n_layer)
+        self.attn_source = parse_kv_source(self.attn_source, self.n_layer, "attn_source")
+        check_maps(self.kv_source, self.attn_source)
 
     @property
     def head_dim(self) -> int:
@@ -123,11 +146,17 @@ class LlamaConfig:
 
     @property
     def owners(self) -> list:
+        """Layers that compute values (and, unless they share attention, keys)."""
         return [i for i, j in enumerate(self.kv_source) if i == j]
+
+    @property
+    def key_layers(self) -> list:
+        """Layers that compute keys: owners that do not share an attention pattern."""
+        return [i for i in self.owners if self.attn_source[i] == i]
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["kv_source"] = list(self.kv_source)
+        d["kv_source"], d["attn_source"] = list(self.kv_source), list(self.attn_source)
         return d
 
 
@@ -180,34 +209,48 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, owns_kv: bool):
+    """Grouped-query attention. A K/V consumer has no k_proj/v_proj; an attention sharer has no
+    q_proj/k_proj (it keeps v_proj): the layers they reuse hand them what those would compute."""
+
+    def __init__(self, config: LlamaConfig, owns_kv: bool, owns_qk: bool = True):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        kv_dim = config.n_kv_head * self.head_dim
+        if owns_qk:
+            self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        if owns_kv and owns_qk:
+            self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
         if owns_kv:
-            self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
-            self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+            self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
 
     @property
     def owns_kv(self):
-        return hasattr(self, "k_proj")
+        return hasattr(self, "v_proj")
+
+    def _heads(self, t, n):
+        B, T, _ = t.shape
+        return t.view(B, T, n, self.head_dim).transpose(1, 2)
 
     def compute_kv(self, x, cos, sin):
-        B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        return apply_rope(k, cos, sin), v
+        """(keys after RoPE, or None for an attention sharer, values), each (B, n_kv_head, T, head_dim)."""
+        v = self._heads(self.v_proj(x), self.n_kv_head)
+        if not hasattr(self, "k_proj"):
+            return None, v
+        return apply_rope(self._heads(self.k_proj(x), self.n_kv_head), cos, sin), v
 
-    def forward(self, x, k, v, cos, sin, mask):
-        """Attend over k, v (post-RoPE, shape B, n_kv_head, S, head_dim), whoever computed them.
+    def query(self, x, cos, sin):
+        return apply_rope(self._heads(self.q_proj(x), self.n_head), cos, sin)
+
+    def forward(self, x, k, v, cos, sin, mask, q=None):
+        """Attend over k, v (post-RoPE, (B, n_kv_head, S, head_dim)), whoever computed them, with
+        queries q (an attention source's) or this layer's own.
 
         mask is None for causal attention over the T new positions (training, prefill) and a
         boolean (T, S) mask when decoding against a longer cache.
         """
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
+        q = self.query(x, cos, sin) if q is None else q
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_head != self.n_kv_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -225,10 +268,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: LlamaConfig, owns_kv: bool):
+    def __init__(self, config: LlamaConfig, owns_kv: bool, owns_qk: bool = True):
         super().__init__()
         self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        self.self_attn = Attention(config, owns_kv)
+        self.self_attn = Attention(config, owns_kv, owns_qk)
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
@@ -238,22 +281,24 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Static, preallocated cache of the owner layers only, written in place while decoding.
+    """Static, preallocated cache, written in place while decoding: keys of the layers that compute
+    keys, values of the layers that compute values (K/V owners, attention sharers), nothing else.
 
-    One tensor per owner, keyed by the owner's layer index: writing into a slice of one big tensor
-    made torch.compile copy the whole cache at every write (3x slower compiled decoding, bench.py)."""
+    One tensor per layer, keyed by layer index: writing into a slice of one big tensor made
+    torch.compile copy the whole cache at every write (3x slower compiled decoding, bench.py)."""
 
-    def __init__(self, owners, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+    def __init__(self, key_layers, value_layers, batch_size, n_kv_head, max_len, head_dim, dtype, device):
         shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in owners}
-        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in owners}
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in key_layers}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in value_layers}
         self.max_len = max_len
 
     def update(self, layer, input_pos, k, v):
-        """Write new positions of owner `layer`; return that owner's whole cache."""
-        self.k[layer].index_copy_(2, input_pos, k)
+        """Write new positions of `layer` (k None for a layer without keys); return its whole cache."""
+        if k is not None:
+            self.k[layer].index_copy_(2, input_pos, k)
         self.v[layer].index_copy_(2, input_pos, v)
-        return self.k[layer], self.v[layer]
+        return self.k.get(layer), self.v[layer]
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in [*self.k.values(), *self.v.values()])
@@ -268,7 +313,8 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config, owns_kv=(j == i)) for i, j in enumerate(config.kv_source))
+        self.layers = nn.ModuleList(Block(config, owns_kv=config.kv_source[i] == i, owns_qk=config.attn_source[i] == i)
+                                    for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -310,23 +356,19 @@ class Llama(nn.Module):
             mask = torch.arange(cache.max_len, device=idx.device) <= input_pos.view(-1, 1)
 
         x = self.embed_tokens(idx)
-        kv = {}  # owner layer -> the (k, v) its consumers attend over; the same path with or without cache
-        fresh = {}  # owner layer -> the K/V of the new positions only
+        c = self.config
+        kv, qk, fresh = {}, {}, {}  # owner -> (k, v) it hands on; layer -> its (q, k); owner -> new K/V only
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
-            owner = self.config.kv_source[i]
-            if owner == i:
-                k, v = layer.self_attn.compute_kv(h, cos, sin)
-                if i in self.kv_blend:
-                    source, w = self.kv_blend[i]
-                    k, v = k + w * (fresh[source][0] - k), v + w * (fresh[source][1] - v)
-                fresh[i] = (k, v)
-                if cache is not None:
-                    k_all, v_all = cache.update(i, input_pos, k, v)
-                    if mask is not None:  # decoding: attend over the whole cache
-                        k, v = k_all, v_all
-                kv[i] = (k, v)
-            x = x + layer.self_attn(h, *kv[owner], cos, sin, mask)
+            attn = layer.self_attn
+            if c.kv_source[i] == i:
+                kv[i] = self._own_kv(i, attn, h, cos, sin, cache, input_pos, mask, fresh)
+            if c.attn_source[i] == i:  # own pattern: own queries over its (or its owner's) keys
+                q, (k, v) = attn.query(h, cos, sin), kv[c.kv_source[i]]
+                qk[i] = (q, k)
+            else:  # EchoAtt: layer j's queries and keys, this layer's values
+                (q, k), v = qk[c.attn_source[i]], kv[i][1]
+            x = x + attn(h, k, v, cos, sin, mask, q=q)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.lm_head(self.norm(x))
         loss = None
@@ -334,12 +376,25 @@ class Llama(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def _own_kv(self, i, attn, h, cos, sin, cache, input_pos, mask, fresh):
+        """The K/V layer i computes (blended while adapt.py switches it over), through the cache."""
+        k, v = attn.compute_kv(h, cos, sin)
+        if i in self.kv_blend:
+            source, w = self.kv_blend[i]
+            k, v = k + w * (fresh[source][0] - k), v + w * (fresh[source][1] - v)
+        fresh[i] = (k, v)
+        if cache is not None:
+            k_all, v_all = cache.update(i, input_pos, k, v)
+            if mask is not None:  # decoding: attend over the whole cache
+                k, v = k_all, v_all
+        return k, v
+
     # -------------------------------------------------------------------------
     # generation: prefill, one decode step, and the loop (compiling and timing belong to the caller)
 
     def new_cache(self, batch_size, max_len=None, dtype=None) -> KVCache:
         c = self.config
-        return KVCache(c.owners, batch_size, c.n_kv_head, max_len or c.block_size, c.head_dim,
+        return KVCache(c.key_layers, c.owners, batch_size, c.n_kv_head, max_len or c.block_size, c.head_dim,
                        dtype or self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
 
     def prefill(self, idx, cache):
@@ -393,18 +448,19 @@ class Llama(nn.Module):
     def flops_per_token(self, seq_len=None, causal=True) -> dict:
         """Matmul FLOPs per token of one forward pass, by component, plus 'total' and 'train' (x3).
 
-        Counts what this model does: consumers have no K/V projections, and with causal=True the
-        attention over a sequence of seq_len covers (seq_len+1)/2 keys on average (flash kernels
-        skip the masked half). Elementwise work (norms, RoPE, softmax) is left out, as is usual.
+        Counts what this model does: K/V consumers have no K/V projections, attention sharers no Q/K
+        projections (but SDPA still computes q k^T for them), and with causal=True the attention over
+        a sequence of seq_len covers (seq_len+1)/2 keys on average (flash kernels skip the masked
+        half). Elementwise work (norms, RoPE, softmax) is left out, as is usual.
         """
         c = self.config
         T = seq_len or c.block_size
         d, hd = c.n_embd, c.head_dim
         keys = (T + 1) / 2 if causal else T
-        n_owners = len(c.owners)
+        n_queries = sum(j == i for i, j in enumerate(c.attn_source))
         parts = {
-            "q": c.n_layer * 2 * d * c.n_head * hd,
-            "kv": n_owners * 2 * d * 2 * c.n_kv_head * hd,
+            "q": n_queries * 2 * d * c.n_head * hd,
+            "kv": (len(c.key_layers) + len(c.owners)) * 2 * d * c.n_kv_head * hd,
             "o": c.n_layer * 2 * c.n_head * hd * d,
             "mlp": c.n_layer * 3 * 2 * d * c.intermediate_size,
             "attention": c.n_layer * 2 * 2 * c.n_head * hd * keys,  # q @ k^T and probs @ v

@@ -80,14 +80,16 @@ def calibrate(dense, data_dir, s):
 
 
 def conversion_table(dense, maps, data_dir, s):
-    """Val loss of every map and K/V init right after conversion; the mean-init checkpoints are kept."""
+    """Val loss of every map and K/V init right after conversion; for each map the checkpoint of the
+    init with the lower Shakespeare val loss is kept for training (BEST_INIT)."""
     rows = {"dense": evaluate(dense, data_dir, s.eval_batches, s.batch_size, s.block_size, s.seed)}
     for name, kv in maps.items():
         for init in ("own", "mean"):
             converted = convert_model(dense, kv, init)
             rows[f"{name}, {init} K/V"] = evaluate(converted, data_dir, s.eval_batches, s.batch_size, s.block_size, s.seed)
             progress(f"converted to {name} ({init}): {rows[f'{name}, {init} K/V']}")
-            if init == "mean":
+            if name not in BEST_INIT or rows[f"{name}, {init} K/V"]["val"] < rows[f"{name}, {BEST_INIT[name]} K/V"]["val"]:
+                BEST_INIT[name] = init
                 save_checkpoint({"model": converted.state_dict(), "model_config": converted.config.to_dict()},
                                 converted_path(s, name))
     return rows
@@ -147,12 +149,12 @@ def adaptation_runs(maps, s):
 
 
 def local_checkpoint(name, s):
-    """The mean-init conversion to map `name`, then layer-local distillation (adapt.py --convert_to)."""
+    """The conversion to map `name` (its better K/V init), then layer-local distillation (adapt.py --convert_to)."""
     path = converted_path(s, name).replace("converted-", "local-")
     if not os.path.exists(path):
         kv = ",".join(map(str, MAPS[name]))
         cmd = [sys.executable, "adapt.py", f"--init_from={s.model}", f"--dataset={s.dataset}", f"--convert_to={kv}",
-               "--kv_init=mean", f"--local_iters={s.local_iters}", "--batches=8", f"--batch_size={s.batch_size}",
+               f"--kv_init={BEST_INIT[name]}", f"--local_iters={s.local_iters}", "--batches=8", f"--batch_size={s.batch_size}",
                f"--block_size={s.block_size}", f"--out={path}"]
         progress(f"local distillation for {name}: $ {' '.join(cmd[1:])}")
         t0 = time.time()
@@ -161,7 +163,7 @@ def local_checkpoint(name, s):
     return path
 
 
-MAPS, LOCAL_SECONDS = {}, {}
+MAPS, LOCAL_SECONDS, BEST_INIT = {}, {}, {}
 
 
 @torch.no_grad()
@@ -229,6 +231,8 @@ def report(s, sim_maps, converted, adapted, decode, answers, minutes):
              "**Right after conversion (no training)**", ""]
     lines += table([(name, f"{r['val']:.3f}", f"{r['other']:.3f}") for name, r in converted.items()],
                    ["model", "Shakespeare val loss", "Bible val loss"])
+    lines += ["", "Training starts from the init with the lower val loss for each map: " +
+              ", ".join(f"{n}: {i}" for n, i in BEST_INIT.items()), ""]
     lines += ["", f"**After adaptation** (dense before training: {dense['val']:.3f} / {dense['other']:.3f})", ""]
     rows = []
     for name, r in adapted.items():
@@ -276,7 +280,8 @@ def main(argv):
     plot_kv_curve(points, os.path.join(s.out, "kv_fraction_vs_loss.png"))
     text = report(s, maps, converted, adapted, decode, answers, (time.time() - t_start) / 60)
     open(os.path.join(s.out, "results.md"), "w").write(text)
-    json.dump({"settings": vars(s), "maps": {k: list(v) for k, v in MAPS.items()}, "converted": converted,
+    json.dump({"settings": vars(s), "maps": {k: list(v) for k, v in MAPS.items()}, "best_init": BEST_INIT,
+               "converted": converted,
                "adapted": adapted, "decode": decode, "answers": answers, "local_distillation_s": LOCAL_SECONDS,
                "similarity": sim.tolist()}, open(os.path.join(s.out, "results.json"), "w"), indent=1)
     print(text)

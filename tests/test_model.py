@@ -200,7 +200,7 @@ def test_presets_parse_to_plain_tuples():
     ([0, 0, 3, 3], r"kv_source\[2\] = 3 points forward"),
     ([0, 0, -1, 2], r"kv_source\[2\] = -1 is out of range"),
     ([0, 9, 2, 2], r"kv_source\[1\] = 9 is out of range"),
-    ([0, 0, 1, 2], r"kv_source\[2\] = 1 but layer 1 is itself a consumer of layer 0"),
+    ([0, 0, 1, 2], r"kv_source\[2\] = 1 but layer 1 itself reuses layer 0"),
     ([0, 1, 2, 2], None),  # valid, for contrast
     ("bogus", r"unknown kv_source 'bogus'"),
     ("cla:x", r"expected an integer >= 1"),
