@@ -25,6 +25,7 @@ Everything about adaptation lives here: the schedule (`Adaptation`), blending an
 
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -191,26 +192,66 @@ def freeze(model, target, train_layers="all") -> list:
     return trainable
 
 
-def distillation_loss(logits, teacher_logits, targets, alpha, temperature):
-    """(1 - alpha) * CE(targets) + alpha * T^2 * KL(teacher || student), both at temperature T;
-    the T^2 keeps the gradient scale of the soft term independent of T (Hinton et al.)."""
+def distillation_loss(logits, teacher_logits, targets, alpha, temperature, argmax=0.0, data=None):
+    """data * CE(targets) + alpha * T^2 * KL(teacher || student) at temperature T + argmax * CE(the
+    teacher's argmax tokens), data being 1 - alpha - argmax unless given. The T^2 keeps the gradient
+    scale of the soft term independent of T (Hinton et al.); the argmax term is EchoAtt's hard labels."""
+    data = 1 - alpha - argmax if data is None else data
     logits = logits.float().view(-1, logits.size(-1))
     ce = F.cross_entropy(logits, targets.view(-1), ignore_index=-1)
-    if alpha == 0:
-        return ce
+    if alpha == 0 and argmax == 0:
+        return data * ce
     keep = targets.view(-1) != -1  # the positions the cross-entropy counts
+    teacher_logits = teacher_logits.float().view(-1, logits.size(-1))[keep]
     student = F.log_softmax(logits[keep] / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float().view(-1, logits.size(-1))[keep] / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+    hard = F.cross_entropy(logits[keep], teacher_logits.argmax(-1)) if argmax else 0.0
+    return data * ce + alpha * temperature ** 2 * kl + argmax * hard
 
 
-def loss_with_teacher(model, teacher, X, Y, alpha, temperature):
-    """One micro-step's distillation loss: the student's logits against the frozen teacher's."""
+@dataclass
+class Distillation:
+    """How the student learns from the frozen dense teacher. Stage 1 (the first `iters` iterations, or
+    the whole run when iters is 0) uses the teacher; stage 2 is plain cross-entropy on the data.
+    Weights: kl (soft logits at temperature), argmax (CE on the teacher's argmax), hidden (MSE of the
+    residual stream entering each of `layers`, relative to the teacher's mean square); the data's CE
+    gets 1 - kl - argmax - hidden. EchoAtt's stage 1 is kl=0.25, argmax=0.5, hidden=0.25."""
+    kl: float = 0.0
+    argmax: float = 0.0
+    hidden: float = 0.0
+    temperature: float = 1.0
+    layers: tuple = ()
+    iters: int = 0
+
+    def active(self, iter_num):
+        return self.iters == 0 or iter_num < self.iters
+
+
+class HiddenTap:
+    """Keeps the residual stream entering chosen layers of a model at its latest forward pass."""
+
+    def __init__(self, model, layers):
+        self.states = {}
+        for i in layers:
+            model.layers[i].input_layernorm.register_forward_pre_hook(
+                lambda m, args, i=i: self.states.__setitem__(i, args[0]))
+
+
+def loss_with_teacher(model, teacher, X, Y, d: Distillation, taps=None):
+    """One micro-step's distillation loss: the student's logits (and hidden states, through the
+    (student, teacher) HiddenTaps) against the frozen teacher's."""
     logits, _ = model(X)  # no cross-entropy here: distillation_loss computes it
     with torch.no_grad():
         teacher_logits, _ = teacher(X)
-    return distillation_loss(logits, teacher_logits, Y, alpha, temperature)
+    loss = distillation_loss(logits, teacher_logits, Y, d.kl, d.temperature, d.argmax,
+                             data=1 - d.kl - d.argmax - d.hidden)
+    if d.hidden:
+        student, ref = taps
+        mse = [(student.states[i].float() - ref.states[i].float()).pow(2).mean() / ref.states[i].float().pow(2).mean()
+               for i in d.layers]
+        loss = loss + d.hidden * sum(mse) / len(mse)
+    return loss
 
 
 def setup_adaptation(model, target, mode, order, stage_iters, layers_per_stage, train_layers, similarity_path):

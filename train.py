@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from adapt import load_teacher, loss_with_teacher, setup_adaptation
+from adapt import Distillation, HiddenTap, load_teacher, loss_with_teacher, setup_adaptation
 from checkpoint import (CKPT_NAME, SAMPLING_KEYS, blend_state, load_checkpoint, model_from_checkpoint, restore_rng, rng_state,
                         save_checkpoint)
 from configurator import ConfigError, close_runtime, configure, init_runtime, run_script, settings_from
@@ -82,8 +82,14 @@ adapt_stage_iters = 100      # iterations per stage (gradual)
 adapt_layers_per_stage = 1
 adapt_train_layers = "all"   # 'all', 'converted' (consumers and their owners), 'upward' (lowest consumer and up)
 adapt_similarity = ""        # kv_similarity.pt from `python adapt.py`, for adapt_order='similarity'
-distill_alpha = 0.0          # loss = (1 - a) * CE + a * T^2 * KL(teacher || student); 0: no teacher
+# learning from a frozen dense teacher (adapt.Distillation): loss = (1 - a - g - h) * CE(data)
+#   + a * T^2 * KL(teacher || student) + g * CE(teacher's argmax) + h * MSE(hidden states); all 0: no teacher
+distill_alpha = 0.0          # a: soft logits at distill_temperature
 distill_temperature = 1.0
+distill_argmax = 0.0         # g: the teacher's argmax tokens as labels (EchoAtt: 0.5)
+distill_hidden = 0.0         # h: residual stream entering distill_hidden_layers (EchoAtt: 0.25, with a = 0.25)
+distill_hidden_layers = ""   # e.g. '10,20' (EchoAtt: the boundaries of the shared blocks)
+distill_iters = 0            # stage 1 length; then plain CE without the teacher (stage 2). 0: the whole run
 distill_teacher = ""         # the teacher's checkpoint; '' = the init_from file (name it when resuming)
 DEFAULTS = settings_from(globals())
 CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "backend": ("auto", "nccl", "gloo"),
@@ -101,10 +107,12 @@ def check_settings(s, world_size):
         raise ConfigError(f"gradient_accumulation_steps={s.gradient_accumulation_steps} does not divide over "
                           f"{world_size} ranks: it counts micro-steps in total over all ranks, make it a "
                           f"multiple of {world_size}")
-    if s.distill_alpha > 0 and not s.adapt_target:
-        raise ConfigError("distill_alpha > 0 needs adapt_target: the teacher is the dense model being adapted")
-    if not 0 <= s.distill_alpha <= 1 or s.distill_temperature <= 0:
-        raise ConfigError("distill_alpha must lie in [0, 1] and distill_temperature be > 0")
+    weights = (s.distill_alpha, s.distill_argmax, s.distill_hidden)
+    if min(weights) < 0 or sum(weights) > 1 or not s.distill_temperature > 0:
+        raise ConfigError("distill_alpha, distill_argmax and distill_hidden must be >= 0 with a sum <= 1 (the data's "
+                          "cross-entropy gets the rest), and distill_temperature > 0")
+    if s.distill_hidden > 0 and not s.distill_hidden_layers:
+        raise ConfigError("distill_hidden > 0 needs distill_hidden_layers, e.g. --distill_hidden_layers=10,20")
 
 
 def use_compile(setting, device_type):
@@ -253,7 +261,7 @@ class Trainer:
         self.raw_model, self.optimizer, self.scaler, self.rt = raw_model, optimizer, scaler, rt
         self.compile_model, self.local_steps, self.grad_clip = compile_model, local_steps, grad_clip
         self.train_sampler, self.val_sampler = samplers
-        self.teacher, self.distill = None, (0.0, 1.0)
+        self.teacher, self.distill, self.taps = None, None, None
         self.carried = {}  # the tokenizer and chat template of the checkpoint the run started from
         self.wrap()
 
@@ -273,7 +281,7 @@ class Trainer:
         with self.rt.autocast():
             if teacher is None:
                 return model(X, Y)[1]
-            return loss_with_teacher(model, teacher, X, Y, *self.distill)
+            return loss_with_teacher(model, teacher, X, Y, self.distill, self.taps)
 
     @torch.no_grad()
     def estimate_loss(self, eval_iters):
@@ -303,7 +311,8 @@ class Trainer:
             X, Y = self.train_sampler.get("train", iter_num, self.rt.rank * self.local_steps + k)
             if self.rt.ddp:
                 self.model.require_backward_grad_sync = k == self.local_steps - 1
-            loss = self.loss(self.model, X, Y, self.teacher)
+            teacher = self.teacher if self.teacher is not None and self.distill.active(iter_num) else None
+            loss = self.loss(self.model, X, Y, teacher)
             loss_sum += loss.detach().float()
             self.scaler.scale(loss / self.local_steps).backward()
         if self.rt.ddp:
@@ -356,14 +365,33 @@ def setup(s, explicit, rt):
     trainer = Trainer(raw_model, optimizer, scaler, rt, use_compile(s.compile, rt.device_type), samplers,
                       s.gradient_accumulation_steps // rt.world_size, s.grad_clip)
     trainer.carried = {key: ckpt[key] for key in SAMPLING_KEYS if ckpt is not None and key in ckpt}
-    if s.distill_alpha > 0:
-        teacher_path = s.distill_teacher or (s.init_from if s.init_from not in ("scratch", "resume") else "")
-        if not teacher_path:
-            raise ConfigError("distillation needs its teacher: set distill_teacher=<the dense checkpoint adaptation "
-                              "started from> (init_from is not a file here)")
-        trainer.teacher = load_teacher(teacher_path, raw_model.config, rt.device)
-        trainer.distill = (s.distill_alpha, s.distill_temperature)
+    if s.distill_alpha + s.distill_argmax + s.distill_hidden > 0:
+        attach_teacher(s, trainer)
     return trainer, adaptation, iter_num, best_val_loss
+
+
+def attach_teacher(s, trainer):
+    """The frozen dense teacher and the distillation settings (adapt.Distillation) of a run."""
+    teacher_path = s.distill_teacher or (s.init_from if s.init_from not in ("scratch", "resume") else "")
+    if not teacher_path:
+        raise ConfigError("distillation needs its teacher: set distill_teacher=<the dense checkpoint adaptation "
+                          "started from> (init_from is not a file here)")
+    layers = tuple(parse_layer_list(s.distill_hidden_layers, trainer.raw_model.config.n_layer, "distill_hidden_layers"))
+    trainer.teacher = load_teacher(teacher_path, trainer.raw_model.config, trainer.rt.device)
+    trainer.distill = Distillation(s.distill_alpha, s.distill_argmax, s.distill_hidden, s.distill_temperature, layers,
+                                   s.distill_iters)
+    if s.distill_hidden:
+        trainer.taps = (HiddenTap(trainer.raw_model, layers), HiddenTap(trainer.teacher, layers))
+
+
+def parse_layer_list(text, n_layer, name):
+    try:
+        layers = [int(t) for t in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: expected comma-separated layer indices like 10,20") from None
+    if any(not 0 <= i < n_layer for i in layers):
+        raise ConfigError(f"{name}={text!r}: layer indices must lie in 0..{n_layer - 1}")
+    return layers
 
 
 def log_start(log, s, trainer, iter_num, tokens_per_iter):

@@ -273,8 +273,10 @@ def test_calibration_command(data_dir, dense_ckpt, tmp_path, capsys):
     (["--adapt_target=dense", "--adapt_train_layers=converted"], r"would freeze every layer"),
     (["--adapt_target=upper:half", "--adapt_order=3"], r"must list each switching layer once"),
     (["--adapt_target=upper:half", "--adapt_mode=slow"], r"adapt_mode must be 'gradual' or 'abrupt'"),
-    (["--distill_alpha=0.5"], r"distill_alpha > 0 needs adapt_target"),
-    (["--adapt_target=upper:half", "--distill_alpha=1.5"], r"distill_alpha must lie in \[0, 1\]"),
+    (["--distill_alpha=0.7", "--distill_argmax=0.5"], r"with a sum <= 1"),
+    (["--adapt_target=upper:half", "--distill_alpha=1.5"], r"with a sum <= 1"),
+    (["--distill_hidden=0.2"], r"distill_hidden > 0 needs distill_hidden_layers"),
+    (["--distill_hidden=0.2", "--distill_hidden_layers=1,9"], r"layer indices must lie in 0..3"),
     (["--adapt_target=upper:half", "--adapt_order=similarity", "--adapt_similarity=nope.pt"], r"no such file"),
 ])
 def test_bad_adaptation_settings_stop_before_training(data_dir, dense_ckpt, tmp_path, args, match):
@@ -354,3 +356,48 @@ def test_convert_command_writes_a_checkpoint_that_loads(data_dir, dense_ckpt, tm
     assert "local distillation 3/3" in capsys.readouterr().out
     model, ckpt = load_model(str(out))
     assert model.config.kv_source == (0, 1, 1, 1) and ckpt["config"]["dataset"] == str(data_dir)
+
+
+# ---- EchoAtt's two-stage distillation
+
+
+def test_distillation_loss_terms_add_up_as_documented():
+    from adapt import Distillation, HiddenTap, loss_with_teacher
+    teacher = dense_model(n_layer=4, seed=1).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.layers[0].mlp.down_proj.weight.mul_(1.5)  # the residual entering layers 1.. differs
+    d = Distillation(kl=0.25, argmax=0.5, hidden=0.25, temperature=2.0, layers=(1, 3))
+    taps = HiddenTap(student, d.layers), HiddenTap(teacher, d.layers)
+    x, y = batch()
+    got = loss_with_teacher(student, teacher, x, y, d, taps)
+    s_logits, t_logits = student(x)[0].view(-1, 50), teacher(x)[0].view(-1, 50)
+    kl = torch.nn.functional.kl_div((s_logits / 2).log_softmax(-1), (t_logits / 2).log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    hard = torch.nn.functional.cross_entropy(s_logits, t_logits.argmax(-1))
+    s_in, t_in = {}, {}
+    for m, store in ((student, s_in), (teacher, t_in)):
+        for i in (1, 3):
+            m.layers[i].input_layernorm.register_forward_pre_hook(lambda mod, a, i=i, store=store: store.__setitem__(i, a[0]))
+        m(x)
+    mse = sum(((s_in[i] - t_in[i]) ** 2).mean() / (t_in[i] ** 2).mean() for i in (1, 3)) / 2
+    torch.testing.assert_close(got, 0.25 * 4 * kl + 0.5 * hard + 0.25 * mse)  # data weight 1 - 1 = 0
+    assert mse > 1e-4
+
+
+def test_two_stage_distillation_uses_the_teacher_only_in_stage_one(data_dir, dense_ckpt, tmp_path, monkeypatch):
+    import train
+    calls = []
+    real = train.loss_with_teacher
+    monkeypatch.setattr(train, "loss_with_teacher", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run(data_dir, tmp_path, "--n_layer=4", f"--init_from={dense_ckpt}", "--max_iters=5", "--eval_interval=5",
+        "--distill_iters=3", "--distill_alpha=0.25", "--distill_argmax=0.5", "--distill_hidden=0.25",
+        "--distill_hidden_layers=1,3")
+    assert len(calls) == 3  # iterations 0, 1, 2 learn from the teacher; 3 and 4 from the data only
+    # and resuming inside stage 1 continues it
+    calls.clear()
+    run(data_dir, tmp_path / "b", "--n_layer=4", f"--init_from={dense_ckpt}", "--max_iters=2", "--eval_interval=2",
+        "--distill_iters=3", "--distill_argmax=0.5")
+    run(data_dir, tmp_path / "b", "--n_layer=4", "--init_from=resume", "--max_iters=5", "--eval_interval=5", "--distill_iters=3",
+        "--distill_argmax=0.5", f"--distill_teacher={dense_ckpt}")
+    assert len(calls) == 3

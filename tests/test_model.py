@@ -11,11 +11,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from model import Llama, LlamaConfig, parse_kv_source, peak_flops_for
 
 MAPS = ["dense", "cla:2", "upper:half", "0,0,0,3,3,0"]
+# (kv_source, attn_source): attention sharing alone, beside K/V sharing, and from a K/V consumer's pattern
+MIXED = [("dense", "upper:half"), ("0,0,2,3,4,5", "0,1,2,2,4,4"), ("0,0,2,3,4,5", "0,1,2,1,4,1")]
 
 
-def tiny(kv_source=None, **kw):
+def tiny(kv_source=None, attn_source=None, **kw):
     args = dict(n_layer=6, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=96, vocab_size=97,
-                block_size=64, rope_theta=5000.0, kv_source=kv_source)
+                block_size=64, rope_theta=5000.0, kv_source=kv_source, attn_source=attn_source)
     args.update(kw)
     torch.manual_seed(0)
     model = Llama(LlamaConfig(**args)).eval()
@@ -28,7 +30,8 @@ def tiny(kv_source=None, **kw):
 
 def reference_logits(model, idx):
     """A Llama written out by hand: explicit softmax with a causal mask, K/V heads repeated for
-    GQA, interleaving-free rotate-half RoPE from its formula, and sharing by lookup."""
+    GQA, interleaving-free rotate-half RoPE from its formula, and both kinds of sharing by lookup:
+    softmax(q_i k_owner^T) v_owner for K/V sharing, softmax(q_j k_j^T) v_i for attention sharing."""
     c = model.config
     B, T = idx.shape
     hd = c.head_dim
@@ -45,18 +48,23 @@ def reference_logits(model, idx):
 
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     x = model.embed_tokens.weight[idx]
-    kv = {}
+    kv, qk = {}, {}
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         h = rms(x, layer.input_layernorm.weight)
         if c.kv_source[i] == i:
-            k = rope((h @ attn.k_proj.weight.T).view(B, T, c.n_kv_head, hd).transpose(1, 2))
+            k = rope((h @ attn.k_proj.weight.T).view(B, T, c.n_kv_head, hd).transpose(1, 2)) \
+                if c.attn_source[i] == i else None
             v = (h @ attn.v_proj.weight.T).view(B, T, c.n_kv_head, hd).transpose(1, 2)
             kv[i] = (k, v)
-        k, v = kv[c.kv_source[i]]
+        if c.attn_source[i] == i:
+            k, v = kv[c.kv_source[i]]
+            q = rope((h @ attn.q_proj.weight.T).view(B, T, c.n_head, hd).transpose(1, 2))
+            qk[i] = (q, k)
+        else:
+            (q, k), v = qk[c.attn_source[i]], kv[i][1]
         groups = c.n_head // c.n_kv_head
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        q = rope((h @ attn.q_proj.weight.T).view(B, T, c.n_head, hd).transpose(1, 2))
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         y = (probs @ v).transpose(1, 2).reshape(B, T, -1)
@@ -74,6 +82,61 @@ def test_forward_matches_handwritten_reference(kv_source, n_kv_head):
     idx = torch.randint(0, 97, (2, 40))
     logits, _ = model(idx)
     torch.testing.assert_close(logits, reference_logits(model, idx), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_source, attn_source", MIXED)
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_attention_sharing_matches_handwritten_reference(kv_source, attn_source, n_kv_head):
+    model = tiny(kv_source, attn_source, n_kv_head=n_kv_head)
+    idx = torch.randint(0, 97, (2, 40))
+    torch.testing.assert_close(model(idx)[0], reference_logits(model, idx), atol=1e-5, rtol=1e-5)
+    sharers = [i for i, j in enumerate(model.config.attn_source) if j != i]
+    for i in sharers:  # no Q or K projection; V, O and the MLP stay
+        names = {n.split(".")[0] for n, _ in model.layers[i].self_attn.named_parameters()}
+        assert names == {"v_proj", "o_proj"}
+
+
+@pytest.mark.parametrize("kv_source, attn_source", MIXED)
+def test_attention_sharing_cache_holds_values_only_and_equals_no_cache(kv_source, attn_source):
+    model = tiny(kv_source, attn_source)
+    c = model.config
+    cache = model.new_cache(1, 16)
+    assert sorted(cache.v) == c.owners and sorted(cache.k) == [i for i in c.owners if c.attn_source[i] == i]
+    seq = torch.randint(0, 97, (2, 30))
+    full, _ = model(seq)
+    cache = model.new_cache(2, 30)
+    steps = [model(seq[:, :10], cache=cache, input_pos=torch.arange(10))[0]]
+    for pos in range(10, 30):
+        steps.append(model(seq[:, pos:pos + 1], cache=cache, input_pos=torch.tensor([pos]))[0])
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    out = model.generate(seq[:, :5], 20, temperature=0)
+    for n in range(5, 25):
+        assert torch.equal(out[:, n], model(out[:, :n])[0][:, -1].argmax(-1))
+
+
+def test_dense_attn_source_is_the_dense_model_and_flops_drop_q_and_k():
+    dense, same = tiny(), tiny(attn_source="0,1,2,3,4,5")
+    same.load_state_dict(dense.state_dict())  # strict: the same parameters
+    idx = torch.randint(0, 97, (2, 12))
+    assert torch.equal(dense(idx)[0], same(idx)[0])
+    shared = tiny(attn_source="upper:half")  # layers 3, 4, 5 reuse layer 2's pattern
+    d, c = dense.flops_per_token(32), shared.flops_per_token(32)
+    hd = dense.config.head_dim
+    assert d["q"] - c["q"] == 3 * 2 * 64 * 4 * hd and d["kv"] - c["kv"] == 3 * 2 * 64 * 2 * hd
+    assert d["attention"] == c["attention"]  # SDPA still computes q k^T for the sharers
+    assert dense.num_params() - shared.num_params() == 3 * (64 * 4 * hd + 64 * 2 * hd)
+
+
+@pytest.mark.parametrize("kv_source, attn_source, match", [
+    ("0,0,2,3,4,5", "0,0,2,3,4,5", r"layer 1: kv_source\[1\] = 0 and attn_source\[1\] = 0"),
+    ("0,1,1,3,4,5", "0,0,2,3,4,5", r"layer 1 reuses layer 0's attention pattern.*layers \[2\] take their K/V"),
+    ("dense", "0,1,2,4,4,5", r"attn_source\[3\] = 4 points forward"),
+    ("dense", "0,0,1,3,4,5", r"attn_source\[2\] = 1 but layer 1 itself reuses layer 0"),
+    ("dense", "cla:0", r"attn_source preset 'cla:0'"),
+])
+def test_bad_attention_maps_name_the_layer(kv_source, attn_source, match):
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig(n_layer=6, n_head=4, n_kv_head=2, n_embd=64, kv_source=kv_source, attn_source=attn_source)
 
 
 def test_identity_kv_source_equals_dense():
