@@ -45,7 +45,10 @@ batch_size = 8
 block_size = 0               # sequence length of those batches; 0 = the model's block_size
 out = ""                     # calibrate: a directory ('' = beside the checkpoint); convert: the checkpoint file
 seed = 1337
+criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_source) or 'attention' (EchoAtt's
+                             # attention-map similarity, proposes attn_source)
 convert_to = ""              # convert: the kv_source to convert the dense model to (abruptly)
+attn_to = ""                 # convert: the attn_source to convert it to (EchoAtt: sharers drop Q and K)
 kv_init = "own"              # convert: owners keep their own K/V (own) or the mean of their users' (mean)
 local_iters = 0              # convert: steps of layer-local distillation of the consumers afterwards
 local_lr = 1e-3
@@ -307,13 +310,21 @@ def share_kv_state(state_dict, kv_source, kv_init="own"):
     return out
 
 
-def convert_model(model, kv_source, kv_init="own"):
-    """A new Llama with model's weights converted to kv_source (see share_kv_state)."""
-    config = LlamaConfig(**{**model.config.to_dict(), "kv_source": kv_source})
-    if any(j != i for i, j in enumerate(model.config.kv_source)):
-        raise ValueError("conversion starts from a dense model: every layer must own its K/V")
+def share_attn_state(state_dict, attn_source):
+    """A state dict with the Q and K projections of the attention sharers dropped (EchoAtt)."""
+    return {k: t for k, t in state_dict.items() if not (
+        k.startswith("layers.") and k.split(".")[3] in ("q_proj", "k_proj") and attn_source[int(k.split(".")[1])] != int(k.split(".")[1]))}
+
+
+def convert_model(model, kv_source=None, kv_init="own", attn_source=None):
+    """A new Llama with a dense model's weights converted to kv_source (share_kv_state) and
+    attn_source (share_attn_state): every other weight is kept as it is."""
+    if any(j != i for i, j in enumerate(model.config.kv_source)) or any(j != i for i, j in enumerate(model.config.attn_source)):
+        raise ValueError("conversion starts from a dense model: every layer must own its K/V and attention")
+    config = LlamaConfig(**{**model.config.to_dict(), "kv_source": kv_source, "attn_source": attn_source})
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return build_on_meta(config, share_kv_state(state, config.kv_source, kv_init)).to(model.rope_cos.device)
+    state = share_attn_state(share_kv_state(state, config.kv_source, kv_init), config.attn_source)
+    return build_on_meta(config, state).to(model.rope_cos.device)
 
 
 # -----------------------------------------------------------------------------
@@ -435,6 +446,61 @@ def propose_kv_source(similarity, n_share) -> tuple:
     return tuple(kv_source)
 
 
+@torch.no_grad()
+def attention_similarity(model, batches):
+    """Cosine similarity of the attention probability maps of every pair of layers, per head over the
+    causal positions (the lower triangle, diagonal included), averaged over heads: (n_layer, n_layer).
+    EchoAtt's criterion: layers that attend alike can share one layer's pattern."""
+    c = model.config
+    seen, hooks = {}, []
+    for i, layer in enumerate(model.layers):
+        hooks.append(layer.self_attn.register_forward_hook(
+            lambda m, args, kwargs, out, i=i: seen.__setitem__(i, (kwargs["q"], args[1])), with_kwargs=True))
+    n = c.n_layer
+    dots = torch.zeros(c.n_head, n, n, dtype=torch.float64)
+    model.eval()
+    try:
+        for idx in batches:
+            model(idx)
+            T = idx.shape[1]
+            causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=idx.device))
+            maps = []
+            for i in range(n):
+                q, k = seen[i]
+                k = k.repeat_interleave(c.n_head // c.n_kv_head, dim=1)
+                scores = (q.float() @ k.float().transpose(-1, -2)) / c.head_dim ** 0.5
+                probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+                maps.append(probs[..., causal].transpose(0, 1).reshape(c.n_head, -1).double())  # (heads, B * pairs)
+            x = torch.stack(maps, dim=1)  # (heads, layers, values)
+            dots += x @ x.transpose(-1, -2)
+    finally:
+        for h in hooks:
+            h.remove()
+    norms = dots.diagonal(dim1=-2, dim2=-1).sqrt()
+    return (dots / (norms[:, :, None] * norms[:, None, :]).clamp_min(1e-30)).mean(0).float()
+
+
+def propose_attn_source(similarity, n_share, keep_first=2, keep_last=1) -> tuple:
+    """Contiguous blocks of inner layers that share their first layer's attention pattern, grown by
+    merging the two adjacent blocks whose layers are most like the first block's source (mean
+    similarity), until n_share layers share. The first keep_first and last keep_last layers stay
+    unshared, as EchoAtt keeps them."""
+    n = similarity.shape[0]
+    inner = list(range(keep_first, n - keep_last))
+    if not 0 <= n_share <= max(0, len(inner) - 1):
+        raise ValueError(f"n_share={n_share}: with the first {keep_first} and last {keep_last} layers unshared, "
+                         f"between 0 and {max(0, len(inner) - 1)} layers can share")
+    blocks = [[i] for i in inner]
+    for _ in range(n_share):  # each merge makes one more layer (the second block's first) a sharer
+        _, k = max((float(similarity[blocks[k + 1], blocks[k][0]].mean()), k) for k in range(len(blocks) - 1))
+        blocks[k:k + 2] = [blocks[k] + blocks[k + 1]]
+    attn_source = list(range(n))
+    for block in blocks:
+        for i in block:
+            attn_source[i] = block[0]
+    return tuple(attn_source)
+
+
 def save_heatmap(similarity, path, title="K/V sharing: 1 - relative change of the layer's output"):
     """The lower triangle (the pairs a map can use), coloured over the range of its own values, so the
     differences the calibration acts on are visible."""
@@ -476,9 +542,10 @@ def converted_checkpoint(model, ckpt, dataset):
 
 def convert_command(s, model, ckpt):
     if not s.out:
-        raise ConfigError("--convert_to needs --out=<checkpoint file to write>")
-    student = convert_model(model, s.convert_to, s.kv_init)
-    print(f"converted to kv_source {list(student.config.kv_source)} ({s.kv_init} K/V init)")
+        raise ConfigError("--convert_to and --attn_to need --out=<checkpoint file to write>")
+    student = convert_model(model, s.convert_to or None, s.kv_init, s.attn_to or None)
+    print(f"converted to kv_source {list(student.config.kv_source)} ({s.kv_init} K/V init), "
+          f"attn_source {list(student.config.attn_source)}")
     if s.local_iters > 0:
         batches = token_batches(model, ckpt, s.dataset, "train", s.batches, s.batch_size, s.block_size, s.seed)
         local_distillation(student, model.requires_grad_(False), batches, s.local_iters, s.local_lr)
@@ -487,32 +554,42 @@ def convert_command(s, model, ckpt):
     return student
 
 
-def print_similarity(sim):
+def print_similarity(sim, criterion="kv"):
     n = sim.shape[0]
-    print("1 - relative change of layer i's output when it uses layer j's K/V (row: i, column: earlier j)")
+    print("1 - relative change of layer i's output when it uses layer j's K/V (row: i, column: earlier j)"
+          if criterion == "kv" else "cosine similarity of the attention maps of layer i and earlier layer j")
     print("     " + "".join(f"{j:6d}" for j in range(n)))
     for i in range(n):
         print(f"{i:4d} " + "".join(f"{sim[i, j]:6.2f}" for j in range(i + 1)))
 
 
 def main(argv):
-    s, _ = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean")})
+    s, _ = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "attention")})
     model, ckpt = load_model(s.init_from)
-    if s.convert_to:
+    if s.convert_to or s.attn_to:
         convert_command(s, model, ckpt)
         return 0
     batches = token_batches(model, ckpt, s.dataset, "val", s.batches, s.batch_size, s.block_size, s.seed)
-    sim = kv_similarity(model, batches)
     n_share_ = s.n_share if s.n_share >= 0 else model.config.n_layer // 2
-    proposal = propose_kv_source(sim, n_share_)
-    print_similarity(sim)
+    if s.criterion == "kv":
+        sim, name, proposal = kv_similarity(model, batches), "kv_similarity", None
+        proposal = propose_kv_source(sim, n_share_)
+    else:
+        sim, name = attention_similarity(model, batches), "attn_similarity"
+        proposal = propose_attn_source(sim, n_share_)
+    print_similarity(sim, s.criterion)
     out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))
     os.makedirs(out_dir, exist_ok=True)
-    torch.save(sim, os.path.join(out_dir, "kv_similarity.pt"))
-    save_heatmap(sim, os.path.join(out_dir, "kv_similarity.png"))
-    print(f"saved {out_dir}/kv_similarity.pt (for adapt_order=similarity) and {out_dir}/kv_similarity.png")
-    print(f"proposed kv_source sharing {n_share_} layers: {','.join(map(str, proposal))}")
+    torch.save(sim, os.path.join(out_dir, f"{name}.pt"))
+    save_heatmap(sim, os.path.join(out_dir, f"{name}.png"), HEATMAP_TITLES[s.criterion])
+    print(f"saved {out_dir}/{name}.pt and {out_dir}/{name}.png")
+    print(f"proposed {'kv_source' if s.criterion == 'kv' else 'attn_source'} sharing {n_share_} layers: "
+          f"{','.join(map(str, proposal))}")
     return proposal
+
+
+HEATMAP_TITLES = {"kv": "K/V sharing: 1 - relative change of the layer's output",
+                  "attention": "cosine similarity of attention maps"}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ adaptation into KV-shared models, measured on held-out Shakespeare plays and on 
 3. adaptation at one token budget (iters x batch_size x block_size tokens per run): the dense model
    fine-tuned on the same tokens (the fair baseline), abrupt, gradual, with distillation, with freezing,
    and with layer-local distillation first; then the KV cache fraction curve at that budget;
-4. decode tokens/s and KV cache bytes, and the greedy answers to five chat questions, dense vs adapted.
+4. EchoAtt: attention-map calibration, conversion and two-stage distillation at the same budget, side by
+   side with K/V sharing of as many layers;
+5. decode tokens/s and KV cache bytes, and the greedy answers to five chat questions, dense vs adapted.
 Every training run is a train.py command (printed), so any number can be re-run by hand; finished runs
 are reused only when their settings match. Results: OUT/results.md, OUT/results.json, OUT/*.png.
 """
@@ -28,7 +30,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from adapt import convert_model, kv_similarity, propose_kv_source, save_heatmap  # noqa: E402
+from adapt import (attention_similarity, convert_model, kv_similarity, propose_attn_source,  # noqa: E402
+                   propose_kv_source, save_heatmap)
 from checkpoint import load_model, save_checkpoint  # noqa: E402
 from configurator import configure, run_script, settings_from  # noqa: E402
 from data.common import BatchSampler, dataset_dir, ensure_dataset, load_meta, open_tokens  # noqa: E402
@@ -46,7 +49,8 @@ learning_rate = 2e-4
 eval_batches = 16            # batches of each held-out text every model is evaluated on
 calib_batches = 4
 local_iters = 40             # layer-local distillation steps before end-to-end training
-share = "8,15,22"            # layers the calibrated maps share (of 30): KV cache 0.73, 0.50, 0.27
+share = "8,12,15,22"         # layers the calibrated K/V maps share (of 30): KV cache 0.73, 0.60, 0.50, 0.27
+attn_share = "8,12"          # layers the EchoAtt maps share (27% and 40%)
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
@@ -166,6 +170,33 @@ def local_checkpoint(name, s):
 MAPS, LOCAL_SECONDS, BEST_INIT = {}, {}, {}
 
 
+def echoatt(dense, data_dir, s, k0, n_runs):
+    """EchoAtt at each of attn_share: calibrate by attention maps, convert (sharers drop Q and K), then
+    two-stage distillation (2/3 of the budget learning from the teacher: 0.25 KL + 0.5 argmax CE +
+    0.25 hidden-state MSE at the shared blocks' ends; then plain CE). {name: row}."""
+    meta = load_meta(data_dir)
+    sampler = BatchSampler(open_tokens(data_dir, "train", meta), s.block_size, s.batch_size, s.seed + 1, "cpu")
+    sim = attention_similarity(dense, [sampler.get("train", 0, k)[0] for k in range(s.calib_batches)])
+    save_heatmap(sim, os.path.join(s.out, "attn_similarity.png"), "SmolLM2-135M: cosine similarity of attention maps")
+    rows = {}
+    for k, n in enumerate(map(int, s.attn_share.split(",")), k0):
+        name = f"attention {n}"
+        attn = propose_attn_source(sim, n)
+        converted = convert_model(dense, attn_source=attn)
+        path = converted_path(s, name)
+        save_checkpoint({"model": converted.state_dict(), "model_config": converted.config.to_dict()}, path)
+        after_conversion = evaluate(converted, data_dir, s.eval_batches, s.batch_size, s.block_size, s.seed)
+        ends = [i + 1 for i in range(len(attn) - 1) if attn[i] != i and attn[i + 1] == i + 1]
+        out_dir, tps = train_run(name, [f"--init_from={path}", f"--distill_teacher={s.model}",
+                                        f"--distill_iters={2 * s.iters // 3}", "--distill_alpha=0.25",
+                                        "--distill_argmax=0.5", "--distill_hidden=0.25",
+                                        f"--distill_hidden_layers={','.join(map(str, ends))}"], s, k, n_runs)
+        rows[name] = {"attn_source": list(attn), "converted": after_conversion, "out_dir": out_dir,
+                      "tokens_per_s": tps, "params": converted.num_params()}
+        progress(f"{name}: {rows[name]}")
+    return sim, rows
+
+
 @torch.no_grad()
 def decode_speed(models, n_tokens=64, prompt_len=128, rounds=3):
     """Greedy batch-1 decode tokens/s (prefill excluded), median over interleaved rounds, fp32."""
@@ -220,33 +251,46 @@ def table(rows, header):
     return lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
 
-def report(s, sim_maps, converted, adapted, decode, answers, minutes):
-    dense = converted["dense"]
-    base = adapted["dense fine-tuned"]
+def report(s, sim_maps, converted, adapted, attn, decode, answers, minutes):
+    dense, base = converted["dense"], adapted["dense fine-tuned"]
+    gap = lambda r, k: f"{r[k]:.3f} ({100 * (r[k] / base[k] - 1):+.1f}%)"  # noqa: E731
     lines = [f"`experiments/smollm2.py` on {os.cpu_count()} CPU cores, torch {torch.__version__}, {minutes:.0f} min; "
              f"budget per run {s.iters} x {s.batch_size} x {s.block_size} = {s.iters * s.batch_size * s.block_size:,} "
-             f"tokens, {s.dtype} autocast; val loss = mean CE over {s.eval_batches} x {s.block_size} tokens of each "
-             "held-out text (fp32).", "", "Calibrated maps: " + "; ".join(f"{n}: {','.join(map(str, m))}"
-                                                                          for n, m in sim_maps.items()), "",
+             f"tokens, {s.dtype} autocast; val loss = mean CE over {s.eval_batches} x {s.batch_size} x {s.block_size} "
+             "tokens of each held-out text (fp32).", "",
+             "Calibrated K/V maps: " + "; ".join(f"{n}: {','.join(map(str, m))}" for n, m in sim_maps.items()), "",
              "**Right after conversion (no training)**", ""]
-    lines += table([(name, f"{r['val']:.3f}", f"{r['other']:.3f}") for name, r in converted.items()],
+    lines += table([(n, f"{r['val']:.3f}", f"{r['other']:.3f}") for n, r in converted.items()] +
+                   [(n + " (EchoAtt)", f"{r['converted']['val']:.3f}", f"{r['converted']['other']:.3f}") for n, r in attn.items()],
                    ["model", "Shakespeare val loss", "Bible val loss"])
-    lines += ["", "Training starts from the init with the lower val loss for each map: " +
-              ", ".join(f"{n}: {i}" for n, i in BEST_INIT.items()), ""]
-    lines += ["", f"**After adaptation** (dense before training: {dense['val']:.3f} / {dense['other']:.3f})", ""]
-    rows = []
-    for name, r in adapted.items():
-        gap = lambda k: f"{100 * (r[k] / base[k] - 1):+.1f}%"  # noqa: E731
-        rows.append((name, f"{r['kv_fraction']:.2f}", f"{r['val']:.3f} ({gap('val')})", f"{r['other']:.3f} ({gap('other')})",
-                     f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s'] / base['tokens_per_s']:.2f}x)"))
-    lines += table(rows, ["run", "KV cache", "Shakespeare val (vs dense fine-tuned)", "Bible val (vs dense fine-tuned)",
-                          "train tokens/s (vs dense fine-tuned)"])
-    lines += ["", "**Decoding** (batch 1, fp32, 64 tokens after a 128-token prompt, median of 3 interleaved rounds)", ""]
-    lines += table([(n, f"{d['tokens_per_s']:.1f}", f"{d['kv_bytes_per_token']:,}") for n, d in decode.items()],
-                   ["model", "decode tokens/s", "KV cache bytes per token (batch 1)"])
+    lines += ["", "Training starts from the K/V init with the lower val loss for each map: " +
+              ", ".join(f"{n}: {i}" for n, i in BEST_INIT.items()), "",
+              f"**After adaptation** (the dense model before training: {dense['val']:.3f} / {dense['other']:.3f})", ""]
+    lines += table([(n, f"{r['kv_fraction']:.2f}", gap(r, "val"), gap(r, "other"),
+                     f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s'] / base['tokens_per_s']:.2f}x)") for n, r in adapted.items()],
+                   ["run", "KV cache", "Shakespeare val (vs dense fine-tuned)", "Bible val (vs dense fine-tuned)",
+                    "train tokens/s (vs dense fine-tuned)"])
+    lines += ["", "**Decoding and the two kinds of sharing side by side** (batch 1, fp32, 64 tokens after a 128-token "
+              "prompt, median of 3 interleaved rounds)", ""]
+    lines += table([(n, f"{adapted[n]['val']:.3f}", f"{adapted[n]['params'] / 1e6:.2f}M", f"{adapted[n]['tokens_per_s']:,.0f}",
+                     f"{d['tokens_per_s']:.1f}", f"{d['kv_bytes_per_token']:,}") for n, d in decode.items()],
+                   ["model", "Shakespeare val", "parameters", "train tokens/s", "decode tokens/s", "KV cache bytes/token"])
     lines += ["", "**Greedy chat answers**", ""]
     lines += table([(q, *(answers[n][i] for n in answers)) for i, q in enumerate(QUESTIONS)], ["question", *answers])
     return "\n".join(lines) + "\n"
+
+
+def evaluate_runs(runs, data_dir, s):
+    """Both held-out losses of every trained run, with its speed and KV cache fraction."""
+    rows = {}
+    for name, (out_dir, tps, kv) in runs.items():
+        model_, _ = load_model(out_dir)
+        fraction = len(set(kv)) / len(kv) if kv else 1.0
+        rows[name] = evaluate(model_, data_dir, s.eval_batches, s.batch_size, s.block_size, s.seed) | {
+            "tokens_per_s": tps, "kv_fraction": fraction, "kv_source": list(model_.config.kv_source),
+            "attn_source": list(model_.config.attn_source), "params": model_.num_params(), "out_dir": out_dir}
+        progress(f"{name}: {rows[name]}")
+    return rows
 
 
 def main(argv):
@@ -262,28 +306,25 @@ def main(argv):
     progress("calibrated maps: " + "; ".join(f"{n}: {m}" for n, m in maps.items()))
     converted = conversion_table(dense, {k: MAPS[k] for k in ("cla:2", "upper:half", *maps)}, data_dir, s)
     runs = adaptation_runs(MAPS, s)
-    adapted = {}
-    for name, (out_dir, tps, kv) in runs.items():
-        model_, _ = load_model(out_dir)
-        fraction = len(set(kv)) / len(kv) if kv else 1.0
-        adapted[name] = evaluate(model_, data_dir, s.eval_batches, s.batch_size, s.block_size, s.seed) | {
-            "tokens_per_s": tps, "kv_fraction": fraction, "kv_source": list(kv or range(30)), "out_dir": out_dir}
-        progress(f"{name}: {adapted[name]}")
-    best = "local + abrupt, calibrated 15"
-    models = {"dense fine-tuned": load_model(runs["dense fine-tuned"][0])[0], best: load_model(runs[best][0])[0]}
+    attn_sim, attn = echoatt(dense, data_dir, s, len(runs) + 1, len(runs) + len(s.attn_share.split(",")))
+    runs.update({name: (r["out_dir"], r["tokens_per_s"], None) for name, r in attn.items()})
+    adapted = evaluate_runs(runs, data_dir, s)
+    compared = ["dense fine-tuned", "local + abrupt, calibrated 15"] + [
+        n for n in adapted if n.startswith("attention") or n in (f"local + abrupt, calibrated {k}" for k in s.attn_share.split(","))]
+    models = {n: load_model(adapted[n]["out_dir"])[0] for n in dict.fromkeys(compared)}
     speed = decode_speed(models)
     decode = {n: {"tokens_per_s": speed[n], "kv_bytes_per_token": m.new_cache(1, 1).nbytes()} for n, m in models.items()}
-    answers = chat_answers({"dense (as imported)": s.model, "dense fine-tuned": runs["dense fine-tuned"][0],
-                            best: runs[best][0]})
+    answers = chat_answers({"dense (as imported)": s.model, "dense fine-tuned": adapted["dense fine-tuned"]["out_dir"],
+                            "KV-shared, half cache": adapted["local + abrupt, calibrated 15"]["out_dir"]})
     points = {adapted[n]["kv_fraction"]: adapted[n] for n in adapted if n.startswith("local + abrupt, calibrated")}
     points[1.0] = adapted["dense fine-tuned"]
     plot_kv_curve(points, os.path.join(s.out, "kv_fraction_vs_loss.png"))
-    text = report(s, maps, converted, adapted, decode, answers, (time.time() - t_start) / 60)
+    text = report(s, maps, converted, adapted, attn, decode, answers, (time.time() - t_start) / 60)
     open(os.path.join(s.out, "results.md"), "w").write(text)
     json.dump({"settings": vars(s), "maps": {k: list(v) for k, v in MAPS.items()}, "best_init": BEST_INIT,
-               "converted": converted,
-               "adapted": adapted, "decode": decode, "answers": answers, "local_distillation_s": LOCAL_SECONDS,
-               "similarity": sim.tolist()}, open(os.path.join(s.out, "results.json"), "w"), indent=1)
+               "converted": converted, "adapted": adapted, "attention": attn, "decode": decode, "answers": answers,
+               "local_distillation_s": LOCAL_SECONDS, "kv_similarity": sim.tolist(),
+               "attn_similarity": attn_sim.tolist()}, open(os.path.join(s.out, "results.json"), "w"), indent=1)
     print(text)
     return 0
 

@@ -401,3 +401,43 @@ def test_two_stage_distillation_uses_the_teacher_only_in_stage_one(data_dir, den
     run(data_dir, tmp_path / "b", "--n_layer=4", "--init_from=resume", "--max_iters=5", "--eval_interval=5", "--distill_iters=3",
         "--distill_argmax=0.5", f"--distill_teacher={dense_ckpt}")
     assert len(calls) == 3
+
+
+# ---- EchoAtt: calibration by attention maps, conversion
+
+
+def test_attention_calibration_finds_a_planted_pair(tmp_path):
+    from adapt import attention_similarity, propose_attn_source
+    i, j = 2, 3
+    model = dense_model(n_layer=6, seed=4)
+    with torch.no_grad():
+        for layer in model.layers:  # sharp attention: random small weights attend almost uniformly, alike
+            layer.self_attn.q_proj.weight.mul_(30)
+        # layer i adds nothing to the residual stream, so layer j sees its input and, with its Q/K, attends alike
+        model.layers[i].self_attn.o_proj.weight.zero_()
+        model.layers[i].mlp.down_proj.weight.zero_()
+        for name in ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj"):
+            model.layers[j].get_submodule(name).weight.copy_(model.layers[i].get_submodule(name).weight)
+    sim = attention_similarity(model, [batch(seed=s)[0] for s in range(2)])
+    assert sim[j, i] == pytest.approx(1.0, abs=1e-5) and torch.allclose(sim.diagonal(), torch.ones(6))
+    assert max(float(sim[a, b]) for a in range(6) for b in range(a) if (a, b) != (j, i)) < 0.999
+    assert propose_attn_source(sim, 1) == (0, 1, 2, 2, 4, 5)
+    proposal = propose_attn_source(sim, 2)
+    assert proposal[j] == i and sum(a != b for a, b in enumerate(proposal)) == 2
+    assert proposal[:2] == (0, 1) and proposal[5] == 5  # the first two and the last layer keep their own
+    LlamaConfig(n_layer=6, attn_source=proposal)
+
+
+def test_attention_conversion_drops_q_and_k_and_loads_strictly():
+    from adapt import convert_model
+    dense = dense_model(n_layer=6)
+    shared = convert_model(dense, attn_source="0,1,2,2,2,5")
+    assert {n for n, _ in shared.layers[3].self_attn.named_parameters()} == {"v_proj.weight", "o_proj.weight"}
+    fresh = Llama(LlamaConfig(**shared.config.to_dict()))
+    fresh.load_state_dict(shared.state_dict())  # strict
+    x = batch()[0]
+    assert torch.equal(fresh(x)[0], shared(x)[0])
+    for i in (0, 1, 2, 5):  # unshared layers keep their weights
+        assert torch.equal(shared.layers[i].self_attn.q_proj.weight, dense.layers[i].self_attn.q_proj.weight)
+    both = convert_model(dense, kv_source="0,0,2,3,4,5", attn_source="0,1,2,2,4,4")
+    assert both.config.kv_source[1] == 0 and both.config.attn_source[5] == 4
