@@ -111,6 +111,14 @@ def test_kv_cache_bytes_ratio_is_exactly_owners_over_layers(rows):
             assert dec[spec]["kv_cache_ratio"] == owners / cfg["n_layer"]
 
 
+def test_smollm2_preset_has_the_real_models_shape():
+    cfg = bench.PRESETS["smollm2"]["model"]
+    with torch.device("meta"):
+        m = M.Llama(M.LlamaConfig(**cfg, kv_source="dense"))
+    assert m.num_params() == 134_515_008  # SmolLM2-135M's parameter count (tied embeddings)
+    assert (m.config.rope_theta, m.config.n_head, m.config.n_kv_head) == (1e5, 9, 3)
+
+
 # -----------------------------------------------------------------------------
 # settings: the README's commands parse, and every bad one is refused before any work
 
@@ -120,6 +128,7 @@ def test_kv_cache_bytes_ratio_is_exactly_owners_over_layers(rows):
     "--preset cpu --dtype fp32 --compile --reference hf --out {d}/x.json",
     "--preset cpu --models dense;cla:2;0,0,2,2,4,4,6,6",
     "--preset tinyllama --dtype bf16 --compile --reference hf --device=cpu",
+    "--preset smollm2 --reference hf --repeats=2",
 ])
 def test_readme_commands_parse(argv, tmp_path):
     s = bench.parse_settings(argv.format(d=tmp_path).split())
