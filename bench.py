@@ -8,6 +8,7 @@ transformers' LlamaForCausalLM.
     python bench.py --preset smollm2 --reference hf               # SmolLM2-135M's shape, random weights
     python bench.py --preset tinyllama --dtype bf16 --compile     # on a GPU
     python bench.py --preset cpu --models "dense;cla:2;0,0,2,2,4,4,6,6"
+    python bench.py --preset cpu --skip train,mem --profile       # where a decode step spends its time
 
 Settings are the plain globals below (configurator.py): --key=value or --key value, a bare --flag for
 booleans, fp32/bf16 for the dtype; sizes left at 0 take the preset's value. --models takes kv_source
@@ -76,6 +77,7 @@ prompt_len = 0               # decode prompt
 new_tokens = 0               # decode steps timed after the prefill
 threads = 0                  # torch.set_num_threads: 0 is the preset's (tiny: 1), else torch's default
 skip = ""                    # comma list: train, decode, mem (CPU peak-RSS children), refmem (the reference's child only)
+profile = False              # torch.profiler over the decode steps at batch 1: time per op, GB/s of the matmuls
 out = ""                     # write the measurements to this JSON file (its directory must exist)
 seed = 1337
 mem_child = ""               # internal: the model a child process measures the peak RSS of (measure_cpu_mem)
@@ -580,12 +582,16 @@ def bench(s):
     rows = []
     if "train" not in s.skip:
         rows += bench_train(s, env, modules)
-    if "decode" not in s.skip:
+    if "decode" not in s.skip or s.profile:
         for m in modules.values():  # free any gradients; decode in the run's dtype
             m.zero_grad(set_to_none=True)
             m.to(env.dtype).eval()
-        for B in sorted({1, s.decode_batch}):
-            rows += bench_decode(s, env, modules, B)
+        if "decode" not in s.skip:
+            for B in sorted({1, s.decode_batch}):
+                rows += bench_decode(s, env, modules, B)
+        if s.profile:
+            for name, module in modules.items():
+                profile_decode(s, env, name, module)
     add_ratios(rows)
     for row in rows:
         if row["model"] == "hf":
@@ -757,6 +763,61 @@ def write_json(rows, path):
         json.dump(rows, f, indent=1)
     os.replace(tmp, path)
     print(f"wrote {len(rows)} measurements to {path}")
+
+
+# -----------------------------------------------------------------------------
+# decode profile: where a step's time goes, op by op
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")  # the leaves: aten::linear and aten::matmul call these
+
+
+def profile_decode(s, env, name, module):
+    """torch.profiler over the decode steps at batch 1, after a warm-up (compilation included)."""
+    gen = torch.Generator(device="cpu").manual_seed(s.seed + 3)
+    prompt = torch.randint(s.model_config["vocab_size"], (1, s.prompt_len), generator=gen).to(env.device)
+    dec = Decoder(module, prompt, s.new_tokens, s.compile)
+    dec.timed()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if env.on_gpu else [])
+    token = dec.prefill()
+    sync(env.device)
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        dec.decode(token)
+        sync(env.device)
+    print_profile(prof, name, s, env, time.perf_counter() - t0)
+
+
+def print_profile(prof, name, s, env, wall, top=20):
+    """Per op (and input shapes): calls and self time per token, share of the step; for matmuls the
+    bytes of the weight (at batch 1 the largest operand) and the GB/s achieved reading it, to set
+    against the measured bandwidth."""
+    steps, elsize = s.new_tokens, env.dtype.itemsize
+    self_us = (lambda e: e.self_device_time_total) if env.on_gpu else (lambda e: e.self_cpu_time_total)
+    ops = sorted(prof.key_averages(group_by_input_shape=True), key=self_us, reverse=True)
+    total = max(sum(map(self_us, ops)), 1e-9)
+    print(f"\n== decode profile: {name}, batch 1, {steps} steps, {s.dtype}, compile {s.compile}: "
+          f"{1e6 * wall / steps:.0f} us/token under the profiler, {total / steps:.0f} us/token of op self time")
+    print(f"{'op':<40}{'input shapes':<44}{'calls/tok':>10}{'us/tok':>9}{'share':>7}{'MiB read':>10}{'GB/s':>8}")
+    mm_us = mm_bytes = 0
+    for i, e in enumerate(ops):
+        t, read, gbps = self_us(e), "", ""
+        if e.key in MATMUL_OPS and e.input_shapes:
+            nbytes = max(_numel(shape) for shape in e.input_shapes) * elsize
+            mm_us, mm_bytes = mm_us + t, mm_bytes + nbytes * e.count
+            read, gbps = f"{nbytes / 2 ** 20:.2f}", f"{nbytes * e.count / max(t, 1e-9) / 1e3:.1f}"
+        if i < top and t >= 0.005 * total:
+            print(f"{e.key[:39]:<40}{str(e.input_shapes)[:43]:<44}{e.count / steps:>10.1f}{t / steps:>9.1f}"
+                  f"{t / total:>7.1%}{read:>10}{gbps:>8}")
+    if mm_us:
+        print(f"matmuls: {mm_us / total:.0%} of the op time; {mm_bytes / steps / 2 ** 20:.1f} MiB of weights per "
+              f"token read at {mm_bytes / mm_us / 1e3:.1f} GB/s")
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n if shape else 0
 
 
 # -----------------------------------------------------------------------------

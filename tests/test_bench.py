@@ -111,6 +111,13 @@ def test_kv_cache_bytes_ratio_is_exactly_owners_over_layers(rows):
             assert dec[spec]["kv_cache_ratio"] == owners / cfg["n_layer"]
 
 
+def test_decode_profile_prints_ops_and_matmul_bandwidth(capsys):
+    bench.run(TINY + ["--models", "dense", "--skip", "train,decode,mem", "--profile"])
+    out = capsys.readouterr().out
+    assert "== decode profile: dense, batch 1" in out
+    assert "aten::mm" in out and "matmuls:" in out and "GB/s" in out
+
+
 def test_smollm2_preset_has_the_real_models_shape():
     cfg = bench.PRESETS["smollm2"]["model"]
     with torch.device("meta"):
