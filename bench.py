@@ -426,7 +426,9 @@ class Decoder:
             self.cache_key = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
         else:
             self.cache = module.new_cache(B, T + new_tokens)
-            # dynamic=False: one specialised graph per batch size, as in a server with fixed batch slots
+            # dynamic=False: one specialised graph per batch size, as in a server with fixed batch slots.
+            # No CUDA graphs (mode="reduce-overhead"): they would need the cache tensors marked static,
+            # and no GPU was at hand to check that; batch-1 decoding on a GPU is launch-bound without them.
             self.step = (torch.compile(module.decode_step, fullgraph=True, dynamic=False) if compile_step
                          else module.decode_step)
 
@@ -552,8 +554,8 @@ def peak_memory(env, name, phase, gpu_peak):
     if env.on_gpu:
         return gpu_peak, None, f"cuda max_memory_allocated, own state + {phase} peak"
     mem = env.cpu_mem.get(name, {})
-    return (mem.get(phase), mem.get("baseline_rss"),
-            "peak RSS (VmHWM, process-wide) of a child process holding only this model")
+    kind = "peak RSS (VmHWM, process-wide) of a child process holding only this model" if phase in mem else None
+    return mem.get(phase), mem.get("baseline_rss"), kind
 
 
 # -----------------------------------------------------------------------------
@@ -569,12 +571,12 @@ def run(argv=None):
     try:
         if s.mem_child:
             return mem_child_main(s)
-        return bench(s)
+        return benchmark(s)
     finally:  # callers in the same process (tests) keep their thread count
         torch.set_num_threads(threads)
 
 
-def bench(s):
+def benchmark(s):
     env = setup(s)
     modules = build_all(s, env)
     if not env.on_gpu and "mem" not in s.skip:  # first, while this process holds only the weights
@@ -590,8 +592,9 @@ def bench(s):
             for B in sorted({1, s.decode_batch}):
                 rows += bench_decode(s, env, modules, B)
         if s.profile:
+            bandwidth = memory_bandwidth(torch.ones(s.bandwidth_bytes // 4, device=env.device))
             for name, module in modules.items():
-                profile_decode(s, env, name, module)
+                profile_decode(s, env, name, module, bandwidth)
     add_ratios(rows)
     for row in rows:
         if row["model"] == "hf":
@@ -771,53 +774,68 @@ def write_json(rows, path):
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")  # the leaves: aten::linear and aten::matmul call these
 
 
-def profile_decode(s, env, name, module):
-    """torch.profiler over the decode steps at batch 1, after a warm-up (compilation included)."""
+def profile_decode(s, env, name, module, bandwidth):
+    """torch.profiler over the decode steps at batch 1, after a warm-up (compilation included) and
+    one run without the profiler, whose time per token is printed beside the profiled one."""
     gen = torch.Generator(device="cpu").manual_seed(s.seed + 3)
     prompt = torch.randint(s.model_config["vocab_size"], (1, s.prompt_len), generator=gen).to(env.device)
     dec = Decoder(module, prompt, s.new_tokens, s.compile)
     dec.timed()
+    plain = dec.timed()[1]
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if env.on_gpu else [])
     token = dec.prefill()
     sync(env.device)
-    t0 = time.perf_counter()
     with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
         dec.decode(token)
         sync(env.device)
-    print_profile(prof, name, s, env, time.perf_counter() - t0)
+    print_profile(prof, name, s, env, plain, bandwidth)
 
 
-def print_profile(prof, name, s, env, wall, top=20):
-    """Per op (and input shapes): calls and self time per token, share of the step; for matmuls the
-    bytes of the weight (at batch 1 the largest operand) and the GB/s achieved reading it, to set
-    against the measured bandwidth."""
+def op_bytes(e, elsize):
+    """Bytes an op has to read, where that is clear from its input shapes: a matmul's largest operand
+    (at decode batch sizes the weight), an attention kernel's K and V (the whole static cache)."""
+    shapes = [x for x in e.input_shapes or [] if x]
+    if e.key in MATMUL_OPS and shapes:
+        return max(map(_numel, shapes)) * elsize
+    if e.key.startswith("aten::_scaled_dot_product") and len(shapes) >= 3:
+        return (_numel(shapes[1]) + _numel(shapes[2])) * elsize
+    return None
+
+
+def print_profile(prof, name, s, env, plain_s, bandwidth, top=20):
+    """Per op and input shapes: calls and self time per token, share of the op time, and the bytes
+    read per call and GB/s where op_bytes knows them, to set against the measured bandwidth."""
     steps, elsize = s.new_tokens, env.dtype.itemsize
     self_us = (lambda e: e.self_device_time_total) if env.on_gpu else (lambda e: e.self_cpu_time_total)
     ops = sorted(prof.key_averages(group_by_input_shape=True), key=self_us, reverse=True)
+    if env.on_gpu:  # kernels are listed beside the aten ops that launch them: keep the ops (untested, no GPU)
+        ops = [e for e in ops if e.device_type == torch.autograd.DeviceType.CPU]
     total = max(sum(map(self_us, ops)), 1e-9)
-    print(f"\n== decode profile: {name}, batch 1, {steps} steps, {s.dtype}, compile {s.compile}: "
-          f"{1e6 * wall / steps:.0f} us/token under the profiler, {total / steps:.0f} us/token of op self time")
+    print(f"\n== decode profile: {name}, batch 1, {steps} steps, {s.dtype}, compile {s.compile}, "
+          f"{torch.get_num_threads()} threads: {1e6 * plain_s / steps:.0f} us/token without the profiler, "
+          f"{total / steps:.0f} us/token of op self time under it; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"{'op':<40}{'input shapes':<44}{'calls/tok':>10}{'us/tok':>9}{'share':>7}{'MiB read':>10}{'GB/s':>8}")
     mm_us = mm_bytes = 0
     for i, e in enumerate(ops):
-        t, read, gbps = self_us(e), "", ""
-        if e.key in MATMUL_OPS and e.input_shapes:
-            nbytes = max(_numel(shape) for shape in e.input_shapes) * elsize
-            mm_us, mm_bytes = mm_us + t, mm_bytes + nbytes * e.count
+        t, nbytes, read, gbps = self_us(e), op_bytes(e, elsize), "", ""
+        if nbytes is not None:
             read, gbps = f"{nbytes / 2 ** 20:.2f}", f"{nbytes * e.count / max(t, 1e-9) / 1e3:.1f}"
+        if e.key in MATMUL_OPS and nbytes is not None:
+            mm_us, mm_bytes = mm_us + t, mm_bytes + nbytes * e.count
         if i < top and t >= 0.005 * total:
             print(f"{e.key[:39]:<40}{str(e.input_shapes)[:43]:<44}{e.count / steps:>10.1f}{t / steps:>9.1f}"
                   f"{t / total:>7.1%}{read:>10}{gbps:>8}")
     if mm_us:
+        rate = mm_bytes / mm_us * 1e6
         print(f"matmuls: {mm_us / total:.0%} of the op time; {mm_bytes / steps / 2 ** 20:.1f} MiB of weights per "
-              f"token read at {mm_bytes / mm_us / 1e3:.1f} GB/s")
+              f"token read at {rate / 1e9:.1f} GB/s, {rate / bandwidth:.0%} of the measured bandwidth")
 
 
 def _numel(shape):
     n = 1
     for d in shape:
         n *= d
-    return n if shape else 0
+    return n
 
 
 # -----------------------------------------------------------------------------
