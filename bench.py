@@ -76,7 +76,7 @@ decode_batch = 0             # the larger decode batch (batch 1 always runs)
 prompt_len = 0               # decode prompt
 new_tokens = 0               # decode steps timed after the prefill
 threads = 0                  # torch.set_num_threads: 0 is the preset's (tiny: 1), else torch's default
-skip = ""                    # comma list: train, decode, mem (CPU peak-RSS children), refmem (the reference's child only)
+skip = ""                    # comma list: train, decode, mem (CPU peak-RSS children), refmem (the reference's)
 profile = False              # torch.profiler over the decode steps at batch 1: time per op, GB/s of the matmuls
 out = ""                     # write the measurements to this JSON file (its directory must exist)
 seed = 1337
@@ -615,7 +615,8 @@ def setup(s):
     env.base_row = dict(device=name, dtype=s.dtype, preset=s.preset, compile=s.compile,
                         vocab_size=s.model_config["vocab_size"], threads=torch.get_num_threads(),
                         torch=torch.__version__, shared_machine_loadavg_start=load)
-    print(f"bench.py: preset {s.preset}, device {name}, dtype {s.dtype}, compile {s.compile}, torch {torch.__version__}")
+    print(f"bench.py: preset {s.preset}, device {name}, dtype {s.dtype}, compile {s.compile}, "
+          f"torch {torch.__version__}")
     print(f"model shape: {s.model_config}")
     print(f"train: batch {s.batch_size} x seq {s.seq_len}, {s.warmup} warm-up steps, {s.repeats} rounds x {s.steps} "
           f"steps; decode: prompt {s.prompt_len}, {s.new_tokens} new tokens, batch 1 and {s.decode_batch}; "
