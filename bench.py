@@ -1,29 +1,38 @@
 """
-bench.py: training and decoding throughput, utilisation and memory of ECHO-LLaMA models, dense and
-KV-shared side by side in one process, optionally against Hugging Face transformers' LlamaForCausalLM.
+bench.py: training and decoding speed of ECHO-LLaMA models, dense and KV-shared side by side in one
+process, each measured against this machine's own limits, optionally beside Hugging Face
+transformers' LlamaForCausalLM.
 
     python bench.py --preset cpu                                  # dense vs upper:half, fp32
     python bench.py --preset cpu --dtype bf16 --reference hf --out bench_cpu_bf16.json
+    python bench.py --preset smollm2 --reference hf               # SmolLM2-135M's shape, random weights
     python bench.py --preset tinyllama --dtype bf16 --compile     # on a GPU
     python bench.py --preset cpu --models "dense;cla:2;0,0,2,2,4,4,6,6"
+    python bench.py --preset cpu --skip train,mem --profile       # where a decode step spends its time
 
---models takes kv_source specs separated by ';' (a kv_source list itself contains commas), or the
-flag repeated: --models dense --models cla:2. Every spec names the same shape (the preset's).
+Settings are the plain globals below (configurator.py): --key=value or --key value, a bare --flag for
+booleans, fp32/bf16 for the dtype; sizes left at 0 take the preset's value. --models takes kv_source
+specs separated by ';' (a kv_source list itself contains commas).
 
 What is timed, and how:
-  train   forward + backward + AdamW step on random token ids (torch.randint), after warm-up steps
-          (torch.compile included) that are not timed. Repeats are interleaved across the models
-          (A B C A B C ...), the device is synchronised before each clock read, and the median,
-          min and max over repeats are reported.
-  decode  each library's own `generate` (greedy, cache on): a generate of 1 new token (= prefill +
-          first token) and one of N+1 new tokens are timed back to back; prefill tokens/s is
-          B*T_prompt / t(1), decode tokens/s is B*N / (t(N+1) - t(1)). At batch 1 and a larger batch.
+  train   forward + backward + AdamW step on random token ids, after untimed warm-up steps (compilation
+          included). Rounds interleave the models (A B C, C B A, ...), the device is synchronised
+          before every clock read; median, min and max over the rounds.
+  decode  bench.py's own loop, as gpt-fast does it: model.prefill of the prompt, then N greedy steps
+          of model.decode_step (torch.compile'd, fullgraph, with --compile) into a static cache,
+          the device synchronised only at the clock reads. transformers runs the same loop over its
+          forward and its own cache (eager). Prefill tokens/s = B*T / t_prefill, decode tokens/s =
+          B*N / t_loop. At batch 1 and a larger batch.
 
-Utilisation: on a GPU, mfu = model.estimate_mfu against the datasheet bf16 peak (model.PEAK_BF16_FLOPS;
-null for fp32 runs, whose peak is not in the table). On a CPU no datasheet peak applies: mfu is null
-and `util_vs_matmul` is the achieved train FLOP/s (model.flops_per_token(T)['train'] * tokens/s) over
-this machine's own large-matmul rate in the run's dtype, measured in every repeat round (so it sees
-the same machine load as the models).
+Bounds (`bound`, `bound_kind`, `fraction_of_bound` in every row), measured in the same run, in every
+round, so they see the same machine load as the models:
+  train   achieved FLOP/s (model.flops_per_token(T)['train'] x tokens/s) over the large-matmul rate
+          in the run's dtype (`util_vs_matmul`, the same number).
+  decode  achieved bytes/s over the memory read bandwidth. A step at a small batch must stream every
+          weight from memory, so bandwidth, not FLOPs, limits it. Bytes per step: the parameters in
+          the decode dtype (the embedding table only for the B rows looked up, unless tied to the
+          head) plus the K/V every layer attends over at the mean position of the loop.
+On a GPU `mfu` is also given, against the datasheet bf16 peak (model.PEAK_BF16_FLOPS).
 
 Memory (peak_mem_bytes): on CUDA, this model's own parameters, gradients and optimizer state plus the
 transient peak of max_memory_allocated over its steps (other models in the process are subtracted).
@@ -31,100 +40,160 @@ On CPU, peak RSS (VmHWM) of a child process that builds only this model and runs
 (process-wide: includes the Python/torch runtime, given separately as mem_baseline_bytes).
 """
 
-import argparse
 import gc
+import inspect
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
+import types
 
 import torch
 import torch.nn.functional as F
 
 import model as M
+from configurator import DTYPES, ConfigError, autocast, configure, resolve_device, run_script, settings_from
+from convert_hf import hf_config_from_llama, hf_state_dict
 
 # -----------------------------------------------------------------------------
-# presets
+# settings (sizes at 0 take the preset's value)
+preset = "cpu"               # tiny, cpu, smollm2, gpu-small, tinyllama (PRESETS below)
+models = "dense;upper:half"  # kv_source specs separated by ';'
+dtype = "float32"            # float32 or bfloat16: training autocasts over fp32 weights, decoding casts the weights
+compile = False              # torch.compile the train step (the reference's too) and our decode step
+reference = ""               # 'hf': add transformers' LlamaForCausalLM (SDPA), dense, with the dense model's weights
+device = "auto"              # auto, cpu, cuda, cuda:N
+batch_size = 0               # train batch
+seq_len = 0                  # train sequence length
+repeats = 0                  # timed rounds, interleaved across the models
+warmup = 0                   # untimed train steps per model before timing
+steps = 0                    # train steps per model per round
+decode_batch = 0             # the larger decode batch (batch 1 always runs)
+prompt_len = 0               # decode prompt
+new_tokens = 0               # decode steps timed after the prefill
+threads = 0                  # torch.set_num_threads: 0 is the preset's (tiny: 1), else torch's default
+skip = ""                    # comma list: train, decode, mem (CPU peak-RSS children), refmem (the reference's)
+profile = False              # torch.profiler over the decode steps at batch 1: time per op, GB/s of the matmuls
+out = ""                     # write the measurements to this JSON file (its directory must exist)
+seed = 1337
+mem_child = ""               # internal: the model a child process measures the peak RSS of (measure_cpu_mem)
+# -----------------------------------------------------------------------------
+DEFAULTS = settings_from(globals())
 
 PRESETS = {
-    # smoke tests: seconds
+    # smoke tests: seconds. One thread: ops this small only stall waiting for a second core.
     "tiny": dict(model=dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128,
                             vocab_size=256, block_size=64),
                  batch_size=2, seq_len=32, decode_batch=4, prompt_len=16, new_tokens=8,
-                 repeats=3, warmup=1, steps=1, matmul_n=256, threads=1),
-    # 2 CPU cores, a couple of minutes; vocabulary 256 so the LM head does not hide the attention
-    # savings (the same shape as REFERENCE.md's transformers measurement)
+                 repeats=3, warmup=1, steps=1, matmul_n=256, bandwidth_mib=256, threads=1),
+    # 2 CPU cores, a couple of minutes; vocabulary 256 so the LM head does not hide the attention savings
     "cpu": dict(model=dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, intermediate_size=1408,
                            vocab_size=256, block_size=256),
                 batch_size=8, seq_len=256, decode_batch=8, prompt_len=128, new_tokens=64,
-                repeats=5, warmup=2, steps=2, matmul_n=2048),
+                repeats=5, warmup=2, steps=2, matmul_n=2048, bandwidth_mib=1024),
+    # SmolLM2-135M's shape (random weights): a real small LM, tied 49k head; a few minutes on 2 cores
+    "smollm2": dict(model=dict(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                               vocab_size=49152, block_size=256, rope_theta=1e5, tie_embeddings=True),
+                    batch_size=2, seq_len=128, decode_batch=4, prompt_len=64, new_tokens=32,
+                    repeats=3, warmup=1, steps=1, matmul_n=2048, bandwidth_mib=1024),
     "gpu-small": dict(model=dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, intermediate_size=2048,
                                  vocab_size=32000, block_size=1024),
                       batch_size=16, seq_len=1024, decode_batch=16, prompt_len=512, new_tokens=128,
-                      repeats=5, warmup=3, steps=5, matmul_n=8192),
+                      repeats=5, warmup=3, steps=5, matmul_n=8192, bandwidth_mib=4096, gpu=True),
     # TinyLlama-1.1B shape
     "tinyllama": dict(model=dict(n_layer=22, n_head=32, n_kv_head=4, n_embd=2048, intermediate_size=5632,
                                  vocab_size=32000, block_size=2048),
                       batch_size=4, seq_len=2048, decode_batch=16, prompt_len=1024, new_tokens=128,
-                      repeats=5, warmup=3, steps=3, matmul_n=8192),
+                      repeats=5, warmup=3, steps=3, matmul_n=8192, bandwidth_mib=4096, gpu=True),
 }
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    p.add_argument("--models", action="append", default=None,
-                   help="kv_source specs separated by ';' or the flag repeated (default: 'dense;upper:half')")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                   help="train: fp32, or bf16 autocast over fp32 weights; decode: weights cast to this dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile the train step's model and generate's decode step "
-                   "(the Hugging Face reference too)")
-    p.add_argument("--reference", default=None, choices=["hf"], help="add transformers.LlamaForCausalLM (sdpa), dense, same weights")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch_size", type=int, default=None)
-    p.add_argument("--seq_len", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds, interleaved across the models")
-    p.add_argument("--warmup", type=int, default=None, help="untimed train steps per model before timing")
-    p.add_argument("--steps", type=int, default=None, help="train steps per model per timed round")
-    p.add_argument("--decode_batch", type=int, default=None, help="the larger decode batch (batch 1 is always run)")
-    p.add_argument("--prompt_len", type=int, default=None)
-    p.add_argument("--new_tokens", type=int, default=None, help="decode steps timed per generate")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default: torch's, "
-                   "1 for the tiny preset, whose ops are too small to split and stall on a busy machine")
-    p.add_argument("--skip", default="", help="comma list of phases to skip: train, decode, mem (CPU peak-RSS child processes), "
-                   "refmem (only the reference's child: it imports transformers, seconds)")
-    p.add_argument("--out", default=None, help="write a JSON list, one object per measurement")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--_mem_child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    preset = PRESETS[args.preset]
-    for key in ("batch_size", "seq_len", "repeats", "warmup", "steps", "decode_batch", "prompt_len", "new_tokens"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
-    args.matmul_n = preset["matmul_n"]
-    if args.threads is None:
-        args.threads = preset.get("threads")
-    specs = []
-    for item in (args.models or ["dense;upper:half"]):
-        specs += [s.strip() for s in item.split(";") if s.strip()]
-    args.models = list(dict.fromkeys(specs))  # unique, in order
-    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = dict(preset["model"])
-    cfg["block_size"] = max(cfg["block_size"], args.seq_len, args.prompt_len + args.new_tokens + 1)
-    args.model_config = cfg
-    return args
+CHOICES = {"preset": tuple(PRESETS), "dtype": ("float32", "bfloat16"), "reference": ("", "hf")}
+SIZES = ("batch_size", "seq_len", "repeats", "warmup", "steps", "decode_batch", "prompt_len", "new_tokens",
+         "threads")
+SKIP_PARTS = ("train", "decode", "mem", "refmem")
 
 
 # -----------------------------------------------------------------------------
-# helpers
+# settings: parsed and checked before any work
+
+
+def parse_settings(argv):
+    """The run's settings from argv, every one checked; ConfigError (a ValueError) names a bad one."""
+    argv = list(argv)
+    if sum(a == "--models" or a.startswith("--models=") for a in argv) > 1:
+        raise ConfigError("--models is given more than once: name every spec in one, separated by ';'")
+    s, explicit = configure(DEFAULTS, argv, __doc__, CHOICES)
+    s.argv = argv
+    check_out_path(s.out)  # first: a long run must never end unable to write its results
+    p = PRESETS[s.preset]
+    for key in SIZES:
+        value = getattr(s, key)
+        if value < 0 or (value == 0 and key in explicit):
+            raise ConfigError(f"--{key} must be a positive integer, got {value}")
+        if value == 0:
+            setattr(s, key, p.get(key, 0))  # threads 0 (no preset value): torch's default
+    s.skip = parse_skip(s.skip)
+    s.models = parse_models(s.models, p["model"]["n_layer"])
+    s.device = resolve_device(s.device)
+    if p.get("gpu") and not s.device.startswith("cuda") and "device" not in explicit:
+        raise ConfigError(f"preset {s.preset} is sized for a GPU and torch sees none: run it on a GPU, or give "
+                          "--device=cpu to run it on the CPU anyway (slow)")
+    if s.reference == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ConfigError("--reference hf needs the transformers package (./setup.sh --dev)") from None
+    if s.mem_child and s.mem_child not in s.models + ["hf"]:
+        raise ConfigError(f"--mem_child={s.mem_child!r} is not one of the models (it is internal: leave it out)")
+    s.matmul_n, s.bandwidth_bytes = p["matmul_n"], p["bandwidth_mib"] * 2 ** 20
+    cfg = dict(p["model"])
+    cfg["block_size"] = max(cfg["block_size"], s.seq_len, s.prompt_len + s.new_tokens)
+    s.model_config = cfg
+    return s
+
+
+def check_out_path(path):
+    if not path:
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"--out={path} is a directory: name a .json file")
+    if not os.path.isdir(d):
+        raise ConfigError(f"--out={path}: directory {d} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out={path}: cannot write in {d} ({e.strerror})") from None
+
+
+def parse_skip(text):
+    parts = {x.strip() for x in text.split(",") if x.strip()}
+    unknown = sorted(parts - set(SKIP_PARTS))
+    if unknown:
+        raise ConfigError(f"--skip: unknown part {', '.join(unknown)}; allowed: {', '.join(SKIP_PARTS)}")
+    return parts
+
+
+def parse_models(text, n_layer):
+    specs = list(dict.fromkeys(x.strip() for x in text.split(";") if x.strip()))  # unique, in order
+    if not specs:
+        raise ConfigError("--models is empty: give kv_source specs separated by ';', e.g. 'dense;upper:half'")
+    for spec in specs:
+        if spec == "hf":
+            raise ConfigError("--models: 'hf' is not a kv_source; add transformers with --reference hf")
+        try:
+            M.parse_kv_source(spec, n_layer)
+        except ValueError as e:
+            raise ConfigError(f"--models: {e}") from None
+    return specs
+
+
+# -----------------------------------------------------------------------------
+# helpers and the machine's limits
 
 
 def sync(device):
@@ -132,26 +201,25 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def autocast_ctx(device, dtype):
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def summary(values):
     return statistics.median(values), min(values), max(values)
 
 
+def round_order(names, r):
+    """A B C, then C B A, ...: drifts in the machine's load fall on every model alike."""
+    return names if r % 2 == 0 else names[::-1]
+
+
 def tensor_bytes(tensors):
+    """Bytes of the distinct storages among tensors (tied weights count once)."""
     seen, total = set(), 0
     for t in tensors:
         if t is None or not torch.is_tensor(t):
             continue
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
     return total
 
 
@@ -200,6 +268,25 @@ def matmul_rate(n, dtype, device, reps=3):
     return statistics.median(rates)
 
 
+def memory_bandwidth(buf, reps=3):
+    """Read bandwidth in bytes/s: the best of `reps` sums over `buf`, a buffer far larger than the caches.
+
+    A sum reads every byte once and writes nothing, like a decode step streaming its weights; a copy
+    would also write (and on x86 read the destination before writing it), so its byte count depends
+    on the hardware. The sum's arithmetic is one add per element, far below what a core can do, so
+    it runs at the memory's speed (measured here: 40-44 GB/s, the same as a copy counted as 2x bytes).
+    The best read, not the median, because the bound is what the machine can do when least disturbed."""
+    buf.sum()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        sync(buf.device)
+        t0 = time.perf_counter()
+        buf.sum()
+        sync(buf.device)
+        best = min(best, time.perf_counter() - t0)
+    return buf.nbytes / best
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -219,33 +306,36 @@ def device_name(device):
 # the contenders: this project's Llama with a kv_source spec, or transformers' LlamaForCausalLM
 
 
-def build_ours(args, spec, device):
-    torch.manual_seed(args.seed)
-    cfg = M.LlamaConfig(**args.model_config, kv_source=spec)
-    return M.Llama(cfg).to(device)
+def build_ours(s, spec, device):
+    torch.manual_seed(s.seed)
+    return M.Llama(M.LlamaConfig(**s.model_config, kv_source=spec)).to(device)
 
 
-def build_hf(args, dense, device):
-    """transformers.LlamaForCausalLM of the same shape, SDPA attention, with `dense`'s weights."""
+def build_hf(dense, device):
+    """transformers.LlamaForCausalLM of dense's shape, SDPA attention, with dense's weights (the
+    config and the name map are convert_hf's, the ones export writes)."""
     import transformers
-    c = dense.config
-    hcfg = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-        max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    hcfg = transformers.LlamaConfig(**hf_config_from_llama(dense.config, torch.float32))
     hcfg._attn_implementation = "sdpa"
     hf = transformers.LlamaForCausalLM(hcfg).to(device)
-    sd = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in dense.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if "rotary_emb" not in k]
+    missing, unexpected = hf.load_state_dict(hf_state_dict(dense, torch.float32), strict=False)
+    tied = ["lm_head.weight"] if dense.config.tie_embeddings else []  # hf_state_dict leaves a tied head out
+    missing = [k for k in missing if "rotary_emb" not in k and k not in tied]
     if missing or unexpected:
         raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
     return hf
+
+
+def check_reference(dense, hf, vocab, device):
+    """Max |logits| difference between transformers' model and ours (fp32): they must compute the
+    same function, or the comparison means nothing."""
+    x = torch.randint(vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        diff = (dense(x)[0] - hf(input_ids=x).logits).abs().max().item()
+    print(f"hf reference: max |logits - ours| = {diff:.2e} (fp32, same weights)")
+    if diff > 1e-3:
+        raise RuntimeError(f"transformers' model does not match ours (max diff {diff}): benchmark not comparable")
+    return diff
 
 
 def n_params(m):
@@ -271,26 +361,27 @@ class FlopView:
         self.config = config
 
 
-class Contender:
-    def __init__(self, name, module, args, device, dtype):
-        self.name, self.module, self.device, self.dtype = name, module, device, dtype
+class Trainer:
+    """One contender's training steps, the rates of its timed rounds and (CUDA) its peak memory."""
+
+    def __init__(self, name, module, s, device):
+        self.name, self.module, self.device, self.dtype = name, module, device, s.dtype
         self.is_hf = not isinstance(module, M.Llama)
-        self.call = torch.compile(module) if args.compile else module
+        self.call = torch.compile(module) if s.compile else module
         self.opt = make_optimizer(module, device)
-        self.vocab = args.model_config["vocab_size"]
-        gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
-        # a few random batches (never zeros), reused round-robin so data creation is not timed
+        gen = torch.Generator(device="cpu").manual_seed(s.seed + 1)
+        # a few random batches (never zeros), reused round-robin so making data is not timed
         self.batches = []
         for _ in range(3):
-            data = torch.randint(self.vocab, (args.batch_size, args.seq_len + 1), generator=gen)
+            data = torch.randint(s.model_config["vocab_size"], (s.batch_size, s.seq_len + 1), generator=gen)
             self.batches.append((data[:, :-1].to(device), data[:, 1:].to(device)))
-        self.k = 0
-        self.train_rates, self.mem_peak = [], None
+        self.k, self.tokens_per_step = 0, s.batch_size * s.seq_len
+        self.rates, self.mem_peak = [], None
 
-    def train_step(self):
+    def step(self):
         x, y = self.batches[self.k % len(self.batches)]
         self.k += 1
-        with autocast_ctx(self.device, self.dtype):
+        with autocast(self.device.type, self.dtype):
             if self.is_hf:
                 logits = self.call(input_ids=x, use_cache=False).logits
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
@@ -299,20 +390,84 @@ class Contender:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return loss
 
-    def release_training(self):
+    def timed_round(self, steps):
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            sync(self.device)
+            base, own = torch.cuda.memory_allocated(self.device), state_bytes(self.module, self.opt)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync(self.device)
+        self.rates.append(steps * self.tokens_per_step / (time.perf_counter() - t0))
+        if on_gpu:
+            self.mem_peak = max(self.mem_peak or 0, torch.cuda.max_memory_allocated(self.device) - base + own)
+
+    def release(self):
         self.opt.zero_grad(set_to_none=True)
-        self.opt = None
-        self.call = None
-        self.batches = None
+        self.opt = self.call = self.batches = None
 
 
-def generate(module, prompt, n, compile_decode):
-    if isinstance(module, M.Llama):
-        return module.generate(prompt, n, temperature=0, compile_decode=compile_decode)
-    return module.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, use_cache=True)
+class Decoder:
+    """Prefill and greedy decode of one model at one batch size, timed by the caller, gpt-fast style:
+    our model.prefill and model.decode_step (compiled with fullgraph when asked) into a static cache
+    allocated once; transformers' forward with the cache it makes itself."""
+
+    def __init__(self, module, prompt, new_tokens, compile_step):
+        self.module, self.prompt = module, prompt
+        self.is_hf = not isinstance(module, M.Llama)
+        B, T = prompt.shape
+        # positions as ready device tensors: no host-to-device copy inside the timed loop
+        self.positions = [torch.tensor([p], device=prompt.device) for p in range(T, T + new_tokens)]
+        if self.is_hf:  # transformers 5.24 renamed the cache argument and output past_key_values -> cache
+            self.cache_key = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+        else:
+            self.cache = module.new_cache(B, T + new_tokens)
+            # dynamic=False: one specialised graph per batch size, as in a server with fixed batch slots.
+            # No CUDA graphs (mode="reduce-overhead"): they would need the cache tensors marked static,
+            # and no GPU was at hand to check that; batch-1 decoding on a GPU is launch-bound without them.
+            self.step = (torch.compile(module.decode_step, fullgraph=True, dynamic=False) if compile_step
+                         else module.decode_step)
+
+    @torch.no_grad()
+    def prefill(self):
+        """The first new token (B, 1); fills the cache."""
+        if self.is_hf:
+            out = self.module(input_ids=self.prompt, use_cache=True)
+            self.hf_cache = out[self.cache_key]
+            return out.logits[:, -1].argmax(-1, keepdim=True)
+        return self.module.prefill(self.prompt, self.cache).argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def decode(self, token):
+        """One step per position after the prompt; the tokens (B, N)."""
+        tokens = []
+        for pos in self.positions:
+            if self.is_hf:
+                out = self.module(input_ids=token, use_cache=True, **{self.cache_key: self.hf_cache})
+                self.hf_cache, logits = out[self.cache_key], out.logits[:, -1]
+            else:
+                logits = self.step(token, pos, self.cache)
+            token = logits.argmax(-1, keepdim=True)
+            tokens.append(token)
+        return torch.cat(tokens, dim=1)
+
+    def timed(self):
+        """(prefill seconds, decode seconds): the device is synchronised only at the clock reads."""
+        device = self.prompt.device
+        sync(device)
+        t0 = time.perf_counter()
+        token = self.prefill()
+        sync(device)
+        t1 = time.perf_counter()
+        tokens = self.decode(token)
+        sync(device)
+        t2 = time.perf_counter()
+        assert tokens.shape == (self.prompt.shape[0], len(self.positions)), tokens.shape
+        return t1 - t0, t2 - t1
 
 
 def kv_cache_bytes(module, batch, max_len, dtype):
@@ -320,48 +475,66 @@ def kv_cache_bytes(module, batch, max_len, dtype):
         return module.new_cache(batch, max_len, dtype=dtype).nbytes()
     c = module.config  # transformers' cache holds every layer's K and V
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * batch * c.num_key_value_heads * max_len * hd * torch.empty(0, dtype=dtype).element_size()
+    return 2 * c.num_hidden_layers * batch * c.num_key_value_heads * max_len * hd * dtype.itemsize
+
+
+def decode_bytes_per_step(module, config, batch, keys):
+    """(weight bytes, K/V bytes) one decode step has to read from memory at least.
+
+    Weights: every parameter once, in its (decode) dtype, except the embedding table, of which a
+    lookup reads only `batch` rows, unless it is tied to the LM head, which reads it whole.
+    K/V: every layer attends over `keys` positions of its owner's K and V. Consumers read their
+    owner's K/V again (sharing saves cache memory, not reads, unless a re-read hits in the CPU's
+    caches), so this is the same for dense and shared models. Our static cache is masked beyond the
+    current position: SDPA reads those rows too, but they are waste, not need, and not counted."""
+    emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else module.embed_tokens
+    weights = tensor_bytes(module.parameters())
+    if module.lm_head.weight is not emb.weight:
+        weights -= emb.weight.nbytes - batch * emb.weight[0].nbytes
+    elsize = emb.weight.element_size()
+    kv = config.n_layer * 2 * batch * config.n_kv_head * keys * config.head_dim * elsize
+    return weights, kv
 
 
 # -----------------------------------------------------------------------------
-# CPU peak memory: one child process per (model, phase)
+# CPU peak memory: one child process per model
 
 
-def mem_child(args):
+def mem_child_main(s):
     """Runs in a child process that holds only one model: decode at batch 1, decode at the larger
     batch, then train, reading the process's peak RSS (VmHWM) after each phase. Peak RSS only grows,
     so each reading is that phase's peak when the phases grow in that order (they do: a decode holds
     the weights and a cache, training the weights, gradients, AdamW state and activations); else
     it is an upper bound."""
-    name = args._mem_child
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    name, device = s.mem_child, torch.device(s.device)
     torch.set_num_threads(1)  # only memory is read here; the children run side by side
     baseline = rss_bytes()
-    dense = build_ours(args, "dense" if name == "hf" else name, device)
-    module = build_hf(args, dense, device) if name == "hf" else dense
+    dense = build_ours(s, "dense" if name == "hf" else name, device)
+    module = build_hf(dense, device) if name == "hf" else dense
     del dense
     result = {"baseline_rss": baseline}
-    if "decode" not in args.skip:
-        module.to(dtype).eval()
-        gen = torch.Generator(device="cpu").manual_seed(args.seed + 2)
-        for B in sorted({1, args.decode_batch}):
-            prompt = torch.randint(args.model_config["vocab_size"], (B, args.prompt_len), generator=gen).to(device)
-            generate(module, prompt, args.new_tokens + 1, args.compile)
+    if "decode" not in s.skip:
+        module.to(DTYPES[s.dtype]).eval()
+        gen = torch.Generator(device="cpu").manual_seed(s.seed + 2)
+        for B in sorted({1, s.decode_batch}):
+            prompt = torch.randint(s.model_config["vocab_size"], (B, s.prompt_len), generator=gen).to(device)
+            Decoder(module, prompt, s.new_tokens, s.compile).timed()
             result[f"decode_{B}"] = rss_bytes("VmHWM")
         module.float().train()
-    if "train" not in args.skip:
-        c = Contender(name, module, args, device, dtype)
+    if "train" not in s.skip:
+        trainer = Trainer(name, module, s, device)
         for _ in range(2):  # the second step holds gradients and AdamW state together
-            c.train_step()
+            trainer.step()
         result["train"] = rss_bytes("VmHWM")
     print("MEMCHILD " + json.dumps(result))
 
 
-def measure_cpu_mem(args, names):
-    """Peak RSS per phase of child processes, each holding only one model (see mem_child). They run
-    side by side (peak RSS is per process, so they do not disturb each other's numbers) before any
-    timing starts."""
-    procs = {n: subprocess.Popen([sys.executable, os.path.abspath(__file__)] + args._argv + ["--_mem_child", n],
+def measure_cpu_mem(s, names):
+    """Peak RSS per phase of child processes, each holding only one model (see mem_child_main). They
+    run side by side (peak RSS is per process, so they do not disturb each other's numbers) before
+    any timing starts."""
+    t0 = time.perf_counter()
+    procs = {n: subprocess.Popen([sys.executable, os.path.abspath(__file__)] + s.argv + ["--mem_child", n],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in names}
     result = {}
     for n, p in procs.items():
@@ -372,7 +545,17 @@ def measure_cpu_mem(args, names):
                 result[n] = json.loads(line[len("MEMCHILD "):])
         if p.returncode or not result[n]:
             print(f"  (peak memory of {n} not measured: exit {p.returncode}: {err.strip()[-500:]})", file=sys.stderr)
+    print(f"  peak RSS measured in child processes ({time.perf_counter() - t0:.1f}s)")
     return result
+
+
+def peak_memory(env, name, phase, gpu_peak):
+    """(peak bytes, baseline bytes, what the number is) of one model in one phase."""
+    if env.on_gpu:
+        return gpu_peak, None, f"cuda max_memory_allocated, own state + {phase} peak"
+    mem = env.cpu_mem.get(name, {})
+    kind = "peak RSS (VmHWM, process-wide) of a child process holding only this model" if phase in mem else None
+    return mem.get(phase), mem.get("baseline_rss"), kind
 
 
 # -----------------------------------------------------------------------------
@@ -381,219 +564,283 @@ def measure_cpu_mem(args, names):
 
 def run(argv=None):
     """Run the benchmark with command-line arguments `argv`; return the measurements (list of dicts)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    args._argv = [a for a in argv]
+    s = parse_settings(sys.argv[1:] if argv is None else argv)
     threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if s.threads:
+        torch.set_num_threads(s.threads)
     try:
-        if args._mem_child is not None:
-            mem_child(args)
-            return None
-        return _run(args)
+        if s.mem_child:
+            return mem_child_main(s)
+        return benchmark(s)
     finally:  # callers in the same process (tests) keep their thread count
         torch.set_num_threads(threads)
 
 
-def _run(args):
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    on_gpu = device.type == "cuda"
-    load_start = loadavg()
-    dev_name = device_name(device)
-    print(f"bench.py: preset {args.preset}, device {dev_name}, dtype {args.dtype}, compile {args.compile}, "
-          f"torch {torch.__version__}")
-    print(f"model shape: {args.model_config} (vocabulary {args.model_config['vocab_size']})")
-    print(f"train: batch {args.batch_size} x seq {args.seq_len}, {args.warmup} warm-up steps, {args.repeats} rounds "
-          f"x {args.steps} steps; decode: prompt {args.prompt_len}, {args.new_tokens} new tokens, batch 1 and "
-          f"{args.decode_batch}; load average at start {load_start}")
+def benchmark(s):
+    env = setup(s)
+    modules = build_all(s, env)
+    if not env.on_gpu and "mem" not in s.skip:  # first, while this process holds only the weights
+        env.cpu_mem = measure_cpu_mem(s, [n for n in modules if not (n == "hf" and "refmem" in s.skip)])
+    rows = []
+    if "train" not in s.skip:
+        rows += bench_train(s, env, modules)
+    if "decode" not in s.skip or s.profile:
+        for m in modules.values():  # free any gradients; decode in the run's dtype
+            m.zero_grad(set_to_none=True)
+            m.to(env.dtype).eval()
+        if "decode" not in s.skip:
+            for B in sorted({1, s.decode_batch}):
+                rows += bench_decode(s, env, modules, B)
+        if s.profile:
+            bandwidth = memory_bandwidth(torch.ones(s.bandwidth_bytes // 4, device=env.device))
+            for name, module in modules.items():
+                profile_decode(s, env, name, module, bandwidth)
+    add_ratios(rows)
+    for row in rows:
+        if row["model"] == "hf":
+            row["ref_logits_max_abs_diff"] = env.ref_diff
+    print_train_table(rows, s)
+    print_decode_table(rows, s)
+    if s.out:
+        write_json(rows, s.out)
+    return rows
 
-    # build every contender in this process
-    modules = {spec: build_ours(args, spec, device) for spec in args.models}
-    if args.reference == "hf":
-        dense = modules.get("dense") or build_ours(args, "dense", device)
-        modules["hf"] = build_hf(args, dense, device)
-        # the reference must compute the same function as our dense model
-        ref_check = torch.randint(args.model_config["vocab_size"], (1, min(16, args.seq_len)), device=device)
-        with torch.no_grad():
-            ours_logits, _ = dense(ref_check)
-            hf_logits = modules["hf"](input_ids=ref_check).logits
-        ref_diff = (ours_logits - hf_logits).abs().max().item()
-        print(f"hf reference: max |logits - ours| = {ref_diff:.2e} (fp32, same weights)")
-        if ref_diff > 1e-3:
-            raise RuntimeError(f"transformers' model does not match ours (max diff {ref_diff}): benchmark not comparable")
+
+def setup(s):
+    """What every row shares: the device, the run's dtype and the base fields."""
+    device = torch.device(s.device)
+    env = types.SimpleNamespace(device=device, dtype=DTYPES[s.dtype], on_gpu=device.type == "cuda",
+                                cpu_mem={}, ref_diff=None, flops={})
+    name, load = device_name(device), loadavg()
+    env.base_row = dict(device=name, dtype=s.dtype, preset=s.preset, compile=s.compile,
+                        vocab_size=s.model_config["vocab_size"], threads=torch.get_num_threads(),
+                        torch=torch.__version__, shared_machine_loadavg_start=load)
+    print(f"bench.py: preset {s.preset}, device {name}, dtype {s.dtype}, compile {s.compile}, "
+          f"torch {torch.__version__}")
+    print(f"model shape: {s.model_config}")
+    print(f"train: batch {s.batch_size} x seq {s.seq_len}, {s.warmup} warm-up steps, {s.repeats} rounds x {s.steps} "
+          f"steps; decode: prompt {s.prompt_len}, {s.new_tokens} new tokens, batch 1 and {s.decode_batch}; "
+          f"load average at start {load}")
+    return env
+
+
+def build_all(s, env):
+    """Every contender, in this process; for each, the model whose FLOP accounting it has."""
+    modules = {spec: build_ours(s, spec, env.device) for spec in s.models}
+    env.flops = dict(modules)
+    if s.reference == "hf":
+        dense = modules.get("dense") or build_ours(s, "dense", env.device)
+        modules["hf"] = build_hf(dense, env.device)
+        env.flops["hf"] = FlopView(dense.config)  # the reference is our dense model's function
+        env.ref_diff = check_reference(dense, modules["hf"], s.model_config["vocab_size"], env.device)
     # fp32 runs on a GPU use TF32 tensor cores, as a user would (after the fp32 reference check above)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    names = list(modules)
-    dense_cfg = M.LlamaConfig(**args.model_config, kv_source="dense")
-    dense_ref = FlopView(dense_cfg)  # the dense model's FLOP accounting, without building its weights
+    # one compiled decode graph per (model, batch size) on the same decode_step code: allow them all
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(modules) + 2)
+    return modules
 
-    def flop_model(name):
-        return dense_ref if name == "hf" else modules[name]
 
-    rows = []
-    base_row = dict(device=dev_name, dtype=args.dtype, preset=args.preset, compile=args.compile,
-                    vocab_size=args.model_config["vocab_size"], torch=torch.__version__, shared_machine_loadavg_start=load_start)
-
-    # CPU peak memory: measured first, in child processes, while this process only holds the weights
-    cpu_mem = {n: {} for n in names}
-    if not on_gpu and "mem" not in args.skip:
+def bench_train(s, env, modules):
+    trainers = {n: Trainer(n, m, s, env.device) for n, m in modules.items()}
+    for n, t in trainers.items():  # warm-up, compilation included: not timed
         t0 = time.perf_counter()
-        cpu_mem.update(measure_cpu_mem(args, [n for n in names if not (n == "hf" and "refmem" in args.skip)]))
-        print(f"  peak RSS measured in child processes ({time.perf_counter() - t0:.1f}s)")
-
-    # ---------------- training
-    if "train" not in args.skip:
-        contenders = {n: Contender(n, modules[n], args, device, dtype) for n in names}
-        for n, c in contenders.items():
-            t0 = time.perf_counter()
-            for _ in range(args.warmup):
-                c.train_step()
-            sync(device)
-            print(f"  warm-up {n}: {time.perf_counter() - t0:.1f}s")
-        tokens = args.steps * args.batch_size * args.seq_len
-        matmul_rates = []
-        for r in range(args.repeats):
-            order = names if r % 2 == 0 else names[::-1]  # A B C, C B A, ... cancels drifts in load
-            for n in order:
-                c = contenders[n]
-                if on_gpu:
-                    sync(device)
-                    base = torch.cuda.memory_allocated(device)
-                    own = state_bytes(c.module, c.opt)
-                    torch.cuda.reset_peak_memory_stats(device)
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    c.train_step()
-                sync(device)
-                c.train_rates.append(tokens / (time.perf_counter() - t0))
-                if on_gpu:
-                    peak = torch.cuda.max_memory_allocated(device) - base + own
-                    c.mem_peak = max(c.mem_peak or 0, peak)
-            matmul_rates.append(matmul_rate(args.matmul_n, dtype, device))
-        load_train = loadavg()
-        matmul_peak = statistics.median(matmul_rates)
-        print(f"  measured {args.matmul_n}^3 matmul rate, {args.dtype}: {matmul_peak / 1e9:.0f} GFLOP/s "
-              f"(median of {len(matmul_rates)} rounds; min {min(matmul_rates) / 1e9:.0f}, max {max(matmul_rates) / 1e9:.0f})")
-        for n in names:
-            c = contenders[n]
-            med, lo, hi = summary(c.train_rates)
-            fpt = flop_model(n).flops_per_token(args.seq_len)["train"]
-            mfu = None
-            if on_gpu and dtype == torch.bfloat16:
-                try:
-                    mfu = flop_model(n).estimate_mfu(med, args.seq_len, device_name=torch.cuda.get_device_name(device))
-                except ValueError:
-                    mfu = None
-            mem, mem_base = (c.mem_peak, None) if on_gpu else (cpu_mem[n].get("train"), cpu_mem[n].get("baseline_rss"))
-            rows.append(dict(base_row, model=n, mode="train", batch_size=args.batch_size, seq_len=args.seq_len,
-                             tokens_per_s=med, tokens_per_s_min=lo, tokens_per_s_max=hi, repeats=list(c.train_rates),
-                             mfu=mfu, flops_per_token=fpt, achieved_flops=fpt * med,
-                             matmul_flops_measured=matmul_peak, util_vs_matmul=fpt * med / matmul_peak,
-                             peak_mem_bytes=mem, mem_baseline_bytes=mem_base,
-                             peak_mem_kind="cuda max_memory_allocated, own state + step peak" if on_gpu
-                             else "peak RSS (VmHWM, process-wide) of a child process holding only this model",
-                             kv_cache_bytes=None, n_params=n_params(modules[n]),
-                             loadavg_after=load_train))
-        # paired per-round ratios against dense, and the ratio the FLOP accounting predicts
-        if "dense" in contenders:
-            d = contenders["dense"]
-            for row in rows:
-                if row["mode"] != "train" or row["model"] == "dense":
-                    continue
-                ratios = [a / b for a, b in zip(contenders[row["model"]].train_rates, d.train_rates)]
-                row["vs_dense_ratio"] = statistics.median(ratios)
-                row["vs_dense_ratio_min"], row["vs_dense_ratio_max"] = min(ratios), max(ratios)
-                row["vs_dense_ratio_predicted"] = (dense_ref.flops_per_token(args.seq_len)["train"] / row["flops_per_token"])
-        for c in contenders.values():
-            c.release_training()
-        del contenders
-        gc.collect()
-        if on_gpu:
-            torch.cuda.empty_cache()
-
-    # ---------------- decoding
-    if "decode" not in args.skip:
-        for m in modules.values():  # free any gradients; decode in the run's dtype
-            m.zero_grad(set_to_none=True)
-        dec = {n: modules[n].to(dtype).eval() for n in names}
-        gen = torch.Generator(device="cpu").manual_seed(args.seed + 2)
-        T, N = args.prompt_len, args.new_tokens
-        for B in sorted({1, args.decode_batch}):
-            prompt = torch.randint(args.model_config["vocab_size"], (B, T), generator=gen).to(device)
-            pre, decr, mems = {n: [] for n in names}, {n: [] for n in names}, {}
-            for n in names:  # warm-up (compiles the decode step, fills caches) and memory
-                if on_gpu:
-                    sync(device)
-                    base = torch.cuda.memory_allocated(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                generate(dec[n], prompt, N + 1, args.compile)
-                generate(dec[n], prompt, 1, args.compile)
-                sync(device)
-                if on_gpu:
-                    mems[n] = torch.cuda.max_memory_allocated(device) - base + state_bytes(dec[n])
-            for r in range(args.repeats):
-                order = names if r % 2 == 0 else names[::-1]
-                for n in order:
-                    sync(device)
-                    t0 = time.perf_counter()
-                    out1 = generate(dec[n], prompt, 1, args.compile)
-                    sync(device)
-                    t1 = time.perf_counter()
-                    outn = generate(dec[n], prompt, N + 1, args.compile)
-                    sync(device)
-                    t2 = time.perf_counter()
-                    assert out1.shape == (B, T + 1) and outn.shape == (B, T + N + 1), (out1.shape, outn.shape)
-                    pre[n].append(B * T / (t1 - t0))
-                    decr[n].append(B * N / max((t2 - t1) - (t1 - t0), 1e-9))
-            load_dec = loadavg()
-            for n in names:
-                med, lo, hi = summary(decr[n])
-                pmed, plo, phi = summary(pre[n])
-                mem, mem_base = (mems[n], None) if on_gpu else (cpu_mem[n].get(f"decode_{B}"), cpu_mem[n].get("baseline_rss"))
-                rows.append(dict(base_row, model=n, mode="decode", batch_size=B, prompt_len=T, new_tokens=N,
-                                 tokens_per_s=med, tokens_per_s_min=lo, tokens_per_s_max=hi, repeats=decr[n],
-                                 prefill_tokens_per_s=pmed, prefill_tokens_per_s_min=plo, prefill_tokens_per_s_max=phi,
-                                 mfu=None, flops_per_token=flop_model(n).flops_per_token(T + N + 1)["total"],
-                                 peak_mem_bytes=mem, mem_baseline_bytes=mem_base,
-                                 peak_mem_kind="cuda max_memory_allocated, weights + generate peak" if on_gpu
-                                 else "peak RSS (VmHWM, process-wide) of a child process holding only this model",
-                                 kv_cache_bytes=kv_cache_bytes(dec[n], B, T + N + 1, dtype),
-                                 n_params=n_params(dec[n]), loadavg_after=load_dec))
-            if "dense" in names:
-                for n in names:
-                    if n == "dense":
-                        continue
-                    row = next(r for r in rows if r["mode"] == "decode" and r["model"] == n and r["batch_size"] == B)
-                    ratios = [a / b for a, b in zip(decr[n], decr["dense"])]
-                    row["vs_dense_ratio"] = statistics.median(ratios)
-                    row["vs_dense_ratio_min"], row["vs_dense_ratio_max"] = min(ratios), max(ratios)
-                    drow = next(r for r in rows if r["mode"] == "decode" and r["model"] == "dense" and r["batch_size"] == B)
-                    row["kv_cache_ratio"] = row["kv_cache_bytes"] / drow["kv_cache_bytes"]
-
-    if "hf" in names:  # ours over transformers, paired per round
-        for row in rows:
-            if row["model"] == "hf" or row["model"] != "dense":
-                continue
-            hf_row = next((r for r in rows if r["model"] == "hf" and r["mode"] == row["mode"]
-                           and r["batch_size"] == row["batch_size"]), None)
-            if hf_row:
-                ratios = [a / b for a, b in zip(row["repeats"], hf_row["repeats"])]
-                row["vs_hf_ratio"] = statistics.median(ratios)
-                row["vs_hf_ratio_min"], row["vs_hf_ratio_max"] = min(ratios), max(ratios)
-    if args.reference == "hf":
-        for row in rows:
-            if row["model"] == "hf":
-                row["ref_logits_max_abs_diff"] = ref_diff
-
-    print_table(rows, args)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {len(rows)} measurements to {args.out}")
+        for _ in range(s.warmup):
+            t.step()
+        sync(env.device)
+        print(f"  warm-up {n}: {time.perf_counter() - t0:.1f}s")
+    names, matmul_rates = list(trainers), []
+    for r in range(s.repeats):
+        for n in round_order(names, r):
+            trainers[n].timed_round(s.steps)
+        matmul_rates.append(matmul_rate(s.matmul_n, env.dtype, env.device))
+    bound = statistics.median(matmul_rates)
+    print(f"  measured {s.matmul_n}^3 matmul rate, {s.dtype}: {bound / 1e9:.0f} GFLOP/s (median of "
+          f"{len(matmul_rates)} rounds; min {min(matmul_rates) / 1e9:.0f}, max {max(matmul_rates) / 1e9:.0f})")
+    rows = [train_row(s, env, t, bound) for t in trainers.values()]
+    for t in trainers.values():
+        t.release()
+    del trainers
+    gc.collect()
+    if env.on_gpu:
+        torch.cuda.empty_cache()
     return rows
+
+
+def train_row(s, env, t, bound):
+    med, lo, hi = summary(t.rates)
+    flops = env.flops[t.name].flops_per_token(s.seq_len)["train"]
+    mfu = None
+    if env.on_gpu and env.dtype == torch.bfloat16:  # the datasheet table has bf16 peaks only
+        try:
+            mfu = env.flops[t.name].estimate_mfu(med, s.seq_len, device_name=torch.cuda.get_device_name(env.device))
+        except ValueError:  # a GPU the table does not know
+            pass
+    mem, mem_base, mem_kind = peak_memory(env, t.name, "train", t.mem_peak)
+    return dict(env.base_row, model=t.name, mode="train", batch_size=s.batch_size, seq_len=s.seq_len,
+                tokens_per_s=med, tokens_per_s_min=lo, tokens_per_s_max=hi, repeats=list(t.rates),
+                mfu=mfu, flops_per_token=flops, achieved_flops=flops * med,
+                matmul_flops_measured=bound, util_vs_matmul=flops * med / bound,
+                bound=bound, bound_kind="matmul_flops_measured", fraction_of_bound=flops * med / bound,
+                peak_mem_bytes=mem, mem_baseline_bytes=mem_base, peak_mem_kind=mem_kind,
+                kv_cache_bytes=None, n_params=n_params(t.module), loadavg_after=loadavg())
+
+
+def bench_decode(s, env, modules, B):
+    """Decode rows at batch B: rounds interleaved across the models, the bandwidth read in each."""
+    T, N = s.prompt_len, s.new_tokens
+    gen = torch.Generator(device="cpu").manual_seed(s.seed + 2)
+    prompt = torch.randint(s.model_config["vocab_size"], (B, T), generator=gen).to(env.device)
+    decoders, mems = {}, {}
+    for n, m in modules.items():  # warm-up (compiles the step, fills caches) and CUDA memory
+        if env.on_gpu:
+            sync(env.device)
+            base = torch.cuda.memory_allocated(env.device)
+            torch.cuda.reset_peak_memory_stats(env.device)
+        decoders[n] = Decoder(m, prompt, N, s.compile)
+        for _ in range(2 if s.compile else 1):  # the second compiled run is the first at full speed
+            decoders[n].timed()
+        if env.on_gpu:
+            mems[n] = torch.cuda.max_memory_allocated(env.device) - base + state_bytes(m)
+    buf = torch.ones(s.bandwidth_bytes // 4, device=env.device)  # fp32
+    names, prefill, decode, bandwidth = list(modules), {n: [] for n in modules}, {n: [] for n in modules}, []
+    for r in range(s.repeats):
+        for n in round_order(names, r):
+            t_prefill, t_decode = decoders[n].timed()
+            prefill[n].append(B * T / t_prefill)
+            decode[n].append(B * N / t_decode)
+        bandwidth.append(memory_bandwidth(buf))
+    del buf, decoders
+    bound = statistics.median(bandwidth)
+    print(f"  measured memory read bandwidth ({s.bandwidth_bytes / 2 ** 20:.0f} MiB sum): {bound / 1e9:.1f} GB/s "
+          f"(median of {len(bandwidth)} rounds; min {min(bandwidth) / 1e9:.1f}, max {max(bandwidth) / 1e9:.1f})")
+    return [decode_row(s, env, n, modules[n], B, decode[n], prefill[n], bound, mems.get(n)) for n in names]
+
+
+def decode_row(s, env, name, module, B, rates, prefill_rates, bound, gpu_mem):
+    T, N = s.prompt_len, s.new_tokens
+    med, lo, hi = summary(rates)
+    pmed, plo, phi = summary(prefill_rates)
+    config = env.flops[name].config
+    keys = T + (N + 1) / 2  # step i attends over T + i + 1 positions, i = 0 .. N-1
+    weights, kv = decode_bytes_per_step(module, config, B, keys)
+    achieved = (weights + kv) * med / B  # B tokens per step
+    mem, mem_base, mem_kind = peak_memory(env, name, f"decode_{B}", gpu_mem)
+    return dict(env.base_row, model=name, mode="decode", batch_size=B, prompt_len=T, new_tokens=N,
+                tokens_per_s=med, tokens_per_s_min=lo, tokens_per_s_max=hi, repeats=list(rates),
+                prefill_tokens_per_s=pmed, prefill_tokens_per_s_min=plo, prefill_tokens_per_s_max=phi,
+                mfu=None, flops_per_token=env.flops[name].flops_per_token(keys, causal=False)["total"],
+                weight_bytes_per_step=weights, kv_bytes_per_step=kv, bytes_per_step=weights + kv,
+                achieved_bytes_per_s=achieved, bandwidth_measured=bound,
+                bound=bound, bound_kind="memory_read_bandwidth_measured", fraction_of_bound=achieved / bound,
+                peak_mem_bytes=mem, mem_baseline_bytes=mem_base, peak_mem_kind=mem_kind,
+                kv_cache_bytes=kv_cache_bytes(module, B, T + N, env.dtype),
+                n_params=n_params(module), loadavg_after=loadavg())
+
+
+def paired_ratio(row, other, key):
+    """Median, min and max over rounds of row's rate over other's in the same round: the two ran next
+    to each other, so this cancels most of a shared machine's drift."""
+    ratios = [a / b for a, b in zip(row["repeats"], other["repeats"])]
+    row[key], row[key + "_min"], row[key + "_max"] = summary(ratios)
+
+
+def add_ratios(rows):
+    """Shared models against dense (and what the FLOPs or cache sizes predict), dense against hf."""
+    for row in rows:
+        peers = {r["model"]: r for r in rows if (r["mode"], r["batch_size"]) == (row["mode"], row["batch_size"])}
+        dense = peers.get("dense")
+        if dense is not None and row["model"] not in ("dense", "hf"):
+            paired_ratio(row, dense, "vs_dense_ratio")
+            if row["mode"] == "train":
+                row["vs_dense_ratio_predicted"] = dense["flops_per_token"] / row["flops_per_token"]
+            else:
+                row["kv_cache_ratio"] = row["kv_cache_bytes"] / dense["kv_cache_bytes"]
+        if row["model"] == "dense" and "hf" in peers:
+            paired_ratio(row, peers["hf"], "vs_hf_ratio")
+
+
+def write_json(rows, path):
+    """Temp file and rename: an interrupted write leaves no half file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {len(rows)} measurements to {path}")
+
+
+# -----------------------------------------------------------------------------
+# decode profile: where a step's time goes, op by op
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")  # the leaves: aten::linear and aten::matmul call these
+
+
+def profile_decode(s, env, name, module, bandwidth):
+    """torch.profiler over the decode steps at batch 1, after a warm-up (compilation included) and
+    one run without the profiler, whose time per token is printed beside the profiled one."""
+    gen = torch.Generator(device="cpu").manual_seed(s.seed + 3)
+    prompt = torch.randint(s.model_config["vocab_size"], (1, s.prompt_len), generator=gen).to(env.device)
+    dec = Decoder(module, prompt, s.new_tokens, s.compile)
+    dec.timed()
+    plain = dec.timed()[1]
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if env.on_gpu else [])
+    token = dec.prefill()
+    sync(env.device)
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        dec.decode(token)
+        sync(env.device)
+    print_profile(prof, name, s, env, plain, bandwidth)
+
+
+def op_bytes(e, elsize):
+    """Bytes an op has to read, where that is clear from its input shapes: a matmul's largest operand
+    (at decode batch sizes the weight), an attention kernel's K and V (the whole static cache)."""
+    shapes = [x for x in e.input_shapes or [] if x]
+    if e.key in MATMUL_OPS and shapes:
+        return max(map(_numel, shapes)) * elsize
+    if e.key.startswith("aten::_scaled_dot_product") and len(shapes) >= 3:
+        return (_numel(shapes[1]) + _numel(shapes[2])) * elsize
+    return None
+
+
+def print_profile(prof, name, s, env, plain_s, bandwidth, top=20):
+    """Per op and input shapes: calls and self time per token, share of the op time, and the bytes
+    read per call and GB/s where op_bytes knows them, to set against the measured bandwidth."""
+    steps, elsize = s.new_tokens, env.dtype.itemsize
+    self_us = (lambda e: e.self_device_time_total) if env.on_gpu else (lambda e: e.self_cpu_time_total)
+    ops = sorted(prof.key_averages(group_by_input_shape=True), key=self_us, reverse=True)
+    if env.on_gpu:  # kernels are listed beside the aten ops that launch them: keep the ops (untested, no GPU)
+        ops = [e for e in ops if e.device_type == torch.autograd.DeviceType.CPU]
+    total = max(sum(map(self_us, ops)), 1e-9)
+    print(f"\n== decode profile: {name}, batch 1, {steps} steps, {s.dtype}, compile {s.compile}, "
+          f"{torch.get_num_threads()} threads: {1e6 * plain_s / steps:.0f} us/token without the profiler, "
+          f"{total / steps:.0f} us/token of op self time under it; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'op':<40}{'input shapes':<44}{'calls/tok':>10}{'us/tok':>9}{'share':>7}{'MiB read':>10}{'GB/s':>8}")
+    mm_us = mm_bytes = 0
+    for i, e in enumerate(ops):
+        t, nbytes, read, gbps = self_us(e), op_bytes(e, elsize), "", ""
+        if nbytes is not None:
+            read, gbps = f"{nbytes / 2 ** 20:.2f}", f"{nbytes * e.count / max(t, 1e-9) / 1e3:.1f}"
+        if e.key in MATMUL_OPS and nbytes is not None:
+            mm_us, mm_bytes = mm_us + t, mm_bytes + nbytes * e.count
+        if i < top and t >= 0.005 * total:
+            print(f"{e.key[:39]:<40}{str(e.input_shapes)[:43]:<44}{e.count / steps:>10.1f}{t / steps:>9.1f}"
+                  f"{t / total:>7.1%}{read:>10}{gbps:>8}")
+    if mm_us:
+        rate = mm_bytes / mm_us * 1e6
+        print(f"matmuls: {mm_us / total:.0%} of the op time; {mm_bytes / steps / 2 ** 20:.1f} MiB of weights per "
+              f"token read at {rate / 1e9:.1f} GB/s, {rate / bandwidth:.0%} of the measured bandwidth")
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# -----------------------------------------------------------------------------
+# printing
 
 
 def fmt_ratio(row, key):
@@ -602,38 +849,49 @@ def fmt_ratio(row, key):
     return f"{row[key]:.3f} [{row[key + '_min']:.3f}-{row[key + '_max']:.3f}]"
 
 
-def print_table(rows, args):
-    util_label = "MFU (datasheet bf16 peak)" if args.device.startswith("cuda") else "util vs measured matmul"
-    print()
-    print(f"== train: batch {args.batch_size} x seq {args.seq_len}, dtype {args.dtype}, compile {args.compile}, "
-          f"vocab {args.model_config['vocab_size']}; tokens/s median [min-max] over {args.repeats} interleaved rounds")
-    hdr = f"{'model':<22}{'params':>11}{'tokens/s':>10}{'[min-max]':>18}{'GFLOP/tok':>10}{util_label:>26}{'peak mem MiB':>13}" \
-          f"  {'vs dense: measured [min-max]':<30}{'FLOP-pred':>10}{'realised':>9}  {'dense vs hf':<22}"
-    print(hdr)
-    for r in (r for r in rows if r["mode"] == "train"):
-        util = r["mfu"] if r["mfu"] is not None else (r["util_vs_matmul"] if not args.device.startswith("cuda") else None)
-        util_s = f"{100 * util:.1f}%" if util is not None else "n/a"
-        mem = f"{r['peak_mem_bytes'] / 2 ** 20:.0f}" if r["peak_mem_bytes"] else "n/a"
+def fmt_range(row, key="tokens_per_s"):
+    return f"[{row[key + '_min']:.0f}-{row[key + '_max']:.0f}]"
+
+
+def fmt_mem(row):
+    return f"{row['peak_mem_bytes'] / 2 ** 20:.0f}" if row["peak_mem_bytes"] else "n/a"
+
+
+def print_train_table(rows, s):
+    train = [r for r in rows if r["mode"] == "train"]
+    if not train:
+        return
+    print(f"\n== train: batch {s.batch_size} x seq {s.seq_len}, {s.dtype}, compile {s.compile}, vocab "
+          f"{s.model_config['vocab_size']}; tokens/s median [min-max] over {s.repeats} interleaved rounds; "
+          f"bound: measured {s.dtype} matmul, {train[0]['bound'] / 1e9:.0f} GFLOP/s")
+    print(f"{'model':<22}{'params':>11}{'tokens/s':>10}{'[min-max]':>18}{'GFLOP/tok':>10}{'of bound':>9}{'MFU':>7}"
+          f"{'peak mem MiB':>13}  {'vs dense [min-max]':<24}{'FLOP-pred':>10}{'realised':>9}  {'dense vs hf':<22}")
+    for r in train:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         pred = f"{r['vs_dense_ratio_predicted']:.3f}" if "vs_dense_ratio_predicted" in r else ""
-        real = f"{r['vs_dense_ratio'] / r['vs_dense_ratio_predicted']:.3f}" if "vs_dense_ratio_predicted" in r else ""
-        print(f"{r['model']:<22}{r['n_params'] / 1e6:>10.2f}M{r['tokens_per_s']:>10.0f}"
-              f"{'[%.0f-%.0f]' % (r['tokens_per_s_min'], r['tokens_per_s_max']):>18}{r['flops_per_token'] / 1e9:>10.4f}"
-              f"{util_s:>26}{mem:>13}  {fmt_ratio(r, 'vs_dense_ratio'):<30}{pred:>10}{real:>9}  {fmt_ratio(r, 'vs_hf_ratio'):<22}")
+        real = f"{r['vs_dense_ratio'] / r['vs_dense_ratio_predicted']:.3f}" if pred else ""
+        print(f"{r['model']:<22}{r['n_params'] / 1e6:>10.2f}M{r['tokens_per_s']:>10.0f}{fmt_range(r):>18}"
+              f"{r['flops_per_token'] / 1e9:>10.4f}{r['fraction_of_bound']:>9.1%}{mfu:>7}{fmt_mem(r):>13}  "
+              f"{fmt_ratio(r, 'vs_dense_ratio'):<24}{pred:>10}{real:>9}  {fmt_ratio(r, 'vs_hf_ratio'):<22}")
+
+
+def print_decode_table(rows, s):
     dec = [r for r in rows if r["mode"] == "decode"]
     if dec:
-        print()
-        print(f"== decode: generate(), greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens, weights in {args.dtype}")
-        print(f"{'model':<22}{'batch':>6}{'prefill tok/s':>14}{'decode tok/s':>13}{'[min-max]':>18}{'KV cache MiB':>13}"
-              f"{'cache/dense':>12}{'peak mem MiB':>13}  {'vs dense [min-max]':<24}{'dense vs hf':<22}")
+        print(f"\n== decode: prefill + {s.new_tokens} greedy steps after a {s.prompt_len}-token prompt, weights in "
+              f"{s.dtype}, compiled step {s.compile}; bound: measured read bandwidth, {dec[0]['bound'] / 1e9:.1f} GB/s")
+        print(f"{'model':<22}{'batch':>6}{'prefill tok/s':>14}{'decode tok/s':>13}{'[min-max]':>16}{'MiB/step':>9}"
+              f"{'GB/s':>7}{'of bound':>9}{'KV MiB':>8}{'cache/dense':>12}{'peak mem MiB':>13}  "
+              f"{'vs dense [min-max]':<24}{'dense vs hf':<22}")
         for r in dec:
-            mem = f"{r['peak_mem_bytes'] / 2 ** 20:.0f}" if r["peak_mem_bytes"] else "n/a"
             cr = f"{r['kv_cache_ratio']:.4f}" if "kv_cache_ratio" in r else ""
             print(f"{r['model']:<22}{r['batch_size']:>6}{r['prefill_tokens_per_s']:>14.0f}{r['tokens_per_s']:>13.0f}"
-                  f"{'[%.0f-%.0f]' % (r['tokens_per_s_min'], r['tokens_per_s_max']):>18}{r['kv_cache_bytes'] / 2 ** 20:>13.2f}"
-                  f"{cr:>12}{mem:>13}  {fmt_ratio(r, 'vs_dense_ratio'):<24}{fmt_ratio(r, 'vs_hf_ratio'):<22}")
-    print(f"load average at end {loadavg()} (2 shared cores: other jobs on the machine disturb CPU timings)"
-          if not args.device.startswith("cuda") else "")
+                  f"{fmt_range(r):>16}{r['bytes_per_step'] / 2 ** 20:>9.1f}{r['achieved_bytes_per_s'] / 1e9:>7.1f}"
+                  f"{r['fraction_of_bound']:>9.1%}{r['kv_cache_bytes'] / 2 ** 20:>8.2f}{cr:>12}{fmt_mem(r):>13}  "
+                  f"{fmt_ratio(r, 'vs_dense_ratio'):<24}{fmt_ratio(r, 'vs_hf_ratio'):<22}")
+    if not s.device.startswith("cuda"):
+        print(f"load average at end {loadavg()} (a shared machine's other jobs disturb CPU timings)")
 
 
 if __name__ == "__main__":
-    run()
+    sys.exit(run_script(run))

@@ -1,24 +1,32 @@
-"""Smoke test of bench.py on the tiny preset, on CPU: the JSON it writes has every field, and the
-fields are sane. No timing thresholds: the numbers are only checked to be positive and ordered."""
+"""bench.py: a smoke run of the tiny preset on CPU (the JSON it writes has every field, including the
+bound each number is measured against), and every kind of bad setting refused before any work. No
+timing thresholds: the numbers are only checked to be positive, ordered and consistent."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import bench
 import model as M
+from configurator import ConfigError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("model", "mode", "device", "dtype", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "mfu",
-          "flops_per_token", "peak_mem_bytes", "kv_cache_bytes", "n_params")
+          "flops_per_token", "peak_mem_bytes", "kv_cache_bytes", "n_params", "bound", "bound_kind",
+          "fraction_of_bound")
+TINY = ["--preset", "tiny", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     threads = torch.get_num_threads()
-    returned = bench.run(["--preset", "tiny", "--device", "cpu", "--models", "dense;upper:half",
-                          "--reference", "hf", "--repeats", "2", "--skip", "refmem", "--out", str(out)])
+    returned = bench.run(TINY + ["--models", "dense;upper:half", "--reference", "hf", "--repeats", "2",
+                                 "--skip", "refmem", "--out", str(out)])
     assert torch.get_num_threads() == threads  # the tiny preset's 1 thread does not leak into other tests
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(returned))  # the file holds what run() returned
@@ -33,10 +41,10 @@ def test_every_measurement_has_the_fields(rows):
     for r in rows:
         for f in FIELDS:
             assert f in r, (f, r["model"], r["mode"])
-        assert r["device"].startswith("cpu") and r["dtype"] == "fp32" and r["vocab_size"] == cfg["vocab_size"]
+        assert r["device"].startswith("cpu") and r["dtype"] == "float32" and r["vocab_size"] == cfg["vocab_size"]
         assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"])
         assert 0 < r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"]
-        assert r["mfu"] is None or 0 < r["mfu"] <= 1  # no datasheet peak on a CPU: None
+        assert r["mfu"] is None  # no datasheet peak on a CPU
         assert r["n_params"] > 0
         assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] > 0
         if r["mode"] == "decode":
@@ -49,6 +57,34 @@ def test_every_measurement_has_the_fields(rows):
     assert all(r["peak_mem_bytes"] is None for r in rows if r["model"] == "hf")
 
 
+def test_every_row_is_a_fraction_of_its_measured_bound(rows):
+    for r in rows:
+        assert r["bound"] > 0 and r["fraction_of_bound"] > 0
+        if r["mode"] == "train":  # FLOP/s over the measured matmul rate
+            assert r["bound_kind"] == "matmul_flops_measured" and r["bound"] == r["matmul_flops_measured"]
+            assert r["fraction_of_bound"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / r["bound"])
+            assert r["fraction_of_bound"] == r["util_vs_matmul"]
+        else:  # bytes/s over the measured read bandwidth; one step makes batch_size tokens
+            assert r["bound_kind"] == "memory_read_bandwidth_measured" and r["bound"] == r["bandwidth_measured"]
+            assert r["bytes_per_step"] == r["weight_bytes_per_step"] + r["kv_bytes_per_step"]
+            achieved = r["bytes_per_step"] * r["tokens_per_s"] / r["batch_size"]
+            assert r["achieved_bytes_per_s"] == pytest.approx(achieved)
+            assert r["fraction_of_bound"] == pytest.approx(achieved / r["bound"])
+
+
+def test_decode_bytes_per_step_come_from_the_model(rows):
+    p = bench.PRESETS["tiny"]
+    cfg, T, N = p["model"], p["prompt_len"], p["new_tokens"]
+    for r in (r for r in rows if r["mode"] == "decode"):
+        m = M.Llama(M.LlamaConfig(**cfg, kv_source="dense" if r["model"] == "hf" else r["model"]))
+        B, emb = r["batch_size"], cfg["vocab_size"] * cfg["n_embd"]
+        # fp32 weights, all read but the embedding table, of which only B rows are looked up
+        assert r["weight_bytes_per_step"] == 4 * (m.num_params() - emb + B * cfg["n_embd"])
+        # every layer (consumers too) reads K and V at the mean position T + (N + 1) / 2
+        head_dim = cfg["n_embd"] // cfg["n_head"]
+        assert r["kv_bytes_per_step"] == 4 * cfg["n_layer"] * 2 * B * cfg["n_kv_head"] * head_dim * (T + (N + 1) / 2)
+
+
 def test_flops_and_params_match_model_py(rows):
     cfg = bench.PRESETS["tiny"]["model"]
     seq = bench.PRESETS["tiny"]["seq_len"]
@@ -58,7 +94,6 @@ def test_flops_and_params_match_model_py(rows):
         m = models[r["model"]]
         assert r["flops_per_token"] == m.flops_per_token(seq)["train"]
         assert r["n_params"] == m.num_params()
-        assert r["util_vs_matmul"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / r["matmul_flops_measured"])
         if r["model"] not in ("dense", "hf"):
             assert r["vs_dense_ratio_predicted"] == pytest.approx(
                 models["dense"].flops_per_token(seq)["train"] / m.flops_per_token(seq)["train"])
@@ -76,7 +111,83 @@ def test_kv_cache_bytes_ratio_is_exactly_owners_over_layers(rows):
             assert dec[spec]["kv_cache_ratio"] == owners / cfg["n_layer"]
 
 
+def test_decode_profile_prints_ops_and_matmul_bandwidth(capsys):
+    bench.run(TINY + ["--models", "dense", "--skip", "train,decode,mem", "--profile"])
+    out = capsys.readouterr().out
+    assert "== decode profile: dense, batch 1" in out
+    assert "aten::mm" in out and "matmuls:" in out and "GB/s" in out
+
+
+def test_smollm2_preset_has_the_real_models_shape():
+    cfg = bench.PRESETS["smollm2"]["model"]
+    with torch.device("meta"):
+        m = M.Llama(M.LlamaConfig(**cfg, kv_source="dense"))
+    assert m.num_params() == 134_515_008  # SmolLM2-135M's parameter count (tied embeddings)
+    assert (m.config.rope_theta, m.config.n_head, m.config.n_kv_head) == (1e5, 9, 3)
+
+
+# -----------------------------------------------------------------------------
+# settings: the README's commands parse, and every bad one is refused before any work
+
+
+@pytest.mark.parametrize("argv", [
+    "--preset cpu --dtype bf16 --reference hf --out {d}/x.json",
+    "--preset cpu --dtype fp32 --compile --reference hf --out {d}/x.json",
+    "--preset cpu --models dense;cla:2;0,0,2,2,4,4,6,6",
+    "--preset tinyllama --dtype bf16 --compile --reference hf --device=cpu",
+    "--preset smollm2 --reference hf --repeats=2",
+])
+def test_readme_commands_parse(argv, tmp_path):
+    s = bench.parse_settings(argv.format(d=tmp_path).split())
+    assert s.device == "cpu" and s.repeats > 0 and s.models
+    assert s.dtype in ("float32", "bfloat16")
+
+
 def test_model_flag_parsing():
-    args = bench.parse_args(["--preset", "tiny", "--models", "dense;0,0,2,2", "--models", "upper:1"])
-    assert args.models == ["dense", "0,0,2,2", "upper:1"]
-    assert bench.parse_args(["--preset", "tiny"]).models == ["dense", "upper:half"]
+    assert bench.parse_settings(["--preset", "tiny", "--models", "dense;0,0,2,2;upper:1"]).models == [
+        "dense", "0,0,2,2", "upper:1"]
+    assert bench.parse_settings(["--preset", "tiny"]).models == ["dense", "upper:half"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--bogus=1"], "unknown setting 'bogus'"),                          # unknown key
+    (["--repeats=many"], "repeats"),                                     # wrongly typed value
+    (["--compile=maybe"], "compile"),
+    (["--repeats=0"], "--repeats must be a positive integer"),           # zero
+    (["--batch_size=-2"], "--batch_size must be a positive integer"),    # negative
+    (["--threads=0"], "--threads must be a positive integer"),
+    (["--skip=train,warmup"], "--skip: unknown part warmup"),            # unknown skip part
+    (["--models=;"], "--models is empty"),
+    (["--models=dense", "--models=cla:2"], "more than once"),
+    (["--models=dense;0,1,5,3"], "kv_source[2] = 5"),
+    (["--preset=huge"], "preset"),
+    (["--dtype=fp16"], "dtype"),
+    (["--device=tpu"], "device='tpu'"),
+    (["--out=/nonexistent-dir/x.json"], "does not exist"),
+])
+def test_bad_settings_are_refused(argv, words):
+    with pytest.raises(ConfigError) as e:
+        bench.parse_settings(TINY[:2] + argv)
+    assert words in str(e.value)
+
+
+def test_out_is_checked_first(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        bench.parse_settings(["--repeats=0", f"--out={tmp_path}"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_presets_need_a_gpu_or_an_explicit_cpu():
+    for preset in ("tinyllama", "gpu-small"):
+        with pytest.raises(ConfigError, match="--device=cpu"):
+            bench.parse_settings([f"--preset={preset}"])
+        with pytest.raises(ConfigError, match="CUDA"):
+            bench.parse_settings([f"--preset={preset}", "--device=cuda"])
+        assert bench.parse_settings([f"--preset={preset}", "--device=cpu"]).device == "cpu"
+
+
+def test_command_line_error_is_one_line_and_exit_1():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--preset", "tiny", "--repeats=0"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == ["error: --repeats must be a positive integer, got 0"]
