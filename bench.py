@@ -562,7 +562,7 @@ def peak_memory(env, name, phase, gpu_peak):
 # the benchmark
 
 
-def run(argv=None):
+def main(argv=None):
     """Run the benchmark with command-line arguments `argv`; return the measurements (list of dicts)."""
     s = parse_settings(sys.argv[1:] if argv is None else argv)
     threads = torch.get_num_threads()
@@ -894,4 +894,4 @@ def print_decode_table(rows, s):
 
 
 if __name__ == "__main__":
-    sys.exit(run_script(run))
+    sys.exit(run_script(main))

@@ -25,11 +25,11 @@ TINY = ["--preset", "tiny", "--device", "cpu"]
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     threads = torch.get_num_threads()
-    returned = bench.run(TINY + ["--models", "dense;upper:half", "--reference", "hf", "--repeats", "2",
+    returned = bench.main(TINY + ["--models", "dense;upper:half", "--reference", "hf", "--repeats", "2",
                                  "--skip", "refmem", "--out", str(out)])
     assert torch.get_num_threads() == threads  # the tiny preset's 1 thread does not leak into other tests
     written = json.loads(out.read_text())
-    assert written == json.loads(json.dumps(returned))  # the file holds what run() returned
+    assert written == json.loads(json.dumps(returned))  # the file holds what main() returned
     return written
 
 
@@ -112,7 +112,7 @@ def test_kv_cache_bytes_ratio_is_exactly_owners_over_layers(rows):
 
 
 def test_decode_profile_prints_ops_and_matmul_bandwidth(capsys):
-    bench.run(TINY + ["--models", "dense", "--skip", "train,decode,mem", "--profile"])
+    bench.main(TINY + ["--models", "dense", "--skip", "train,decode,mem", "--profile"])
     out = capsys.readouterr().out
     assert "== decode profile: dense, batch 1" in out
     assert "aten::mm" in out and "matmuls:" in out and "GB/s" in out
