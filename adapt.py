@@ -191,7 +191,9 @@ def freeze(model, target, train_layers="all") -> list:
         model.layers[i].requires_grad_(True)
     if train_layers == "upward":  # the final norm and head sit above every layer
         model.norm.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
+        # a head tied to the embedding stays frozen: training it would make the embedding lookup at the
+        # bottom need a gradient, and so a backward pass through every layer
+        model.lm_head.requires_grad_(not model.config.tie_embeddings)
     return trainable
 
 

@@ -138,7 +138,7 @@ def adaptation_runs(maps, s):
         "abrupt": ([f"--init_from={converted_path(s, 'calibrated 15')}"], half),
         "abrupt + distillation": ([f"--init_from={converted_path(s, 'calibrated 15')}", *teacher], half),
         "abrupt + freezing": ([f"--init_from={converted_path(s, 'calibrated 15')}", f"--adapt_target={target}",
-                               "--adapt_mode=abrupt", "--adapt_train_layers=converted"], half),
+                               "--adapt_mode=abrupt", "--adapt_train_layers=upward"], half),
         "gradual": ([f"--init_from={s.model}", f"--adapt_target={target}", "--adapt_mode=gradual",
                      "--adapt_layers_per_stage=5", f"--adapt_stage_iters={s.iters // 4}"], half),
     }

@@ -441,3 +441,14 @@ def test_attention_conversion_drops_q_and_k_and_loads_strictly():
         assert torch.equal(shared.layers[i].self_attn.q_proj.weight, dense.layers[i].self_attn.q_proj.weight)
     both = convert_model(dense, kv_source="0,0,2,3,4,5", attn_source="0,1,2,2,4,4")
     assert both.config.kv_source[1] == 0 and both.config.attn_source[5] == 4
+
+
+def test_upward_freezing_of_a_tied_model_needs_no_backward_below_the_lowest_trainable_layer():
+    model = dense_model(n_layer=4, tie_embeddings=True)
+    freeze(model, (0, 1, 2, 2), "upward")
+    assert not model.embed_tokens.weight.requires_grad  # the tied head stays frozen with it
+    seen = []
+    model.layers[1].input_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0].requires_grad))
+    model.layers[3].input_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0].requires_grad))
+    model(batch()[0], batch()[1])
+    assert seen == [False, True]  # autograd records nothing below layer 2
