@@ -445,7 +445,7 @@ def test_attention_conversion_drops_q_and_k_and_loads_strictly():
 
 def test_upward_freezing_of_a_tied_model_needs_no_backward_below_the_lowest_trainable_layer():
     model = dense_model(n_layer=4, tie_embeddings=True)
-    freeze(model, (0, 1, 2, 2), "upward")
+    freeze(model, (0, 1, 1, 1), "upward")  # layers 2 and 3 train
     assert not model.embed_tokens.weight.requires_grad  # the tied head stays frozen with it
     seen = []
     model.layers[1].input_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0].requires_grad))
