@@ -284,7 +284,8 @@ def evaluate_runs(runs, data_dir, s):
     rows = {}
     for name, (out_dir, tps, kv) in runs.items():
         model_, _ = load_model(out_dir)
-        fraction = len(set(kv)) / len(kv) if kv else 1.0
+        c = model_.config  # K of the key layers and V of the owners, against K and V of every layer
+        fraction = (len(c.key_layers) + len(c.owners)) / (2 * c.n_layer)
         rows[name] = evaluate(model_, data_dir, s.eval_batches, s.batch_size, s.block_size, s.seed) | {
             "tokens_per_s": tps, "kv_fraction": fraction, "kv_source": list(model_.config.kv_source),
             "attn_source": list(model_.config.attn_source), "params": model_.num_params(), "out_dir": out_dir}
