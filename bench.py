@@ -62,7 +62,7 @@ from convert_hf import hf_config_from_llama, hf_state_dict
 # -----------------------------------------------------------------------------
 # settings (sizes at 0 take the preset's value)
 preset = "cpu"               # tiny, cpu, smollm2, gpu-small, tinyllama (PRESETS below)
-models = "dense;upper:half"  # kv_source specs separated by ';'
+models = "dense;upper:half"  # model specs separated by ';': a kv_source, or KV@ATTN with an attn_source (EchoAtt)
 dtype = "float32"            # float32 or bfloat16: training autocasts over fp32 weights, decoding casts the weights
 compile = False              # torch.compile the train step (the reference's too) and our decode step
 reference = ""               # 'hf': add transformers' LlamaForCausalLM (SDPA), dense, with the dense model's weights
@@ -186,10 +186,16 @@ def parse_models(text, n_layer):
         if spec == "hf":
             raise ConfigError("--models: 'hf' is not a kv_source; add transformers with --reference hf")
         try:
-            M.parse_kv_source(spec, n_layer)
+            M.check_maps(*model_maps(spec, n_layer))
         except ValueError as e:
             raise ConfigError(f"--models: {e}") from None
     return specs
+
+
+def model_maps(spec, n_layer):
+    """(kv_source, attn_source) of a --models spec: 'upper:half' or, with attention sharing, 'dense@upper:half'."""
+    kv, _, attn = spec.partition("@")
+    return M.parse_kv_source(kv, n_layer), M.parse_kv_source(attn or None, n_layer, "attn_source")
 
 
 # -----------------------------------------------------------------------------
@@ -308,7 +314,8 @@ def device_name(device):
 
 def build_ours(s, spec, device):
     torch.manual_seed(s.seed)
-    return M.Llama(M.LlamaConfig(**s.model_config, kv_source=spec)).to(device)
+    kv_source, attn_source = model_maps(spec, s.model_config["n_layer"])
+    return M.Llama(M.LlamaConfig(**s.model_config, kv_source=kv_source, attn_source=attn_source)).to(device)
 
 
 def build_hf(dense, device):

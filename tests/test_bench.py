@@ -191,3 +191,10 @@ def test_command_line_error_is_one_line_and_exit_1():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.strip().splitlines() == ["error: --repeats must be a positive integer, got 0"]
+
+
+def test_models_spec_takes_an_attention_map_after_an_at_sign():
+    assert bench.model_maps("dense@upper:half", 4) == ((0, 1, 2, 3), (0, 1, 1, 1))
+    assert bench.model_maps("cla:2", 4) == ((0, 0, 2, 2), (0, 1, 2, 3))
+    with pytest.raises(ValueError, match="layer 1: kv_source"):
+        bench.parse_models("cla:2@cla:2", 4)
