@@ -72,13 +72,27 @@ def evaluate(model, data_dir, n_batches, batch_size, block_size, seed):
     return losses
 
 
+def cached(s, name, compute):
+    """compute() once per runs directory (delete runs/<name>.pt to redo it): a long run stopped
+    halfway goes on where it was."""
+    path = os.path.join(s.runs, name + ".pt")
+    if os.path.exists(path):
+        progress(f"reusing {path}")
+        return torch.load(path, weights_only=False)
+    value = compute()
+    torch.save(value, path)
+    return value
+
+
+def calibration_batches(data_dir, s):
+    sampler = BatchSampler(open_tokens(data_dir, "train", load_meta(data_dir)), s.block_size, s.batch_size, s.seed + 1, "cpu")
+    return [sampler.get("train", 0, k)[0] for k in range(s.calib_batches)]
+
+
 def calibrate(dense, data_dir, s):
-    meta = load_meta(data_dir)
-    sampler = BatchSampler(open_tokens(data_dir, "train", meta), s.block_size, s.batch_size, s.seed + 1, "cpu")
-    sim = kv_similarity(dense, [sampler.get("train", 0, k)[0] for k in range(s.calib_batches)])
+    sim = cached(s, "kv_similarity", lambda: kv_similarity(dense, calibration_batches(data_dir, s)))
     save_heatmap(sim, os.path.join(s.out, "kv_similarity.png"),
                  "SmolLM2-135M: 1 - relative change of layer i's output with layer j's K/V")
-    torch.save(sim, os.path.join(s.runs, "kv_similarity.pt"))
     maps = {f"calibrated {n}": propose_kv_source(sim, n) for n in map(int, s.share.split(","))}
     return sim, maps
 
@@ -173,9 +187,7 @@ def echoatt(dense, data_dir, s, k0, n_runs):
     """EchoAtt at each of attn_share: calibrate by attention maps, convert (sharers drop Q and K), then
     two-stage distillation (2/3 of the budget learning from the teacher: 0.25 KL + 0.5 argmax CE +
     0.25 hidden-state MSE at the shared blocks' ends; then plain CE). {name: row}."""
-    meta = load_meta(data_dir)
-    sampler = BatchSampler(open_tokens(data_dir, "train", meta), s.block_size, s.batch_size, s.seed + 1, "cpu")
-    sim = attention_similarity(dense, [sampler.get("train", 0, k)[0] for k in range(s.calib_batches)])
+    sim = cached(s, "attn_similarity", lambda: attention_similarity(dense, calibration_batches(data_dir, s)))
     save_heatmap(sim, os.path.join(s.out, "attn_similarity.png"), "SmolLM2-135M: cosine similarity of attention maps")
     rows = {}
     for k, n in enumerate(map(int, s.attn_share.split(",")), k0):
@@ -304,7 +316,9 @@ def main(argv):
     MAPS.update({"cla:2": convert_model(dense, "cla:2").config.kv_source,
                  "upper:half": convert_model(dense, "upper:half").config.kv_source, **maps})
     progress("calibrated maps: " + "; ".join(f"{n}: {m}" for n, m in maps.items()))
-    converted = conversion_table(dense, {k: MAPS[k] for k in ("cla:2", "upper:half", *maps)}, data_dir, s)
+    converted, best = cached(s, "conversion", lambda: (
+        conversion_table(dense, {k: MAPS[k] for k in ("cla:2", "upper:half", *maps)}, data_dir, s), BEST_INIT))
+    BEST_INIT.update(best)
     runs = adaptation_runs(MAPS, s)
     attn_sim, attn = echoatt(dense, data_dir, s, len(runs) + 1, len(runs) + len(s.attn_share.split(",")))
     runs.update({name: (r["out_dir"], r["tokens_per_s"], None) for name, r in attn.items()})
