@@ -51,6 +51,7 @@ calib_batches = 4
 local_iters = 40             # layer-local distillation steps before end-to-end training
 share = "8,12,15,22"         # layers the calibrated K/V maps share (of 30): KV cache 0.73, 0.60, 0.50, 0.27
 attn_share = "8,12"          # layers the EchoAtt maps share (27% and 40%)
+compare_maps = "upper:half,cla:2"  # presets also adapted (local distillation + abrupt) beside the calibrated maps
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
@@ -156,7 +157,8 @@ def adaptation_runs(maps, s):
         "gradual": ([f"--init_from={s.model}", f"--adapt_target={target}", "--adapt_mode=gradual",
                      "--adapt_layers_per_stage=5", f"--adapt_stage_iters={s.iters // 4}"], half),
     }
-    for name in ["calibrated 15", "upper:half", "cla:2"] + [m for m in maps if m.startswith("calibrated") and m != "calibrated 15"]:
+    presets = [m for m in s.compare_maps.split(",") if m]
+    for name in ["calibrated 15", *presets] + [m for m in maps if m.startswith("calibrated") and m != "calibrated 15"]:
         recipes[f"local + abrupt, {name}"] = ([f"--init_from={local_checkpoint(name, s)}"], maps[name])
     results = {}
     for k, (name, (args, kv)) in enumerate(recipes.items(), 1):
