@@ -65,7 +65,7 @@ beta2 = 0.99
 grad_clip = 1.0              # 0: no clipping
 decay_lr = True
 warmup_iters = 30
-lr_decay_iters = 300         # usually = max_iters
+lr_decay_iters = 0           # where the cosine decay reaches min_lr; 0: at max_iters (the schedule follows it)
 min_lr = 2e-4
 # system
 device = "auto"              # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -97,6 +97,8 @@ def check_settings(s, world_size):
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{key}={getattr(s, key)} must be >= 1")
+    if s.lr_decay_iters < 0:
+        raise ConfigError(f"lr_decay_iters={s.lr_decay_iters} must be >= 0 (0: decay until max_iters)")
     if s.gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps={s.gradient_accumulation_steps} does not divide over "
                           f"{world_size} ranks: it counts micro-steps in total over all ranks, make it a "
@@ -421,7 +423,7 @@ def loop(s, trainer, adaptation, iter_num, best_val_loss, log):
             best_val_loss = float("inf")  # "best" compares models of the same kv_source only
             log(f"iter {iter_num}: kv_source is now {list(raw_model.config.kv_source)}",
                 kind="adapt", iter=iter_num, kv_source=list(raw_model.config.kv_source))
-        lr = get_lr(iter_num, s.learning_rate, s.warmup_iters, s.lr_decay_iters, s.min_lr, s.decay_lr)
+        lr = get_lr(iter_num, s.learning_rate, s.warmup_iters, s.lr_decay_iters or s.max_iters, s.min_lr, s.decay_lr)
         at_end = iter_num >= s.max_iters
         if s.eval_only or ((iter_num % s.eval_interval == 0 or at_end) and not (resume and iter_num == start_iter)):
             val_loss = evaluate(s, trainer, iter_num, lr, log, train_time)

@@ -21,7 +21,6 @@ kv_source = "upper:half"
 
 learning_rate = 2e-3
 max_iters = 300
-lr_decay_iters = 300
 min_lr = 2e-4
 warmup_iters = 30
 beta2 = 0.99

@@ -29,7 +29,6 @@ kv_source = "upper:half"
 
 learning_rate = 4e-4
 max_iters = 20000
-lr_decay_iters = 20000
 min_lr = 4e-5
 warmup_iters = 2000
 weight_decay = 0.1
