@@ -341,6 +341,9 @@ def setup(s, explicit, rt):
     resume = s.init_from == "resume"
     if resume and "block_size" not in explicit:  # the run's context length, not this file's default
         s.block_size = (ckpt.get("config") or {}).get("block_size", ckpt["model_config"]["block_size"])
+    for key in ("max_iters", "lr_decay_iters"):  # resume continues the run's own schedule unless told otherwise
+        if resume and key not in explicit and key in (ckpt.get("config") or {}):
+            setattr(s, key, ckpt["config"][key])
     train_data, val_data = open_splits(data_dir, meta, s.block_size)
     raw_model = build_model(s, explicit, ckpt, path, meta["vocab_size"])
     if s.block_size > raw_model.config.block_size:
@@ -482,12 +485,26 @@ def summarise(summary, trainer, log, eval_only):
     return summary
 
 
+def finished_message(s, iter_num):
+    decay = ("The cosine decay follows max_iters, so the learning rate rises from min_lr again; add "
+             f"--lr_decay_iters={iter_num} to stay at min_lr instead." if not s.lr_decay_iters else
+             f"The learning rate stays at min_lr past lr_decay_iters={s.lr_decay_iters}; add --lr_decay_iters=0 to "
+             "stretch the decay to the new max_iters.")
+    return (f"nothing to do: {os.path.join(s.out_dir, CKPT_NAME)} is at iteration {iter_num}, so this run already "
+            f"reached max_iters={s.max_iters}. To train on, resume with a larger max_iters, e.g. "
+            f"--init_from=resume --max_iters={2 * iter_num}. {decay}")
+
+
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, CHOICES)
     check_settings(s, int(os.environ.get("WORLD_SIZE", 1)))
     rt = init_runtime(s.device, s.dtype, s.seed, s.backend)
     try:
         trainer, adaptation, iter_num, best_val_loss = setup(s, explicit, rt)
+        if s.init_from == "resume" and iter_num >= s.max_iters and not s.eval_only:
+            if rt.master:  # a finished run: say so, rather than print a "done" that did nothing
+                print(finished_message(s, iter_num), flush=True)
+            return {"iters": iter_num, "val_loss": None, "best_val_loss": best_val_loss, "tokens_per_s": None}
         if rt.master:
             os.makedirs(s.out_dir, exist_ok=True)
         log = Log(os.path.join(s.out_dir, "log.jsonl"), enabled=rt.master)
