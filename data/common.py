@@ -103,6 +103,14 @@ def get_codec(meta):
     raise ValueError(f"unknown tokenizer {meta['tokenizer']!r} in meta.json (known: char, gpt2)")
 
 
+def tokenizer_identity(meta):
+    """What two datasets must share for their token ids to mean the same text: the character table of
+    a char dataset (two texts give two tables), else the tokenizer's name."""
+    if meta.get("tokenizer") == "char":
+        return ("char", tuple(meta.get("chars") or ()))
+    return (str(meta.get("tokenizer")),)
+
+
 def write_tokens(path, ids, vocab_size):
     """Write token ids as a flat binary file of token_dtype(vocab_size), atomically."""
     ids = np.asarray(ids)
