@@ -3,7 +3,7 @@ Train a dense or KV-shared Llama (model.py) in the nanoGPT manner.
 
     .venv/bin/python train.py                                   # the default: a small KV-shared char model, CPU ok
     .venv/bin/python train.py config/train_shakespeare_char_dense.py          # its dense twin
-    .venv/bin/python train.py config/train_shakespeare_char.py --kv_source=cla:2 --max_iters=500
+    .venv/bin/python train.py config/train_shakespeare_char.py --kv_source=cla:2 --out_dir=out-cla2 --max_iters=500
     .venv/bin/python train.py --init_from=resume                # continue out_dir/ckpt.pt exactly
     .venv/bin/torchrun --standalone --nproc_per_node=8 train.py config/train_tinyllama_shared.py   # DDP
 
