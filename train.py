@@ -3,7 +3,7 @@ Train a dense or KV-shared Llama (model.py) in the nanoGPT manner.
 
     .venv/bin/python train.py                                   # the default: a small KV-shared char model, CPU ok
     .venv/bin/python train.py config/train_shakespeare_char_dense.py          # its dense twin
-    .venv/bin/python train.py config/train_shakespeare_char.py --kv_source=cla:2 --max_iters=500
+    .venv/bin/python train.py config/train_shakespeare_char.py --kv_source=cla:2 --out_dir=out-cla2 --max_iters=500
     .venv/bin/python train.py --init_from=resume                # continue out_dir/ckpt.pt exactly
     .venv/bin/torchrun --standalone --nproc_per_node=8 train.py config/train_tinyllama_shared.py   # DDP
 
@@ -26,7 +26,7 @@ from adapt import Distillation, HiddenTap, load_teacher, loss_with_teacher, setu
 from checkpoint import (CKPT_NAME, SAMPLING_KEYS, blend_state, load_checkpoint, model_from_checkpoint, restore_rng, rng_state,
                         save_checkpoint)
 from configurator import ConfigError, close_runtime, configure, init_runtime, run_script, settings_from
-from data.common import BatchSampler, ensure_dataset, load_meta, open_tokens
+from data.common import BatchSampler, dataset_dir, ensure_dataset, load_meta, open_tokens, tokenizer_identity
 from model import Llama, LlamaConfig, parse_kv_source, peak_flops_for
 
 # -----------------------------------------------------------------------------
@@ -39,6 +39,8 @@ eval_iters = 20              # batches per split for each evaluation
 eval_only = False            # evaluate once and exit
 always_save_checkpoint = True  # checkpoint at every evaluation, not only when val loss improves
 init_from = "scratch"        # 'scratch', 'resume' (out_dir/ckpt.pt) or the path of a checkpoint file
+overwrite = False            # let a new run replace out_dir's checkpoint of another model (see check_out_dir)
+allow_tokenizer_mismatch = False  # train a checkpoint on data of another tokenizer (see check_tokenizer)
 # data
 dataset = "shakespeare_char"  # a directory under data/ or a path to one (train.bin, val.bin, meta.json)
 auto_prepare = True          # run the offline prepare.py of shakespeare_char / shakespeare if data is missing
@@ -65,7 +67,7 @@ beta2 = 0.99
 grad_clip = 1.0              # 0: no clipping
 decay_lr = True
 warmup_iters = 30
-lr_decay_iters = 300         # usually = max_iters
+lr_decay_iters = 0           # where the cosine decay reaches min_lr; 0: at max_iters (the schedule follows it)
 min_lr = 2e-4
 # system
 device = "auto"              # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -103,6 +105,8 @@ def check_settings(s, world_size):
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{key}={getattr(s, key)} must be >= 1")
+    if s.lr_decay_iters < 0:
+        raise ConfigError(f"lr_decay_iters={s.lr_decay_iters} must be >= 0 (0: decay until max_iters)")
     if s.gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps={s.gradient_accumulation_steps} does not divide over "
                           f"{world_size} ranks: it counts micro-steps in total over all ranks, make it a "
@@ -184,7 +188,71 @@ def build_model(s, explicit, ckpt, path, data_vocab):
     return model
 
 
+def trained_tokenizer(ckpt):
+    """(description, identity) of the tokenizer a checkpoint's model was trained with; None if unknown."""
+    if ckpt.get("tokenizer_json"):
+        digest = hashlib.sha256(ckpt["tokenizer_json"].encode()).hexdigest()
+        return "the Hugging Face tokenizer.json it carries", ("tokenizer.json", digest)
+    if isinstance(ckpt.get("meta"), dict):
+        return f"the {ckpt['meta'].get('tokenizer')} tokenizer of its dataset", tokenizer_identity(ckpt["meta"])
+    if ckpt.get("hf_config"):  # converted from a Hugging Face directory that had no tokenizer.json
+        return "its Hugging Face model's tokenizer", ("hf",)
+    dataset = (ckpt.get("config") or {}).get("dataset")
+    if dataset and os.path.isfile(os.path.join(dataset_dir(dataset), "meta.json")):
+        meta = load_meta(dataset_dir(dataset))
+        return f"the {meta['tokenizer']} tokenizer of dataset {dataset}", tokenizer_identity(meta)
+    return None
+
+
+def check_tokenizer(ckpt, path, meta, data_dir):
+    """Token ids only mean something under the tokenizer the model learned them with: training a
+    converted BPE model on character ids (or the char model of another text) runs, but learns nonsense."""
+    theirs = trained_tokenizer(ckpt)
+    if theirs is not None and theirs[1] != tokenizer_identity(meta):
+        raise ConfigError(f"tokenizer mismatch: {path} was trained with {theirs[0]}, but dataset {data_dir} is "
+                          f"tokenized with {meta['tokenizer']} (vocabulary {meta['vocab_size']}): its token ids "
+                          "mean other text to this model. Train on data tokenized with the model's tokenizer, or "
+                          "pass --allow_tokenizer_mismatch=True to do it anyway")
+
+
+def final_kv_source(model_config: dict, adapt_target: str) -> list:
+    """The kv_source a run ends with: its adaptation target if it adapts, else the model's own."""
+    if not adapt_target:
+        return list(model_config["kv_source"])
+    return list(parse_kv_source(adapt_target, model_config["n_layer"]))
+
+
+def check_out_dir(s, config, adaptation, master):
+    """A new run must not silently replace out_dir's checkpoint of another model: refuse, and name the
+    ways out. Refusing (rather than deriving out_dir from the settings) keeps every run's out_dir the
+    one its settings say, which sample.py, resume and experiments/echo.py rely on, and it guards an
+    out_dir given explicitly too. A checkpoint of the same model is replaced, as re-running a command should."""
+    path = os.path.join(s.out_dir, CKPT_NAME)
+    if s.init_from == "resume" or s.eval_only or not os.path.isfile(path):
+        return
+    mine = config.to_dict() | {"kv_source": list(adaptation.target) if adaptation else list(config.kv_source)}
+    try:
+        old = load_checkpoint(path, mmap=True)
+        theirs = dict(old["model_config"])
+        theirs["kv_source"] = final_kv_source(theirs, (old.get("config") or {}).get("adapt_target", ""))
+        differs = [k for k in mine if theirs.get(k) != mine[k]]
+        what = "; ".join(f"{k} {theirs.get(k)!r} there, {mine[k]!r} here" for k in differs)
+    except (ValueError, KeyError, TypeError) as e:
+        old, differs, what = {}, ["unreadable"], f"it cannot be read to compare: {e}"
+    if differs and not s.overwrite:
+        parts = [(s.adapt_target or s.kv_source).replace(":", "").replace(",", "") if k == "kv_source"
+                 else f"{k}{mine.get(k, '')}" for k in differs]
+        raise ConfigError(f"{path} holds a checkpoint of another model ({what}), which this run would replace. "
+                          f"Train into another out_dir (e.g. --out_dir={s.out_dir.rstrip('/')}-{'-'.join(parts)}), "
+                          "continue that checkpoint with --init_from=resume, or replace it with --overwrite=True")
+    if master:
+        print(f"note: this new run replaces {path} (iter {old.get('iter_num', '?')}); --init_from=resume would "
+              "continue it instead", flush=True)
+
+
 def make_checkpoint(raw_model, optimizer, scaler, iter_num, best_val_loss, sampler, settings, carried):
+    """carried: what sample.py needs (checkpoint.SAMPLING_KEYS): the tokenizer and chat template of the
+    checkpoint the run started from, and the dataset's meta."""
     ckpt = carried | {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "model_config": raw_model.config.to_dict(), "kv_blend": blend_state(raw_model), "iter_num": iter_num,
             "best_val_loss": best_val_loss, "rng": rng_state(), "sampler": sampler.state_dict(),
@@ -349,13 +417,19 @@ def setup(s, explicit, rt):
     resume = s.init_from == "resume"
     if resume and "block_size" not in explicit:  # the run's context length, not this file's default
         s.block_size = (ckpt.get("config") or {}).get("block_size", ckpt["model_config"]["block_size"])
+    for key in ("max_iters", "lr_decay_iters"):  # resume continues the run's own schedule unless told otherwise
+        if resume and key not in explicit and key in (ckpt.get("config") or {}):
+            setattr(s, key, ckpt["config"][key])
     train_data, val_data = open_splits(data_dir, meta, s.block_size)
     raw_model = build_model(s, explicit, ckpt, path, meta["vocab_size"])
+    if ckpt is not None and not s.allow_tokenizer_mismatch:
+        check_tokenizer(ckpt, path, meta, data_dir)
     if s.block_size > raw_model.config.block_size:
         raise ConfigError(f"block_size={s.block_size} exceeds the model's block_size={raw_model.config.block_size}")
     raw_model.to(rt.device)
     adaptation = setup_adaptation(raw_model, s.adapt_target, s.adapt_mode, s.adapt_order, s.adapt_stage_iters,
                                   s.adapt_layers_per_stage, s.adapt_train_layers, s.adapt_similarity)
+    check_out_dir(s, raw_model.config, adaptation, rt.master)
     optimizer = raw_model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == "float16"))
     iter_num, best_val_loss, data_seed = 0, float("inf"), s.seed
@@ -364,7 +438,8 @@ def setup(s, explicit, rt):
     samplers = [BatchSampler(d, s.block_size, s.batch_size, data_seed, rt.device) for d in (train_data, val_data)]
     trainer = Trainer(raw_model, optimizer, scaler, rt, use_compile(s.compile, rt.device_type), samplers,
                       s.gradient_accumulation_steps // rt.world_size, s.grad_clip)
-    trainer.carried = {key: ckpt[key] for key in SAMPLING_KEYS if ckpt is not None and key in ckpt}
+    # checkpoints carry the starting checkpoint's tokenizer and chat template, and the dataset's meta
+    trainer.carried = {key: ckpt[key] for key in SAMPLING_KEYS if ckpt is not None and key in ckpt} | {"meta": meta}
     if s.distill_alpha + s.distill_argmax + s.distill_hidden > 0:
         attach_teacher(s, trainer)
     return trainer, adaptation, iter_num, best_val_loss
@@ -451,7 +526,7 @@ def loop(s, trainer, adaptation, iter_num, best_val_loss, log):
             best_val_loss = float("inf")  # "best" compares models of the same kv_source only
             log(f"iter {iter_num}: kv_source is now {list(raw_model.config.kv_source)}",
                 kind="adapt", iter=iter_num, kv_source=list(raw_model.config.kv_source))
-        lr = get_lr(iter_num, s.learning_rate, s.warmup_iters, s.lr_decay_iters, s.min_lr, s.decay_lr)
+        lr = get_lr(iter_num, s.learning_rate, s.warmup_iters, s.lr_decay_iters or s.max_iters, s.min_lr, s.decay_lr)
         at_end = iter_num >= s.max_iters
         if s.eval_only or ((iter_num % s.eval_interval == 0 or at_end) and not (resume and iter_num == start_iter)):
             val_loss = evaluate(s, trainer, iter_num, lr, log, train_time)
@@ -511,15 +586,32 @@ def summarise(summary, trainer, log, eval_only):
     return summary
 
 
+def finished_message(s, iter_num):
+    decay = ("The cosine decay follows max_iters, so the learning rate rises from min_lr again; add "
+             f"--lr_decay_iters={iter_num} to stay at min_lr instead." if not s.lr_decay_iters else
+             f"The learning rate stays at min_lr past lr_decay_iters={s.lr_decay_iters}; add --lr_decay_iters=0 to "
+             "stretch the decay to the new max_iters.")
+    return (f"nothing to do: {os.path.join(s.out_dir, CKPT_NAME)} is at iteration {iter_num}, so this run already "
+            f"reached max_iters={s.max_iters}. To train on, resume with a larger max_iters, e.g. "
+            f"--init_from=resume --max_iters={2 * iter_num}. {decay}")
+
+
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, CHOICES)
     check_settings(s, int(os.environ.get("WORLD_SIZE", 1)))
     rt = init_runtime(s.device, s.dtype, s.seed, s.backend)
     try:
         trainer, adaptation, iter_num, best_val_loss = setup(s, explicit, rt)
+        if s.init_from == "resume" and iter_num >= s.max_iters and not s.eval_only:
+            if rt.master:  # a finished run: say so, rather than print a "done" that did nothing
+                print(finished_message(s, iter_num), flush=True)
+            return {"iters": iter_num, "val_loss": None, "best_val_loss": best_val_loss, "tokens_per_s": None}
+        log_path = os.path.join(s.out_dir, "log.jsonl")
         if rt.master:
             os.makedirs(s.out_dir, exist_ok=True)
-        log = Log(os.path.join(s.out_dir, "log.jsonl"), enabled=rt.master)
+            if s.init_from != "resume" and not s.eval_only and os.path.exists(log_path):
+                os.remove(log_path)  # a new run: its log describes this run only, as its checkpoint will
+        log = Log(log_path, enabled=rt.master)
         if adaptation is not None and s.max_iters < adaptation.total_iters:
             log(f"warning: max_iters={s.max_iters} ends before the last adaptation stage does "
                 f"(iteration {adaptation.total_iters}): the model will not reach adapt_target")

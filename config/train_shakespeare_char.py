@@ -1,4 +1,4 @@
-# The default run (`python train.py` with no arguments uses exactly these values): a small
+# The default run (`.venv/bin/python train.py` with no arguments uses exactly these values): a small
 # character-level Llama whose upper half of layers reuses the K/V of the last lower layer
 # (kv_source 'upper:half' = [0, 1, 1, 1]). Trains on a CPU in minutes; the dataset is prepared
 # offline on first use. Compare with config/train_shakespeare_char_dense.py.
@@ -21,7 +21,6 @@ kv_source = "upper:half"
 
 learning_rate = 2e-3
 max_iters = 300
-lr_decay_iters = 300
 min_lr = 2e-4
 warmup_iters = 30
 beta2 = 0.99

@@ -5,8 +5,8 @@
 # TinyLlama's own vocabulary is the Llama tokenizer's 32000; the datasets here are GPT-2 BPE (50257),
 # so from scratch the vocabulary is the dataset's (vocab_size = 0). To continue a converted TinyLlama
 # instead, pass init_from=<file from convert_hf.py> with data tokenized by its tokenizer.
-#   python data/tinystories/prepare.py
-#   torchrun --standalone --nproc_per_node=8 train.py config/train_tinyllama_shared.py
+#   .venv/bin/python data/tinystories/prepare.py
+#   .venv/bin/torchrun --standalone --nproc_per_node=8 train.py config/train_tinyllama_shared.py
 out_dir = "out-tinyllama-shared"
 dataset = "tinystories"
 eval_interval = 500
@@ -29,7 +29,6 @@ kv_source = "upper:half"
 
 learning_rate = 4e-4
 max_iters = 20000
-lr_decay_iters = 20000
 min_lr = 4e-5
 warmup_iters = 2000
 weight_decay = 0.1

@@ -120,6 +120,14 @@ def hf_codec(path):
             lambda ids: tok.decode(list(ids), skip_special_tokens=False))
 
 
+def tokenizer_identity(meta):
+    """What two datasets must share for their token ids to mean the same text: the character table of
+    a char dataset (two texts give two tables), else the tokenizer's name."""
+    if meta.get("tokenizer") == "char":
+        return ("char", tuple(meta.get("chars") or ()))
+    return (str(meta.get("tokenizer")),)
+
+
 def write_tokens(path, ids, vocab_size):
     """Write token ids as a flat binary file of token_dtype(vocab_size), atomically."""
     ids = np.asarray(ids)

@@ -290,3 +290,57 @@ def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
     os.umask(umask)
     save_checkpoint({"a": 1}, str(tmp_path / "c.pt"))
     assert os.stat(tmp_path / "c.pt").st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---- runs that must not clobber or mislead
+
+
+def test_lr_schedule_follows_max_iters(data_dir, tmp_path):
+    # lr_decay_iters=0 (the default) ends the decay at max_iters: halfway down the cosine at iter 3 of 4
+    run(data_dir, tmp_path, "--max_iters=4", "--lr_decay_iters=0", "--eval_interval=4")
+    lr = {r["iter"]: r["lr"] for r in records(tmp_path, "train")}
+    assert lr[3] == pytest.approx(1e-3 + 0.5 * (1e-2 - 1e-3))
+    assert parse_args([])[0]["lr_decay_iters"] == 0
+
+
+def test_resume_of_a_finished_run_says_so(data_dir, tmp_path, capsys):
+    run(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2")
+    capsys.readouterr()
+    # no --max_iters: the run's own (2) applies, not train.py's default
+    train.main(TINY[:-2] + [f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--init_from=resume"])
+    out = capsys.readouterr().out
+    assert "already reached max_iters=2" in out and "--max_iters=4" in out and "done:" not in out
+    assert len(records(tmp_path, "start")) == 1  # nothing appended to the log
+
+
+def test_new_run_refuses_to_replace_another_models_checkpoint(data_dir, tmp_path, capsys):
+    run(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2", "--kv_source=upper:half")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"another model \(kv_source \[0, 0\] there, \[0, 1\] here\).*"
+                                         r"--out_dir=.*-dense.*--overwrite=True"):
+        run(data_dir, tmp_path, "--max_iters=2", "--kv_source=dense")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    # the same model again is a re-run: it replaces the checkpoint, and the log holds the new run only
+    run(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2", "--kv_source=upper:half")
+    assert "this new run replaces" in capsys.readouterr().out and len(records(tmp_path, "start")) == 1
+    run(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2", "--kv_source=dense", "--overwrite")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["model_config"]["kv_source"] == [0, 1]
+
+
+def test_training_on_another_tokenizer_is_refused(data_dir, tmp_path):
+    config = LlamaConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64, vocab_size=40,
+                         block_size=32, kv_source="dense")
+    converted = {"model": Llama(config).state_dict(), "model_config": config.to_dict(),
+                 "tokenizer_json": '{"model": {"type": "BPE"}}', "hf_config": {"model_type": "llama"}}
+    torch.save(converted, tmp_path / "conv.pt")
+    with pytest.raises(ValueError, match="tokenizer mismatch: .*conv.pt was trained with the Hugging Face "
+                                         "tokenizer.json.*char.*--allow_tokenizer_mismatch=True"):
+        run(data_dir, tmp_path / "a", f"--init_from={tmp_path / 'conv.pt'}")
+    assert run(data_dir, tmp_path / "a", f"--init_from={tmp_path / 'conv.pt'}", "--allow_tokenizer_mismatch",
+               "--eval_interval=2")["iters"] == 2
+    # a char model of another text: the same vocabulary size, another character table
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    ckpt["meta"] = dict(ckpt["meta"], chars=list(reversed(ckpt["meta"]["chars"])))
+    torch.save(ckpt, tmp_path / "other_text.pt")
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        run(data_dir, tmp_path / "b", f"--init_from={tmp_path / 'other_text.pt'}")
