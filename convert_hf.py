@@ -675,11 +675,16 @@ def verify_export(model: Llama, out_dir, dtype=torch.float32, n_tokens=32, tol=1
         import transformers
     except ImportError:
         raise ConversionError("--verify needs the transformers package (pip install transformers)") from None
+    bar = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # stderr is for errors: one line each
     try:
         hf = transformers.LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager")
     except TypeError:  # transformers 4.x before the dtype argument
         hf = transformers.LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32,
                                                            attn_implementation="eager")
+    finally:
+        if bar:
+            transformers.utils.logging.enable_progress_bar()
     ours = Llama(model.config)
     ours.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items()})
     x = torch.randint(0, model.config.vocab_size, (1, min(n_tokens, model.config.block_size)),
