@@ -58,7 +58,8 @@ def save_checkpoint(obj, path):
     """Write a temp file in the same directory, fsync, rename it over the old one: a crash or error at
     any point leaves the previous checkpoint intact. A failed write (a full disk) is an OSError."""
     if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory: give the checkpoint a file name, like {os.path.join(path, CKPT_NAME)}")
+        raise CheckpointError(f"{path} is a directory: give the checkpoint a file name, like "
+                              f"{os.path.join(path, CKPT_NAME)}")
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     prefix, suffix = temp_name(path)
@@ -124,9 +125,11 @@ def checkpoint_path(path):
 
 def verify_crcs(path):
     """Raise CheckpointError if an entry of the zip file torch.save wrote fails its CRC-32: torch.load does
-    not check them, so a flipped byte in a tensor (optimizer state, weights) would load silently. Reading
-    the file costs about 25 ms per 100 MB from the page cache. Entries stored with CRC 0 (torch's
-    set_crc32_options(False)) carry no checksum and are skipped. A file that is no zip is left to torch.load."""
+    not check them, so a flipped byte in a tensor (optimizer state, weights) would load silently. It reads
+    the whole file once: on the 2-core EPYC, 100 MB from the page cache took 22 ms idle, 46 ms loaded (a
+    third of torch.load's own time); a memory-mapped load, which reads lazily, now reads everything once.
+    Entries stored with CRC 0 (torch's set_crc32_options(False)) carry no checksum and are skipped. A
+    file that is no zip is left to torch.load."""
     if not zipfile.is_zipfile(path):
         return
     try:

@@ -729,7 +729,8 @@ def main(argv):
                           "(convert_hf.py --help)")
     command, src, dst = argv[:3]
     s, explicit = configure(DEFAULTS, argv[3:], __doc__, CHOICES)
-    allowed = {"import": {"kv_source", "kv_init", "dtype", "block_size"}, "export": {"dtype", "verify", "overwrite"}}[command]
+    allowed = {"import": {"kv_source", "kv_init", "dtype", "block_size"},
+               "export": {"dtype", "verify", "overwrite"}}[command]
     if explicit - allowed:
         raise ConfigError(f"{command} takes no {', '.join('--' + k for k in sorted(explicit - allowed))}; it takes "
                           f"{', '.join('--' + k for k in sorted(allowed))}")
