@@ -614,6 +614,9 @@ def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=N
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ConversionError(f"{out_dir} is not empty: export writes a whole Hugging Face directory; choose a new "
                               "one, or pass --overwrite to replace it (all its files go)")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "config.json")):
+        raise ConversionError(f"{out_dir} holds no config.json: --overwrite replaces only a Hugging Face model "
+                              "directory, and this one is something else; export elsewhere")
     dtype = dtype or model.embed_tokens.weight.dtype
     new_dirs = _missing_parents(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)

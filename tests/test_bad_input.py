@@ -134,6 +134,7 @@ CASES = [  # (script, arguments, what the one line must name); train cases get T
     ("convert_hf", ["import", "{hf_list}", "{root}/c.pt"], "hf_list/config.json"),
     ("convert_hf", ["import", "{hf}"], "expected `import HF_DIR"),
     ("convert_hf", ["export", "{ck}", "{nonempty}"], "nonempty is not empty"),
+    ("convert_hf", ["export", "{ck}", "{nonempty}", "--overwrite"], "nonempty holds no config.json"),
     ("convert_hf", ["export", "{ck}", "{root}/ck", "--overwrite"], "--overwrite would delete it"),
     ("convert_hf", ["export", "{flip}", "{root}/e"], "flip/ckpt.pt is corrupt"),
     # adapt.py
