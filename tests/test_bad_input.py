@@ -185,6 +185,17 @@ def test_resume_takes_block_size_and_the_model_settings_from_the_checkpoint(data
     assert ckpt["config"]["block_size"] == 160 and ckpt["config"]["n_layer"] == 2 and ckpt["config"]["n_embd"] == 32
 
 
+def test_an_out_dir_without_write_permission_is_found_at_the_start(data_dir, tmp_path, monkeypatch, capsys):
+    """As root a chmod cannot take the permission away, so os.access answers as it would for a user."""
+    os.makedirs(tmp_path / "ro")
+    monkeypatch.setattr(train.os, "access", lambda path, mode: os.path.abspath(path) != str(tmp_path / "ro"))
+    rc = run_script(train.main, TINY + [f"--dataset={data_dir}", f"--out_dir={tmp_path / 'ro' / 'run'}"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and f"no write permission on {tmp_path / 'ro'}" in err, err
+    assert os.listdir(tmp_path / "ro") == []
+
+
 def test_a_second_run_into_a_locked_out_dir_refuses_and_a_killed_run_leaves_no_lock(data_dir, tmp_path, capsys):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; lock = train.lock_out_dir(sys.argv[1]); "
                                "print('locked', flush=True); time.sleep(120)", str(tmp_path)],
