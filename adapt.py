@@ -270,8 +270,14 @@ def setup_adaptation(model, target, mode, order, stage_iters, layers_per_stage, 
             raise ValueError(f"adapt_similarity={similarity_path!r}: no such file (run `python adapt.py` first)")
         try:
             similarity = torch.load(similarity_path, weights_only=True)
-        except Exception as e:
-            raise ValueError(f"adapt_similarity={similarity_path!r} is not a similarity file from adapt.py ({e})") from None
+        except Exception as e:  # torch's message runs over many lines: its first is enough
+            raise ValueError(f"adapt_similarity={similarity_path!r} is not a similarity file from adapt.py "
+                             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]})") from None
+        n = model.config.n_layer
+        if not (isinstance(similarity, torch.Tensor) and tuple(similarity.shape) == (n, n)):
+            found = tuple(similarity.shape) if isinstance(similarity, torch.Tensor) else type(similarity).__name__
+            raise ValueError(f"adapt_similarity={similarity_path!r} is not the similarity matrix of a {n}-layer "
+                             f"model from adapt.py (found {found})")
     adaptation = Adaptation(model.config.kv_source, target, mode, order, stage_iters, layers_per_stage, similarity)
     freeze(model, adaptation.target, train_layers)
     return adaptation
@@ -565,9 +571,31 @@ def print_similarity(sim, criterion="kv"):
         print(f"{i:4d} " + "".join(f"{sim[i, j]:6.2f}" for j in range(i + 1)))
 
 
+def check_settings(s, explicit):
+    """A ConfigError naming the setting, before the model is loaded."""
+    for key, low in (("batches", 1), ("batch_size", 1), ("block_size", 0), ("local_iters", 0), ("n_share", -1)):
+        if getattr(s, key) < low:
+            raise ConfigError(f"{key}={getattr(s, key)} must be >= {low}")
+    if not (s.local_lr > 0 and s.local_lr != float("inf")):
+        raise ConfigError(f"local_lr={s.local_lr} must be a finite number > 0")
+    converting = bool(s.convert_to or s.attn_to)
+    for_convert, for_calibration = {"local_iters", "local_lr"} & explicit, {"n_share", "criterion"} & explicit
+    if for_convert and not converting:
+        raise ConfigError(f"{', '.join(sorted(for_convert))} appl{'ies' if len(for_convert) == 1 else 'y'} only with "
+                          "--convert_to or --attn_to (conversion)")
+    if "kv_init" in explicit and not s.convert_to:
+        raise ConfigError("kv_init applies only with --convert_to (it sets the K/V of the layers that will share)")
+    if for_calibration and converting:
+        raise ConfigError(f"{', '.join(sorted(for_calibration))} appl{'ies' if len(for_calibration) == 1 else 'y'} "
+                          "only to calibration, not with --convert_to or --attn_to")
+
+
 def main(argv):
-    s, _ = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "attention")})
+    s, explicit = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "attention")})
+    check_settings(s, explicit)
     model, ckpt = load_model(s.init_from)
+    if s.block_size > model.config.block_size:
+        raise ConfigError(f"block_size={s.block_size} exceeds the model's block_size={model.config.block_size}")
     if s.convert_to or s.attn_to:
         convert_command(s, model, ckpt)
         return 0

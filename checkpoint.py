@@ -14,6 +14,7 @@ A checkpoint is a dict saved with torch.save:
 import os
 import random
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
@@ -29,18 +30,52 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not describe a model; the message says which."""
 
 
+class _KeepWriteError:
+    """A file wrapper for torch.save, which turns an exception of the file's write (an OSError of a full
+    disk, a KeyboardInterrupt) into a RuntimeError about stream positions: this keeps the original so
+    that save_checkpoint raises it instead."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def temp_name(path):
+    """The prefix and suffix of save_checkpoint's temp files for path (see remove_stale_temps)."""
+    return f".{os.path.basename(path)}.", ".tmp"
+
+
 def save_checkpoint(obj, path):
     """Write a temp file in the same directory, fsync, rename it over the old one: a crash or error at
-    any point leaves the previous checkpoint intact."""
+    any point leaves the previous checkpoint intact. A failed write (a full disk) is an OSError."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory: give the checkpoint a file name, like "
+                              f"{os.path.join(path, CKPT_NAME)}")
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    prefix, suffix = temp_name(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes the file 0600; give it the usual permissions
-            torch.save(obj, f)
+            out = _KeepWriteError(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError:
+                if out.error is not None:
+                    raise out.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,6 +95,22 @@ def save_checkpoint(obj, path):
         pass
 
 
+def remove_stale_temps(path) -> list:
+    """Delete the temp files a killed save_checkpoint(..., path) left behind; the names removed. Call it
+    only while no other process can be writing path (train.py holds out_dir's lock)."""
+    d = os.path.dirname(os.path.abspath(path))
+    prefix, suffix = temp_name(path)
+    removed = []
+    for name in os.listdir(d):
+        if name.startswith(prefix) and name.endswith(suffix):
+            try:
+                os.unlink(os.path.join(d, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
 def checkpoint_path(path):
     """A checkpoint file, or a training out_dir holding ckpt.pt."""
     if os.path.isdir(path):
@@ -72,12 +123,35 @@ def checkpoint_path(path):
     return path
 
 
+def verify_crcs(path):
+    """Raise CheckpointError if an entry of the zip file torch.save wrote fails its CRC-32: torch.load does
+    not check them, so a flipped byte in a tensor (optimizer state, weights) would load silently. It reads
+    the whole file once: on the 2-core EPYC, 100 MB from the page cache took 22 ms idle, 46 ms loaded (a
+    third of torch.load's own time); a memory-mapped load, which reads lazily, now reads everything once.
+    Entries stored with CRC 0 (torch's set_crc32_options(False)) carry no checksum and are skipped. A
+    file that is no zip is left to torch.load."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.CRC == 0 and info.file_size:
+                    continue
+                with z.open(info) as f:  # ZipExtFile checks the CRC when it reaches the end
+                    while f.read(1 << 22):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({str(e)[:200]}): a damaged or flipped byte, refused "
+                              "rather than loaded wrong. It was left as it is; restore a copy or start anew.") from None
+
+
 def load_checkpoint(path, mmap=False):
-    """The checkpoint dict at path (a file or an out_dir), read with weights_only=True.
+    """The checkpoint dict at path (a file or an out_dir), read with weights_only=True after its CRCs are checked.
 
     mmap=True leaves the weights in the file's pages: right for one-shot jobs like export, wrong for a
     long-lived one while a training run may rewrite the file."""
     path = checkpoint_path(path)
+    verify_crcs(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:

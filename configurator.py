@@ -222,8 +222,8 @@ def init_runtime(device="auto", dtype="auto", seed=1337, backend="auto") -> Runt
                  int(os.environ["WORLD_SIZE"]) if ddp else 1)
     if backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"backend={backend!r}: use auto, nccl or gloo")
-    if ddp and backend == "nccl" and device_type != "cuda":
-        raise ConfigError("backend=nccl needs CUDA GPUs: use --backend=gloo (or auto) on CPU")
+    if backend == "nccl" and device_type != "cuda":  # also without torchrun: it says a GPU run was meant
+        raise ConfigError(f"backend=nccl needs CUDA GPUs, but the device is {dev}: use --backend=gloo (or auto) on CPU")
     if ddp:
         import torch.distributed as dist
         if device_type == "cuda":

@@ -22,7 +22,9 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -49,15 +51,29 @@ def read_hf_config(hf_dir) -> dict:
         raise ConversionError(f"no config.json in {hf_dir!r}: not a Hugging Face model directory")
     try:
         with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+            hf = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{path}: not a model config (a JSON object), found {type(hf).__name__}")
+    return hf
 
 
 def hf_rope(hf: dict):
     """(rope_theta, rope_scaling or None) from a 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters)
     config, with transformers' precedence: rope_scaling, then rope_parameters, then top-level keys."""
-    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ConversionError(f"config.json: rope_scaling / rope_parameters is {rope!r}, not an object")
+    try:
+        return _hf_rope(hf, rope)
+    except ConversionError:
+        raise
+    except (TypeError, ValueError) as e:  # a number given as text, a null
+        raise ConversionError(f"config.json: a rope setting is not a number ({e})") from None
+
+
+def _hf_rope(hf, rope):
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
@@ -152,9 +168,13 @@ def hf_weight_files(hf_dir) -> list:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = os.path.join(hf_dir, index_name)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map", {})
-            files = sorted(set(weight_map.values()))
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ConversionError(f"{index}: not a weight index (JSON with a weight_map): "
+                                      f"{type(e).__name__}: {e}") from None
             for name in files:
                 if not os.path.isfile(os.path.join(hf_dir, name)):
                     raise ConversionError(f"{index_name} names shard {name!r} which is not in {hf_dir!r}")
@@ -166,21 +186,35 @@ def hf_weight_files(hf_dir) -> list:
 
 
 def iter_hf_tensors(files):
-    """(file, name, tensor) for every tensor, one file at a time, memory-mapped where possible."""
+    """(file, name, tensor) for every tensor, one file at a time, memory-mapped where possible. A file
+    that cannot be read (truncated, garbage) is a ConversionError naming it."""
     for path in files:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield path, name, f.get_tensor(name)
-        else:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) torch.save format cannot be memory-mapped
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-            for name in list(sd):
-                yield path, name, sd.pop(name)
-            del sd
+        try:
+            yield from _tensors_in(path)
+        except ConversionError:
+            raise
+        except Exception as e:  # SafetensorError, torch's unpickling errors: their own words, first line
+            msg = (str(e).splitlines() or [""])[0][:200]
+            raise ConversionError(f"{path} cannot be read: it is truncated, corrupt or not a weight file "
+                                  f"({type(e).__name__}: {msg})") from None
+
+
+def _tensors_in(path):
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield path, name, f.get_tensor(name)
+        return
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) torch.save format cannot be memory-mapped
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ConversionError(f"{path} holds a {type(sd).__name__}, not a state dict of named tensors")
+    for name in list(sd):
+        yield path, name, sd.pop(name)
+    del sd
 
 
 # The Hugging Face name map, declared once and used both ways (collect_state_dict inverts it): model.py
@@ -561,56 +595,108 @@ def convert_gguf(gguf_path, out_path, kv_source=None, kv_init="own", dtype=None,
 # checkpoints and weights out
 
 
-def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=None):
+def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=None, overwrite=False, verify=False):
     """Write a dense model as a Hugging Face Llama directory (config.json + model.safetensors) that
-    transformers' LlamaForCausalLM.from_pretrained loads with identical logits."""
-    from safetensors.torch import save_file
+    transformers' LlamaForCausalLM.from_pretrained loads with identical logits.
+
+    The files go into a temp directory beside out_dir, are verified there when asked (verify_export), and
+    only then take out_dir's place: an error or a failed verification leaves nothing behind. A non-empty
+    out_dir is refused unless overwrite, which replaces it whole, so no file of an earlier model stays.
+    Returns the verification's max abs logit difference, or None."""
     config = model.config
     if tuple(config.kv_source) != tuple(range(config.n_layer)):
         raise ConversionError(f"cannot export a KV-shared model (kv_source={list(config.kv_source)}) as a Hugging "
                               "Face Llama: its consumer layers have no K/V projections of their own, and "
                               "LlamaForCausalLM has no way to reuse another layer's. Only dense models export.")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConversionError(f"{out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ConversionError(f"{out_dir} is not empty: export writes a whole Hugging Face directory; choose a new "
+                              "one, or pass --overwrite to replace it (all its files go)")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "config.json")):
+        raise ConversionError(f"{out_dir} holds no config.json: --overwrite replaces only a Hugging Face model "
+                              "directory, and this one is something else; export elsewhere")
     dtype = dtype or model.embed_tokens.weight.dtype
-    tensors = hf_state_dict(model, dtype)
-    os.makedirs(out_dir, exist_ok=True)
-    files = {"model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-             "config.json": lambda p: _write_json(hf_config_from_llama(config, dtype, hf_extra), p)}
+    new_dirs = _missing_parents(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=os.path.dirname(out_dir))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give the directory the usual permissions
+        _write_hf_files(model, tmp, dtype, tokenizer_json, hf_extra)
+        diff = verify_export(model, tmp, dtype, shown_as=out_dir) if verify else None
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in new_dirs:  # deepest first: only the directories this call created
+            shutil.rmtree(d, ignore_errors=True)
+        raise
+    return diff
+
+
+def _missing_parents(path):
+    """The parent directories of path that do not exist yet, deepest first."""
+    missing, d = [], os.path.dirname(path)
+    while d and not os.path.exists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    return missing
+
+
+def _write_hf_files(model, out_dir, dtype, tokenizer_json, hf_extra):
+    from safetensors.torch import save_file
+    save_file(hf_state_dict(model, dtype), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    _write_json(hf_config_from_llama(model.config, dtype, hf_extra), os.path.join(out_dir, "config.json"))
     if tokenizer_json is not None:
-        files["tokenizer.json"] = lambda p: open(p, "w", encoding="utf-8").write(tokenizer_json)
-    for name, write in files.items():
-        tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-{name}")
-        try:
-            write(tmp)
-            os.replace(tmp, os.path.join(out_dir, name))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    for stale in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
-        if os.path.exists(os.path.join(out_dir, stale)):
-            print(f"warning: {out_dir}/{stale} is left over from before; remove it so loaders pick "
-                  "model.safetensors", file=sys.stderr)
+        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(tokenizer_json)
 
 
-def verify_export(model: Llama, out_dir, n_tokens=32, tol=1e-4) -> float:
-    """Load out_dir with transformers (only here, and only when asked) and compare fp32 logits with
-    model's on random tokens; returns the max abs difference, raises ConversionError above tol."""
+def _replace_dir(new, out_dir):
+    """Rename the finished directory new to out_dir; an existing out_dir is moved aside first and
+    deleted only once new is in place (put back if that fails)."""
+    if not os.path.exists(out_dir):
+        os.rename(new, out_dir)
+        return
+    old = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.old-{os.getpid()}")
+    os.rename(out_dir, old)
+    try:
+        os.rename(new, out_dir)
+    except OSError:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old)
+
+
+def verify_export(model: Llama, out_dir, dtype=torch.float32, n_tokens=32, tol=1e-4, shown_as=None) -> float:
+    """Load out_dir with transformers (only here, and only when asked) and compare its fp32 logits on
+    random tokens with those of model's weights as written, i.e. rounded to dtype; returns the max abs
+    difference, raises ConversionError above tol."""
     try:
         import transformers
     except ImportError:
         raise ConversionError("--verify needs the transformers package (pip install transformers)") from None
+    bar = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # stderr is for errors: one line each
     try:
         hf = transformers.LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager")
     except TypeError:  # transformers 4.x before the dtype argument
         hf = transformers.LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32,
                                                            attn_implementation="eager")
+    finally:
+        if bar:
+            transformers.utils.logging.enable_progress_bar()
     ours = Llama(model.config)
-    ours.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    ours.load_state_dict({k: v.to(dtype).float() for k, v in model.state_dict().items()})
     x = torch.randint(0, model.config.vocab_size, (1, min(n_tokens, model.config.block_size)),
                       generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (hf.eval()(x).logits - ours.eval()(x)[0]).abs().max().item()
     if not diff <= tol:
-        raise ConversionError(f"transformers loads {out_dir} but its logits differ from ours by {diff:.3g} (> {tol})")
+        raise ConversionError(f"verification failed: transformers' logits for {shown_as or out_dir} differ from "
+                              f"ours by {diff:.3g} (> {tol}); nothing was written")
     return diff
 
 
@@ -626,13 +712,14 @@ def _write_json(obj, path):
 
 USAGE = """usage:
   convert_hf.py import HF_DIR|FILE.gguf OUT.pt [--kv_source=SPEC] [--kv_init=own|mean] [--dtype=DTYPE] [--block_size=N]
-  convert_hf.py export CHECKPOINT HF_OUT_DIR [--dtype=DTYPE] [--verify]"""
+  convert_hf.py export CHECKPOINT HF_OUT_DIR [--dtype=DTYPE] [--verify] [--overwrite]"""
 # options (configurator.py); the command and its two paths come first
 kv_source = ""               # import: dense ('') or a sharing map: cla:N, upper:K, upper:half or 0,0,2,2,...
 kv_init = "own"              # import: consumers' owners keep their own K/V (own) or the mean of their users' (mean)
 dtype = ""                   # '' = config.json's dtype (import; float32 for .gguf) or the checkpoint's (export)
 block_size = 0               # import: context length (0 = max_position_embeddings)
 verify = False               # export: load the result with transformers and compare logits
+overwrite = False            # export: replace a non-empty HF_OUT_DIR (all of it)
 DEFAULTS = settings_from(globals())
 CHOICES = {"kv_init": ("own", "mean"), "dtype": ("", *DTYPES)}
 
@@ -641,12 +728,15 @@ def main(argv):
     if argv and argv[0] in ("-h", "--help"):
         raise HelpRequested(__doc__.strip() + "\n\n" + USAGE)
     if len(argv) < 3 or argv[0] not in ("import", "export") or argv[1].startswith("--") or argv[2].startswith("--"):
-        raise ConfigError(f"expected a command and two paths\n{USAGE}")
+        raise ConfigError("expected `import HF_DIR OUT.pt` or `export CHECKPOINT HF_OUT_DIR`, then options "
+                          "(convert_hf.py --help)")
     command, src, dst = argv[:3]
     s, explicit = configure(DEFAULTS, argv[3:], __doc__, CHOICES)
-    allowed = {"import": {"kv_source", "kv_init", "dtype", "block_size"}, "export": {"dtype", "verify"}}[command]
+    allowed = {"import": {"kv_source", "kv_init", "dtype", "block_size"},
+               "export": {"dtype", "verify", "overwrite"}}[command]
     if explicit - allowed:
-        raise ConfigError(f"{command} takes no {', '.join('--' + k for k in sorted(explicit - allowed))}\n{USAGE}")
+        raise ConfigError(f"{command} takes no {', '.join('--' + k for k in sorted(explicit - allowed))}; it takes "
+                          f"{', '.join('--' + k for k in sorted(allowed))}")
     dtype_ = DTYPES[s.dtype] if s.dtype else None
     if command == "import":
         model = convert(src, dst, s.kv_source or None, s.kv_init, dtype_, s.block_size or None)
@@ -655,12 +745,14 @@ def main(argv):
               f"{len(c.owners)} own their K/V (kv_source={list(c.kv_source)}), "
               f"{str(model.embed_tokens.weight.dtype).replace('torch.', '')}")
         return 0
+    if s.overwrite and os.path.realpath(src).startswith(os.path.join(os.path.realpath(dst), "")):
+        raise ConfigError(f"the checkpoint {src} lies inside {dst}: --overwrite would delete it; export elsewhere")
     model, ckpt = load_model(src, mmap=True)
-    export_hf(model, dst, dtype_, ckpt.get("tokenizer_json"), ckpt.get("hf_config"))
+    diff = export_hf(model, dst, dtype_, ckpt.get("tokenizer_json"), ckpt.get("hf_config"), s.overwrite, s.verify)
     print(f"wrote {dst}: config.json, model.safetensors")
-    if s.verify:
-        diff = verify_export(model, dst)
-        print(f"verified: transformers' fp32 logits match ours to {diff:.2e} (max abs difference)")
+    if diff is not None:
+        print(f"verified: transformers' fp32 logits match ours (with the weights as written) to {diff:.2e} "
+              "(max abs difference)")
     return 0
 
 

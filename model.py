@@ -59,8 +59,11 @@ def parse_kv_source(spec, n_layer: int, name="kv_source") -> tuple:
                                  "can share, the lowest layer must compute its own")
             owner = n_layer - k - 1
             return tuple(i if i <= owner else owner for i in range(n_layer))
+        parts = spec.replace("[", "").replace("]", "").split(",")
+        if len(parts) > 1 and any(not s.strip() for s in parts):  # "0,,2" or "0,0,": a typo, not a shorter map
+            raise ValueError(f"kv_source {spec!r} has an empty entry: give one source layer per layer, like 0,0,2,2")
         try:
-            spec = [int(s) for s in spec.replace("[", "").replace("]", "").split(",") if s.strip()]
+            spec = [int(s) for s in parts]
         except ValueError:
             raise ValueError(f"unknown {name} {spec!r}: use 'dense', 'cla:N', 'upper:K', "
                              "'upper:half' or a comma-separated list of layer indices like 0,0,2,2") from None

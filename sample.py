@@ -170,7 +170,9 @@ def find_tokenizer(spec, data_dir, ckpt, hf_dir):
     if dataset:  # where train.py found it, or under --data_dir
         d = os.path.join(data_dir, str(dataset)) if data_dir else dataset_dir(str(dataset))
         if os.path.isfile(os.path.join(d, "meta.json")):
-            return dataset_tokenizer(d)
+            tok = dataset_tokenizer(d)
+            tok.from_data_dir = bool(data_dir)
+            return tok
         raise SampleError(f"unknown tokenizer: the checkpoint was trained on dataset {dataset!r} but "
                           f"{os.path.join(d, 'meta.json')} does not exist; prepare the dataset or pass --tokenizer=...")
     raise SampleError("unknown tokenizer: the checkpoint names no dataset and carries no tokenizer; pass "
@@ -181,14 +183,25 @@ def find_tokenizer(spec, data_dir, ckpt, hf_dir):
 # model, prompt and generation
 
 
-def load_for_sampling(path, kv_source, kv_init, block_size):
-    """(model, checkpoint dict, hf_dir or None) for --init_from."""
+HF_ONLY = ("kv_source", "kv_init", "block_size")  # settings that apply to a Hugging Face directory only
+
+
+def load_for_sampling(path, s, explicit):
+    """(model, checkpoint dict, hf_dir or None) for --init_from. A setting given for the other kind of
+    model is an error rather than silently ignored."""
     is_hf = os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
-    if not is_hf and (kv_source or kv_init != "own" or block_size):
-        raise SampleError("--kv_source, --kv_init and --block_size apply only to a Hugging Face directory: "
-                          f"{path} is a checkpoint, which has its own (convert it anew to change them)")
+    given = [f"--{k}" for k in HF_ONLY if k in explicit]
+    if not is_hf and given:
+        raise SampleError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only to a Hugging Face "
+                          f"directory: {path} is a checkpoint, which has its own (convert it anew to change them)")
+    if is_hf and "kv_init" in explicit and not s.kv_source:
+        raise SampleError("--kv_init applies only with --kv_source (it sets the K/V of the layers that will share)")
+    if is_hf and "data_dir" in explicit:
+        raise SampleError(f"--data_dir applies only to a checkpoint from train.py: {path} is a Hugging Face "
+                          "directory (its tokenizer is its tokenizer.json, or --tokenizer)")
     if is_hf:
-        return load_hf_llama(path, kv_source=kv_source or None, kv_init=kv_init, block_size=block_size or None), {}, path
+        model = load_hf_llama(path, kv_source=s.kv_source or None, kv_init=s.kv_init, block_size=s.block_size or None)
+        return model, {}, path
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "ckpt.pt")):
         raise SampleError(f"--init_from={path}: a directory with neither config.json (Hugging Face) nor ckpt.pt")
     model, ckpt = load_model(path)
@@ -248,6 +261,8 @@ def check_settings(s):
         raise SampleError(f"--num_samples must be at least 1, got {s.num_samples}")
     if not (s.temperature >= 0 and s.temperature != float("inf")):
         raise SampleError(f"--temperature must be a finite number >= 0 (0 is greedy), got {s.temperature}")
+    if s.top_k < 0:
+        raise SampleError(f"--top_k must be at least 1 (0: no top-k), got {s.top_k}")
     if s.max_new_tokens < 0:
         raise SampleError(f"--max_new_tokens must be at least 1 (0: as many as fit the context), got {s.max_new_tokens}")
 
@@ -263,14 +278,17 @@ def encode_prompt(tok, prompt, vocab_size):
 
 
 def main(argv):
-    s, _ = configure(DEFAULTS, argv, __doc__, CHOICES)
+    s, explicit = configure(DEFAULTS, argv, __doc__, CHOICES)
     check_settings(s)
     dev = resolve_device(s.device)
     dtype = DTYPES["bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"] \
         if s.dtype == "auto" else DTYPES[s.dtype]
     prompt = read_prompt(s.start)  # before the (possibly slow) model load
-    model, ckpt, hf_dir = load_for_sampling(s.init_from, s.kv_source, s.kv_init, s.block_size)
+    model, ckpt, hf_dir = load_for_sampling(s.init_from, s, explicit)
     tok = find_tokenizer(s.tokenizer, s.data_dir, ckpt, hf_dir)
+    if "data_dir" in explicit and not getattr(tok, "from_data_dir", False):
+        raise SampleError(f"--data_dir applies only when the tokenizer is the dataset's meta.json; here it is "
+                          f"{tok.name} (--tokenizer, or carried by the checkpoint)")
     bos, eos = special_ids(ckpt, hf_dir)
     if s.chat:
         prompt = wrap_in_chat(chat_template(ckpt, hf_dir), prompt, tok.token_text(bos), tok.token_text(eos))

@@ -76,10 +76,17 @@ def write_meta(data_dir, vocab_size, tokenizer, **extra):
 def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     with open(path) as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a message that names no file
+            raise ValueError(f"cannot read {path}: not valid JSON ({e}); re-run the dataset's prepare.py") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a JSON object: re-run the dataset's prepare.py")
     for key in ("vocab_size", "dtype", "tokenizer"):
         if key not in meta:
             raise ValueError(f"{path} lacks {key!r}: re-run the dataset's prepare.py")
+    if not isinstance(meta["vocab_size"], int) or isinstance(meta["vocab_size"], bool) or meta["vocab_size"] < 1:
+        raise ValueError(f"{path}: vocab_size {meta['vocab_size']!r} is not a positive integer")
     if meta["dtype"] not in ("uint16", "uint32"):
         raise ValueError(f"{path}: dtype {meta['dtype']!r} is not uint16 or uint32")
     if "tokenizer_file" in meta:  # relative to the dataset directory: resolved here, where that is known
@@ -291,7 +298,15 @@ def open_tokens(data_dir, split, meta):
     if size % dt.itemsize:
         raise ValueError(f"{path} is {size} bytes, not a whole number of {meta['dtype']} tokens: it is "
                          "truncated or was written with another dtype; re-run the prepare script")
-    return np.memmap(path, dtype=dt, mode="r") if size else np.zeros(0, dtype=dt)
+    arr = np.memmap(path, dtype=dt, mode="r") if size else np.zeros(0, dtype=dt)
+    # an id at or above the vocabulary would index past the embedding table in the middle of training
+    # (an IndexError on the CPU, a device-side assert on a GPU): one pass over the file finds it now
+    top = int(arr.max()) if len(arr) else -1
+    if top >= meta["vocab_size"]:
+        raise ValueError(f"{path} holds token id {top}, but {os.path.join(data_dir, 'meta.json')} says the "
+                         f"vocabulary has {meta['vocab_size']} entries: the file and meta.json come from different "
+                         "prepare runs; re-run the prepare script")
+    return arr
 
 
 class BatchSampler:

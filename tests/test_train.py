@@ -265,14 +265,16 @@ def test_bad_model_settings(data_dir, tmp_path):
 
 
 def test_torchrun_two_ranks_gloo(data_dir, tmp_path):
+    """docs/training.md's `torchrun --standalone --nproc_per_node=2 train.py --device=cpu`, as written: no
+    gradient_accumulation_steps given, so it becomes 2 (the default 1 does not divide over 2 ranks)."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")  # installed with torch
     cmd = [torchrun, "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py")] + TINY + [
-        f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4",
-        "--gradient_accumulation_steps=2", "--device=cpu"]
+        f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4", "--device=cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "gradient_accumulation_steps=2 (not 1)" in r.stdout
     assert "weights on all 2 ranks are identical" in r.stdout
     assert r.stdout.count("saved ") == 1  # only rank 0 writes
     done = records(tmp_path, "done")[-1]

@@ -1,0 +1,396 @@
+"""Bad input to the four scripts, and the ways a run can lose or corrupt data.
+
+The table: each case runs a script's main(argv) through configurator.run_script, as the command line
+does, and must exit 1 with one line on stderr that names the setting or file, no traceback, and write
+nothing anywhere. Then the cases that need more than one call or a process of their own: resume with
+the checkpoint's model settings, a second run into a locked out_dir, a full disk, SIGTERM and Ctrl-C
+(under torchrun too), export over an existing directory and its verification in bfloat16."""
+
+import errno
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import adapt
+import checkpoint
+import convert_hf
+import sample
+import train
+from checkpoint import load_checkpoint
+from configurator import run_script
+from model import Llama, LlamaConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"train": train, "sample": sample, "convert_hf": convert_hf, "adapt": adapt}
+MODEL = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermediate_size=64", "--block_size=16"]
+RUN = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--compile=False", "--learning_rate=1e-2",
+       "--warmup_iters=2", "--min_lr=1e-3", "--dtype=float32", "--device=cpu", "--max_iters=2",
+       "--lr_decay_iters=2", "--eval_interval=2"]
+TINY = MODEL + RUN
+REAL_FDOPEN = os.fdopen
+
+
+def flip_a_byte(path):
+    """Flip one bit in the middle of the biggest tensor of a torch zip file: torch.load still reads it."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = np.frombuffer(f.read(4), dtype="<u2")
+        f.seek(info.header_offset + 30 + int(name_len) + int(extra_len) + info.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, data_dir):
+    """Everything the bad inputs point at: a trained checkpoint and a damaged copy, bad datasets, Hugging
+    Face directories with broken weights, a locked out_dir, a few odd files."""
+    w = tmp_path_factory.mktemp("world")
+    p = {"root": str(w), "data": data_dir}
+    run_script(train.main, TINY + [f"--dataset={data_dir}", f"--out_dir={w / 'ck'}", "--kv_source=dense"])
+    p["ck"] = str(w / "ck" / "ckpt.pt")
+    shutil.copytree(w / "ck", w / "flip")
+    flip_a_byte(w / "flip" / "ckpt.pt")
+    torch.load(w / "flip" / "ckpt.pt", weights_only=True)  # the damage torch.load does not see
+    shutil.copytree(data_dir, w / "baddata")
+    ids = np.fromfile(w / "baddata" / "train.bin", dtype=np.uint16)
+    ids[100] = json.load(open(w / "baddata" / "meta.json"))["vocab_size"]
+    ids.tofile(w / "baddata" / "train.bin")
+    shutil.copytree(data_dir, w / "badmeta")
+    (w / "badmeta" / "meta.json").write_text("{not json")
+    model, _ = checkpoint.load_model(p["ck"])
+    convert_hf.export_hf(model, w / "hf")
+    for name, damage in (("hf_trunc", lambda b: b[: len(b) // 2]), ("hf_garbage", lambda b: b"\x07" * 64)):
+        shutil.copytree(w / "hf", w / name)
+        weights = w / name / "model.safetensors"
+        weights.write_bytes(damage(weights.read_bytes()))
+    shutil.copytree(w / "hf", w / "hf_list")
+    (w / "hf_list" / "config.json").write_text("[1, 2]")
+    os.makedirs(w / "nonempty")
+    (w / "nonempty" / "README.md").write_text("someone's notes")
+    (w / "afile").write_text("not a directory")
+    (w / "notutf8.txt").write_bytes(b"\xff\xfe caf\xe9")
+    torch.save({"model": 1}, w / "dict.pt")
+    torch.save(torch.zeros(3, 3), w / "sim3.pt")
+    os.makedirs(w / "locked")
+    p.update({k: str(w / k) for k in ("hf", "hf_trunc", "hf_garbage", "hf_list", "nonempty", "afile", "baddata",
+                                      "badmeta", "locked")})
+    p.update(flip=str(w / "flip" / "ckpt.pt"), notutf8=str(w / "notutf8.txt"), dict=str(w / "dict.pt"),
+             sim3=str(w / "sim3.pt"))
+    lock = train.lock_out_dir(p["locked"])  # as a run in progress holds it
+    yield p
+    lock.close()
+
+
+ADAPT = ["--init_from={ck}", "--adapt_target=upper:1", "--adapt_order=similarity"]
+CASES = [  # (script, arguments, what the one line must name); train cases get TINY, the dataset, an out_dir
+    # train.py: ranges, checked at the start and named
+    ("train", ["--learning_rate=nan"], "learning_rate"), ("train", ["--learning_rate=-1"], "learning_rate"),
+    ("train", ["--learning_rate=0"], "learning_rate"), ("train", ["--min_lr=-1e-4"], "min_lr"),
+    ("train", ["--min_lr=0.1"], "min_lr=0.1 is above learning_rate"), ("train", ["--beta1=1.0"], "beta1"),
+    ("train", ["--beta2=nan"], "beta2"), ("train", ["--weight_decay=-0.1"], "weight_decay"),
+    ("train", ["--norm_eps=0"], "norm_eps"), ("train", ["--rope_theta=inf"], "rope_theta"),
+    ("train", ["--grad_clip=nan"], "grad_clip"), ("train", ["--max_iters=-1"], "max_iters"),
+    ("train", ["--warmup_iters=-1"], "warmup_iters"), ("train", ["--lr_decay_iters=-5"], "lr_decay_iters"),
+    ("train", ["--eval_iters=0"], "eval_iters"), ("train", ["--seed=-1"], "seed"),
+    ("train", ["--kv_source=0,,1", "--n_layer=3"], "kv_source '0,,1' has an empty entry"),
+    ("train", ["--kv_source=0,0,"], "kv_source '0,0,' has an empty entry"),
+    ("train", ["--adapt_stage_iters=5"], "adapt_stage_iters applies only to an adaptation run"),
+    ("train", ["--backend=nccl"], "backend=nccl"),
+    # train.py: data, calibration file, out_dir, checkpoint
+    ("train", ["--dataset={baddata}"], "baddata/train.bin holds token id"),
+    ("train", ["--dataset={badmeta}"], "badmeta/meta.json"),
+    ("train", ADAPT + ["--adapt_similarity={afile}"], "adapt_similarity"),
+    ("train", ADAPT + ["--adapt_similarity={dict}"], "adapt_similarity"),
+    ("train", ADAPT + ["--adapt_similarity={sim3}"], "adapt_similarity"),
+    ("train", ["--out_dir={afile}"], "out_dir"), ("train", ["--out_dir={afile}/run"], "out_dir"),
+    ("train", ["--out_dir="], "out_dir"), ("train", ["--out_dir={locked}"], "is in use by another training run"),
+    ("train", ["--out_dir={root}/flip", "--init_from=resume"], "flip/ckpt.pt is corrupt"),
+    # sample.py
+    ("sample", ["--temperature=nan"], "--temperature"), ("sample", ["--temperature=inf"], "--temperature"),
+    ("sample", ["--top_k=-1"], "--top_k"), ("sample", ["--start=FILE:{notutf8}"], "notutf8.txt is not UTF-8"),
+    ("sample", ["--init_from={hf_trunc}"], "hf_trunc/model.safetensors cannot be read"),
+    ("sample", ["--init_from={hf_garbage}"], "hf_garbage/model.safetensors cannot be read"),
+    ("sample", ["--init_from={hf_list}"], "hf_list/config.json"),
+    ("sample", ["--kv_source=cla:2"], "--kv_source applies only to a Hugging Face directory"),
+    ("sample", ["--init_from={hf}", "--kv_init=mean"], "--kv_init applies only with --kv_source"),
+    ("sample", ["--init_from={hf}", "--data_dir={root}"], "--data_dir applies only"),
+    ("sample", ["--init_from={flip}"], "flip/ckpt.pt is corrupt"),
+    # convert_hf.py
+    ("convert_hf", ["import", "{hf_trunc}", "{root}/c.pt"], "hf_trunc/model.safetensors cannot be read"),
+    ("convert_hf", ["import", "{hf_garbage}", "{root}/c.pt"], "hf_garbage/model.safetensors cannot be read"),
+    ("convert_hf", ["import", "{hf_list}", "{root}/c.pt"], "hf_list/config.json"),
+    ("convert_hf", ["import", "{hf}"], "expected `import HF_DIR"),
+    ("convert_hf", ["export", "{ck}", "{nonempty}"], "nonempty is not empty"),
+    ("convert_hf", ["export", "{ck}", "{nonempty}", "--overwrite"], "nonempty holds no config.json"),
+    ("convert_hf", ["export", "{ck}", "{root}/ck", "--overwrite"], "--overwrite would delete it"),
+    ("convert_hf", ["export", "{flip}", "{root}/e"], "flip/ckpt.pt is corrupt"),
+    # adapt.py
+    ("adapt", ["--init_from={ck}", "--batches=0"], "batches"),
+    ("adapt", ["--init_from={ck}", "--convert_to=upper:1", "--local_lr=nan", "--out={root}/a.pt"], "local_lr"),
+    ("adapt", ["--init_from={ck}", "--kv_init=mean"], "kv_init applies only with --convert_to"),
+    ("adapt", ["--init_from={flip}"], "flip/ckpt.pt is corrupt"),
+]
+
+
+def snapshot(*dirs):
+    return {os.path.join(dp, f): (os.stat(os.path.join(dp, f)).st_size, os.stat(os.path.join(dp, f)).st_mtime_ns)
+            for d in dirs for dp, dn, fn in os.walk(d) for f in fn + dn}
+
+
+@pytest.mark.parametrize("script, args, names", CASES, ids=[f"{c[0]}:{' '.join(c[1])}"[:70] for c in CASES])
+def test_bad_input_is_one_line_naming_it_and_writes_nothing(world, script, args, names, tmp_path, monkeypatch,
+                                                            capsys):
+    monkeypatch.chdir(tmp_path)  # whatever a script would write beside it lands here
+    argv = [a.format(**world) for a in args]
+    if script == "train":
+        argv = TINY + [f"--dataset={world['data']}", f"--out_dir={tmp_path / 'out'}"] + argv
+    elif script == "sample":
+        argv = [f"--init_from={world['ck']}", "--device=cpu", "--max_new_tokens=2"] + argv
+    before = snapshot(world["root"], world["data"])
+    rc = run_script(SCRIPTS[script].main, argv)  # an exception escaping here is the traceback we forbid
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert names.format(**world) in err and "Traceback" not in err, err
+    assert snapshot(world["root"], world["data"]) == before and os.listdir(tmp_path) == []
+
+
+# -----------------------------------------------------------------------------
+# resume, out_dir, checkpoints
+
+
+def test_resume_takes_block_size_and_the_model_settings_from_the_checkpoint(data_dir, tmp_path):
+    """A run trained at block_size=160 resumes at 160, not at this file's default 128, and what it logs and
+    saves says 2 layers, not this file's 4."""
+    base = RUN + [f"--dataset={data_dir}", f"--out_dir={tmp_path}"]
+    train.main(MODEL[:-1] + ["--block_size=160"] + base)
+    train.main(base + ["--init_from=resume", "--max_iters=3", "--eval_interval=3"])
+    start = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if r["kind"] == "start"][-1]
+    assert start["iter"] == 2 and start["tokens_per_iter"] == 4 * 160
+    assert start["config"]["block_size"] == 160 and start["config"]["n_layer"] == 2
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["iter_num"] == 3 and ckpt["model_config"]["block_size"] == 160
+    assert ckpt["config"]["block_size"] == 160 and ckpt["config"]["n_layer"] == 2 and ckpt["config"]["n_embd"] == 32
+
+
+def test_an_out_dir_without_write_permission_is_found_at_the_start(data_dir, tmp_path, monkeypatch, capsys):
+    """As root a chmod cannot take the permission away, so os.access answers as it would for a user."""
+    os.makedirs(tmp_path / "ro")
+    monkeypatch.setattr(train.os, "access", lambda path, mode: os.path.abspath(path) != str(tmp_path / "ro"))
+    rc = run_script(train.main, TINY + [f"--dataset={data_dir}", f"--out_dir={tmp_path / 'ro' / 'run'}"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and f"no write permission on {tmp_path / 'ro'}" in err, err
+    assert os.listdir(tmp_path / "ro") == []
+
+
+def test_a_second_run_into_a_locked_out_dir_refuses_and_a_killed_run_leaves_no_lock(data_dir, tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; lock = train.lock_out_dir(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(120)", str(tmp_path)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = TINY + [f"--dataset={data_dir}", f"--out_dir={tmp_path}"]
+        assert run_script(train.main, argv) == 1
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and err.count("\n") == 1
+        assert sorted(os.listdir(tmp_path)) == [".lock"]  # neither a checkpoint nor a log line
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up, yet the OS drops the lock
+        holder.wait()
+    assert run_script(train.main, argv) == 0
+    assert load_checkpoint(str(tmp_path))["iter_num"] == 2
+
+
+def test_stale_temp_checkpoints_are_removed(data_dir, tmp_path, capsys):
+    argv = TINY + [f"--dataset={data_dir}", f"--out_dir={tmp_path}"]
+    train.main(argv)
+    (tmp_path / ".ckpt.pt.k1lled.tmp").write_bytes(b"PK\x03\x04 cut short")
+    train.main(argv + ["--init_from=resume", "--max_iters=3", "--eval_interval=3"])
+    assert not (tmp_path / ".ckpt.pt.k1lled.tmp").exists()
+    assert "removed .ckpt.pt.k1lled.tmp" in capsys.readouterr().out
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a device that fills up after `room` bytes, as the OS reports it: OSError ENOSPC."""
+
+    def __init__(self, fd, room=1000):
+        self.f, self.room = REAL_FDOPEN(fd, "wb"), room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def test_a_full_disk_says_which_checkpoint_was_kept(data_dir, tmp_path, monkeypatch, capsys):
+    argv = TINY + [f"--dataset={data_dir}", f"--out_dir={tmp_path}"]
+    train.main(argv)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode="r", *a, **k:
+                        FullDisk(fd) if mode == "wb" else REAL_FDOPEN(fd, mode, *a, **k))
+    rc = run_script(train.main, argv + ["--init_from=resume", "--max_iters=4", "--eval_interval=4"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "no space left" in err and "checkpoint of iter 4" in err and "ckpt.pt (iter 2) was kept" in err, err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "log.jsonl"]
+
+
+def test_a_flipped_byte_is_refused_and_the_crc_check_costs_little(tmp_path):
+    torch.manual_seed(0)
+    sd = {f"w{i}": torch.randn(256, 1024) for i in range(10)}  # 10 MB
+    checkpoint.save_checkpoint({"model": sd, "model_config": {}}, str(tmp_path / "c.pt"))
+    t0 = time.perf_counter()
+    checkpoint.verify_crcs(str(tmp_path / "c.pt"))
+    assert time.perf_counter() - t0 < 2.0  # ~2.5 ms here; generous for a loaded machine
+    flip_a_byte(tmp_path / "c.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"c.pt is corrupt \(Bad CRC-32 for file '.*data/\d+'\)"):
+        load_checkpoint(str(tmp_path / "c.pt"))
+
+
+# -----------------------------------------------------------------------------
+# signals: finish the step, checkpoint, exit
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(data_dir, tmp_path):
+    argv = TINY + [f"--dataset={data_dir}", "--max_iters=100000", "--eval_interval=100000"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + argv + [f"--out_dir={tmp_path / 'a'}"],
+                            cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 3: loss"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = load_checkpoint(str(tmp_path / "a"))["iter_num"]
+    assert f"stopped by SIGTERM at iter {stopped}; " in out and "Traceback" not in err
+    # what was saved is exactly where the run was: resumed, it ends where a run straight through does
+    short = ["--max_iters=" + str(stopped + 2), f"--eval_interval={stopped + 2}"]
+    train.main(argv + short + [f"--out_dir={tmp_path / 'a'}", "--init_from=resume"])
+    train.main(argv + short + [f"--out_dir={tmp_path / 'b'}"])
+    a, b = (load_checkpoint(str(tmp_path / d)) for d in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def interrupt_at(monkeypatch, iteration, *gaps):
+    """Trainer.step sends this process SIGINT at `iteration`, then again after each gap (seconds)."""
+    real = train.Trainer.step
+
+    def step(self, iter_num, lr):
+        if iter_num == iteration:
+            os.kill(os.getpid(), signal.SIGINT)
+            for gap in gaps:
+                time.sleep(gap)
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(self, iter_num, lr)
+
+    monkeypatch.setattr(train.Trainer, "step", step)
+
+
+def test_ctrl_c_twice_at_once_is_one_stop_and_checkpoints(data_dir, tmp_path, monkeypatch):
+    """torchrun passes the terminal's SIGINT on to workers that got it too: two within a second are one."""
+    interrupt_at(monkeypatch, 3, 0.05)
+    handler = signal.getsignal(signal.SIGINT)
+    argv = TINY + [f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--max_iters=50", "--eval_interval=50"]
+    assert train.main(argv) == 128 + signal.SIGINT
+    assert load_checkpoint(str(tmp_path))["iter_num"] == 4  # the step in progress was finished and saved
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_second_ctrl_c_quits_at_once(data_dir, tmp_path, monkeypatch, capsys):
+    interrupt_at(monkeypatch, 3, 1.2)
+    argv = TINY + [f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--max_iters=50", "--eval_interval=50"]
+    assert run_script(train.main, argv) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def worker_pids(parent):
+    pids = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == parent:
+                pids.append(int(d))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step(data_dir, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py")] + TINY + [
+        f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--max_iters=100000", "--eval_interval=100000"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 3: loss"):
+            os.kill(max(worker_pids(proc.pid)), signal.SIGTERM)  # one rank only (which one does not matter)
+            break
+    out, err = proc.communicate(timeout=180)
+    stopped = load_checkpoint(str(tmp_path))["iter_num"]
+    assert f"stopped by SIGTERM at iter {stopped}; " in out, out[-2000:] + err[-2000:]
+    assert "weights on all 2 ranks are identical" in out  # both got there, at the same step
+
+
+# -----------------------------------------------------------------------------
+# export to Hugging Face
+
+
+def test_export_in_bfloat16_verifies_and_a_failed_verify_leaves_nothing(world, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    dst = tmp_path / "hf"
+    assert run_script(convert_hf.main, ["export", world["ck"], str(dst), "--dtype=bfloat16", "--verify"]) == 0
+    assert "verified" in capsys.readouterr().out
+    assert json.load(open(dst / "config.json"))["dtype"] == "bfloat16"
+    # --overwrite replaces the directory whole: no file of before stays
+    (dst / "pytorch_model.bin").write_bytes(b"stale weights a loader might prefer")
+    assert run_script(convert_hf.main, ["export", world["ck"], str(dst), "--overwrite"]) == 0
+    assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors"]
+    # a config that transformers reads differently from us: verification fails and nothing is left
+    real = convert_hf.hf_config_from_llama
+    monkeypatch.setattr(convert_hf, "hf_config_from_llama", lambda *a, **k: {**real(*a, **k), "rms_norm_eps": 0.5})
+    rc = run_script(convert_hf.main, ["export", world["ck"], str(tmp_path / "new" / "hf"), "--verify"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "verification failed" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # neither new/ nor a temp directory
+
+
+# -----------------------------------------------------------------------------
+# the DDP command of docs/training.md
+
+
+@pytest.mark.parametrize("given, world_size, want", [(1, 2, 2), (3, 2, 4), (4, 2, 4), (1, 1, 1), (5, 8, 8)])
+def test_gradient_accumulation_is_rounded_up_to_the_world_size_unless_given(given, world_size, want):
+    s, explicit = train.configure(train.DEFAULTS, [], "", train.CHOICES)
+    s.gradient_accumulation_steps = given
+    note = train.accumulation_for_world(s, explicit, world_size)
+    assert s.gradient_accumulation_steps == want and (note is None) == (given == want)
+    s, explicit = train.configure(train.DEFAULTS, [f"--gradient_accumulation_steps={given}"], "", train.CHOICES)
+    assert train.accumulation_for_world(s, explicit, world_size) is None and s.gradient_accumulation_steps == given
