@@ -488,12 +488,13 @@ def attention_similarity(model, batches):
     return (dots / (norms[:, :, None] * norms[:, None, :]).clamp_min(1e-30)).mean(0).float()
 
 
-def propose_attn_source(similarity, n_share, keep_first=2, keep_last=1) -> tuple:
+def propose_attn_source(similarity, n_share, keep_first=None, keep_last=1) -> tuple:
     """Contiguous blocks of inner layers that share their first layer's attention pattern, grown by
     merging the two adjacent blocks whose layers are most like the first block's source (mean
-    similarity), until n_share layers share. The first keep_first and last keep_last layers stay
-    unshared, as EchoAtt keeps them."""
+    similarity), until n_share layers share. The first keep_first (default: 2, 1 below 12 layers) and
+    last keep_last layers stay unshared, as EchoAtt keeps them."""
     n = similarity.shape[0]
+    keep_first = (2 if n >= 12 else 1) if keep_first is None else keep_first
     inner = list(range(keep_first, n - keep_last))
     if not 0 <= n_share <= max(0, len(inner) - 1):
         raise ValueError(f"n_share={n_share}: with the first {keep_first} and last {keep_last} layers unshared, "

@@ -421,8 +421,8 @@ def test_attention_calibration_finds_a_planted_pair(tmp_path):
     sim = attention_similarity(model, [batch(seed=s)[0] for s in range(2)])
     assert sim[j, i] == pytest.approx(1.0, abs=1e-5) and torch.allclose(sim.diagonal(), torch.ones(6))
     assert max(float(sim[a, b]) for a in range(6) for b in range(a) if (a, b) != (j, i)) < 0.999
-    assert propose_attn_source(sim, 1) == (0, 1, 2, 2, 4, 5)
-    proposal = propose_attn_source(sim, 2)
+    assert propose_attn_source(sim, 1, keep_first=2) == (0, 1, 2, 2, 4, 5)
+    proposal = propose_attn_source(sim, 2, keep_first=2)
     assert proposal[j] == i and sum(a != b for a, b in enumerate(proposal)) == 2
     assert proposal[:2] == (0, 1) and proposal[5] == 5  # the first two and the last layer keep their own
     LlamaConfig(n_layer=6, attn_source=proposal)

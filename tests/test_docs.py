@@ -241,6 +241,8 @@ def settings_of(c):
 def reads_and_writes(c, s, explicit, positional):
     """(paths the command reads, paths it creates) by what the settings and positionals mean."""
     reads, writes = [], []
+    if re.fullmatch(r"data/\w+/prepare\.py", c.script):  # a prepare script makes its dataset's folder
+        writes.append(os.path.dirname(c.script))
     for role, value in zip(POSITIONAL_IO.get(c.script, ()), positional):
         (reads if role == "in" else writes if role == "out" else []).append(value)
     if c.script == "train.py":
