@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 
 from checkpoint import load_model  # noqa: E402  (the repository root is on the path only from here)
 from configurator import configure, parse_text, run_script, settings_from  # noqa: E402
+from experiments.decode_timing import decode_rates  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-echo-results"     # the table, the JSON and the plots; results/echo holds the committed ones
@@ -188,16 +189,7 @@ def decoding(checkpoints, n_tokens, repeats=5):
     """Greedy decoding tokens/s at batch 1 (prefill of 16 tokens excluded), repeats interleaved."""
     models = {name: load_model(path)[0] for name, path in checkpoints.items()}
     prompt = torch.randint(0, models[next(iter(models))].config.vocab_size, (1, 16))
-    times = {name: [] for name in models}
-    for rep in range(repeats + 1):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            model.generate(prompt, 1, temperature=0)
-            t1 = time.perf_counter()
-            model.generate(prompt, n_tokens + 1, temperature=0)
-            t2 = time.perf_counter()
-            if rep:  # the first round warms up
-                times[name].append(n_tokens / ((t2 - t1) - (t1 - t0)))
+    times = decode_rates(models, prompt, n_tokens, repeats)
     return {name: {"decode_tokens_per_s": statistics.median(times[name]),
                    "decode_tokens_per_s_min": min(times[name]), "decode_tokens_per_s_max": max(times[name]),
                    "kv_cache_bytes": model.new_cache(1, model.config.block_size).nbytes(),

@@ -35,6 +35,7 @@ from adapt import (attention_similarity, convert_model, kv_similarity, propose_a
 from checkpoint import load_model, save_checkpoint  # noqa: E402
 from configurator import configure, run_script, settings_from  # noqa: E402
 from data.common import BatchSampler, dataset_dir, ensure_dataset, load_meta, open_tokens  # noqa: E402
+from experiments.decode_timing import decode_rates  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-smollm2-results"  # the tables, JSON and plots
@@ -210,20 +211,10 @@ def echoatt(dense, data_dir, s, k0, n_runs):
     return sim, rows
 
 
-@torch.no_grad()
 def decode_speed(models, n_tokens=64, prompt_len=128, rounds=3):
     """Greedy batch-1 decode tokens/s (prefill excluded), median over interleaved rounds, fp32."""
     prompt = torch.randint(0, 49152, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    times = {name: [] for name in models}
-    for r in range(rounds + 1):
-        for name, m in models.items():
-            t0 = time.perf_counter()
-            m.generate(prompt, 1, temperature=0)
-            t1 = time.perf_counter()
-            m.generate(prompt, n_tokens + 1, temperature=0)
-            if r:  # the first round warms up
-                times[name].append(n_tokens / ((time.perf_counter() - t1) - (t1 - t0)))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: sorted(r)[len(r) // 2] for name, r in decode_rates(models, prompt, n_tokens, rounds).items()}
 
 
 def chat_answers(checkpoints):

@@ -1,0 +1,25 @@
+"""
+Greedy batch-1 decode tokens/s of several models, measured the way both experiment scripts report it:
+a generate of 1 new token (prefill + first token) and one of n_tokens + 1 timed back to back, their
+difference being n_tokens decode steps; rounds interleaved across the models, the first one a warm-up.
+(bench.py times its own prefill and decode-step loop, with the machine's limits beside it.)
+"""
+
+import time
+
+import torch
+
+
+@torch.no_grad()
+def decode_rates(models: dict, prompt, n_tokens, rounds):
+    """{name: [tokens/s of each timed round]}."""
+    rates = {name: [] for name in models}
+    for r in range(rounds + 1):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model.generate(prompt, 1, temperature=0)
+            t1 = time.perf_counter()
+            model.generate(prompt, n_tokens + 1, temperature=0)
+            if r:  # the first round warms up
+                rates[name].append(n_tokens / ((time.perf_counter() - t1) - (t1 - t0)))
+    return rates
