@@ -78,6 +78,8 @@ new_tokens = 0               # decode steps timed after the prefill
 threads = 0                  # torch.set_num_threads: 0 is the preset's (tiny: 1), else torch's default
 skip = ""                    # comma list: train, decode, mem (CPU peak-RSS children), refmem (the reference's)
 profile = False              # torch.profiler over the decode steps at batch 1: time per op, GB/s of the matmuls
+attn_reuse = ""              # e.g. '256,1024': only time an EchoAtt sharer's attention at these sequence lengths,
+                             # recomputing softmax(q_j k_j^T) in SDPA vs reusing the source's materialised probabilities
 out = ""                     # write the measurements to this JSON file (its directory must exist)
 seed = 1337
 mem_child = ""               # internal: the model a child process measures the peak RSS of (measure_cpu_mem)
@@ -136,6 +138,8 @@ def parse_settings(argv):
         if value == 0:
             setattr(s, key, p.get(key, 0))  # threads 0 (no preset value): torch's default
     s.skip = parse_skip(s.skip)
+    if s.attn_reuse and not all(t.strip().isdigit() and int(t) > 0 for t in s.attn_reuse.split(",")):
+        raise ConfigError(f"--attn_reuse={s.attn_reuse!r}: expected sequence lengths like 256,1024")
     s.models = parse_models(s.models, p["model"]["n_layer"])
     s.device = resolve_device(s.device)
     if p.get("gpu") and not s.device.startswith("cuda") and "device" not in explicit:
@@ -583,7 +587,56 @@ def main(argv=None):
         torch.set_num_threads(threads)
 
 
+def time_call(fn, device, reps=5):
+    """Median seconds of fn() over reps calls, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def attention_reuse(s, device, dtype):
+    """An EchoAtt sharer recomputes softmax(q_j k_j^T) inside SDPA (flash: no T x T memory), or reuses the
+    probabilities its source materialised (math attention: saves q k^T and the softmax per sharer, costs
+    the source a math instead of a flash attention and B*H*T*T values kept). Times per call, one row
+    per sequence length, and how many sharers per source make reuse pay."""
+    c = s.model_config
+    H, Hkv, hd = c["n_head"], c["n_kv_head"], c["n_embd"] // c["n_head"]
+    rows = []
+    for T in (int(t) for t in s.attn_reuse.split(",")):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(s.batch_size, h, T, hd, generator=g).to(device, dtype) for h in (H, Hkv, Hkv))
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        probs = torch.softmax((q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2) / hd ** 0.5)
+                              .masked_fill(~causal, float("-inf")), dim=-1)
+        v_rep = v.repeat_interleave(H // Hkv, 1)
+        flash = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv), device)
+        math = time_call(lambda: torch.softmax((q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2) / hd ** 0.5)
+                                               .masked_fill(~causal, float("-inf")), dim=-1) @ v_rep, device)
+        reuse = time_call(lambda: probs @ v_rep, device)
+        extra = math - flash  # what materialising costs the source
+        rows.append({"seq_len": T, "sharer_recompute_s": flash, "sharer_reuse_s": reuse, "source_extra_s": extra,
+                     "probs_bytes": probs.numel() * probs.element_size(),
+                     "sharers_to_pay_off": extra / (flash - reuse) if flash > reuse else None})
+        r = rows[-1]
+        print(f"T={T}: sharer recomputes {1e3 * flash:.2f} ms, reuses {1e3 * reuse:.2f} ms; the source pays "
+              f"{1e3 * extra:+.2f} ms and keeps {r['probs_bytes'] / 2**20:.1f} MiB of probabilities; reuse pays from "
+              + (f"{r['sharers_to_pay_off']:.1f} sharers per source" if r["sharers_to_pay_off"] else "never"))
+    return rows
+
+
 def benchmark(s):
+    if s.attn_reuse:
+        rows = attention_reuse(s, torch.device(s.device), DTYPES[s.dtype])
+        if s.out:
+            write_json(rows, s.out)
+        return rows
     env = setup(s)
     modules = build_all(s, env)
     if not env.on_gpu and "mem" not in s.skip:  # first, while this process holds only the weights

@@ -198,3 +198,13 @@ def test_models_spec_takes_an_attention_map_after_an_at_sign():
     assert bench.model_maps("cla:2", 4) == ((0, 0, 2, 2), (0, 1, 2, 3))
     with pytest.raises(ValueError, match="layer 1: kv_source"):
         bench.parse_models("cla:2@cla:2", 4)
+
+
+def test_attention_reuse_rows_and_its_bad_input():
+    rows = bench.main(["--preset", "tiny", "--attn_reuse=16,32"])
+    assert [r["seq_len"] for r in rows] == [16, 32]
+    for r in rows:
+        assert r["probs_bytes"] == 2 * 4 * r["seq_len"] ** 2 * 4  # batch 2 x 4 heads x T x T fp32
+        assert r["sharer_recompute_s"] > 0 and r["sharer_reuse_s"] > 0
+    with pytest.raises(ValueError, match="attn_reuse"):
+        bench.main(["--preset", "tiny", "--attn_reuse=big"])
