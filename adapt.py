@@ -108,6 +108,11 @@ class Adaptation:
         """Iterations until the last layer has switched."""
         return 0 if self.mode == "abrupt" else len(self.stages) * self.stage_iters
 
+    def drops(self, kv_source, iter_num) -> list:
+        """The layers apply() would turn into consumers at iter_num (drop their K/V weights)."""
+        done = len(self.stages) if self.mode == "abrupt" else min(iter_num // self.stage_iters, len(self.stages))
+        return [layer for stage in self.stages[:done] for layer in stage if kv_source[layer] == layer]
+
     def apply(self, model, optimizer, iter_num) -> bool:
         """Switch, blend and drop layers as the schedule says for iter_num. True if parameters
         were removed (the caller re-wraps DDP / torch.compile around the changed model)."""

@@ -603,11 +603,10 @@ def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=N
     only then take out_dir's place: an error or a failed verification leaves nothing behind. A non-empty
     out_dir is refused unless overwrite, which replaces it whole, so no file of an earlier model stays.
     Returns the verification's max abs logit difference, or None."""
-    config = model.config
-    if tuple(config.kv_source) != tuple(range(config.n_layer)):
-        raise ConversionError(f"cannot export a KV-shared model (kv_source={list(config.kv_source)}) as a Hugging "
-                              "Face Llama: its consumer layers have no K/V projections of their own, and "
-                              "LlamaForCausalLM has no way to reuse another layer's. Only dense models export.")
+    if model.kv_blend:
+        raise ConversionError(f"cannot export a model halfway through an adaptation stage (layers "
+                              f"{sorted(model.kv_blend)} blend their K/V with another layer's): "
+                              f"{MODELING_FILE} cannot express a blend; export a checkpoint written after the stage ended")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConversionError(f"{out_dir} exists and is not a directory")
@@ -645,10 +644,31 @@ def _missing_parents(path):
     return missing
 
 
+MODELING_FILE = "modeling_echo_llama.py"  # transformers' Llama, changed only where sharing needs it
+
+
+def is_shared(config: LlamaConfig) -> bool:
+    return any(j != i for m in (config.kv_source, config.attn_source) for i, j in enumerate(m))
+
+
+def shared_hf_config(config: LlamaConfig, hf: dict) -> dict:
+    """config.json of a shared model: its maps as plain lists and the auto_map to MODELING_FILE."""
+    module = MODELING_FILE[:-3]
+    return {**hf, "architectures": ["EchoLlamaForCausalLM"], "model_type": "echo_llama",
+            "auto_map": {"AutoConfig": f"{module}.EchoLlamaConfig",
+                         "AutoModelForCausalLM": f"{module}.EchoLlamaForCausalLM"},
+            "kv_source": list(config.kv_source), "attn_source": list(config.attn_source)}
+
+
 def _write_hf_files(model, out_dir, dtype, tokenizer_json, hf_extra):
     from safetensors.torch import save_file
     save_file(hf_state_dict(model, dtype), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    _write_json(hf_config_from_llama(model.config, dtype, hf_extra), os.path.join(out_dir, "config.json"))
+    hf = hf_config_from_llama(model.config, dtype, hf_extra)
+    if is_shared(model.config):  # dense models stay plain LlamaForCausalLM, without custom code
+        hf = shared_hf_config(model.config, hf)
+        shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), MODELING_FILE),
+                        os.path.join(out_dir, MODELING_FILE))
+    _write_json(hf, os.path.join(out_dir, "config.json"))
     if tokenizer_json is not None:
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(tokenizer_json)
@@ -680,11 +700,13 @@ def verify_export(model: Llama, out_dir, dtype=torch.float32, n_tokens=32, tol=1
         raise ConversionError("--verify needs the transformers package (pip install transformers)") from None
     bar = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # stderr is for errors: one line each
+    cls, extra = transformers.LlamaForCausalLM, {}
+    if is_shared(model.config):
+        cls, extra = transformers.AutoModelForCausalLM, {"trust_remote_code": True}
     try:
-        hf = transformers.LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager")
+        hf = cls.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager", **extra)
     except TypeError:  # transformers 4.x before the dtype argument
-        hf = transformers.LlamaForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32,
-                                                           attn_implementation="eager")
+        hf = cls.from_pretrained(out_dir, torch_dtype=torch.float32, attn_implementation="eager", **extra)
     finally:
         if bar:
             transformers.utils.logging.enable_progress_bar()
@@ -749,7 +771,8 @@ def main(argv):
         raise ConfigError(f"the checkpoint {src} lies inside {dst}: --overwrite would delete it; export elsewhere")
     model, ckpt = load_model(src, mmap=True)
     diff = export_hf(model, dst, dtype_, ckpt.get("tokenizer_json"), ckpt.get("hf_config"), s.overwrite, s.verify)
-    print(f"wrote {dst}: config.json, model.safetensors")
+    print(f"wrote {dst}: config.json, model.safetensors" + (f", {MODELING_FILE} (load with trust_remote_code=True)"
+                                                            if is_shared(model.config) else ""))
     if diff is not None:
         print(f"verified: transformers' fp32 logits match ours (with the weights as written) to {diff:.2e} "
               "(max abs difference)")

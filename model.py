@@ -278,6 +278,46 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
+    def forward(self, x, i: int, p: "Pass"):
+        """Layer i on the residual stream x; what it shares (K/V, queries and keys) goes through p.
+        Only x goes in and out as a tensor argument, so a wrapper's hooks (FSDP2's per-block gather and
+        reduce-scatter) see the block's real input and output and nothing of the hand-over."""
+        h = self.input_layernorm(x)
+        attn, c = self.self_attn, p.config
+        if c.kv_source[i] == i:
+            p.kv[i] = p.own_kv(i, attn, h)
+        if c.attn_source[i] == i:  # own pattern: own queries over its (or its owner's) keys
+            q, (k, v) = attn.query(h, p.cos, p.sin), p.kv[c.kv_source[i]]
+            p.qk[i] = (q, k)
+        else:  # EchoAtt: layer j's queries and keys, this layer's values
+            (q, k), v = p.qk[c.attn_source[i]], p.kv[i][1]
+        x = x + attn(h, k, v, p.cos, p.sin, p.mask, q=q)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Pass:
+    """What the layers of one forward pass hand each other: owner -> (k, v) it hands on, layer -> its
+    (q, k), owner -> its new K/V only (for a blend), and the cache they go through. A plain object,
+    not a container of tensors, so that wrappers pass it through untouched."""
+
+    def __init__(self, config, cos, sin, mask, cache, input_pos, kv_blend):
+        self.config, self.cos, self.sin, self.mask = config, cos, sin, mask
+        self.cache, self.input_pos, self.kv_blend = cache, input_pos, kv_blend
+        self.kv, self.qk, self.fresh = {}, {}, {}
+
+    def own_kv(self, i, attn, h):
+        """The K/V layer i computes (blended while adapt.py switches it over), through the cache."""
+        k, v = attn.compute_kv(h, self.cos, self.sin)
+        if i in self.kv_blend:
+            source, w = self.kv_blend[i]
+            k, v = k + w * (self.fresh[source][0] - k), v + w * (self.fresh[source][1] - v)
+        self.fresh[i] = (k, v)
+        if self.cache is not None:
+            k_all, v_all = self.cache.update(i, self.input_pos, k, v)
+            if self.mask is not None:  # decoding: attend over the whole cache
+                k, v = k_all, v_all
+        return k, v
+
 
 # -----------------------------------------------------------------------------
 # KV cache
@@ -359,38 +399,14 @@ class Llama(nn.Module):
             mask = torch.arange(cache.max_len, device=idx.device) <= input_pos.view(-1, 1)
 
         x = self.embed_tokens(idx)
-        c = self.config
-        kv, qk, fresh = {}, {}, {}  # owner -> (k, v) it hands on; layer -> its (q, k); owner -> new K/V only
+        p = Pass(self.config, cos, sin, mask, cache, input_pos, self.kv_blend)
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            attn = layer.self_attn
-            if c.kv_source[i] == i:
-                kv[i] = self._own_kv(i, attn, h, cos, sin, cache, input_pos, mask, fresh)
-            if c.attn_source[i] == i:  # own pattern: own queries over its (or its owner's) keys
-                q, (k, v) = attn.query(h, cos, sin), kv[c.kv_source[i]]
-                qk[i] = (q, k)
-            else:  # EchoAtt: layer j's queries and keys, this layer's values
-                (q, k), v = qk[c.attn_source[i]], kv[i][1]
-            x = x + attn(h, k, v, cos, sin, mask, q=q)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = layer(x, i, p)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-    def _own_kv(self, i, attn, h, cos, sin, cache, input_pos, mask, fresh):
-        """The K/V layer i computes (blended while adapt.py switches it over), through the cache."""
-        k, v = attn.compute_kv(h, cos, sin)
-        if i in self.kv_blend:
-            source, w = self.kv_blend[i]
-            k, v = k + w * (fresh[source][0] - k), v + w * (fresh[source][1] - v)
-        fresh[i] = (k, v)
-        if cache is not None:
-            k_all, v_all = cache.update(i, input_pos, k, v)
-            if mask is not None:  # decoding: attend over the whole cache
-                k, v = k_all, v_all
-        return k, v
 
     # -------------------------------------------------------------------------
     # generation: prefill, one decode step, and the loop (compiling and timing belong to the caller)
