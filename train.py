@@ -32,7 +32,8 @@ from checkpoint import (CKPT_NAME, SAMPLING_KEYS, blend_state, load_checkpoint, 
                         remove_stale_temps, restore_rng, rng_state, save_checkpoint)
 from configurator import (ConfigError, canonical_dtype, close_runtime, configure, init_runtime, run_script,
                           settings_from)
-from data.common import BatchSampler, dataset_dir, ensure_dataset, load_meta, open_tokens, tokenizer_identity
+from data.common import (BatchSampler, dataset_dir, ensure_dataset, load_meta, open_tokens, tokenizer_identity,
+                         tokenizer_json_identity)
 from model import Llama, LlamaConfig, parse_kv_source, peak_flops_for
 
 # -----------------------------------------------------------------------------
@@ -290,8 +291,7 @@ def build_model(s, explicit, ckpt, path, data_vocab):
 def trained_tokenizer(ckpt):
     """(description, identity) of the tokenizer a checkpoint's model was trained with; None if unknown."""
     if ckpt.get("tokenizer_json"):
-        digest = hashlib.sha256(ckpt["tokenizer_json"].encode()).hexdigest()
-        return "the Hugging Face tokenizer.json it carries", ("tokenizer.json", digest)
+        return "the Hugging Face tokenizer.json it carries", tokenizer_json_identity(ckpt["tokenizer_json"])
     if isinstance(ckpt.get("meta"), dict):
         return f"the {ckpt['meta'].get('tokenizer')} tokenizer of its dataset", tokenizer_identity(ckpt["meta"])
     if ckpt.get("hf_config"):  # converted from a Hugging Face directory that had no tokenizer.json

@@ -129,10 +129,19 @@ def hf_codec(path):
 
 def tokenizer_identity(meta):
     """What two datasets must share for their token ids to mean the same text: the character table of
-    a char dataset (two texts give two tables), else the tokenizer's name."""
+    a char dataset (two texts give two tables), the content of a tokenizer.json, else the tokenizer's name."""
     if meta.get("tokenizer") == "char":
         return ("char", tuple(meta.get("chars") or ()))
+    if meta.get("tokenizer") == "hf" and os.path.isfile(meta.get("tokenizer_file") or ""):
+        with open(meta["tokenizer_file"], encoding="utf-8") as f:
+            return tokenizer_json_identity(f.read())
     return (str(meta.get("tokenizer")),)
+
+
+def tokenizer_json_identity(text):
+    """A tokenizer.json's content, whatever its formatting (pretty-printed or not)."""
+    canonical = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+    return ("tokenizer.json", hashlib.sha256(canonical.encode()).hexdigest())
 
 
 def write_tokens(path, ids, vocab_size):

@@ -53,6 +53,8 @@ local_iters = 40             # layer-local distillation steps before end-to-end 
 share = "8,12,15,22"         # layers the calibrated K/V maps share (of 30): KV cache 0.73, 0.60, 0.50, 0.27
 attn_share = "8,12"          # layers the EchoAtt maps share (27% and 40%)
 compare_maps = "upper:half,cla:2"  # presets also adapted (local distillation + abrupt) beside the calibrated maps
+speed_iters = 0              # > 0: only time each recipe's training for this many steps, one after another on
+                             # a quiet machine (the runs above may have shared it), into OUT/speed.json
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
@@ -298,10 +300,30 @@ def evaluate_runs(runs, data_dir, s):
     return rows
 
 
+def speed(s):
+    """Train tokens/s of the recipes of a finished experiment, each run alone for speed_iters steps (first
+    step and evaluation excluded), from the same starting checkpoints and with the same settings."""
+    runs, rates = os.path.join(s.runs, "speed"), {}
+    for name in ("dense fine-tuned", "abrupt", "abrupt + freezing", "abrupt + distillation", "attention 12"):
+        stamp = os.path.join(s.runs, "train-" + name.replace(" ", "-").replace(":", "").replace("+", "plus"), "command.json")
+        args = [a for a in json.load(open(stamp))[1:] if not a.startswith(("--out_dir=", "--max_iters=", "--eval_"))]
+        cmd = [sys.executable, "train.py", *args, f"--out_dir={runs}", f"--max_iters={s.speed_iters}", "--eval_iters=1",
+               f"--eval_interval={s.speed_iters}", "--overwrite=True", "--always_save_checkpoint=False"]
+        progress(f"speed of {name}: $ {' '.join(cmd[1:])}")
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        done = [json.loads(line) for line in open(os.path.join(runs, "log.jsonl")) if '"kind": "done"' in line][-1]
+        rates[name] = done["tokens_per_s"]
+        progress(f"{name}: {rates[name]:,.0f} tokens/s ({rates[name] / rates['dense fine-tuned']:.2f}x dense)")
+    json.dump(rates, open(os.path.join(s.out, "speed.json"), "w"), indent=1)
+    return 0
+
+
 def main(argv):
     s, _ = configure(DEFAULTS, argv, __doc__)
     for path in (s.out, s.runs):
         os.makedirs(path, exist_ok=True)
+    if s.speed_iters:
+        return speed(s)
     t_start = time.time()
     data_dir = ensure_dataset(s.dataset, auto_prepare=False)
     dense, _ = load_model(s.model, block_size=s.block_size)

@@ -346,3 +346,28 @@ def test_training_on_another_tokenizer_is_refused(data_dir, tmp_path):
     torch.save(ckpt, tmp_path / "other_text.pt")
     with pytest.raises(ValueError, match="tokenizer mismatch"):
         run(data_dir, tmp_path / "b", f"--init_from={tmp_path / 'other_text.pt'}")
+
+
+def test_a_tokenizer_json_dataset_matches_the_checkpoint_that_carries_it(tmp_path):
+    """A converted model (it carries its tokenizer.json) trains on data tokenized with that tokenizer.json
+    however it was formatted, and is refused on data of another tokenizer.json."""
+    import json as json_
+    import numpy as np
+    from data.common import write_meta, write_tokens
+    tokenizer = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}, "added_tokens": []}
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "tokenizer.json").write_text(json_.dumps(tokenizer, indent=2))
+    for split in ("train", "val"):
+        write_tokens(str(d / f"{split}.bin"), np.arange(400) % 40, 40)
+    write_meta(str(d), 40, "hf", tokenizer_file="tokenizer.json")
+    config = LlamaConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64, vocab_size=40,
+                         block_size=32, kv_source="dense")
+    ckpt = {"model": Llama(config).state_dict(), "model_config": config.to_dict(),
+            "tokenizer_json": json_.dumps(tokenizer)}  # the same tokenizer, not pretty-printed
+    torch.save(ckpt, tmp_path / "conv.pt")
+    assert run(str(d), tmp_path / "a", f"--init_from={tmp_path / 'conv.pt'}", "--eval_interval=2")["iters"] == 2
+    tokenizer["model"]["vocab"] = {"b": 0, "a": 1}
+    torch.save(ckpt | {"tokenizer_json": json_.dumps(tokenizer)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        run(str(d), tmp_path / "b", f"--init_from={tmp_path / 'other.pt'}")
