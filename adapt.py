@@ -515,7 +515,7 @@ def propose_attn_source(similarity, n_share, keep_first=None, keep_last=1) -> tu
     return tuple(attn_source)
 
 
-def save_heatmap(similarity, path, title="K/V sharing: 1 - relative change of the layer's output"):
+def save_heatmap(similarity, path, title="K/V sharing: 1 - relative change of the layer's output", shared="K/V"):
     """The lower triangle (the pairs a map can use), coloured over the range of its own values, so the
     differences the calibration acts on are visible."""
     import matplotlib
@@ -527,8 +527,8 @@ def save_heatmap(similarity, path, title="K/V sharing: 1 - relative change of th
     fig, ax = plt.subplots(figsize=(1.5 + 0.3 * n, 1 + 0.3 * n))
     vals = similarity[lower]
     im = ax.imshow(values, cmap="viridis", vmin=float(vals.min()) if n > 1 else 0, vmax=float(vals.max()) if n > 1 else 1)
-    ax.set_xlabel("earlier layer j (K/V owner)")
-    ax.set_ylabel("layer i (would reuse j's K/V)")
+    ax.set_xlabel(f"earlier layer j (whose {shared} would be reused)")
+    ax.set_ylabel(f"layer i (would reuse j's {shared})")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
@@ -617,7 +617,8 @@ def main(argv):
     out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))
     os.makedirs(out_dir, exist_ok=True)
     torch.save(sim, os.path.join(out_dir, f"{name}.pt"))
-    save_heatmap(sim, os.path.join(out_dir, f"{name}.png"), HEATMAP_TITLES[s.criterion])
+    save_heatmap(sim, os.path.join(out_dir, f"{name}.png"), HEATMAP_TITLES[s.criterion],
+                 "K/V" if s.criterion == "kv" else "attention pattern")
     print(f"saved {out_dir}/{name}.pt and {out_dir}/{name}.png")
     print(f"proposed {'kv_source' if s.criterion == 'kv' else 'attn_source'} sharing {n_share_} layers: "
           f"{','.join(map(str, proposal))}")

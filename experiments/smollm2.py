@@ -193,7 +193,8 @@ def echoatt(dense, data_dir, s, k0, n_runs):
     two-stage distillation (2/3 of the budget learning from the teacher: 0.25 KL + 0.5 argmax CE +
     0.25 hidden-state MSE at the shared blocks' ends; then plain CE). {name: row}."""
     sim = cached(s, "attn_similarity", lambda: attention_similarity(dense, calibration_batches(data_dir, s)))
-    save_heatmap(sim, os.path.join(s.out, "attn_similarity.png"), "SmolLM2-135M: cosine similarity of attention maps")
+    save_heatmap(sim, os.path.join(s.out, "attn_similarity.png"), "SmolLM2-135M: cosine similarity of attention maps",
+                 "attention pattern")
     rows = {}
     for k, n in enumerate(map(int, s.attn_share.split(",")), k0):
         name = f"attention {n}"
