@@ -301,7 +301,7 @@ def evaluate_runs(runs, data_dir, s):
     return rows
 
 
-def speed(s):
+def speed_phase(s):
     """Train tokens/s of the recipes of a finished experiment, each run alone for speed_iters steps (first
     step and evaluation excluded), from the same starting checkpoints and with the same settings."""
     runs, rates = os.path.join(s.runs, "speed"), {}
@@ -324,7 +324,7 @@ def main(argv):
     for path in (s.out, s.runs):
         os.makedirs(path, exist_ok=True)
     if s.speed_iters:
-        return speed(s)
+        return speed_phase(s)
     t_start = time.time()
     data_dir = ensure_dataset(s.dataset, auto_prepare=False)
     dense, _ = load_model(s.model, block_size=s.block_size)
