@@ -900,7 +900,7 @@ def main(argv):
         with StopSignal() as stop:
             summary = loop(s, trainer, adaptation, iter_num, best_val_loss, log, stop)
         summary = summarise(summary, trainer, log, s.eval_only)
-        if trainer.fsdp:  # gloo is not torn down while the sharded model holds its mesh and work (1 abort in 6 runs)
+        if rt.ddp:  # gloo is not torn down while a DDP/FSDP wrapper holds its work (FSDP: 1 abort in 6 runs)
             trainer.release()
         if rt.ddp:  # no rank tears gloo down while another still talks: torch 2.13 then aborts a rank at exit
             torch.distributed.barrier()  # ("terminate called without an active exception", 4 in 20 runs without)
