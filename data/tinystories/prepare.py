@@ -55,7 +55,7 @@ def download_splits(max_docs=None):
     try:
         import datasets  # optional, only this download path needs it
     except ImportError:
-        raise SystemExit("data/tinystories/prepare.py needs the `datasets` package: pip install datasets") from None
+        raise ValueError("data/tinystories/prepare.py needs the `datasets` package: .venv/bin/pip install datasets") from None
     out = {}
     for ours, theirs in SPLITS.items():
         ds = datasets.load_dataset(HF_DATASET, split=theirs)
@@ -69,4 +69,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max_docs", type=int, default=None, help="at most this many stories per split")
     a = p.parse_args()
-    tokenize_and_write(download_splits(a.max_docs), HERE)
+    try:
+        tokenize_and_write(download_splits(a.max_docs), HERE)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
