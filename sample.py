@@ -22,7 +22,7 @@ import time
 import torch
 
 from checkpoint import load_model
-from configurator import autocast, configure, resolve_device, run_script, settings_from, DTYPES
+from configurator import configure, resolve_device, run_script, settings_from, DTYPES
 from convert_hf import load_hf_llama
 from data.common import GPT2_EOT, dataset_dir, get_codec, load_meta
 

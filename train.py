@@ -631,7 +631,7 @@ def log_start(log, s, trainer, iter_num, tokens_per_iter):
         config=vars(s))
 
 
-def peak_flops(setting, rt):
+def device_peak_flops(setting, rt):
     """Per-device peak FLOP/s for MFU: the setting, else the GPU's datasheet value; None on CPU."""
     if setting > 0:
         return setting
@@ -782,7 +782,7 @@ def loop(s, trainer, adaptation, iter_num, best_val_loss, log, stop=None):
     resume, start_iter = s.init_from == "resume", iter_num
     saver = Saver(s, trainer, log, iter_num if resume else None)
     tokens_per_iter = s.batch_size * s.block_size * s.gradient_accumulation_steps
-    peak = peak_flops(s.peak_flops, rt)
+    peak = device_peak_flops(s.peak_flops, rt)
     train_time, train_tokens, timed, t_log, it_log, val_loss = 0.0, 0, False, 0.0, 0, None
     trainer.model.train()
     while True:

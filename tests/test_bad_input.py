@@ -28,7 +28,6 @@ import sample
 import train
 from checkpoint import load_checkpoint
 from configurator import run_script
-from model import Llama, LlamaConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"train": train, "sample": sample, "convert_hf": convert_hf, "adapt": adapt}

@@ -31,7 +31,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-import pytest
 
 from configurator import configure, run_script
 
