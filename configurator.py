@@ -181,7 +181,8 @@ def resolve_dtype(name: str, device_type: str) -> str:
     if dt not in DTYPES:
         raise ConfigError(f"dtype={name!r}: use auto, float32, bfloat16 or float16 (or fp32, bf16, fp16)")
     if dt == "float16" and device_type != "cuda":
-        raise ConfigError("dtype=float16 needs a CUDA GPU (it trains with a GradScaler); on CPU use float32 or bfloat16")
+        raise ConfigError("dtype=float16 needs a CUDA GPU (training it needs a GradScaler, and CPUs are slow at it); "
+                          "on CPU use float32 or bfloat16")
     return dt
 
 

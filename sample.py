@@ -22,7 +22,7 @@ import time
 import torch
 
 from checkpoint import load_model
-from configurator import configure, resolve_device, run_script, settings_from, DTYPES
+from configurator import DTYPES, configure, resolve_device, resolve_dtype, run_script, settings_from
 from convert_hf import load_hf_llama
 from data.common import GPT2_EOT, dataset_dir, get_codec, load_meta
 
@@ -281,8 +281,7 @@ def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, CHOICES)
     check_settings(s)
     dev = resolve_device(s.device)
-    dtype = DTYPES["bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"] \
-        if s.dtype == "auto" else DTYPES[s.dtype]
+    dtype = DTYPES[resolve_dtype(s.dtype, "cuda" if dev.startswith("cuda") else dev)]
     prompt = read_prompt(s.start)  # before the (possibly slow) model load
     model, ckpt, hf_dir = load_for_sampling(s.init_from, s, explicit)
     tok = find_tokenizer(s.tokenizer, s.data_dir, ckpt, hf_dir)
