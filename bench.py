@@ -9,6 +9,7 @@ transformers' LlamaForCausalLM.
     python bench.py --preset tinyllama --dtype bf16 --compile     # on a GPU
     python bench.py --preset cpu --models "dense;cla:2;0,0,2,2,4,4,6,6"
     python bench.py --preset cpu --skip train,mem --profile       # where a decode step spends its time
+    python bench.py --preset smollm2 --dtype bf16 --compile --quantize int8   # int8 weights beside bf16
 
 Settings are the plain globals below (configurator.py): --key=value or --key value, a bare --flag for
 booleans, fp32/bf16 for the dtype; sizes left at 0 take the preset's value. --models takes kv_source
@@ -22,7 +23,8 @@ What is timed, and how:
           of model.decode_step (torch.compile'd, fullgraph, with --compile) into a static cache,
           the device synchronised only at the clock reads. transformers runs the same loop over its
           forward and its own cache (eager). Prefill tokens/s = B*T / t_prefill, decode tokens/s =
-          B*N / t_loop. At batch 1 and a larger batch.
+          B*N / t_loop. At batch 1 and a larger batch. --quantize int8 adds each of our models again
+          with model.quantize_int8's weights ('dense+int8'), decode only.
 
 Bounds (`bound`, `bound_kind`, `fraction_of_bound` in every row), measured in the same run, in every
 round, so they see the same machine load as the models:
@@ -40,6 +42,7 @@ On CPU, peak RSS (VmHWM) of a child process that builds only this model and runs
 (process-wide: includes the Python/torch runtime, given separately as mem_baseline_bytes).
 """
 
+import copy
 import gc
 import inspect
 import json
@@ -65,6 +68,7 @@ preset = "cpu"               # tiny, cpu, smollm2, gpu-small, tinyllama (PRESETS
 models = "dense;upper:half"  # model specs separated by ';': a kv_source, or KV@ATTN with an attn_source (EchoAtt)
 dtype = "float32"            # float32 or bfloat16: training autocasts over fp32 weights, decoding casts the weights
 compile = False              # torch.compile the train step (the reference's too) and our decode step
+quantize = ""                # 'int8': also decode weight-only int8 copies of our models (rows 'dense+int8', ...)
 reference = ""               # 'hf': add transformers' LlamaForCausalLM (SDPA), dense, with the dense model's weights
 device = "auto"              # auto, cpu, cuda, cuda:N
 batch_size = 0               # train batch
@@ -77,7 +81,8 @@ prompt_len = 0               # decode prompt
 new_tokens = 0               # decode steps timed after the prefill
 threads = 0                  # torch.set_num_threads: 0 is the preset's (tiny: 1), else torch's default
 skip = ""                    # comma list: train, decode, mem (CPU peak-RSS children), refmem (the reference's)
-profile = False              # torch.profiler over the decode steps at batch 1: time per op, GB/s of the matmuls
+profile = False              # torch.profiler over one train step (unless skipped) and the decode steps at batch 1:
+                             # time per op; for decode the GB/s of the matmuls
 attn_reuse = ""              # e.g. '256,1024': only time an EchoAtt sharer's attention at these sequence lengths,
                              # recomputing softmax(q_j k_j^T) in SDPA vs reusing the source's materialised probabilities
 out = ""                     # write the measurements to this JSON file (its directory must exist)
@@ -112,7 +117,7 @@ PRESETS = {
                       batch_size=4, seq_len=2048, decode_batch=16, prompt_len=1024, new_tokens=128,
                       repeats=5, warmup=3, steps=3, matmul_n=8192, bandwidth_mib=4096, gpu=True),
 }
-CHOICES = {"preset": tuple(PRESETS), "dtype": ("float32", "bfloat16"), "reference": ("", "hf")}
+CHOICES = {"preset": tuple(PRESETS), "dtype": ("float32", "bfloat16"), "reference": ("", "hf"), "quantize": ("", "int8")}
 SIZES = ("batch_size", "seq_len", "repeats", "warmup", "steps", "decode_batch", "prompt_len", "new_tokens",
          "threads")
 SKIP_PARTS = ("train", "decode", "mem", "refmem")
@@ -278,14 +283,18 @@ def matmul_rate(n, dtype, device, reps=3):
     return statistics.median(rates)
 
 
-def memory_bandwidth(buf, reps=3):
-    """Read bandwidth in bytes/s: the best of `reps` sums over `buf`, a buffer far larger than the caches.
+def memory_bandwidth(nbytes, device, reps=3):
+    """Read bandwidth in bytes/s: the best of `reps` sums over a fresh buffer of nbytes, far larger than
+    the caches. Fresh each time because on this project's VMs the speed depends on where a buffer
+    lands: one allocation read at ~49 GB/s in every round, the next at ~78 (bench.py, docs/bench.md),
+    and each round's best of fresh buffers is the bound, so a model's weights cannot beat it by luck.
 
     A sum reads every byte once and writes nothing, like a decode step streaming its weights; a copy
     would also write (and on x86 read the destination before writing it), so its byte count depends
     on the hardware. The sum's arithmetic is one add per element, far below what a core can do, so
-    it runs at the memory's speed (measured here: 40-44 GB/s, the same as a copy counted as 2x bytes).
+    it runs at the memory's speed (on a quiet machine here the same as a copy counted as 2x bytes).
     The best read, not the median, because the bound is what the machine can do when least disturbed."""
+    buf = torch.ones(nbytes // 4, device=device)
     buf.sum()  # warm-up
     best = float("inf")
     for _ in range(reps):
@@ -360,7 +369,7 @@ def make_optimizer(m, device):
     params = [p for p in m.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), **({"fused": True} if device.type == "cuda" else {}))
+    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)  # as ours: at its best
 
 
 class FlopView:
@@ -492,14 +501,16 @@ def kv_cache_bytes(module, batch, max_len, dtype):
 def decode_bytes_per_step(module, config, batch, keys):
     """(weight bytes, K/V bytes) one decode step has to read from memory at least.
 
-    Weights: every parameter once, in its (decode) dtype, except the embedding table, of which a
-    lookup reads only `batch` rows, unless it is tied to the LM head, which reads it whole.
+    Weights: every parameter once, in its (decode) dtype, and every int8 weight with its scales,
+    except the embedding table, of which a lookup reads only `batch` rows, unless it is tied to the LM
+    head, which reads it whole.
     K/V: every layer attends over `keys` positions of its owner's K and V. Consumers read their
     owner's K/V again (sharing saves cache memory, not reads, unless a re-read hits in the CPU's
     caches), so this is the same for dense and shared models. Our static cache is masked beyond the
     current position: SDPA reads those rows too, but they are waste, not need, and not counted."""
     emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else module.embed_tokens
-    weights = tensor_bytes(module.parameters())
+    int8 = [b for m in module.modules() if isinstance(m, M.Int8Linear) for b in m.buffers()]
+    weights = tensor_bytes([*module.parameters(), *int8])
     if module.lm_head.weight is not emb.weight:
         weights -= emb.weight.nbytes - batch * emb.weight[0].nbytes
     elsize = emb.weight.element_size()
@@ -648,11 +659,15 @@ def benchmark(s):
         for m in modules.values():  # free any gradients; decode in the run's dtype
             m.zero_grad(set_to_none=True)
             m.to(env.dtype).eval()
+        if s.quantize == "int8":  # decode only: int8 weights have no training step
+            for spec in s.models:
+                modules[f"{spec}+int8"] = M.quantize_int8(copy.deepcopy(modules[spec]))
+                env.flops[f"{spec}+int8"], env.n_params[f"{spec}+int8"] = env.flops[spec], env.n_params[spec]
         if "decode" not in s.skip:
             for B in sorted({1, s.decode_batch}):
                 rows += bench_decode(s, env, modules, B)
         if s.profile:
-            bandwidth = memory_bandwidth(torch.ones(s.bandwidth_bytes // 4, device=env.device))
+            bandwidth = max(memory_bandwidth(s.bandwidth_bytes, env.device) for _ in range(3))
             for name, module in modules.items():
                 profile_decode(s, env, name, module, bandwidth)
     add_ratios(rows)
@@ -693,11 +708,12 @@ def build_all(s, env):
         modules["hf"] = build_hf(dense, env.device)
         env.flops["hf"] = FlopView(dense.config)  # the reference is our dense model's function
         env.ref_diff = check_reference(dense, modules["hf"], s.model_config["vocab_size"], env.device)
+    env.n_params = {n: n_params(m) for n, m in modules.items()}
     # fp32 runs on a GPU use TF32 tensor cores, as a user would (after the fp32 reference check above)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     # one compiled decode graph per (model, batch size) on the same decode_step code: allow them all
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(modules) + 2)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(modules) + 2)
     return modules
 
 
@@ -718,6 +734,9 @@ def bench_train(s, env, modules):
     print(f"  measured {s.matmul_n}^3 matmul rate, {s.dtype}: {bound / 1e9:.0f} GFLOP/s (median of "
           f"{len(matmul_rates)} rounds; min {min(matmul_rates) / 1e9:.0f}, max {max(matmul_rates) / 1e9:.0f})")
     rows = [train_row(s, env, t, bound) for t in trainers.values()]
+    if s.profile:
+        for t in trainers.values():
+            profile_train(t, s, env, bound, env.flops[t.name].flops_per_token(s.seq_len)["train"])
     for t in trainers.values():
         t.release()
     del trainers
@@ -743,7 +762,7 @@ def train_row(s, env, t, bound):
                 matmul_flops_measured=bound, util_vs_matmul=flops * med / bound,
                 bound=bound, bound_kind="matmul_flops_measured", fraction_of_bound=flops * med / bound,
                 peak_mem_bytes=mem, mem_baseline_bytes=mem_base, peak_mem_kind=mem_kind,
-                kv_cache_bytes=None, n_params=n_params(t.module), loadavg_after=loadavg())
+                kv_cache_bytes=None, n_params=env.n_params[t.name], loadavg_after=loadavg())
 
 
 def bench_decode(s, env, modules, B):
@@ -762,19 +781,21 @@ def bench_decode(s, env, modules, B):
             decoders[n].timed()
         if env.on_gpu:
             mems[n] = torch.cuda.max_memory_allocated(env.device) - base + state_bytes(m)
-    buf = torch.ones(s.bandwidth_bytes // 4, device=env.device)  # fp32
     names, prefill, decode, bandwidth = list(modules), {n: [] for n in modules}, {n: [] for n in modules}, []
     for r in range(s.repeats):
         for n in round_order(names, r):
             t_prefill, t_decode = decoders[n].timed()
             prefill[n].append(B * T / t_prefill)
             decode[n].append(B * N / t_decode)
-        bandwidth.append(memory_bandwidth(buf))
-    del buf, decoders
-    bound = statistics.median(bandwidth)
+        bandwidth.append(memory_bandwidth(s.bandwidth_bytes, env.device))
+    del decoders
+    bound = max(bandwidth)  # the best a fresh buffer was read at: fractions of it are lower bounds
     print(f"  measured memory read bandwidth ({s.bandwidth_bytes / 2 ** 20:.0f} MiB sum): {bound / 1e9:.1f} GB/s "
-          f"(median of {len(bandwidth)} rounds; min {min(bandwidth) / 1e9:.1f}, max {max(bandwidth) / 1e9:.1f})")
-    return [decode_row(s, env, n, modules[n], B, decode[n], prefill[n], bound, mems.get(n)) for n in names]
+          f"(best of {len(bandwidth)} rounds; median {statistics.median(bandwidth) / 1e9:.1f}, min {min(bandwidth) / 1e9:.1f})")
+    rows = [decode_row(s, env, n, modules[n], B, decode[n], prefill[n], bound, mems.get(n)) for n in names]
+    for row in rows:
+        row["bandwidth_rounds"] = bandwidth
+    return rows
 
 
 def decode_row(s, env, name, module, B, rates, prefill_rates, bound, gpu_mem):
@@ -795,7 +816,7 @@ def decode_row(s, env, name, module, B, rates, prefill_rates, bound, gpu_mem):
                 bound=bound, bound_kind="memory_read_bandwidth_measured", fraction_of_bound=achieved / bound,
                 peak_mem_bytes=mem, mem_baseline_bytes=mem_base, peak_mem_kind=mem_kind,
                 kv_cache_bytes=kv_cache_bytes(module, B, T + N, env.dtype),
-                n_params=n_params(module), loadavg_after=loadavg())
+                n_params=env.n_params[name], loadavg_after=loadavg())
 
 
 def paired_ratio(row, other, key):
@@ -832,7 +853,26 @@ def write_json(rows, path):
 # -----------------------------------------------------------------------------
 # decode profile: where a step's time goes, op by op
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")  # the leaves: aten::linear and aten::matmul call these
+# the leaves: aten::linear and aten::matmul call these; M.Int8Linear calls the last one
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm")
+
+
+def profile_train(t, s, env, matmul_rate, flops_per_token, top=12):
+    """torch.profiler over one train step (after the timed rounds): self time per op and its share, and
+    what the matmuls achieve against the measured matmul rate."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t.step()
+        sync(env.device)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = max(sum(e.self_cpu_time_total for e in ops), 1e-9)
+    print(f"\n== train profile: {t.name}, one step of {t.tokens_per_step} tokens, {s.dtype}, compile {s.compile}: "
+          f"{1e-3 * total:.0f} ms of op self time")
+    for e in ops[:top]:
+        print(f"{e.key[:60]:<62}{e.count:>6} calls{1e-3 * e.self_cpu_time_total:>10.1f} ms{e.self_cpu_time_total / total:>7.1%}")
+    mm = sum(e.self_cpu_time_total for e in ops if e.key in MATMUL_OPS)
+    if mm:
+        print(f"matmuls: {mm / total:.0%} of the op time; if they ran at the measured {matmul_rate / 1e9:.0f} GFLOP/s "
+              f"the step's FLOPs would take {1e3 * t.tokens_per_step * flops_per_token / matmul_rate:.0f} ms")
 
 
 def profile_decode(s, env, name, module, bandwidth):
@@ -856,6 +896,8 @@ def op_bytes(e, elsize):
     """Bytes an op has to read, where that is clear from its input shapes: a matmul's largest operand
     (at decode batch sizes the weight), an attention kernel's K and V (the whole static cache)."""
     shapes = [x for x in e.input_shapes or [] if x]
+    if e.key == "aten::_weight_int8pack_mm" and len(shapes) >= 2:
+        return _numel(shapes[1])  # the int8 weight, one byte each
     if e.key in MATMUL_OPS and shapes:
         return max(map(_numel, shapes)) * elsize
     if e.key.startswith("aten::_scaled_dot_product") and len(shapes) >= 3:

@@ -167,6 +167,22 @@ class LlamaConfig:
 # building blocks
 
 
+class Linear(nn.Linear):
+    """nn.Linear (no bias) with a batch-1 path for compiled decoding on CPU.
+
+    One row times a weight matrix is a matrix-vector product: it reads every weight once for two
+    FLOPs, so its speed is the rate at which the weights stream in from memory. BLAS's gemv reads
+    them at about half the machine's read bandwidth on the CPUs measured here (docs/bench.md); the
+    same product written as multiply-and-sum is compiled by inductor into one vectorised loop that
+    streams them at the bandwidth. Eager code keeps F.linear (the product form would materialise a
+    weight-sized temporary), as does every shape with more than one row, and the GPU."""
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
+        return F.linear(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -220,12 +236,12 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         kv_dim = config.n_kv_head * self.head_dim
         if owns_qk:
-            self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+            self.q_proj = Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
         if owns_kv and owns_qk:
-            self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
+            self.k_proj = Linear(config.n_embd, kv_dim, bias=False)
         if owns_kv:
-            self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+            self.v_proj = Linear(config.n_embd, kv_dim, bias=False)
+        self.o_proj = Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
 
     @property
     def owns_kv(self):
@@ -254,17 +270,34 @@ class Attention(nn.Module):
         """
         B, T, C = x.shape
         q = self.query(x, cos, sin) if q is None else q
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_head != self.n_kv_head)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
+        else:
+            y = decode_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def decode_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d)) v of one new position per sequence over the cache: q (B, H, 1, hd),
+    k and v (B, H_kv, S, hd), mask (1, S). Written out rather than SDPA's because for one query it is
+    two small products per head, which the CPU flash kernel took 70 us a call to do in bf16 (30% of a
+    decode step, bench.py --profile). Compiled on CPU, as multiply-and-sum, inductor fuses it into
+    passes over the cache; eager, batched products avoid a temporary the size of the cache."""
+    B, H, _, hd = q.shape
+    q = q.reshape(B, k.shape[1], -1, hd)  # (B, H_kv, g, hd): a group's query heads share one K/V head
+    fused = torch.compiler.is_compiling() and q.device.type == "cpu"
+    scores = (q.unsqueeze(-2) * k.unsqueeze(2)).sum(-1) if fused else q @ k.transpose(-1, -2)
+    probs = (scores.float() / math.sqrt(hd)).masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype)
+    y = (probs.unsqueeze(-1) * v.unsqueeze(2)).sum(-2) if fused else probs @ v
+    return y.reshape(B, H, 1, hd)
 
 
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.gate_proj = Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -319,6 +352,53 @@ class Pass:
         return k, v
 
 
+LOSS_CHUNK_ELEMENTS = 2 ** 24  # fp32 logits the loss holds at once: 64 MiB; fewer go through F.cross_entropy
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits h @ weight^T against targets (-1: no target), computed a chunk
+    of rows at a time. The gradients (softmax - one-hot, times h or weight) are computed in the same
+    pass, chunk by chunk, so neither the full logits nor their softmax are ever kept, and nothing is
+    recomputed: the matmul FLOPs are those of the plain loss."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, need_grad: bool):
+        n = (targets != -1).sum().clamp(min=1)
+        rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+        if torch.is_autocast_enabled(h.device.type):  # cast the weight once, not once per chunk and product
+            weight = weight.to(torch.get_autocast_dtype(h.device.type))
+        loss, grad_h, grad_w = 0.0, torch.empty_like(h) if need_grad else None, None
+        for s in range(0, h.shape[0], rows):
+            hc, t = h[s:s + rows].to(weight.dtype), targets[s:s + rows]
+            logits = (hc @ weight.t()).float()
+            valid = t != -1
+            t = t.clamp(min=0)
+            loss = loss + ((logits.logsumexp(dim=-1) - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+            if need_grad:
+                g = logits.softmax(dim=-1)
+                g[torch.arange(len(t), device=t.device), t] -= 1
+                g = g.mul_(valid[:, None] / n).to(weight.dtype)
+                grad_h[s:s + rows] = g @ weight
+                part = (g.t() @ hc).float()
+                grad_w = part if grad_w is None else grad_w.add_(part)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
+def chunked_cross_entropy(h, weight, targets):
+    """F.cross_entropy(h @ weight^T, targets, ignore_index=-1) in value and gradient; above
+    LOSS_CHUNK_ELEMENTS logits, without ever holding them all (ChunkedCrossEntropy)."""
+    if h.shape[0] * weight.shape[0] <= LOSS_CHUNK_ELEMENTS:  # small enough: one fused kernel is faster
+        return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return ChunkedCrossEntropy.apply(h, weight, targets, need_grad)
+
+
 # -----------------------------------------------------------------------------
 # KV cache
 
@@ -359,7 +439,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(config, owns_kv=config.kv_source[i] == i, owns_qk=config.attn_source[i] == i)
                                     for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # cos/sin for every position are buffers: not learned, not saved, moved with .to(device)
@@ -382,7 +462,8 @@ class Llama(nn.Module):
         return n
 
     def forward(self, idx, targets=None, cache: Optional[KVCache] = None, input_pos=None):
-        """Logits for every position, and the mean cross-entropy against `targets` if given.
+        """(logits for every position, None), or with `targets` (None, the mean cross-entropy against
+        them; -1 marks a position without a target).
 
         Without a cache, idx holds positions 0..T-1. With a cache, a call with T > 1 tokens is a
         prefill from position 0 and a call with one token decodes at position input_pos; owners
@@ -402,11 +483,13 @@ class Llama(nn.Module):
         p = Pass(self.config, cos, sin, mask, cache, input_pos, self.kv_blend)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, p)
-        logits = self.lm_head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        h = self.norm(x)
+        if targets is None:
+            return self.lm_head(h), None
+        if isinstance(self.lm_head, Int8Linear):  # decoding weights, no gradient: the loss of the logits
+            return None, F.cross_entropy(self.lm_head(h).float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        # training and evaluation need the loss, not the (B, T, vocab) fp32 logits: 200 MB at a 49k vocab
+        return None, chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
 
     # -------------------------------------------------------------------------
     # generation: prefill, one decode step, and the loop (compiling and timing belong to the caller)
@@ -501,8 +584,39 @@ class Llama(nn.Module):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        # fused: one kernel for the whole update; on CPU it took 7.8 ms against 19.7 ms (foreach) for 24M parameters
+        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 for decoding, as gpt-fast does it: each output row of the weight stored as
+    int8 with one scale (its max |w| / 127), the activations left in the model's dtype. A step
+    streams half the bytes of bf16. Inference only: there is no gradient through the int8 weight."""
+
+    def __init__(self, weight):
+        super().__init__()
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight", torch.round(w / scales[:, None]).to(torch.int8))
+        self.register_buffer("scales", scales.to(weight.dtype))
+
+    def forward(self, x):
+        scales = self.scales.to(x.dtype)
+        if x.device.type == "cpu":  # torch's int8 x float kernel: reads the int8 weight as it is
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, scales)
+            return y.view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.to(x.dtype)) * scales  # inductor fuses the cast into the matmul's load
+
+
+def quantize_int8(model: "Llama") -> "Llama":
+    """Replace every Linear of `model`, in place, by an Int8Linear of its weight (a tied LM head gets
+    its own int8 copy; the embedding table stays as it is: decoding looks up one row of it)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, Linear):
+                setattr(module, name, Int8Linear(child.weight))
+    return model
 
 
 def keep_when_full(block_size):

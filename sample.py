@@ -25,6 +25,7 @@ from checkpoint import load_model
 from configurator import DTYPES, configure, resolve_device, resolve_dtype, run_script, settings_from
 from convert_hf import load_hf_llama
 from data.common import GPT2_EOT, dataset_dir, get_codec, load_meta
+from model import quantize_int8
 
 # -----------------------------------------------------------------------------
 init_from = "out-shakespeare-char"  # checkpoint file, training out_dir (train.py's default), or HF Llama directory
@@ -37,7 +38,8 @@ top_k = 200                  # 0: no top-k
 seed = 1337
 device = "auto"              # auto (cuda if present), cpu, cuda, cuda:N
 dtype = "auto"               # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
-compile = False              # torch.compile the decode step
+compile = False              # torch.compile the decode step (on CPU 3-4x faster decoding at batch 1: docs/bench.md)
+quantize = ""                # 'int8': weight-only int8 linear layers for decoding (model.quantize_int8)
 show_speed = False           # print generation tokens/s
 tokenizer = ""               # gpt2, a tokenizer.json, a meta.json or a directory holding one
 data_dir = ""                # where <dataset>/meta.json is looked up ('' = where train.py finds the dataset)
@@ -46,7 +48,7 @@ kv_init = "own"              # Hugging Face directories only: own or mean
 block_size = 0               # Hugging Face directories only: context to build for (0 = max_position_embeddings)
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
-CHOICES = {"dtype": ("auto", *DTYPES), "kv_init": ("own", "mean")}
+CHOICES = {"dtype": ("auto", *DTYPES), "kv_init": ("own", "mean"), "quantize": ("", "int8")}
 
 
 class SampleError(ValueError):
@@ -282,6 +284,9 @@ def main(argv):
     check_settings(s)
     dev = resolve_device(s.device)
     dtype = DTYPES[resolve_dtype(s.dtype, "cuda" if dev.startswith("cuda") else dev)]
+    if s.quantize == "int8" and dev == "cpu" and dtype != torch.bfloat16:
+        raise SampleError(f"--quantize=int8 on a CPU needs --dtype=bfloat16: with {dtype} activations torch's int8 "
+                          "kernel decodes more slowly than the float model (docs/bench.md)")
     prompt = read_prompt(s.start)  # before the (possibly slow) model load
     model, ckpt, hf_dir = load_for_sampling(s.init_from, s, explicit)
     tok = find_tokenizer(s.tokenizer, s.data_dir, ckpt, hf_dir)
@@ -292,10 +297,12 @@ def main(argv):
     if s.chat:
         prompt = wrap_in_chat(chat_template(ckpt, hf_dir), prompt, tok.token_text(bos), tok.token_text(eos))
     model.to(device=dev, dtype=dtype)
+    if s.quantize == "int8":
+        quantize_int8(model)
     ids = encode_prompt(tok, prompt, model.config.vocab_size)
     max_new = s.max_new_tokens or min(500, max(1, model.config.block_size - len(ids)))
     torch.manual_seed(s.seed)
-    step = torch.compile(model.decode_step, fullgraph=True) if s.compile else None
+    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if s.compile else None
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None]
     for k in range(s.num_samples):
         t0 = time.perf_counter()

@@ -11,15 +11,16 @@ import torch
 
 
 @torch.no_grad()
-def decode_rates(models: dict, prompt, n_tokens, rounds):
-    """{name: [tokens/s of each timed round]}."""
+def decode_rates(models: dict, prompt, n_tokens, rounds, steps=None):
+    """{name: [tokens/s of each timed round]}; steps: {name: a decode step to use, e.g. compiled}."""
     rates = {name: [] for name in models}
     for r in range(rounds + 1):
         for name, model in models.items():
+            step = (steps or {}).get(name)
             t0 = time.perf_counter()
-            model.generate(prompt, 1, temperature=0)
+            model.generate(prompt, 1, temperature=0, decode_step=step)
             t1 = time.perf_counter()
-            model.generate(prompt, n_tokens + 1, temperature=0)
+            model.generate(prompt, n_tokens + 1, temperature=0, decode_step=step)
             if r:  # the first round warms up
                 rates[name].append(n_tokens / ((time.perf_counter() - t1) - (t1 - t0)))
     return rates

@@ -26,7 +26,7 @@ def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     threads = torch.get_num_threads()
     returned = bench.main(TINY + ["--models", "dense;upper:half", "--reference", "hf", "--repeats", "2",
-                                 "--skip", "refmem", "--out", str(out)])
+                                 "--quantize", "int8", "--skip", "refmem", "--out", str(out)])
     assert torch.get_num_threads() == threads  # the tiny preset's 1 thread does not leak into other tests
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(returned))  # the file holds what main() returned
@@ -36,8 +36,9 @@ def rows(tmp_path_factory):
 def test_every_measurement_has_the_fields(rows):
     cfg = bench.PRESETS["tiny"]["model"]
     assert {(r["model"], r["mode"]) for r in rows} == {
-        (m, mode) for m in ("dense", "upper:half", "hf") for mode in ("train", "decode")}
-    assert len([r for r in rows if r["mode"] == "decode"]) == 3 * 2  # batch 1 and the larger batch
+        (m, mode) for m in ("dense", "upper:half", "hf") for mode in ("train", "decode")} | {
+        ("dense+int8", "decode"), ("upper:half+int8", "decode")}  # int8 weights only decode
+    assert len([r for r in rows if r["mode"] == "decode"]) == 5 * 2  # batch 1 and the larger batch
     for r in rows:
         for f in FIELDS:
             assert f in r, (f, r["model"], r["mode"])
@@ -53,7 +54,8 @@ def test_every_measurement_has_the_fields(rows):
             assert r["kv_cache_bytes"] is None
             assert 0 < r["util_vs_matmul"] and r["matmul_flops_measured"] > 0
     # peak RSS of a child holding only that model, for each of ours (the reference's is skipped: speed)
-    assert all(r["peak_mem_bytes"] > r["mem_baseline_bytes"] > 0 for r in rows if r["model"] != "hf")
+    ours = [r for r in rows if r["model"] in ("dense", "upper:half")]
+    assert all(r["peak_mem_bytes"] > r["mem_baseline_bytes"] > 0 for r in ours)
     assert all(r["peak_mem_bytes"] is None for r in rows if r["model"] == "hf")
 
 
@@ -76,9 +78,16 @@ def test_decode_bytes_per_step_come_from_the_model(rows):
     p = bench.PRESETS["tiny"]
     cfg, T, N = p["model"], p["prompt_len"], p["new_tokens"]
     for r in (r for r in rows if r["mode"] == "decode"):
-        m = M.Llama(M.LlamaConfig(**cfg, kv_source="dense" if r["model"] == "hf" else r["model"]))
+        spec = r["model"].removesuffix("+int8")
+        m = M.Llama(M.LlamaConfig(**cfg, kv_source="dense" if spec == "hf" else spec))
         B, emb = r["batch_size"], cfg["vocab_size"] * cfg["n_embd"]
         # fp32 weights, all read but the embedding table, of which only B rows are looked up
+        linear = [mod.weight for mod in m.modules() if isinstance(mod, M.Linear)]
+        if r["model"].endswith("+int8"):  # the linear layers' weights in one byte each, plus an fp32 scale per row
+            small = m.num_params() - emb - sum(w.numel() for w in linear)
+            assert r["weight_bytes_per_step"] == sum(w.numel() + 4 * w.shape[0] for w in linear) + 4 * (
+                small + B * cfg["n_embd"])
+            continue
         assert r["weight_bytes_per_step"] == 4 * (m.num_params() - emb + B * cfg["n_embd"])
         # every layer (consumers too) reads K and V at the mean position T + (N + 1) / 2
         head_dim = cfg["n_embd"] // cfg["n_head"]
@@ -111,11 +120,28 @@ def test_kv_cache_bytes_ratio_is_exactly_owners_over_layers(rows):
             assert dec[spec]["kv_cache_ratio"] == owners / cfg["n_layer"]
 
 
+def test_int8_rows_are_paired_with_their_float_model(rows):
+    for B in (1, bench.PRESETS["tiny"]["decode_batch"]):
+        dec = {r["model"]: r for r in rows if r["mode"] == "decode" and r["batch_size"] == B}
+        for spec in ("dense", "upper:half"):
+            q = dec[spec + "+int8"]
+            assert q["kv_cache_bytes"] == dec[spec]["kv_cache_bytes"] and q["n_params"] == dec[spec]["n_params"]
+            assert q["weight_bytes_per_step"] < 0.5 * dec[spec]["weight_bytes_per_step"]
+            assert "vs_dense_ratio" in q
+
+
 def test_decode_profile_prints_ops_and_matmul_bandwidth(capsys):
     bench.main(TINY + ["--models", "dense", "--skip", "train,decode,mem", "--profile"])
     out = capsys.readouterr().out
     assert "== decode profile: dense, batch 1" in out
     assert "aten::mm" in out and "matmuls:" in out and "GB/s" in out
+
+
+def test_train_profile_prints_ops_and_the_matmul_time_the_flops_need(capsys):
+    bench.main(TINY + ["--models", "dense", "--skip", "decode,mem", "--profile", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "== train profile: dense, one step of 64 tokens" in out
+    assert "aten::mm" in out and "matmuls:" in out and "the step's FLOPs would take" in out
 
 
 def test_smollm2_preset_has_the_real_models_shape():

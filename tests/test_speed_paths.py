@@ -1,0 +1,152 @@
+"""The faster paths compute what the plain ones do: the chunked cross-entropy (value and gradient of
+F.cross_entropy), the compiled decode step (same greedy tokens as eager, with the matrix-vector
+products really turned into inductor loops), and weight-only int8 decoding (the quantisation error is
+bounded, the logits stay within a stated tolerance, and greedy tokens agree wherever the float model's
+choice is clear)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+
+TINY = dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, vocab_size=97, block_size=64)
+
+
+def tiny(kv_source="dense", attn_source="dense", seed=0, **changes):
+    torch.manual_seed(seed)
+    return M.Llama(M.LlamaConfig(**{**TINY, **changes}, kv_source=kv_source, attn_source=attn_source)).eval()
+
+
+# -----------------------------------------------------------------------------
+# chunked cross-entropy
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 49, 50])  # one row at a time, remainders; 50: F.cross_entropy itself
+def test_chunked_cross_entropy_equals_f_cross_entropy(monkeypatch, chunk_rows):
+    V = 300
+    monkeypatch.setattr(M, "LOSS_CHUNK_ELEMENTS", chunk_rows * V)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 32, generator=g, requires_grad=True)
+    w = torch.randn(V, 32, generator=g, requires_grad=True)
+    t = torch.randint(V, (50,), generator=g)
+    t[[0, 13, 14, 49]] = -1  # positions without a target
+    loss = M.chunked_cross_entropy(h, w, t)
+    grad_h, grad_w = torch.autograd.grad(2.5 * loss, (h, w))  # a scaled loss (gradient accumulation)
+    want = F.cross_entropy(h @ w.t(), t, ignore_index=-1)
+    want_h, want_w = torch.autograd.grad(2.5 * want, (h, w))
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grad_h, want_h)
+    torch.testing.assert_close(grad_w, want_w)
+
+
+def test_chunked_cross_entropy_without_gradients_and_with_a_frozen_head(monkeypatch):
+    monkeypatch.setattr(M, "LOSS_CHUNK_ELEMENTS", 3 * 40)
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(20, 16, generator=g, requires_grad=True), torch.randn(40, 16, generator=g)
+    t = torch.randint(40, (20,), generator=g)
+    want = F.cross_entropy(h @ w.t(), t)
+    with torch.no_grad():
+        torch.testing.assert_close(M.chunked_cross_entropy(h, w, t), want)
+    (grad_h,) = torch.autograd.grad(M.chunked_cross_entropy(h, w, t), (h,))  # w needs no gradient
+    torch.testing.assert_close(grad_h, torch.autograd.grad(want, (h,))[0])
+
+
+def test_chunked_cross_entropy_under_bf16_autocast(monkeypatch):
+    monkeypatch.setattr(M, "LOSS_CHUNK_ELEMENTS", 8 * 64)
+    g = torch.Generator().manual_seed(6)
+    h, w = torch.randn(30, 16, generator=g, requires_grad=True), torch.randn(64, 16, generator=g, requires_grad=True)
+    t = torch.randint(64, (30,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = M.chunked_cross_entropy(h, w, t)
+        want = F.cross_entropy((h @ w.t()).float(), t)  # the bf16 logits autocast gives, in fp32
+    grads, want_grads = torch.autograd.grad(loss, (h, w)), torch.autograd.grad(want, (h, w))
+    assert grads[0].dtype == h.dtype and grads[1].dtype == w.dtype
+    torch.testing.assert_close(loss, want, rtol=1e-3, atol=1e-3)
+    for a, b in zip(grads, want_grads):  # the gradient products run in bf16 too
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_model_loss_and_gradients_equal_the_full_logits_loss(monkeypatch):
+    monkeypatch.setattr(M, "LOSS_CHUNK_ELEMENTS", 5 * TINY["vocab_size"])  # many chunks
+    model = tiny("upper:half", tie_embeddings=True).train()
+    idx, targets = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
+    _, loss = model(idx, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    logits, _ = model(idx)
+    want = F.cross_entropy(logits.view(-1, 97), targets.view(-1))
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    torch.testing.assert_close(loss, want)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# compiled decoding and int8 weights
+
+
+def greedy(model, prompt, n, step=None):
+    return model.generate(prompt, n, temperature=0, decode_step=step)
+
+
+def test_compiled_decode_step_gives_eager_tokens_with_matvec_loops():
+    """One compile (CPU, ~15 s): K/V sharing and attention sharing both on the path."""
+    from torch._inductor.utils import run_and_get_code
+    model = tiny("0,0,2,3", "0,1,2,2")
+    prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        compiled, code = run_and_get_code(greedy, model, prompt, 30, step)
+        cache = model.new_cache(1, 64)
+        model.prefill(prompt, cache)
+        pos = torch.tensor([9])
+        token = prompt[:, -1:]
+        torch.testing.assert_close(step(token, pos, cache), model.decode_step(token, pos, cache), rtol=1e-4, atol=1e-5)
+    assert torch.equal(compiled, greedy(model, prompt, 30))
+    code = "\n".join(code)
+    # the batch-1 products are inductor's own loops, not BLAS calls
+    assert "extern_kernels.mm" not in code and "extern_kernels.bmm" not in code and "addmm" not in code
+
+
+def test_int8_weights_round_within_half_a_step():
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(3))
+    w[5] = 0  # an all-zero row keeps a usable scale
+    q = M.Int8Linear(w)
+    assert q.weight.dtype == torch.int8 and q.weight.abs().max() <= 127
+    dequant = q.weight.float() * q.scales[:, None]
+    assert ((dequant - w).abs() <= q.scales[:, None] / 2 + 1e-7).all()
+    x = torch.randn(3, 5, 40)
+    torch.testing.assert_close(q(x), x @ dequant.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_int8_replaces_every_linear_and_keeps_the_embedding():
+    model = M.quantize_int8(tiny("upper:half", tie_embeddings=True))
+    assert not any(isinstance(m, M.Linear) for m in model.modules())
+    assert isinstance(model.lm_head, M.Int8Linear) and model.embed_tokens.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_decoding_stays_close_to_the_float_model(dtype):
+    """Logits of the whole sequence within 5% of their spread; greedy tokens equal at every step where the
+    float model's top choice leads by more than twice that error. Then the compiled int8 step (eager
+    int8 kernel inside the graph) gives the eager int8 tokens."""
+    model = tiny("upper:half", seed=4).to(dtype)
+    int8 = M.quantize_int8(copy.deepcopy(model))
+    prompt = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = greedy(model, prompt, 24)
+        ref, got = model(out)[0].float(), int8(out)[0].float()
+    err = (got - ref).abs().max()
+    assert err <= 0.05 * (ref.max() - ref.min())
+    top2 = ref[:, prompt.shape[1] - 1:-1].topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * err
+    assert clear.float().mean() > 0.5  # the check below covers most steps
+    with torch.no_grad():
+        out8 = greedy(int8, prompt, 24)
+    first_unclear = [int((~row).nonzero()[0]) if (~row).any() else row.numel() for row in clear]
+    for b, n in enumerate(first_unclear):  # up to the first close call the two runs see the same tokens
+        assert torch.equal(out8[b, :8 + n], out[b, :8 + n])
+    if dtype == torch.float32:
+        step = torch.compile(int8.decode_step, fullgraph=True, dynamic=False)
+        assert torch.equal(greedy(int8, prompt, 24, step), out8)
