@@ -171,10 +171,10 @@ class Linear(nn.Linear):
     """nn.Linear (no bias) with a batch-1 path for compiled decoding on CPU.
 
     One row times a weight matrix is a matrix-vector product: it reads every weight once for two
-    FLOPs, so its speed is the rate at which the weights stream in from memory. BLAS's gemv reads
-    them at about half the machine's read bandwidth on the CPUs measured here (docs/bench.md); the
-    same product written as multiply-and-sum is compiled by inductor into one vectorised loop that
-    streams them at the bandwidth. Eager code keeps F.linear (the product form would materialise a
+    FLOPs, so its speed is the rate at which the weights stream in from memory. On the CPU measured
+    here BLAS reads them for one row at 7-19 GB/s of ~50-80 (docs/bench.md); the same product written
+    as multiply-and-sum is compiled by inductor into one vectorised loop that streams them at the
+    bandwidth. Eager code keeps F.linear (the product form would materialise a
     weight-sized temporary), as does every shape with more than one row, and the GPU."""
 
     def forward(self, x):
@@ -393,7 +393,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 def chunked_cross_entropy(h, weight, targets):
     """F.cross_entropy(h @ weight^T, targets, ignore_index=-1) in value and gradient; above
     LOSS_CHUNK_ELEMENTS logits, without ever holding them all (ChunkedCrossEntropy)."""
-    if h.shape[0] * weight.shape[0] <= LOSS_CHUNK_ELEMENTS:  # small enough: one fused kernel is faster
+    if h.shape[0] * weight.shape[0] <= LOSS_CHUNK_ELEMENTS:  # small enough: unchunked is faster (docs/bench.md)
         return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return ChunkedCrossEntropy.apply(h, weight, targets, need_grad)
