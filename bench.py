@@ -24,7 +24,7 @@ What is timed, and how:
           the device synchronised only at the clock reads. transformers runs the same loop over its
           forward and its own cache (eager). Prefill tokens/s = B*T / t_prefill, decode tokens/s =
           B*N / t_loop. At batch 1 and a larger batch. --quantize int8 adds each of our models again
-          with model.quantize_int8's weights ('dense+int8'), decode only.
+          with quantize.py's int8 weights ('dense+int8'), decode only.
 
 Bounds (`bound`, `bound_kind`, `fraction_of_bound` in every row), measured in the same run, in every
 round, so they see the same machine load as the models:
@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from quantize import Int8Linear, quantize_int8
 from configurator import DTYPES, ConfigError, autocast, configure, resolve_device, run_script, settings_from
 from convert_hf import hf_config_from_llama, hf_state_dict
 
@@ -509,7 +510,7 @@ def decode_bytes_per_step(module, config, batch, keys):
     caches), so this is the same for dense and shared models. Our static cache is masked beyond the
     current position: SDPA reads those rows too, but they are waste, not need, and not counted."""
     emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else module.embed_tokens
-    int8 = [b for m in module.modules() if isinstance(m, M.Int8Linear) for b in m.buffers()]
+    int8 = [b for m in module.modules() if isinstance(m, Int8Linear) for b in m.buffers()]
     weights = tensor_bytes([*module.parameters(), *int8])
     if module.lm_head.weight is not emb.weight:
         weights -= emb.weight.nbytes - batch * emb.weight[0].nbytes
@@ -661,7 +662,7 @@ def benchmark(s):
             m.to(env.dtype).eval()
         if s.quantize == "int8":  # decode only: int8 weights have no training step
             for spec in s.models:
-                modules[f"{spec}+int8"] = M.quantize_int8(copy.deepcopy(modules[spec]))
+                modules[f"{spec}+int8"] = quantize_int8(copy.deepcopy(modules[spec]))
                 env.flops[f"{spec}+int8"], env.n_params[f"{spec}+int8"] = env.flops[spec], env.n_params[spec]
         if "decode" not in s.skip:
             for B in sorted({1, s.decode_batch}):
@@ -853,7 +854,7 @@ def write_json(rows, path):
 # -----------------------------------------------------------------------------
 # decode profile: where a step's time goes, op by op
 
-# the leaves: aten::linear and aten::matmul call these; M.Int8Linear calls the last one
+# the leaves: aten::linear and aten::matmul call these; quantize.Int8Linear calls the last one
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm")
 
 

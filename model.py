@@ -393,6 +393,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 def chunked_cross_entropy(h, weight, targets):
     """F.cross_entropy(h @ weight^T, targets, ignore_index=-1) in value and gradient; above
     LOSS_CHUNK_ELEMENTS logits, without ever holding them all (ChunkedCrossEntropy)."""
+    if not weight.is_floating_point():
+        raise ValueError(f"the LM head's weight is {weight.dtype}: a quantized model (quantize.py) is for decoding; "
+                         "compute a loss from its logits, model(idx)[0]")
     if h.shape[0] * weight.shape[0] <= LOSS_CHUNK_ELEMENTS:  # small enough: unchunked is faster (docs/bench.md)
         return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
@@ -486,8 +489,6 @@ class Llama(nn.Module):
         h = self.norm(x)
         if targets is None:
             return self.lm_head(h), None
-        if isinstance(self.lm_head, Int8Linear):  # decoding weights, no gradient: the loss of the logits
-            return None, F.cross_entropy(self.lm_head(h).float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         # training and evaluation need the loss, not the (B, T, vocab) fp32 logits: 200 MB at a 49k vocab
         return None, chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
 
@@ -587,36 +588,6 @@ class Llama(nn.Module):
         # fused: one kernel for the whole update; on CPU it took 7.8 ms against 19.7 ms (foreach) for 24M parameters
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
-
-
-class Int8Linear(nn.Module):
-    """Weight-only int8 for decoding, as gpt-fast does it: each output row of the weight stored as
-    int8 with one scale (its max |w| / 127), the activations left in the model's dtype. A step
-    streams half the bytes of bf16. Inference only: there is no gradient through the int8 weight."""
-
-    def __init__(self, weight):
-        super().__init__()
-        w = weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(w / scales[:, None]).to(torch.int8))
-        self.register_buffer("scales", scales.to(weight.dtype))
-
-    def forward(self, x):
-        scales = self.scales.to(x.dtype)
-        if x.device.type == "cpu":  # torch's int8 x float kernel: reads the int8 weight as it is
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, scales)
-            return y.view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight.to(x.dtype)) * scales  # inductor fuses the cast into the matmul's load
-
-
-def quantize_int8(model: "Llama") -> "Llama":
-    """Replace every Linear of `model`, in place, by an Int8Linear of its weight (a tied LM head gets
-    its own int8 copy; the embedding table stays as it is: decoding looks up one row of it)."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, Linear):
-                setattr(module, name, Int8Linear(child.weight))
-    return model
 
 
 def keep_when_full(block_size):

@@ -25,7 +25,7 @@ from checkpoint import load_model
 from configurator import DTYPES, configure, resolve_device, resolve_dtype, run_script, settings_from
 from convert_hf import load_hf_llama
 from data.common import GPT2_EOT, dataset_dir, get_codec, load_meta
-from model import quantize_int8
+from quantize import quantize_int8
 
 # -----------------------------------------------------------------------------
 init_from = "out-shakespeare-char"  # checkpoint file, training out_dir (train.py's default), or HF Llama directory
@@ -39,7 +39,7 @@ seed = 1337
 device = "auto"              # auto (cuda if present), cpu, cuda, cuda:N
 dtype = "auto"               # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
 compile = False              # torch.compile the decode step (on CPU 3-4x faster decoding at batch 1: docs/bench.md)
-quantize = ""                # 'int8': weight-only int8 linear layers for decoding (model.quantize_int8)
+quantize = ""                # 'int8': weight-only int8 linear layers for decoding (quantize.py)
 show_speed = False           # print generation tokens/s
 tokenizer = ""               # gpt2, a tokenizer.json, a meta.json or a directory holding one
 data_dir = ""                # where <dataset>/meta.json is looked up ('' = where train.py finds the dataset)

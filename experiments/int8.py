@@ -1,5 +1,5 @@
 """
-Weight-only int8 decoding (model.quantize_int8) on a real model: SmolLM2-135M-Instruct's held-out loss
+Weight-only int8 decoding (quantize.py) on a real model: SmolLM2-135M-Instruct's held-out loss
 and perplexity, and its greedy batch-1 decode speed, float against int8, in one run.
 
     .venv/bin/python data/smollm2/prepare.py && .venv/bin/python data/shakespeare_smollm2/prepare.py
@@ -19,6 +19,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,7 +27,7 @@ from checkpoint import load_model  # noqa: E402
 from configurator import configure, run_script, settings_from  # noqa: E402
 from data.common import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
-from model import quantize_int8  # noqa: E402
+from quantize import quantize_int8  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-int8"             # where int8.json goes
@@ -52,7 +53,9 @@ def held_out_losses(model, data_dir, s):
     for split in ("val", "other"):
         sampler = BatchSampler(open_tokens(data_dir, split, meta), s.block_size, s.batch_size, s.seed, "cpu")
         batches = [sampler.get("eval_val", 0, k) for k in range(s.eval_batches)]
-        losses[split] = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+        # from the logits: an int8 head has no float weight for the model's own (chunked) loss
+        losses[split] = sum(F.cross_entropy(model(x)[0].float().flatten(0, 1), y.flatten()).item()
+                            for x, y in batches) / len(batches)
     return losses
 
 
@@ -76,7 +79,7 @@ def main(argv):
                    decode_tokens_per_s_range=[r[0], r[-1]], rounds=rates[name])
     base = rows["bfloat16"]
     for name, row in rows.items():
-        r = sorted(rates[name])
+        r = row["decode_tokens_per_s_range"]
         row["perplexity_vs_bfloat16"] = {k: row["perplexity"][k] / base["perplexity"][k] for k in row["loss"]}
         row["speed_vs_bfloat16"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         print(f"{name:<26} val loss {row['loss']['val']:.4f} (ppl {row['perplexity']['val']:.3f}, "

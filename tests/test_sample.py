@@ -11,7 +11,8 @@ import torch
 import sample
 from configurator import run_script
 from data.common import write_meta
-from model import Int8Linear, Linear, Llama, LlamaConfig, keep_when_full, quantize_int8
+from model import Linear, Llama, LlamaConfig, keep_when_full
+from quantize import Int8Linear, quantize_int8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = ["<unk>"] + list(" \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,:;!?'-")

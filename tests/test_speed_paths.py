@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from quantize import Int8Linear, quantize_int8
 
 TINY = dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, vocab_size=97, block_size=64)
 
@@ -112,7 +113,7 @@ def test_compiled_decode_step_gives_eager_tokens_with_matvec_loops():
 def test_int8_weights_round_within_half_a_step():
     w = torch.randn(24, 40, generator=torch.Generator().manual_seed(3))
     w[5] = 0  # an all-zero row keeps a usable scale
-    q = M.Int8Linear(w)
+    q = Int8Linear(w)
     assert q.weight.dtype == torch.int8 and q.weight.abs().max() <= 127
     dequant = q.weight.float() * q.scales[:, None]
     assert ((dequant - w).abs() <= q.scales[:, None] / 2 + 1e-7).all()
@@ -121,9 +122,12 @@ def test_int8_weights_round_within_half_a_step():
 
 
 def test_quantize_int8_replaces_every_linear_and_keeps_the_embedding():
-    model = M.quantize_int8(tiny("upper:half", tie_embeddings=True))
+    model = quantize_int8(tiny("upper:half", tie_embeddings=True))
     assert not any(isinstance(m, M.Linear) for m in model.modules())
-    assert isinstance(model.lm_head, M.Int8Linear) and model.embed_tokens.weight.dtype == torch.float32
+    assert isinstance(model.lm_head, Int8Linear) and model.embed_tokens.weight.dtype == torch.float32
+    idx = torch.randint(0, 97, (1, 8))
+    with pytest.raises(ValueError, match="quantized model .* is for decoding"):  # no loss through an int8 head
+        model(idx, idx)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -132,7 +136,7 @@ def test_int8_decoding_stays_close_to_the_float_model(dtype):
     float model's top choice leads by more than twice that error. Then the compiled int8 step (eager
     int8 kernel inside the graph) gives the eager int8 tokens."""
     model = tiny("upper:half", seed=4).to(dtype)
-    int8 = M.quantize_int8(copy.deepcopy(model))
+    int8 = quantize_int8(copy.deepcopy(model))
     prompt = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         out = greedy(model, prompt, 24)
