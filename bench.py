@@ -1,67 +1,35 @@
 """
 bench.py: training and decoding speed of ECHO-LLaMA models, dense and KV-shared side by side in one
-process, each measured against this machine's own limits, optionally beside Hugging Face
-transformers' LlamaForCausalLM.
+process, each set against a limit of this machine measured in the same run, optionally beside
+Hugging Face transformers' LlamaForCausalLM. The harness (the contenders, bounds, CPU memory, the
+profiler, the attention-reuse microbenchmark, tables) is benchmarking.py; docs/bench.md explains it.
 
     python bench.py --preset cpu                                  # dense vs upper:half, fp32
-    python bench.py --preset cpu --dtype bf16 --reference hf --out bench_cpu_bf16.json
-    python bench.py --preset smollm2 --reference hf               # SmolLM2-135M's shape, random weights
-    python bench.py --preset tinyllama --dtype bf16 --compile     # on a GPU
-    python bench.py --preset cpu --models "dense;cla:2;0,0,2,2,4,4,6,6"
-    python bench.py --preset cpu --skip train,mem --profile       # where a decode step spends its time
-    python bench.py --preset smollm2 --dtype bf16 --compile --quantize int8   # int8 weights beside bf16
+    python bench.py --preset smollm2 --dtype bf16 --reference hf --quantize int8 --out /tmp/b.json
+    python bench.py --preset cpu --models "dense;cla:2;0,0,2,2,4,4,6,6" --skip train,mem --profile
 
-Settings are the plain globals below (configurator.py): --key=value or --key value, a bare --flag for
-booleans, fp32/bf16 for the dtype; sizes left at 0 take the preset's value. --models takes kv_source
-specs separated by ';' (a kv_source list itself contains commas).
+Settings: the globals below (configurator.py), --key=value or --key value, a bare --flag for booleans;
+sizes at 0 take the preset's. --models separates kv_source specs by ';' (a list itself has commas).
 
-What is timed, and how:
-  train   forward + backward + AdamW step on random token ids, after untimed warm-up steps (compilation
-          included). Rounds interleave the models (A B C, C B A, ...), the device is synchronised
-          before every clock read; median, min and max over the rounds.
-  decode  bench.py's own loop, as gpt-fast does it: model.prefill of the prompt, then N greedy steps
-          of model.decode_step (torch.compile'd, fullgraph, with --compile) into a static cache,
-          the device synchronised only at the clock reads. transformers runs the same loop over its
-          forward and its own cache (eager). Prefill tokens/s = B*T / t_prefill, decode tokens/s =
-          B*N / t_loop. At batch 1 and a larger batch. --quantize int8 adds each of our models again
-          with quantize.py's int8 weights ('dense+int8'), decode only.
-
-Bounds (`bound`, `bound_kind`, `fraction_of_bound` in every row), measured in the same run, in every
-round, so they see the same machine load as the models:
-  train   achieved FLOP/s (model.flops_per_token(T)['train'] x tokens/s) over the large-matmul rate
-          in the run's dtype (`util_vs_matmul`, the same number).
-  decode  achieved bytes/s over the memory read bandwidth. A step at a small batch must stream every
-          weight from memory, so bandwidth, not FLOPs, limits it. Bytes per step: the parameters in
-          the decode dtype (the embedding table only for the B rows looked up, unless tied to the
-          head) plus the K/V every layer attends over at the mean position of the loop.
-On a GPU `mfu` is also given, against the datasheet bf16 peak (model.PEAK_BF16_FLOPS).
-
-Memory (peak_mem_bytes): on CUDA, this model's own parameters, gradients and optimizer state plus the
-transient peak of max_memory_allocated over its steps (other models in the process are subtracted).
-On CPU, peak RSS (VmHWM) of a child process that builds only this model and runs the same steps
-(process-wide: includes the Python/torch runtime, given separately as mem_baseline_bytes).
+  train   forward + backward + AdamW on random token ids, warm-up (and compilation) untimed; rounds
+          interleave the models (A B C, C B A, ...); median, min and max over the rounds. Bound: the
+          large-matmul rate in the run's dtype, measured in every round (`fraction_of_bound`); on a
+          GPU also `mfu` against the datasheet bf16 peak (model.PEAK_BF16_FLOPS).
+  decode  prefill, then N greedy model.decode_step calls into a static cache (compiled with --compile),
+          batch 1 and a larger one. Bound: the memory read bandwidth measured in every round, against the
+          bytes a step must read (weights + K/V). --quantize int8 adds int8-weight copies ('dense+int8').
+  memory  CUDA: own state + peak max_memory_allocated; CPU: peak RSS of a child holding only that model.
 """
 
-import copy
-import gc
-import inspect
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import types
 
 import torch
-import torch.nn.functional as F
 
-import model as M
-from quantize import Int8Linear, quantize_int8
-from configurator import DTYPES, ConfigError, autocast, configure, resolve_device, run_script, settings_from
-from convert_hf import hf_config_from_llama, hf_state_dict
+import benchmarking as H
+from configurator import DTYPES, ConfigError, configure, resolve_device, run_script, settings_from
 
 # -----------------------------------------------------------------------------
 # settings (sizes at 0 take the preset's value)
@@ -121,7 +89,6 @@ PRESETS = {
 CHOICES = {"preset": tuple(PRESETS), "dtype": ("float32", "bfloat16"), "reference": ("", "hf"), "quantize": ("", "int8")}
 SIZES = ("batch_size", "seq_len", "repeats", "warmup", "steps", "decode_batch", "prompt_len", "new_tokens",
          "threads")
-SKIP_PARTS = ("train", "decode", "mem", "refmem")
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +102,7 @@ def parse_settings(argv):
         raise ConfigError("--models is given more than once: name every spec in one, separated by ';'")
     s, explicit = configure(DEFAULTS, argv, __doc__, CHOICES)
     s.argv = argv
-    check_out_path(s.out)  # first: a long run must never end unable to write its results
+    H.check_out_path(s.out)  # first: a long run must never end unable to write its results
     p = PRESETS[s.preset]
     for key in SIZES:
         value = getattr(s, key)
@@ -143,10 +110,10 @@ def parse_settings(argv):
             raise ConfigError(f"--{key} must be a positive integer, got {value}")
         if value == 0:
             setattr(s, key, p.get(key, 0))  # threads 0 (no preset value): torch's default
-    s.skip = parse_skip(s.skip)
+    s.skip = H.parse_skip(s.skip)
     if s.attn_reuse and not all(t.strip().isdigit() and int(t) > 0 for t in s.attn_reuse.split(",")):
         raise ConfigError(f"--attn_reuse={s.attn_reuse!r}: expected sequence lengths like 256,1024")
-    s.models = parse_models(s.models, p["model"]["n_layer"])
+    s.models = H.parse_models(s.models, p["model"]["n_layer"])
     s.device = resolve_device(s.device)
     if p.get("gpu") and not s.device.startswith("cuda") and "device" not in explicit:
         raise ConfigError(f"preset {s.preset} is sized for a GPU and torch sees none: run it on a GPU, or give "
@@ -165,421 +132,6 @@ def parse_settings(argv):
     return s
 
 
-def check_out_path(path):
-    if not path:
-        return
-    d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ConfigError(f"--out={path} is a directory: name a .json file")
-    if not os.path.isdir(d):
-        raise ConfigError(f"--out={path}: directory {d} does not exist")
-    try:
-        with tempfile.TemporaryFile(dir=d):
-            pass
-    except OSError as e:
-        raise ConfigError(f"--out={path}: cannot write in {d} ({e.strerror})") from None
-
-
-def parse_skip(text):
-    parts = {x.strip() for x in text.split(",") if x.strip()}
-    unknown = sorted(parts - set(SKIP_PARTS))
-    if unknown:
-        raise ConfigError(f"--skip: unknown part {', '.join(unknown)}; allowed: {', '.join(SKIP_PARTS)}")
-    return parts
-
-
-def parse_models(text, n_layer):
-    specs = list(dict.fromkeys(x.strip() for x in text.split(";") if x.strip()))  # unique, in order
-    if not specs:
-        raise ConfigError("--models is empty: give kv_source specs separated by ';', e.g. 'dense;upper:half'")
-    for spec in specs:
-        if spec == "hf":
-            raise ConfigError("--models: 'hf' is not a kv_source; add transformers with --reference hf")
-        try:
-            M.check_maps(*model_maps(spec, n_layer))
-        except ValueError as e:
-            raise ConfigError(f"--models: {e}") from None
-    return specs
-
-
-def model_maps(spec, n_layer):
-    """(kv_source, attn_source) of a --models spec: 'upper:half' or, with attention sharing, 'dense@upper:half'."""
-    kv, _, attn = spec.partition("@")
-    return M.parse_kv_source(kv, n_layer), M.parse_kv_source(attn or None, n_layer, "attn_source")
-
-
-# -----------------------------------------------------------------------------
-# helpers and the machine's limits
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def summary(values):
-    return statistics.median(values), min(values), max(values)
-
-
-def round_order(names, r):
-    """A B C, then C B A, ...: drifts in the machine's load fall on every model alike."""
-    return names if r % 2 == 0 else names[::-1]
-
-
-def tensor_bytes(tensors):
-    """Bytes of the distinct storages among tensors (tied weights count once)."""
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None or not torch.is_tensor(t):
-            continue
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += key[1]
-    return total
-
-
-def state_bytes(model, opt=None):
-    """Bytes of this model's parameters, buffers, gradients and optimizer state."""
-    ts = list(model.parameters()) + list(model.buffers()) + [p.grad for p in model.parameters()]
-    if opt is not None:
-        for st in opt.state.values():
-            ts += [v for v in st.values() if torch.is_tensor(v)]
-    return tensor_bytes(ts)
-
-
-def rss_bytes(field="VmRSS"):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if field == "VmHWM":
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return None
-
-
-def loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def matmul_rate(n, dtype, device, reps=3):
-    """FLOP/s of an n x n x n matmul in `dtype` on this device: median of `reps`."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)  # warm-up
-    sync(device)
-    rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        rates.append(2 * n ** 3 / (time.perf_counter() - t0))
-    return statistics.median(rates)
-
-
-def memory_bandwidth(nbytes, device, reps=3):
-    """Read bandwidth in bytes/s: the best of `reps` sums over a fresh buffer of nbytes, far larger than
-    the caches. Fresh each time because on this project's VMs the speed depends on where a buffer
-    lands: one allocation read at ~49 GB/s in every round, the next at ~78 (bench.py, docs/bench.md),
-    and each round's best of fresh buffers is the bound, so a model's weights cannot beat it by luck.
-
-    A sum reads every byte once and writes nothing, like a decode step streaming its weights; a copy
-    would also write (and on x86 read the destination before writing it), so its byte count depends
-    on the hardware. The sum's arithmetic is one add per element, far below what a core can do, so
-    it runs at the memory's speed (on a quiet machine here the same as a copy counted as 2x bytes).
-    The best read, not the median, because the bound is what the machine can do when least disturbed."""
-    buf = torch.ones(nbytes // 4, device=device)
-    buf.sum()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        sync(buf.device)
-        t0 = time.perf_counter()
-        buf.sum()
-        sync(buf.device)
-        best = min(best, time.perf_counter() - t0)
-    return buf.nbytes / best
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu: {name} ({torch.get_num_threads()} threads)"
-
-
-# -----------------------------------------------------------------------------
-# the contenders: this project's Llama with a kv_source spec, or transformers' LlamaForCausalLM
-
-
-def build_ours(s, spec, device):
-    torch.manual_seed(s.seed)
-    kv_source, attn_source = model_maps(spec, s.model_config["n_layer"])
-    return M.Llama(M.LlamaConfig(**s.model_config, kv_source=kv_source, attn_source=attn_source)).to(device)
-
-
-def build_hf(dense, device):
-    """transformers.LlamaForCausalLM of dense's shape, SDPA attention, with dense's weights (the
-    config and the name map are convert_hf's, the ones export writes)."""
-    import transformers
-    hcfg = transformers.LlamaConfig(**hf_config_from_llama(dense.config, torch.float32))
-    hcfg._attn_implementation = "sdpa"
-    hf = transformers.LlamaForCausalLM(hcfg).to(device)
-    missing, unexpected = hf.load_state_dict(hf_state_dict(dense, torch.float32), strict=False)
-    tied = ["lm_head.weight"] if dense.config.tie_embeddings else []  # hf_state_dict leaves a tied head out
-    missing = [k for k in missing if "rotary_emb" not in k and k not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
-    return hf
-
-
-def check_reference(dense, hf, vocab, device):
-    """Max |logits| difference between transformers' model and ours (fp32): they must compute the
-    same function, or the comparison means nothing."""
-    x = torch.randint(vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.no_grad():
-        diff = (dense(x)[0] - hf(input_ids=x).logits).abs().max().item()
-    print(f"hf reference: max |logits - ours| = {diff:.2e} (fp32, same weights)")
-    if diff > 1e-3:
-        raise RuntimeError(f"transformers' model does not match ours (max diff {diff}): benchmark not comparable")
-    return diff
-
-
-def n_params(m):
-    return m.num_params() if isinstance(m, M.Llama) else sum(p.numel() for p in m.parameters())
-
-
-def make_optimizer(m, device):
-    if isinstance(m, M.Llama):
-        return m.configure_optimizers(0.1, 3e-4, (0.9, 0.95), device.type)
-    # the same groups and settings for transformers' model
-    params = [p for p in m.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)  # as ours: at its best
-
-
-class FlopView:
-    """model.py's FLOP accounting for a config, without weights (it only reads .config)."""
-    flops_per_token = M.Llama.flops_per_token
-    estimate_mfu = M.Llama.estimate_mfu
-
-    def __init__(self, config):
-        self.config = config
-
-
-class Trainer:
-    """One contender's training steps, the rates of its timed rounds and (CUDA) its peak memory."""
-
-    def __init__(self, name, module, s, device):
-        self.name, self.module, self.device, self.dtype = name, module, device, s.dtype
-        self.is_hf = not isinstance(module, M.Llama)
-        self.call = torch.compile(module) if s.compile else module
-        self.opt = make_optimizer(module, device)
-        gen = torch.Generator(device="cpu").manual_seed(s.seed + 1)
-        # a few random batches (never zeros), reused round-robin so making data is not timed
-        self.batches = []
-        for _ in range(3):
-            data = torch.randint(s.model_config["vocab_size"], (s.batch_size, s.seq_len + 1), generator=gen)
-            self.batches.append((data[:, :-1].to(device), data[:, 1:].to(device)))
-        self.k, self.tokens_per_step = 0, s.batch_size * s.seq_len
-        self.rates, self.mem_peak = [], None
-
-    def step(self):
-        x, y = self.batches[self.k % len(self.batches)]
-        self.k += 1
-        with autocast(self.device.type, self.dtype):
-            if self.is_hf:
-                logits = self.call(input_ids=x, use_cache=False).logits
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-            else:
-                _, loss = self.call(x, y)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def timed_round(self, steps):
-        on_gpu = self.device.type == "cuda"
-        if on_gpu:
-            sync(self.device)
-            base, own = torch.cuda.memory_allocated(self.device), state_bytes(self.module, self.opt)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        sync(self.device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        sync(self.device)
-        self.rates.append(steps * self.tokens_per_step / (time.perf_counter() - t0))
-        if on_gpu:
-            self.mem_peak = max(self.mem_peak or 0, torch.cuda.max_memory_allocated(self.device) - base + own)
-
-    def release(self):
-        self.opt.zero_grad(set_to_none=True)
-        self.opt = self.call = self.batches = None
-
-
-class Decoder:
-    """Prefill and greedy decode of one model at one batch size, timed by the caller, gpt-fast style:
-    our model.prefill and model.decode_step (compiled with fullgraph when asked) into a static cache
-    allocated once; transformers' forward with the cache it makes itself."""
-
-    def __init__(self, module, prompt, new_tokens, compile_step):
-        self.module, self.prompt = module, prompt
-        self.is_hf = not isinstance(module, M.Llama)
-        B, T = prompt.shape
-        # positions as ready device tensors: no host-to-device copy inside the timed loop
-        self.positions = [torch.tensor([p], device=prompt.device) for p in range(T, T + new_tokens)]
-        if self.is_hf:  # transformers 5.24 renamed the cache argument and output past_key_values -> cache
-            self.cache_key = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-        else:
-            self.cache = module.new_cache(B, T + new_tokens)
-            # dynamic=False: one specialised graph per batch size, as in a server with fixed batch slots.
-            # No CUDA graphs (mode="reduce-overhead"): they would need the cache tensors marked static,
-            # and no GPU was at hand to check that; batch-1 decoding on a GPU is launch-bound without them.
-            self.step = (torch.compile(module.decode_step, fullgraph=True, dynamic=False) if compile_step
-                         else module.decode_step)
-
-    @torch.no_grad()
-    def prefill(self):
-        """The first new token (B, 1); fills the cache."""
-        if self.is_hf:
-            out = self.module(input_ids=self.prompt, use_cache=True)
-            self.hf_cache = out[self.cache_key]
-            return out.logits[:, -1].argmax(-1, keepdim=True)
-        return self.module.prefill(self.prompt, self.cache).argmax(-1, keepdim=True)
-
-    @torch.no_grad()
-    def decode(self, token):
-        """One step per position after the prompt; the tokens (B, N)."""
-        tokens = []
-        for pos in self.positions:
-            if self.is_hf:
-                out = self.module(input_ids=token, use_cache=True, **{self.cache_key: self.hf_cache})
-                self.hf_cache, logits = out[self.cache_key], out.logits[:, -1]
-            else:
-                logits = self.step(token, pos, self.cache)
-            token = logits.argmax(-1, keepdim=True)
-            tokens.append(token)
-        return torch.cat(tokens, dim=1)
-
-    def timed(self):
-        """(prefill seconds, decode seconds): the device is synchronised only at the clock reads."""
-        device = self.prompt.device
-        sync(device)
-        t0 = time.perf_counter()
-        token = self.prefill()
-        sync(device)
-        t1 = time.perf_counter()
-        tokens = self.decode(token)
-        sync(device)
-        t2 = time.perf_counter()
-        assert tokens.shape == (self.prompt.shape[0], len(self.positions)), tokens.shape
-        return t1 - t0, t2 - t1
-
-
-def kv_cache_bytes(module, batch, max_len, dtype):
-    if isinstance(module, M.Llama):
-        return module.new_cache(batch, max_len, dtype=dtype).nbytes()
-    c = module.config  # transformers' cache holds every layer's K and V
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * batch * c.num_key_value_heads * max_len * hd * dtype.itemsize
-
-
-def decode_bytes_per_step(module, config, batch, keys):
-    """(weight bytes, K/V bytes) one decode step has to read from memory at least.
-
-    Weights: every parameter once, in its (decode) dtype, and every int8 weight with its scales,
-    except the embedding table, of which a lookup reads only `batch` rows, unless it is tied to the LM
-    head, which reads it whole.
-    K/V: every layer attends over `keys` positions of its owner's K and V. Consumers read their
-    owner's K/V again (sharing saves cache memory, not reads, unless a re-read hits in the CPU's
-    caches), so this is the same for dense and shared models. Our static cache is masked beyond the
-    current position: SDPA reads those rows too, but they are waste, not need, and not counted."""
-    emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else module.embed_tokens
-    int8 = [b for m in module.modules() if isinstance(m, Int8Linear) for b in m.buffers()]
-    weights = tensor_bytes([*module.parameters(), *int8])
-    if module.lm_head.weight is not emb.weight:
-        weights -= emb.weight.nbytes - batch * emb.weight[0].nbytes
-    elsize = emb.weight.element_size()
-    kv = config.n_layer * 2 * batch * config.n_kv_head * keys * config.head_dim * elsize
-    return weights, kv
-
-
-# -----------------------------------------------------------------------------
-# CPU peak memory: one child process per model
-
-
-def mem_child_main(s):
-    """Runs in a child process that holds only one model: decode at batch 1, decode at the larger
-    batch, then train, reading the process's peak RSS (VmHWM) after each phase. Peak RSS only grows,
-    so each reading is that phase's peak when the phases grow in that order (they do: a decode holds
-    the weights and a cache, training the weights, gradients, AdamW state and activations); else
-    it is an upper bound."""
-    name, device = s.mem_child, torch.device(s.device)
-    torch.set_num_threads(1)  # only memory is read here; the children run side by side
-    baseline = rss_bytes()
-    dense = build_ours(s, "dense" if name == "hf" else name, device)
-    module = build_hf(dense, device) if name == "hf" else dense
-    del dense
-    result = {"baseline_rss": baseline}
-    if "decode" not in s.skip:
-        module.to(DTYPES[s.dtype]).eval()
-        gen = torch.Generator(device="cpu").manual_seed(s.seed + 2)
-        for B in sorted({1, s.decode_batch}):
-            prompt = torch.randint(s.model_config["vocab_size"], (B, s.prompt_len), generator=gen).to(device)
-            Decoder(module, prompt, s.new_tokens, s.compile).timed()
-            result[f"decode_{B}"] = rss_bytes("VmHWM")
-        module.float().train()
-    if "train" not in s.skip:
-        trainer = Trainer(name, module, s, device)
-        for _ in range(2):  # the second step holds gradients and AdamW state together
-            trainer.step()
-        result["train"] = rss_bytes("VmHWM")
-    print("MEMCHILD " + json.dumps(result))
-
-
-def measure_cpu_mem(s, names):
-    """Peak RSS per phase of child processes, each holding only one model (see mem_child_main). They
-    run side by side (peak RSS is per process, so they do not disturb each other's numbers) before
-    any timing starts."""
-    t0 = time.perf_counter()
-    procs = {n: subprocess.Popen([sys.executable, os.path.abspath(__file__)] + s.argv + ["--mem_child", n],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in names}
-    result = {}
-    for n, p in procs.items():
-        out, err = p.communicate(timeout=900)
-        result[n] = {}
-        for line in out.splitlines():
-            if line.startswith("MEMCHILD "):
-                result[n] = json.loads(line[len("MEMCHILD "):])
-        if p.returncode or not result[n]:
-            print(f"  (peak memory of {n} not measured: exit {p.returncode}: {err.strip()[-500:]})", file=sys.stderr)
-    print(f"  peak RSS measured in child processes ({time.perf_counter() - t0:.1f}s)")
-    return result
-
-
-def peak_memory(env, name, phase, gpu_peak):
-    """(peak bytes, baseline bytes, what the number is) of one model in one phase."""
-    if env.on_gpu:
-        return gpu_peak, None, f"cuda max_memory_allocated, own state + {phase} peak"
-    mem = env.cpu_mem.get(name, {})
-    kind = "peak RSS (VmHWM, process-wide) of a child process holding only this model" if phase in mem else None
-    return mem.get(phase), mem.get("baseline_rss"), kind
-
 
 # -----------------------------------------------------------------------------
 # the benchmark
@@ -593,66 +145,23 @@ def main(argv=None):
         torch.set_num_threads(s.threads)
     try:
         if s.mem_child:
-            return mem_child_main(s)
+            return H.mem_child_main(s)
         return benchmark(s)
     finally:  # callers in the same process (tests) keep their thread count
         torch.set_num_threads(threads)
 
 
-def time_call(fn, device, reps=5):
-    """Median seconds of fn() over reps calls, after one untimed call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def attention_reuse(s, device, dtype):
-    """An EchoAtt sharer recomputes softmax(q_j k_j^T) inside SDPA (flash: no T x T memory), or reuses the
-    probabilities its source materialised (math attention: saves q k^T and the softmax per sharer, costs
-    the source a math instead of a flash attention and B*H*T*T values kept). Times per call, one row
-    per sequence length, and how many sharers per source make reuse pay."""
-    c = s.model_config
-    H, Hkv, hd = c["n_head"], c["n_kv_head"], c["n_embd"] // c["n_head"]
-    rows = []
-    for T in (int(t) for t in s.attn_reuse.split(",")):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(s.batch_size, h, T, hd, generator=g).to(device, dtype) for h in (H, Hkv, Hkv))
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        probs = torch.softmax((q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2) / hd ** 0.5)
-                              .masked_fill(~causal, float("-inf")), dim=-1)
-        v_rep = v.repeat_interleave(H // Hkv, 1)
-        flash = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv), device)
-        math = time_call(lambda: torch.softmax((q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2) / hd ** 0.5)
-                                               .masked_fill(~causal, float("-inf")), dim=-1) @ v_rep, device)
-        reuse = time_call(lambda: probs @ v_rep, device)
-        extra = math - flash  # what materialising costs the source
-        rows.append({"seq_len": T, "sharer_recompute_s": flash, "sharer_reuse_s": reuse, "source_extra_s": extra,
-                     "probs_bytes": probs.numel() * probs.element_size(),
-                     "sharers_to_pay_off": extra / (flash - reuse) if flash > reuse else None})
-        r = rows[-1]
-        print(f"T={T}: sharer recomputes {1e3 * flash:.2f} ms, reuses {1e3 * reuse:.2f} ms; the source pays "
-              f"{1e3 * extra:+.2f} ms and keeps {r['probs_bytes'] / 2**20:.1f} MiB of probabilities; reuse pays from "
-              + (f"{r['sharers_to_pay_off']:.1f} sharers per source" if r["sharers_to_pay_off"] else "never"))
-    return rows
-
-
 def benchmark(s):
     if s.attn_reuse:
-        rows = attention_reuse(s, torch.device(s.device), DTYPES[s.dtype])
+        rows = H.attention_reuse(s, torch.device(s.device), DTYPES[s.dtype])
         if s.out:
-            write_json(rows, s.out)
+            H.write_json(rows, s.out)
         return rows
-    env = setup(s)
+    env = H.make_env(s)
     modules = build_all(s, env)
     if not env.on_gpu and "mem" not in s.skip:  # first, while this process holds only the weights
-        env.cpu_mem = measure_cpu_mem(s, [n for n in modules if not (n == "hf" and "refmem" in s.skip)])
+        names = [n for n in modules if not (n == "hf" and "refmem" in s.skip)]
+        env.cpu_mem = H.measure_cpu_mem(s, names, os.path.abspath(__file__))
     rows = []
     if "train" not in s.skip:
         rows += bench_train(s, env, modules)
@@ -661,55 +170,35 @@ def benchmark(s):
             m.zero_grad(set_to_none=True)
             m.to(env.dtype).eval()
         if s.quantize == "int8":  # decode only: int8 weights have no training step
-            for spec in s.models:
-                modules[f"{spec}+int8"] = quantize_int8(copy.deepcopy(modules[spec]))
-                env.flops[f"{spec}+int8"], env.n_params[f"{spec}+int8"] = env.flops[spec], env.n_params[spec]
+            H.add_int8_copies(s, env, modules)
         if "decode" not in s.skip:
             for B in sorted({1, s.decode_batch}):
                 rows += bench_decode(s, env, modules, B)
         if s.profile:
-            bandwidth = max(memory_bandwidth(s.bandwidth_bytes, env.device) for _ in range(3))
+            bandwidth = max(H.memory_bandwidth(s.bandwidth_bytes, env.device) for _ in range(3))
             for name, module in modules.items():
-                profile_decode(s, env, name, module, bandwidth)
-    add_ratios(rows)
+                H.profile_decode(s, env, name, module, bandwidth)
+    H.add_ratios(rows)
     for row in rows:
         if row["model"] == "hf":
             row["ref_logits_max_abs_diff"] = env.ref_diff
-    print_train_table(rows, s)
-    print_decode_table(rows, s)
+    H.print_train_table(rows, s)
+    H.print_decode_table(rows, s)
     if s.out:
-        write_json(rows, s.out)
+        H.write_json(rows, s.out)
     return rows
-
-
-def setup(s):
-    """What every row shares: the device, the run's dtype and the base fields."""
-    device = torch.device(s.device)
-    env = types.SimpleNamespace(device=device, dtype=DTYPES[s.dtype], on_gpu=device.type == "cuda",
-                                cpu_mem={}, ref_diff=None, flops={})
-    name, load = device_name(device), loadavg()
-    env.base_row = dict(device=name, dtype=s.dtype, preset=s.preset, compile=s.compile,
-                        vocab_size=s.model_config["vocab_size"], threads=torch.get_num_threads(),
-                        torch=torch.__version__, shared_machine_loadavg_start=load)
-    print(f"bench.py: preset {s.preset}, device {name}, dtype {s.dtype}, compile {s.compile}, "
-          f"torch {torch.__version__}")
-    print(f"model shape: {s.model_config}")
-    print(f"train: batch {s.batch_size} x seq {s.seq_len}, {s.warmup} warm-up steps, {s.repeats} rounds x {s.steps} "
-          f"steps; decode: prompt {s.prompt_len}, {s.new_tokens} new tokens, batch 1 and {s.decode_batch}; "
-          f"load average at start {load}")
-    return env
 
 
 def build_all(s, env):
     """Every contender, in this process; for each, the model whose FLOP accounting it has."""
-    modules = {spec: build_ours(s, spec, env.device) for spec in s.models}
+    modules = {spec: H.build_ours(s, spec, env.device) for spec in s.models}
     env.flops = dict(modules)
     if s.reference == "hf":
-        dense = modules.get("dense") or build_ours(s, "dense", env.device)
-        modules["hf"] = build_hf(dense, env.device)
-        env.flops["hf"] = FlopView(dense.config)  # the reference is our dense model's function
-        env.ref_diff = check_reference(dense, modules["hf"], s.model_config["vocab_size"], env.device)
-    env.n_params = {n: n_params(m) for n, m in modules.items()}
+        dense = modules.get("dense") or H.build_ours(s, "dense", env.device)
+        modules["hf"] = H.build_hf(dense, env.device)
+        env.flops["hf"] = H.FlopView(dense.config)  # the reference is our dense model's function
+        env.ref_diff = H.check_reference(dense, modules["hf"], s.model_config["vocab_size"], env.device)
+    env.n_params = {n: H.n_params(m) for n, m in modules.items()}
     # fp32 runs on a GPU use TF32 tensor cores, as a user would (after the fp32 reference check above)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -718,52 +207,49 @@ def build_all(s, env):
     return modules
 
 
+# -----------------------------------------------------------------------------
+# training: tokens/s, and FLOP/s over the matmul rate measured in the same rounds
+
+
 def bench_train(s, env, modules):
-    trainers = {n: Trainer(n, m, s, env.device) for n, m in modules.items()}
+    trainers = {n: H.Trainer(n, m, s, env.device) for n, m in modules.items()}
     for n, t in trainers.items():  # warm-up, compilation included: not timed
         t0 = time.perf_counter()
         for _ in range(s.warmup):
             t.step()
-        sync(env.device)
+        H.sync(env.device)
         print(f"  warm-up {n}: {time.perf_counter() - t0:.1f}s")
     names, matmul_rates = list(trainers), []
     for r in range(s.repeats):
-        for n in round_order(names, r):
+        for n in H.round_order(names, r):
             trainers[n].timed_round(s.steps)
-        matmul_rates.append(matmul_rate(s.matmul_n, env.dtype, env.device))
+        matmul_rates.append(H.matmul_rate(s.matmul_n, env.dtype, env.device))
     bound = statistics.median(matmul_rates)
     print(f"  measured {s.matmul_n}^3 matmul rate, {s.dtype}: {bound / 1e9:.0f} GFLOP/s (median of "
           f"{len(matmul_rates)} rounds; min {min(matmul_rates) / 1e9:.0f}, max {max(matmul_rates) / 1e9:.0f})")
     rows = [train_row(s, env, t, bound) for t in trainers.values()]
     if s.profile:
         for t in trainers.values():
-            profile_train(t, s, env, bound, env.flops[t.name].flops_per_token(s.seq_len)["train"])
-    for t in trainers.values():
-        t.release()
-    del trainers
-    gc.collect()
-    if env.on_gpu:
-        torch.cuda.empty_cache()
+            H.profile_train(t, s, env, bound, env.flops[t.name].flops_per_token(s.seq_len)["train"])
+    H.release(trainers, env)
     return rows
 
 
 def train_row(s, env, t, bound):
-    med, lo, hi = summary(t.rates)
+    med, lo, hi = H.summary(t.rates)
     flops = env.flops[t.name].flops_per_token(s.seq_len)["train"]
-    mfu = None
-    if env.on_gpu and env.dtype == torch.bfloat16:  # the datasheet table has bf16 peaks only
-        try:
-            mfu = env.flops[t.name].estimate_mfu(med, s.seq_len, device_name=torch.cuda.get_device_name(env.device))
-        except ValueError:  # a GPU the table does not know
-            pass
-    mem, mem_base, mem_kind = peak_memory(env, t.name, "train", t.mem_peak)
+    mem, mem_base, mem_kind = H.peak_memory(env, t.name, "train", t.mem_peak)
     return dict(env.base_row, model=t.name, mode="train", batch_size=s.batch_size, seq_len=s.seq_len,
                 tokens_per_s=med, tokens_per_s_min=lo, tokens_per_s_max=hi, repeats=list(t.rates),
-                mfu=mfu, flops_per_token=flops, achieved_flops=flops * med,
+                mfu=H.mfu(env, t.name, med, s.seq_len), flops_per_token=flops, achieved_flops=flops * med,
                 matmul_flops_measured=bound, util_vs_matmul=flops * med / bound,
                 bound=bound, bound_kind="matmul_flops_measured", fraction_of_bound=flops * med / bound,
                 peak_mem_bytes=mem, mem_baseline_bytes=mem_base, peak_mem_kind=mem_kind,
-                kv_cache_bytes=None, n_params=env.n_params[t.name], loadavg_after=loadavg())
+                kv_cache_bytes=None, n_params=env.n_params[t.name], loadavg_after=H.loadavg())
+
+
+# -----------------------------------------------------------------------------
+# decoding: tokens/s, and bytes read per second over the bandwidth measured in the same rounds
 
 
 def bench_decode(s, env, modules, B):
@@ -771,24 +257,14 @@ def bench_decode(s, env, modules, B):
     T, N = s.prompt_len, s.new_tokens
     gen = torch.Generator(device="cpu").manual_seed(s.seed + 2)
     prompt = torch.randint(s.model_config["vocab_size"], (B, T), generator=gen).to(env.device)
-    decoders, mems = {}, {}
-    for n, m in modules.items():  # warm-up (compiles the step, fills caches) and CUDA memory
-        if env.on_gpu:
-            sync(env.device)
-            base = torch.cuda.memory_allocated(env.device)
-            torch.cuda.reset_peak_memory_stats(env.device)
-        decoders[n] = Decoder(m, prompt, N, s.compile)
-        for _ in range(2 if s.compile else 1):  # the second compiled run is the first at full speed
-            decoders[n].timed()
-        if env.on_gpu:
-            mems[n] = torch.cuda.max_memory_allocated(env.device) - base + state_bytes(m)
+    decoders, mems = H.warm_decoders(s, env, modules, prompt)  # untimed: compiles, fills caches
     names, prefill, decode, bandwidth = list(modules), {n: [] for n in modules}, {n: [] for n in modules}, []
     for r in range(s.repeats):
-        for n in round_order(names, r):
+        for n in H.round_order(names, r):
             t_prefill, t_decode = decoders[n].timed()
             prefill[n].append(B * T / t_prefill)
             decode[n].append(B * N / t_decode)
-        bandwidth.append(memory_bandwidth(s.bandwidth_bytes, env.device))
+        bandwidth.append(H.memory_bandwidth(s.bandwidth_bytes, env.device))
     del decoders
     bound = max(bandwidth)  # the best a fresh buffer was read at: fractions of it are lower bounds
     print(f"  measured memory read bandwidth ({s.bandwidth_bytes / 2 ** 20:.0f} MiB sum): {bound / 1e9:.1f} GB/s "
@@ -801,13 +277,13 @@ def bench_decode(s, env, modules, B):
 
 def decode_row(s, env, name, module, B, rates, prefill_rates, bound, gpu_mem):
     T, N = s.prompt_len, s.new_tokens
-    med, lo, hi = summary(rates)
-    pmed, plo, phi = summary(prefill_rates)
+    med, lo, hi = H.summary(rates)
+    pmed, plo, phi = H.summary(prefill_rates)
     config = env.flops[name].config
     keys = T + (N + 1) / 2  # step i attends over T + i + 1 positions, i = 0 .. N-1
-    weights, kv = decode_bytes_per_step(module, config, B, keys)
+    weights, kv = H.decode_bytes_per_step(module, config, B, keys)
     achieved = (weights + kv) * med / B  # B tokens per step
-    mem, mem_base, mem_kind = peak_memory(env, name, f"decode_{B}", gpu_mem)
+    mem, mem_base, mem_kind = H.peak_memory(env, name, f"decode_{B}", gpu_mem)
     return dict(env.base_row, model=name, mode="decode", batch_size=B, prompt_len=T, new_tokens=N,
                 tokens_per_s=med, tokens_per_s_min=lo, tokens_per_s_max=hi, repeats=list(rates),
                 prefill_tokens_per_s=pmed, prefill_tokens_per_s_min=plo, prefill_tokens_per_s_max=phi,
@@ -816,184 +292,8 @@ def decode_row(s, env, name, module, B, rates, prefill_rates, bound, gpu_mem):
                 achieved_bytes_per_s=achieved, bandwidth_measured=bound,
                 bound=bound, bound_kind="memory_read_bandwidth_measured", fraction_of_bound=achieved / bound,
                 peak_mem_bytes=mem, mem_baseline_bytes=mem_base, peak_mem_kind=mem_kind,
-                kv_cache_bytes=kv_cache_bytes(module, B, T + N, env.dtype),
-                n_params=env.n_params[name], loadavg_after=loadavg())
-
-
-def paired_ratio(row, other, key):
-    """Median, min and max over rounds of row's rate over other's in the same round: the two ran next
-    to each other, so this cancels most of a shared machine's drift."""
-    ratios = [a / b for a, b in zip(row["repeats"], other["repeats"])]
-    row[key], row[key + "_min"], row[key + "_max"] = summary(ratios)
-
-
-def add_ratios(rows):
-    """Shared models against dense (and what the FLOPs or cache sizes predict), dense against hf."""
-    for row in rows:
-        peers = {r["model"]: r for r in rows if (r["mode"], r["batch_size"]) == (row["mode"], row["batch_size"])}
-        dense = peers.get("dense")
-        if dense is not None and row["model"] not in ("dense", "hf"):
-            paired_ratio(row, dense, "vs_dense_ratio")
-            if row["mode"] == "train":
-                row["vs_dense_ratio_predicted"] = dense["flops_per_token"] / row["flops_per_token"]
-            else:
-                row["kv_cache_ratio"] = row["kv_cache_bytes"] / dense["kv_cache_bytes"]
-        if row["model"] == "dense" and "hf" in peers:
-            paired_ratio(row, peers["hf"], "vs_hf_ratio")
-
-
-def write_json(rows, path):
-    """Temp file and rename: an interrupted write leaves no half file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, path)
-    print(f"wrote {len(rows)} measurements to {path}")
-
-
-# -----------------------------------------------------------------------------
-# decode profile: where a step's time goes, op by op
-
-# the leaves: aten::linear and aten::matmul call these; quantize.Int8Linear calls the last one
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm")
-
-
-def profile_train(t, s, env, matmul_rate, flops_per_token, top=12):
-    """torch.profiler over one train step (after the timed rounds): self time per op and its share, and
-    what the matmuls achieve against the measured matmul rate."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        t.step()
-        sync(env.device)
-    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = max(sum(e.self_cpu_time_total for e in ops), 1e-9)
-    print(f"\n== train profile: {t.name}, one step of {t.tokens_per_step} tokens, {s.dtype}, compile {s.compile}: "
-          f"{1e-3 * total:.0f} ms of op self time")
-    for e in ops[:top]:
-        print(f"{e.key[:60]:<62}{e.count:>6} calls{1e-3 * e.self_cpu_time_total:>10.1f} ms{e.self_cpu_time_total / total:>7.1%}")
-    mm = sum(e.self_cpu_time_total for e in ops if e.key in MATMUL_OPS)
-    if mm:
-        print(f"matmuls: {mm / total:.0%} of the op time; if they ran at the measured {matmul_rate / 1e9:.0f} GFLOP/s "
-              f"the step's FLOPs would take {1e3 * t.tokens_per_step * flops_per_token / matmul_rate:.0f} ms")
-
-
-def profile_decode(s, env, name, module, bandwidth):
-    """torch.profiler over the decode steps at batch 1, after a warm-up (compilation included) and
-    one run without the profiler, whose time per token is printed beside the profiled one."""
-    gen = torch.Generator(device="cpu").manual_seed(s.seed + 3)
-    prompt = torch.randint(s.model_config["vocab_size"], (1, s.prompt_len), generator=gen).to(env.device)
-    dec = Decoder(module, prompt, s.new_tokens, s.compile)
-    dec.timed()
-    plain = dec.timed()[1]
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if env.on_gpu else [])
-    token = dec.prefill()
-    sync(env.device)
-    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
-        dec.decode(token)
-        sync(env.device)
-    print_profile(prof, name, s, env, plain, bandwidth)
-
-
-def op_bytes(e, elsize):
-    """Bytes an op has to read, where that is clear from its input shapes: a matmul's largest operand
-    (at decode batch sizes the weight), an attention kernel's K and V (the whole static cache)."""
-    shapes = [x for x in e.input_shapes or [] if x]
-    if e.key == "aten::_weight_int8pack_mm" and len(shapes) >= 2:
-        return _numel(shapes[1])  # the int8 weight, one byte each
-    if e.key in MATMUL_OPS and shapes:
-        return max(map(_numel, shapes)) * elsize
-    if e.key.startswith("aten::_scaled_dot_product") and len(shapes) >= 3:
-        return (_numel(shapes[1]) + _numel(shapes[2])) * elsize
-    return None
-
-
-def print_profile(prof, name, s, env, plain_s, bandwidth, top=20):
-    """Per op and input shapes: calls and self time per token, share of the op time, and the bytes
-    read per call and GB/s where op_bytes knows them, to set against the measured bandwidth."""
-    steps, elsize = s.new_tokens, env.dtype.itemsize
-    self_us = (lambda e: e.self_device_time_total) if env.on_gpu else (lambda e: e.self_cpu_time_total)
-    ops = sorted(prof.key_averages(group_by_input_shape=True), key=self_us, reverse=True)
-    if env.on_gpu:  # kernels are listed beside the aten ops that launch them: keep the ops (untested, no GPU)
-        ops = [e for e in ops if e.device_type == torch.autograd.DeviceType.CPU]
-    total = max(sum(map(self_us, ops)), 1e-9)
-    print(f"\n== decode profile: {name}, batch 1, {steps} steps, {s.dtype}, compile {s.compile}, "
-          f"{torch.get_num_threads()} threads: {1e6 * plain_s / steps:.0f} us/token without the profiler, "
-          f"{total / steps:.0f} us/token of op self time under it; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"{'op':<40}{'input shapes':<44}{'calls/tok':>10}{'us/tok':>9}{'share':>7}{'MiB read':>10}{'GB/s':>8}")
-    mm_us = mm_bytes = 0
-    for i, e in enumerate(ops):
-        t, nbytes, read, gbps = self_us(e), op_bytes(e, elsize), "", ""
-        if nbytes is not None:
-            read, gbps = f"{nbytes / 2 ** 20:.2f}", f"{nbytes * e.count / max(t, 1e-9) / 1e3:.1f}"
-        if e.key in MATMUL_OPS and nbytes is not None:
-            mm_us, mm_bytes = mm_us + t, mm_bytes + nbytes * e.count
-        if i < top and t >= 0.005 * total:
-            print(f"{e.key[:39]:<40}{str(e.input_shapes)[:43]:<44}{e.count / steps:>10.1f}{t / steps:>9.1f}"
-                  f"{t / total:>7.1%}{read:>10}{gbps:>8}")
-    if mm_us:
-        rate = mm_bytes / mm_us * 1e6
-        print(f"matmuls: {mm_us / total:.0%} of the op time; {mm_bytes / steps / 2 ** 20:.1f} MiB of weights per "
-              f"token read at {rate / 1e9:.1f} GB/s, {rate / bandwidth:.0%} of the measured bandwidth")
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-# -----------------------------------------------------------------------------
-# printing
-
-
-def fmt_ratio(row, key):
-    if key not in row:
-        return ""
-    return f"{row[key]:.3f} [{row[key + '_min']:.3f}-{row[key + '_max']:.3f}]"
-
-
-def fmt_range(row, key="tokens_per_s"):
-    return f"[{row[key + '_min']:.0f}-{row[key + '_max']:.0f}]"
-
-
-def fmt_mem(row):
-    return f"{row['peak_mem_bytes'] / 2 ** 20:.0f}" if row["peak_mem_bytes"] else "n/a"
-
-
-def print_train_table(rows, s):
-    train = [r for r in rows if r["mode"] == "train"]
-    if not train:
-        return
-    print(f"\n== train: batch {s.batch_size} x seq {s.seq_len}, {s.dtype}, compile {s.compile}, vocab "
-          f"{s.model_config['vocab_size']}; tokens/s median [min-max] over {s.repeats} interleaved rounds; "
-          f"bound: measured {s.dtype} matmul, {train[0]['bound'] / 1e9:.0f} GFLOP/s")
-    print(f"{'model':<22}{'params':>11}{'tokens/s':>10}{'[min-max]':>18}{'GFLOP/tok':>10}{'of bound':>9}{'MFU':>7}"
-          f"{'peak mem MiB':>13}  {'vs dense [min-max]':<24}{'FLOP-pred':>10}{'realised':>9}  {'dense vs hf':<22}")
-    for r in train:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        pred = f"{r['vs_dense_ratio_predicted']:.3f}" if "vs_dense_ratio_predicted" in r else ""
-        real = f"{r['vs_dense_ratio'] / r['vs_dense_ratio_predicted']:.3f}" if pred else ""
-        print(f"{r['model']:<22}{r['n_params'] / 1e6:>10.2f}M{r['tokens_per_s']:>10.0f}{fmt_range(r):>18}"
-              f"{r['flops_per_token'] / 1e9:>10.4f}{r['fraction_of_bound']:>9.1%}{mfu:>7}{fmt_mem(r):>13}  "
-              f"{fmt_ratio(r, 'vs_dense_ratio'):<24}{pred:>10}{real:>9}  {fmt_ratio(r, 'vs_hf_ratio'):<22}")
-
-
-def print_decode_table(rows, s):
-    dec = [r for r in rows if r["mode"] == "decode"]
-    if dec:
-        print(f"\n== decode: prefill + {s.new_tokens} greedy steps after a {s.prompt_len}-token prompt, weights in "
-              f"{s.dtype}, compiled step {s.compile}; bound: measured read bandwidth, {dec[0]['bound'] / 1e9:.1f} GB/s")
-        print(f"{'model':<22}{'batch':>6}{'prefill tok/s':>14}{'decode tok/s':>13}{'[min-max]':>16}{'MiB/step':>9}"
-              f"{'GB/s':>7}{'of bound':>9}{'KV MiB':>8}{'cache/dense':>12}{'peak mem MiB':>13}  "
-              f"{'vs dense [min-max]':<24}{'dense vs hf':<22}")
-        for r in dec:
-            cr = f"{r['kv_cache_ratio']:.4f}" if "kv_cache_ratio" in r else ""
-            print(f"{r['model']:<22}{r['batch_size']:>6}{r['prefill_tokens_per_s']:>14.0f}{r['tokens_per_s']:>13.0f}"
-                  f"{fmt_range(r):>16}{r['bytes_per_step'] / 2 ** 20:>9.1f}{r['achieved_bytes_per_s'] / 1e9:>7.1f}"
-                  f"{r['fraction_of_bound']:>9.1%}{r['kv_cache_bytes'] / 2 ** 20:>8.2f}{cr:>12}{fmt_mem(r):>13}  "
-                  f"{fmt_ratio(r, 'vs_dense_ratio'):<24}{fmt_ratio(r, 'vs_hf_ratio'):<22}")
-    if not s.device.startswith("cuda"):
-        print(f"load average at end {loadavg()} (a shared machine's other jobs disturb CPU timings)")
+                kv_cache_bytes=H.kv_cache_bytes(module, B, T + N, env.dtype),
+                n_params=env.n_params[name], loadavg_after=H.loadavg())
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench
+import benchmarking
 import model as M
 from configurator import ConfigError
 
@@ -220,10 +221,10 @@ def test_command_line_error_is_one_line_and_exit_1():
 
 
 def test_models_spec_takes_an_attention_map_after_an_at_sign():
-    assert bench.model_maps("dense@upper:half", 4) == ((0, 1, 2, 3), (0, 1, 1, 1))
-    assert bench.model_maps("cla:2", 4) == ((0, 0, 2, 2), (0, 1, 2, 3))
+    assert benchmarking.model_maps("dense@upper:half", 4) == ((0, 1, 2, 3), (0, 1, 1, 1))
+    assert benchmarking.model_maps("cla:2", 4) == ((0, 0, 2, 2), (0, 1, 2, 3))
     with pytest.raises(ValueError, match="layer 1: kv_source"):
-        bench.parse_models("cla:2@cla:2", 4)
+        benchmarking.parse_models("cla:2@cla:2", 4)
 
 
 def test_attention_reuse_rows_and_its_bad_input():
