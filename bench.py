@@ -34,7 +34,7 @@ round, so they see the same machine load as the models:
           weight from memory, so bandwidth, not FLOPs, limits it. Bytes per step: the parameters in
           the decode dtype (the embedding table only for the B rows looked up, unless tied to the
           head) plus the K/V every layer attends over at the mean position of the loop.
-On a GPU `mfu` is also given, against the datasheet bf16 peak (model.PEAK_BF16_FLOPS).
+On a GPU `mfu` is also given, against the datasheet bf16 peak (configurator.PEAK_BF16_FLOPS).
 
 Memory (peak_mem_bytes): on CUDA, this model's own parameters, gradients and optimizer state plus the
 transient peak of max_memory_allocated over its steps (other models in the process are subtracted).
@@ -60,7 +60,9 @@ import torch.nn.functional as F
 
 import model as M
 from quantize import Int8Linear, quantize_int8
-from configurator import DTYPES, ConfigError, autocast, configure, resolve_device, run_script, settings_from
+from speed import use_decode_paths
+from configurator import (DTYPES, ConfigError, autocast, configure, peak_flops_for, resolve_device, run_script,
+                          settings_from)
 from convert_hf import hf_config_from_llama, hf_state_dict
 
 # -----------------------------------------------------------------------------
@@ -446,6 +448,7 @@ class Decoder:
         if self.is_hf:  # transformers 5.24 renamed the cache argument and output past_key_values -> cache
             self.cache_key = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
         else:
+            use_decode_paths(module)  # the CPU batch-1 paths (speed.py), before compiling
             self.cache = module.new_cache(B, T + new_tokens)
             # dynamic=False: one specialised graph per batch size, as in a server with fixed batch slots.
             # No CUDA graphs (mode="reduce-overhead"): they would need the cache tensors marked static,
@@ -753,7 +756,7 @@ def train_row(s, env, t, bound):
     mfu = None
     if env.on_gpu and env.dtype == torch.bfloat16:  # the datasheet table has bf16 peaks only
         try:
-            mfu = env.flops[t.name].estimate_mfu(med, s.seq_len, device_name=torch.cuda.get_device_name(env.device))
+            mfu = env.flops[t.name].estimate_mfu(med, s.seq_len, peak_flops=peak_flops_for(torch.cuda.get_device_name(env.device)))
         except ValueError:  # a GPU the table does not know
             pass
     mem, mem_base, mem_kind = peak_memory(env, t.name, "train", t.mem_peak)
