@@ -303,7 +303,7 @@ def main(argv):
     ids = encode_prompt(tok, prompt, model.config.vocab_size)
     max_new = s.max_new_tokens or min(500, max(1, model.config.block_size - len(ids)))
     torch.manual_seed(s.seed)
-    use_decode_paths(model)  # speed.py's CPU batch-1 paths; elsewhere they compute what the model's own do
+    use_decode_paths(model)  # speed.py's batch-1 decoding paths: faster compiled on a CPU, same results
     step = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if s.compile else None
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None]
     for k in range(s.num_samples):
