@@ -152,6 +152,7 @@ def make_consumer(model, layer, owner) -> list:
     removed = [attn.k_proj.weight, attn.v_proj.weight]
     del attn.k_proj, attn.v_proj
     model.config.kv_source = tuple(owner if i == layer else j for i, j in enumerate(model.config.kv_source))
+    model.layers[layer].kv_source = owner  # a Block reads its sources once, when it is built
     model.kv_blend.pop(layer, None)
     return removed
 

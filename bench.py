@@ -14,7 +14,7 @@ sizes at 0 take the preset's. --models separates kv_source specs by ';' (a list 
   train   forward + backward + AdamW on random token ids, warm-up (and compilation) untimed; rounds
           interleave the models (A B C, C B A, ...); median, min and max over the rounds. Bound: the
           large-matmul rate in the run's dtype, measured in every round (`fraction_of_bound`); on a
-          GPU also `mfu` against the datasheet bf16 peak (model.PEAK_BF16_FLOPS).
+          GPU also `mfu` against the datasheet bf16 peak (configurator.PEAK_BF16_FLOPS).
   decode  prefill, then N greedy model.decode_step calls into a static cache (compiled with --compile),
           batch 1 and a larger one. Bound: the memory read bandwidth measured in every round, against the
           bytes a step must read (weights + K/V). --quantize int8 adds int8-weight copies ('dense+int8').

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from configurator import DTYPES, ConfigError, autocast
+from configurator import DTYPES, ConfigError, autocast, peak_flops_for
 from convert_hf import hf_config_from_llama, hf_state_dict
 from quantize import Int8Linear, quantize_int8
+from speed import use_decode_paths
 
 SKIP_PARTS = ("train", "decode", "mem", "refmem")
 
@@ -314,6 +315,7 @@ class Decoder:
         if self.is_hf:  # transformers 5.24 renamed the cache argument and output past_key_values -> cache
             self.cache_key = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
         else:
+            use_decode_paths(module)  # the CPU batch-1 paths (speed.py), before compiling
             self.cache = module.new_cache(B, T + new_tokens)
             # dynamic=False: one specialised graph per batch size, as in a server with fixed batch slots.
             # No CUDA graphs (mode="reduce-overhead"): they would need the cache tensors marked static,
@@ -706,7 +708,8 @@ def mfu(env, name, tokens_per_s, seq_len):
     if not (env.on_gpu and env.dtype == torch.bfloat16):  # the datasheet table has bf16 peaks only
         return None
     try:
-        return env.flops[name].estimate_mfu(tokens_per_s, seq_len, device_name=torch.cuda.get_device_name(env.device))
+        return env.flops[name].estimate_mfu(tokens_per_s, seq_len,
+                                               peak_flops=peak_flops_for(torch.cuda.get_device_name(env.device)))
     except ValueError:  # a GPU the table does not know
         return None
 

@@ -1,5 +1,6 @@
 """
-One settings mechanism for every script, and the run setup they share (device, precision, seed, DDP).
+One settings mechanism for every script, and the run setup they share (device, precision, seed, DDP,
+the peak FLOP/s of a GPU for MFU).
 
 A script declares its settings as plain globals with defaults, right at the top, and reads them with
 
@@ -191,6 +192,31 @@ def autocast(device_type: str, dtype: str):
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
+
+
+# dense bf16 tensor-core peak FLOP/s per GPU, from the vendors' datasheets (no sparsity): the MFU denominator
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM and NVL
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+}
+
+
+def peak_flops_for(device_name=None) -> float:
+    """The peak of a GPU named like torch.cuda.get_device_name() (this process's GPU when None)."""
+    if device_name is None:
+        if not torch.cuda.is_available():
+            raise ValueError("no GPU: pass peak_flops explicitly (bench.py measures a CPU's matmul rate)")
+        device_name = torch.cuda.get_device_name()
+    for key, flops in PEAK_BF16_FLOPS.items():  # most specific names first
+        if key.lower() in device_name.lower():
+            return flops
+    raise ValueError(f"no peak FLOP/s known for device {device_name!r}: pass peak_flops explicitly "
+                     f"(known: {', '.join(PEAK_BF16_FLOPS)})")
 
 
 @dataclass

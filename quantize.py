@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Linear, Llama
+from model import Llama
 
 
 class Int8Linear(nn.Module):
@@ -33,6 +33,6 @@ def quantize_int8(model: Llama) -> Llama:
     its own int8 copy; the embedding table stays as it is: decoding looks up one row of it)."""
     for module in list(model.modules()):
         for name, child in module.named_children():
-            if isinstance(child, Linear):
+            if isinstance(child, nn.Linear):  # speed.StreamingLinear too
                 setattr(module, name, Int8Linear(child.weight))
     return model

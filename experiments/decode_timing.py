@@ -9,10 +9,14 @@ import time
 
 import torch
 
+from speed import use_decode_paths
+
 
 @torch.no_grad()
 def decode_rates(models: dict, prompt, n_tokens, rounds, steps=None):
     """{name: [tokens/s of each timed round]}; steps: {name: a decode step to use, e.g. compiled}."""
+    for model in models.values():  # the CPU batch-1 paths sample.py and bench.py decode with
+        use_decode_paths(model)
     rates = {name: [] for name in models}
     for r in range(rounds + 1):
         for name, model in models.items():

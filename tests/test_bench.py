@@ -83,7 +83,7 @@ def test_decode_bytes_per_step_come_from_the_model(rows):
         m = M.Llama(M.LlamaConfig(**cfg, kv_source="dense" if spec == "hf" else spec))
         B, emb = r["batch_size"], cfg["vocab_size"] * cfg["n_embd"]
         # fp32 weights, all read but the embedding table, of which only B rows are looked up
-        linear = [mod.weight for mod in m.modules() if isinstance(mod, M.Linear)]
+        linear = [mod.weight for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
         if r["model"].endswith("+int8"):  # the linear layers' weights in one byte each, plus an fp32 scale per row
             small = m.num_params() - emb - sum(w.numel() for w in linear)
             assert r["weight_bytes_per_step"] == sum(w.numel() + 4 * w.shape[0] for w in linear) + 4 * (

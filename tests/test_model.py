@@ -8,7 +8,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import Llama, LlamaConfig, parse_kv_source, peak_flops_for
+from configurator import peak_flops_for
+from model import Llama, LlamaConfig, parse_kv_source
 
 MAPS = ["dense", "cla:2", "upper:half", "0,0,0,3,3,0"]
 # (kv_source, attn_source): attention sharing alone, beside K/V sharing, and from a K/V consumer's pattern

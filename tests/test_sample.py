@@ -7,11 +7,12 @@ import sys
 
 import pytest
 import torch
+from torch.nn import Linear
 
 import sample
 from configurator import run_script
 from data.common import write_meta
-from model import Linear, Llama, LlamaConfig, keep_when_full
+from model import Llama, LlamaConfig, keep_when_full
 from quantize import Int8Linear, quantize_int8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import speed
 from quantize import Int8Linear, quantize_int8
 
 TINY = dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, vocab_size=97, block_size=64)
@@ -27,13 +28,13 @@ def tiny(kv_source="dense", attn_source="dense", seed=0, **changes):
 @pytest.mark.parametrize("chunk_rows", [1, 7, 49, 50])  # one row at a time, remainders; 50: F.cross_entropy itself
 def test_chunked_cross_entropy_equals_f_cross_entropy(monkeypatch, chunk_rows):
     V = 300
-    monkeypatch.setattr(M, "LOSS_CHUNK_ELEMENTS", chunk_rows * V)
+    monkeypatch.setattr(speed, "LOSS_CHUNK_ELEMENTS", chunk_rows * V)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(50, 32, generator=g, requires_grad=True)
     w = torch.randn(V, 32, generator=g, requires_grad=True)
     t = torch.randint(V, (50,), generator=g)
     t[[0, 13, 14, 49]] = -1  # positions without a target
-    loss = M.chunked_cross_entropy(h, w, t)
+    loss = speed.chunked_cross_entropy(h, w, t)
     grad_h, grad_w = torch.autograd.grad(2.5 * loss, (h, w))  # a scaled loss (gradient accumulation)
     want = F.cross_entropy(h @ w.t(), t, ignore_index=-1)
     want_h, want_w = torch.autograd.grad(2.5 * want, (h, w))
@@ -43,24 +44,24 @@ def test_chunked_cross_entropy_equals_f_cross_entropy(monkeypatch, chunk_rows):
 
 
 def test_chunked_cross_entropy_without_gradients_and_with_a_frozen_head(monkeypatch):
-    monkeypatch.setattr(M, "LOSS_CHUNK_ELEMENTS", 3 * 40)
+    monkeypatch.setattr(speed, "LOSS_CHUNK_ELEMENTS", 3 * 40)
     g = torch.Generator().manual_seed(1)
     h, w = torch.randn(20, 16, generator=g, requires_grad=True), torch.randn(40, 16, generator=g)
     t = torch.randint(40, (20,), generator=g)
     want = F.cross_entropy(h @ w.t(), t)
     with torch.no_grad():
-        torch.testing.assert_close(M.chunked_cross_entropy(h, w, t), want)
-    (grad_h,) = torch.autograd.grad(M.chunked_cross_entropy(h, w, t), (h,))  # w needs no gradient
+        torch.testing.assert_close(speed.chunked_cross_entropy(h, w, t), want)
+    (grad_h,) = torch.autograd.grad(speed.chunked_cross_entropy(h, w, t), (h,))  # w needs no gradient
     torch.testing.assert_close(grad_h, torch.autograd.grad(want, (h,))[0])
 
 
 def test_chunked_cross_entropy_under_bf16_autocast(monkeypatch):
-    monkeypatch.setattr(M, "LOSS_CHUNK_ELEMENTS", 8 * 64)
+    monkeypatch.setattr(speed, "LOSS_CHUNK_ELEMENTS", 8 * 64)
     g = torch.Generator().manual_seed(6)
     h, w = torch.randn(30, 16, generator=g, requires_grad=True), torch.randn(64, 16, generator=g, requires_grad=True)
     t = torch.randint(64, (30,), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = M.chunked_cross_entropy(h, w, t)
+        loss = speed.chunked_cross_entropy(h, w, t)
         want = F.cross_entropy((h @ w.t()).float(), t)  # the bf16 logits autocast gives, in fp32
     grads, want_grads = torch.autograd.grad(loss, (h, w)), torch.autograd.grad(want, (h, w))
     assert grads[0].dtype == h.dtype and grads[1].dtype == w.dtype
@@ -70,7 +71,7 @@ def test_chunked_cross_entropy_under_bf16_autocast(monkeypatch):
 
 
 def test_model_loss_and_gradients_equal_the_full_logits_loss(monkeypatch):
-    monkeypatch.setattr(M, "LOSS_CHUNK_ELEMENTS", 5 * TINY["vocab_size"])  # many chunks
+    monkeypatch.setattr(speed, "LOSS_CHUNK_ELEMENTS", 5 * TINY["vocab_size"])  # many chunks
     model = tiny("upper:half", tie_embeddings=True).train()
     idx, targets = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
     _, loss = model(idx, targets)
@@ -91,10 +92,31 @@ def greedy(model, prompt, n, step=None):
     return model.generate(prompt, n, temperature=0, decode_step=step)
 
 
+def test_decode_paths_keep_the_weights_and_compute_what_the_model_does():
+    """use_decode_paths swaps module classes only: the same Parameter objects (a tied head stays tied)
+    under the same state-dict keys, and eager decoding gives the logits of the model's own SDPA path."""
+    model = tiny("0,0,2,3", "0,1,2,2", tie_embeddings=True)
+    params, keys = [id(p) for p in model.parameters()], list(model.state_dict())
+    fast = speed.use_decode_paths(copy.deepcopy(model))
+    assert speed.use_decode_paths(model) is model and [id(p) for p in model.parameters()] == params
+    assert list(model.state_dict()) == keys and model.lm_head.weight is model.embed_tokens.weight
+    assert all(type(m) is speed.StreamingLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    plain = tiny("0,0,2,3", "0,1,2,2", tie_embeddings=True)
+    prompt = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        caches = [m.new_cache(2, 64) for m in (plain, fast)]
+        for m, cache in zip((plain, fast), caches):
+            m.prefill(prompt, cache)
+        for pos in range(9, 20):
+            token = prompt[:, pos % 9:pos % 9 + 1]
+            want, got = (m.decode_step(token, torch.tensor([pos]), c) for m, c in zip((plain, fast), caches))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_decode_step_gives_eager_tokens_with_matvec_loops():
     """One compile (CPU, ~15 s): K/V sharing and attention sharing both on the path."""
     from torch._inductor.utils import run_and_get_code
-    model = tiny("0,0,2,3", "0,1,2,2")
+    model = speed.use_decode_paths(tiny("0,0,2,3", "0,1,2,2"))
     prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
     step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
     with torch.no_grad():
@@ -123,7 +145,7 @@ def test_int8_weights_round_within_half_a_step():
 
 def test_quantize_int8_replaces_every_linear_and_keeps_the_embedding():
     model = quantize_int8(tiny("upper:half", tie_embeddings=True))
-    assert not any(isinstance(m, M.Linear) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert isinstance(model.lm_head, Int8Linear) and model.embed_tokens.weight.dtype == torch.float32
     idx = torch.randint(0, 97, (1, 8))
     with pytest.raises(ValueError, match="quantized model .* is for decoding"):  # no loss through an int8 head

@@ -1,0 +1,116 @@
+"""
+The faster paths, kept out of model.py: each computes what the plain model computes, only faster on
+some machine (measurements: docs/bench.md).
+
+  use_decode_paths(model)   installs the CPU batch-1 decoding paths into a built model, as gpt-fast's
+                            quantize.py swaps modules: every nn.Linear becomes a StreamingLinear and
+                            attention of one new position over the cache becomes decode_attention.
+                            Call it before compiling model.decode_step (sample.py, bench.py,
+                            experiments/decode_timing.py).
+  chunked_cross_entropy     the training loss without the (B*T, vocab) fp32 logits; model.py uses it.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# decoding one token at a time on a CPU
+
+
+class StreamingLinear(nn.Linear):
+    """nn.Linear (no bias) whose one-row product, when compiled on a CPU, streams the weights at the
+    memory bandwidth.
+
+    One row times a weight matrix reads every weight once for two FLOPs, so its speed is the rate at
+    which the weights stream in. On the CPU measured BLAS read them for one row at 7-19 GB/s of ~50-80
+    (docs/bench.md); written as multiply-and-sum, inductor compiles it into one vectorised loop that
+    streams them at the bandwidth. Eager code keeps F.linear (the product form would materialise a
+    weight-sized temporary), as does every shape with more than one row, and the GPU."""
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
+        return F.linear(x, self.weight)
+
+
+def decode_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d)) v of one new position per sequence over the cache: q (B, H, 1, hd),
+    k and v (B, H_kv, S, hd), mask (1, S). Written out rather than SDPA's because for one query it is
+    two small products per head, which the CPU flash kernel took 70 us a call to do in bf16 (30% of a
+    decode step, bench.py --profile). Compiled on CPU, as multiply-and-sum, inductor fuses it into
+    passes over the cache; eager, batched products avoid a temporary the size of the cache."""
+    B, H, _, hd = q.shape
+    q = q.reshape(B, k.shape[1], -1, hd)  # (B, H_kv, g, hd): a group's query heads share one K/V head
+    fused = torch.compiler.is_compiling() and q.device.type == "cpu"
+    scores = (q.unsqueeze(-2) * k.unsqueeze(2)).sum(-1) if fused else q @ k.transpose(-1, -2)
+    probs = (scores.float() / math.sqrt(hd)).masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype)
+    y = (probs.unsqueeze(-1) * v.unsqueeze(2)).sum(-2) if fused else probs @ v
+    return y.reshape(B, H, 1, hd)
+
+
+def use_decode_paths(model):
+    """Install the decoding paths into `model` in place (idempotent); returns it. The Linear modules
+    change class only: the same Parameter objects stay, so tied weights stay tied and the state dict
+    keeps its keys. Modules that are not plain nn.Linear (int8 ones, quantize.py) are left alone."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = StreamingLinear
+        if hasattr(module, "cache_attention"):  # model.Attention's hook for one query over the cache
+            module.cache_attention = decode_attention
+    return model
+
+
+# -----------------------------------------------------------------------------
+# the training loss
+
+LOSS_CHUNK_ELEMENTS = 2 ** 24  # fp32 logits the loss holds at once: 64 MiB; fewer go through F.cross_entropy
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits h @ weight^T against targets (-1: no target), computed a chunk
+    of rows at a time. The gradients (softmax - one-hot, times h or weight) are computed in the same
+    pass, chunk by chunk, so neither the full logits nor their softmax are ever kept, and nothing is
+    recomputed: the matmul FLOPs are those of the plain loss."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, need_grad: bool):
+        n = (targets != -1).sum().clamp(min=1)
+        rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+        if torch.is_autocast_enabled(h.device.type):  # cast the weight once, not once per chunk and product
+            weight = weight.to(torch.get_autocast_dtype(h.device.type))
+        loss, grad_h, grad_w = 0.0, torch.empty_like(h) if need_grad else None, None
+        for s in range(0, h.shape[0], rows):
+            hc, t = h[s:s + rows].to(weight.dtype), targets[s:s + rows]
+            logits = (hc @ weight.t()).float()
+            valid = t != -1
+            t = t.clamp(min=0)
+            loss = loss + ((logits.logsumexp(dim=-1) - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+            if need_grad:
+                g = logits.softmax(dim=-1)
+                g[torch.arange(len(t), device=t.device), t] -= 1
+                g = g.mul_(valid[:, None] / n).to(weight.dtype)
+                grad_h[s:s + rows] = g @ weight
+                part = (g.t() @ hc).float()
+                grad_w = part if grad_w is None else grad_w.add_(part)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
+def chunked_cross_entropy(h, weight, targets):
+    """F.cross_entropy(h @ weight^T, targets, ignore_index=-1) in value and gradient; above
+    LOSS_CHUNK_ELEMENTS logits, without ever holding them all (ChunkedCrossEntropy)."""
+    if not weight.is_floating_point():
+        raise ValueError(f"the LM head's weight is {weight.dtype}: a quantized model (quantize.py) is for decoding; "
+                         "compute a loss from its logits, model(idx)[0]")
+    if h.shape[0] * weight.shape[0] <= LOSS_CHUNK_ELEMENTS:  # small enough: unchunked is faster (docs/bench.md)
+        return F.cross_entropy((h @ weight.t()).float(), targets, ignore_index=-1)
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return ChunkedCrossEntropy.apply(h, weight, targets, need_grad)
