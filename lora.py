@@ -35,7 +35,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Linear
 from nf4 import NF4_BLOCK, NF4Linear, frozen_weight_linear, nf4_size_error, quantize_nf4
 from quantize import Int8Linear
 
@@ -240,7 +239,7 @@ def quantize_base(model, kind="none", block=NF4_BLOCK, double_quant=True):
         for i, layer in enumerate(model.layers):
             for module in list(layer.modules()):
                 for attr, child in list(module.named_children()):
-                    if isinstance(child, Linear):
+                    if isinstance(child, nn.Linear):
                         setattr(module, attr, FrozenInt8Linear(child.weight))
     return model
 
@@ -302,8 +301,8 @@ def set_rank(model, rank: int):
         adapter.active_rank = rank
 
 
-def _plain_linear(weight: torch.Tensor) -> Linear:
-    linear = Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+def _plain_linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
     return linear

@@ -17,8 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Linear
-
 NF4_BLOCK = 64  # weights per absmax scale (QLoRA)
 SCALE_BLOCK = 256  # block maxima per fp32 factor in double quantization (QLoRA)
 _NORMAL_OFFSET = 0.9677083  # QLoRA's: the outermost quantile used, so that the ends are not infinite
@@ -160,7 +158,7 @@ def layer_linears(model):
     for i, block in enumerate(model.layers):
         for path, module in block.named_modules():
             for attr, child in module.named_children():
-                if isinstance(child, Linear):
+                if isinstance(child, nn.Linear):
                     name = f"layers.{i}." + (f"{path}." if path else "") + attr
                     found.append((name, module, attr, child))
     return found

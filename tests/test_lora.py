@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import lora
 import nf4
 from convert_hf import load_hf_llama
-from model import Linear, Llama, LlamaConfig
+from model import Llama, LlamaConfig
+from torch.nn import Linear
 from quantize import Int8Linear
 
 VOCAB = 96
