@@ -61,7 +61,8 @@ import torch.nn.functional as F
 import model as M
 from quantize import Int8Linear, quantize_int8
 from configurator import DTYPES, ConfigError, autocast, configure, resolve_device, run_script, settings_from
-from convert_hf import hf_config_from_llama, hf_state_dict
+from checkpoint import hf_config_from_llama
+from convert_hf import hf_state_dict
 
 # -----------------------------------------------------------------------------
 # settings (sizes at 0 take the preset's value)
