@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from checkpoint import SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint
+from checkpoint import SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint, share_attn_state, share_kv_state
 from configurator import ConfigError, configure, run_script, settings_from
-from data.common import BatchSampler, dataset_dir, load_meta, open_tokens
+from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
 from model import LlamaConfig, parse_kv_source, validate_kv_source
 
 # -----------------------------------------------------------------------------
@@ -300,34 +300,6 @@ def load_teacher(path, student_config, device):
 
 # -----------------------------------------------------------------------------
 # abrupt conversion of a dense model's weights
-
-
-def share_kv_state(state_dict, kv_source, kv_init="own"):
-    """A dense state dict (model.py names) turned into one for kv_source: consumers' K/V projections are
-    dropped; each owner keeps its own (kv_init='own') or takes the mean of the K/V projections of every
-    layer that will use it, itself included ('mean', as LCKV initialises a shared projection)."""
-    if kv_init not in ("own", "mean"):
-        raise ValueError(f"kv_init must be 'own' or 'mean', got {kv_init!r}")
-    out, users = {}, {}
-    for key, tensor in state_dict.items():
-        parts = key.split(".")
-        if len(parts) == 5 and parts[0] == "layers" and parts[3] in ("k_proj", "v_proj"):
-            layer = int(parts[1])
-            users.setdefault((kv_source[layer], parts[3]), []).append(tensor)
-            if kv_source[layer] != layer:
-                continue
-        out[key] = tensor
-    if kv_init == "mean":
-        for (owner, name), tensors in users.items():
-            key = f"layers.{owner}.self_attn.{name}.weight"
-            out[key] = (sum(t.float() for t in tensors) / len(tensors)).to(out[key].dtype)
-    return out
-
-
-def share_attn_state(state_dict, attn_source):
-    """A state dict with the Q and K projections of the attention sharers dropped (EchoAtt)."""
-    return {k: t for k, t in state_dict.items() if not (
-        k.startswith("layers.") and k.split(".")[3] in ("q_proj", "k_proj") and attn_source[int(k.split(".")[1])] != int(k.split(".")[1]))}
 
 
 def convert_model(model, kv_source=None, kv_init="own", attn_source=None):

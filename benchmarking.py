@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 import model as M
 from configurator import DTYPES, ConfigError, autocast, peak_flops_for
-from convert_hf import hf_config_from_llama, hf_state_dict
+from checkpoint import hf_config_from_llama
+from convert_hf import hf_state_dict
 from quantize import Int8Linear, quantize_int8
 from speed import use_decode_paths
 

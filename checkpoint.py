@@ -9,8 +9,13 @@ A checkpoint is a dict saved with torch.save:
   ...            whatever the writer adds: optimizer, iter_num, rng, sampler and config from
                  train.py; tokenizer_json, chat_template, hf_config (bos/eos ids) from convert_hf.py,
                  which train.py and adapt.py pass on (SAMPLING_KEYS)
+
+Below the reading and writing: the state-dict transforms that turn a dense model's weights into a shared
+model's (share_kv_state, share_attn_state) and the steps every importer (convert_hf.py, gguf_import.py)
+shares, kept here so that neither importer imports adapt.py or the other.
 """
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -19,6 +24,7 @@ import zipfile
 import numpy as np
 import torch
 
+from configurator import DTYPES
 from model import Llama, LlamaConfig, rope_tables
 
 CKPT_NAME = "ckpt.pt"
@@ -218,6 +224,119 @@ def load_model(path, mmap=False, **config_changes):
 def blend_state(model: Llama) -> dict:
     """model.kv_blend as plain values for a checkpoint."""
     return {layer: [source, float(weight)] for layer, (source, weight) in model.kv_blend.items()}
+
+
+# -----------------------------------------------------------------------------
+# state dicts from elsewhere: turning a dense model's weights into a shared model's (adapt.py's abrupt
+# conversion, convert_hf.py and gguf_import.py at import), and what the importers have in common
+
+
+class ConversionError(ValueError):
+    """Bad input to an importer: a directory, file or checkpoint that is not a (supported) Llama. The
+    message says why."""
+
+
+def share_kv_state(state_dict, kv_source, kv_init="own"):
+    """A dense state dict (model.py names) turned into one for kv_source: consumers' K/V projections are
+    dropped; each owner keeps its own (kv_init='own') or takes the mean of the K/V projections of every
+    layer that will use it, itself included ('mean', as LCKV initialises a shared projection)."""
+    if kv_init not in ("own", "mean"):
+        raise ValueError(f"kv_init must be 'own' or 'mean', got {kv_init!r}")
+    out, users = {}, {}
+    for key, tensor in state_dict.items():
+        parts = key.split(".")
+        if len(parts) == 5 and parts[0] == "layers" and parts[3] in ("k_proj", "v_proj"):
+            layer = int(parts[1])
+            users.setdefault((kv_source[layer], parts[3]), []).append(tensor)
+            if kv_source[layer] != layer:
+                continue
+        out[key] = tensor
+    if kv_init == "mean":
+        for (owner, name), tensors in users.items():
+            key = f"layers.{owner}.self_attn.{name}.weight"
+            out[key] = (sum(t.float() for t in tensors) / len(tensors)).to(out[key].dtype)
+    return out
+
+
+def share_attn_state(state_dict, attn_source):
+    """A state dict with the Q and K projections of the attention sharers dropped (EchoAtt): a layer that
+    takes another layer's attention pattern computes no scores of its own."""
+    def is_sharers_q_or_k(key):
+        parts = key.split(".")
+        return parts[0] == "layers" and parts[3] in ("q_proj", "k_proj") and attn_source[int(parts[1])] != int(parts[1])
+    return {k: t for k, t in state_dict.items() if not is_sharers_q_or_k(k)}
+
+
+def collect_state_dict(tensors, config: LlamaConfig, name_of, kv_init="own", dtype=torch.float32, source="",
+                       described_by="config.json") -> dict:
+    """model.py's state dict for `config` from a stream of (where, name, tensor) in a file's own naming;
+    name_of(key) gives the file's name for one of our keys. Shared by the importers (HF, GGUF).
+
+    Every tensor is checked as it arrives (a weight of this model, seen once, the right shape, floating
+    point) and cast to dtype; then share_kv_state drops the consumers' K/V projections
+    (kv_init='own') or averages them into their owner's (kv_init='mean').
+    `where` (a file name) and `source` (the input) only go into error messages.
+    """
+    if kv_init not in ("own", "mean"):
+        raise ConversionError(f"kv_init must be 'own' or 'mean', got {kv_init!r}")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Llama(dataclasses.replace(config, kv_source=None)).state_dict().items()}
+    if config.tie_embeddings:
+        del shapes["lm_head.weight"]  # tied: lm_head is embed_tokens
+    keys = {name_of(k): k for k in shapes}
+
+    state_dict, seen = {}, set()
+    for where, name, tensor in tensors:
+        key = keys.get(name)
+        if key is None:
+            raise ConversionError(f"unexpected key {name!r} in {where}: not a weight of a Llama with this "
+                                  f"{described_by} (not a Llama, or a variant this model does not implement)")
+        if name in seen:
+            raise ConversionError(f"key {name!r} appears twice (again in {where})")
+        if tuple(tensor.shape) != shapes[key]:
+            raise ConversionError(f"shape mismatch for {name!r} in {where}: {tuple(tensor.shape)} in the file, "
+                                  f"{shapes[key]} expected from {described_by}")
+        if not tensor.is_floating_point():
+            raise ConversionError(f"{name!r} in {where} has dtype {tensor.dtype}, expected floating point weights")
+        seen.add(name)
+        state_dict[key] = tensor
+        del tensor
+
+    missing = [name for name in keys if name not in seen]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(f"missing key {missing[0]!r}{more} in {str(source)!r}: the weights do not match "
+                              f"{described_by} or are incomplete")
+    # shared before the cast, so that a mean is taken over the weights as they are in the file
+    shared = share_kv_state(state_dict, config.kv_source, kv_init)
+    return {k: t.to(dtype) for k, t in shared.items()}  # no copy of a memory-mapped tensor already in dtype
+
+
+def hf_config_from_llama(config: LlamaConfig, dtype=torch.float32, extra=None) -> dict:
+    """A config.json that transformers 5.x (rope_parameters, dtype) and 4.x (rope_theta, rope_scaling,
+    torch_dtype) both read: what convert_hf.py export writes, and the hf_config an imported checkpoint
+    carries (its bos/eos ids are how sample.py knows where generation stops)."""
+    rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope_parameters = {**config.rope_scaling, "rope_type": "llama3", "rope_theta": config.rope_theta}
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+    hf = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.n_embd, "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size, "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "rope_theta": config.rope_theta, "rope_scaling": None if config.rope_scaling is None else
+        {**config.rope_scaling, "rope_type": "llama3"},
+        "rope_parameters": rope_parameters, "dtype": dtype_name, "torch_dtype": dtype_name,
+        "use_cache": True,
+    }
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if extra and key in extra:
+            hf[key] = extra[key]
+    return hf
 
 
 # -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ init_from: a checkpoint file (from train.py or convert_hf.py import), a training
 ckpt.pt, or a Hugging Face Llama directory (converted on the fly; --kv_source/--kv_init apply only there).
 Tokenizer, first match wins: --tokenizer (gpt2, a tokenizer.json, a meta.json or a directory holding
 one of them); the HF directory's tokenizer.json; the tokenizer.json a converted checkpoint carries;
-the dataset's meta.json (data/common.py: char table or GPT-2 BPE) for a checkpoint from train.py.
+the dataset's meta.json (dataset.py; char table, GPT-2 BPE or tokenizer.json) for a checkpoint from train.py.
 Generation stops at the model's end-of-sequence token when it has one; past the context it goes on
 over the most recent tokens (model.generate).
 """
@@ -24,9 +24,10 @@ import torch
 from checkpoint import load_model
 from configurator import DTYPES, configure, resolve_device, resolve_dtype, run_script, settings_from
 from convert_hf import load_hf_llama
-from data.common import GPT2_EOT, dataset_dir, get_codec, load_meta
+from dataset import dataset_dir, load_meta
 from quantize import quantize_int8
 from speed import use_decode_paths
+from tokenizer import GPT2_VOCAB_SIZE, HFTokenizer, from_meta
 
 # -----------------------------------------------------------------------------
 init_from = "out-shakespeare-char"  # checkpoint file, training out_dir (train.py's default), or HF Llama directory
@@ -57,55 +58,15 @@ class SampleError(ValueError):
 
 
 # -----------------------------------------------------------------------------
-# tokenizers: data/common.py owns the dataset meta.json format and its codecs (char, GPT-2 BPE)
+# which tokenizer: tokenizer.py has the three kinds (char table, GPT-2 BPE, tokenizer.json)
 
 
-class DatasetTokenizer:
-    """The codec of a dataset's meta (data.common.get_codec) with sample.py's errors."""
-
-    def __init__(self, meta, where):
-        self.name = f"{meta.get('tokenizer')} ({where})"
-        try:
-            self.vocab_size = meta["vocab_size"]
-            self._encode, self._decode = get_codec(meta)
-        except KeyError as e:
-            raise SampleError(f"{where} lacks {e}: not a dataset meta.json (re-run the dataset's prepare.py)") from None
-        except ValueError as e:  # unknown tokenizer; gpt2.tiktoken missing or corrupt
-            raise SampleError(f"{where}: {e}") from None
-
-    def encode(self, text):
-        try:
-            return self._encode(text)
-        except ValueError as e:  # characters outside a char dataset's table
-            raise SampleError(f"the prompt cannot be encoded by the {self.name} tokenizer: {e}") from None
-
-    def token_text(self, i):
-        return ""  # dataset codecs have no special tokens for a chat template
-
-    def decode(self, ids):
-        # a model's vocabulary may be bigger than its dataset's (vocab_size padded up): such ids print as U+FFFD
-        parts, run = [], []
-        for i in ids:
-            if i < self.vocab_size:
-                run.append(i)
-            else:
-                parts += [self._decode(run), "\ufffd"]
-                run = []
-        return "".join(parts) + self._decode(run)
-
-
-class HFTokenizer:
-    def __init__(self, tok, source):
-        self.name, self.tok = f"tokenizer.json ({source})", tok
-
-    def encode(self, text):
-        return self.tok.encode(text).ids  # adds BOS where the tokenizer's post-processor does, as HF does
-
-    def decode(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def token_text(self, i):
-        return "" if i is None else (self.tok.id_to_token(i) or "")
+def meta_tokenizer(meta, where):
+    """The tokenizer a dataset's meta names, with sample.py's error."""
+    try:
+        return from_meta(meta, where)
+    except ValueError as e:  # names `where`: a missing key, an unknown tokenizer, a missing file
+        raise SampleError(str(e)) from None
 
 
 def dataset_tokenizer(data_dir):
@@ -117,13 +78,13 @@ def dataset_tokenizer(data_dir):
         raise SampleError(f"cannot read {path}: {e}") from None
     except ValueError as e:  # load_meta's own message names the file
         raise SampleError(str(e)) from None
-    return DatasetTokenizer(meta, path)
+    return meta_tokenizer(meta, path)
 
 
 def tokenizer_from_spec(spec):
     """--tokenizer: gpt2, a tokenizer.json, a meta.json, or a directory holding one of them."""
     if spec.lower() in ("gpt2", "r50k_base"):
-        return DatasetTokenizer({"tokenizer": "gpt2", "vocab_size": GPT2_EOT + 1}, "--tokenizer")
+        return meta_tokenizer({"tokenizer": "gpt2", "vocab_size": GPT2_VOCAB_SIZE}, "--tokenizer")
     if os.path.isdir(spec):
         for name in ("tokenizer.json", "meta.json"):
             if os.path.isfile(os.path.join(spec, name)):
@@ -135,24 +96,19 @@ def tokenizer_from_spec(spec):
     if os.path.basename(spec) == "meta.json":
         return dataset_tokenizer(os.path.dirname(spec))
     try:
-        return hf_tokenizer(spec)
+        return model_tokenizer(spec)
     except SampleError:
         raise
     except Exception as e:
         raise SampleError(f"--tokenizer={spec}: not a tokenizer.json the tokenizers library can read ({e})") from None
 
 
-def hf_tokenizer(path=None, json_text=None):
-    """tokenizer.json through the tokenizers library, imported only here: sampling a checkpoint trained on
-    a char or GPT-2 dataset needs neither it nor safetensors."""
+def model_tokenizer(path=None, json_text=None):
+    """The tokenizer.json a model comes with (a file, or the text a converted checkpoint carries)."""
     try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise SampleError("this model's tokenizer is a tokenizer.json, which needs the 'tokenizers' package: "
-                          "pip install tokenizers") from None
-    if json_text is not None:
-        return HFTokenizer(Tokenizer.from_str(json_text), "carried by the checkpoint")
-    return HFTokenizer(Tokenizer.from_file(path), path)
+        return HFTokenizer.load(path, json_text, name=f"tokenizer.json ({path or 'carried by the checkpoint'})")
+    except ImportError as e:  # the tokenizers package is missing: say which to install
+        raise SampleError(str(e)) from None
 
 
 def find_tokenizer(spec, data_dir, ckpt, hf_dir):
@@ -163,12 +119,12 @@ def find_tokenizer(spec, data_dir, ckpt, hf_dir):
     if hf_dir is not None:
         path = os.path.join(hf_dir, "tokenizer.json")
         if os.path.isfile(path):
-            return hf_tokenizer(path)
+            return model_tokenizer(path)
         raise SampleError(f"no tokenizer.json in {hf_dir}: pass --tokenizer=...")
     if ckpt.get("tokenizer_json"):
-        return hf_tokenizer(json_text=ckpt["tokenizer_json"])
+        return model_tokenizer(json_text=ckpt["tokenizer_json"])
     if isinstance(ckpt.get("meta"), dict):
-        return DatasetTokenizer(ckpt["meta"], "the checkpoint's 'meta'")
+        return meta_tokenizer(ckpt["meta"], "the checkpoint's 'meta'")
     dataset = (ckpt.get("config") or {}).get("dataset") if isinstance(ckpt.get("config"), dict) else None
     if dataset:  # where train.py found it, or under --data_dir
         d = os.path.join(data_dir, str(dataset)) if data_dir else dataset_dir(str(dataset))
@@ -271,7 +227,10 @@ def check_settings(s):
 
 
 def encode_prompt(tok, prompt, vocab_size):
-    ids = tok.encode(prompt)
+    try:
+        ids = tok.encode(prompt)
+    except ValueError as e:  # characters outside a char dataset's table
+        raise SampleError(f"the prompt cannot be encoded by the {tok.name} tokenizer: {e}") from None
     if not ids:
         raise SampleError("the prompt encodes to no tokens: give a non-empty --start")
     if max(ids) >= vocab_size:

@@ -32,9 +32,9 @@ from checkpoint import (CKPT_NAME, SAMPLING_KEYS, blend_state, load_checkpoint, 
                         remove_stale_temps, restore_rng, rng_state, save_checkpoint)
 from configurator import (ConfigError, canonical_dtype, close_runtime, configure, init_runtime, peak_flops_for,
                           run_script, settings_from)
-from data.common import (BatchSampler, dataset_dir, ensure_dataset, load_meta, open_tokens, tokenizer_identity,
-                         tokenizer_json_identity)
+from dataset import BatchSampler, dataset_dir, ensure_dataset, load_meta, open_tokens
 from model import Llama, LlamaConfig, parse_kv_source
+from tokenizer import tokenizer_identity, tokenizer_json_identity
 
 # -----------------------------------------------------------------------------
 # settings (the embedded default run = config/train_shakespeare_char.py)

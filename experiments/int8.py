@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from checkpoint import load_model  # noqa: E402
 from configurator import configure, run_script, settings_from  # noqa: E402
-from data.common import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
+from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
 from quantize import quantize_int8  # noqa: E402
 

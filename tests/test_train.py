@@ -227,7 +227,7 @@ def test_checkpoint_conflicts_with_command_line(data_dir, tmp_path):
 
 def test_block_size_longer_than_data(tmp_path):
     import numpy as np
-    from data.common import write_meta, write_tokens
+    from dataset import write_meta, write_tokens
     write_tokens(str(tmp_path / "train.bin"), np.arange(100) % 5, 5)
     write_tokens(str(tmp_path / "val.bin"), np.arange(10) % 5, 5)
     write_meta(str(tmp_path), 5, "char", chars=list("abcde"))
@@ -353,7 +353,7 @@ def test_a_tokenizer_json_dataset_matches_the_checkpoint_that_carries_it(tmp_pat
     however it was formatted, and is refused on data of another tokenizer.json."""
     import json as json_
     import numpy as np
-    from data.common import write_meta, write_tokens
+    from dataset import write_meta, write_tokens
     tokenizer = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}, "added_tokens": []}
     d = tmp_path / "data"
     d.mkdir()

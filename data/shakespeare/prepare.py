@@ -14,7 +14,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import GPT2_EOT, gpt2_encoding, shakespeare_text, write_meta, write_tokens  # noqa: E402
+from dataset import shakespeare_text, write_meta, write_tokens  # noqa: E402
+from tokenizer import GPT2Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,13 +25,12 @@ def prepare(data_dir=HERE, archive=None, text=None, quiet=False):
     if text is None:
         text = shakespeare_text(data_dir, archive)
     n = int(len(text) * 0.9)
-    enc = gpt2_encoding()
-    vocab = enc.n_vocab  # 50257
-    train = np.array(enc.encode_ordinary(text[:n]), dtype=np.int64)
-    val = np.array(enc.encode_ordinary(text[n:]), dtype=np.int64)
+    tok = GPT2Tokenizer()
+    vocab = tok.vocab_size  # 50257
+    train, val = (np.array(ids, dtype=np.int64) for ids in tok.encode_batch([text[:n], text[n:]]))
     write_tokens(os.path.join(data_dir, "train.bin"), train, vocab)
     write_tokens(os.path.join(data_dir, "val.bin"), val, vocab)
-    meta = write_meta(data_dir, vocab, "gpt2", eot_token=GPT2_EOT)
+    meta = write_meta(data_dir, vocab, "gpt2", eot_token=tok.eot_id)
     if not quiet:
         print(f"GPT-2 BPE: train {len(train):,} tokens, val {len(val):,} tokens -> {data_dir}")
     return meta

@@ -13,15 +13,15 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import shakespeare_text, write_meta, write_tokens  # noqa: E402
+from dataset import shakespeare_text, write_meta, write_tokens  # noqa: E402
+from tokenizer import CharTokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def encode_chars(text, val_fraction=0.1):
     chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    ids = np.array(CharTokenizer(chars).encode(text), dtype=np.uint16)
     n = int(len(ids) * (1 - val_fraction))
     return chars, ids[:n], ids[n:]
 

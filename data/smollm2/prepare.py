@@ -19,7 +19,7 @@ import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from data.common import pip_download, sha256_file  # noqa: E402
+from dataset import pip_download, sha256_file  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOWNLOADS = os.path.join(HERE, "downloads")

