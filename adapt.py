@@ -13,10 +13,12 @@ experiments/echo.py:
   since nothing there requires a gradient: those layers cost a forward pass only;
 - optionally the dense model teaches: loss = (1 - a) * CE + a * T^2 * KL(teacher || student).
 
-Everything about adaptation lives here: the schedule (`Adaptation`), blending and switching a layer
-(`start_blend`, `make_consumer`), freezing, the teacher and its loss (`setup_adaptation`,
-`distillation_loss`), and calibration. train.py only calls `setup_adaptation` once and
-`Adaptation.apply` every iteration. Run this file to calibrate a dense model, or to convert it:
+Everything about adaptation lives here: train.py's adapt_* and distill_* settings (TRAINING_SETTINGS),
+the schedule (`Adaptation`), blending and switching a layer (`start_blend`, `make_consumer`), freezing,
+the teacher and its loss (`setup_adaptation`, `setup_distillation`, `loss_with_teacher`), and
+calibration. train.py calls `setup_adaptation` and `setup_distillation` once, `Adaptation.apply` every
+iteration (through sharding.ParallelModel.adapt) and `loss_with_teacher` every micro-step while the
+teacher teaches. Run this file to calibrate a dense model, or to convert it:
 
     .venv/bin/python adapt.py --init_from=out-shakespeare-char-dense --n_share=2
     .venv/bin/python adapt.py --init_from=out-shakespeare-char-dense --convert_to=upper:half --kv_init=mean \\
@@ -36,7 +38,7 @@ from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
 from model import LlamaConfig, parse_kv_source, validate_kv_source
 
 # -----------------------------------------------------------------------------
-# settings of `python adapt.py`; the settings of gradual adaptation in training are train.py's adapt_*
+# settings of `python adapt.py`; those of adaptation during training are TRAINING_SETTINGS, below
 init_from = "out-shakespeare-char-dense"  # a dense checkpoint file or training out_dir
 dataset = ""                 # '' = the dataset the checkpoint was trained on
 n_share = -1                 # calibrate: layers to turn into consumers in the proposed map; -1 = half
@@ -54,6 +56,28 @@ local_iters = 0              # convert: steps of layer-local distillation of the
 local_lr = 1e-3
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
+
+# train.py's settings for adapting a pretrained model into a KV-shared one while training it: train.py
+# takes them like its own (command line, config files, --help); they live here, with what reads them
+TRAINING_SETTINGS = dict(
+    # layer-wise adaptation (Adaptation); off while adapt_target is ''
+    adapt_target="",            # the kv_source to reach, e.g. 'upper:half'; start from init_from=<dense checkpoint>
+    adapt_mode="gradual",       # 'gradual' (stage by stage, blending K/V) or 'abrupt' (all layers at iteration 0)
+    adapt_order="top-down",     # 'top-down', 'bottom-up', 'similarity' (needs adapt_similarity) or a list like 5,4,3
+    adapt_stage_iters=100,      # iterations per stage (gradual)
+    adapt_layers_per_stage=1,
+    adapt_train_layers="all",   # 'all', 'converted' (consumers and their owners), 'upward' (lowest consumer and up)
+    adapt_similarity="",        # kv_similarity.pt from `python adapt.py`, for adapt_order='similarity'
+    # learning from a frozen dense teacher (Distillation): loss = (1 - a - g - h) * CE(data)
+    #   + a * T^2 * KL(teacher || student) + g * CE(teacher's argmax) + h * MSE(hidden states); all 0: no teacher
+    distill_alpha=0.0,          # a: soft logits at distill_temperature
+    distill_temperature=1.0,
+    distill_argmax=0.0,         # g: the teacher's argmax tokens as labels (EchoAtt: 0.5)
+    distill_hidden=0.0,         # h: residual stream entering distill_hidden_layers (EchoAtt: 0.25, with a = 0.25)
+    distill_hidden_layers="",   # e.g. '10,20' (EchoAtt: the boundaries of the shared blocks)
+    distill_iters=0,            # stage 1 length; then plain CE without the teacher (stage 2). 0: the whole run
+    distill_teacher="",         # the teacher's checkpoint; '' = the init_from file (name it when resuming)
+)
 
 ORDERS = ("top-down", "bottom-up", "similarity")
 TRAIN_LAYERS = ("all", "converted", "upward")
@@ -243,8 +267,16 @@ class HiddenTap:
     """Keeps the residual stream entering chosen layers of a model at its latest forward pass."""
 
     def __init__(self, model, layers):
-        self.states = {}
-        for i in layers:
+        self.states, self.layers, self.model = {}, tuple(layers), None
+        self.follow(model)
+
+    def follow(self, model):
+        """Tap `model`, unless it is the one tapped already: under FSDP a stage switch rebuilds the student
+        (sharding.ParallelModel.adapt), whose new module must be tapped again."""
+        if model is self.model:
+            return
+        self.model = model
+        for i in self.layers:
             model.layers[i].input_layernorm.register_forward_pre_hook(
                 lambda m, args, i=i: self.states.__setitem__(i, args[0]))
 
@@ -287,6 +319,33 @@ def setup_adaptation(model, target, mode, order, stage_iters, layers_per_stage, 
     adaptation = Adaptation(model.config.kv_source, target, mode, order, stage_iters, layers_per_stage, similarity)
     freeze(model, adaptation.target, train_layers)
     return adaptation
+
+
+def setup_distillation(s, student, device):
+    """(teacher, Distillation, (student, teacher) HiddenTaps or None) for train.py's distill_* settings s;
+    (None, None, None) when no weight is above 0."""
+    if s.distill_alpha + s.distill_argmax + s.distill_hidden <= 0:
+        return None, None, None
+    teacher_path = s.distill_teacher or (s.init_from if s.init_from not in ("scratch", "resume") else "")
+    if not teacher_path:
+        raise ConfigError("distillation needs its teacher: set distill_teacher=<the dense checkpoint adaptation "
+                          "started from> (init_from is not a file here)")
+    layers = tuple(parse_layer_list(s.distill_hidden_layers, student.config.n_layer, "distill_hidden_layers"))
+    teacher = load_teacher(teacher_path, student.config, device)
+    distill = Distillation(s.distill_alpha, s.distill_argmax, s.distill_hidden, s.distill_temperature, layers,
+                           s.distill_iters)
+    taps = (HiddenTap(student, layers), HiddenTap(teacher, layers)) if s.distill_hidden else None
+    return teacher, distill, taps
+
+
+def parse_layer_list(text, n_layer, name):
+    try:
+        layers = [int(t) for t in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: expected comma-separated layer indices like 10,20") from None
+    if any(not 0 <= i < n_layer for i in layers):
+        raise ConfigError(f"{name}={text!r}: layer indices must lie in 0..{n_layer - 1}")
+    return layers
 
 
 def load_teacher(path, student_config, device):

@@ -1,6 +1,7 @@
 """
 Checkpoints: written atomically, read with validation, and turned into a ready model by one function
-(`load_model`) that train.py, sample.py, convert_hf.py, adapt.py, bench.py and the tests all use.
+(`load_model`) that train.py, sample.py, convert_hf.py, adapt.py, bench.py and the tests all use; and
+the training state train.py writes into one and resumes from (the section at the end).
 
 A checkpoint is a dict saved with torch.save:
   model          the plain module's state dict (no torch.compile / DDP prefixes)
@@ -24,7 +25,7 @@ import zipfile
 import numpy as np
 import torch
 
-from configurator import DTYPES
+from configurator import DTYPES, ConfigError
 from model import Llama, LlamaConfig, rope_tables
 
 CKPT_NAME = "ckpt.pt"
@@ -357,3 +358,68 @@ def restore_rng(rng: dict):
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# the training state: what train.py writes at each evaluation and resumes from
+
+# train.py's settings that are model_config fields: a checkpoint's architecture wins over their defaults
+MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "vocab_size", "block_size",
+              "rope_theta", "norm_eps", "tie_embeddings", "kv_source")
+
+
+def checkpoint_to_start_from(init_from, out_dir):
+    """(path, checkpoint dict) for init_from='resume' (out_dir's) or a file; (None, None) from scratch."""
+    if init_from == "scratch":
+        return None, None
+    path = os.path.join(out_dir, CKPT_NAME) if init_from == "resume" else init_from
+    if not os.path.isfile(path):
+        raise ConfigError(f"init_from=resume but {path} does not exist: train from scratch first, or set init_from "
+                          "to a checkpoint file" if init_from == "resume" else
+                          f"init_from={path!r}: no such file (use 'scratch', 'resume' or a checkpoint path)")
+    return path, load_checkpoint(path)
+
+
+def settings_from_checkpoint(s, explicit, ckpt):
+    """On resume the model settings not given are the run's (its saved config, else the model's), not
+    train.py's defaults: block_size, which sizes the batches, and what the log and the next checkpoint
+    record; and so are max_iters and lr_decay_iters: a resumed run continues its own schedule unless told
+    otherwise."""
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    for key in MODEL_KEYS + ("max_iters", "lr_decay_iters"):
+        if key not in explicit and (key in saved or key in ckpt["model_config"]):
+            value = saved.get(key, ckpt["model_config"].get(key))
+            setattr(s, key, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value)
+
+
+def make_checkpoint(raw_model, states, scaler, iter_num, best_val_loss, sampler, settings, carried):
+    """states: (model state_dict, optimizer state_dict), unsharded (sharding.ParallelModel.full_state).
+    carried: what sample.py needs (SAMPLING_KEYS): the tokenizer and chat template of the checkpoint the
+    run started from, and the dataset's meta."""
+    ckpt = carried | {"model": states[0], "optimizer": states[1],
+            "model_config": raw_model.config.to_dict(), "kv_blend": blend_state(raw_model), "iter_num": iter_num,
+            "best_val_loss": best_val_loss, "rng": rng_state(), "sampler": sampler.state_dict(),
+            "config": dict(settings)}
+    if scaler is not None and scaler.is_enabled():
+        ckpt["scaler"] = scaler.state_dict()
+    return ckpt
+
+
+def restore_training_state(ckpt, optimizer, scaler, seed, master):
+    """(iter_num, best_val_loss, data seed) of a run to resume; loads optimizer, scaler and RNG state."""
+    for key in ("optimizer", "iter_num"):
+        if key not in ckpt:
+            raise ConfigError(f"init_from=resume: the checkpoint lacks {key!r} (it holds weights only); "
+                              "use init_from=<that file> to start a new run from its weights")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"checkpoint optimizer state does not fit the model: {e}") from None
+    if "scaler" in ckpt and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    data_seed = ckpt.get("sampler", {}).get("seed", seed)
+    if master and data_seed != seed:
+        print(f"note: resuming the data stream of seed {data_seed} from the checkpoint (not seed={seed})")
+    if "rng" in ckpt and master:
+        restore_rng(ckpt["rng"])
+    return ckpt["iter_num"], ckpt.get("best_val_loss", float("inf")), data_seed

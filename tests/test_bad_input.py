@@ -24,6 +24,7 @@ import torch
 import adapt
 import checkpoint
 import convert_hf
+import guards
 import sample
 import train
 from checkpoint import load_checkpoint
@@ -88,7 +89,7 @@ def world(tmp_path_factory, data_dir):
                                       "badmeta", "locked")})
     p.update(flip=str(w / "flip" / "ckpt.pt"), notutf8=str(w / "notutf8.txt"), dict=str(w / "dict.pt"),
              sim3=str(w / "sim3.pt"))
-    lock = train.lock_out_dir(p["locked"])  # as a run in progress holds it
+    lock = guards.lock_out_dir(p["locked"])  # as a run in progress holds it
     yield p
     lock.close()
 
@@ -187,7 +188,7 @@ def test_resume_takes_block_size_and_the_model_settings_from_the_checkpoint(data
 def test_an_out_dir_without_write_permission_is_found_at_the_start(data_dir, tmp_path, monkeypatch, capsys):
     """As root a chmod cannot take the permission away, so os.access answers as it would for a user."""
     os.makedirs(tmp_path / "ro")
-    monkeypatch.setattr(train.os, "access", lambda path, mode: os.path.abspath(path) != str(tmp_path / "ro"))
+    monkeypatch.setattr(guards.os, "access", lambda path, mode: os.path.abspath(path) != str(tmp_path / "ro"))
     rc = run_script(train.main, TINY + [f"--dataset={data_dir}", f"--out_dir={tmp_path / 'ro' / 'run'}"])
     monkeypatch.undo()
     err = capsys.readouterr().err
@@ -196,7 +197,7 @@ def test_an_out_dir_without_write_permission_is_found_at_the_start(data_dir, tmp
 
 
 def test_a_second_run_into_a_locked_out_dir_refuses_and_a_killed_run_leaves_no_lock(data_dir, tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; lock = train.lock_out_dir(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, guards; lock = guards.lock_out_dir(sys.argv[1]); "
                                "print('locked', flush=True); time.sleep(120)", str(tmp_path)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -298,18 +299,22 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(data_dir, tmp
 
 
 def interrupt_at(monkeypatch, iteration, *gaps):
-    """Trainer.step sends this process SIGINT at `iteration`, then again after each gap (seconds)."""
-    real = train.Trainer.step
+    """The forward pass of training step `iteration` (one micro-step each) sends this process SIGINT, then
+    again after each gap (seconds)."""
+    from model import Llama
+    real, calls = Llama.forward, {"train": 0}
 
-    def step(self, iter_num, lr):
-        if iter_num == iteration:
-            os.kill(os.getpid(), signal.SIGINT)
-            for gap in gaps:
-                time.sleep(gap)
+    def forward(self, *args, **kw):
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if calls["train"] == iteration + 1:
                 os.kill(os.getpid(), signal.SIGINT)
-        return real(self, iter_num, lr)
+                for gap in gaps:
+                    time.sleep(gap)
+                    os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kw)
 
-    monkeypatch.setattr(train.Trainer, "step", step)
+    monkeypatch.setattr(Llama, "forward", forward)
 
 
 def test_ctrl_c_twice_at_once_is_one_stop_and_checkpoints(data_dir, tmp_path, monkeypatch):
@@ -389,7 +394,7 @@ def test_export_in_bfloat16_verifies_and_a_failed_verify_leaves_nothing(world, t
 def test_gradient_accumulation_is_rounded_up_to_the_world_size_unless_given(given, world_size, want):
     s, explicit = train.configure(train.DEFAULTS, [], "", train.CHOICES)
     s.gradient_accumulation_steps = given
-    note = train.accumulation_for_world(s, explicit, world_size)
+    note = guards.accumulation_for_world(s, explicit, world_size)
     assert s.gradient_accumulation_steps == want and (note is None) == (given == want)
     s, explicit = train.configure(train.DEFAULTS, [f"--gradient_accumulation_steps={given}"], "", train.CHOICES)
-    assert train.accumulation_for_world(s, explicit, world_size) is None and s.gradient_accumulation_steps == given
+    assert guards.accumulation_for_world(s, explicit, world_size) is None and s.gradient_accumulation_steps == given

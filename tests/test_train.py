@@ -174,24 +174,42 @@ def test_killed_write_leftover_is_ignored(data_dir, tmp_path):
     assert run(data_dir, tmp_path, "--init_from=resume", "--max_iters=3", "--eval_interval=3")["iters"] == 3
 
 
-def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
-    real = train.Trainer.loss
-    calls = {"train": 0}
+def poison_training_forward(monkeypatch, nth):
+    """The nth forward pass of training (evaluation runs without gradients and is not counted) returns a
+    NaN loss, as a diverging run would."""
+    real, calls = Llama.forward, {"train": 0}
 
-    def poisoned(self, model, X, Y, *rest, **kw):  # whatever else Trainer.loss takes (teacher, ...)
-        loss = real(self, model, X, Y, *rest, **kw)
+    def poisoned(self, *args, **kw):
+        logits, loss = real(self, *args, **kw)
         if torch.is_grad_enabled():
             calls["train"] += 1
-            if calls["train"] == 4:  # iter 3
-                return loss * float("nan")
-        return loss
+            if calls["train"] == nth:
+                return logits, loss * float("nan")
+        return logits, loss
 
-    monkeypatch.setattr(train.Trainer, "loss", poisoned)
+    monkeypatch.setattr(Llama, "forward", poisoned)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
+    poison_training_forward(monkeypatch, 4)  # iter 3
     with pytest.raises(ValueError, match=r"training loss is nan at iter 3.*checkpoint .*ckpt.pt \(iter 2\) was kept"):
         run(data_dir, tmp_path, "--max_iters=6", "--eval_interval=2")
     ck = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ck["iter_num"] == 2
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_nan_loss_between_log_steps_is_caught_before_the_next_checkpoint(data_dir, tmp_path, monkeypatch):
+    """The loss is read back at log steps only; a NaN at an iteration that logs nothing still stops the run
+    at the next evaluation, naming its iteration, and the checkpoint before it stays byte for byte."""
+    run(data_dir, tmp_path, "--max_iters=2", "--eval_interval=2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    poison_training_forward(monkeypatch, 2)  # the resumed run's second step: iter 3
+    with pytest.raises(ValueError, match=r"training loss is nan at iter 3: .*ckpt.pt \(iter 2\) was kept\. Lower"):
+        run(data_dir, tmp_path, "--init_from=resume", "--max_iters=8", "--eval_interval=4", "--log_interval=5")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert records(tmp_path, "diverged")[-1]["iter"] == 3
+    assert [r["iter"] for r in records(tmp_path, "eval")] == [0, 2]  # the first run's: iter 4 was not evaluated
 
 
 def test_corrupt_checkpoint(data_dir, tmp_path):

@@ -1,0 +1,272 @@
+"""
+What a training run refuses, found before it does any work: settings that are wrong whatever the model
+and data (`check_settings`), an out_dir that cannot be written, a checkpoint whose architecture or
+tokenizer the settings and data contradict, a new run that would replace out_dir's checkpoint of
+another model; and the out_dir itself, which a run claims with a lock (`claim_out_dir`) so that a
+second run into it refuses. Each refusal is a ConfigError whose message names the setting or file and
+the way out. train.py calls each of these in one line.
+"""
+
+import math
+import os
+import socket
+import time
+
+import torch
+
+from checkpoint import CKPT_NAME, MODEL_KEYS, load_checkpoint, remove_stale_temps
+from configurator import ConfigError, canonical_dtype
+from dataset import dataset_dir, load_meta
+from model import parse_kv_source
+from sharding import rank_max
+from tokenizer import tokenizer_identity, tokenizer_json_identity
+
+# Ranges checked at the start, naming the setting: a wrong value is otherwise found late and under another
+# name (a NaN loss, an optimizer's "Invalid learning rate") or not at all (a negative warm-up).
+INT_LOWS = {"batch_size": 1, "block_size": 1, "gradient_accumulation_steps": 1, "eval_interval": 1,
+            "log_interval": 1, "eval_iters": 1, "max_iters": 0, "warmup_iters": 0, "lr_decay_iters": 0,
+            "adapt_stage_iters": 1, "adapt_layers_per_stage": 1, "distill_iters": 0}
+FLOAT_RULES = {"learning_rate": (lambda v: v > 0, "> 0"), "min_lr": (lambda v: v >= 0, ">= 0"),
+               "weight_decay": (lambda v: v >= 0, ">= 0"), "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+               "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"), "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+               "rope_theta": (lambda v: v > 0, "> 0"), "norm_eps": (lambda v: v > 0, "> 0"),
+               "peak_flops": (lambda v: v >= 0, ">= 0 (0: the GPU's datasheet value)")}
+
+
+def check_settings(s, explicit, world_size, torchrun=False):
+    """Settings that are wrong whatever the model and data: a ConfigError naming the setting."""
+    if s.fsdp:
+        check_fsdp(s, torchrun)
+    for key, low in INT_LOWS.items():
+        if getattr(s, key) < low:
+            raise ConfigError(f"{key}={getattr(s, key)} must be >= {low}")
+    for key, (ok, want) in FLOAT_RULES.items():
+        if not (math.isfinite(getattr(s, key)) and ok(getattr(s, key))):
+            raise ConfigError(f"{key}={getattr(s, key)} must be a finite number {want}")
+    if s.decay_lr and s.min_lr > s.learning_rate:
+        raise ConfigError(f"min_lr={s.min_lr} is above learning_rate={s.learning_rate}: the schedule would rise "
+                          "while it decays; lower min_lr (often learning_rate / 10) or set decay_lr=False")
+    if not 0 <= s.seed <= 2 ** 32 - world_size:  # numpy seeds each rank with seed + rank, below 2**32
+        raise ConfigError(f"seed={s.seed} must lie in [0, 2**32 - number of ranks]")
+    if s.gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={s.gradient_accumulation_steps} does not divide over "
+                          f"{world_size} ranks: it counts micro-steps in total over all ranks, make it a "
+                          f"multiple of {world_size}")
+    weights = (s.distill_alpha, s.distill_argmax, s.distill_hidden)
+    if not all(map(math.isfinite, weights)) or min(weights) < 0 or sum(weights) > 1 or \
+            not (math.isfinite(s.distill_temperature) and s.distill_temperature > 0):
+        raise ConfigError("distill_alpha, distill_argmax and distill_hidden must be >= 0 with a sum <= 1 (the data's "
+                          "cross-entropy gets the rest), and distill_temperature > 0")
+    if s.distill_hidden > 0 and not s.distill_hidden_layers:
+        raise ConfigError("distill_hidden > 0 needs distill_hidden_layers, e.g. --distill_hidden_layers=10,20")
+    check_applicable(s, explicit)
+
+
+def check_fsdp(s, torchrun):
+    """What --fsdp=True cannot take, refused before any work."""
+    if not torchrun:
+        raise ConfigError("fsdp=True shards over the processes of torchrun: start it with "
+                          "`.venv/bin/torchrun --standalone --nproc_per_node=N train.py ... --fsdp=True`")
+    if s.compile is True:
+        raise ConfigError("fsdp=True with compile=True is not supported here (untested): drop --compile or set "
+                          "--compile=False")
+    gpu = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
+    if canonical_dtype(s.dtype) == "float16" or (s.dtype == "auto" and gpu and not torch.cuda.is_bf16_supported()):
+        raise ConfigError("fsdp=True with dtype=float16 is not supported (its GradScaler does not shard): use "
+                          "--dtype=bfloat16")
+    if s.device == "mps":
+        raise ConfigError("fsdp=True needs CPUs (gloo) or CUDA GPUs (nccl), not device=mps")
+
+
+def check_applicable(s, explicit):
+    """Settings given for something this run does not do are an error, not silently ignored."""
+    distilling = s.distill_alpha + s.distill_argmax + s.distill_hidden > 0
+    groups = ((not s.adapt_target, lambda k: k.startswith("adapt_") and k != "adapt_target",
+               "an adaptation run: set adapt_target too"),
+              (not distilling, lambda k: k.startswith("distill_") and k not in ("distill_alpha", "distill_argmax",
+                                                                                "distill_hidden"),
+               "distillation: set distill_alpha, distill_argmax or distill_hidden > 0 too"))
+    for off, belongs, what in groups:
+        unused = sorted(k for k in explicit if belongs(k)) if off else []
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only to {what}, "
+                              "or drop it")
+    if s.adapt_similarity and s.adapt_order != "similarity":
+        raise ConfigError(f"adapt_similarity is read only with adapt_order=similarity (adapt_order={s.adapt_order!r})")
+
+
+def accumulation_for_world(s, explicit, world_size):
+    """`torchrun --nproc_per_node=N train.py` must run as written: gradient_accumulation_steps counts
+    micro-steps over all ranks, so unless it was given it becomes the smallest multiple of the number of
+    ranks at or above it. The note to log, or None when nothing changed."""
+    steps = s.gradient_accumulation_steps
+    if "gradient_accumulation_steps" in explicit or steps % world_size == 0:
+        return None
+    s.gradient_accumulation_steps = -(-steps // world_size) * world_size
+    return (f"note: gradient_accumulation_steps={s.gradient_accumulation_steps} (not {steps}): the smallest "
+            f"multiple of the {world_size} ranks; set it explicitly to choose another")
+
+
+def check_out_dir_writable(out_dir):
+    """out_dir must be, or be creatable as, a writable directory: found now rather than at the first save,
+    after the work. Nothing is created here, so a bad setting found later leaves nothing behind."""
+    if not out_dir:
+        raise ConfigError("out_dir='': name the directory for ckpt.pt and log.jsonl")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"out_dir={out_dir!r} cannot be a directory: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir={out_dir!r} is not writable: no write permission on {existing}")
+
+
+# -----------------------------------------------------------------------------
+# the checkpoint a run starts from, and the one it would replace
+
+
+def model_settings_conflicts(s, explicit, ckpt_config, resume):
+    """Model settings given explicitly that disagree with the checkpoint's architecture."""
+    conflicts = []
+    for k in MODEL_KEYS:
+        if k not in explicit or k not in ckpt_config:
+            continue
+        mine, theirs = getattr(s, k), ckpt_config[k]
+        if k == "kv_source":
+            try:
+                same = parse_kv_source(mine, ckpt_config["n_layer"]) == parse_kv_source(theirs, ckpt_config["n_layer"])
+            except ValueError:
+                same = False
+        elif k == "block_size" and not resume:
+            same = True  # finetuning at another context length is fine: it only sizes RoPE tables
+        else:
+            same = mine == theirs or (k == "vocab_size" and mine == 0)
+        if not same:
+            conflicts.append(f"{k}={mine!r} (checkpoint: {theirs!r})")
+    return conflicts
+
+
+def trained_tokenizer(ckpt):
+    """(description, identity) of the tokenizer a checkpoint's model was trained with; None if unknown."""
+    if ckpt.get("tokenizer_json"):
+        return "the Hugging Face tokenizer.json it carries", tokenizer_json_identity(ckpt["tokenizer_json"])
+    if isinstance(ckpt.get("meta"), dict):
+        return f"the {ckpt['meta'].get('tokenizer')} tokenizer of its dataset", tokenizer_identity(ckpt["meta"])
+    if ckpt.get("hf_config"):  # converted from a Hugging Face directory that had no tokenizer.json
+        return "its Hugging Face model's tokenizer", ("hf",)
+    dataset = (ckpt.get("config") or {}).get("dataset")
+    if dataset and os.path.isfile(os.path.join(dataset_dir(dataset), "meta.json")):
+        meta = load_meta(dataset_dir(dataset))
+        return f"the {meta['tokenizer']} tokenizer of dataset {dataset}", tokenizer_identity(meta)
+    return None
+
+
+def check_tokenizer(ckpt, path, meta, data_dir):
+    """Token ids only mean something under the tokenizer the model learned them with: training a
+    converted BPE model on character ids (or the char model of another text) runs, but learns nonsense."""
+    theirs = trained_tokenizer(ckpt)
+    if theirs is not None and theirs[1] != tokenizer_identity(meta):
+        raise ConfigError(f"tokenizer mismatch: {path} was trained with {theirs[0]}, but dataset {data_dir} is "
+                          f"tokenized with {meta['tokenizer']} (vocabulary {meta['vocab_size']}): its token ids "
+                          "mean other text to this model. Train on data tokenized with the model's tokenizer, or "
+                          "pass --allow_tokenizer_mismatch=True to do it anyway")
+
+
+def final_kv_source(model_config: dict, adapt_target: str) -> list:
+    """The kv_source a run ends with: its adaptation target if it adapts, else the model's own."""
+    if not adapt_target:
+        return list(model_config["kv_source"])
+    return list(parse_kv_source(adapt_target, model_config["n_layer"]))
+
+
+def check_replaces_same_model(s, config, adaptation, master):
+    """A new run must not silently replace out_dir's checkpoint of another model: refuse, and name the
+    ways out. Refusing (rather than deriving out_dir from the settings) keeps every run's out_dir the
+    one its settings say, which sample.py, resume and experiments/echo.py rely on, and it guards an
+    out_dir given explicitly too. A checkpoint of the same model is replaced, as re-running a command should."""
+    path = os.path.join(s.out_dir, CKPT_NAME)
+    if s.init_from == "resume" or s.eval_only or not os.path.isfile(path):
+        return
+    mine = config.to_dict() | {"kv_source": list(adaptation.target) if adaptation else list(config.kv_source)}
+    try:
+        old = load_checkpoint(path, mmap=True)
+        theirs = dict(old["model_config"])
+        theirs["kv_source"] = final_kv_source(theirs, (old.get("config") or {}).get("adapt_target", ""))
+        differs = [k for k in mine if theirs.get(k) != mine[k]]
+        what = "; ".join(f"{k} {theirs.get(k)!r} there, {mine[k]!r} here" for k in differs)
+    except (ValueError, KeyError, TypeError) as e:
+        old, differs, what = {}, ["unreadable"], f"it cannot be read to compare: {e}"
+    if differs and not s.overwrite:
+        parts = [(s.adapt_target or s.kv_source).replace(":", "").replace(",", "") if k == "kv_source"
+                 else f"{k}{mine.get(k, '')}" for k in differs]
+        raise ConfigError(f"{path} holds a checkpoint of another model ({what}), which this run would replace. "
+                          f"Train into another out_dir (e.g. --out_dir={s.out_dir.rstrip('/')}-{'-'.join(parts)}), "
+                          "continue that checkpoint with --init_from=resume, or replace it with --overwrite=True")
+    if master:
+        print(f"note: this new run replaces {path} (iter {old.get('iter_num', '?')}); --init_from=resume would "
+              "continue it instead", flush=True)
+
+
+def adaptation_note(adaptation, max_iters):
+    """A warning when the run ends before the adaptation schedule does, else None."""
+    if adaptation is not None and max_iters < adaptation.total_iters:
+        return (f"warning: max_iters={max_iters} ends before the last adaptation stage does "
+                f"(iteration {adaptation.total_iters}): the model will not reach adapt_target")
+    return None
+
+
+def finished_message(s, iter_num):
+    """What a resume of a run that already reached max_iters says, rather than a "done" that did nothing."""
+    decay = ("The cosine decay follows max_iters, so the learning rate rises from min_lr again; add "
+             f"--lr_decay_iters={iter_num} to stay at min_lr instead." if not s.lr_decay_iters else
+             f"The learning rate stays at min_lr past lr_decay_iters={s.lr_decay_iters}; add --lr_decay_iters=0 to "
+             "stretch the decay to the new max_iters.")
+    return (f"nothing to do: {os.path.join(s.out_dir, CKPT_NAME)} is at iteration {iter_num}, so this run already "
+            f"reached max_iters={s.max_iters}. To train on, resume with a larger max_iters, e.g. "
+            f"--init_from=resume --max_iters={2 * iter_num}. {decay}")
+
+
+# -----------------------------------------------------------------------------
+# out_dir belongs to one run at a time
+
+
+def lock_out_dir(out_dir):
+    """Create out_dir and hold an exclusive lock on out_dir/.lock while the returned file stays open, so
+    that a second run into the same out_dir refuses instead of mixing its checkpoint and log with ours.
+    The OS drops the lock when the process ends in any way (kill -9 included): a crash leaves none."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:
+        raise ConfigError(f"out_dir={out_dir!r} cannot be written: {e.strerror or e}") from None
+    try:
+        import fcntl
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"out_dir={out_dir!r} is in use by another training run ({holder}): wait for it "
+                          "to end, or choose another out_dir") from None
+    except (ImportError, OSError) as e:  # no fcntl (Windows) or a file system without locks
+        print(f"warning: cannot lock {out_dir}/.lock ({e}): a second run into out_dir would not be refused")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def claim_out_dir(out_dir, rt, cleanup):
+    """Rank 0 locks out_dir until `cleanup` (an ExitStack) closes and, being its only writer now, removes
+    the temp files of a checkpoint write that was killed: the note saying so, or None. All ranks stop if
+    it cannot."""
+    removed, error = [], None
+    if rt.master:
+        try:
+            cleanup.enter_context(lock_out_dir(out_dir))
+            removed = remove_stale_temps(os.path.join(out_dir, CKPT_NAME))
+        except ValueError as e:
+            error = e
+    if rank_max(rt, error is not None):
+        raise error or ConfigError(f"rank 0 could not claim out_dir={out_dir!r}")
+    return f"removed {', '.join(removed)} from {out_dir}: left by a checkpoint write that was killed" if removed else None

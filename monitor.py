@@ -1,0 +1,282 @@
+"""
+What watches a training run while train.py's loop runs it: the log (`Log`, and the start, progress and
+summary lines), the checkpoint at each evaluation (`Saver`), a stop request (`StopSignal`: SIGTERM or
+Ctrl-C), a non-finite loss (`LossWatch`) and the time of the steps (`StepTimer`).
+
+The loop reads nothing back from the device at every step: the loss, the non-finite watch, the stop
+request under DDP and the step times are read at log steps and evaluations, where it waits for the
+device anyway.
+"""
+
+import errno
+import hashlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+from checkpoint import CKPT_NAME, make_checkpoint, save_checkpoint
+from configurator import peak_flops_for
+from sharding import rank_max
+
+
+class Log:
+    """Prints a line and appends a JSON record to out_dir/log.jsonl; silent on the other DDP ranks."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, text=None, **record):
+        if not self.enabled:
+            return
+        if text:
+            print(text, flush=True)
+        if self.path and record:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def open_log(s, rt, notes):
+    """The run's Log (out_dir/log.jsonl), after the notes. A new run starts a new log: it describes this
+    run only, as its checkpoint will."""
+    path = os.path.join(s.out_dir, "log.jsonl")
+    if rt.master and s.init_from != "resume" and not s.eval_only and os.path.exists(path):
+        os.remove(path)
+    log = Log(path, enabled=rt.master)
+    for note in notes:
+        if note:
+            log(note)
+    return log
+
+
+def log_start(log, s, pm, iter_num, tokens_per_iter):
+    c, rt = pm.raw.config, pm.rt
+    n_params = pm.raw.num_params()
+    log(f"model: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers, kv_source {list(c.kv_source)} "
+        f"({len(c.owners)} K/V owners); device {rt.device}, dtype {rt.dtype}, compile {pm.compile_model}, "
+        f"ranks {rt.world_size}{' (FSDP)' if pm.fsdp else ''}; {tokens_per_iter:,} tokens per iteration; "
+        f"starting at iter {iter_num}",
+        kind="start", iter=iter_num, params=n_params, kv_source=list(c.kv_source), device=rt.device,
+        dtype=rt.dtype, compile=pm.compile_model, world_size=rt.world_size, fsdp=pm.fsdp,
+        tokens_per_iter=tokens_per_iter, config=vars(s))
+
+
+def device_peak_flops(setting, rt):
+    """Per-device peak FLOP/s for MFU: the setting, else the GPU's datasheet value; None on CPU."""
+    if setting > 0:
+        return setting
+    if rt.device_type == "cuda":
+        try:
+            return peak_flops_for(torch.cuda.get_device_name(rt.device))
+        except ValueError:
+            return None
+    return None
+
+
+def log_progress(log, pm, iter_num, loss, lr, s_per_iter, tokens_per_iter, block_size, peak):
+    tps = tokens_per_iter / s_per_iter
+    mfu = pm.raw.estimate_mfu(tps / pm.rt.world_size, block_size, peak_flops=peak) if peak else None
+    log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {1000 * s_per_iter:.1f} ms/iter, {tps:,.0f} tokens/s" +
+        (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""),
+        kind="train", iter=iter_num, loss=loss, lr=lr, ms_per_iter=1000 * s_per_iter, tokens_per_s=tps, mfu=mfu)
+
+
+def weights_digest(state_dict):
+    h = hashlib.sha256()
+    for k, t in state_dict.items():
+        h.update(k.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def summarise(summary, pm, log, eval_only):
+    """Under DDP first whether every rank ends with the same weights; then the 'done' line and record."""
+    rt = pm.rt
+    if rt.ddp:
+        import torch.distributed as dist
+        digests = [None] * rt.world_size
+        dist.all_gather_object(digests, weights_digest(pm.full_state()[0]))
+        summary["ddp_weights_identical"] = len(set(digests)) == 1
+        mode = "fsdp: gathered weights" if pm.fsdp else "ddp: weights"
+        log(f"{mode} on all {rt.world_size} ranks are {'identical' if len(set(digests)) == 1 else 'DIFFERENT'} "
+            f"(sha256 {digests[0][:16]})")
+    if not eval_only:
+        tps, val_loss = summary["tokens_per_s"], summary["val_loss"]
+        vl = f"{val_loss:.4f}" if val_loss is not None else "not evaluated"
+        log(f"done: {summary['iters']} iters, val loss {vl}, best {summary['best_val_loss']:.4f}" +
+            (f", {tps:,.0f} tokens/s on average (first step and evaluations excluded)" if tps else ""),
+            kind="done", **summary)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# stopping: a non-finite loss, a full disk, a signal
+
+
+class TrainingDiverged(ValueError):
+    """A non-finite loss. A ValueError like other bad input: the fix is a setting (learning rate, warm-up)."""
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint that could not be written (a full disk); the message says which one was kept."""
+
+
+def stop_message(what, value, iter_num, kept):
+    return f"{what} is {value} at iter {iter_num}: training stopped and nothing after it saved; {kept}"
+
+
+class LossWatch:
+    """Finds a non-finite training loss without reading the loss back at every step: each step records,
+    on the device, the first iteration whose loss was not finite (`update`); `check` reads that back, at
+    log steps and before every checkpoint, and stops the run on every rank. Steps after a bad one are
+    never saved: the checkpoint on disk stays the last good one."""
+
+    def __init__(self, device):
+        self.bad_iter = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def update(self, loss, iter_num):
+        first = ~torch.isfinite(loss) & (self.bad_iter < 0)
+        self.bad_iter = torch.where(first, iter_num, self.bad_iter)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+
+    def check(self, rt, log, kept):
+        """Raise TrainingDiverged if a step so far had a non-finite loss (on any rank: a collective)."""
+        never = torch.iinfo(torch.int64).max
+        first = torch.where(self.bad_iter < 0, never, self.bad_iter)
+        if rt.ddp:
+            import torch.distributed as dist
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = int(first)
+        if first == never:
+            return
+        value = float(self.bad_loss) if int(self.bad_iter) == first else "not finite on another rank"
+        log(kind="diverged", iter=first, loss=str(value))
+        raise TrainingDiverged(stop_message("training loss", value, first, kept) +
+                               ". Lower learning_rate or raise warmup_iters.")
+
+
+class Saver:
+    """Writes out_dir/ckpt.pt (on rank 0) and remembers the last iteration saved, for the messages that
+    say what was kept. A failed write (a full disk) stops every rank with one line; so does a
+    non-finite loss since the start (the LossWatch), checked before anything is written."""
+
+    def __init__(self, s, pm, scaler, sampler, carried, log, watch, last_saved):
+        self.s, self.pm, self.scaler, self.sampler, self.carried = s, pm, scaler, sampler, carried
+        self.log, self.watch, self.last = log, watch, last_saved
+        self.path = os.path.join(s.out_dir, CKPT_NAME)
+
+    def kept(self):
+        return (f"the last good checkpoint {self.path} (iter {self.last}) was kept" if self.last is not None
+                else "no checkpoint was written")
+
+    def save(self, iter_num, best_val_loss):
+        self.watch.check(self.pm.rt, self.log, self.kept())
+        pm, error = self.pm, None
+        states = pm.full_state()  # under FSDP a collective: every rank gathers, rank 0 writes
+        if pm.rt.master:
+            try:
+                save_checkpoint(make_checkpoint(pm.raw, states, self.scaler, iter_num, best_val_loss, self.sampler,
+                                                vars(self.s), self.carried), self.path)
+            except OSError as e:  # save_checkpoint removed its temp file; the previous checkpoint is intact
+                error = e
+        if rank_max(pm.rt, error is not None):
+            if error is None:
+                raise CheckpointWriteError(f"rank 0 could not write the checkpoint of iter {iter_num}")
+            if error.errno == errno.ENOSPC:
+                raise CheckpointWriteError(f"no space left on the device of {self.s.out_dir} for the checkpoint of "
+                                           f"iter {iter_num}: {self.kept()}; free space and resume")
+            raise CheckpointWriteError(f"cannot write the checkpoint of iter {iter_num} to {self.path} "
+                                       f"({error.strerror or error}): {self.kept()}")
+        self.log(f"saved {self.path} (iter {iter_num})")
+        self.last = iter_num
+
+    def stop(self, iter_num, start_iter, best_val_loss, signum):
+        """A stop signal: checkpoint what was trained since the last save, and say how to go on."""
+        if iter_num > start_iter and self.last != iter_num:
+            self.save(iter_num, best_val_loss)
+        name = signal.Signals(signum).name
+        where = (f"{self.path} holds iter {self.last}: continue with --init_from=resume" if self.last is not None
+                 else "nothing was trained, nothing saved")
+        self.log(f"stopped by {name} at iter {iter_num}; {where}", kind="stopped", iter=iter_num, signal=name)
+
+
+class StopSignal:
+    """SIGTERM (a scheduler preempting the job) or Ctrl-C asks the loop to finish its step, write a
+    checkpoint and return, instead of losing the iterations since the last evaluation. A second Ctrl-C
+    quits at once (the atomic write keeps the previous checkpoint). One that comes within a second of
+    the first is the same request: torchrun passes the terminal's SIGINT on to processes that already
+    got it. Installed only in the main thread, where Python runs signal handlers."""
+
+    def __init__(self):
+        self.signum, self.since, self.previous = 0, 0.0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT and time.monotonic() - self.since > 1.0:
+            raise KeyboardInterrupt
+        if not self.signum:
+            self.signum, self.since = signum, time.monotonic()
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, rt, log_step):
+        """The signal every rank stops for (0: none). One process looks at every step; under DDP the
+        ranks agree on it at log steps only, as that is a collective the host waits for."""
+        return rank_max(rt, self.signum) if log_step or not rt.ddp else 0
+
+
+class StepTimer:
+    """Seconds per training step without waiting for the device at every step: the steps of a log
+    window are timed together, up to the log step, where the loop has just read the loss back. What is
+    no step is left out: evaluations (`paused`) and, from the run's average, its first step (compile,
+    allocator warm-up), for which the timer waits for the device once, after that step."""
+
+    def __init__(self, rt):
+        self.sync = (lambda: torch.cuda.synchronize(rt.device)) if rt.device_type == "cuda" else (lambda: None)
+        self.start, self.window, self.steps, self.first = time.perf_counter(), 0.0, 0, None
+        self.total, self.total_steps = 0.0, 0  # over the windows read so far
+
+    @contextmanager
+    def paused(self):
+        if self.steps:  # else nothing since the last read was a step
+            self.sync()
+            self.window += time.perf_counter() - self.start
+        yield
+        self.start = time.perf_counter()
+
+    def step_done(self):
+        self.steps += 1
+        if self.first is None:
+            self.sync()
+            self.first = self.window + time.perf_counter() - self.start
+
+    def per_step(self):
+        """Mean seconds per step since the last call (call it right after the loss was read back)."""
+        self.sync()
+        now = time.perf_counter()
+        seconds = (self.window + now - self.start) / self.steps
+        self.total, self.total_steps = self.total + self.window + now - self.start, self.total_steps + self.steps
+        self.start, self.window, self.steps = now, 0.0, 0
+        return seconds
+
+    def seconds(self):
+        """Time of the steps so far, the first excluded."""
+        return self.total + self.window - (self.first or 0.0)
+
+    def tokens_per_s(self, tokens_per_iter):
+        """The run's average over the windows read, first step excluded (None when nothing else was timed)."""
+        steps, seconds = self.total_steps - 1, self.total - (self.first or 0.0)
+        return tokens_per_iter * steps / seconds if steps > 0 and seconds > 0 else None
