@@ -11,7 +11,7 @@ import pytest
 from configurator import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"train", "sample", "bench", "experiments.echo"}  # run, never imported (tests call their main)
+SCRIPTS = {"train", "sample", "bench", "evaluate", "experiments.echo"}  # run, never imported (tests call their main)
 
 
 def project_modules():
@@ -98,6 +98,8 @@ BAD_SETTINGS = [
     ("convert_hf", ["import", "a", "b.pt", "--kv_sorce=cla:2"], "kv_sorce"),
     ("convert_hf", ["import", "a", "b.pt", "--block_size=long"], "block_size"),
     ("bench", ["--presets=cpu"], "presets"), ("bench", ["--repeats=often"], "repeats"),
+    ("evaluate", ["--teachr=x"], "teachr"), ("evaluate", ["--tokens=lots"], "tokens"),
+    ("data.smollm2_selfgen.prepare", ["--tokenz=9"], "tokenz"), ("data.smollm2_selfgen.prepare", ["--seed=x"], "seed"),
     ("experiments.echo", ["--seedz=1"], "seedz"), ("experiments.echo", ["--pretrain_iters=lots"], "pretrain_iters"),
 ]
 
@@ -133,7 +135,7 @@ LAYERS = [
     {"speed", "tokenizer"},
     {"model", "configurator", "dataset"},
     {"checkpoint", "quantize", "nf4", "gguf_import", "sharding"},
-    {"lora", "adapt", "convert_hf", "guards", "monitor", "benchmarking"},
+    {"lora", "adapt", "convert_hf", "guards", "monitor", "benchmarking", "selfgen", "fidelity"},
 ]
 
 

@@ -1,0 +1,154 @@
+"""
+How faithfully a student (an adapted model) reproduces its teacher: the library of evaluate.py.
+
+  held-out text   student and teacher read the same fixed windows of a token file; per token position
+                  NLL of the true next token under each (perplexity = exp of the mean), KL(teacher || student)
+                  of the two next-token distributions, and whether their top-1 tokens agree
+  chat            greedy answers to data/chat_questions.json; an answer is right when one of the question's
+                  expected strings appears in it (answer_matches), and the student's answers are compared
+                  with the teacher's, character for character
+
+Logits are reduced to sums one batch of windows at a time (compare_logits): no (tokens, vocab) array outlives
+its chunk, so 64k tokens at a 49k vocabulary cost the memory of one batch, not 12 GB.
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from selfgen import chat_ids, generate_rows
+
+SUMS = ("tokens", "student_nll", "teacher_nll", "kl", "agree")
+
+
+def compare_logits(student_logits, teacher_logits, targets):
+    """Sums over the rows of (N, vocab) logits and (N,) next tokens: tokens, each model's NLL of the targets,
+    KL(teacher || student) = sum_v p_t(v) (log p_t(v) - log p_s(v)), and rows whose argmaxes agree.
+    Computed in float32 whatever the logits' dtype."""
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return {"tokens": targets.numel(),
+            "student_nll": -log_s.gather(-1, targets[:, None]).sum().item(),
+            "teacher_nll": -log_t.gather(-1, targets[:, None]).sum().item(),
+            "kl": F.kl_div(log_s, log_t, log_target=True, reduction="sum").item(),
+            "agree": (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum().item()}
+
+
+def summarize(sums):
+    """Per-token figures from compare_logits' sums (added over chunks)."""
+    n = sums["tokens"]
+    student_ppl, teacher_ppl = float(np.exp(sums["student_nll"] / n)), float(np.exp(sums["teacher_nll"] / n))
+    return {"tokens": n, "student_ppl": student_ppl, "teacher_ppl": teacher_ppl,
+            "ppl_ratio": student_ppl / teacher_ppl, "kl": sums["kl"] / n, "agreement": sums["agree"] / n}
+
+
+def fixed_windows(tokens, n_tokens, block_size):
+    """Windows of block_size + 1 tokens (input and its next tokens) that predict about n_tokens positions in
+    all, evenly spaced over the file (the same for every model; a file's whole range, not just its start).
+    ValueError when the file holds fewer tokens than asked for."""
+    n_windows = max(1, -(-n_tokens // block_size))
+    if len(tokens) < n_windows * block_size + 1:
+        raise ValueError(f"{len(tokens):,} tokens are fewer than the {n_windows * block_size + 1:,} asked for "
+                         f"({n_windows} windows of {block_size}): lower --tokens or generate more")
+    starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).astype(np.int64)
+    return np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts])
+
+
+@torch.no_grad()
+def compare_on_windows(student, teacher, windows, batch_size=1, autocast=None):
+    """summarize() of student against teacher over the windows (from fixed_windows), batch_size windows
+    at a time. autocast: a context manager factory (e.g. configurator.autocast's) or None."""
+    sums = dict.fromkeys(SUMS, 0.0)
+    device = student.embed_tokens.weight.device
+    for b in range(0, len(windows), batch_size):
+        chunk = torch.from_numpy(windows[b:b + batch_size]).to(device)
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        with autocast() if autocast else torch.no_grad():
+            s_logits, _ = student(x)
+            t_logits, _ = teacher(x)
+        for k, v in compare_logits(s_logits.flatten(0, 1), t_logits.flatten(0, 1), y.reshape(-1)).items():
+            sums[k] += v
+        del s_logits, t_logits
+    return summarize(sums)
+
+
+# -----------------------------------------------------------------------------
+# the chat questions
+
+
+def normalize(text):
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def answer_matches(answer, expected):
+    """Whether one of the expected strings appears in the answer: case-insensitive, runs of whitespace as
+    one space, and whole words only at its ends: "4" is in "It is 4." but not in "14", "-18.4" or "4.5" (a
+    decimal point or thousands comma between digits joins them into one number); "Paris" is in "Paris."."""
+    text = normalize(answer)
+    for want in expected:
+        w = normalize(want)
+        if w and re.search(r"(?<![0-9a-z])(?<![0-9][.,])" + re.escape(w) + r"(?![0-9a-z])(?![.,][0-9])", text):
+            return True
+    return False
+
+
+def load_questions(path):
+    """The question set: a JSON list of {"category", "question", "expected": [strings]}. ValueError naming
+    the first bad entry."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the chat questions {path}: {e}") from None
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{path}: expected a non-empty JSON list of questions")
+    for i, q in enumerate(items):
+        ok = isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("category"), str) \
+            and isinstance(q.get("expected"), list) and q["expected"] and all(isinstance(e, str) and e.strip()
+                                                                                for e in q["expected"])
+        if not ok:
+            raise ValueError(f"{path}: entry {i} needs 'category', 'question' and a non-empty 'expected' list of "
+                             f"strings, got {q!r}")
+    return items
+
+
+def chat_answers(model, tok, template, questions, bos, eos, batch_size=16, max_new_tokens=48):
+    """Greedy answers (text, special tokens left out) to the questions, batch_size at a time; prompts of
+    similar length are batched together, which saves the forced prompt steps of generate_rows."""
+    prompts = [chat_ids(tok, template, q["question"], bos, eos) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [None] * len(prompts)
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        for i, reply in zip(rows, generate_rows(model, [prompts[i] for i in rows], max_new_tokens, 0.0, None, eos)):
+            answers[i] = tok.decode(reply).strip()
+    return answers
+
+
+def chat_report(questions, answers, teacher_answers=None):
+    """Accuracy overall and per category, and (with the teacher's answers) how many are the teacher's exactly."""
+    right = [answer_matches(a, q["expected"]) for q, a in zip(questions, answers)]
+    report = {"questions": len(questions), "correct": sum(right), "accuracy": sum(right) / len(questions),
+              "by_category": {}}
+    for q, r in zip(questions, right):
+        cat = report["by_category"].setdefault(q["category"], {"questions": 0, "correct": 0})
+        cat["questions"] += 1
+        cat["correct"] += int(r)
+    report["answers"] = [{"question": q["question"], "answer": a, "correct": r} for q, a, r in zip(questions, answers, right)]
+    if teacher_answers is not None:
+        same = [a == t for a, t in zip(answers, teacher_answers)]
+        report["same_as_teacher"] = sum(same)
+        teacher_right = [answer_matches(t, q["expected"]) for q, t in zip(questions, teacher_answers)]
+        report["teacher_correct"] = sum(teacher_right)
+        report["kept"] = sum(r and t for r, t in zip(right, teacher_right))  # what the teacher knows, still known
+        for item, t, s in zip(report["answers"], teacher_answers, same):
+            item["teacher_answer"], item["same_as_teacher"] = t, s
+    return report
+
+
+def default_questions_path():
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "chat_questions.json")

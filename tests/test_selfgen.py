@@ -1,0 +1,277 @@
+"""Self-generated data (selfgen.py, data/smollm2_selfgen/prepare.py) and the evaluation against a teacher
+(fidelity.py, evaluate.py), on tiny models with a character tokenizer.json that has ChatML's special tokens."""
+
+import importlib.util
+import json
+import math
+import os
+import string
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoint import save_checkpoint
+from configurator import run_script
+from convert_hf import checkpoint_dict
+from fidelity import answer_matches, compare_logits, compare_on_windows, fixed_windows, load_questions
+from model import Llama, LlamaConfig
+from selfgen import generate_rows, render_chat, split_prompts
+from tokenizer import HFTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
+CHARS = SPECIALS + [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+PROMPTS = ["Say hi.", "Name a color.", "Count to three.", "Why is the sky blue?", "Tell a joke.", "Describe rain.",
+           "What is a cat?", "Sing a song.", "Write a word.", "Explain wind."]
+
+
+def char_tokenizer_json():
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[]))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
+    tok.decoder = decoders.Fuse()
+    return tok.to_str()
+
+
+def tiny_model(seed=0, kv_source=None, block_size=128):
+    torch.manual_seed(seed)
+    config = LlamaConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=32, vocab_size=len(CHARS), block_size=block_size,
+                         **({"kv_source": kv_source} if kv_source else {}))
+    model = Llama(config).eval()
+    with torch.no_grad():  # GPT-2's 0.02 init gives near-uniform logits: spread them so greedy picks are clear
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model
+
+
+def save_tiny(path, seed=0, kv_source=None):
+    model = tiny_model(seed, kv_source)
+    save_checkpoint(checkpoint_dict(model, {"bos_token_id": 1, "eos_token_id": 2}, char_tokenizer_json(),
+                                    chat_template=CHATML), str(path))
+    return model
+
+
+def load_prepare():
+    path = os.path.join(ROOT, "data", "smollm2_selfgen", "prepare.py")
+    spec = importlib.util.spec_from_file_location("selfgen_prepare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -----------------------------------------------------------------------------
+# batched generation
+
+
+@pytest.mark.parametrize("kv_source", [None, "0,0,2"])
+def test_batched_greedy_equals_batch_one_generate_token_for_token(kv_source):
+    model = tiny_model(kv_source=kv_source)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, len(CHARS), (n,), generator=gen).tolist() for n in (1, 7, 3, 12, 7, 2)]
+    free = [model.generate(torch.tensor([p]), 30, temperature=0)[0, len(p):].tolist() for p in prompts]
+    stop = free[3][5]  # a token some row produces: rows stop there, at different steps
+    want = [model.generate(torch.tensor([p]), 30, temperature=0, eos_id=stop)[0, len(p):].tolist() for p in prompts]
+    want = [w[:w.index(stop) + 1] if stop in w else w for w in want]
+    got = generate_rows(model, prompts, 30, temperature=0, stop_ids=stop)
+    assert got == want
+    assert any(len(w) < 30 for w in want) and any(len(w) == 30 for w in want)  # both endings were exercised
+
+
+def test_generate_rows_refuses_what_does_not_fit_the_context():
+    with pytest.raises(ValueError, match="exceeds the model's context of 128"):
+        generate_rows(tiny_model(), [[3] * 100], 40)
+
+
+# -----------------------------------------------------------------------------
+# the dataset
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_tiny(path)
+    return path
+
+
+def make_selfgen(teacher_path, out, seed=5, tokens=600, val_tokens=300, capsys=None):
+    prompts = out.parent / f"{out.name}-prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    argv = [f"--init_from={teacher_path}", f"--out_dir={out}", f"--tokens={tokens}", f"--val_tokens={val_tokens}",
+            f"--seed={seed}", "--batch_size=4", "--max_new_tokens=24", f"--prompts={prompts}", "--device=cpu"]
+    assert run_script(load_prepare().main, argv) == 0
+    return out
+
+
+def test_selfgen_dataset_is_in_the_model_tokenizer_with_a_held_out_split_and_reproducible(teacher_path, tmp_path):
+    from dataset import load_meta, open_tokens
+    a = make_selfgen(teacher_path, tmp_path / "a")
+    meta = load_meta(str(a))
+    tok = HFTokenizer.load(meta["tokenizer_file"], name="t", dataset=True)
+    texts = {}
+    for split, budget in (("train", 600), ("val", 300)):
+        ids = open_tokens(str(a), split, meta)
+        assert budget <= len(ids) < budget + 24 * 4 + 60 and ids.max() < len(CHARS)
+        assert tok.encode(tok.decode(ids.tolist())) == ids.tolist()  # the ids are text in this tokenizer
+        texts[split] = tok.decode(ids.tolist())
+        assert texts[split].endswith("<|endoftext|>") and "<|im_start|>assistant\n" in texts[split]
+    val_prompts = meta["selfgen"]["val_prompts"]
+    assert len(val_prompts) == 1 and val_prompts[0] in PROMPTS
+    # chat turns in each split answer only that split's prompts; free text starts from BOS and has no template
+    asked = {split: {p for p in PROMPTS if f"<|im_start|>user\n{p}<|im_end|>" in t} for split, t in texts.items()}
+    assert asked["val"] == set(val_prompts) and asked["train"] and not asked["train"] & set(val_prompts)
+    docs = texts["train"].split("<|endoftext|>")[:-1]
+    assert any(d.startswith("<|im_start|>user\n") for d in docs)
+    assert any(d.startswith("<|im_start|>") and not d.startswith("<|im_start|>user\n") for d in docs)  # free
+    b = make_selfgen(teacher_path, tmp_path / "b")
+    c = make_selfgen(teacher_path, tmp_path / "c", seed=6)
+    for split in ("train", "val"):
+        assert (a / f"{split}.bin").read_bytes() == (b / f"{split}.bin").read_bytes()
+        assert (a / f"{split}.bin").read_bytes() != (c / f"{split}.bin").read_bytes()
+
+
+def test_prompt_split_holds_prompts_out_by_seed():
+    train, val = split_prompts(PROMPTS, 0.2, seed=3)
+    assert len(val) == 2 and sorted(train + val) == sorted(PROMPTS) and not set(train) & set(val)
+    assert split_prompts(PROMPTS, 0.2, seed=3) == (train, val)
+
+
+def test_chat_template_renders_one_user_turn():
+    text = render_chat(CHATML, [{"role": "user", "content": "Hi"}])
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="no chat template"):
+        render_chat(None, [{"role": "user", "content": "Hi"}])
+
+
+@pytest.mark.parametrize("argv, words", [(["--tokens=0"], "--tokens"), (["--chat_fraction=2"], "chat_fraction"),
+                                         (["--prompts=/nonexistent.txt"], "--prompts"),
+                                         (["--init_from=/nonexistent.pt"], "does not exist")])
+def test_selfgen_bad_input_is_one_line(argv, words, capsys, tmp_path):
+    assert run_script(load_prepare().main, argv + [f"--out_dir={tmp_path / 'x'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and not (tmp_path / "x").exists()
+
+
+# -----------------------------------------------------------------------------
+# the figures, by hand
+
+
+def test_compare_logits_equals_the_explicit_formulas():
+    s = [[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]]
+    t = [[1.0, 1.5, 0.0], [0.3, 0.1, 2.0]]
+    targets = [1, 2]
+    want_kl, want_s, want_t, agree = 0.0, 0.0, 0.0, 0
+    for srow, trow, y in zip(s, t, targets):
+        zs, zt = sum(math.exp(v) for v in srow), sum(math.exp(v) for v in trow)
+        ps, pt = [math.exp(v) / zs for v in srow], [math.exp(v) / zt for v in trow]
+        want_kl += sum(b * math.log(b / a) for a, b in zip(ps, pt))
+        want_s, want_t = want_s - math.log(ps[y]), want_t - math.log(pt[y])
+        agree += srow.index(max(srow)) == trow.index(max(trow))
+    got = compare_logits(torch.tensor(s), torch.tensor(t), torch.tensor(targets))
+    assert got["tokens"] == 2 and got["agree"] == agree == 1
+    assert got["kl"] == pytest.approx(want_kl, rel=1e-5) and want_kl > 0.1
+    assert got["student_nll"] == pytest.approx(want_s, rel=1e-5) and got["teacher_nll"] == pytest.approx(want_t, rel=1e-5)
+
+
+def test_tiny_model_figures_equal_a_per_token_computation():
+    student, teacher = tiny_model(seed=1), tiny_model(seed=2)
+    tokens = np.random.default_rng(0).integers(0, len(CHARS), 400)
+    windows = fixed_windows(tokens, 60, 16)  # 4 windows of 16, spread over the file
+    assert windows.shape == (4, 17) and windows[0, 0] == tokens[0] and windows[-1, -1] == tokens[-1]
+    got = compare_on_windows(student, teacher, windows, batch_size=3)
+    kl = nll_s = nll_t = agree = 0.0
+    with torch.no_grad():
+        for w in windows:
+            ls, _ = student(torch.tensor(w[None, :-1]))
+            lt, _ = teacher(torch.tensor(w[None, :-1]))
+            for pos in range(16):
+                ps, pt = torch.softmax(ls[0, pos].double(), -1), torch.softmax(lt[0, pos].double(), -1)
+                kl += float((pt * (pt / ps).log()).sum())
+                nll_s -= math.log(ps[w[pos + 1]])
+                nll_t -= math.log(pt[w[pos + 1]])
+                agree += int(ps.argmax() == pt.argmax())
+    assert got["tokens"] == 64
+    assert got["kl"] == pytest.approx(kl / 64, rel=1e-4) and got["agreement"] == agree / 64
+    assert got["student_ppl"] == pytest.approx(math.exp(nll_s / 64), rel=1e-4)
+    assert got["ppl_ratio"] == pytest.approx(math.exp((nll_s - nll_t) / 64), rel=1e-4)
+    assert 0 < got["agreement"] < 1 and got["kl"] > 0.01  # two different models: the figures can tell
+
+
+# -----------------------------------------------------------------------------
+# chat matching
+
+
+@pytest.mark.parametrize("answer, expected, right", [
+    ("The capital of France is Paris.", ["Paris"], True),
+    ("the capital is PARIS", ["paris"], True),
+    ("It is 4.", ["4", "four"], True),
+    ("It is fourteen, or 14.", ["4", "four"], False),
+    ("Water freezes at -18.0 degrees.", ["0", "zero"], False),
+    ("About 4.5 of them.", ["4"], False),
+    ("1,000 people", ["000"], False),
+    ("Carbon dioxide (CO2) is taken in.", ["carbon  dioxide"], True),
+    ("The sun is a star.", ["stars"], False),
+    ("It is a starfish.", ["star"], False),
+    ("Leonardo da\nVinci painted it.", ["da Vinci"], True),
+    ("", ["x"], False),
+])
+def test_chat_matching_on_fixed_strings(answer, expected, right):
+    assert answer_matches(answer, expected) is right
+
+
+def test_committed_question_set_is_well_formed():
+    qs = load_questions(os.path.join(ROOT, "data", "chat_questions.json"))
+    assert len(qs) >= 50 and len({q["question"] for q in qs}) == len(qs)
+    assert {q["category"] for q in qs} == {"facts", "arithmetic", "definitions", "instructions"}
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py end to end
+
+
+def run_evaluate(student, teacher, set_path, tmp_path, capsys, extra=()):
+    import evaluate
+    qs = tmp_path / "q.json"
+    qs.write_text(json.dumps([{"category": "facts", "question": p, "expected": ["a"]} for p in PROMPTS[:5]]))
+    out = tmp_path / "eval.json"
+    argv = [f"--init_from={student}", f"--teacher={teacher}", f"--sets={set_path}", "--tokens=64", "--block_size=16",
+            f"--questions={qs}", "--chat_batch_size=2", "--max_new_tokens=8", f"--out={out}", "--device=cpu", *extra]
+    rc = run_script(evaluate.main, argv)
+    assert rc == 0, capsys.readouterr().err
+    return json.loads(out.read_text())
+
+
+def test_evaluate_a_model_against_itself_gives_ratio_one_kl_zero_agreement_one(teacher_path, tmp_path, capsys):
+    data = make_selfgen(teacher_path, tmp_path / "data", tokens=200, val_tokens=200)
+    r = run_evaluate(teacher_path, teacher_path, data / "val.bin", tmp_path, capsys)
+    figures = r["sets"][str(data / "val.bin")]
+    assert figures["tokens"] == 64 and figures["ppl_ratio"] == 1.0 and figures["kl"] == 0.0
+    assert figures["agreement"] == 1.0 and figures["student_ppl"] > 1
+    assert r["chat"]["same_as_teacher"] == 5 and r["chat"]["correct"] == r["chat"]["teacher_correct"]
+
+
+def test_evaluate_another_student_reports_the_hand_computed_figures(teacher_path, tmp_path, capsys):
+    from dataset import load_meta, open_tokens
+    student_path = tmp_path / "student.pt"
+    student = save_tiny(student_path, seed=9)
+    data = make_selfgen(teacher_path, tmp_path / "data", tokens=200, val_tokens=200)
+    r = run_evaluate(student_path, teacher_path, data / "val.bin", tmp_path, capsys)
+    figures = r["sets"][str(data / "val.bin")]
+    windows = fixed_windows(open_tokens(str(data), "val", load_meta(str(data))), 64, 16)
+    want = compare_on_windows(student, tiny_model(), windows)
+    assert figures["kl"] == pytest.approx(want["kl"], rel=1e-5) and figures["kl"] > 0.01
+    assert figures["agreement"] == want["agreement"] < 1
+    assert figures["ppl_ratio"] == pytest.approx(want["ppl_ratio"], rel=1e-5)
+
+
+@pytest.mark.parametrize("argv, words", [([], "--teacher"), (["--sets=nope"], "unknown set"),
+                                         (["--sets=/x/none.bin"], "/x/none.bin"), (["--tokens=0"], "--tokens")])
+def test_evaluate_bad_input_is_one_line(argv, words, capsys, tmp_path, teacher_path):
+    import evaluate
+    base = [] if not argv else [f"--init_from={teacher_path}", f"--teacher={teacher_path}"]
+    assert run_script(evaluate.main, base + argv + [f"--out={tmp_path / 'e.json'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and not (tmp_path / "e.json").exists()
