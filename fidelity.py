@@ -40,10 +40,10 @@ def compare_logits(student_logits, teacher_logits, targets):
 
 def summarize(sums):
     """Per-token figures from compare_logits' sums (added over chunks)."""
-    n = sums["tokens"]
+    n = int(sums["tokens"])
     student_ppl, teacher_ppl = float(np.exp(sums["student_nll"] / n)), float(np.exp(sums["teacher_nll"] / n))
     return {"tokens": n, "student_ppl": student_ppl, "teacher_ppl": teacher_ppl,
-            "ppl_ratio": student_ppl / teacher_ppl, "kl": sums["kl"] / n, "agreement": sums["agree"] / n}
+            "ppl_ratio": student_ppl / teacher_ppl, "kl": sums["kl"] / n, "agreement": int(sums["agree"]) / n}
 
 
 def fixed_windows(tokens, n_tokens, block_size):
