@@ -43,17 +43,17 @@ init_from = "out-shakespeare-char-dense"  # a dense checkpoint file or training 
 dataset = ""                 # '' = the dataset the checkpoint was trained on
 n_share = -1                 # calibrate: layers to turn into consumers in the proposed map; -1 = half
 batches = 8                  # batches the calibration (validation split) or local distillation (train split) use
-batch_size = 8
+batch_size = 8               # sequences per batch
 block_size = 0               # sequence length of those batches; 0 = the model's block_size
 out = ""                     # calibrate: a directory ('' = beside the checkpoint); convert: the checkpoint file
-seed = 1337
+seed = 1337                  # which batches are drawn
 criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_source) or 'attention' (EchoAtt's
                              # attention-map similarity, proposes attn_source)
 convert_to = ""              # convert: the kv_source to convert the dense model to (abruptly)
 attn_to = ""                 # convert: the attn_source to convert it to (EchoAtt: sharers drop Q and K)
 kv_init = "own"              # convert: owners keep their own K/V (own) or the mean of their users' (mean)
 local_iters = 0              # convert: steps of layer-local distillation of the consumers afterwards
-local_lr = 1e-3
+local_lr = 1e-3              # convert: AdamW learning rate of the layer-local distillation
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 
@@ -65,13 +65,13 @@ TRAINING_SETTINGS = dict(
     adapt_mode="gradual",       # 'gradual' (stage by stage, blending K/V) or 'abrupt' (all layers at iteration 0)
     adapt_order="top-down",     # 'top-down', 'bottom-up', 'similarity' (needs adapt_similarity) or a list like 5,4,3
     adapt_stage_iters=100,      # iterations per stage (gradual)
-    adapt_layers_per_stage=1,
+    adapt_layers_per_stage=1,   # layers that switch together in each stage (gradual)
     adapt_train_layers="all",   # 'all', 'converted' (consumers and their owners), 'upward' (lowest consumer and up)
     adapt_similarity="",        # kv_similarity.pt from `python adapt.py`, for adapt_order='similarity'
     # learning from a frozen dense teacher (Distillation): loss = (1 - a - g - h) * CE(data)
     #   + a * T^2 * KL(teacher || student) + g * CE(teacher's argmax) + h * MSE(hidden states); all 0: no teacher
     distill_alpha=0.0,          # a: soft logits at distill_temperature
-    distill_temperature=1.0,
+    distill_temperature=1.0,    # T of the soft-logit term (the KL is scaled by T^2)
     distill_argmax=0.0,         # g: the teacher's argmax tokens as labels (EchoAtt: 0.5)
     distill_hidden=0.0,         # h: residual stream entering distill_hidden_layers (EchoAtt: 0.25, with a = 0.25)
     distill_hidden_layers="",   # e.g. '10,20' (EchoAtt: the boundaries of the shared blocks)

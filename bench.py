@@ -55,7 +55,7 @@ profile = False              # torch.profiler over one train step (unless skippe
 attn_reuse = ""              # e.g. '256,1024': only time an EchoAtt sharer's attention at these sequence lengths,
                              # recomputing softmax(q_j k_j^T) in SDPA vs reusing the source's materialised probabilities
 out = ""                     # write the measurements to this JSON file (its directory must exist)
-seed = 1337
+seed = 1337                  # RNG seed of the random weights and token ids
 mem_child = ""               # internal: the model a child process measures the peak RSS of (measure_cpu_mem)
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())

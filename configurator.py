@@ -17,6 +17,8 @@ and float16 (fp32, bf16, fp16 are read as those). An unknown key or a value of t
 import builtins
 import os
 import random
+import re
+import sys
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -119,8 +121,8 @@ def configure(defaults: dict, argv, doc="", choices=None):
     values, explicit = dict(defaults), set()
     argv = list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        raise HelpRequested((doc or "").strip() + "\n\nsettings and their defaults:\n" +
-                            "\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+        source = sys._getframe(1).f_globals.get("__file__")  # the script: its settings' comments explain them
+        raise HelpRequested(help_text(defaults, doc, choices, setting_comments(source)))
     while argv:
         arg = argv.pop(0)
         if not arg.startswith("--"):
@@ -142,6 +144,68 @@ def configure(defaults: dict, argv, doc="", choices=None):
         values[key] = check_value(defaults, choices, key, parse_text(defaults[key], text), "command line")
         explicit.add(key)
     return types.SimpleNamespace(**values), explicit
+
+
+def _code_and_comment(line):
+    """(code, comment) of a Python line: the comment starts at a '#' outside quotes ('' when none)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#":
+            return line[:i], line[i + 1:].strip()
+    return line, ""
+
+
+def comments_in(path) -> dict:
+    """{name: comment} of the settings a source file declares: `name = value  # comment` globals and
+    `name=value,  # comment` entries of a settings dict, with the comment lines right below that continue
+    it in the same column; a name declared without a comment maps to ''."""
+    found, last, column = {}, None, -1
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, TypeError):
+        return found
+    for line in lines:
+        code, comment = _code_and_comment(line)
+        if not code.strip() and comment and last and line.index("#") == column:
+            found[last] += " " + comment  # the comment goes on below
+            continue
+        m = re.match(r"^(?:(\w+) = |    (\w+)=)\S", code)
+        last = (m.group(1) or m.group(2)) if m else None
+        if last and last.islower():
+            found.setdefault(last, comment)
+            column = line.index("#") if comment else -1
+        else:
+            last = None
+    return found
+
+
+def setting_comments(source) -> dict:
+    """{name: comment} for --help: the script's own lines first, then, for the settings it takes from
+    elsewhere (adapt.py's TRAINING_SETTINGS, this file's), those of the project's modules loaded."""
+    comments = comments_in(source)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None) or ""
+        if os.path.dirname(os.path.abspath(path)) == here and path != source:
+            for name, comment in comments_in(path).items():
+                comments.setdefault(name, comment)
+    return comments
+
+
+def help_text(defaults, doc, choices, comments) -> str:
+    """The script's docstring, then one line per setting: --name=default, what it means, what it allows."""
+    lines = []
+    for key, value in defaults.items():
+        allowed = (choices or {}).get(key)
+        meaning = comments.get(key, "") + (f" [one of: {', '.join(map(repr, allowed))}]" if allowed else "")
+        flag = f"  --{key}={value!r}"
+        lines.append(f"{flag:<34} {meaning}".rstrip() if len(flag) < 34 else f"{flag}\n{'':<34} {meaning}".rstrip())
+    return (doc or "").strip() + "\n\nsettings (--name=value), their defaults and what they mean:\n" + "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------

@@ -28,7 +28,8 @@ import torch
 
 from checkpoint import (CheckpointError, ConversionError, build_on_meta, collect_state_dict, hf_config_from_llama,
                         load_model, save_checkpoint)
-from configurator import DTYPES, ConfigError, HelpRequested, configure, run_script, settings_from
+from configurator import (DTYPES, ConfigError, HelpRequested, configure, help_text, run_script, setting_comments,
+                          settings_from)
 from gguf_import import is_gguf, load_gguf_llama
 from model import Llama, LlamaConfig
 
@@ -444,7 +445,7 @@ CHOICES = {"kv_init": ("own", "mean"), "dtype": ("", *DTYPES)}
 
 def main(argv):
     if argv and argv[0] in ("-h", "--help"):
-        raise HelpRequested(__doc__.strip() + "\n\n" + USAGE)
+        raise HelpRequested(help_text(DEFAULTS, __doc__.strip() + "\n\n" + USAGE, CHOICES, setting_comments(__file__)))
     if len(argv) < 3 or argv[0] not in ("import", "export") or argv[1].startswith("--") or argv[2].startswith("--"):
         raise ConfigError("expected `import HF_DIR OUT.pt` or `export CHECKPOINT HF_OUT_DIR`, then options "
                           "(convert_hf.py --help)")

@@ -33,11 +33,11 @@ from tokenizer import GPT2_VOCAB_SIZE, HFTokenizer, from_meta
 init_from = "out-shakespeare-char"  # checkpoint file, training out_dir (train.py's default), or HF Llama directory
 start = "\n"                 # the prompt, or FILE:path to read it from a file
 chat = False                 # wrap the prompt in the model's chat template as one user turn
-num_samples = 1
+num_samples = 1              # samples to draw, one after another
 max_new_tokens = 0           # 0: as many as fit the context, at most 500
 temperature = 0.8            # 0 is greedy
 top_k = 200                  # 0: no top-k
-seed = 1337
+seed = 1337                  # RNG seed of the sampling
 device = "auto"              # auto (cuda if present), cpu, cuda, cuda:N
 dtype = "auto"               # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
 compile = False              # torch.compile the decode step (on CPU 3-4x faster decoding at batch 1: docs/bench.md)

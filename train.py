@@ -43,7 +43,7 @@ from sharding import ParallelModel, use_compile
 # -----------------------------------------------------------------------------
 # settings (the embedded default run = config/train_shakespeare_char.py)
 # I/O
-out_dir = "out-shakespeare-char"
+out_dir = "out-shakespeare-char"  # where ckpt.pt and log.jsonl go
 eval_interval = 100          # evaluate (and checkpoint) every this many iterations, and at the end
 log_interval = 10            # print/log the training loss every this many iterations
 eval_iters = 20              # batches per split for each evaluation
@@ -59,34 +59,34 @@ batch_size = 16              # sequences per micro-step per process
 block_size = 128             # sequence length
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, in total over all DDP ranks
 # model
-n_layer = 4
-n_head = 4
-n_kv_head = 2
-n_embd = 128
-intermediate_size = 384
+n_layer = 4                  # transformer blocks
+n_head = 4                   # query heads
+n_kv_head = 2                # K/V heads (grouped-query attention when fewer than n_head)
+n_embd = 128                 # model width
+intermediate_size = 384      # MLP hidden width (SwiGLU)
 vocab_size = 0               # 0: the dataset's vocabulary (meta.json)
-rope_theta = 10000.0
-norm_eps = 1e-5
-tie_embeddings = False
+rope_theta = 10000.0         # RoPE base
+norm_eps = 1e-5              # RMSNorm epsilon
+tie_embeddings = False       # share the token embedding with the output head
 kv_source = "upper:half"     # 'dense', 'cla:N', 'upper:K', 'upper:half' or a list like 0,0,2,2
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
-learning_rate = 2e-3
-max_iters = 300
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.99
+learning_rate = 2e-3         # peak learning rate, reached after warmup_iters
+max_iters = 300              # optimizer steps in all (a resumed run continues to its own max_iters)
+weight_decay = 0.1           # AdamW weight decay of the matrices (norms get none)
+beta1 = 0.9                  # AdamW beta1
+beta2 = 0.99                 # AdamW beta2
 grad_clip = 1.0              # 0: no clipping
-decay_lr = True
-warmup_iters = 30
+decay_lr = True              # False: a constant learning_rate
+warmup_iters = 30            # linear warm-up steps
 lr_decay_iters = 0           # where the cosine decay reaches min_lr; 0: at max_iters (the schedule follows it)
-min_lr = 2e-4
+min_lr = 2e-4                # learning rate at the end of the cosine decay
 # system
 device = "auto"              # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"               # 'auto', 'float32', 'bfloat16', 'float16' (see resolve_dtype for auto)
-compile = "auto"             # True, False or 'auto' (on for CUDA, off on CPU: see resolve_compile)
+compile = "auto"             # True, False or 'auto' (on for CUDA, off on CPU: see sharding.use_compile)
 backend = "auto"             # DDP backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl', 'gloo'
 fsdp = False                 # under torchrun: shard weights, gradients and AdamW state with FSDP2 (sharding.py)
-seed = 1337
+seed = 1337                  # RNG seed (each DDP rank adds its rank); also the data order
 peak_flops = 0.0             # per-device peak FLOP/s for MFU; 0: the GPU's datasheet value (no MFU on CPU)
 # the adapt_* and distill_* settings (adaptation into a KV-shared model, a teacher): see adapt.py
 DEFAULTS = settings_from(globals()) | TRAINING_SETTINGS

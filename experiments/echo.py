@@ -40,13 +40,13 @@ from experiments.decode_timing import decode_rates  # noqa: E402
 out = "out-echo-results"     # the table, the JSON and the plots; results/echo holds the committed ones
 runs = "out-echo"            # the runs' checkpoints and logs (not committed)
 pretrain_iters = 800         # the dense model's pretraining; adaptation gets adapt_fraction of it
-adapt_fraction = 0.1
-seeds = "1,2,3"
-target = "upper:half"
+adapt_fraction = 0.1         # adaptation runs train this fraction of pretrain_iters
+seeds = "1,2,3"              # pretraining seeds (mean and spread over them)
+target = "upper:half"        # the kv_source adaptation converts to
 # the model: a 6-layer character-level Llama, so upper:half has 3 consumers to switch in stages
 model = "--n_layer=6 --n_head=4 --n_kv_head=2 --n_embd=128 --intermediate_size=384 --block_size=128 --batch_size=16"
 decode_tokens = 100          # after a 16-token prompt: fits the 128-token context
-device = "cpu"
+device = "cpu"               # every run's --device
 replot = False               # only redraw OUT's plots from OUT/results.json
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())

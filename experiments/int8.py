@@ -32,15 +32,15 @@ from quantize import quantize_int8  # noqa: E402
 # -----------------------------------------------------------------------------
 out = "out-int8"             # where int8.json goes
 model = "data/smollm2/smollm2-135m-instruct.pt"
-dataset = "shakespeare_smollm2"
+dataset = "shakespeare_smollm2"  # held-out texts to evaluate on (data/<dataset>)
 eval_batches = 16            # batches of each held-out text
-batch_size = 4
-block_size = 256
+batch_size = 4               # sequences per evaluation batch
+block_size = 256             # evaluation sequence length
 prompt_len = 128             # decode timing: a prompt from the val text, then new_tokens greedy steps
-new_tokens = 64
-rounds = 3
+new_tokens = 64              # greedy decode steps timed
+rounds = 3                   # timed rounds (median reported)
 compile = True               # compile the decode step (False: eager, as sample.py's default)
-seed = 1337
+seed = 1337                  # RNG seed
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 VARIANTS = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False),
