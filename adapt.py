@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint, share_attn_state, share_kv_state
-from configurator import ConfigError, configure, run_script, settings_from
+from configurator import ConfigError, apply_threads, configure, run_script, settings_from
 from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
 from model import LlamaConfig, parse_kv_source, validate_kv_source
 
@@ -47,6 +47,7 @@ batch_size = 8               # sequences per batch
 block_size = 0               # sequence length of those batches; 0 = the model's block_size
 out = ""                     # calibrate: a directory ('' = beside the checkpoint); convert: the checkpoint file
 seed = 1337                  # which batches are drawn
+threads = 0                  # torch CPU threads: 0 = 1 on a CPU (shared machines: configurator.apply_threads)
 criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_source) or 'attention' (EchoAtt's
                              # attention-map similarity, proposes attn_source)
 convert_to = ""              # convert: the kv_source to convert the dense model to (abruptly)
@@ -631,6 +632,7 @@ def check_settings(s, explicit):
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "attention")})
     check_settings(s, explicit)
+    apply_threads(s.threads)  # the model stays on the CPU here
     model, ckpt = load_model(s.init_from)
     if s.block_size > model.config.block_size:
         raise ConfigError(f"block_size={s.block_size} exceeds the model's block_size={model.config.block_size}")

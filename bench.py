@@ -29,7 +29,7 @@ import time
 import torch
 
 import benchmarking as H
-from configurator import DTYPES, ConfigError, configure, resolve_device, run_script, settings_from
+from configurator import DTYPES, ConfigError, apply_threads, configure, resolve_device, run_script, settings_from
 
 # -----------------------------------------------------------------------------
 # settings (sizes at 0 take the preset's value)
@@ -48,7 +48,7 @@ steps = 0                    # train steps per model per round
 decode_batch = 0             # the larger decode batch (batch 1 always runs)
 prompt_len = 0               # decode prompt
 new_tokens = 0               # decode steps timed after the prefill
-threads = 0                  # torch.set_num_threads: 0 is the preset's (tiny: 1), else torch's default
+threads = 0                  # torch CPU threads: 0 = the preset's (tiny: 1), else 1 on a CPU (apply_threads)
 skip = ""                    # comma list: train, decode, mem (CPU peak-RSS children), refmem (the reference's)
 profile = False              # torch.profiler over one train step (unless skipped) and the decode steps at batch 1:
                              # time per op; for decode the GB/s of the matmuls
@@ -109,7 +109,7 @@ def parse_settings(argv):
         if value < 0 or (value == 0 and key in explicit):
             raise ConfigError(f"--{key} must be a positive integer, got {value}")
         if value == 0:
-            setattr(s, key, p.get(key, 0))  # threads 0 (no preset value): torch's default
+            setattr(s, key, p.get(key, 0))  # threads 0 (no preset value): configurator.apply_threads's
     s.skip = H.parse_skip(s.skip)
     if s.attn_reuse and not all(t.strip().isdigit() and int(t) > 0 for t in s.attn_reuse.split(",")):
         raise ConfigError(f"--attn_reuse={s.attn_reuse!r}: expected sequence lengths like 256,1024")
@@ -141,8 +141,7 @@ def main(argv=None):
     """Run the benchmark with command-line arguments `argv`; return the measurements (list of dicts)."""
     s = parse_settings(sys.argv[1:] if argv is None else argv)
     threads = torch.get_num_threads()
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    apply_threads(s.threads, "cuda" if s.device.startswith("cuda") else s.device)
     try:
         if s.mem_child:
             return H.mem_child_main(s)

@@ -232,6 +232,37 @@ def resolve_device(name: str, local_rank=None) -> str:
     return dev
 
 
+def apply_threads(threads: int, device_type: str = "cpu", children=False) -> int:
+    """Set torch's intra-op (and, while it still can be, inter-op) threads; returns the number in use.
+    children: the processes this one starts get as many (OMP_NUM_THREADS; the experiments' runs).
+
+    0, every script's default, is 1 thread on a CPU (OMP_NUM_THREADS, when set, wins; torchrun sets it to
+    1 per rank), torch's default beside a GPU. One thread because a shared machine is the common case:
+    an op split over N threads waits for its slowest, and a thread whose core another job holds makes
+    every op wait. On the project's 2-core machine, with other jobs running, 2 threads ran training 4-6x
+    and decoding ~34x slower than 1 (issue 25); on a quiet machine N threads are faster (--threads=N).
+    Results can differ in the last bits between thread counts (reductions split differently)."""
+    if threads < 0:
+        raise ConfigError(f"threads={threads}: use 0 (1 on a CPU) or a positive number of threads")
+    if threads == 0:
+        if device_type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        threads = 1
+    torch.set_num_threads(threads)
+    try:
+        if torch.get_num_interop_threads() != threads:
+            torch.set_interop_threads(threads)
+    except RuntimeError:
+        pass  # torch allows it only before the process's first inter-op work: a later call keeps what is set
+    ranks, cores = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), os.cpu_count() or 1
+    if threads * ranks > cores and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"note: {ranks} process(es) x {threads} threads on {cores} cores: oversubscribed, every op waits; "
+              f"use --threads={max(1, cores // ranks)} or fewer", file=sys.stderr, flush=True)
+    if children:
+        os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    return torch.get_num_threads()
+
+
 def resolve_dtype(name: str, device_type: str) -> str:
     """'auto': bfloat16 on GPUs that have it, float16 on older GPUs, float32 elsewhere.
 
@@ -292,6 +323,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    threads: int = 0  # torch's intra-op threads in this process (apply_threads)
 
     @property
     def master(self):
@@ -301,9 +333,9 @@ class Runtime:
         return autocast(self.device_type, self.dtype)
 
 
-def init_runtime(device="auto", dtype="auto", seed=1337, backend="auto") -> Runtime:
-    """Device, precision, seeds and (under torchrun) the process group, set up once per script.
-    Call `close_runtime` at the end."""
+def init_runtime(device="auto", dtype="auto", seed=1337, backend="auto", threads=0) -> Runtime:
+    """Device, precision, CPU threads (apply_threads), seeds and (under torchrun) the process group, set up
+    once per script. Call `close_runtime` at the end."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0)) if ddp else 0
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
@@ -311,6 +343,7 @@ def init_runtime(device="auto", dtype="auto", seed=1337, backend="auto") -> Runt
     device_type = "cuda" if dev.startswith("cuda") else dev
     rt = Runtime(dev, device_type, resolve_dtype(dtype, device_type), ddp, rank, local_rank,
                  int(os.environ["WORLD_SIZE"]) if ddp else 1)
+    rt.threads = apply_threads(threads, device_type)
     if backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"backend={backend!r}: use auto, nccl or gloo")
     if backend == "nccl" and device_type != "cuda":  # also without torchrun: it says a GPU run was meant

@@ -36,8 +36,8 @@ from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens
 from guards import (accumulation_for_world, adaptation_note, check_out_dir_writable, check_replaces_same_model,
                     check_settings, check_tokenizer, claim_out_dir, finished_message, model_settings_conflicts)
 from model import Llama, LlamaConfig
-from monitor import (LossWatch, Saver, StepTimer, StopSignal, TrainingDiverged, device_peak_flops, log_progress,
-                     log_start, open_log, stop_message, summarise)
+from monitor import (LossWatch, Saver, StepTimer, StopSignal, TrainingDiverged, device_peak_flops, evaluation_beat,
+                     log_progress, log_stage_change, log_start, open_log, stop_message, summarise)
 from sharding import ParallelModel, use_compile
 
 # -----------------------------------------------------------------------------
@@ -82,6 +82,7 @@ lr_decay_iters = 0           # where the cosine decay reaches min_lr; 0: at max_
 min_lr = 2e-4                # learning rate at the end of the cosine decay
 # system
 device = "auto"              # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+threads = 0                  # torch CPU threads per rank: 0 = 1 on a CPU (see configurator.apply_threads)
 dtype = "auto"               # 'auto', 'float32', 'bfloat16', 'float16' (see resolve_dtype for auto)
 compile = "auto"             # True, False or 'auto' (on for CUDA, off on CPU: see sharding.use_compile)
 backend = "auto"             # DDP backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl', 'gloo'
@@ -142,10 +143,10 @@ def build_model(s, explicit, ckpt, path, data_vocab):
 
 
 @torch.no_grad()
-def estimate_loss(pm, rt, samplers, eval_iters, fsdp):
+def estimate_loss(pm, rt, samplers, eval_iters, fsdp, beat=None):
     """Mean cross-entropy on eval_iters fixed batches of each split, shared out over the ranks. Under FSDP
     every rank runs as many forward passes (each gathers weights with the others): a rank without a
-    batch of its own repeats batch 0 and does not count it."""
+    batch of its own repeats batch 0 and does not count it. beat: a progress.Heartbeat, told each batch."""
     out = {}
     pm.model.eval()
     for split, sampler in zip(("train", "val"), samplers):
@@ -158,6 +159,8 @@ def estimate_loss(pm, rt, samplers, eval_iters, fsdp):
             if k < eval_iters:
                 total[0] += loss.double()
                 total[1] += 1
+            if beat is not None:
+                beat.tick()
         if rt.ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
@@ -173,7 +176,7 @@ def main(argv):
     check_settings(s, explicit, world_size, torchrun="RANK" in os.environ and "WORLD_SIZE" in os.environ)
     check_out_dir_writable(s.out_dir)
     with ExitStack() as cleanup:  # undone in reverse order however the run ends: signals, out_dir's lock, processes
-        rt = init_runtime(s.device, s.dtype, s.seed, s.backend)
+        rt = init_runtime(s.device, s.dtype, s.seed, s.backend, s.threads)
         cleanup.callback(close_runtime, rt)
         # the data, the model (from scratch, or from a checkpoint whose architecture wins), the optimizer
         data_dir = ensure_dataset(s.dataset, s.auto_prepare, rt.master, dist.barrier if rt.ddp else (lambda: None))
@@ -208,8 +211,9 @@ def main(argv):
         log = open_log(s, rt, notes=(note, removed_note, adaptation_note(adaptation, s.max_iters)))
         tokens_per_iter = s.batch_size * s.block_size * s.gradient_accumulation_steps
         local_steps = s.gradient_accumulation_steps // rt.world_size  # micro-steps of this rank per step
-        log_start(log, s, pm, iter_num, tokens_per_iter)
-        watch, timer, peak = LossWatch(rt.device), StepTimer(rt), device_peak_flops(s.peak_flops, rt)
+        log_start(log, s, pm, iter_num, tokens_per_iter, adaptation, distill)
+        watch, peak = LossWatch(rt.device), device_peak_flops(s.peak_flops, rt)
+        timer = StepTimer(rt, note=log if pm.compile_model else None)  # says how long compiling took
         saver = Saver(s, pm, scaler, samplers[0], carried, log, watch, iter_num if resume else None)
         stop = cleanup.enter_context(StopSignal())
         start_iter, val_loss, stopped = iter_num, None, 0
@@ -228,8 +232,8 @@ def main(argv):
             # evaluate, and checkpoint, every eval_interval iterations and at the end
             if s.eval_only or ((iter_num % s.eval_interval == 0 or at_end) and not (resume and iter_num == start_iter)):
                 watch.check(rt, log, saver.kept())  # a non-finite training loss since the last log step
-                with timer.paused():
-                    losses = estimate_loss(pm, rt, samplers, s.eval_iters, s.fsdp)
+                with timer.paused(), evaluation_beat(s, rt, iter_num) as beat:  # a line if it runs long
+                    losses = estimate_loss(pm, rt, samplers, s.eval_iters, s.fsdp, beat)
                 val_loss = losses["val"]
                 log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}", kind="eval",
                     iter=iter_num, train_loss=losses["train"], val_loss=val_loss, lr=lr, time=timer.seconds())
@@ -248,6 +252,7 @@ def main(argv):
             for group in pm.optimizer.param_groups:
                 group["lr"] = lr
             teaching = teacher is not None and distill.active(iter_num)
+            log_stage_change(log, distill, iter_num)  # the printed loss is the distillation mix until here
             loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
             for micro_step in range(local_steps):
                 if rt.ddp and not s.fsdp:  # DDP syncs gradients at the last micro-step; FSDP reduce-scatters each
@@ -274,7 +279,8 @@ def main(argv):
                 if rt.ddp:
                     dist.all_reduce(loss_sum)
                 loss_val = loss_sum.item() / s.gradient_accumulation_steps  # the mean over micro-steps and ranks
-                log_progress(log, pm, iter_num - 1, loss_val, lr, timer.per_step(), tokens_per_iter, s.block_size, peak)
+                log_progress(log, pm, iter_num - 1, loss_val, lr, timer.per_step(), tokens_per_iter, s.block_size, peak,
+                             distilling=teaching)
         # ------------------------------------------------------------------------- TRAINING SECTION END
         summary = {"iters": iter_num, "val_loss": val_loss, "best_val_loss": best_val_loss,
                    "tokens_per_s": timer.tokens_per_s(tokens_per_iter), "stopped": stopped}

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from checkpoint import load_model  # noqa: E402  (the repository root is on the path only from here)
-from configurator import configure, parse_text, run_script, settings_from  # noqa: E402
+from configurator import apply_threads, configure, parse_text, run_script, settings_from  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -47,6 +47,7 @@ target = "upper:half"        # the kv_source adaptation converts to
 model = "--n_layer=6 --n_head=4 --n_kv_head=2 --n_embd=128 --intermediate_size=384 --block_size=128 --batch_size=16"
 decode_tokens = 100          # after a 16-token prompt: fits the 128-token context
 device = "cpu"               # every run's --device
+threads = 0                  # torch CPU threads, here and in the runs it starts: 0 = 1 on a CPU (apply_threads)
 replot = False               # only redraw OUT's plots from OUT/results.json
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
@@ -302,6 +303,7 @@ def results_table(pre, ada, dec, argv, seconds, seeds, iters, adapt_iters):
 def main(argv):
     global progress
     settings.update(vars(configure(DEFAULTS, argv, __doc__)[0]))
+    apply_threads(settings["threads"], children=True)
     out = settings["out"] = os.path.abspath(settings["out"])
     if settings["replot"]:
         return replot_from(out)

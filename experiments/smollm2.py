@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 from adapt import (attention_similarity, convert_model, kv_similarity, propose_attn_source,  # noqa: E402
                    propose_kv_source, save_heatmap)
 from checkpoint import load_model, save_checkpoint  # noqa: E402
-from configurator import configure, run_script, settings_from  # noqa: E402
+from configurator import apply_threads, configure, run_script, settings_from  # noqa: E402
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
 
@@ -56,6 +56,7 @@ compare_maps = "upper:half,cla:2"  # presets also adapted (local distillation + 
 speed_iters = 0              # > 0: only time each recipe's training for this many steps, one after another on
                              # a quiet machine (the runs above may have shared it), into OUT/speed.json
 seed = 1337                  # RNG seed of every run
+threads = 0                  # torch CPU threads, here and in the runs it starts: 0 = 1 on a CPU (apply_threads)
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 QUESTIONS = ["What is the capital of France?", "What is the capital of Germany?", "How many legs does a spider have?",
@@ -321,6 +322,7 @@ def speed_phase(s):
 
 def main(argv):
     s, _ = configure(DEFAULTS, argv, __doc__)
+    apply_threads(s.threads, children=True)
     for path in (s.out, s.runs):
         os.makedirs(path, exist_ok=True)
     if s.speed_iters:
