@@ -36,6 +36,7 @@ from checkpoint import SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint
 from configurator import ConfigError, apply_threads, configure, run_script, settings_from
 from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
 from model import LlamaConfig, parse_kv_source, validate_kv_source
+from progress import Heartbeat
 
 # -----------------------------------------------------------------------------
 # settings of `python adapt.py`; those of adaptation during training are TRAINING_SETTINGS, below
@@ -641,12 +642,13 @@ def main(argv):
         return 0
     batches = token_batches(model, ckpt, s.dataset, "val", s.batches, s.batch_size, s.block_size, s.seed)
     n_share_ = s.n_share if s.n_share >= 0 else model.config.n_layer // 2
-    if s.criterion == "kv":
-        sim, name, proposal = kv_similarity(model, batches), "kv_similarity", None
-        proposal = propose_kv_source(sim, n_share_)
-    else:
-        sim, name = attention_similarity(model, batches), "attn_similarity"
-        proposal = propose_attn_source(sim, n_share_)
+    with Heartbeat(f"calibration: {len(batches)} batches through {model.config.n_layer} layers", len(batches)) as beat:
+        if s.criterion == "kv":  # a line after 5 s and every 30 s: a real model takes minutes
+            sim, name = kv_similarity(model, beat.iter(batches)), "kv_similarity"
+            proposal = propose_kv_source(sim, n_share_)
+        else:
+            sim, name = attention_similarity(model, beat.iter(batches)), "attn_similarity"
+            proposal = propose_attn_source(sim, n_share_)
     print_similarity(sim, s.criterion)
     out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))
     os.makedirs(out_dir, exist_ok=True)

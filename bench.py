@@ -132,7 +132,6 @@ def parse_settings(argv):
     return s
 
 
-
 # -----------------------------------------------------------------------------
 # the benchmark
 
@@ -213,16 +212,17 @@ def build_all(s, env):
 def bench_train(s, env, modules):
     trainers = {n: H.Trainer(n, m, s, env.device) for n, m in modules.items()}
     for n, t in trainers.items():  # warm-up, compilation included: not timed
-        t0 = time.perf_counter()
+        t0 = H.announce_warmup(f"train {n}", s.compile)
         for _ in range(s.warmup):
             t.step()
         H.sync(env.device)
-        print(f"  warm-up {n}: {time.perf_counter() - t0:.1f}s")
+        print(f"  warm-up {n}: {time.perf_counter() - t0:.1f}s", flush=True)
     names, matmul_rates = list(trainers), []
     for r in range(s.repeats):
         for n in H.round_order(names, r):
             trainers[n].timed_round(s.steps)
         matmul_rates.append(H.matmul_rate(s.matmul_n, env.dtype, env.device))
+        H.print_round("train", r, s.repeats, {n: trainers[n].rates[-1] for n in names}, matmul_rates[-1] / 1e9, "GFLOP/s")
     bound = statistics.median(matmul_rates)
     print(f"  measured {s.matmul_n}^3 matmul rate, {s.dtype}: {bound / 1e9:.0f} GFLOP/s (median of "
           f"{len(matmul_rates)} rounds; min {min(matmul_rates) / 1e9:.0f}, max {max(matmul_rates) / 1e9:.0f})")
@@ -264,6 +264,7 @@ def bench_decode(s, env, modules, B):
             prefill[n].append(B * T / t_prefill)
             decode[n].append(B * N / t_decode)
         bandwidth.append(H.memory_bandwidth(s.bandwidth_bytes, env.device))
+        H.print_round(f"decode batch {B}", r, s.repeats, {n: decode[n][-1] for n in names}, bandwidth[-1] / 1e9, "GB/s")
     del decoders
     bound = max(bandwidth)  # the best a fresh buffer was read at: fractions of it are lower bounds
     print(f"  measured memory read bandwidth ({s.bandwidth_bytes / 2 ** 20:.0f} MiB sum): {bound / 1e9:.1f} GB/s "

@@ -251,7 +251,7 @@ def apply_threads(threads: int, device_type: str = "cpu", children=False) -> int
     torch.set_num_threads(threads)
     try:
         if torch.get_num_interop_threads() != threads:
-            torch.set_interop_threads(threads)
+            torch.set_num_interop_threads(threads)
     except RuntimeError:
         pass  # torch allows it only before the process's first inter-op work: a later call keeps what is set
     ranks, cores = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), os.cpu_count() or 1

@@ -63,7 +63,7 @@ def log_start(log, s, pm, iter_num, tokens_per_iter, adaptation=None, distill=No
     frozen = [i for i, layer in enumerate(pm.raw.layers) if not any(p.requires_grad for p in layer.parameters())]
     log(f"model: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers, kv_source {list(c.kv_source)} "
         f"({len(c.owners)} K/V owners)" + (f", attn_source {list(c.attn_source)}" if shared_attn else "") +
-        f"; device {rt.device}{f' ({rt.threads} threads)' if rt.device_type == 'cpu' else ''}, dtype {rt.dtype}, "
+        f"; device {rt.device}{threads_note(rt)}, dtype {rt.dtype}, "
         f"compile {pm.compile_model}, ranks {rt.world_size}{' (FSDP)' if pm.fsdp else ''}; "
         f"{tokens_per_iter:,} tokens per iteration; starting at iter {iter_num}",
         kind="start", iter=iter_num, params=n_params, kv_source=list(c.kv_source), attn_source=list(c.attn_source),
@@ -74,6 +74,10 @@ def log_start(log, s, pm, iter_num, tokens_per_iter, adaptation=None, distill=No
     if pm.compile_model:
         log("compile: torch.compile runs at the first evaluation and again at the first step (a minute or more "
             "on a CPU, longer for big models); the line after the first step says how long it took")
+
+
+def threads_note(rt):
+    return f" ({rt.threads} thread{'s' if rt.threads > 1 else ''})" if rt.device_type == "cpu" else ""
 
 
 def adaptation_lines(s, adaptation, distill, frozen, n_layer):

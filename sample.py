@@ -319,7 +319,7 @@ def compiled_step(model, x):
     t0 = time.perf_counter()
     step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
     with torch.no_grad():  # one step into a scratch cache of generate's shape: the graph generate will run
-        step(x[:, :1], torch.zeros(1, dtype=torch.long, device=x.device), model.new_cache(x.shape[0]))
+        step(x.new_zeros(x.shape[0], 1), x.new_zeros(1), model.new_cache(x.shape[0]))  # shapes and strides as generate's
     seconds = time.perf_counter() - t0
     print(f"compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
     return step, seconds
