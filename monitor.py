@@ -293,8 +293,9 @@ class StopSignal:
 class StepTimer:
     """Seconds per training step without waiting for the device at every step: the steps of a log
     window are timed together, up to the log step, where the loop has just read the loss back. What is
-    no step is left out: evaluations (`paused`) and, from the run's average, its first step (compile,
-    allocator warm-up), for which the timer waits for the device once, after that step."""
+    no step is left out: evaluations (`paused`) and the first step (compilation, allocator warm-up),
+    timed apart (the timer waits for the device once, after it) and reported only when a log window
+    holds nothing else (log_interval=1)."""
 
     def __init__(self, rt, note=None):
         self.sync = (lambda: torch.cuda.synchronize(rt.device)) if rt.device_type == "cuda" else (lambda: None)
@@ -314,7 +315,8 @@ class StepTimer:
         self.steps += 1
         if self.first is None:
             self.sync()
-            self.first = self.window + time.perf_counter() - self.start
+            now = time.perf_counter()
+            self.first, self.start, self.window, self.steps = self.window + now - self.start, now, 0.0, 0
             if self.note is not None:
                 self.note(f"compile: the first step took {self.first:.1f} s, compilation included")
 
@@ -322,6 +324,9 @@ class StepTimer:
         """Mean seconds per step since the last call (call it right after the loss was read back)."""
         self.sync()
         now = time.perf_counter()
+        if not self.steps:  # the window held the first step only
+            self.start, self.window = now, 0.0
+            return self.first
         seconds = (self.window + now - self.start) / self.steps
         self.total, self.total_steps = self.total + self.window + now - self.start, self.total_steps + self.steps
         self.start, self.window, self.steps = now, 0.0, 0
@@ -329,9 +334,9 @@ class StepTimer:
 
     def seconds(self):
         """Time of the steps so far, the first excluded."""
-        return self.total + self.window - (self.first or 0.0)
+        return self.total + self.window
 
     def tokens_per_s(self, tokens_per_iter):
         """The run's average over the windows read, first step excluded (None when nothing else was timed)."""
-        steps, seconds = self.total_steps - 1, self.total - (self.first or 0.0)
+        steps, seconds = self.total_steps, self.total
         return tokens_per_iter * steps / seconds if steps > 0 and seconds > 0 else None

@@ -224,7 +224,8 @@ def main(argv):
             if adaptation is not None and pm.adapt(adaptation, iter_num):  # a stage switch dropped K/V weights
                 best_val_loss = float("inf")  # "best" compares models of the same kv_source only
                 kv = list(pm.raw.config.kv_source)
-                log(f"iter {iter_num}: kv_source is now {kv}", kind="adapt", iter=iter_num, kv_source=kv)
+                log(f"iter {iter_num}: kv_source is now {kv}" + (" (the next step compiles the new model)" if pm.compile_model
+                    else ""), kind="adapt", iter=iter_num, kv_source=kv)
                 if taps is not None:
                     taps[0].follow(pm.raw)  # under FSDP the student is a new module now
             lr = get_lr(iter_num, s.learning_rate, s.warmup_iters, s.lr_decay_iters or s.max_iters, s.min_lr, s.decay_lr)

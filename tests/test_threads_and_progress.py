@@ -228,3 +228,20 @@ def test_a_long_evaluation_says_so(data_dir, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert re.search(r"^iter 0: evaluating 3 batches x 2 splits: \d/6 after \d+ s$", out, re.M), out
     assert re.search(r"^iter 2: evaluating 3 batches x 2 splits", out, re.M), out
+
+
+def test_step_times_leave_the_first_step_out():
+    """A first step that compiles (here: sleeps 0.4 s) is reported apart, never averaged into ms/iter."""
+    from types import SimpleNamespace
+
+    from monitor import StepTimer
+    notes = []
+    timer = StepTimer(SimpleNamespace(device="cpu", device_type="cpu"), note=notes.append)
+    time.sleep(0.4)
+    timer.step_done()
+    for _ in range(3):
+        time.sleep(0.01)
+        timer.step_done()
+    per_step = timer.per_step()
+    assert 0.01 <= per_step < 0.2 and timer.tokens_per_s(100) == pytest.approx(100 / per_step)
+    assert len(notes) == 1 and re.fullmatch(r"compile: the first step took 0\.[4-9] s, compilation included", notes[0])
