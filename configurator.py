@@ -256,8 +256,8 @@ def apply_threads(threads: int, device_type: str = "cpu", children=False) -> int
         pass  # torch allows it only before the process's first inter-op work: a later call keeps what is set
     ranks, cores = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), os.cpu_count() or 1
     if threads * ranks > cores and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"note: {ranks} process(es) x {threads} threads on {cores} cores: oversubscribed, every op waits; "
-              f"use --threads={max(1, cores // ranks)} or fewer", file=sys.stderr, flush=True)
+        print(f"note: {ranks} process{'es' if ranks > 1 else ''} x {threads} threads on {cores} cores: oversubscribed, "
+              f"every op waits; use --threads={max(1, cores // ranks)}", file=sys.stderr, flush=True)
     if children:
         os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     return torch.get_num_threads()
