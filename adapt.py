@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint, share_attn_state, share_kv_state
-from configurator import ConfigError, configure, run_script, settings_from
+from configurator import ConfigError, apply_threads, configure, run_script, settings_from
 from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
 from model import LlamaConfig, parse_kv_source, validate_kv_source
+from progress import Heartbeat
 
 # -----------------------------------------------------------------------------
 # settings of `python adapt.py`; those of adaptation during training are TRAINING_SETTINGS, below
@@ -43,17 +44,18 @@ init_from = "out-shakespeare-char-dense"  # a dense checkpoint file or training 
 dataset = ""                 # '' = the dataset the checkpoint was trained on
 n_share = -1                 # calibrate: layers to turn into consumers in the proposed map; -1 = half
 batches = 8                  # batches the calibration (validation split) or local distillation (train split) use
-batch_size = 8
+batch_size = 8               # sequences per batch
 block_size = 0               # sequence length of those batches; 0 = the model's block_size
 out = ""                     # calibrate: a directory ('' = beside the checkpoint); convert: the checkpoint file
-seed = 1337
+seed = 1337                  # which batches are drawn
+threads = 0                  # torch CPU threads: 0 = 1 on a CPU (shared machines: configurator.apply_threads)
 criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_source) or 'attention' (EchoAtt's
                              # attention-map similarity, proposes attn_source)
 convert_to = ""              # convert: the kv_source to convert the dense model to (abruptly)
 attn_to = ""                 # convert: the attn_source to convert it to (EchoAtt: sharers drop Q and K)
 kv_init = "own"              # convert: owners keep their own K/V (own) or the mean of their users' (mean)
 local_iters = 0              # convert: steps of layer-local distillation of the consumers afterwards
-local_lr = 1e-3
+local_lr = 1e-3              # convert: AdamW learning rate of the layer-local distillation
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 
@@ -65,13 +67,13 @@ TRAINING_SETTINGS = dict(
     adapt_mode="gradual",       # 'gradual' (stage by stage, blending K/V) or 'abrupt' (all layers at iteration 0)
     adapt_order="top-down",     # 'top-down', 'bottom-up', 'similarity' (needs adapt_similarity) or a list like 5,4,3
     adapt_stage_iters=100,      # iterations per stage (gradual)
-    adapt_layers_per_stage=1,
+    adapt_layers_per_stage=1,   # layers that switch together in each stage (gradual)
     adapt_train_layers="all",   # 'all', 'converted' (consumers and their owners), 'upward' (lowest consumer and up)
     adapt_similarity="",        # kv_similarity.pt from `python adapt.py`, for adapt_order='similarity'
     # learning from a frozen dense teacher (Distillation): loss = (1 - a - g - h) * CE(data)
     #   + a * T^2 * KL(teacher || student) + g * CE(teacher's argmax) + h * MSE(hidden states); all 0: no teacher
     distill_alpha=0.0,          # a: soft logits at distill_temperature
-    distill_temperature=1.0,
+    distill_temperature=1.0,    # T of the soft-logit term (the KL is scaled by T^2)
     distill_argmax=0.0,         # g: the teacher's argmax tokens as labels (EchoAtt: 0.5)
     distill_hidden=0.0,         # h: residual stream entering distill_hidden_layers (EchoAtt: 0.25, with a = 0.25)
     distill_hidden_layers="",   # e.g. '10,20' (EchoAtt: the boundaries of the shared blocks)
@@ -631,6 +633,7 @@ def check_settings(s, explicit):
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "attention")})
     check_settings(s, explicit)
+    apply_threads(s.threads)  # the model stays on the CPU here
     model, ckpt = load_model(s.init_from)
     if s.block_size > model.config.block_size:
         raise ConfigError(f"block_size={s.block_size} exceeds the model's block_size={model.config.block_size}")
@@ -639,12 +642,13 @@ def main(argv):
         return 0
     batches = token_batches(model, ckpt, s.dataset, "val", s.batches, s.batch_size, s.block_size, s.seed)
     n_share_ = s.n_share if s.n_share >= 0 else model.config.n_layer // 2
-    if s.criterion == "kv":
-        sim, name, proposal = kv_similarity(model, batches), "kv_similarity", None
-        proposal = propose_kv_source(sim, n_share_)
-    else:
-        sim, name = attention_similarity(model, batches), "attn_similarity"
-        proposal = propose_attn_source(sim, n_share_)
+    with Heartbeat(f"calibration: {len(batches)} batches through {model.config.n_layer} layers", len(batches)) as beat:
+        if s.criterion == "kv":  # a line after 5 s and every 30 s: a real model takes minutes
+            sim, name = kv_similarity(model, beat.iter(batches)), "kv_similarity"
+            proposal = propose_kv_source(sim, n_share_)
+        else:
+            sim, name = attention_similarity(model, beat.iter(batches)), "attn_similarity"
+            proposal = propose_attn_source(sim, n_share_)
     print_similarity(sim, s.criterion)
     out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))
     os.makedirs(out_dir, exist_ok=True)

@@ -29,7 +29,7 @@ import time
 import torch
 
 import benchmarking as H
-from configurator import DTYPES, ConfigError, configure, resolve_device, run_script, settings_from
+from configurator import DTYPES, ConfigError, apply_threads, configure, resolve_device, run_script, settings_from
 
 # -----------------------------------------------------------------------------
 # settings (sizes at 0 take the preset's value)
@@ -48,14 +48,14 @@ steps = 0                    # train steps per model per round
 decode_batch = 0             # the larger decode batch (batch 1 always runs)
 prompt_len = 0               # decode prompt
 new_tokens = 0               # decode steps timed after the prefill
-threads = 0                  # torch.set_num_threads: 0 is the preset's (tiny: 1), else torch's default
+threads = 0                  # torch CPU threads: 0 = the preset's (tiny: 1), else 1 on a CPU (apply_threads)
 skip = ""                    # comma list: train, decode, mem (CPU peak-RSS children), refmem (the reference's)
 profile = False              # torch.profiler over one train step (unless skipped) and the decode steps at batch 1:
                              # time per op; for decode the GB/s of the matmuls
 attn_reuse = ""              # e.g. '256,1024': only time an EchoAtt sharer's attention at these sequence lengths,
                              # recomputing softmax(q_j k_j^T) in SDPA vs reusing the source's materialised probabilities
 out = ""                     # write the measurements to this JSON file (its directory must exist)
-seed = 1337
+seed = 1337                  # RNG seed of the random weights and token ids
 mem_child = ""               # internal: the model a child process measures the peak RSS of (measure_cpu_mem)
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
@@ -109,7 +109,7 @@ def parse_settings(argv):
         if value < 0 or (value == 0 and key in explicit):
             raise ConfigError(f"--{key} must be a positive integer, got {value}")
         if value == 0:
-            setattr(s, key, p.get(key, 0))  # threads 0 (no preset value): torch's default
+            setattr(s, key, p.get(key, 0))  # threads 0 (no preset value): configurator.apply_threads's
     s.skip = H.parse_skip(s.skip)
     if s.attn_reuse and not all(t.strip().isdigit() and int(t) > 0 for t in s.attn_reuse.split(",")):
         raise ConfigError(f"--attn_reuse={s.attn_reuse!r}: expected sequence lengths like 256,1024")
@@ -132,7 +132,6 @@ def parse_settings(argv):
     return s
 
 
-
 # -----------------------------------------------------------------------------
 # the benchmark
 
@@ -141,8 +140,7 @@ def main(argv=None):
     """Run the benchmark with command-line arguments `argv`; return the measurements (list of dicts)."""
     s = parse_settings(sys.argv[1:] if argv is None else argv)
     threads = torch.get_num_threads()
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    apply_threads(s.threads, "cuda" if s.device.startswith("cuda") else s.device)
     try:
         if s.mem_child:
             return H.mem_child_main(s)
@@ -214,16 +212,17 @@ def build_all(s, env):
 def bench_train(s, env, modules):
     trainers = {n: H.Trainer(n, m, s, env.device) for n, m in modules.items()}
     for n, t in trainers.items():  # warm-up, compilation included: not timed
-        t0 = time.perf_counter()
+        t0 = H.announce_warmup(f"train {n}", s.compile)
         for _ in range(s.warmup):
             t.step()
         H.sync(env.device)
-        print(f"  warm-up {n}: {time.perf_counter() - t0:.1f}s")
+        print(f"  warm-up {n}: {time.perf_counter() - t0:.1f}s", flush=True)
     names, matmul_rates = list(trainers), []
     for r in range(s.repeats):
         for n in H.round_order(names, r):
             trainers[n].timed_round(s.steps)
         matmul_rates.append(H.matmul_rate(s.matmul_n, env.dtype, env.device))
+        H.print_round("train", r, s.repeats, {n: trainers[n].rates[-1] for n in names}, matmul_rates[-1] / 1e9, "GFLOP/s")
     bound = statistics.median(matmul_rates)
     print(f"  measured {s.matmul_n}^3 matmul rate, {s.dtype}: {bound / 1e9:.0f} GFLOP/s (median of "
           f"{len(matmul_rates)} rounds; min {min(matmul_rates) / 1e9:.0f}, max {max(matmul_rates) / 1e9:.0f})")
@@ -265,6 +264,7 @@ def bench_decode(s, env, modules, B):
             prefill[n].append(B * T / t_prefill)
             decode[n].append(B * N / t_decode)
         bandwidth.append(H.memory_bandwidth(s.bandwidth_bytes, env.device))
+        H.print_round(f"decode batch {B}", r, s.repeats, {n: decode[n][-1] for n in names}, bandwidth[-1] / 1e9, "GB/s")
     del decoders
     bound = max(bandwidth)  # the best a fresh buffer was read at: fractions of it are lower bounds
     print(f"  measured memory read bandwidth ({s.bandwidth_bytes / 2 ** 20:.0f} MiB sum): {bound / 1e9:.1f} GB/s "

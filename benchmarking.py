@@ -732,6 +732,19 @@ def add_int8_copies(s, env, modules):
         env.flops[f"{spec}+int8"], env.n_params[f"{spec}+int8"] = env.flops[spec], env.n_params[spec]
 
 
+def announce_warmup(what, compiling):
+    """Say that an untimed warm-up starts when it compiles (minutes for a big model); its start time."""
+    if compiling:
+        print(f"  warm-up {what}: compiling (torch.compile; minutes for a big model) ...", flush=True)
+    return time.perf_counter()
+
+
+def print_round(what, r, repeats, rates, bound, unit):
+    """One line as each timed round ends: every model's tokens/s, and the bound measured in that round."""
+    print(f"  {what} round {r + 1}/{repeats}: " + ", ".join(f"{n} {v:,.0f}" for n, v in rates.items()) +
+          f" tokens/s; {bound:,.1f} {unit}", flush=True)
+
+
 def warm_decoders(s, env, modules, prompt):
     """({name: Decoder}, {name: CUDA peak bytes}) after the untimed runs that compile the step and
     fill the caches; on CUDA the peak of each model's own decode."""
@@ -742,8 +755,11 @@ def warm_decoders(s, env, modules, prompt):
             base = torch.cuda.memory_allocated(env.device)
             torch.cuda.reset_peak_memory_stats(env.device)
         decoders[n] = Decoder(m, prompt, s.new_tokens, s.compile)
+        t0 = announce_warmup(f"decode {n} at batch {prompt.shape[0]}", s.compile)
         for _ in range(2 if s.compile else 1):  # the second compiled run is the first at full speed
             decoders[n].timed()
+        if s.compile:
+            print(f"  warm-up decode {n} at batch {prompt.shape[0]}: {time.perf_counter() - t0:.1f}s", flush=True)
         if env.on_gpu:
             mems[n] = torch.cuda.max_memory_allocated(env.device) - base + state_bytes(m)
     return decoders, mems

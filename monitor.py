@@ -22,6 +22,7 @@ import torch
 
 from checkpoint import CKPT_NAME, make_checkpoint, save_checkpoint
 from configurator import peak_flops_for
+from progress import Heartbeat
 from sharding import rank_max
 
 
@@ -54,16 +55,51 @@ def open_log(s, rt, notes):
     return log
 
 
-def log_start(log, s, pm, iter_num, tokens_per_iter):
+def log_start(log, s, pm, iter_num, tokens_per_iter, adaptation=None, distill=None):
+    """The start line (and record): the model, its maps, the runtime; then what adapts it, if anything."""
     c, rt = pm.raw.config, pm.rt
     n_params = pm.raw.num_params()
+    shared_attn = any(j != i for i, j in enumerate(c.attn_source))
+    frozen = [i for i, layer in enumerate(pm.raw.layers) if not any(p.requires_grad for p in layer.parameters())]
     log(f"model: {n_params / 1e6:.2f}M parameters, {c.n_layer} layers, kv_source {list(c.kv_source)} "
-        f"({len(c.owners)} K/V owners); device {rt.device}, dtype {rt.dtype}, compile {pm.compile_model}, "
-        f"ranks {rt.world_size}{' (FSDP)' if pm.fsdp else ''}; {tokens_per_iter:,} tokens per iteration; "
-        f"starting at iter {iter_num}",
-        kind="start", iter=iter_num, params=n_params, kv_source=list(c.kv_source), device=rt.device,
-        dtype=rt.dtype, compile=pm.compile_model, world_size=rt.world_size, fsdp=pm.fsdp,
-        tokens_per_iter=tokens_per_iter, config=vars(s))
+        f"({len(c.owners)} K/V owners)" + (f", attn_source {list(c.attn_source)}" if shared_attn else "") +
+        f"; device {rt.device}{threads_note(rt)}, dtype {rt.dtype}, "
+        f"compile {pm.compile_model}, ranks {rt.world_size}{' (FSDP)' if pm.fsdp else ''}; "
+        f"{tokens_per_iter:,} tokens per iteration; starting at iter {iter_num}",
+        kind="start", iter=iter_num, params=n_params, kv_source=list(c.kv_source), attn_source=list(c.attn_source),
+        device=rt.device, threads=rt.threads, dtype=rt.dtype, compile=pm.compile_model, world_size=rt.world_size,
+        fsdp=pm.fsdp, tokens_per_iter=tokens_per_iter, frozen_layers=frozen, config=vars(s))
+    for line in adaptation_lines(s, adaptation, distill, frozen, c.n_layer):
+        log(line)
+    if pm.compile_model:
+        log("compile: torch.compile runs at the first evaluation and again at the first step (a minute or more "
+            "on a CPU, longer for big models); the line after the first step says how long it took")
+
+
+def threads_note(rt):
+    return f" ({rt.threads} thread{'s' if rt.threads > 1 else ''})" if rt.device_type == "cpu" else ""
+
+
+def adaptation_lines(s, adaptation, distill, frozen, n_layer):
+    """What the start line leaves out: the adaptation's target and stages, the teacher, the frozen layers."""
+    lines = []
+    if adaptation is not None:
+        stages = "; ".join(f"layers {stage} at iter {k * adaptation.stage_iters}" if adaptation.mode == "gradual"
+                           else f"layers {stage} at iter 0" for k, stage in enumerate(adaptation.stages))
+        lines.append(f"adaptation: to kv_source {list(adaptation.target)}, {adaptation.mode}" +
+                     (f", stages of {adaptation.stage_iters} iterations" if adaptation.mode == "gradual" else "") +
+                     f": {stages or 'nothing to switch'}")
+    if frozen:
+        lines.append(f"frozen layers {frozen} (no gradients); training {[i for i in range(n_layer) if i not in frozen]}")
+    if distill is not None:
+        weights = [(1 - distill.kl - distill.argmax - distill.hidden, "CE(data)"),
+                   (distill.kl, f"T^2 KL(teacher || student) at T={distill.temperature:g}"),
+                   (distill.argmax, "CE(teacher's argmax)"), (distill.hidden, f"MSE(hidden at layers {list(distill.layers)})")]
+        mix = " + ".join(f"{w:g} {name}" for w, name in weights if w)
+        until = f"until iter {distill.iters}, then plain CE" if distill.iters else "for the whole run"
+        teacher = s.distill_teacher or s.init_from
+        lines.append(f"distillation: teacher {teacher}; loss = {mix}, {until} (the printed loss is this mix)")
+    return lines
 
 
 def device_peak_flops(setting, rt):
@@ -78,12 +114,28 @@ def device_peak_flops(setting, rt):
     return None
 
 
-def log_progress(log, pm, iter_num, loss, lr, s_per_iter, tokens_per_iter, block_size, peak):
+def log_progress(log, pm, iter_num, loss, lr, s_per_iter, tokens_per_iter, block_size, peak, distilling=False):
+    """The loss line of a log step; while a teacher teaches, the loss is the distillation mix, and says so."""
     tps = tokens_per_iter / s_per_iter
     mfu = pm.raw.estimate_mfu(tps / pm.rt.world_size, block_size, peak_flops=peak) if peak else None
-    log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {1000 * s_per_iter:.1f} ms/iter, {tps:,.0f} tokens/s" +
-        (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""),
-        kind="train", iter=iter_num, loss=loss, lr=lr, ms_per_iter=1000 * s_per_iter, tokens_per_s=tps, mfu=mfu)
+    log(f"iter {iter_num}: loss {loss:.4f}{' (distill mix)' if distilling else ''}, lr {lr:.2e}, "
+        f"{1000 * s_per_iter:.1f} ms/iter, {tps:,.0f} tokens/s" + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""),
+        kind="train", iter=iter_num, loss=loss, loss_kind="distill mix" if distilling else "cross-entropy", lr=lr,
+        ms_per_iter=1000 * s_per_iter, tokens_per_s=tps, mfu=mfu)
+
+
+def evaluation_beat(s, rt, iter_num):
+    """A progress line when an evaluation runs more than a few seconds (a big model's: minutes)."""
+    mine = 2 * -(-s.eval_iters // rt.world_size)  # the forward passes of this rank
+    return Heartbeat(f"iter {iter_num}: evaluating {s.eval_iters} batches x 2 splits" +
+                     (" (rank 0's share)" if rt.ddp else ""), total=mine, enabled=rt.master)
+
+
+def log_stage_change(log, distill, iter_num):
+    """The line where distillation's stage 1 ends: the loss printed from here on is plain cross-entropy."""
+    if distill is not None and distill.iters and iter_num == distill.iters:
+        log(f"iter {iter_num}: distillation ends (distill_iters={distill.iters}), plain cross-entropy from here",
+            kind="stage", iter=iter_num, stage="cross-entropy")
 
 
 def weights_digest(state_dict):
@@ -241,11 +293,13 @@ class StopSignal:
 class StepTimer:
     """Seconds per training step without waiting for the device at every step: the steps of a log
     window are timed together, up to the log step, where the loop has just read the loss back. What is
-    no step is left out: evaluations (`paused`) and, from the run's average, its first step (compile,
-    allocator warm-up), for which the timer waits for the device once, after that step."""
+    no step is left out: evaluations (`paused`) and the first step (compilation, allocator warm-up),
+    timed apart (the timer waits for the device once, after it) and reported only when a log window
+    holds nothing else (log_interval=1)."""
 
-    def __init__(self, rt):
+    def __init__(self, rt, note=None):
         self.sync = (lambda: torch.cuda.synchronize(rt.device)) if rt.device_type == "cuda" else (lambda: None)
+        self.note = note  # told how long the first step took (a compiled run: compilation included)
         self.start, self.window, self.steps, self.first = time.perf_counter(), 0.0, 0, None
         self.total, self.total_steps = 0.0, 0  # over the windows read so far
 
@@ -261,12 +315,18 @@ class StepTimer:
         self.steps += 1
         if self.first is None:
             self.sync()
-            self.first = self.window + time.perf_counter() - self.start
+            now = time.perf_counter()
+            self.first, self.start, self.window, self.steps = self.window + now - self.start, now, 0.0, 0
+            if self.note is not None:
+                self.note(f"compile: the first step took {self.first:.1f} s, compilation included")
 
     def per_step(self):
         """Mean seconds per step since the last call (call it right after the loss was read back)."""
         self.sync()
         now = time.perf_counter()
+        if not self.steps:  # the window held the first step only
+            self.start, self.window = now, 0.0
+            return self.first
         seconds = (self.window + now - self.start) / self.steps
         self.total, self.total_steps = self.total + self.window + now - self.start, self.total_steps + self.steps
         self.start, self.window, self.steps = now, 0.0, 0
@@ -274,9 +334,9 @@ class StepTimer:
 
     def seconds(self):
         """Time of the steps so far, the first excluded."""
-        return self.total + self.window - (self.first or 0.0)
+        return self.total + self.window
 
     def tokens_per_s(self, tokens_per_iter):
         """The run's average over the windows read, first step excluded (None when nothing else was timed)."""
-        steps, seconds = self.total_steps - 1, self.total - (self.first or 0.0)
+        steps, seconds = self.total_steps, self.total
         return tokens_per_iter * steps / seconds if steps > 0 and seconds > 0 else None

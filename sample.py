@@ -22,7 +22,7 @@ import time
 import torch
 
 from checkpoint import load_model
-from configurator import DTYPES, configure, resolve_device, resolve_dtype, run_script, settings_from
+from configurator import DTYPES, apply_threads, configure, resolve_device, resolve_dtype, run_script, settings_from
 from convert_hf import load_hf_llama
 from dataset import dataset_dir, load_meta
 from quantize import quantize_int8
@@ -33,12 +33,13 @@ from tokenizer import GPT2_VOCAB_SIZE, HFTokenizer, from_meta
 init_from = "out-shakespeare-char"  # checkpoint file, training out_dir (train.py's default), or HF Llama directory
 start = "\n"                 # the prompt, or FILE:path to read it from a file
 chat = False                 # wrap the prompt in the model's chat template as one user turn
-num_samples = 1
-max_new_tokens = 0           # 0: as many as fit the context, at most 500
+num_samples = 1              # samples to draw, one after another
+max_new_tokens = 0           # 0: what fits the context after the prompt, at most 500 (a line on stderr says how many)
 temperature = 0.8            # 0 is greedy
 top_k = 200                  # 0: no top-k
-seed = 1337
+seed = 1337                  # RNG seed of the sampling
 device = "auto"              # auto (cuda if present), cpu, cuda, cuda:N
+threads = 0                  # torch CPU threads: 0 = 1 on a CPU (shared machines: configurator.apply_threads)
 dtype = "auto"               # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
 compile = False              # torch.compile the decode step (on CPU 3-4x faster decoding at batch 1: docs/bench.md)
 quantize = ""                # 'int8': weight-only int8 linear layers for decoding (quantize.py)
@@ -244,6 +245,7 @@ def main(argv):
     check_settings(s)
     dev = resolve_device(s.device)
     dtype = DTYPES[resolve_dtype(s.dtype, "cuda" if dev.startswith("cuda") else dev)]
+    threads = apply_threads(s.threads, "cuda" if dev.startswith("cuda") else dev)
     if s.quantize == "int8" and dev == "cpu" and dtype != torch.bfloat16:
         raise SampleError(f"--quantize=int8 on a CPU needs --dtype=bfloat16: with {dtype} activations torch's int8 "
                           "kernel decodes more slowly than the float model (docs/bench.md)")
@@ -261,22 +263,79 @@ def main(argv):
         quantize_int8(model)
     ids = encode_prompt(tok, prompt, model.config.vocab_size)
     max_new = s.max_new_tokens or min(500, max(1, model.config.block_size - len(ids)))
-    torch.manual_seed(s.seed)
+    if not s.max_new_tokens:
+        print(f"up to {max_new} new tokens (max_new_tokens=0: what fits the {model.config.block_size}-token context "
+              "after the prompt, at most 500; --max_new_tokens=N for another number)", file=sys.stderr, flush=True)
     use_decode_paths(model)  # speed.py's batch-1 decoding paths: faster compiled on a CPU, same results
-    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if s.compile else None
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None]
+    step, compile_s = compiled_step(model, x) if s.compile else (None, 0.0)
+    torch.manual_seed(s.seed)
     for k in range(s.num_samples):
+        stream = TextStream(tok, [] if s.chat else ids)  # the text as it is generated
         t0 = time.perf_counter()
-        y = model.generate(x, max_new, temperature=s.temperature, top_k=s.top_k or None, eos_id=eos, decode_step=step)
+        y = model.generate(x, max_new, temperature=s.temperature, top_k=s.top_k or None, eos_id=eos, decode_step=step,
+                           on_token=stream.add)
         seconds = time.perf_counter() - t0
-        print(tok.decode(y[0, len(ids) if s.chat else 0:].tolist()))
+        stream.finish(y[0, len(ids) if s.chat else 0:].tolist())
         if s.show_speed:
-            new = y.shape[1] - len(ids)
-            print(f"[speed] {new} new tokens after a {len(ids)}-token prompt in {seconds:.2f} s: {new / seconds:.1f} "
-                  f"tokens/s, prefill included{' (and compilation)' if s.compile and k == 0 else ''} "
-                  f"[{dev}, {str(dtype).replace('torch.', '')}]")
+            print(speed_line(y.shape[1] - len(ids), len(ids), seconds, stream.first_at - t0, dev, dtype, threads,
+                             compile_s if k == 0 else None))
         print("---------------")
     return 0
+
+
+class TextStream:
+    """Prints the text of a growing list of ids as the tokens come (model.generate's on_token), so that
+    what is printed, once finished, is exactly the text of the final ids. A piece is held back while it
+    ends in U+FFFD (a character whose bytes are not all there yet) or whitespace (a tokenizer may tidy
+    it), or does not extend what was printed; `finish` prints the rest."""
+
+    def __init__(self, tok, ids):
+        self.tok, self.ids, self.shown, self.first_at = tok, list(ids), "", None
+        self.show()
+
+    def add(self, token):
+        self.first_at = self.first_at or time.perf_counter()  # prefill and the first token done
+        self.ids.append(int(token[0]))
+        self.show()
+
+    def show(self):
+        text = self.tok.decode(self.ids).rstrip("\ufffd")
+        text = text[:len(text.rstrip())]
+        if len(text) > len(self.shown) and text.startswith(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self, ids):
+        text = self.tok.decode(ids)
+        print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
+
+
+def compiled_step(model, x):
+    """(torch.compile of model.decode_step, seconds it took), compiled here, before generation: a timed
+    generation then measures decoding only. Says when compiling starts and ends (on stderr)."""
+    print("compiling the decode step (torch.compile: once per run; a minute or more on a CPU) ...", file=sys.stderr,
+          flush=True)
+    t0 = time.perf_counter()
+    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+    with torch.no_grad():  # one step into a scratch cache of generate's shape: the graph generate will run
+        step(x.new_zeros(x.shape[0], 1), x.new_zeros(1), model.new_cache(x.shape[0]))  # shapes and strides as generate's
+    seconds = time.perf_counter() - t0
+    print(f"compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return step, seconds
+
+
+def speed_line(new, prompt_len, seconds, first_s, dev, dtype, threads, compile_s=None):
+    """The [speed] line: tokens/s of the decode steps alone (after the first token), the prefill apart,
+    and compilation (done before generation) named but never counted."""
+    steps, decode_s = new - 1, seconds - first_s
+    rate = f"then {steps} tokens in {decode_s:.2f} s: {steps / decode_s:.1f} tokens/s" if steps and decode_s > 0 else \
+        "no decode step"
+    threads_text = f", {threads} thread{'s' if threads > 1 else ''}" if dev == "cpu" else ""
+    where = f"{dev}{threads_text}, {str(dtype).replace('torch.', '')}"
+    compiled = f"; compiling took {compile_s:.1f} s before, not counted" if compile_s else ""
+    return (f"[speed] {new} new tokens after a {prompt_len}-token prompt in {seconds:.2f} s: prefill and first token "
+            f"{first_s:.2f} s, {rate} [{where}]{compiled}")
 
 
 if __name__ == "__main__":

@@ -36,14 +36,14 @@ from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens
 from guards import (accumulation_for_world, adaptation_note, check_out_dir_writable, check_replaces_same_model,
                     check_settings, check_tokenizer, claim_out_dir, finished_message, model_settings_conflicts)
 from model import Llama, LlamaConfig
-from monitor import (LossWatch, Saver, StepTimer, StopSignal, TrainingDiverged, device_peak_flops, log_progress,
-                     log_start, open_log, stop_message, summarise)
+from monitor import (LossWatch, Saver, StepTimer, StopSignal, TrainingDiverged, device_peak_flops, evaluation_beat,
+                     log_progress, log_stage_change, log_start, open_log, stop_message, summarise)
 from sharding import ParallelModel, use_compile
 
 # -----------------------------------------------------------------------------
 # settings (the embedded default run = config/train_shakespeare_char.py)
 # I/O
-out_dir = "out-shakespeare-char"
+out_dir = "out-shakespeare-char"  # where ckpt.pt and log.jsonl go
 eval_interval = 100          # evaluate (and checkpoint) every this many iterations, and at the end
 log_interval = 10            # print/log the training loss every this many iterations
 eval_iters = 20              # batches per split for each evaluation
@@ -59,34 +59,35 @@ batch_size = 16              # sequences per micro-step per process
 block_size = 128             # sequence length
 gradient_accumulation_steps = 1  # micro-steps per optimizer step, in total over all DDP ranks
 # model
-n_layer = 4
-n_head = 4
-n_kv_head = 2
-n_embd = 128
-intermediate_size = 384
+n_layer = 4                  # transformer blocks
+n_head = 4                   # query heads
+n_kv_head = 2                # K/V heads (grouped-query attention when fewer than n_head)
+n_embd = 128                 # model width
+intermediate_size = 384      # MLP hidden width (SwiGLU)
 vocab_size = 0               # 0: the dataset's vocabulary (meta.json)
-rope_theta = 10000.0
-norm_eps = 1e-5
-tie_embeddings = False
+rope_theta = 10000.0         # RoPE base
+norm_eps = 1e-5              # RMSNorm epsilon
+tie_embeddings = False       # share the token embedding with the output head
 kv_source = "upper:half"     # 'dense', 'cla:N', 'upper:K', 'upper:half' or a list like 0,0,2,2
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
-learning_rate = 2e-3
-max_iters = 300
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.99
+learning_rate = 2e-3         # peak learning rate, reached after warmup_iters
+max_iters = 300              # optimizer steps in all (a resumed run continues to its own max_iters)
+weight_decay = 0.1           # AdamW weight decay of the matrices (norms get none)
+beta1 = 0.9                  # AdamW beta1
+beta2 = 0.99                 # AdamW beta2
 grad_clip = 1.0              # 0: no clipping
-decay_lr = True
-warmup_iters = 30
+decay_lr = True              # False: a constant learning_rate
+warmup_iters = 30            # linear warm-up steps
 lr_decay_iters = 0           # where the cosine decay reaches min_lr; 0: at max_iters (the schedule follows it)
-min_lr = 2e-4
+min_lr = 2e-4                # learning rate at the end of the cosine decay
 # system
 device = "auto"              # 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+threads = 0                  # torch CPU threads per rank: 0 = 1 on a CPU (see configurator.apply_threads)
 dtype = "auto"               # 'auto', 'float32', 'bfloat16', 'float16' (see resolve_dtype for auto)
-compile = "auto"             # True, False or 'auto' (on for CUDA, off on CPU: see resolve_compile)
+compile = "auto"             # True, False or 'auto' (on for CUDA, off on CPU: see sharding.use_compile)
 backend = "auto"             # DDP backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl', 'gloo'
 fsdp = False                 # under torchrun: shard weights, gradients and AdamW state with FSDP2 (sharding.py)
-seed = 1337
+seed = 1337                  # RNG seed (each DDP rank adds its rank); also the data order
 peak_flops = 0.0             # per-device peak FLOP/s for MFU; 0: the GPU's datasheet value (no MFU on CPU)
 # the adapt_* and distill_* settings (adaptation into a KV-shared model, a teacher): see adapt.py
 DEFAULTS = settings_from(globals()) | TRAINING_SETTINGS
@@ -142,10 +143,10 @@ def build_model(s, explicit, ckpt, path, data_vocab):
 
 
 @torch.no_grad()
-def estimate_loss(pm, rt, samplers, eval_iters, fsdp):
+def estimate_loss(pm, rt, samplers, eval_iters, fsdp, beat=None):
     """Mean cross-entropy on eval_iters fixed batches of each split, shared out over the ranks. Under FSDP
     every rank runs as many forward passes (each gathers weights with the others): a rank without a
-    batch of its own repeats batch 0 and does not count it."""
+    batch of its own repeats batch 0 and does not count it. beat: a progress.Heartbeat, told each batch."""
     out = {}
     pm.model.eval()
     for split, sampler in zip(("train", "val"), samplers):
@@ -158,6 +159,8 @@ def estimate_loss(pm, rt, samplers, eval_iters, fsdp):
             if k < eval_iters:
                 total[0] += loss.double()
                 total[1] += 1
+            if beat is not None:
+                beat.tick()
         if rt.ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
@@ -173,7 +176,7 @@ def main(argv):
     check_settings(s, explicit, world_size, torchrun="RANK" in os.environ and "WORLD_SIZE" in os.environ)
     check_out_dir_writable(s.out_dir)
     with ExitStack() as cleanup:  # undone in reverse order however the run ends: signals, out_dir's lock, processes
-        rt = init_runtime(s.device, s.dtype, s.seed, s.backend)
+        rt = init_runtime(s.device, s.dtype, s.seed, s.backend, s.threads)
         cleanup.callback(close_runtime, rt)
         # the data, the model (from scratch, or from a checkpoint whose architecture wins), the optimizer
         data_dir = ensure_dataset(s.dataset, s.auto_prepare, rt.master, dist.barrier if rt.ddp else (lambda: None))
@@ -208,8 +211,9 @@ def main(argv):
         log = open_log(s, rt, notes=(note, removed_note, adaptation_note(adaptation, s.max_iters)))
         tokens_per_iter = s.batch_size * s.block_size * s.gradient_accumulation_steps
         local_steps = s.gradient_accumulation_steps // rt.world_size  # micro-steps of this rank per step
-        log_start(log, s, pm, iter_num, tokens_per_iter)
-        watch, timer, peak = LossWatch(rt.device), StepTimer(rt), device_peak_flops(s.peak_flops, rt)
+        log_start(log, s, pm, iter_num, tokens_per_iter, adaptation, distill)
+        watch, peak = LossWatch(rt.device), device_peak_flops(s.peak_flops, rt)
+        timer = StepTimer(rt, note=log if pm.compile_model else None)  # says how long compiling took
         saver = Saver(s, pm, scaler, samplers[0], carried, log, watch, iter_num if resume else None)
         stop = cleanup.enter_context(StopSignal())
         start_iter, val_loss, stopped = iter_num, None, 0
@@ -220,7 +224,8 @@ def main(argv):
             if adaptation is not None and pm.adapt(adaptation, iter_num):  # a stage switch dropped K/V weights
                 best_val_loss = float("inf")  # "best" compares models of the same kv_source only
                 kv = list(pm.raw.config.kv_source)
-                log(f"iter {iter_num}: kv_source is now {kv}", kind="adapt", iter=iter_num, kv_source=kv)
+                log(f"iter {iter_num}: kv_source is now {kv}" + (" (the next step compiles the new model)" if pm.compile_model
+                    else ""), kind="adapt", iter=iter_num, kv_source=kv)
                 if taps is not None:
                     taps[0].follow(pm.raw)  # under FSDP the student is a new module now
             lr = get_lr(iter_num, s.learning_rate, s.warmup_iters, s.lr_decay_iters or s.max_iters, s.min_lr, s.decay_lr)
@@ -228,8 +233,8 @@ def main(argv):
             # evaluate, and checkpoint, every eval_interval iterations and at the end
             if s.eval_only or ((iter_num % s.eval_interval == 0 or at_end) and not (resume and iter_num == start_iter)):
                 watch.check(rt, log, saver.kept())  # a non-finite training loss since the last log step
-                with timer.paused():
-                    losses = estimate_loss(pm, rt, samplers, s.eval_iters, s.fsdp)
+                with timer.paused(), evaluation_beat(s, rt, iter_num) as beat:  # a line if it runs long
+                    losses = estimate_loss(pm, rt, samplers, s.eval_iters, s.fsdp, beat)
                 val_loss = losses["val"]
                 log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}", kind="eval",
                     iter=iter_num, train_loss=losses["train"], val_loss=val_loss, lr=lr, time=timer.seconds())
@@ -248,6 +253,7 @@ def main(argv):
             for group in pm.optimizer.param_groups:
                 group["lr"] = lr
             teaching = teacher is not None and distill.active(iter_num)
+            log_stage_change(log, distill, iter_num)  # the printed loss is the distillation mix until here
             loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
             for micro_step in range(local_steps):
                 if rt.ddp and not s.fsdp:  # DDP syncs gradients at the last micro-step; FSDP reduce-scatters each
@@ -274,7 +280,8 @@ def main(argv):
                 if rt.ddp:
                     dist.all_reduce(loss_sum)
                 loss_val = loss_sum.item() / s.gradient_accumulation_steps  # the mean over micro-steps and ranks
-                log_progress(log, pm, iter_num - 1, loss_val, lr, timer.per_step(), tokens_per_iter, s.block_size, peak)
+                log_progress(log, pm, iter_num - 1, loss_val, lr, timer.per_step(), tokens_per_iter, s.block_size, peak,
+                             distilling=teaching)
         # ------------------------------------------------------------------------- TRAINING SECTION END
         summary = {"iters": iter_num, "val_loss": val_loss, "best_val_loss": best_val_loss,
                    "tokens_per_s": timer.tokens_per_s(tokens_per_iter), "stopped": stopped}

@@ -21,10 +21,14 @@ def decode_rates(models: dict, prompt, n_tokens, rounds, steps=None):
     for r in range(rounds + 1):
         for name, model in models.items():
             step = (steps or {}).get(name)
+            if not r and step is not None:
+                print(f"  decode {name}: compiling its step (torch.compile; minutes for a big model) ...", flush=True)
             t0 = time.perf_counter()
             model.generate(prompt, 1, temperature=0, decode_step=step)
             t1 = time.perf_counter()
             model.generate(prompt, n_tokens + 1, temperature=0, decode_step=step)
             if r:  # the first round warms up
                 rates[name].append(n_tokens / ((time.perf_counter() - t1) - (t1 - t0)))
+            print(f"  decode {name}: " + (f"round {r}/{rounds}, {rates[name][-1]:.1f} tokens/s" if r else
+                                          f"warm-up {time.perf_counter() - t0:.1f} s"), flush=True)
     return rates

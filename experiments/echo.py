@@ -33,20 +33,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from checkpoint import load_model  # noqa: E402  (the repository root is on the path only from here)
-from configurator import configure, parse_text, run_script, settings_from  # noqa: E402
+from configurator import apply_threads, configure, parse_text, run_script, settings_from  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-echo-results"     # the table, the JSON and the plots; results/echo holds the committed ones
 runs = "out-echo"            # the runs' checkpoints and logs (not committed)
 pretrain_iters = 800         # the dense model's pretraining; adaptation gets adapt_fraction of it
-adapt_fraction = 0.1
-seeds = "1,2,3"
-target = "upper:half"
+adapt_fraction = 0.1         # adaptation runs train this fraction of pretrain_iters
+seeds = "1,2,3"              # pretraining seeds (mean and spread over them)
+target = "upper:half"        # the kv_source adaptation converts to
 # the model: a 6-layer character-level Llama, so upper:half has 3 consumers to switch in stages
 model = "--n_layer=6 --n_head=4 --n_kv_head=2 --n_embd=128 --intermediate_size=384 --block_size=128 --batch_size=16"
 decode_tokens = 100          # after a 16-token prompt: fits the 128-token context
-device = "cpu"
+device = "cpu"               # every run's --device
+threads = 0                  # torch CPU threads, here and in the runs it starts: 0 = 1 on a CPU (apply_threads)
 replot = False               # only redraw OUT's plots from OUT/results.json
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
@@ -302,6 +303,7 @@ def results_table(pre, ada, dec, argv, seconds, seeds, iters, adapt_iters):
 def main(argv):
     global progress
     settings.update(vars(configure(DEFAULTS, argv, __doc__)[0]))
+    apply_threads(settings["threads"], children=True)
     out = settings["out"] = os.path.abspath(settings["out"])
     if settings["replot"]:
         return replot_from(out)

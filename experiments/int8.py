@@ -24,7 +24,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from checkpoint import load_model  # noqa: E402
-from configurator import configure, run_script, settings_from  # noqa: E402
+from configurator import apply_threads, configure, run_script, settings_from  # noqa: E402
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
 from quantize import quantize_int8  # noqa: E402
@@ -32,15 +32,16 @@ from quantize import quantize_int8  # noqa: E402
 # -----------------------------------------------------------------------------
 out = "out-int8"             # where int8.json goes
 model = "data/smollm2/smollm2-135m-instruct.pt"
-dataset = "shakespeare_smollm2"
+dataset = "shakespeare_smollm2"  # held-out texts to evaluate on (data/<dataset>)
 eval_batches = 16            # batches of each held-out text
-batch_size = 4
-block_size = 256
+batch_size = 4               # sequences per evaluation batch
+block_size = 256             # evaluation sequence length
 prompt_len = 128             # decode timing: a prompt from the val text, then new_tokens greedy steps
-new_tokens = 64
-rounds = 3
+new_tokens = 64              # greedy decode steps timed
+rounds = 3                   # timed rounds (median reported)
 compile = True               # compile the decode step (False: eager, as sample.py's default)
-seed = 1337
+seed = 1337                  # RNG seed
+threads = 0                  # torch CPU threads: 0 = 1 on a CPU (apply_threads)
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 VARIANTS = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False),
@@ -61,6 +62,7 @@ def held_out_losses(model, data_dir, s):
 
 def main(argv):
     s, _ = configure(DEFAULTS, argv, __doc__)
+    apply_threads(s.threads)
     os.makedirs(s.out, exist_ok=True)
     data_dir = ensure_dataset(s.dataset, auto_prepare=False)
     dense, _ = load_model(s.model, block_size=s.block_size)

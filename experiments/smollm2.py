@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 from adapt import (attention_similarity, convert_model, kv_similarity, propose_attn_source,  # noqa: E402
                    propose_kv_source, save_heatmap)
 from checkpoint import load_model, save_checkpoint  # noqa: E402
-from configurator import configure, run_script, settings_from  # noqa: E402
+from configurator import apply_threads, configure, run_script, settings_from  # noqa: E402
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
 
@@ -41,21 +41,22 @@ from experiments.decode_timing import decode_rates  # noqa: E402
 out = "out-smollm2-results"  # the tables, JSON and plots
 runs = "out-smollm2"         # converted checkpoints and training runs
 model = "data/smollm2/smollm2-135m-instruct.pt"
-dataset = "shakespeare_smollm2"
+dataset = "shakespeare_smollm2"  # adaptation and evaluation data (data/<dataset>)
 iters = 64                   # optimizer steps per adaptation run: the token budget
-batch_size = 4
-block_size = 256
+batch_size = 4               # sequences per batch
+block_size = 256             # sequence length
 dtype = "bfloat16"           # training autocast (evaluation is float32)
-learning_rate = 2e-4
+learning_rate = 2e-4         # peak learning rate of the adaptation runs
 eval_batches = 16            # batches of each held-out text every model is evaluated on
-calib_batches = 4
+calib_batches = 4            # batches of the calibration (adapt.py --batches)
 local_iters = 40             # layer-local distillation steps before end-to-end training
 share = "8,12,15,22"         # layers the calibrated K/V maps share (of 30): KV cache 0.73, 0.60, 0.50, 0.27
 attn_share = "8,12"          # layers the EchoAtt maps share (27% and 40%)
 compare_maps = "upper:half,cla:2"  # presets also adapted (local distillation + abrupt) beside the calibrated maps
 speed_iters = 0              # > 0: only time each recipe's training for this many steps, one after another on
                              # a quiet machine (the runs above may have shared it), into OUT/speed.json
-seed = 1337
+seed = 1337                  # RNG seed of every run
+threads = 0                  # torch CPU threads, here and in the runs it starts: 0 = 1 on a CPU (apply_threads)
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 QUESTIONS = ["What is the capital of France?", "What is the capital of Germany?", "How many legs does a spider have?",
@@ -321,6 +322,7 @@ def speed_phase(s):
 
 def main(argv):
     s, _ = configure(DEFAULTS, argv, __doc__)
+    apply_threads(s.threads, children=True)
     for path in (s.out, s.runs):
         os.makedirs(path, exist_ok=True)
     if s.speed_iters:
