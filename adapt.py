@@ -547,6 +547,16 @@ def propose_attn_source(similarity, n_share, keep_first=None, keep_last=1) -> tu
     return tuple(attn_source)
 
 
+def heatmap_available() -> bool:
+    """matplotlib is a dev extra; calibration asks before its minutes of work, so a missing one costs the
+    picture only, never the proposed map."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def save_heatmap(similarity, path, title="K/V sharing: 1 - relative change of the layer's output", shared="K/V"):
     """The lower triangle (the pairs a map can use), coloured over the range of its own values, so the
     differences the calibration acts on are visible."""
@@ -637,6 +647,10 @@ def main(argv):
     if s.convert_to or s.attn_to:
         convert_command(s, model, ckpt)
         return 0
+    with_heatmap = heatmap_available()
+    if not with_heatmap:
+        print("matplotlib is not installed: the heatmap (.png) is skipped, the map is still computed; "
+              "for the picture run ./setup.sh --dev (or pip install matplotlib)")
     batches = token_batches(model, ckpt, s.dataset, "val", s.batches, s.batch_size, s.block_size, s.seed)
     n_share_ = s.n_share if s.n_share >= 0 else model.config.n_layer // 2
     if s.criterion == "kv":
@@ -649,9 +663,10 @@ def main(argv):
     out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))
     os.makedirs(out_dir, exist_ok=True)
     torch.save(sim, os.path.join(out_dir, f"{name}.pt"))
-    save_heatmap(sim, os.path.join(out_dir, f"{name}.png"), HEATMAP_TITLES[s.criterion],
-                 "K/V" if s.criterion == "kv" else "attention pattern")
-    print(f"saved {out_dir}/{name}.pt and {out_dir}/{name}.png")
+    if with_heatmap:
+        save_heatmap(sim, os.path.join(out_dir, f"{name}.png"), HEATMAP_TITLES[s.criterion],
+                     "K/V" if s.criterion == "kv" else "attention pattern")
+    print(f"saved {out_dir}/{name}.pt" + (f" and {out_dir}/{name}.png" if with_heatmap else ""))
     print(f"proposed {'kv_source' if s.criterion == 'kv' else 'attn_source'} sharing {n_share_} layers: "
           f"{','.join(map(str, proposal))}")
     return proposal
