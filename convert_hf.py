@@ -27,7 +27,7 @@ import tempfile
 import torch
 
 from checkpoint import (CheckpointError, ConversionError, build_on_meta, collect_state_dict, hf_config_from_llama,
-                        load_model, save_checkpoint)
+                        current_umask, load_model, save_checkpoint, umask_file_mode)
 from configurator import DTYPES, ConfigError, HelpRequested, configure, run_script, settings_from
 from gguf_import import is_gguf, load_gguf_llama
 from model import Llama, LlamaConfig
@@ -291,9 +291,12 @@ def convert_gguf(gguf_path, out_path, kv_source=None, kv_init="own", dtype=None,
 # checkpoints and weights out
 
 
-def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=None, overwrite=False, verify=False):
+def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=None, overwrite=False, verify=False,
+              chat_template=None, meta=None):
     """Write a dense model as a Hugging Face Llama directory (config.json + model.safetensors) that
-    transformers' LlamaForCausalLM.from_pretrained loads with identical logits.
+    transformers' LlamaForCausalLM.from_pretrained loads with identical logits, with what sampling and
+    chat need (tokenizer_files: the tokenizer, its chat template and special tokens, the generation
+    config; or a char/GPT-2 dataset's meta.json).
 
     The files go into a temp directory beside out_dir, are verified there when asked (verify_export), and
     only then take out_dir's place: an error or a failed verification leaves nothing behind. A non-empty
@@ -317,10 +320,10 @@ def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=N
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=os.path.dirname(out_dir))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give the directory the usual permissions
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
         _write_hf_files(model, tmp, dtype, tokenizer_json, hf_extra)
+        for name, obj in tokenizer_files(model.config, tokenizer_json, chat_template, hf_extra, meta).items():
+            _write_json(obj, os.path.join(tmp, name))
         diff = verify_export(model, tmp, dtype, shown_as=out_dir) if verify else None
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -358,7 +361,9 @@ def shared_hf_config(config: LlamaConfig, hf: dict) -> dict:
 
 def _write_hf_files(model, out_dir, dtype, tokenizer_json, hf_extra):
     from safetensors.torch import save_file
-    save_file(hf_state_dict(model, dtype), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    weights = os.path.join(out_dir, "model.safetensors")
+    save_file(hf_state_dict(model, dtype), weights, metadata={"format": "pt"})
+    os.chmod(weights, umask_file_mode())  # safetensors writes through a 0600 temp file; match the other files
     hf = hf_config_from_llama(model.config, dtype, hf_extra)
     if is_shared(model.config):  # dense models stay plain LlamaForCausalLM, without custom code
         hf = shared_hf_config(model.config, hf)
@@ -368,6 +373,44 @@ def _write_hf_files(model, out_dir, dtype, tokenizer_json, hf_extra):
     if tokenizer_json is not None:
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(tokenizer_json)
+
+
+def tokenizer_files(config: LlamaConfig, tokenizer_json=None, chat_template=None, hf_extra=None, meta=None) -> dict:
+    """{file name: JSON object} beside tokenizer.json, so that the export samples and chats as the checkpoint
+    did: transformers' AutoTokenizer finds the chat template and special tokens (tokenizer_config.json,
+    special_tokens_map.json) and generate() stops at the eos (generation_config.json); sample.py reads the
+    same files. A model without a tokenizer.json gets its dataset's meta.json (a char table, or GPT-2),
+    which sample.py looks for in the directory."""
+    if tokenizer_json is None:
+        return {"meta.json": meta} if meta and meta.get("tokenizer") in ("char", "gpt2") else {}
+    ids = {key: (hf_extra or {}).get(f"{key}_id") for key in ("bos_token", "eos_token", "pad_token")}
+    ids = {key: i for key, i in ids.items() if isinstance(i, int) or (isinstance(i, list) and i)}
+    from tokenizers import Tokenizer
+    backend = Tokenizer.from_str(tokenizer_json)
+    texts = {key: backend.id_to_token(i[0] if isinstance(i, list) else i) for key, i in ids.items()}
+    texts = {key: text for key, text in texts.items() if text is not None}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **texts, "model_max_length": config.block_size,
+                        # what the tokenizer.json decodes to, as sample.py prints it: no "cleaned" spaces
+                        "clean_up_tokenization_spaces": False}
+    if chat_template:
+        tokenizer_config["chat_template"] = chat_template
+    files = {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": texts}
+    if ids:
+        files["generation_config.json"] = {"_from_model_config": False, **{f"{key}_id": i for key, i in ids.items()}}
+    return files
+
+
+def checkpoint_tokenizer(ckpt):
+    """(tokenizer.json text or None, dataset meta or None) of a checkpoint: the tokenizer.json it carries
+    (converted models), else the one its dataset's meta (carried by train.py) names, else that meta alone
+    (a char table, GPT-2)."""
+    if ckpt.get("tokenizer_json"):
+        return ckpt["tokenizer_json"], None
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else None
+    if meta and meta.get("tokenizer") == "hf" and os.path.isfile(meta.get("tokenizer_file") or ""):
+        with open(meta["tokenizer_file"], encoding="utf-8") as f:
+            return f.read(), meta
+    return None, meta
 
 
 def _replace_dir(new, out_dir):
@@ -466,9 +509,11 @@ def main(argv):
     if s.overwrite and os.path.realpath(src).startswith(os.path.join(os.path.realpath(dst), "")):
         raise ConfigError(f"the checkpoint {src} lies inside {dst}: --overwrite would delete it; export elsewhere")
     model, ckpt = load_model(src, mmap=True)
-    diff = export_hf(model, dst, dtype_, ckpt.get("tokenizer_json"), ckpt.get("hf_config"), s.overwrite, s.verify)
-    print(f"wrote {dst}: config.json, model.safetensors" + (f", {MODELING_FILE} (load with trust_remote_code=True)"
-                                                            if is_shared(model.config) else ""))
+    tokenizer_json, meta = checkpoint_tokenizer(ckpt)
+    diff = export_hf(model, dst, dtype_, tokenizer_json, ckpt.get("hf_config"), s.overwrite, s.verify,
+                     ckpt.get("chat_template"), meta)
+    print(f"wrote {dst}: {', '.join(sorted(os.listdir(dst)))}" + (" (load with trust_remote_code=True)"
+                                                                   if is_shared(model.config) else ""))
     if diff is not None:
         print(f"verified: transformers' fp32 logits match ours (with the weights as written) to {diff:.2e} "
               "(max abs difference)")
