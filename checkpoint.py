@@ -61,6 +61,18 @@ def temp_name(path):
     return f".{os.path.basename(path)}.", ".tmp"
 
 
+def current_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(umask)
+    return umask
+
+
+def umask_file_mode() -> int:
+    """The mode a plain open(path, "w") gives a new file under the current umask. Writers that go through
+    a private temp file (mkstemp, safetensors' save_file) make it 0600; they chmod to this instead."""
+    return 0o666 & ~current_umask()
+
+
 def save_checkpoint(obj, path):
     """Write a temp file in the same directory, fsync, rename it over the old one: a crash or error at
     any point leaves the previous checkpoint intact. A failed write (a full disk) is an OSError."""
@@ -73,9 +85,7 @@ def save_checkpoint(obj, path):
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes the file 0600; give it the usual permissions
+            os.fchmod(f.fileno(), umask_file_mode())  # mkstemp makes the file 0600; give it the usual permissions
             out = _KeepWriteError(f)
             try:
                 torch.save(obj, out)
