@@ -89,9 +89,10 @@ def llama_config_from_hf(hf: dict, kv_source=None, block_size=None) -> LlamaConf
     """LlamaConfig for a Hugging Face Llama config.json (4.x or 5.x keys). Anything this model does not
     implement (biases, other activations, a head_dim that is not hidden/heads, ...) is an error."""
     model_type = hf.get("model_type")
-    if model_type != "llama":
+    if model_type not in ("llama", "echo_llama"):
         raise ConversionError(f"config.json: model_type is {model_type!r}, not 'llama': only Llama models "
                               "convert (architectures: {})".format(hf.get("architectures")))
+    kv_source, attn_source = shared_maps(hf, kv_source)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if not isinstance(hf.get(key), int):
             raise ConversionError(f"config.json: missing or non-integer {key!r}")
@@ -116,9 +117,21 @@ def llama_config_from_hf(hf: dict, kv_source=None, block_size=None) -> LlamaConf
             n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
             intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"], block_size=int(block_size),
             rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), kv_source=kv_source)
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), kv_source=kv_source, attn_source=attn_source)
     except ValueError as e:
         raise ConversionError(f"config.json: {e}") from None
+
+
+def shared_maps(hf: dict, kv_source):
+    """(kv_source, attn_source) to build: our export of a shared model (model_type echo_llama, see
+    shared_hf_config) carries its own maps and weights without the sharers' projections; a plain Llama
+    is dense, or shared at import as kv_source asks."""
+    if hf.get("model_type") != "echo_llama":
+        return kv_source, None
+    if kv_source is not None:
+        raise ConversionError(f"config.json: this model shares already (kv_source={hf.get('kv_source')}, attn_source="
+                              f"{hf.get('attn_source')}); --kv_source applies to a dense Llama only: leave it out")
+    return hf.get("kv_source"), hf.get("attn_source")
 
 
 def hf_dtype(hf: dict):
@@ -225,7 +238,8 @@ def load_hf_llama(hf_dir, kv_source=None, kv_init="own", dtype=None, block_size=
                 continue
             yield os.path.basename(path), name, tensor
 
-    state_dict = collect_state_dict(tensors(), config, hf_name, kv_init, dtype, hf_dir, "config.json")
+    state_dict = collect_state_dict(tensors(), config, hf_name, kv_init, dtype, hf_dir, "config.json",
+                                    already_shared=hf.get("model_type") == "echo_llama")
     try:
         model = build_on_meta(config, state_dict)
     except CheckpointError as e:
@@ -385,10 +399,9 @@ def tokenizer_files(config: LlamaConfig, tokenizer_json=None, chat_template=None
         return {"meta.json": meta} if meta and meta.get("tokenizer") in ("char", "gpt2") else {}
     ids = {key: (hf_extra or {}).get(f"{key}_id") for key in ("bos_token", "eos_token", "pad_token")}
     ids = {key: i for key, i in ids.items() if isinstance(i, int) or (isinstance(i, list) and i)}
-    from tokenizers import Tokenizer
-    backend = Tokenizer.from_str(tokenizer_json)
-    texts = {key: backend.id_to_token(i[0] if isinstance(i, list) else i) for key, i in ids.items()}
-    texts = {key: text for key, text in texts.items() if text is not None}
+    names = token_names(tokenizer_json)
+    texts = {key: names[i[0] if isinstance(i, list) else i] for key, i in ids.items()
+             if (i[0] if isinstance(i, list) else i) in names}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **texts, "model_max_length": config.block_size,
                         # what the tokenizer.json decodes to, as sample.py prints it: no "cleaned" spaces
                         "clean_up_tokenization_spaces": False}
@@ -398,6 +411,17 @@ def tokenizer_files(config: LlamaConfig, tokenizer_json=None, chat_template=None
     if ids:
         files["generation_config.json"] = {"_from_model_config": False, **{f"{key}_id": i for key, i in ids.items()}}
     return files
+
+
+def token_names(tokenizer_json) -> dict:
+    """{id: token text} of a tokenizer.json (its vocabulary and added tokens); {} for text that is not one."""
+    try:
+        tokenizer = json.loads(tokenizer_json)
+        vocab = tokenizer.get("model", {}).get("vocab") or {}
+        names = dict(enumerate(t[0] for t in vocab)) if isinstance(vocab, list) else {i: t for t, i in vocab.items()}
+        return names | {t["id"]: t["content"] for t in tokenizer.get("added_tokens") or []}
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return {}
 
 
 def checkpoint_tokenizer(ckpt):

@@ -119,18 +119,22 @@ def test_transformers_generation_of_the_export_stops_at_the_eos(tmp_path, tokeni
     assert ours.generate(x, 12, temperature=0, eos_id=free[k])[0, x.shape[1]:].tolist() == free[:k + 1]
 
 
-def char_checkpoint(path):
+def char_checkpoint(path, kv_source=None, attn_source=None):
     chars = sorted(set("first citizen: before we proceed any further, hear me speak.\n"))
     torch.manual_seed(0)
-    model = Llama(LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, vocab_size=len(chars), block_size=32))
+    model = Llama(LlamaConfig(n_layer=4, n_head=4, n_kv_head=2, n_embd=64, vocab_size=len(chars), block_size=32,
+                              kv_source=kv_source, attn_source=attn_source))
     meta = {"vocab_size": len(chars), "dtype": "uint16", "tokenizer": "char", "chars": chars}
     # as train.py writes it: the dataset's meta travels in the checkpoint; the dataset itself is not needed
     save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict(),
                      "config": {"dataset": "gone_char"}, "meta": meta}, str(path))
+    return model
 
 
-def test_export_of_a_char_model_samples_without_a_tokenizer_option(tmp_path, capsys):
-    char_checkpoint(tmp_path / "ckpt.pt")
+# dense, the default run's upper:half (exported with modeling_echo_llama.py), and EchoAtt attention sharing
+@pytest.mark.parametrize("kv_source, attn_source", [(None, None), ("upper:half", None), (None, "0,1,1,3")])
+def test_export_of_a_char_model_samples_without_a_tokenizer_option(tmp_path, capsys, kv_source, attn_source):
+    model = char_checkpoint(tmp_path / "ckpt.pt", kv_source, attn_source)
     assert convert_main(["export", str(tmp_path / "ckpt.pt"), str(tmp_path / "hf")]) == 0
     assert "meta.json" in capsys.readouterr().out
     argv = ["--start=first ", "--max_new_tokens=20", "--seed=3", "--device=cpu"]
@@ -144,3 +148,18 @@ def test_export_of_a_char_model_samples_without_a_tokenizer_option(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no tokenizer.json or meta.json" in err
     assert "--tokenizer=data/shakespeare_char/meta.json" in err
+
+
+def test_an_exported_shared_model_imports_back_as_itself(tmp_path):
+    """convert_hf.py import (and so sample.py) reads our export of a shared model: its maps from config.json,
+    no sharer projections expected; re-sharing it at import is refused in one line."""
+    from checkpoint import ConversionError, load_model
+    model = char_checkpoint(tmp_path / "ckpt.pt", "0,0,2,3", "0,1,2,2")  # both maps in one model
+    assert convert_main(["export", str(tmp_path / "ckpt.pt"), str(tmp_path / "hf")]) == 0
+    assert convert_main(["import", str(tmp_path / "hf"), str(tmp_path / "back.pt")]) == 0
+    back, _ = load_model(str(tmp_path / "back.pt"))
+    assert (back.config.kv_source, back.config.attn_source) == (model.config.kv_source, model.config.attn_source)
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ConversionError, match=r"shares already .* --kv_source applies to a dense Llama only"):
+        convert_main(["import", str(tmp_path / "hf"), str(tmp_path / "again.pt"), "--kv_source=cla:2"])
