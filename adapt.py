@@ -641,16 +641,16 @@ def check_settings(s, explicit):
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "attention")})
     check_settings(s, explicit)
+    with_heatmap = bool(s.convert_to or s.attn_to) or heatmap_available()  # calibration: asked before any work
+    if not with_heatmap:
+        print("matplotlib is not installed: the heatmap (.png) is skipped, the map is still computed; "
+              "for the picture run ./setup.sh --dev (or pip install matplotlib)")
     model, ckpt = load_model(s.init_from)
     if s.block_size > model.config.block_size:
         raise ConfigError(f"block_size={s.block_size} exceeds the model's block_size={model.config.block_size}")
     if s.convert_to or s.attn_to:
         convert_command(s, model, ckpt)
         return 0
-    with_heatmap = heatmap_available()
-    if not with_heatmap:
-        print("matplotlib is not installed: the heatmap (.png) is skipped, the map is still computed; "
-              "for the picture run ./setup.sh --dev (or pip install matplotlib)")
     batches = token_batches(model, ckpt, s.dataset, "val", s.batches, s.batch_size, s.block_size, s.seed)
     n_share_ = s.n_share if s.n_share >= 0 else model.config.n_layer // 2
     if s.criterion == "kv":
