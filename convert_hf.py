@@ -255,6 +255,22 @@ def read_tokenizer_json(hf_dir):
     return None
 
 
+def read_chat_template(hf_dir):
+    """A Hugging Face directory's chat template: chat_template.jinja (where newer transformers save it, and
+    which wins there too), else tokenizer_config.json's chat_template; None without one."""
+    path = os.path.join(hf_dir, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    path = os.path.join(hf_dir, "tokenizer_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            template = json.load(f).get("chat_template")
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not an object: no template
+        return None
+    return template if isinstance(template, str) else None  # a list of named templates: not used here
+
+
 def checkpoint_dict(model: Llama, hf=None, tokenizer_json=None, source=None, kv_init=None, chat_template=None) -> dict:
     """What convert writes: the two keys train.py's init_from needs, plus what sample.py can use."""
     ckpt = {"model": model.state_dict(), "model_config": model.config.to_dict()}
@@ -284,7 +300,8 @@ def convert(hf_dir, out_path, kv_source=None, kv_init="own", dtype=None, block_s
         return convert_gguf(hf_dir, out_path, kv_source, kv_init, dtype, block_size)
     model = load_hf_llama(hf_dir, kv_source=kv_source, kv_init=kv_init, dtype=dtype, block_size=block_size)
     check_finite(model, hf_dir)
-    save_checkpoint(checkpoint_dict(model, read_hf_config(hf_dir), read_tokenizer_json(hf_dir), hf_dir, kv_init),
+    save_checkpoint(checkpoint_dict(model, read_hf_config(hf_dir), read_tokenizer_json(hf_dir), hf_dir, kv_init,
+                                    read_chat_template(hf_dir)),
                     out_path)  # train.py's atomic write: out_path is either complete or untouched
     return model
 

@@ -24,7 +24,7 @@ import torch
 
 from checkpoint import load_model
 from configurator import DTYPES, configure, resolve_device, resolve_dtype, run_script, settings_from
-from convert_hf import load_hf_llama
+from convert_hf import load_hf_llama, read_chat_template
 from dataset import dataset_dir, load_meta
 from quantize import quantize_int8
 from speed import use_decode_paths
@@ -197,17 +197,7 @@ def special_ids(ckpt, hf_dir):
 
 
 def chat_template(ckpt, hf_dir):
-    if hf_dir is not None:
-        path = os.path.join(hf_dir, "chat_template.jinja")  # where newer transformers save it; it wins there too
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-        path = os.path.join(hf_dir, "tokenizer_config.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f).get("chat_template")
-        return None
-    return ckpt.get("chat_template")
+    return read_chat_template(hf_dir) if hf_dir is not None else ckpt.get("chat_template")
 
 
 def wrap_in_chat(template, text, bos_token="", eos_token=""):

@@ -12,7 +12,7 @@ import torch
 import sample
 from checkpoint import hf_config_from_llama, save_checkpoint
 from configurator import run_script
-from convert_hf import checkpoint_dict
+from convert_hf import checkpoint_dict, read_chat_template
 from convert_hf import main as convert_main
 from model import Llama, LlamaConfig
 
@@ -97,6 +97,14 @@ def test_export_of_a_chat_checkpoint_chats_in_sample_and_transformers(tmp_path, 
     assert tok.decode(theirs).startswith("<|endoftext|><|im_start|>system\nYou are a helpful assistant.<|im_end|>")
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
     assert (generation.bos_token_id, generation.eos_token_id) == (0, 2)
+    # and back: importing the directory keeps the template, so the checkpoint chats as before
+    assert convert_main(["import", str(tmp_path / "hf"), str(tmp_path / "back.pt")]) == 0
+    capsys.readouterr()
+    assert torch.load(tmp_path / "back.pt", weights_only=False)["chat_template"] == CHATML
+    assert sample_text(tmp_path / "back.pt", capsys) == sample_text(tmp_path / "chat.pt", capsys)
+    # where newer transformers save the template, and which they prefer: chat_template.jinja
+    (tmp_path / "hf" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert read_chat_template(tmp_path / "hf") == "{{ messages[0]['content'] }}"
 
 
 def test_transformers_generation_of_the_export_stops_at_the_eos(tmp_path, tokenizer_json):
