@@ -549,6 +549,16 @@ def propose_attn_source(similarity, n_share, keep_first=None, keep_last=1) -> tu
     return tuple(attn_source)
 
 
+def heatmap_available() -> bool:
+    """matplotlib is a dev extra; calibration asks before its minutes of work, so a missing one costs the
+    picture only, never the proposed map."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def save_heatmap(similarity, path, title="K/V sharing: 1 - relative change of the layer's output", shared="K/V"):
     """The lower triangle (the pairs a map can use), coloured over the range of its own values, so the
     differences the calibration acts on are visible."""
@@ -634,6 +644,10 @@ def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "attention")})
     check_settings(s, explicit)
     apply_threads(s.threads)  # the model stays on the CPU here
+    with_heatmap = bool(s.convert_to or s.attn_to) or heatmap_available()  # calibration: asked before any work
+    if not with_heatmap:
+        print("matplotlib is not installed: the heatmap (.png) is skipped, the map is still computed; "
+              "for the picture run ./setup.sh --dev (or pip install matplotlib)")
     model, ckpt = load_model(s.init_from)
     if s.block_size > model.config.block_size:
         raise ConfigError(f"block_size={s.block_size} exceeds the model's block_size={model.config.block_size}")
@@ -653,9 +667,10 @@ def main(argv):
     out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))
     os.makedirs(out_dir, exist_ok=True)
     torch.save(sim, os.path.join(out_dir, f"{name}.pt"))
-    save_heatmap(sim, os.path.join(out_dir, f"{name}.png"), HEATMAP_TITLES[s.criterion],
-                 "K/V" if s.criterion == "kv" else "attention pattern")
-    print(f"saved {out_dir}/{name}.pt and {out_dir}/{name}.png")
+    if with_heatmap:
+        save_heatmap(sim, os.path.join(out_dir, f"{name}.png"), HEATMAP_TITLES[s.criterion],
+                     "K/V" if s.criterion == "kv" else "attention pattern")
+    print(f"saved {out_dir}/{name}.pt" + (f" and {out_dir}/{name}.png" if with_heatmap else ""))
     print(f"proposed {'kv_source' if s.criterion == 'kv' else 'attn_source'} sharing {n_share_} layers: "
           f"{','.join(map(str, proposal))}")
     return proposal

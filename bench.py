@@ -54,7 +54,8 @@ profile = False              # torch.profiler over one train step (unless skippe
                              # time per op; for decode the GB/s of the matmuls
 attn_reuse = ""              # e.g. '256,1024': only time an EchoAtt sharer's attention at these sequence lengths,
                              # recomputing softmax(q_j k_j^T) in SDPA vs reusing the source's materialised probabilities
-out = ""                     # write the measurements to this JSON file (its directory must exist)
+out = ""                     # write the measurements to this JSON file (e.g. out-bench/x.json; folders are made)
+replace_tracked = False      # let --out overwrite a file the repository tracks (a committed result)
 seed = 1337                  # RNG seed of the random weights and token ids
 mem_child = ""               # internal: the model a child process measures the peak RSS of (measure_cpu_mem)
 # -----------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def parse_settings(argv):
         raise ConfigError("--models is given more than once: name every spec in one, separated by ';'")
     s, explicit = configure(DEFAULTS, argv, __doc__, CHOICES)
     s.argv = argv
-    H.check_out_path(s.out)  # first: a long run must never end unable to write its results
+    H.check_out_path(s.out, s.replace_tracked)  # first: a long run must never end unable to write its results
     p = PRESETS[s.preset]
     for key in SIZES:
         value = getattr(s, key)

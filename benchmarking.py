@@ -25,6 +25,7 @@ import model as M
 from configurator import DTYPES, ConfigError, autocast, peak_flops_for
 from checkpoint import hf_config_from_llama
 from convert_hf import hf_state_dict
+from guards import check_not_tracked
 from quantize import Int8Linear, quantize_int8
 from speed import use_decode_paths
 
@@ -35,14 +36,17 @@ SKIP_PARTS = ("train", "decode", "mem", "refmem")
 # settings checks (bench.parse_settings calls them before any work)
 
 
-def check_out_path(path):
+def check_out_path(path, replace_tracked=False):
     if not path:
         return
+    check_not_tracked(path, "out", replace_tracked)  # a committed result is replaced only when asked
     d = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ConfigError(f"--out={path} is a directory: name a .json file")
-    if not os.path.isdir(d):
-        raise ConfigError(f"--out={path}: directory {d} does not exist")
+    try:  # a missing directory is made, as train.py makes its out_dir
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out={path}: cannot create the directory {d} ({e.strerror})") from None
     try:
         with tempfile.TemporaryFile(dir=d):
             pass

@@ -61,6 +61,18 @@ def temp_name(path):
     return f".{os.path.basename(path)}.", ".tmp"
 
 
+def current_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(umask)
+    return umask
+
+
+def umask_file_mode() -> int:
+    """The mode a plain open(path, "w") gives a new file under the current umask. Writers that go through
+    a private temp file (mkstemp, safetensors' save_file) make it 0600; they chmod to this instead."""
+    return 0o666 & ~current_umask()
+
+
 def save_checkpoint(obj, path):
     """Write a temp file in the same directory, fsync, rename it over the old one: a crash or error at
     any point leaves the previous checkpoint intact. A failed write (a full disk) is an OSError."""
@@ -73,9 +85,7 @@ def save_checkpoint(obj, path):
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes the file 0600; give it the usual permissions
+            os.fchmod(f.fileno(), umask_file_mode())  # mkstemp makes the file 0600; give it the usual permissions
             out = _KeepWriteError(f)
             try:
                 torch.save(obj, out)
@@ -269,19 +279,21 @@ def share_attn_state(state_dict, attn_source):
 
 
 def collect_state_dict(tensors, config: LlamaConfig, name_of, kv_init="own", dtype=torch.float32, source="",
-                       described_by="config.json") -> dict:
+                       described_by="config.json", already_shared=False) -> dict:
     """model.py's state dict for `config` from a stream of (where, name, tensor) in a file's own naming;
     name_of(key) gives the file's name for one of our keys. Shared by the importers (HF, GGUF).
 
     Every tensor is checked as it arrives (a weight of this model, seen once, the right shape, floating
     point) and cast to dtype; then share_kv_state drops the consumers' K/V projections
     (kv_init='own') or averages them into their owner's (kv_init='mean').
-    `where` (a file name) and `source` (the input) only go into error messages.
+    `where` (a file name) and `source` (the input) only go into error messages. already_shared: the
+    file holds config's shared model itself (our export of one), sharers' projections absent.
     """
     if kv_init not in ("own", "mean"):
         raise ConversionError(f"kv_init must be 'own' or 'mean', got {kv_init!r}")
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Llama(dataclasses.replace(config, kv_source=None)).state_dict().items()}
+        expected = config if already_shared else dataclasses.replace(config, kv_source=None)
+        shapes = {k: tuple(v.shape) for k, v in Llama(expected).state_dict().items()}
     if config.tie_embeddings:
         del shapes["lm_head.weight"]  # tied: lm_head is embed_tokens
     keys = {name_of(k): k for k in shapes}
@@ -309,7 +321,7 @@ def collect_state_dict(tensors, config: LlamaConfig, name_of, kv_init="own", dty
         raise ConversionError(f"missing key {missing[0]!r}{more} in {str(source)!r}: the weights do not match "
                               f"{described_by} or are incomplete")
     # shared before the cast, so that a mean is taken over the weights as they are in the file
-    shared = share_kv_state(state_dict, config.kv_source, kv_init)
+    shared = state_dict if already_shared else share_kv_state(state_dict, config.kv_source, kv_init)
     return {k: t.to(dtype) for k, t in shared.items()}  # no copy of a memory-mapped tensor already in dtype
 
 

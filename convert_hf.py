@@ -27,7 +27,7 @@ import tempfile
 import torch
 
 from checkpoint import (CheckpointError, ConversionError, build_on_meta, collect_state_dict, hf_config_from_llama,
-                        load_model, save_checkpoint)
+                        current_umask, load_model, save_checkpoint, umask_file_mode)
 from configurator import (DTYPES, ConfigError, HelpRequested, apply_threads, configure, help_text, run_script,
                           setting_comments, settings_from)
 from gguf_import import is_gguf, load_gguf_llama
@@ -90,9 +90,10 @@ def llama_config_from_hf(hf: dict, kv_source=None, block_size=None) -> LlamaConf
     """LlamaConfig for a Hugging Face Llama config.json (4.x or 5.x keys). Anything this model does not
     implement (biases, other activations, a head_dim that is not hidden/heads, ...) is an error."""
     model_type = hf.get("model_type")
-    if model_type != "llama":
+    if model_type not in ("llama", "echo_llama"):
         raise ConversionError(f"config.json: model_type is {model_type!r}, not 'llama': only Llama models "
                               "convert (architectures: {})".format(hf.get("architectures")))
+    kv_source, attn_source = shared_maps(hf, kv_source)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if not isinstance(hf.get(key), int):
             raise ConversionError(f"config.json: missing or non-integer {key!r}")
@@ -117,9 +118,21 @@ def llama_config_from_hf(hf: dict, kv_source=None, block_size=None) -> LlamaConf
             n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
             intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"], block_size=int(block_size),
             rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), kv_source=kv_source)
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), kv_source=kv_source, attn_source=attn_source)
     except ValueError as e:
         raise ConversionError(f"config.json: {e}") from None
+
+
+def shared_maps(hf: dict, kv_source):
+    """(kv_source, attn_source) to build: our export of a shared model (model_type echo_llama, see
+    shared_hf_config) carries its own maps and weights without the sharers' projections; a plain Llama
+    is dense, or shared at import as kv_source asks."""
+    if hf.get("model_type") != "echo_llama":
+        return kv_source, None
+    if kv_source is not None:
+        raise ConversionError(f"config.json: this model shares already (kv_source={hf.get('kv_source')}, attn_source="
+                              f"{hf.get('attn_source')}); --kv_source applies to a dense Llama only: leave it out")
+    return hf.get("kv_source"), hf.get("attn_source")
 
 
 def hf_dtype(hf: dict):
@@ -226,7 +239,8 @@ def load_hf_llama(hf_dir, kv_source=None, kv_init="own", dtype=None, block_size=
                 continue
             yield os.path.basename(path), name, tensor
 
-    state_dict = collect_state_dict(tensors(), config, hf_name, kv_init, dtype, hf_dir, "config.json")
+    state_dict = collect_state_dict(tensors(), config, hf_name, kv_init, dtype, hf_dir, "config.json",
+                                    already_shared=hf.get("model_type") == "echo_llama")
     try:
         model = build_on_meta(config, state_dict)
     except CheckpointError as e:
@@ -240,6 +254,22 @@ def read_tokenizer_json(hf_dir):
         with open(path, encoding="utf-8") as f:
             return f.read()
     return None
+
+
+def read_chat_template(hf_dir):
+    """A Hugging Face directory's chat template: chat_template.jinja (where newer transformers save it, and
+    which wins there too), else tokenizer_config.json's chat_template; None without one."""
+    path = os.path.join(hf_dir, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    path = os.path.join(hf_dir, "tokenizer_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            template = json.load(f).get("chat_template")
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not an object: no template
+        return None
+    return template if isinstance(template, str) else None  # a list of named templates: not used here
 
 
 def checkpoint_dict(model: Llama, hf=None, tokenizer_json=None, source=None, kv_init=None, chat_template=None) -> dict:
@@ -271,7 +301,8 @@ def convert(hf_dir, out_path, kv_source=None, kv_init="own", dtype=None, block_s
         return convert_gguf(hf_dir, out_path, kv_source, kv_init, dtype, block_size)
     model = load_hf_llama(hf_dir, kv_source=kv_source, kv_init=kv_init, dtype=dtype, block_size=block_size)
     check_finite(model, hf_dir)
-    save_checkpoint(checkpoint_dict(model, read_hf_config(hf_dir), read_tokenizer_json(hf_dir), hf_dir, kv_init),
+    save_checkpoint(checkpoint_dict(model, read_hf_config(hf_dir), read_tokenizer_json(hf_dir), hf_dir, kv_init,
+                                    read_chat_template(hf_dir)),
                     out_path)  # train.py's atomic write: out_path is either complete or untouched
     return model
 
@@ -292,9 +323,12 @@ def convert_gguf(gguf_path, out_path, kv_source=None, kv_init="own", dtype=None,
 # checkpoints and weights out
 
 
-def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=None, overwrite=False, verify=False):
+def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=None, overwrite=False, verify=False,
+              chat_template=None, meta=None):
     """Write a dense model as a Hugging Face Llama directory (config.json + model.safetensors) that
-    transformers' LlamaForCausalLM.from_pretrained loads with identical logits.
+    transformers' LlamaForCausalLM.from_pretrained loads with identical logits, with what sampling and
+    chat need (tokenizer_files: the tokenizer, its chat template and special tokens, the generation
+    config; or a char/GPT-2 dataset's meta.json).
 
     The files go into a temp directory beside out_dir, are verified there when asked (verify_export), and
     only then take out_dir's place: an error or a failed verification leaves nothing behind. A non-empty
@@ -318,10 +352,10 @@ def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=N
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=os.path.dirname(out_dir))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give the directory the usual permissions
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; give the directory the usual permissions
         _write_hf_files(model, tmp, dtype, tokenizer_json, hf_extra)
+        for name, obj in tokenizer_files(model.config, tokenizer_json, chat_template, hf_extra, meta).items():
+            _write_json(obj, os.path.join(tmp, name))
         diff = verify_export(model, tmp, dtype, shown_as=out_dir) if verify else None
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -359,7 +393,9 @@ def shared_hf_config(config: LlamaConfig, hf: dict) -> dict:
 
 def _write_hf_files(model, out_dir, dtype, tokenizer_json, hf_extra):
     from safetensors.torch import save_file
-    save_file(hf_state_dict(model, dtype), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    weights = os.path.join(out_dir, "model.safetensors")
+    save_file(hf_state_dict(model, dtype), weights, metadata={"format": "pt"})
+    os.chmod(weights, umask_file_mode())  # safetensors writes through a 0600 temp file; match the other files
     hf = hf_config_from_llama(model.config, dtype, hf_extra)
     if is_shared(model.config):  # dense models stay plain LlamaForCausalLM, without custom code
         hf = shared_hf_config(model.config, hf)
@@ -369,6 +405,54 @@ def _write_hf_files(model, out_dir, dtype, tokenizer_json, hf_extra):
     if tokenizer_json is not None:
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(tokenizer_json)
+
+
+def tokenizer_files(config: LlamaConfig, tokenizer_json=None, chat_template=None, hf_extra=None, meta=None) -> dict:
+    """{file name: JSON object} beside tokenizer.json, so that the export samples and chats as the checkpoint
+    did: transformers' AutoTokenizer finds the chat template and special tokens (tokenizer_config.json,
+    special_tokens_map.json) and generate() stops at the eos (generation_config.json); sample.py reads the
+    same files. A model without a tokenizer.json gets its dataset's meta.json (a char table, or GPT-2),
+    which sample.py looks for in the directory."""
+    if tokenizer_json is None:
+        return {"meta.json": meta} if meta and meta.get("tokenizer") in ("char", "gpt2") else {}
+    ids = {key: (hf_extra or {}).get(f"{key}_id") for key in ("bos_token", "eos_token", "pad_token")}
+    ids = {key: i for key, i in ids.items() if isinstance(i, int) or (isinstance(i, list) and i)}
+    names = token_names(tokenizer_json)
+    texts = {key: names[i[0] if isinstance(i, list) else i] for key, i in ids.items()
+             if (i[0] if isinstance(i, list) else i) in names}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", **texts, "model_max_length": config.block_size,
+                        # what the tokenizer.json decodes to, as sample.py prints it: no "cleaned" spaces
+                        "clean_up_tokenization_spaces": False}
+    if chat_template:
+        tokenizer_config["chat_template"] = chat_template
+    files = {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": texts}
+    if ids:
+        files["generation_config.json"] = {"_from_model_config": False, **{f"{key}_id": i for key, i in ids.items()}}
+    return files
+
+
+def token_names(tokenizer_json) -> dict:
+    """{id: token text} of a tokenizer.json (its vocabulary and added tokens); {} for text that is not one."""
+    try:
+        tokenizer = json.loads(tokenizer_json)
+        vocab = tokenizer.get("model", {}).get("vocab") or {}
+        names = dict(enumerate(t[0] for t in vocab)) if isinstance(vocab, list) else {i: t for t, i in vocab.items()}
+        return names | {t["id"]: t["content"] for t in tokenizer.get("added_tokens") or []}
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return {}
+
+
+def checkpoint_tokenizer(ckpt):
+    """(tokenizer.json text or None, dataset meta or None) of a checkpoint: the tokenizer.json it carries
+    (converted models), else the one its dataset's meta (carried by train.py) names, else that meta alone
+    (a char table, GPT-2)."""
+    if ckpt.get("tokenizer_json"):
+        return ckpt["tokenizer_json"], None
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else None
+    if meta and meta.get("tokenizer") == "hf" and os.path.isfile(meta.get("tokenizer_file") or ""):
+        with open(meta["tokenizer_file"], encoding="utf-8") as f:
+            return f.read(), meta
+    return None, meta
 
 
 def _replace_dir(new, out_dir):
@@ -469,12 +553,14 @@ def main(argv):
     if s.overwrite and os.path.realpath(src).startswith(os.path.join(os.path.realpath(dst), "")):
         raise ConfigError(f"the checkpoint {src} lies inside {dst}: --overwrite would delete it; export elsewhere")
     model, ckpt = load_model(src, mmap=True)
-    diff = export_hf(model, dst, dtype_, ckpt.get("tokenizer_json"), ckpt.get("hf_config"), s.overwrite, s.verify)
-    print(f"wrote {dst}: config.json, model.safetensors" + (f", {MODELING_FILE} (load with trust_remote_code=True)"
-                                                            if is_shared(model.config) else ""))
+    tokenizer_json, meta = checkpoint_tokenizer(ckpt)
+    diff = export_hf(model, dst, dtype_, tokenizer_json, ckpt.get("hf_config"), s.overwrite, s.verify,
+                     ckpt.get("chat_template"), meta)
+    print(f"wrote {dst}: {', '.join(sorted(os.listdir(dst)))}" + (" (load with trust_remote_code=True)"
+                                                                   if is_shared(model.config) else ""))
     if diff is not None:
         print(f"verified: transformers' fp32 logits match ours (with the weights as written) to {diff:.2e} "
-              "(max abs difference)")
+              "(max abs difference: fp32 rounding in transformers' eager attention; above 1e-4 fails)")
     return 0
 
 

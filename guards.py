@@ -10,6 +10,7 @@ the way out. train.py calls each of these in one line.
 import math
 import os
 import socket
+import subprocess
 import time
 
 import torch
@@ -270,3 +271,31 @@ def claim_out_dir(out_dir, rt, cleanup):
     if rank_max(rt, error is not None):
         raise error or ConfigError(f"rank 0 could not claim out_dir={out_dir!r}")
     return f"removed {', '.join(removed)} from {out_dir}: left by a checkpoint write that was killed" if removed else None
+
+
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))
+
+
+def tracked_files(path) -> list:
+    """The files at or under path that this repository's git tracks (committed results, docs, code); []
+    for a path outside the repository, or where git or the repository's .git is missing."""
+    here, target = os.path.realpath(REPOSITORY), os.path.realpath(path)
+    if not (target + os.sep).startswith(here + os.sep) or not os.path.exists(os.path.join(here, ".git")):
+        return []
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--", os.path.relpath(target, here)], cwd=here,
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [f for f in listed.stdout.split("\0") if f] if listed.returncode == 0 else []
+
+
+def check_not_tracked(path, setting="out", replace_tracked=False):
+    """Outputs never overwrite what the repository holds unless asked: a ConfigError in one line, before
+    any work, when path is (or holds) a tracked file and replace_tracked is not set."""
+    tracked = [] if replace_tracked or not path else tracked_files(path)
+    if tracked:
+        more = f" and {len(tracked) - 1} more" if len(tracked) > 1 else ""
+        raise ConfigError(f"--{setting}={path} would overwrite {tracked[0]}{more}, which the repository tracks: "
+                          f"write elsewhere (the out-* folders are git-ignored), or pass --replace_tracked=True "
+                          "to replace the committed files deliberately")

@@ -29,12 +29,14 @@ base checkpoint's sha256 and kv_source, the "delta" of the adaptation issue.
 
 import json
 import math
+import os
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import umask_file_mode
 from nf4 import NF4_BLOCK, NF4Linear, frozen_weight_linear, nf4_size_error, quantize_nf4
 from quantize import Int8Linear
 
@@ -356,6 +358,7 @@ def save_lora(model, path, base_sha256="", kv_source=None):
     from safetensors.torch import save_file
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(tensors, str(path), metadata=lora_metadata(model, base_sha256, kv_source))
+    os.chmod(path, umask_file_mode())  # safetensors writes through a 0600 temp file; follow the umask as open() does
 
 
 def read_lora(path):

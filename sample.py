@@ -8,8 +8,9 @@ Sample from a trained or converted model, through the owners-only KV cache of mo
 init_from: a checkpoint file (from train.py or convert_hf.py import), a training out_dir holding
 ckpt.pt, or a Hugging Face Llama directory (converted on the fly; --kv_source/--kv_init apply only there).
 Tokenizer, first match wins: --tokenizer (gpt2, a tokenizer.json, a meta.json or a directory holding
-one of them); the HF directory's tokenizer.json; the tokenizer.json a converted checkpoint carries;
-the dataset's meta.json (dataset.py; char table, GPT-2 BPE or tokenizer.json) for a checkpoint from train.py.
+one of them); the HF directory's tokenizer.json (or meta.json: a char or GPT-2 model's export); the
+tokenizer.json a converted checkpoint carries; the dataset's meta.json (dataset.py; char table, GPT-2
+BPE or tokenizer.json) for a checkpoint from train.py.
 Generation stops at the model's end-of-sequence token when it has one; past the context it goes on
 over the most recent tokens (model.generate).
 """
@@ -23,7 +24,7 @@ import torch
 
 from checkpoint import load_model
 from configurator import DTYPES, apply_threads, configure, resolve_device, resolve_dtype, run_script, settings_from
-from convert_hf import load_hf_llama
+from convert_hf import load_hf_llama, read_chat_template
 from dataset import dataset_dir, load_meta
 from quantize import quantize_int8
 from speed import use_decode_paths
@@ -121,7 +122,11 @@ def find_tokenizer(spec, data_dir, ckpt, hf_dir):
         path = os.path.join(hf_dir, "tokenizer.json")
         if os.path.isfile(path):
             return model_tokenizer(path)
-        raise SampleError(f"no tokenizer.json in {hf_dir}: pass --tokenizer=...")
+        if os.path.isfile(os.path.join(hf_dir, "meta.json")):  # convert_hf.py export of a char or GPT-2 model
+            return dataset_tokenizer(hf_dir)
+        raise SampleError(f"no tokenizer.json or meta.json in {hf_dir}: pass the tokenizer the model was trained "
+                          "with, e.g. --tokenizer=data/shakespeare_char/meta.json (a char dataset's), --tokenizer=gpt2 "
+                          "or --tokenizer=path/to/tokenizer.json")
     if ckpt.get("tokenizer_json"):
         return model_tokenizer(json_text=ckpt["tokenizer_json"])
     if isinstance(ckpt.get("meta"), dict):
@@ -193,13 +198,7 @@ def special_ids(ckpt, hf_dir):
 
 
 def chat_template(ckpt, hf_dir):
-    if hf_dir is not None:
-        path = os.path.join(hf_dir, "tokenizer_config.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f).get("chat_template")
-        return None
-    return ckpt.get("chat_template")
+    return read_chat_template(hf_dir) if hf_dir is not None else ckpt.get("chat_template")
 
 
 def wrap_in_chat(template, text, bos_token="", eos_token=""):
@@ -227,9 +226,9 @@ def check_settings(s):
         raise SampleError(f"--max_new_tokens must be at least 1 (0: as many as fit the context), got {s.max_new_tokens}")
 
 
-def encode_prompt(tok, prompt, vocab_size):
+def encode_prompt(tok, prompt, vocab_size, chat=False):
     try:
-        ids = tok.encode(prompt)
+        ids = tok.encode_chat(prompt) if chat else tok.encode(prompt)
     except ValueError as e:  # characters outside a char dataset's table
         raise SampleError(f"the prompt cannot be encoded by the {tok.name} tokenizer: {e}") from None
     if not ids:
@@ -261,7 +260,7 @@ def main(argv):
     model.to(device=dev, dtype=dtype)
     if s.quantize == "int8":
         quantize_int8(model)
-    ids = encode_prompt(tok, prompt, model.config.vocab_size)
+    ids = encode_prompt(tok, prompt, model.config.vocab_size, s.chat)
     max_new = s.max_new_tokens or min(500, max(1, model.config.block_size - len(ids)))
     if not s.max_new_tokens:
         print(f"up to {max_new} new tokens (max_new_tokens=0: what fits the {model.config.block_size}-token context "

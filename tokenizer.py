@@ -12,6 +12,7 @@ Every tokenizer has
   eot_id                the id that ends a document in a corpus, or None
   encode(text)          -> list of ids; special tokens written in the text are kept whole
   encode_batch(texts)   -> a list of id lists, for a corpus: many documents at once, no BOS added
+  encode_chat(text)     -> ids of a rendered chat template, which writes its own special tokens: none added
   decode(ids)           -> text; ids at or above vocab_size print as U+FFFD
   token_text(id)        a special token's text, for a chat template ("" where there is none)
 
@@ -69,6 +70,10 @@ class Tokenizer:
 
     def encode_batch(self, texts) -> list:
         return [self.encode(t) for t in texts]
+
+    def encode_chat(self, text) -> list:
+        """A prompt a chat template rendered: it holds its special tokens itself (bos_token included)."""
+        return self.encode(text)
 
     def _decode(self, ids) -> str:
         raise NotImplementedError
@@ -157,6 +162,11 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts):
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_chat(self, text):
+        # nothing added: a post-processor's BOS would come twice where the template writes bos_token, and
+        # transformers' apply_chat_template adds none either
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def _decode(self, ids):
         return self.backend.decode(list(ids), skip_special_tokens=not self.dataset)

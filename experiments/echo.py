@@ -9,7 +9,7 @@ Reproduce the ECHO results table and plots (README, "ECHO adaptation: results"):
 plus the K/V similarity heatmap of the dense model.
 
     .venv/bin/python experiments/echo.py                    # the README's numbers into out-echo-results/ (2-core CPU, ~30 min)
-    .venv/bin/python experiments/echo.py --out=results/echo # the same, replacing the committed results (deliberately)
+    .venv/bin/python experiments/echo.py --out=results/echo --replace_tracked=True  # the same, replacing the committed results
     .venv/bin/python experiments/echo.py --pretrain_iters=200 --seeds=1 --runs=out-echo-quick --out=out-echo-quick  # a quick look
 
 Every run is a plain `train.py` (or `adapt.py`) command, printed before it starts, so any single
@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 from checkpoint import load_model  # noqa: E402  (the repository root is on the path only from here)
 from configurator import apply_threads, configure, parse_text, run_script, settings_from  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
+from guards import check_not_tracked  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-echo-results"     # the table, the JSON and the plots; results/echo holds the committed ones
@@ -49,6 +50,7 @@ decode_tokens = 100          # after a 16-token prompt: fits the 128-token conte
 device = "cpu"               # every run's --device
 threads = 0                  # torch CPU threads, here and in the runs it starts: 0 = 1 on a CPU (apply_threads)
 replot = False               # only redraw OUT's plots from OUT/results.json
+replace_tracked = False      # let --out overwrite the repository's committed results (results/echo)
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 settings = dict(DEFAULTS)  # this run's values (main fills them in)
@@ -304,6 +306,8 @@ def main(argv):
     global progress
     settings.update(vars(configure(DEFAULTS, argv, __doc__)[0]))
     apply_threads(settings["threads"], children=True)
+    for key in ("out", "runs"):
+        check_not_tracked(settings[key], key, settings["replace_tracked"])
     out = settings["out"] = os.path.abspath(settings["out"])
     if settings["replot"]:
         return replot_from(out)

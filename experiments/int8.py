@@ -4,7 +4,7 @@ and perplexity, and its greedy batch-1 decode speed, float against int8, in one 
 
     .venv/bin/python data/smollm2/prepare.py && .venv/bin/python data/shakespeare_smollm2/prepare.py
     .venv/bin/python experiments/int8.py                          # -> out-int8/int8.json
-    .venv/bin/python experiments/int8.py --out=results/smollm2    # the committed figures
+    .venv/bin/python experiments/int8.py --out=results/smollm2 --replace_tracked=True  # replace the committed figures
 
 Loss: mean cross-entropy over the same eval_batches batches of the held-out Shakespeare plays (val) and
 of the King James Bible (other), perplexity = exp(loss). Speed: model.generate with the decode step
@@ -27,10 +27,12 @@ from checkpoint import load_model  # noqa: E402
 from configurator import apply_threads, configure, run_script, settings_from  # noqa: E402
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
+from guards import check_not_tracked  # noqa: E402
 from quantize import quantize_int8  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-int8"             # where int8.json goes
+replace_tracked = False      # let --out overwrite the repository's committed figures (results/smollm2/int8.json)
 model = "data/smollm2/smollm2-135m-instruct.pt"
 dataset = "shakespeare_smollm2"  # held-out texts to evaluate on (data/<dataset>)
 eval_batches = 16            # batches of each held-out text
@@ -63,6 +65,7 @@ def held_out_losses(model, data_dir, s):
 def main(argv):
     s, _ = configure(DEFAULTS, argv, __doc__)
     apply_threads(s.threads)
+    check_not_tracked(s.out, "out", s.replace_tracked)
     os.makedirs(s.out, exist_ok=True)
     data_dir = ensure_dataset(s.dataset, auto_prepare=False)
     dense, _ = load_model(s.model, block_size=s.block_size)

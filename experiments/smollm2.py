@@ -5,7 +5,7 @@ adaptation into KV-shared models, measured on held-out Shakespeare plays and on 
 
     .venv/bin/python data/smollm2/prepare.py && .venv/bin/python data/shakespeare_smollm2/prepare.py
     .venv/bin/python experiments/smollm2.py                          # -> out-smollm2-results/
-    .venv/bin/python experiments/smollm2.py --out=results/smollm2    # regenerate the committed results
+    .venv/bin/python experiments/smollm2.py --out=results/smollm2 --replace_tracked=True  # regenerate the committed results
 
 1. calibration (adapt.kv_similarity) on the dense model, its heatmap, and the maps it proposes;
 2. val loss right after conversion, no training: dense, cla:2, upper:half and the calibrated maps, with
@@ -36,10 +36,12 @@ from checkpoint import load_model, save_checkpoint  # noqa: E402
 from configurator import apply_threads, configure, run_script, settings_from  # noqa: E402
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
+from guards import check_not_tracked  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-smollm2-results"  # the tables, JSON and plots
 runs = "out-smollm2"         # converted checkpoints and training runs
+replace_tracked = False      # let --out overwrite the repository's committed results (results/smollm2)
 model = "data/smollm2/smollm2-135m-instruct.pt"
 dataset = "shakespeare_smollm2"  # adaptation and evaluation data (data/<dataset>)
 iters = 64                   # optimizer steps per adaptation run: the token budget
@@ -323,6 +325,8 @@ def speed_phase(s):
 def main(argv):
     s, _ = configure(DEFAULTS, argv, __doc__)
     apply_threads(s.threads, children=True)
+    for key in ("out", "runs"):
+        check_not_tracked(getattr(s, key), key, s.replace_tracked)
     for path in (s.out, s.runs):
         os.makedirs(path, exist_ok=True)
     if s.speed_iters:

@@ -268,6 +268,20 @@ def test_calibration_command(data_dir, dense_ckpt, tmp_path, capsys):
     assert records(tmp_path / "run", "adapt")[-1]["kv_source"] == list(proposal)
 
 
+def test_calibration_without_matplotlib_prints_the_map_and_skips_only_the_heatmap(data_dir, dense_ckpt, tmp_path,
+                                                                                 capsys, monkeypatch):
+    # what ./setup.sh without --dev leaves: an import of matplotlib fails
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    proposal = adapt_main([f"--init_from={dense_ckpt}", f"--dataset={data_dir}", "--n_share=2", "--batches=2",
+                           f"--out={tmp_path}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("matplotlib is not installed: the heatmap (.png) is skipped") and "--dev" in lines[0]
+    assert f"proposed kv_source sharing 2 layers: {','.join(map(str, proposal))}" in lines
+    assert sum(j != i for i, j in enumerate(proposal)) == 2
+    assert (tmp_path / "kv_similarity.pt").exists() and not (tmp_path / "kv_similarity.png").exists()
+
+
 @pytest.mark.parametrize("args, match", [
     (["--adapt_target=0,0,1"], r"adapt_target: kv_source has 3 entries but the model has n_layer=4"),
     (["--adapt_target=dense", "--adapt_train_layers=converted"], r"would freeze every layer"),

@@ -376,7 +376,7 @@ def test_export_in_bfloat16_verifies_and_a_failed_verify_leaves_nothing(world, t
     # --overwrite replaces the directory whole: no file of before stays
     (dst / "pytorch_model.bin").write_bytes(b"stale weights a loader might prefer")
     assert run_script(convert_hf.main, ["export", world["ck"], str(dst), "--overwrite"]) == 0
-    assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(dst)) == ["config.json", "meta.json", "model.safetensors"]  # meta.json: the char table
     # a config that transformers reads differently from us: verification fails and nothing is left
     real = convert_hf.hf_config_from_llama
     monkeypatch.setattr(convert_hf, "hf_config_from_llama", lambda *a, **k: {**real(*a, **k), "rms_norm_eps": 0.5})

@@ -190,12 +190,23 @@ def test_model_flag_parsing():
     (["--preset=huge"], "preset"),
     (["--dtype=fp16"], "dtype"),
     (["--device=tpu"], "device='tpu'"),
-    (["--out=/nonexistent-dir/x.json"], "does not exist"),
+    (["--out=/dev/null/x.json"], "cannot create the directory /dev/null"),
+    ([f"--out={ROOT}/docs/bench_results/cpu_bf16.json"], "would overwrite docs/bench_results/cpu_bf16.json, which "
+                                                         "the repository tracks"),
 ])
 def test_bad_settings_are_refused(argv, words):
     with pytest.raises(ConfigError) as e:
         bench.parse_settings(TINY[:2] + argv)
     assert words in str(e.value)
+
+
+def test_a_committed_result_is_replaced_only_when_asked(tmp_path):
+    committed = os.path.join(ROOT, "docs", "bench_results", "cpu_bf16.json")
+    before = open(committed, "rb").read()
+    assert bench.parse_settings(TINY[:2] + [f"--out={committed}", "--replace_tracked=True"]).out == committed
+    assert open(committed, "rb").read() == before  # checking the path wrote nothing
+    s = bench.parse_settings(TINY[:2] + [f"--out={tmp_path}/new/dir/x.json"])  # folders are made, as out_dir's
+    assert os.path.isdir(tmp_path / "new" / "dir") and s.replace_tracked is False
 
 
 def test_out_is_checked_first(tmp_path):
@@ -235,3 +246,21 @@ def test_attention_reuse_rows_and_its_bad_input():
         assert r["sharer_recompute_s"] > 0 and r["sharer_reuse_s"] > 0
     with pytest.raises(ValueError, match="attn_reuse"):
         bench.main(["--preset", "tiny", "--attn_reuse=big"])
+
+
+@pytest.mark.parametrize("script, out", [("experiments/int8.py", "results/smollm2"),
+                                         ("experiments/smollm2.py", "results/smollm2"),
+                                         ("experiments/echo.py", "results/echo")])
+def test_experiments_refuse_to_overwrite_committed_results(script, out, tmp_path):
+    import importlib.util
+    import guards
+    spec = importlib.util.spec_from_file_location("_exp_" + os.path.basename(script)[:-3], os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = {f: os.path.getmtime(os.path.join(ROOT, f)) for f in guards.tracked_files(os.path.join(ROOT, out))}
+    assert committed and module.DEFAULTS["out"].startswith("out-")  # the default is git-ignored
+    with pytest.raises(ConfigError, match=rf"--out={ROOT}/{out} would overwrite {out}/\S+ and \d+ more, which the "
+                                          r"repository tracks: .* --replace_tracked=True"):
+        module.main([f"--out={ROOT}/{out}", f"--runs={tmp_path}"] if "int8" not in script else [f"--out={ROOT}/{out}"])
+    assert {f: os.path.getmtime(os.path.join(ROOT, f)) for f in committed} == committed
+    assert guards.tracked_files(tmp_path) == [] and guards.tracked_files(os.path.join(ROOT, "out-nothing")) == []

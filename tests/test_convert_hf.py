@@ -282,3 +282,26 @@ def test_bad_input_on_the_command_line_no_traceback(tmp_path, small_hf_dir):
     assert r.returncode != 0
     assert "model_type is 'gpt2'" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kv_source", [None, "upper:half"])
+def test_verify_difference_is_how_transformers_eager_attention_rounds(tmp_path, kv_source):
+    """What --verify prints (docs/convert_and_sample.md, "What --verify measures"): transformers' eager
+    attention against ours in fp32. Its size is rounding, not the export: transformers' own SDPA path gives
+    our logits, and its eager path differs from its SDPA path by just as much."""
+    torch.manual_seed(0)
+    ours = Llama(LlamaConfig(n_layer=4, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=160, vocab_size=VOCAB,
+                             block_size=64, kv_source=kv_source)).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.mul_(3)  # logits of a few units, as a trained model's, not the ~0.1 of a fresh one
+    diff = export_hf(ours, tmp_path / "hf", verify=True)
+    x = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))  # verify_export's tokens
+    with torch.no_grad():
+        logits = {impl: transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "hf", dtype=torch.float32, attn_implementation=impl, trust_remote_code=True).eval()(x).logits
+            for impl in ("eager", "sdpa")}
+        mine = ours(x)[0]
+    assert 0 < diff < 1e-4 and diff == (logits["eager"] - mine).abs().max().item()
+    assert (logits["sdpa"] - mine).abs().max().item() < 1e-6
+    assert abs((logits["eager"] - logits["sdpa"]).abs().max().item() - diff) < 1e-6

@@ -31,6 +31,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+import pytest
+
 
 from configurator import configure, run_script
 
@@ -322,6 +324,37 @@ def test_every_documented_command_is_valid(monkeypatch):
     made, tracked, problems = set(), tracked_paths(), []
     for c in all_commands():
         problems += [f"{c}\n    -> {p}" for p in check_statically(c, made, tracked)]
+    assert not problems, "\n".join(problems)
+
+
+# settings that leave the default run's model what it is: a command with only these may train into the
+# default out_dir (it is the README's first run, or its resume)
+SAME_DEFAULT_RUN = {"init_from", "threads", "device", "compile"}
+
+
+def test_documented_outputs_stay_out_of_the_repository(monkeypatch):
+    """No documented command writes onto a file the repository tracks unless it says so
+    (--replace_tracked=True), and only the default run itself trains into the default out_dir, so that a
+    reader following the docs never replaces the committed results or the model of an earlier step."""
+    monkeypatch.chdir(ROOT)
+    tracked = tracked_paths()
+    if tracked is None:
+        pytest.skip("not a git checkout: no tracked files to protect")
+    default_out_dir = load_script("train.py").DEFAULTS["out_dir"]
+    problems = []
+    for c in all_commands():
+        if not c.script or not os.path.isfile(os.path.join(ROOT, c.script)):
+            continue
+        s, explicit, positional = settings_of(c)
+        _, writes = reads_and_writes(c, s, explicit, positional)
+        if str(s.get("replace_tracked")) != "True":
+            problems += [f"{c}\n    -> writes {w}, which the repository tracks" for w in writes
+                         if not re.fullmatch(r"data/\w+", norm(w)) and any(
+                             t == norm(w) or t.startswith(norm(w) + "/") for t in tracked)]
+        if c.script == "train.py" and norm(str(s["out_dir"])) == default_out_dir and \
+                (explicit - SAME_DEFAULT_RUN or s["init_from"] not in ("scratch", "resume")):
+            problems.append(f"{c}\n    -> trains into the default out_dir {default_out_dir}, replacing the "
+                            "default model: give it its own --out_dir")
     assert not problems, "\n".join(problems)
 
 
