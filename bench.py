@@ -8,8 +8,7 @@ profiler, the attention-reuse microbenchmark, tables) is benchmarking.py; docs/b
     python bench.py --preset smollm2 --dtype bf16 --reference hf --quantize int8 --out /tmp/b.json
     python bench.py --preset cpu --models "dense;cla:2;0,0,2,2,4,4,6,6" --skip train,mem --profile
 
-Settings: the globals below (--key=value, --key value, a bare --flag); sizes at 0 take the preset's.
---models separates kv_source specs by ';' (a list itself has commas).
+Settings: the globals below; sizes at 0 take the preset's; --models separates kv_source specs by ';'.
 
   train   forward + backward + AdamW on random token ids, warm-up (and compilation) untimed; rounds
           interleave the models (A B C, C B A, ...); median, min and max over the rounds. Bound: the
