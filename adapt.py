@@ -175,7 +175,7 @@ def make_consumer(model, layer, owner) -> list:
     optimizer state has to go too)."""
     _check_switch(model, layer, owner)
     attn = model.layers[layer].self_attn
-    removed = [attn.k_proj.weight, attn.v_proj.weight]
+    removed = [*attn.k_proj.parameters(), *attn.v_proj.parameters()]  # a LoRA adapter has two more
     del attn.k_proj, attn.v_proj
     model.config.kv_source = tuple(owner if i == layer else j for i, j in enumerate(model.config.kv_source))
     model.layers[layer].kv_source = owner  # a Block reads its sources once, when it is built

@@ -216,6 +216,9 @@ def build_on_meta(config: LlamaConfig, state_dict: dict) -> Llama:
 def model_from_checkpoint(ckpt: dict, **config_changes) -> Llama:
     """The Llama a checkpoint dict describes, with its weights and any adaptation blend in progress.
     config_changes override model_config fields (e.g. block_size, which only sizes the RoPE tables)."""
+    if "lora" in ckpt:  # adapters over a frozen (maybe 4-bit) base: not a plain model until merged
+        raise CheckpointError("this is a LoRA run's checkpoint (adapters over a frozen base): resume it with train.py "
+                              "--init_from=resume, or merge it first: python lora.py --init_from=FILE --rank=R --out=OUT")
     try:
         config = LlamaConfig(**{**ckpt["model_config"], **config_changes})
     except (TypeError, ValueError) as e:

@@ -30,13 +30,17 @@ base checkpoint's sha256 and kv_source, the "delta" of the adaptation issue.
 import json
 import math
 import os
+import sys
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import umask_file_mode
+from checkpoint import (SAMPLING_KEYS, CheckpointError, load_checkpoint, save_checkpoint, strip_prefixes,
+                        umask_file_mode)
+from configurator import ConfigError, configure, run_script, settings_from
+from model import Llama, LlamaConfig, rope_tables
 from nf4 import NF4_BLOCK, NF4Linear, frozen_weight_linear, nf4_size_error, quantize_nf4
 from quantize import Int8Linear
 
@@ -417,3 +421,287 @@ def lora_sizes(model) -> dict:
         elif isinstance(module, nn.Linear):
             base += module.weight.numel() * module.weight.element_size()
     return {"trainable_params": trainable, "optimizer_state_bytes": 8 * trainable, "base_linear_bytes": base}
+
+
+# -----------------------------------------------------------------------------
+# training with adapters: train.py's lora_* settings and what its setup and loop call
+
+# train.py takes these like its own (command line, config files, --help); they live here, with what reads them
+LORA_SETTINGS = dict(
+    lora_targets="",            # linears to adapt, e.g. 'q,o' or 'q,k,v,o,gate,up,down'; '' = no LoRA (full training)
+    lora_layers="all",          # 'all' or a list of layers like 10,11,12 (e.g. an adaptation's consumers)
+    lora_rank=8,                # R: the adapters' rank (with lora_dynamic, the largest)
+    lora_alpha=16.0,            # the update is scaled by alpha / b, b the rank in use
+    lora_dynamic=False,         # DyLoRA: each optimizer step draws b from lora_rank_range; one run serves every rank
+    lora_rank_range="",         # 'low,high' the ranks drawn from; '' = 1,lora_rank
+    lora_rule="nested",         # dynamic rank: 'nested' (train A[:b], B[:, :b]) or 'frozen' (only the b-th row and column)
+    lora_eval_ranks="",         # also evaluate at these ranks, e.g. 1,2,4,8 (each logged: "val loss at rank 4: ...")
+    base_quant="none",          # the frozen base's linears: 'none', 'int8' (quantize.py) or 'nf4' (nf4.py, QLoRA)
+)
+
+
+def _rank_range(spec, rank):
+    if not spec:
+        return None
+    low_high = parse_ranks(spec, "lora_rank_range")
+    if len(low_high) != 2:
+        raise ConfigError(f"lora_rank_range={spec!r}: give two ranks, low,high, like 1,{rank}")
+    return tuple(low_high)
+
+
+def check_lora_run(s, explicit):
+    """The lora_* settings and what LoRA cannot be combined with, from the settings alone: a ConfigError
+    (one line) before any work. On CUDA compile='auto' turns off for a dynamic rank (see below)."""
+    if not s.lora_targets:
+        unused = sorted(k for k in explicit if k in LORA_SETTINGS and k != "lora_targets")
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only with lora_targets "
+                              "(e.g. --lora_targets=q,o): set it, or drop them")
+        return
+    try:
+        parse_targets(s.lora_targets)
+        if s.lora_rank <= 0:
+            raise ValueError(f"lora_rank must be at least 1, got {s.lora_rank}")
+        low, high = _rank_range(s.lora_rank_range, s.lora_rank) or (1, s.lora_rank)
+        if not 1 <= low <= high <= s.lora_rank:
+            raise ValueError(f"lora_rank_range {low}..{high} must lie within 1..lora_rank={s.lora_rank}")
+        for r in parse_ranks(s.lora_eval_ranks):
+            if not 1 <= r <= s.lora_rank:
+                raise ValueError(f"lora_eval_ranks: {r} is outside 1..lora_rank={s.lora_rank}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if s.lora_rule not in RULES or s.base_quant not in BASE_QUANTS:
+        bad, allowed = ("lora_rule", RULES) if s.lora_rule not in RULES else ("base_quant", BASE_QUANTS)
+        raise ConfigError(f"{bad}={getattr(s, bad)!r}: choose from {', '.join(allowed)}")
+    if "lora_rank_range" in explicit and not s.lora_dynamic or "lora_rule" in explicit and not s.lora_dynamic:
+        raise ConfigError("lora_rank_range and lora_rule apply only with lora_dynamic=True")
+    # a compiled forward specialises on the rank (a Python int): a new graph for each rank drawn, then
+    # dynamo's recompile limit and a silent fall back to eager. A fixed rank compiles as usual.
+    if s.lora_dynamic and s.compile is True:
+        raise ConfigError("compile=True with lora_dynamic=True: the rank changes every step and each rank would "
+                          "compile a new graph; set compile=False (or auto), or train a fixed rank")
+    if s.lora_dynamic and s.compile == "auto":
+        s.compile = False
+    if s.fsdp:
+        raise ConfigError("lora_targets with fsdp=True is not supported (the frozen NF4/int8 buffers are not "
+                          "sharded): train the adapters with DDP or on one device")
+    if s.adapt_target and s.adapt_train_layers != "all":
+        raise ConfigError(f"adapt_train_layers={s.adapt_train_layers!r} with lora_targets: with adapters only they "
+                          "train; choose their layers with lora_layers (e.g. the consumers) instead")
+
+
+def _restore_lora_settings(s, explicit, ckpt):
+    """On resume the lora_* settings are the run's; those that shape the adapters cannot change."""
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    for key in LORA_SETTINGS:
+        if key not in saved:
+            continue
+        if key not in explicit:
+            setattr(s, key, saved[key])
+        elif key not in ("lora_eval_ranks",) and getattr(s, key) != saved[key]:
+            raise ConfigError(f"{key}={getattr(s, key)!r} differs from the resumed run's {saved[key]!r}: a resumed "
+                              "LoRA run keeps its adapters and base; drop the setting")
+
+
+def model_to_train(ckpt, resume, **config_changes):
+    """The model of train.py's checkpoint to start from: a LoRA run's (adapters over a frozen, maybe
+    quantized base) rebuilt as it was when resuming it, else checkpoint.model_from_checkpoint's."""
+    from checkpoint import model_from_checkpoint
+    if "lora" not in ckpt or not resume:
+        return model_from_checkpoint(ckpt, **config_changes)
+    return model_from_lora_checkpoint(ckpt, **config_changes)
+
+
+def model_from_lora_checkpoint(ckpt, **config_changes):
+    """A LoRA run's model from its checkpoint: built on the meta device (no init, no second copy),
+    quantized and wrapped as the run was, then its state (packed base, adapters) assigned."""
+    info = ckpt["lora"]
+    config = LlamaConfig(**{**ckpt["model_config"], **config_changes})
+    state = strip_prefixes(ckpt["model"])
+    with torch.device("meta"):
+        model = Llama(config)
+        quantize_base(model, info["base_quant"])
+    settings = info["settings"]
+    adapted = {key.rsplit(".", 1)[0] for key in state if key.endswith(".lora_A")}
+    for name in adapted:  # exactly the adapters saved: adaptation may have dropped some with their K/V
+        parent, attr = name.rsplit(".", 1)
+        module = model.get_submodule(parent)
+        with torch.device("meta"):
+            setattr(module, attr, LoRALinear(getattr(module, attr), settings["rank"], settings["alpha"],
+                                             settings["rule"]))
+    model.requires_grad_(False)
+    for adapter in lora_adapters(model).values():
+        adapter.lora_A.requires_grad_(True)
+        adapter.lora_B.requires_grad_(True)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the LoRA checkpoint does not fit its own settings: {str(e)[:300]}") from None
+    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"the LoRA checkpoint does not fit its own settings: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(result.unexpected_keys)[:3]}")
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = rope_tables(config)
+    for layer, (source, weight) in (ckpt.get("kv_blend") or {}).items():
+        model.kv_blend[int(layer)] = (int(source), torch.tensor(float(weight)))
+    model.lora_settings = dict(settings)
+    model.base_sha256 = info.get("base_sha256", "")
+    return model
+
+
+class LoRARun:
+    """What train.py's loop does with the adapters: draw each optimizer step's rank (dynamic rank) and
+    evaluate at ranks. `info` is the checkpoint's 'lora' entry (settings, base, the sampler's state)."""
+
+    def __init__(self, model, info, sampler, eval_ranks):
+        self.model, self.info, self.sampler, self.eval_ranks = model, info, sampler, eval_ranks
+        self.rank = info["settings"]["rank"]
+
+    def draw(self):
+        """The rank of the coming optimizer step (all its micro-steps); the sampler's state after the
+        draw goes into the next checkpoint, so a resumed run draws what the straight one would."""
+        if self.sampler is not None:
+            set_rank(self.model, self.sampler.sample())
+            self.info["rank_sampler"] = self.sampler.state_dict()
+
+    def evaluate(self, estimate, log, iter_num):
+        """estimate() at the full rank R (the run's val loss, best and checkpoint follow it), then at each
+        of eval_ranks (logged); the training rank is restored after."""
+        active = next(iter(lora_adapters(self.model).values())).active_rank
+        try:
+            set_rank(self.model, self.rank)
+            losses = estimate()
+            for r in self.eval_ranks:
+                set_rank(self.model, r)
+                at = estimate()
+                log(f"iter {iter_num}: val loss at rank {r}: {at['val']:.4f} (train {at['train']:.4f})",
+                    kind="eval_rank", iter=iter_num, rank=r, train_loss=at["train"], val_loss=at["val"])
+        finally:
+            set_rank(self.model, active)
+        return losses
+
+    def describe(self):
+        st, sizes = self.info["settings"], lora_sizes(self.model)
+        dynamic = f"dynamic {st['rank_range'][0]}..{st['rank_range'][1]} ({st['rule']})" if st["dynamic"] else "fixed"
+        return (f"lora: {st['targets']} on {len(lora_adapters(self.model))} linears, rank {st['rank']} {dynamic}, "
+                f"alpha {st['alpha']}, base {self.info['base_quant']}: {sizes['trainable_params']:,} trainable "
+                f"parameters, base linears {sizes['base_linear_bytes'] / 2**20:.1f} MiB")
+
+
+def sha256_of(path) -> str:
+    """The base checkpoint file's sha256: the adapters mean something on that base only."""
+    from dataset import sha256_file
+    return sha256_file(path)
+
+
+def setup_lora(s, explicit, model, ckpt, path, resume):
+    """train.py's setup of a LoRA run, before the optimizer: quantize the base, wrap the targets (or, on
+    resume, keep the rebuilt model's adapters), and the rank sampler seeded from the run's seed (its state
+    from the checkpoint on resume). None without lora_targets."""
+    if resume and "lora" in ckpt:
+        _restore_lora_settings(s, explicit, ckpt)
+        check_lora_run(s, explicit)
+        info = dict(ckpt["lora"])
+    elif not s.lora_targets:
+        return None
+    else:
+        try:
+            rank_range = _rank_range(s.lora_rank_range, s.lora_rank)
+            check_lora_settings(model.config, s.lora_targets, None if s.lora_layers == "all" else s.lora_layers,
+                                s.lora_rank, rank_range, s.lora_eval_ranks, s.base_quant, s.lora_rule)
+            quantize_base(model, s.base_quant)
+            apply_lora(model, s.lora_targets, None if s.lora_layers == "all" else s.lora_layers, s.lora_rank,
+                       s.lora_alpha, s.lora_dynamic, rank_range, s.lora_rule, seed=s.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        info = {"settings": dict(model.lora_settings), "base_quant": s.base_quant,
+                "base_path": os.path.abspath(path) if path else "", "base_sha256": sha256_of(path) if path else ""}
+        model.base_sha256 = info["base_sha256"]
+    sampler = rank_sampler(model, s.seed) if info["settings"]["dynamic"] else None
+    if sampler is not None and "rank_sampler" in info:
+        sampler.load_state_dict(info["rank_sampler"])
+    return LoRARun(model, info, sampler, parse_ranks(s.lora_eval_ranks))
+
+
+# -----------------------------------------------------------------------------
+# python lora.py: merge a LoRA run at a rank into a plain checkpoint, and/or save its adapters alone
+
+init_from = ""               # a LoRA run's checkpoint file or out_dir (train.py --lora_targets=...)
+rank = 0                     # the rank to merge and save at; 0 = the adapters' full rank R
+out = ""                     # the merged, ordinary checkpoint to write (sample.py, convert_hf.py export, bench.py)
+adapters = ""                # the adapters alone as a .safetensors file (truncated to `rank`), with their metadata
+merge_dtype = "float32"      # the merged weights' dtype: float32 or bfloat16
+DEFAULTS = settings_from({k: v for k, v in globals().items() if k in ("init_from", "rank", "out", "adapters",
+                                                                      "merge_dtype")})
+
+
+def truncate_lora(model, rank):
+    """Keep the first `rank` rows of A and columns of B (the rank-b LoRA of a dynamic run), with its
+    scale: a rank-b adapter has alpha / b, so alpha is kept and the settings say rank b."""
+    set_rank(model, rank)
+    for adapter in lora_adapters(model).values():
+        adapter.lora_A = nn.Parameter(adapter.lora_A.data[:rank].clone())
+        adapter.lora_B = nn.Parameter(adapter.lora_B.data[:, :rank].clone())
+        adapter.rank = adapter.active_rank = rank
+    model.lora_settings = {**model.lora_settings, "rank": rank, "dynamic": False, "rank_range": [1, rank]}
+    return model
+
+
+def merge_command(s):
+    """Read the LoRA run, check what was asked, write the adapters file and/or the merged checkpoint."""
+    from checkpoint import checkpoint_path
+    if not s.out and not s.adapters:
+        raise ConfigError("nothing to write: give --out=<merged checkpoint .pt> and/or --adapters=<file.safetensors>")
+    if s.merge_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"merge_dtype={s.merge_dtype!r}: choose float32 or bfloat16")
+    if not s.init_from:
+        raise ConfigError("give --init_from=<a LoRA run's out_dir or ckpt.pt>")
+    ckpt = load_checkpoint(checkpoint_path(s.init_from))
+    if "lora" not in ckpt:
+        raise ConfigError(f"{s.init_from} is not a LoRA run's checkpoint (no adapters in it): it is a plain model "
+                          "already")
+    model = model_from_lora_checkpoint(ckpt).eval()
+    full = ckpt["lora"]["settings"]["rank"]
+    b = s.rank or full
+    if not 1 <= b <= full:
+        raise ConfigError(f"rank={b} is outside 1..{full} (the adapters' rank)")
+    if b != full and not ckpt["lora"]["settings"]["dynamic"]:
+        print(f"note: rank {b} of a fixed-rank-{full} LoRA is not a trained adapter (only a dynamic run's are)")
+    truncate_lora(model, b)
+    if s.adapters:
+        save_lora(model, s.adapters, ckpt["lora"].get("base_sha256", ""))
+        print(f"saved {s.adapters}: the rank-{b} adapters alone "
+              f"({sum(t.numel() for t in lora_state_dict(model).values()):,} values)")
+    if s.out:
+        merge_lora(model, dtype=getattr(torch, s.merge_dtype))
+        merged = {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                  "config": {"dataset": (ckpt.get("config") or {}).get("dataset")},
+                  "lora_merged": {"rank": b, "base_quant": ckpt["lora"]["base_quant"],
+                                  "base_sha256": ckpt["lora"].get("base_sha256", "")}}
+        save_checkpoint(merged | {k: ckpt[k] for k in SAMPLING_KEYS if k in ckpt}, s.out)
+        print(f"saved {s.out}: the model merged at rank {b}, an ordinary checkpoint (sample.py, bench.py, export)")
+    return model
+
+
+def main(argv):
+    s, _ = configure(DEFAULTS, argv, MERGE_DOC)
+    return merge_command(s)
+
+
+MERGE_DOC = """Merge a LoRA run (train.py --lora_targets=...) at a rank into an ordinary checkpoint, and/or save
+its adapters alone (a small .safetensors file with their settings, the base's sha256 and kv_source):
+
+    .venv/bin/python lora.py --init_from=out-lora --rank=8 --out=out-lora/merged-r8.pt
+    .venv/bin/python lora.py --init_from=out-lora --rank=8 --adapters=out-lora/adapters-r8.safetensors
+
+The merge adds (alpha / b) B[:, :b] A[:b] to the base as the run used it: an NF4 or int8 base is
+dequantized first, so the merged model computes what the LoRA model did (not the original float base
+plus the adapters)."""
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(main))

@@ -29,12 +29,13 @@ import torch
 import torch.distributed as dist
 
 from adapt import TRAINING_SETTINGS, loss_with_teacher, setup_adaptation, setup_distillation
-from checkpoint import (MODEL_KEYS, SAMPLING_KEYS, checkpoint_to_start_from, model_from_checkpoint,
-                        restore_training_state, settings_from_checkpoint)
+from checkpoint import (MODEL_KEYS, SAMPLING_KEYS, checkpoint_to_start_from, restore_training_state,
+                        settings_from_checkpoint)
 from configurator import ConfigError, close_runtime, configure, init_runtime, run_script, settings_from
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens
 from guards import (accumulation_for_world, adaptation_note, check_out_dir_writable, check_replaces_same_model,
                     check_settings, check_tokenizer, claim_out_dir, finished_message, model_settings_conflicts)
+from lora import LORA_SETTINGS, check_lora_run, model_to_train, setup_lora
 from model import Llama, LlamaConfig
 from monitor import (LossWatch, Saver, StepTimer, StopSignal, TrainingDiverged, device_peak_flops, evaluation_beat,
                      log_progress, log_stage_change, log_start, open_log, stop_message, summarise)
@@ -89,8 +90,9 @@ backend = "auto"             # DDP backend: 'auto' (nccl on CUDA, gloo on CPU), 
 fsdp = False                 # under torchrun: shard weights, gradients and AdamW state with FSDP2 (sharding.py)
 seed = 1337                  # RNG seed (each DDP rank adds its rank); also the data order
 peak_flops = 0.0             # per-device peak FLOP/s for MFU; 0: the GPU's datasheet value (no MFU on CPU)
-# the adapt_* and distill_* settings (adaptation into a KV-shared model, a teacher): see adapt.py
-DEFAULTS = settings_from(globals()) | TRAINING_SETTINGS
+# the adapt_* and distill_* settings (adaptation into a KV-shared model, a teacher): see adapt.py; the lora_* and
+# base_quant settings (LoRA / DyLoRA adapters over a frozen int8 or NF4 base, QDyLoRA): see lora.py
+DEFAULTS = settings_from(globals()) | TRAINING_SETTINGS | LORA_SETTINGS
 CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "backend": ("auto", "nccl", "gloo"),
            "compile": ("auto", True, False)}
 
@@ -135,7 +137,7 @@ def build_model(s, explicit, ckpt, path, data_vocab):
     if ckpt["model_config"]["vocab_size"] < data_vocab:
         raise ConfigError(f"checkpoint {path} has vocab_size={ckpt['model_config']['vocab_size']}, smaller than the "
                           f"dataset's vocabulary ({data_vocab}): it was trained with another tokenizer")
-    model = model_from_checkpoint(ckpt, **({"block_size": s.block_size} if "block_size" in explicit and
+    model = model_to_train(ckpt, s.init_from == "resume", **({"block_size": s.block_size} if "block_size" in explicit and
                                            s.init_from != "resume" else {}))
     if s.block_size > model.config.block_size:
         raise ConfigError(f"block_size={s.block_size} exceeds the model's block_size={model.config.block_size}")
@@ -174,6 +176,7 @@ def main(argv):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     note = accumulation_for_world(s, explicit, world_size)
     check_settings(s, explicit, world_size, torchrun="RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    check_lora_run(s, explicit)
     check_out_dir_writable(s.out_dir)
     with ExitStack() as cleanup:  # undone in reverse order however the run ends: signals, out_dir's lock, processes
         rt = init_runtime(s.device, s.dtype, s.seed, s.backend, s.threads)
@@ -193,6 +196,7 @@ def main(argv):
         adaptation = setup_adaptation(raw_model, s.adapt_target, s.adapt_mode, s.adapt_order, s.adapt_stage_iters,
                                       s.adapt_layers_per_stage, s.adapt_train_layers, s.adapt_similarity)
         check_replaces_same_model(s, raw_model.config, adaptation, rt.master)
+        lora = setup_lora(s, explicit, raw_model, ckpt, path, resume)  # base -> quantize -> adapters (lora.py)
         optimizer = raw_model.configure_optimizers(s.weight_decay, s.learning_rate, (s.beta1, s.beta2), rt.device_type)
         scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == "float16"))
         iter_num, best_val_loss, data_seed = 0, float("inf"), s.seed
@@ -203,6 +207,8 @@ def main(argv):
         teacher, distill, taps = setup_distillation(s, pm.raw, rt.device)
         # checkpoints carry the starting checkpoint's tokenizer and chat template, and the dataset's meta
         carried = {key: ckpt[key] for key in SAMPLING_KEYS if ckpt is not None and key in ckpt} | {"meta": meta}
+        if lora is not None:  # a LoRA run's checkpoint: the whole model (packed base, adapters) + this entry
+            carried["lora"] = lora.info
         if resume and iter_num >= s.max_iters and not s.eval_only:
             if rt.master:  # a finished run: say so, rather than print a "done" that did nothing
                 print(finished_message(s, iter_num), flush=True)
@@ -212,6 +218,8 @@ def main(argv):
         tokens_per_iter = s.batch_size * s.block_size * s.gradient_accumulation_steps
         local_steps = s.gradient_accumulation_steps // rt.world_size  # micro-steps of this rank per step
         log_start(log, s, pm, iter_num, tokens_per_iter, adaptation, distill)
+        if lora is not None:
+            log(lora.describe())
         watch, peak = LossWatch(rt.device), device_peak_flops(s.peak_flops, rt)
         timer = StepTimer(rt, note=log if pm.compile_model else None)  # says how long compiling took
         saver = Saver(s, pm, scaler, samplers[0], carried, log, watch, iter_num if resume else None)
@@ -234,7 +242,8 @@ def main(argv):
             if s.eval_only or ((iter_num % s.eval_interval == 0 or at_end) and not (resume and iter_num == start_iter)):
                 watch.check(rt, log, saver.kept())  # a non-finite training loss since the last log step
                 with timer.paused(), evaluation_beat(s, rt, iter_num) as beat:  # a line if it runs long
-                    losses = estimate_loss(pm, rt, samplers, s.eval_iters, s.fsdp, beat)
+                    estimate = lambda: estimate_loss(pm, rt, samplers, s.eval_iters, s.fsdp, beat)  # noqa: E731
+                    losses = lora.evaluate(estimate, log, iter_num) if lora is not None else estimate()
                 val_loss = losses["val"]
                 log(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}", kind="eval",
                     iter=iter_num, train_loss=losses["train"], val_loss=val_loss, lr=lr, time=timer.seconds())
@@ -254,6 +263,8 @@ def main(argv):
                 group["lr"] = lr
             teaching = teacher is not None and distill.active(iter_num)
             log_stage_change(log, distill, iter_num)  # the printed loss is the distillation mix until here
+            if lora is not None:
+                lora.draw()  # a dynamic rank: this step's, for all its micro-steps
             loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
             for micro_step in range(local_steps):
                 if rt.ddp and not s.fsdp:  # DDP syncs gradients at the last micro-step; FSDP reduce-scatters each

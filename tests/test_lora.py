@@ -355,3 +355,150 @@ def test_quantized_base_with_lora_trains_and_merges(kind):
         merged = lora.merge_lora(model, rank=3)
         assert not any(isinstance(m, (nf4.NF4Linear, Int8Linear)) for m in merged.modules())
         assert (merged(x)[0] - adapted_logits).abs().max() < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# train.py with adapters, resume, merge, the experiment (tiny models on the character data)
+
+TRAIN_TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermediate_size=64",
+              "--block_size=16", "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--compile=False",
+              "--learning_rate=1e-2", "--warmup_iters=2", "--min_lr=1e-3", "--dtype=float32", "--kv_source=dense"]
+
+
+def train_run(data_dir, out_dir, *args):
+    import train
+    return train.main(TRAIN_TINY + [f"--dataset={data_dir}", f"--out_dir={out_dir}"] + list(args))
+
+
+def log_records(out_dir, kind):
+    import json
+    with open(out_dir / "log.jsonl") as f:
+        return [r for r in map(json.loads, f) if r.get("kind") == kind]
+
+
+@pytest.fixture(scope="module")
+def trained_base(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    train_run(data_dir, out, "--max_iters=10", "--eval_interval=10")
+    return out / "ckpt.pt"
+
+
+DYNAMIC = ["--lora_targets=q,k,v,o,gate,up,down", "--lora_rank=8", "--lora_dynamic=True", "--base_quant=nf4"]
+
+
+def test_dynamic_lora_resume_is_exact(data_dir, trained_base, tmp_path):
+    common = [f"--init_from={trained_base}", *DYNAMIC, "--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4",
+              "--gradient_accumulation_steps=2"]
+    train_run(data_dir, tmp_path / "a", *common)
+    train_run(data_dir, tmp_path / "b", *common, "--max_iters=4")
+    train_run(data_dir, tmp_path / "b", *common[1:], "--init_from=resume")
+    straight = {r["iter"]: r["loss"] for r in log_records(tmp_path / "a", "train")}
+    resumed = {r["iter"]: r["loss"] for r in log_records(tmp_path / "b", "train")}
+    assert sorted(straight) == list(range(8)) and straight == resumed  # bit for bit
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    adapters = [k for k in a["model"] if "lora_" in k]
+    assert adapters and all(torch.equal(a["model"][k], b["model"][k]) for k in adapters)
+    base = torch.load(trained_base, weights_only=True)["model"]
+    # only the adapters trained: the packed base is the NF4 of the starting weights, the embedding as it was
+    assert torch.equal(a["model"]["embed_tokens.weight"], base["embed_tokens.weight"])
+    assert any(not torch.equal(a["model"][k], torch.zeros_like(a["model"][k])) for k in adapters if k.endswith("B"))
+    assert a["lora"]["rank_sampler"]["generator"].equal(b["lora"]["rank_sampler"]["generator"])
+
+
+def test_eval_ranks_are_logged_and_the_training_rank_restored(data_dir, trained_base, tmp_path):
+    train_run(data_dir, tmp_path / "o", f"--init_from={trained_base}", *DYNAMIC, "--lora_eval_ranks=1,4",
+              "--max_iters=4", "--eval_interval=2")
+    at = log_records(tmp_path / "o", "eval_rank")
+    assert [(r["iter"], r["rank"]) for r in at] == [(0, 1), (0, 4), (2, 1), (2, 4), (4, 1), (4, 4)]
+    # at iter 0 B is zero: every rank is the (NF4) base, so the losses agree; later they differ
+    assert at[0]["val_loss"] == at[1]["val_loss"] and at[-1]["val_loss"] != at[-2]["val_loss"]
+
+
+def test_merge_command_gives_an_ordinary_model_with_the_lora_logits(data_dir, trained_base, tmp_path):
+    import subprocess
+    import sys
+    from checkpoint import CheckpointError, load_checkpoint, load_model
+    out = tmp_path / "run"
+    train_run(data_dir, out, f"--init_from={trained_base}", *DYNAMIC, "--max_iters=6", "--eval_interval=6")
+    lora.main([f"--init_from={out}", "--rank=3", f"--out={tmp_path / 'merged.pt'}",
+               f"--adapters={tmp_path / 'delta.safetensors'}"])
+    model = lora.model_from_lora_checkpoint(load_checkpoint(out / "ckpt.pt")).eval()
+    lora.set_rank(model, 3)
+    merged, _ = load_model(tmp_path / "merged.pt")
+    assert not lora.lora_adapters(merged)
+    X = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(X)[0], model(X)[0], rtol=1e-5, atol=1e-5)
+    tensors, meta = lora.read_lora(tmp_path / "delta.safetensors")
+    assert tensors["layers.0.self_attn.q_proj.lora_A"].shape == (3, 32)
+    assert meta["base_sha256"] == lora.sha256_of(trained_base)
+    with pytest.raises(CheckpointError, match="LoRA run's checkpoint"):
+        load_model(out)  # sample.py, bench.py and export read the merged file, never the LoRA run's
+    root = lora.os.path.dirname(lora.os.path.abspath(lora.__file__))
+    done = subprocess.run([sys.executable, "sample.py", f"--init_from={tmp_path / 'merged.pt'}", "--start=the ",
+                           "--max_new_tokens=8", "--num_samples=1", "--device=cpu"], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "the " in done.stdout, done.stderr[-500:]
+
+
+def test_adaptation_with_adapters_on_the_consumers_over_an_nf4_base(data_dir, trained_base, tmp_path):
+    train_run(data_dir, tmp_path / "ad", f"--init_from={trained_base}", "--adapt_target=0,0",
+              "--adapt_stage_iters=2", "--lora_targets=q,o,gate,up,down", "--lora_layers=1", "--lora_rank=4",
+              "--base_quant=nf4", "--max_iters=6", "--eval_interval=3", "--distill_alpha=0.5")
+    ckpt = torch.load(tmp_path / "ad" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["kv_source"] == [0, 0]
+    assert sorted(k for k in ckpt["model"] if k.endswith("lora_A")) == sorted(
+        f"layers.1.{lora.TARGETS[t]}.lora_A" for t in ("q", "o", "gate", "up", "down"))
+    assert "layers.1.self_attn.k_proj.base.packed" not in ckpt["model"]  # the consumer's K/V are gone
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--lora_targets=q,x"], "unknown target 'x'"),
+    (["--lora_targets=q", "--lora_rank=0"], "lora_rank must be at least 1"),
+    (["--lora_targets=q", "--lora_rank=40"], "above min.in, out. = 32 of the q projection"),
+    (["--lora_targets=q", "--lora_rank=4", "--lora_eval_ranks=2,8"], "lora_eval_ranks: 8 is outside 1..lora_rank=4"),
+    (["--lora_targets=q", "--base_quant=nf4", "--n_embd=24", "--n_head=2"], "whole number of 64-value blocks"),
+    (["--lora_rank=4"], "apply only with lora_targets|applies only with lora_targets"),
+    (["--lora_targets=q", "--lora_dynamic=True", "--compile=True"], "compile=True with lora_dynamic=True"),
+    (["--lora_targets=q", "--adapt_target=0,0", "--adapt_train_layers=converted"], "choose their layers with lora_layers"),
+])
+def test_bad_lora_settings_are_one_line(data_dir, tmp_path, args, match):
+    import subprocess
+    import sys
+    root = lora.os.path.dirname(lora.os.path.abspath(lora.__file__))
+    done = subprocess.run([sys.executable, "train.py", *TRAIN_TINY, f"--dataset={data_dir}",
+                           f"--out_dir={tmp_path / 'x'}", "--max_iters=1", *args], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-800:]
+    import re
+    assert re.search(match, done.stderr), done.stderr
+    assert not (tmp_path / "x" / "ckpt.pt").exists()
+
+
+def test_dynamic_rank_turns_auto_compile_off():
+    import types
+    s = types.SimpleNamespace(lora_targets="q", lora_rank=4, lora_rank_range="", lora_eval_ranks="", lora_rule="nested",
+                              base_quant="none", lora_dynamic=True, compile="auto", fsdp=False, adapt_target="")
+    lora.check_lora_run(s, set())
+    assert s.compile is False
+    s.lora_dynamic, s.compile = False, "auto"
+    lora.check_lora_run(s, set())
+    assert s.compile == "auto"  # a fixed rank compiles as any model does
+
+
+def test_experiment_script_quick(data_dir, trained_base, tmp_path):
+    import importlib
+    import json
+    exp = importlib.import_module("experiments.qdylora")
+    exp.main([f"--model={trained_base}", f"--dataset={data_dir}", "--quick=True", "--lora_rank=8",
+              "--fixed_ranks=4,8", "--eval_ranks=1,4,8", f"--out={tmp_path / 'res'}", f"--runs={tmp_path / 'runs'}",
+              "--block_size=16", "--batch_size=4"])
+    results = json.load(open(tmp_path / "res" / "results.json"))
+    assert set(results["runs"]) == {"dynamic", "fixed r=4", "fixed r=8", "full"}
+    assert list(results["runs"]["dynamic"]["val_loss_at_rank"]) == ["1", "4", "8"]
+    runs = results["runs"]
+    assert runs["fixed r=4"]["trainable_params"] * 2 == runs["fixed r=8"]["trainable_params"]
+    assert runs["full"]["trainable_params"] > runs["dynamic"]["trainable_params"]
+    assert results["base"]["NF4 base"]["base_linear_bytes"] < 0.3 * results["base"]["float base"]["base_linear_bytes"] / 2
+    assert "rank curve" in open(tmp_path / "res" / "results.md").read()
