@@ -264,13 +264,19 @@ def test_a_full_disk_says_which_checkpoint_was_kept(data_dir, tmp_path, monkeypa
 def test_a_flipped_byte_is_refused_and_the_crc_check_costs_little(tmp_path):
     torch.manual_seed(0)
     sd = {f"w{i}": torch.randn(256, 1024) for i in range(10)}  # 10 MB
-    checkpoint.save_checkpoint({"model": sd, "model_config": {}}, str(tmp_path / "c.pt"))
+    config = {"n_layer": 1, "n_head": 1, "n_kv_head": 1, "n_embd": 2, "intermediate_size": 2, "vocab_size": 2,
+              "block_size": 2, "kv_source": [0]}
+    checkpoint.save_checkpoint({"model": sd, "model_config": config}, str(tmp_path / "c.pt"))
+    torch.save({"model": sd, "model_config": config}, str(tmp_path / "old.pt"))  # no digests: CRCs only
     t0 = time.perf_counter()
     checkpoint.verify_crcs(str(tmp_path / "c.pt"))
     assert time.perf_counter() - t0 < 2.0  # ~2.5 ms here; generous for a loaded machine
     flip_a_byte(tmp_path / "c.pt")
-    with pytest.raises(checkpoint.CheckpointError, match=r"c.pt is corrupt \(Bad CRC-32 for file '.*data/\d+'\)"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"c.pt is corrupt: tensor model.w\d does not match its digest"):
         load_checkpoint(str(tmp_path / "c.pt"))
+    flip_a_byte(tmp_path / "old.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"old.pt is corrupt \(Bad CRC-32 for file '.*data/\d+'\)"):
+        load_checkpoint(str(tmp_path / "old.pt"))
 
 
 # -----------------------------------------------------------------------------
@@ -398,3 +404,101 @@ def test_gradient_accumulation_is_rounded_up_to_the_world_size_unless_given(give
     assert s.gradient_accumulation_steps == want and (note is None) == (given == want)
     s, explicit = train.configure(train.DEFAULTS, [f"--gradient_accumulation_steps={given}"], "", train.CHOICES)
     assert guards.accumulation_for_world(s, explicit, world_size) is None and s.gradient_accumulation_steps == given
+
+
+# -----------------------------------------------------------------------------
+# checkpoint integrity: the tensors as torch read them, not only the container
+
+
+def tiny_training_checkpoint():
+    """A checkpoint with every part train.py writes (weights, AdamW state, RNG, sampler), kept small so that
+    every byte of its central directory can be flipped in turn."""
+    from model import Llama, LlamaConfig
+    torch.manual_seed(0)
+    cfg = LlamaConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=8, intermediate_size=8, vocab_size=8, block_size=4)
+    model = Llama(cfg)
+    opt = torch.optim.AdamW([model.norm.weight], lr=1e-3)  # its state's structure; one parameter keeps it small
+    model(torch.randint(0, 8, (1, 4)), torch.randint(0, 8, (1, 4)))[1].backward()
+    opt.step()
+    rng = {"torch": torch.get_rng_state(), "python": [3, [1, 2], None], "numpy": ["MT19937", [1, 2], 0, 0, 0.0],
+           "cuda": []}  # the shape of checkpoint.rng_state(), without its 1,250 numbers that take long to unpickle
+    return {"model": model.state_dict(), "model_config": cfg.to_dict(), "optimizer": opt.state_dict(),
+            "iter_num": 5, "best_val_loss": 1.5, "rng": rng, "sampler": {"seed": 1}}
+
+
+def identical(a, b):
+    """Same structure, same values, tensors byte for byte (a NaN equals itself)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and \
+            a.contiguous().view(-1).view(torch.uint8).tolist() == b.contiguous().view(-1).view(torch.uint8).tolist()
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def central_directory(data):
+    """(offset of the central directory, [offset of each entry's external attributes])."""
+    eocd = data.rfind(b"PK\x05\x06")
+    start = int.from_bytes(data[eocd + 16: eocd + 20], "little")
+    attrs, p = [], start
+    while data[p:p + 4] == b"PK\x01\x02":
+        name, extra, comment = (int.from_bytes(data[p + k: p + k + 2], "little") for k in (28, 30, 32))
+        attrs.append(p + 38)
+        p += 46 + name + extra + comment
+    return start, attrs
+
+
+@pytest.mark.parametrize("with_digests", [True, False], ids=["digests", "older checkpoint: crc only"])
+def test_every_flip_of_the_zip_structure_is_refused_in_one_line_or_loads_identical_data(tmp_path, with_digests):
+    """Each damaged copy either loads exactly what was saved or is refused with a CheckpointError of one
+    line; nothing loads different data and nothing else escapes (zipfile.BadZipFile, a RuntimeError)."""
+    good = str(tmp_path / "good.pt")
+    ck = tiny_training_checkpoint()
+    if with_digests:
+        checkpoint.save_checkpoint(ck, good)
+    else:
+        torch.save(ck, good)  # as written before the digests
+    data = open(good, "rb").read()
+    reference = load_checkpoint(good)
+    start, attrs = central_directory(data)
+    assert len(attrs) == len(zipfile.ZipFile(good).infolist()) > 10
+    flips = [(a + byte, 1 << bit) for a in attrs for byte in range(4) for bit in range(8)]  # external attributes
+    if with_digests:  # the container is read alike either way: its every byte once is enough
+        flips += [(i, 0xFF) for i in range(start, len(data))]  # every byte of the central directory and end records
+        flips += [(i, 0x10) for i in np.random.default_rng(0).choice(start, 300, replace=False)]  # headers and data
+    bad = (tmp_path / "bad.pt")
+    outcomes = {"refused": 0, "identical": 0}
+    for offset, mask in flips:
+        damaged = bytearray(data)
+        damaged[offset] ^= mask
+        bad.write_bytes(bytes(damaged))
+        try:
+            loaded = load_checkpoint(str(bad))
+        except checkpoint.CheckpointError as e:
+            assert "\n" not in str(e) and "bad.pt" in str(e), (offset, mask, str(e))
+            outcomes["refused"] += 1
+            continue
+        assert identical(reference, loaded), f"byte {offset} ^ {mask:#x} loads different data"
+        outcomes["identical"] += 1
+    # the directory bit of every entry is among the refusals: it once made torch read uninitialised memory
+    assert outcomes["refused"] >= len(attrs) and outcomes["identical"] > 0, outcomes
+
+
+def test_a_tensor_that_differs_from_its_digest_is_named(tmp_path):
+    ck = tiny_training_checkpoint()
+    path = str(tmp_path / "c.pt")
+    checkpoint.save_checkpoint(ck, path)
+    raw = torch.load(path, weights_only=True)
+    kept = raw["optimizer"]["state"][0]["exp_avg"].clone()
+    raw["optimizer"]["state"][0]["exp_avg"].view(-1)[0] += 1  # torch.save keeps the digests of before
+    torch.save(raw, path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"c.pt is corrupt: tensor optimizer.state.0.exp_avg does "
+                                                         r"not match its digest; restore a good copy"):
+        load_checkpoint(path)
+    raw["optimizer"]["state"][0]["exp_avg"] = kept
+    del raw["model"]["norm.weight"]
+    torch.save(raw, path)
+    with pytest.raises(checkpoint.CheckpointError, match="tensor model.norm.weight is missing"):
+        load_checkpoint(path)
