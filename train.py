@@ -212,6 +212,7 @@ def main(argv):
         watch, timer, peak = LossWatch(rt.device), StepTimer(rt), device_peak_flops(s.peak_flops, rt)
         saver = Saver(s, pm, scaler, samplers[0], carried, log, watch, iter_num if resume else None)
         stop = cleanup.enter_context(StopSignal())
+        log.on_disk_full = stop.request_disk_full
         start_iter, val_loss, stopped = iter_num, None, 0
         X, Y = samplers[0].get("train", iter_num, rt.rank * local_steps)  # then each next batch while the device works
         pm.model.train()

@@ -502,3 +502,126 @@ def test_a_tensor_that_differs_from_its_digest_is_named(tmp_path):
     torch.save(raw, path)
     with pytest.raises(checkpoint.CheckpointError, match="tensor model.norm.weight is missing"):
         load_checkpoint(path)
+
+
+# -----------------------------------------------------------------------------
+# every ending that can be caught: a checkpoint at the current step, and a resume that is exact
+
+
+def train_until(argv, out_dir, line="iter 3: loss", env=None):
+    """train.py in a process of its own, its stdout read up to `line`; (process, the lines read)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + argv + [f"--out_dir={out_dir}"],
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for text in proc.stdout:
+        seen.append(text)
+        if text.startswith(line):
+            break
+    return proc, seen
+
+
+def resumes_exactly(argv, stopped_dir, fresh_dir, stopped):
+    """Resumed from where it stopped, the run ends with the weights of a run straight through."""
+    short = ["--max_iters=" + str(stopped + 2), f"--eval_interval={stopped + 2}"]
+    train.main(argv + short + [f"--out_dir={stopped_dir}", "--init_from=resume"])
+    train.main(argv + short + [f"--out_dir={fresh_dir}"])
+    a, b = load_checkpoint(str(stopped_dir)), load_checkpoint(str(fresh_dir))
+    return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT], ids=["SIGHUP", "SIGQUIT"])
+def test_a_closed_terminal_or_sigquit_checkpoints_the_current_step_and_resumes_exactly(data_dir, tmp_path, signum):
+    argv = TINY + [f"--dataset={data_dir}", "--max_iters=100000", "--eval_interval=100000"]
+    proc, _ = train_until(argv, tmp_path / "a")
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    stopped = load_checkpoint(str(tmp_path / "a"))["iter_num"]
+    assert f"stopped by {signal.Signals(signum).name} at iter {stopped}; " in out and "Traceback" not in err, err
+    done = [json.loads(r) for r in open(tmp_path / "a" / "log.jsonl")][-1]
+    assert done["kind"] == "done" and done["stopped"] == signum and done["iters"] == stopped
+    assert resumes_exactly(argv, tmp_path / "a", tmp_path / "b", stopped)
+
+
+def test_a_closed_stdout_does_not_stop_training(data_dir, tmp_path):
+    """`train.py | head`: the reader goes away; the run trains to the end and logs to log.jsonl."""
+    argv = TINY + [f"--dataset={data_dir}", "--max_iters=20", "--eval_interval=10"]
+    proc, _ = train_until(argv, tmp_path / "a", line="iter 1: loss")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert err.count("\n") == 1 and "stdout is closed" in err and "Traceback" not in err, err
+    records = [json.loads(r) for r in open(tmp_path / "a" / "log.jsonl")]
+    assert records[-1]["kind"] == "done" and records[-1]["iters"] == 20 and not records[-1]["stopped"]
+    assert load_checkpoint(str(tmp_path / "a"))["iter_num"] == 20
+
+
+def test_a_non_ascii_out_dir_under_an_ascii_terminal_trains(data_dir, tmp_path):
+    out_dir = tmp_path / "r\u00e9sum\u00e9-\u8dd1"
+    proc, _ = train_until(TINY + [f"--dataset={data_dir}"], out_dir, line="\0",
+                          env={"LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": "ascii"})
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
+    assert load_checkpoint(str(out_dir))["iter_num"] == 2
+
+
+class FillsUp:
+    """log.jsonl on a disk that fills up at the n-th append: that write stops halfway with ENOSPC."""
+
+    def __init__(self, n):
+        self.n, self.real = n, open
+
+    def __call__(self, path, mode="r", *a, **k):
+        f = self.real(path, mode, *a, **k)
+        if str(path).endswith("log.jsonl") and "a" in mode:
+            self.n -= 1
+            if self.n <= 0:
+                real_write = f.write
+
+                def write(data):
+                    real_write(data[: len(data) // 2])
+                    f.flush()
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                f.write = write
+        return f
+
+
+def test_a_disk_that_fills_while_logging_stops_with_a_checkpoint_and_no_torn_line(data_dir, tmp_path, monkeypatch,
+                                                                                  capsys):
+    import monitor
+    argv = TINY + [f"--dataset={data_dir}", "--max_iters=50", "--eval_interval=50"]
+    monkeypatch.setattr(monitor, "open", FillsUp(8), raising=False)  # start, eval, iter 0-4, then the 8th
+    rc = run_script(train.main, argv + [f"--out_dir={tmp_path / 'a'}"])
+    monkeypatch.undo()
+    out, err = capsys.readouterr()
+    assert rc == 1 and "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 2 and "cannot append to" in lines[0] and "No space left" in lines[0], err
+    stopped = load_checkpoint(str(tmp_path / "a"))["iter_num"]
+    assert lines[1].startswith("error: no space left on the device") and f"ckpt.pt holds iter {stopped}" in lines[1]
+    assert stopped == 6  # the step the full disk was found at: nothing trained was lost
+    for line in open(tmp_path / "a" / "log.jsonl"):  # every line whole
+        json.loads(line)
+    assert resumes_exactly(argv, tmp_path / "a", tmp_path / "b", stopped)
+
+
+def test_readers_of_a_log_skip_a_torn_last_line_naming_the_file_and_a_stopped_run_is_not_finished(tmp_path, capsys):
+    import importlib.util
+    from monitor import read_log
+    spec = importlib.util.spec_from_file_location("_echo", os.path.join(ROOT, "experiments", "echo.py"))
+    echo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(echo)
+    log = tmp_path / "log.jsonl"
+    config = {"max_iters": 10}
+    records = [{"kind": "start", "config": config}, {"kind": "done", "iters": 10, "stopped": 0}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tra')
+    assert read_log(str(log)) == records
+    assert f"{log}: skipped its last line" in capsys.readouterr().err
+    assert echo.finished_records(str(tmp_path), ["--max_iters=10"]) is not None
+    records[-1]["stopped"] = signal.SIGTERM
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert echo.finished_records(str(tmp_path), ["--max_iters=10"]) is None  # run again, not reused
+    log.write_text('{"kind": "st\n' + json.dumps(records[0]) + "\n")
+    with pytest.raises(ValueError, match=r"log.jsonl line 1 is not a log record"):
+        read_log(str(log))
