@@ -30,6 +30,7 @@ from checkpoint import (CheckpointError, ConversionError, build_on_meta, collect
                         load_model, save_checkpoint)
 from configurator import DTYPES, ConfigError, HelpRequested, configure, run_script, settings_from
 from gguf_import import is_gguf, load_gguf_llama
+from integrity import NESTING_LIMIT, nesting_depth, typed_field
 from model import Llama, LlamaConfig
 
 # -----------------------------------------------------------------------------
@@ -48,8 +49,50 @@ def read_hf_config(hf_dir) -> dict:
             hf = json.load(f)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConversionError(f"{path}: nested too deeply to be a model config") from None
     if not isinstance(hf, dict):
         raise ConversionError(f"{path}: not a model config (a JSON object), found {type(hf).__name__}")
+    if nesting_depth(hf) > NESTING_LIMIT:
+        raise ConversionError(f"{path}: nested more than {NESTING_LIMIT} levels deep: not a model config")
+    return hf
+
+
+# config.json fields by kind (integrity.typed_field); a null is refused for the first group, taken as unset for
+# the optional ones
+HF_REQUIRED = {"hidden_size": "count", "num_hidden_layers": "count", "num_attention_heads": "count",
+               "intermediate_size": "count", "vocab_size": "count"}
+HF_OPTIONAL = {"num_key_value_heads": "count", "head_dim": "count", "max_position_embeddings": "count",
+               "rope_theta": "positive", "rms_norm_eps": "positive", "tie_word_embeddings": "bool",
+               "attention_bias": "bool", "mlp_bias": "bool", "partial_rotary_factor": "positive"}
+HF_ROPE = {"rope_theta": "positive", "factor": "positive", "low_freq_factor": "positive",
+           "high_freq_factor": "positive", "original_max_position_embeddings": "count"}
+
+
+def checked_hf_fields(hf: dict, source="config.json") -> dict:
+    """hf with the fields this converter reads checked by type and range and read as their kind: a bool
+    is a bool ("false" is false, never a truthy string), a count a positive int (4.7 refused), a scale a
+    positive finite number (0, negative, NaN refused). A ConversionError names the field."""
+    hf = dict(hf)
+    try:
+        for key, kind in HF_REQUIRED.items():
+            if key not in hf or hf[key] is None:
+                raise ValueError(f"{key} is missing in {source}: a Llama config.json has it")
+            hf[key] = typed_field(hf[key], kind, key, source)
+        for key, kind in HF_OPTIONAL.items():
+            if hf.get(key) is not None:
+                hf[key] = typed_field(hf[key], kind, key, source)
+        if "tie_word_embeddings" in hf and hf["tie_word_embeddings"] is None:
+            raise ValueError(f"tie_word_embeddings=null in {source} must be true or false")
+        for outer in ("rope_scaling", "rope_parameters"):
+            rope = hf.get(outer)
+            if isinstance(rope, dict):
+                hf[outer] = dict(rope)
+                for key, kind in HF_ROPE.items():
+                    if rope.get(key) is not None:
+                        hf[outer][key] = typed_field(rope[key], kind, f"{outer}.{key}", source)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     return hf
 
 
@@ -92,9 +135,7 @@ def llama_config_from_hf(hf: dict, kv_source=None, block_size=None) -> LlamaConf
     if model_type != "llama":
         raise ConversionError(f"config.json: model_type is {model_type!r}, not 'llama': only Llama models "
                               "convert (architectures: {})".format(hf.get("architectures")))
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if not isinstance(hf.get(key), int):
-            raise ConversionError(f"config.json: missing or non-integer {key!r}")
+    hf = checked_hf_fields(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     for key in ("attention_bias", "mlp_bias"):
@@ -256,11 +297,18 @@ def checkpoint_dict(model: Llama, hf=None, tokenizer_json=None, source=None, kv_
     return ckpt
 
 
-def check_finite(model: Llama, source):
+def check_finite(model: Llama, source, positions=64):
+    """Logits finite at every one of the first `positions` positions (capped by block_size), for a sequence
+    of varied tokens: a broken weight can stay hidden at position 0 (RoPE is the identity there) and with
+    one token (attention then sees itself only)."""
+    n = min(positions, model.config.block_size)
+    tokens = (torch.arange(n, dtype=torch.long) * 7919) % model.config.vocab_size
     with torch.no_grad():
-        logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
-    if not torch.isfinite(logits).all():
-        raise ConversionError(f"the converted model gives non-finite logits: the weights in {str(source)!r} are broken")
+        logits, _ = model(tokens[None])
+    bad = (~torch.isfinite(logits)).any(dim=-1)[0].nonzero()
+    if len(bad):
+        raise ConversionError(f"the converted model gives non-finite logits (first at position {int(bad[0])} of "
+                              f"{n}): the weights in {str(source)!r} are broken")
 
 
 def convert(hf_dir, out_path, kv_source=None, kv_init="own", dtype=None, block_size=None) -> Llama:

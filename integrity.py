@@ -14,6 +14,7 @@ the caller to raise as its own error: checkpoint.py (CheckpointError), the impor
 """
 
 import math
+import numbers
 import zlib
 
 import torch
@@ -85,11 +86,11 @@ REQUIRED_FIELDS = INT_FIELDS + ("kv_source",)
 
 
 def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def layer_map_problem(value):

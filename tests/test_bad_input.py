@@ -625,3 +625,102 @@ def test_readers_of_a_log_skip_a_torn_last_line_naming_the_file_and_a_stopped_ru
     log.write_text('{"kind": "st\n' + json.dumps(records[0]) + "\n")
     with pytest.raises(ValueError, match=r"log.jsonl line 1 is not a log record"):
         read_log(str(log))
+
+
+# -----------------------------------------------------------------------------
+# imported configs: checked by type and range, one line naming the field
+
+HF_FIELDS = [  # (change to config.json, what the line must name); each must be refused
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings='yes'"), ({"tie_word_embeddings": None}, "tie_word_embeddings"),
+    ({"tie_word_embeddings": 1.5}, "tie_word_embeddings"), ({"rope_theta": 0}, "rope_theta=0"),
+    ({"rope_theta": -10000.0}, "rope_theta=-10000.0"), ({"rope_theta": float("nan")}, "rope_theta=nan"),
+    ({"rope_theta": "1e4"}, "rope_theta='1e4'"), ({"rms_norm_eps": 0.0}, "rms_norm_eps"),
+    ({"num_attention_heads": 4.7}, "num_attention_heads=4.7"), ({"num_key_value_heads": 0}, "num_key_value_heads"),
+    ({"hidden_size": None}, "hidden_size is missing"), ({"hidden_size": [32]}, "hidden_size=[32]"),
+    ({"vocab_size": True}, "vocab_size=True"), ({"num_hidden_layers": -2}, "num_hidden_layers=-2"),
+    ({"max_position_embeddings": "long"}, "max_position_embeddings"), ({"attention_bias": "false "}, None),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": float("inf")}}, "rope_scaling.factor=inf"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -1}}, "rope_parameters.rope_theta=-1"),
+    ({"deep": "NEST"}, "nested"),
+]
+
+
+def nested(depth):
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("change, names", HF_FIELDS, ids=[str(c)[:40] for c, _ in HF_FIELDS])
+def test_an_hf_config_field_of_the_wrong_type_or_range_is_refused_in_one_line(world, tmp_path, capsys, change,
+                                                                              names):
+    shutil.copytree(world["hf"], tmp_path / "hf")
+    config = json.load(open(tmp_path / "hf" / "config.json")) | change
+    text = json.dumps(config).replace('"NEST"', nested(200_000))
+    (tmp_path / "hf" / "config.json").write_text(text)
+    rc = run_script(convert_hf.main, ["import", str(tmp_path / "hf"), str(tmp_path / "out.pt")])
+    err = capsys.readouterr().err
+    if names is None:  # a boolean spelled as text reads as that boolean, "false" as false
+        assert rc == 0, err
+        return
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and names in err, err
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("text, tied", [("false", False), ("False", False), ("true", True)])
+def test_tie_word_embeddings_written_as_text_is_read_as_the_boolean_it_spells(world, tmp_path, text, tied):
+    shutil.copytree(world["hf"], tmp_path / "hf")
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    config["tie_word_embeddings"] = text
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    hf = convert_hf.checked_hf_fields(config)
+    assert hf["tie_word_embeddings"] is tied
+    if not tied:
+        assert run_script(convert_hf.main, ["import", str(tmp_path / "hf"), str(tmp_path / "o.pt")]) == 0
+        assert load_checkpoint(str(tmp_path / "o.pt"))["model_config"]["tie_embeddings"] is False
+
+
+GGUF_FIELDS = [  # (GGUF metadata changes, what the line must name)
+    ({"llama.attention.head_count": 4.7}, "llama.attention.head_count=4.7"),
+    ({"llama.rope.freq_base": float("nan")}, "llama.rope.freq_base=nan"),
+    ({"llama.rope.freq_base": 0.0}, "llama.rope.freq_base=0.0"),
+    ({"llama.block_count": "2"}, "llama.block_count='2'"), ({"llama.block_count": [2]}, "llama.block_count=[2]"),
+    ({"llama.embedding_length": None}, "llama.embedding_length=None"),
+    ({"llama.attention.layer_norm_rms_epsilon": -1e-5}, "layer_norm_rms_epsilon"),
+    ({"llama.expert_count": 1.5}, "llama.expert_count=1.5"),
+]
+
+
+@pytest.mark.parametrize("change, names", GGUF_FIELDS, ids=[str(c)[:40] for c, _ in GGUF_FIELDS])
+def test_gguf_metadata_of_the_wrong_type_or_range_is_refused_naming_it(change, names):
+    import gguf_import
+    meta = {"general.architecture": "llama", "llama.embedding_length": 32, "llama.attention.head_count": 2,
+            "llama.block_count": 2, "llama.feed_forward_length": 64, "llama.attention.head_count_kv": 1}
+    gguf_import.llama_config_from_gguf(meta, 16, False)  # the unchanged metadata converts
+    with pytest.raises(checkpoint.ConversionError, match="^[^\n]*$") as e:
+        gguf_import.llama_config_from_gguf(meta | change, 16, False)
+    assert names in str(e.value)
+
+
+def test_gguf_merges_outside_the_vocabulary_are_refused():
+    pytest.importorskip("tokenizers")
+    import gguf_import
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.merges": ["a b"]}
+    if "default" not in gguf_import._GGUF_PRE_SPLIT:
+        meta["tokenizer.ggml.pre"] = sorted(k for k in gguf_import._GGUF_PRE_SPLIT if k)[0]
+    gguf_import.gguf_tokenizer(meta)
+    with pytest.raises(checkpoint.ConversionError, match=r"merges entry 0 \('a' 'c'\) names a token outside"):
+        gguf_import.gguf_tokenizer(meta | {"tokenizer.ggml.merges": ["a c"]})
+    with pytest.raises(checkpoint.ConversionError, match="tokenizer.ggml.tokens must be a list of strings"):
+        gguf_import.gguf_tokenizer(meta | {"tokenizer.ggml.tokens": ["a", 7]})
+
+
+def test_non_finite_logits_past_position_0_are_found(world):
+    model, _ = checkpoint.load_model(world["ck"])
+    convert_hf.check_finite(model, "ok")
+    token_at_position_1 = 7919 % model.config.vocab_size
+    with torch.no_grad():
+        model.embed_tokens.weight[token_at_position_1] = float("nan")
+    logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
+    assert torch.isfinite(logits).all()  # what the check at position 0 alone saw
+    with pytest.raises(checkpoint.ConversionError, match=r"non-finite logits \(first at position \d+ of 16\)"):
+        convert_hf.check_finite(model, "broken")
