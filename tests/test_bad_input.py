@@ -724,3 +724,35 @@ def test_non_finite_logits_past_position_0_are_found(world):
     assert torch.isfinite(logits).all()  # what the check at position 0 alone saw
     with pytest.raises(checkpoint.ConversionError, match=r"non-finite logits \(first at position \d+ of 16\)"):
         convert_hf.check_finite(model, "broken")
+
+
+# -----------------------------------------------------------------------------
+# datasets checked against their meta.json before any work
+
+META_CHANGES = [  # (change to meta.json, or "ids" to write an id past the vocabulary; what the line must name)
+    (lambda m: m.pop("chars"), "a char tokenizer needs 'chars'"),
+    (lambda m: m["chars"].pop(), "'chars' has"),
+    (lambda m: m.update(tokenizer="bpe"), "unknown tokenizer 'bpe'"),
+    (lambda m: m.update(tokenizer="gpt2"), "smaller than the gpt2 tokenizer's"),
+    (lambda m: m.update(vocab_size=100_000), "dtype uint16 cannot hold the token ids of a vocabulary of 100000"),
+    (lambda m: m.update(eot_token=10 ** 6), "eot_token 1000000"),
+    (lambda m: m.update(chars=["a"] * len(m["chars"])), "lists a character twice"),
+    ("ids", "holds token id"),
+]
+
+
+@pytest.mark.parametrize("change, names", META_CHANGES, ids=[n for _, n in META_CHANGES])
+def test_a_dataset_that_contradicts_its_meta_json_is_refused_before_work(data_dir, tmp_path, capsys, change, names):
+    shutil.copytree(data_dir, tmp_path / "d")
+    meta = json.load(open(tmp_path / "d" / "meta.json"))
+    if change == "ids":
+        ids = np.fromfile(tmp_path / "d" / "val.bin", dtype=np.uint16)
+        ids[-1] = meta["vocab_size"] + 3
+        ids.tofile(tmp_path / "d" / "val.bin")
+    else:
+        change(meta)
+        (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    rc = run_script(train.main, TINY + [f"--dataset={tmp_path / 'd'}", f"--out_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and names in err, err
+    assert not (tmp_path / "out").exists()
