@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 
 import torch
 
@@ -30,6 +31,7 @@ from checkpoint import (CheckpointError, ConversionError, build_on_meta, collect
                         load_model, save_checkpoint)
 from configurator import DTYPES, ConfigError, HelpRequested, configure, run_script, settings_from
 from gguf_import import is_gguf, load_gguf_llama
+from guards import claim_destination
 from integrity import NESTING_LIMIT, nesting_depth, typed_field
 from model import Llama, LlamaConfig
 
@@ -352,6 +354,10 @@ def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=N
                               f"{sorted(model.kv_blend)} blend their K/V with another layer's): "
                               f"{MODELING_FILE} cannot express a blend; export a checkpoint written after the stage ended")
     out_dir = os.path.abspath(out_dir)
+    if os.path.islink(out_dir):  # export where the link points: replacing the link itself would leave a dangling one
+        if not os.path.isdir(out_dir):
+            raise ConversionError(f"{out_dir} is a symbolic link to {os.readlink(out_dir)}, which is not a directory")
+        out_dir = os.path.realpath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConversionError(f"{out_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -477,7 +483,7 @@ def _write_json(obj, path):
 
 
 USAGE = """usage:
-  convert_hf.py import HF_DIR|FILE.gguf OUT.pt [--kv_source=SPEC] [--kv_init=own|mean] [--dtype=DTYPE] [--block_size=N]
+  convert_hf.py import HF_DIR|FILE.gguf OUT.pt [--kv_source=SPEC] [--kv_init=own|mean] [--dtype=DTYPE] [--block_size=N] [--overwrite]
   convert_hf.py export CHECKPOINT HF_OUT_DIR [--dtype=DTYPE] [--verify] [--overwrite]"""
 # options (configurator.py); the command and its two paths come first
 kv_source = ""               # import: dense ('') or a sharing map: cla:N, upper:K, upper:half or 0,0,2,2,...
@@ -485,7 +491,7 @@ kv_init = "own"              # import: consumers' owners keep their own K/V (own
 dtype = ""                   # '' = config.json's dtype (import; float32 for .gguf) or the checkpoint's (export)
 block_size = 0               # import: context length (0 = max_position_embeddings)
 verify = False               # export: load the result with transformers and compare logits
-overwrite = False            # export: replace a non-empty HF_OUT_DIR (all of it)
+overwrite = False            # export: replace a non-empty HF_OUT_DIR (all of it); import: replace an existing OUT.pt
 DEFAULTS = settings_from(globals())
 CHOICES = {"kv_init": ("own", "mean"), "dtype": ("", *DTYPES)}
 
@@ -498,14 +504,17 @@ def main(argv):
                           "(convert_hf.py --help)")
     command, src, dst = argv[:3]
     s, explicit = configure(DEFAULTS, argv[3:], __doc__, CHOICES)
-    allowed = {"import": {"kv_source", "kv_init", "dtype", "block_size"},
+    allowed = {"import": {"kv_source", "kv_init", "dtype", "block_size", "overwrite"},
                "export": {"dtype", "verify", "overwrite"}}[command]
     if explicit - allowed:
         raise ConfigError(f"{command} takes no {', '.join('--' + k for k in sorted(explicit - allowed))}; it takes "
                           f"{', '.join('--' + k for k in sorted(allowed))}")
     dtype_ = DTYPES[s.dtype] if s.dtype else None
+    if not src or not dst:
+        raise ConfigError(f"{'the source' if not src else 'the destination'} of {command} is empty: name it")
     if command == "import":
-        model = convert(src, dst, s.kv_source or None, s.kv_init, dtype_, s.block_size or None)
+        with claim_destination(dst, s.overwrite, "OUT.pt") or nullcontext():  # a training's out_dir: its lock
+            model = convert(src, dst, s.kv_source or None, s.kv_init, dtype_, s.block_size or None)
         c = model.config
         print(f"wrote {dst}: {model.num_params() / 1e6:.2f}M parameters, {c.n_layer} layers, "
               f"{len(c.owners)} own their K/V (kv_source={list(c.kv_source)}), "

@@ -256,6 +256,26 @@ def lock_out_dir(out_dir):
     return f
 
 
+def claim_destination(path, overwrite, what="the output"):
+    """The one rule for a script that writes a file into a place another may own (convert_hf.py import,
+    adapt.py --convert_to): an empty name, a directory, or an existing file without --overwrite is
+    refused; a file written into a training out_dir (ckpt.pt, or a directory holding .lock) takes that
+    out_dir's lock, so a running training's checkpoint is never replaced under it. Returns the lock to
+    hold until the file is written (None when the destination is no out_dir)."""
+    if not path:
+        raise ConfigError(f"{what} is empty: name the file to write")
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path} is a directory: name a file, like {os.path.join(path, CKPT_NAME)}")
+    if os.path.lexists(path) and not overwrite:
+        raise ConfigError(f"{what} {path} exists: choose a new file, or pass --overwrite to replace it")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise ConfigError(f"{what} {path} is not a regular file: --overwrite replaces files only")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) == CKPT_NAME or os.path.exists(os.path.join(parent, ".lock")):
+        return lock_out_dir(parent)
+    return None
+
+
 def claim_out_dir(out_dir, rt, cleanup):
     """Rank 0 locks out_dir until `cleanup` (an ExitStack) closes and, being its only writer now, removes
     the temp files of a checkpoint write that was killed: the note saying so, or None. All ranks stop if

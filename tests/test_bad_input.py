@@ -143,6 +143,21 @@ CASES = [  # (script, arguments, what the one line must name); train cases get T
     ("adapt", ["--init_from={ck}", "--kv_init=mean"], "kv_init applies only with --convert_to"),
     ("adapt", ["--init_from={flip}"], "flip/ckpt.pt is corrupt"),
 ]
+# one rule for every writer into a place another owns: an existing file needs --overwrite, an out_dir its lock
+WRITERS = [
+    ("convert_hf", ["import", "{hf}", "{afile}"], "afile exists: choose a new file, or pass --overwrite"),
+    ("convert_hf", ["import", "{hf}", "{locked}/ckpt.pt"], "is in use by another training run"),
+    ("convert_hf", ["import", "{hf}", "{locked}/ckpt.pt", "--overwrite"], "is in use by another training run"),
+    ("convert_hf", ["import", "{hf}", "{root}/ck", "--overwrite"], "ck is a directory"),
+    ("convert_hf", ["import", "{hf}", ""], "destination of import is empty"),
+    ("convert_hf", ["export", "{ck}", ""], "destination of export is empty"),
+    ("convert_hf", ["export", "", "{root}/e"], "source of export is empty"),
+    ("adapt", ["--init_from={ck}", "--convert_to=upper:1", "--out={afile}"], "afile exists"),
+    ("adapt", ["--init_from={ck}", "--convert_to=upper:1", "--out={locked}/x.pt"], "in use by another training run"),
+    ("adapt", ["--init_from={ck}", "--convert_to=upper:1", "--local_iters=3", "--local_lr=1e30", "--out={root}/n.pt"],
+     "local distillation diverged at local_lr=1e+30"),
+]
+CASES += WRITERS
 
 
 def snapshot(*dirs):
@@ -371,6 +386,16 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step(data_dir, tmp_path)
 
 # -----------------------------------------------------------------------------
 # export to Hugging Face
+
+
+def test_export_overwrite_onto_a_symlink_replaces_what_it_points_to(world, tmp_path, capsys):
+    shutil.copytree(world["hf"], tmp_path / "target")
+    (tmp_path / "target" / "stale.bin").write_bytes(b"an earlier model's file")
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    assert run_script(convert_hf.main, ["export", world["ck"], str(tmp_path / "link"), "--overwrite"]) == 0
+    assert os.path.islink(tmp_path / "link") and os.path.realpath(tmp_path / "link") == str(tmp_path / "target")
+    assert sorted(os.listdir(tmp_path / "target")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["link", "target"]  # no .link.old-PID left behind
 
 
 def test_export_in_bfloat16_verifies_and_a_failed_verify_leaves_nothing(world, tmp_path, monkeypatch, capsys):
