@@ -290,3 +290,66 @@ def claim_out_dir(out_dir, rt, cleanup):
     if rank_max(rt, error is not None):
         raise error or ConfigError(f"rank 0 could not claim out_dir={out_dir!r}")
     return f"removed {', '.join(removed)} from {out_dir}: left by a checkpoint write that was killed" if removed else None
+
+
+# -----------------------------------------------------------------------------
+# sizes: an estimate of memory and time before anything is allocated
+
+GIB = 1 << 30
+PEAK_FLOPS_BOUND = {"cuda": 2e15, "cpu": 2e13, "mps": 5e13}  # above any device of the kind: a lower bound on time
+LAYER_FORWARD_FLOOR_S = 10e-6  # no layer's forward pass, of any size, takes less (its kernel launches alone)
+
+
+def parameter_count(mc) -> int:
+    """The parameters of a model config (a dict with LlamaConfig's fields) by arithmetic, without building it:
+    a model too big to build must be refused before it is."""
+    n, d, ff, vocab = mc["n_layer"], mc["n_embd"], mc["intermediate_size"], mc["vocab_size"]
+    kv_dim = d // mc["n_head"] * mc["n_kv_head"]
+    try:
+        owners = sum(1 for i, j in enumerate(parse_kv_source(mc.get("kv_source"), n)) if i == j)
+    except (ValueError, TypeError):
+        owners = 1
+    per_layer = 2 * d * d + 3 * d * ff + 2 * d
+    return n * per_layer + owners * 2 * d * kv_dim + vocab * d * (1 if mc.get("tie_embeddings") else 2) + d
+
+
+def available_memory(device: str):
+    """Bytes free on the device now (GPU), or available RAM plus free swap (CPU); None if unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_fits(s, mc, device, world_size=1):
+    """Refuse, in one line and before any allocation, a run that cannot fit: weights, gradients and AdamW
+    state (16 bytes a parameter, sharded under FSDP) plus the activations a training step keeps for its
+    backward pass (a lower bound: per layer and token, 4 hidden-size and 2 MLP-size values) beyond the
+    memory the device has; or an evaluation whose lower-bound time is over an hour and over ten times
+    the training between two evaluations (eval_iters far beyond what a loss estimate needs)."""
+    try:
+        params = parameter_count(mc)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return  # not a model config: LlamaConfig says what is wrong with it
+    state = 16 * params / (world_size if s.fsdp else 1)
+    act_bytes = 4 if canonical_dtype(s.dtype) in ("float32", "auto") and not device.startswith("cuda") else 2
+    tokens = s.batch_size * s.block_size
+    activations = tokens * mc["n_layer"] * (4 * mc["n_embd"] + 2 * mc["intermediate_size"]) * act_bytes
+    free = available_memory(device)
+    if free is not None and state + activations > free:
+        raise ConfigError(f"this run cannot fit: it needs at least {(state + activations) / GIB:,.1f} GiB "
+                          f"({params / 1e6:,.1f}M parameters with gradients and AdamW state {state / GIB:,.1f} GiB, "
+                          f"activations of batch_size={s.batch_size} x block_size={s.block_size} "
+                          f"{activations / GIB:,.1f} GiB) and {device} has {free / GIB:,.1f} GiB available: lower "
+                          "batch_size, block_size or the model's size")
+    kind = "cuda" if device.startswith("cuda") else device
+    forward_s = max(2 * params * tokens / PEAK_FLOPS_BOUND.get(kind, 2e15), mc["n_layer"] * LAYER_FORWARD_FLOOR_S)
+    evaluation_s = 2 * s.eval_iters * forward_s
+    between_s = 3 * forward_s * s.eval_interval * s.gradient_accumulation_steps  # forward + backward ~ 3 forwards
+    if evaluation_s > 3600 and (s.eval_only or evaluation_s > 10 * between_s):
+        raise ConfigError(f"eval_iters={s.eval_iters}: each evaluation would take at least {evaluation_s / 3600:,.1f} "
+                          f"hours ({2 * s.eval_iters:,} forward passes of {tokens:,} tokens): a loss estimate needs "
+                          "far fewer batches (the default is 20); lower eval_iters")

@@ -16,6 +16,7 @@ over the most recent tokens (model.generate).
 
 import json
 import os
+import stat
 import sys
 import time
 
@@ -25,6 +26,7 @@ from checkpoint import load_model
 from configurator import DTYPES, configure, resolve_device, resolve_dtype, run_script, settings_from
 from convert_hf import load_hf_llama
 from dataset import dataset_dir, load_meta
+from guards import available_memory
 from quantize import quantize_int8
 from speed import use_decode_paths
 from tokenizer import GPT2_VOCAB_SIZE, HFTokenizer, from_meta
@@ -167,9 +169,22 @@ def load_for_sampling(path, s, explicit):
     return model, ckpt, None
 
 
+PROMPT_FILE_LIMIT = 64 << 20  # bytes: far beyond any context; a bigger file is not a prompt
+
+
 def read_prompt(start):
     if start.startswith("FILE:"):
         path = start[len("FILE:"):]
+        try:  # a FIFO or a device (/dev/urandom, /dev/zero) would block or never end: regular files only
+            info = os.stat(path)
+        except OSError as e:
+            raise SampleError(f"cannot read the prompt file: {e}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise SampleError(f"the prompt file {path} is not a regular file (a directory, FIFO or device): give a "
+                              "text file")
+        if info.st_size > PROMPT_FILE_LIMIT:
+            raise SampleError(f"the prompt file {path} has {info.st_size:,} bytes, more than {PROMPT_FILE_LIMIT >> 20} "
+                              "MiB: not a prompt (the model sees its last block_size tokens at most)")
         try:
             with open(path, encoding="utf-8") as f:
                 return f.read()
@@ -215,11 +230,37 @@ def wrap_in_chat(template, text, bos_token="", eos_token=""):
         raise SampleError(f"--chat: the model's chat template does not render ({e})") from None
 
 
+MIN_TEMPERATURE = 1e-4
+DECODE_STEP_FLOOR_S = 10e-6  # no decoding step of any model takes less (a kernel launch per layer, at the least)
+
+
+def check_sampling_fits(model, s, prompt_tokens, device):
+    """Before generating: weights that are all finite (NaN weights would end in torch.multinomial as a
+    traceback), and a length that fits in memory (the output holds 8 bytes a token) and in a day."""
+    broken = next((name for name, t in model.state_dict().items() if not torch.isfinite(t).all()), None)
+    if broken is not None:
+        raise SampleError(f"the model's weight {broken} is not finite (NaN or inf): {s.init_from} is broken; "
+                          "sample from a good checkpoint")
+    tokens = prompt_tokens + s.max_new_tokens  # one sample at a time
+    free = available_memory(device)
+    if free is not None and 8 * tokens > free:
+        raise SampleError(f"--max_new_tokens={s.max_new_tokens} cannot fit: its token ids alone need "
+                          f"{8 * tokens / (1 << 30):,.1f} GiB, {device} has {free / (1 << 30):,.1f} GiB available")
+    seconds = s.num_samples * s.max_new_tokens * model.config.n_layer * DECODE_STEP_FLOOR_S
+    if seconds > 86400:
+        raise SampleError(f"--max_new_tokens={s.max_new_tokens} would take at least {seconds / 3600:,.0f} hours "
+                          f"({model.config.n_layer} layers a token, >= {DECODE_STEP_FLOOR_S * 1e6:.0f} us each): "
+                          "ask for fewer tokens")
+
+
 def check_settings(s):
     if s.num_samples < 1:
         raise SampleError(f"--num_samples must be at least 1, got {s.num_samples}")
     if not (s.temperature >= 0 and s.temperature != float("inf")):
         raise SampleError(f"--temperature must be a finite number >= 0 (0 is greedy), got {s.temperature}")
+    if 0 < s.temperature < MIN_TEMPERATURE:  # logits / temperature overflow to inf, and softmax to NaN
+        raise SampleError(f"--temperature={s.temperature} is below {MIN_TEMPERATURE}: that is greedy decoding but for "
+                          "overflow; use --temperature=0")
     if s.top_k < 0:
         raise SampleError(f"--top_k must be at least 1 (0: no top-k), got {s.top_k}")
     if s.max_new_tokens < 0:
@@ -260,6 +301,7 @@ def main(argv):
     if s.quantize == "int8":
         quantize_int8(model)
     ids = encode_prompt(tok, prompt, model.config.vocab_size)
+    check_sampling_fits(model, s, len(ids), dev)
     max_new = s.max_new_tokens or min(500, max(1, model.config.block_size - len(ids)))
     torch.manual_seed(s.seed)
     use_decode_paths(model)  # speed.py's batch-1 decoding paths: faster compiled on a CPU, same results
@@ -267,7 +309,14 @@ def main(argv):
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None]
     for k in range(s.num_samples):
         t0 = time.perf_counter()
-        y = model.generate(x, max_new, temperature=s.temperature, top_k=s.top_k or None, eos_id=eos, decode_step=step)
+        try:
+            y = model.generate(x, max_new, temperature=s.temperature, top_k=s.top_k or None, eos_id=eos,
+                               decode_step=step)
+        except RuntimeError as e:
+            if "probability tensor contains" not in str(e):
+                raise
+            raise SampleError(f"the model gave non-finite logits while sampling ({str(dtype).replace('torch.', '')}): "
+                              "its activations overflow; try --dtype=float32 or --temperature=0") from None
         seconds = time.perf_counter() - t0
         print(tok.decode(y[0, len(ids) if s.chat else 0:].tolist()))
         if s.show_speed:

@@ -33,8 +33,9 @@ from checkpoint import (MODEL_KEYS, SAMPLING_KEYS, checkpoint_to_start_from, mod
                         restore_training_state, settings_from_checkpoint)
 from configurator import ConfigError, close_runtime, configure, init_runtime, run_script, settings_from
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens
-from guards import (accumulation_for_world, adaptation_note, check_out_dir_writable, check_replaces_same_model,
-                    check_settings, check_tokenizer, claim_out_dir, finished_message, model_settings_conflicts)
+from guards import (accumulation_for_world, adaptation_note, check_fits, check_out_dir_writable,
+                    check_replaces_same_model, check_settings, check_tokenizer, claim_out_dir, finished_message,
+                    model_settings_conflicts)
 from model import Llama, LlamaConfig
 from monitor import (LossWatch, Saver, StepTimer, StopSignal, TrainingDiverged, device_peak_flops, log_progress,
                      log_start, open_log, stop_message, summarise)
@@ -150,8 +151,8 @@ def estimate_loss(pm, rt, samplers, eval_iters, fsdp):
     pm.model.eval()
     for split, sampler in zip(("train", "val"), samplers):
         total = torch.zeros(2, dtype=torch.float64, device=rt.device)
-        mine = [rt.rank + j * rt.world_size for j in range(-(-eval_iters // rt.world_size))]
-        for k in mine if fsdp else [k for k in mine if k < eval_iters]:
+        mine = range(rt.rank, rt.world_size * -(-eval_iters // rt.world_size), rt.world_size)  # no list: eval_iters may be big
+        for k in mine if fsdp else (k for k in mine if k < eval_iters):
             X, Y = sampler.get(f"eval_{split}", 0, k if k < eval_iters else 0)
             with rt.autocast():
                 loss = pm.eval_model(X, Y)[1]
@@ -183,6 +184,8 @@ def main(argv):
         if resume:
             settings_from_checkpoint(s, explicit, ckpt)
         splits = open_splits(data_dir, meta, s.block_size)
+        check_fits(s, ckpt["model_config"] if ckpt else {k: getattr(s, k) for k in MODEL_KEYS} | {
+            "vocab_size": s.vocab_size or meta["vocab_size"]}, rt.device, rt.world_size)
         raw_model = build_model(s, explicit, ckpt, path, meta["vocab_size"])
         if ckpt is not None and not s.allow_tokenizer_mismatch:
             check_tokenizer(ckpt, path, meta, data_dir)

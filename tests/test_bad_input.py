@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import adapt
+import bench
 import checkpoint
 import convert_hf
 import guards
@@ -31,7 +32,7 @@ from checkpoint import load_checkpoint
 from configurator import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"train": train, "sample": sample, "convert_hf": convert_hf, "adapt": adapt}
+SCRIPTS = {"train": train, "sample": sample, "convert_hf": convert_hf, "adapt": adapt, "bench": bench}
 MODEL = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermediate_size=64", "--block_size=16"]
 RUN = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--compile=False", "--learning_rate=1e-2",
        "--warmup_iters=2", "--min_lr=1e-3", "--dtype=float32", "--device=cpu", "--max_iters=2",
@@ -89,6 +90,8 @@ def world(tmp_path_factory, data_dir):
                                       "badmeta", "locked")})
     p.update(flip=str(w / "flip" / "ckpt.pt"), notutf8=str(w / "notutf8.txt"), dict=str(w / "dict.pt"),
              sim3=str(w / "sim3.pt"))
+    os.mkfifo(w / "fifo")
+    p["fifo"] = str(w / "fifo")
     lock = guards.lock_out_dir(p["locked"])  # as a run in progress holds it
     yield p
     lock.close()
@@ -158,6 +161,22 @@ WRITERS = [
      "local distillation diverged at local_lr=1e+30"),
 ]
 CASES += WRITERS
+# sizes get an estimate before anything is allocated; prompts come from regular files only
+SIZES = [
+    ("train", ["--batch_size=100000000"], "this run cannot fit"), ("train", ["--n_layer=200000"], "this run cannot fit"),
+    ("train", ["--vocab_size=1000000000"], "this run cannot fit"), ("train", ["--eval_iters=100000000"], "eval_iters"),
+    ("sample", ["--max_new_tokens=100000000000"], "--max_new_tokens=100000000000 cannot fit"),
+    ("sample", ["--max_new_tokens=100000000", "--num_samples=1000"], "would take at least"),
+    ("sample", ["--start=FILE:/dev/zero"], "/dev/zero is not a regular file"),
+    ("sample", ["--start=FILE:/dev/urandom"], "/dev/urandom is not a regular file"),
+    ("sample", ["--start=FILE:{root}"], "is not a regular file"),
+    ("sample", ["--temperature=1e-50"], "--temperature=1e-50 is below"),
+    ("sample", ["--start=FILE:{fifo}"], "fifo is not a regular file"),
+    ("bench", ["--preset=tiny", "--batch_size=100000000"], "these sizes cannot fit"),
+    ("bench", ["--preset=tiny", "--decode_batch=100000000"], "these sizes cannot fit"),
+    ("bench", ["--preset=tiny", "--repeats=100000000"], "would take at least"),
+]
+CASES += SIZES
 
 
 def snapshot(*dirs):
