@@ -600,7 +600,14 @@ def convert_command(s, model, ckpt):
 
 
 def convert_and_save(s, model, ckpt):
-    student = convert_model(model, s.convert_to or None, s.kv_init, s.attn_to or None)
+    n_layer = model.config.n_layer
+    for flag, spec in (("--convert_to", s.convert_to), ("--attn_to", s.attn_to)):  # each error named as given
+        if spec:
+            parse_kv_source(spec, n_layer, flag)
+    try:
+        student = convert_model(model, s.convert_to or None, s.kv_init, s.attn_to or None)
+    except ValueError as e:
+        raise ConfigError(f"--convert_to={s.convert_to or 'dense'} with --attn_to={s.attn_to or 'dense'}: {e}") from None
     print(f"converted to kv_source {list(student.config.kv_source)} ({s.kv_init} K/V init), "
           f"attn_source {list(student.config.attn_source)}")
     if s.local_iters > 0:

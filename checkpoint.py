@@ -414,10 +414,11 @@ def checkpoint_to_start_from(init_from, out_dir):
     if init_from == "scratch":
         return None, None
     path = os.path.join(out_dir, CKPT_NAME) if init_from == "resume" else init_from
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ConfigError(f"init_from=resume but {path} does not exist: train from scratch first, or set init_from "
                           "to a checkpoint file" if init_from == "resume" else
                           f"init_from={path!r}: no such file (use 'scratch', 'resume' or a checkpoint path)")
+    path = checkpoint_path(path)  # a directory, a FIFO, a device, an unreadable file: said as what it is
     return path, load_checkpoint(path)
 
 

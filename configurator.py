@@ -107,6 +107,8 @@ def read_config_file(path) -> dict:
         source = f.read()
     try:
         exec(builtins.compile(source, path, "exec"), ns)
+    except SystemExit as e:  # else the script would exit with the file's status, having done nothing
+        raise ConfigError(f"config file {path} called sys.exit({e.code!r}): a config file only assigns settings") from None
     except Exception as e:
         raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
     return {k: v for k, v in ns.items()

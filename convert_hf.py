@@ -18,6 +18,7 @@ read by gguf_import.py. Needs safetensors (for .safetensors weights and for expo
 files); transformers is never imported here.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -151,17 +152,31 @@ def llama_config_from_hf(hf: dict, kv_source=None, block_size=None) -> LlamaConf
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConversionError(f"config.json: partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
     theta, scaling = hf_rope(hf)
+    if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
+        raise ConversionError(f"--block_size={block_size!r} must be a positive integer (0: max_position_embeddings)")
     if block_size is None:
         block_size = hf.get("max_position_embeddings") or 2048
     try:
-        return LlamaConfig(
+        config = LlamaConfig(
             n_layer=hf["num_hidden_layers"], n_head=n_head,
             n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
             intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"], block_size=int(block_size),
             rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), kv_source=kv_source)
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
     except ValueError as e:
         raise ConversionError(f"config.json: {e}") from None
+    return with_kv_source(config, kv_source)
+
+
+def with_kv_source(config: LlamaConfig, kv_source):
+    """config with the kv_source given on the command line: its errors are named as that, not as the
+    config file's (the file's own fields were checked without it)."""
+    if kv_source is None:
+        return config
+    try:
+        return dataclasses.replace(config, kv_source=kv_source)
+    except ValueError as e:
+        raise ConversionError(f"--kv_source={kv_source}: {e}") from None
 
 
 def hf_dtype(hf: dict):

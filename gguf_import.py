@@ -8,6 +8,7 @@ float as it is read and its q/k rows are put back in the Hugging Face order mode
 convert_hf.py import takes a .gguf file and writes a checkpoint from it (convert_hf.convert_gguf).
 """
 
+import dataclasses
 import os
 import re
 
@@ -99,16 +100,22 @@ def llama_config_from_gguf(meta: dict, vocab_size: int, tie: bool, kv_source=Non
         if get(key, head_dim) != head_dim:
             raise ConversionError(f"GGUF metadata: llama.{key}={get(key)} but embedding_length/head_count="
                                   f"{head_dim}: partial rotary or decoupled head sizes are not supported")
+    if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
+        raise ConversionError(f"--block_size={block_size!r} must be a positive integer (0: context_length)")
     try:
-        return LlamaConfig(
+        config = LlamaConfig(
             n_layer=get("block_count"), n_head=n_head, n_kv_head=get("attention.head_count_kv", n_head),
             n_embd=n_embd, intermediate_size=get("feed_forward_length"), vocab_size=vocab_size,
             block_size=int(block_size or get("context_length", 2048)),
             rope_theta=_float32(get("rope.freq_base", 10000.0, "positive")),
             norm_eps=_float32(get("attention.layer_norm_rms_epsilon", 1e-5, "positive")),
-            tie_embeddings=tie, kv_source=kv_source)
+            tie_embeddings=tie)
     except ValueError as e:
         raise ConversionError(f"GGUF metadata: {e}") from None
+    try:  # the command line's kv_source: its errors named as that, not as the file's
+        return config if kv_source is None else dataclasses.replace(config, kv_source=kv_source)
+    except ValueError as e:
+        raise ConversionError(f"--kv_source={kv_source}: {e}") from None
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:

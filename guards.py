@@ -95,6 +95,26 @@ def check_applicable(s, explicit):
         raise ConfigError(f"adapt_similarity is read only with adapt_order=similarity (adapt_order={s.adapt_order!r})")
 
 
+def world_size_from_env(environ=os.environ) -> int:
+    """The number of processes torchrun started (1 without it). torchrun sets RANK and WORLD_SIZE together:
+    one without the other, or a value that is no number, is refused rather than run as a single
+    process with its accumulation sized for several."""
+    has_rank, has_world = "RANK" in environ, "WORLD_SIZE" in environ
+    if has_rank != has_world:
+        given, missing = ("WORLD_SIZE", "RANK") if has_world else ("RANK", "WORLD_SIZE")
+        raise ConfigError(f"{given} is set in the environment but {missing} is not: start several processes with "
+                          f"torchrun (which sets both), or unset {given}")
+    if not has_world:
+        return 1
+    try:
+        world, rank = int(environ["WORLD_SIZE"]), int(environ["RANK"])
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={environ['WORLD_SIZE']!r} and RANK={environ['RANK']!r} must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"WORLD_SIZE={world} and RANK={rank}: need WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
+    return world
+
+
 def accumulation_for_world(s, explicit, world_size):
     """`torchrun --nproc_per_node=N train.py` must run as written: gradient_accumulation_steps counts
     micro-steps over all ranks, so unless it was given it becomes the smallest multiple of the number of

@@ -35,7 +35,7 @@ from configurator import ConfigError, close_runtime, configure, init_runtime, ru
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens
 from guards import (accumulation_for_world, adaptation_note, check_fits, check_out_dir_writable,
                     check_replaces_same_model, check_settings, check_tokenizer, claim_out_dir, finished_message,
-                    model_settings_conflicts)
+                    model_settings_conflicts, world_size_from_env)
 from model import Llama, LlamaConfig
 from monitor import (LossWatch, Saver, StepTimer, StopSignal, TrainingDiverged, device_peak_flops, log_progress,
                      log_start, open_log, stop_message, summarise)
@@ -169,7 +169,7 @@ def estimate_loss(pm, rt, samplers, eval_iters, fsdp):
 def main(argv):
     """The run's summary; after a stop signal 128 + its number, the exit status of a process it ended."""
     s, explicit = configure(DEFAULTS, argv, __doc__, CHOICES)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = world_size_from_env()
     note = accumulation_for_world(s, explicit, world_size)
     check_settings(s, explicit, world_size, torchrun="RANK" in os.environ and "WORLD_SIZE" in os.environ)
     check_out_dir_writable(s.out_dir)

@@ -92,6 +92,16 @@ def world(tmp_path_factory, data_dir):
              sim3=str(w / "sim3.pt"))
     os.mkfifo(w / "fifo")
     p["fifo"] = str(w / "fifo")
+    (w / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    p["exits"] = str(w / "exits.py")
+    good = torch.load(p["ck"], weights_only=True)
+    malformed = {"mc_empty": {"model_config": {}}, "mc_list": {"model_config": [2, 2]},
+                 "model_tensor": {"model": torch.zeros(3)}, "iter_str": {"iter_num": "5"},
+                 "opt_list": {"optimizer": [1, 2]}, "rng_bad": {"rng": {"torch": 5}},
+                 "theta_nan": {"model_config": {**good["model_config"], "rope_theta": float("nan")}}}
+    for name, change in malformed.items():  # as another program might write them: no digests, schema wrong
+        torch.save({k: v for k, v in good.items() if k != "tensor_digests"} | change, w / f"{name}.pt")
+        p[name] = str(w / f"{name}.pt")
     lock = guards.lock_out_dir(p["locked"])  # as a run in progress holds it
     yield p
     lock.close()
@@ -177,6 +187,26 @@ SIZES = [
     ("bench", ["--preset=tiny", "--repeats=100000000"], "would take at least"),
 ]
 CASES += SIZES
+# messages name the true source: the command line or the file, what a path is, the flag as given
+MESSAGES = [
+    ("convert_hf", ["import", "{hf}", "{root}/c.pt", "--kv_source=bogus"], "--kv_source=bogus: unknown kv_source"),
+    ("convert_hf", ["import", "{hf}", "{root}/c.pt", "--kv_source=0,1,1,1"], "--kv_source=0,1,1,1: kv_source has 4"),
+    ("adapt", ["--init_from={ck}", "--attn_to=bogus", "--out={root}/a.pt"], "unknown --attn_to 'bogus'"),
+    ("adapt", ["--init_from={ck}", "--attn_to=0,7", "--out={root}/a.pt"], "--attn_to[1] = 7 is out of range"),
+    ("train", ["--init_from={hf}"], "is a Hugging Face directory, not a checkpoint: convert it first"),
+    ("train", ["--init_from={nonempty}"], "nonempty is a directory without ckpt.pt"),
+    ("train", ["--init_from=/dev/null"], "/dev/null is not a regular file"),
+    ("train", ["--init_from={fifo}"], "fifo is not a regular file"),
+    ("train", ["{exits}"], "exits.py called sys.exit(0)"),
+    ("sample", ["--init_from={mc_empty}"], "model_config lacks n_layer"),
+    ("sample", ["--init_from={mc_list}"], "model_config is a list"),
+    ("sample", ["--init_from={model_tensor}"], "'model' is a Tensor, not a dict of tensors"),
+    ("sample", ["--init_from={theta_nan}"], "rope_theta=nan must be a positive finite number"),
+    ("train", ["--init_from={iter_str}"], "iter_num='5' must be an integer"),
+    ("train", ["--init_from={opt_list}"], "optimizer must be an optimizer state dict"),
+    ("adapt", ["--init_from={rng_bad}"], "rng must be the random-generator state"),
+]
+CASES += MESSAGES
 
 
 def snapshot(*dirs):
@@ -217,6 +247,27 @@ def test_resume_takes_block_size_and_the_model_settings_from_the_checkpoint(data
     ckpt = load_checkpoint(str(tmp_path))
     assert ckpt["iter_num"] == 3 and ckpt["model_config"]["block_size"] == 160
     assert ckpt["config"]["block_size"] == 160 and ckpt["config"]["n_layer"] == 2 and ckpt["config"]["n_embd"] == 32
+
+
+@pytest.mark.parametrize("environ", [{"WORLD_SIZE": "2"}, {"RANK": "1"}, {"WORLD_SIZE": "two", "RANK": "0"},
+                                     {"WORLD_SIZE": "2", "RANK": "2"}])
+def test_a_half_set_torchrun_environment_is_refused(data_dir, tmp_path, monkeypatch, capsys, environ):
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    rc = run_script(train.main, TINY + [f"--dataset={data_dir}", f"--out_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and ("RANK" in err and "WORLD_SIZE" in err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_without_read_permission_is_not_called_corrupt(world, monkeypatch, capsys):
+    """As root a chmod cannot take the permission away, so os.access answers as it would for a user."""
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: path != world["ck"])
+    rc = run_script(sample.main, [f"--init_from={world['ck']}", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "permission denied (it is not corrupt)" in err, err
 
 
 def test_an_out_dir_without_write_permission_is_found_at_the_start(data_dir, tmp_path, monkeypatch, capsys):
