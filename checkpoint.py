@@ -134,6 +134,8 @@ def checkpoint_path(path):
         raise CheckpointError(f"{path} is a directory without {CKPT_NAME}: give a checkpoint file or a training out_dir")
     if os.path.exists(path) and not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} is not a regular file (a device, FIFO or socket): give a checkpoint file")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} is a symbolic link to nothing (broken, or a loop): {os.readlink(path)}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not os.access(path, os.R_OK):

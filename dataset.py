@@ -67,6 +67,9 @@ def load_meta(data_dir):
         raise ValueError(f"{path}: {problem}; re-run the dataset's prepare.py")
     if "tokenizer_file" in meta:  # relative to the dataset directory: resolved here, where that is known
         meta["tokenizer_file"] = os.path.join(data_dir, meta["tokenizer_file"])
+        if not os.path.isfile(meta["tokenizer_file"]):  # else found only by sample.py, after the training
+            raise ValueError(f"{path}: its tokenizer file {meta['tokenizer_file']} is missing; re-run the dataset's "
+                             "prepare.py")
     return meta
 
 
@@ -229,6 +232,9 @@ def ensure_dataset(name, auto_prepare=True, is_master=True, barrier=lambda: None
     """The directory of dataset `name` with train.bin, val.bin and meta.json, preparing the offline
     datasets when they are missing (by the master process; the others wait at the barrier)."""
     d = dataset_dir(name)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"dataset {name!r}: {d} is not a directory (a dataset is a directory with train.bin, val.bin "
+                         "and meta.json)")
     need = [os.path.join(d, f) for f in ("train.bin", "val.bin", "meta.json")]
     missing = [p for p in need if not os.path.exists(p)]
     if missing and auto_prepare and d == os.path.join(DATA_ROOT, name) and name in OFFLINE_DATASETS:

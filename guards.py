@@ -348,8 +348,9 @@ def check_fits(s, mc, device, world_size=1):
     """Refuse, in one line and before any allocation, a run that cannot fit: weights, gradients and AdamW
     state (16 bytes a parameter, sharded under FSDP) plus the activations a training step keeps for its
     backward pass (a lower bound: per layer and token, 4 hidden-size and 2 MLP-size values) beyond the
-    memory the device has; or an evaluation whose lower-bound time is over an hour and over ten times
-    the training between two evaluations (eval_iters far beyond what a loss estimate needs)."""
+    memory the device has; an optimizer step whose lower-bound time is over an hour; or an evaluation
+    whose lower-bound time is over an hour and over ten times the training between two evaluations
+    (eval_iters far beyond what a loss estimate needs)."""
     try:
         params = parameter_count(mc)
     except (KeyError, TypeError, ZeroDivisionError):
@@ -367,6 +368,11 @@ def check_fits(s, mc, device, world_size=1):
                           "batch_size, block_size or the model's size")
     kind = "cuda" if device.startswith("cuda") else device
     forward_s = max(2 * params * tokens / PEAK_FLOPS_BOUND.get(kind, 2e15), mc["n_layer"] * LAYER_FORWARD_FLOOR_S)
+    step_s = 3 * forward_s * s.gradient_accumulation_steps / world_size  # forward + backward ~ 3 forwards
+    if step_s > 3600:  # a lower bound: a real step takes longer still
+        raise ConfigError(f"gradient_accumulation_steps={s.gradient_accumulation_steps}: one optimizer step would take "
+                          f"at least {step_s / 3600:,.1f} hours ({s.gradient_accumulation_steps:,} micro-steps of "
+                          f"{tokens:,} tokens); lower it")
     evaluation_s = 2 * s.eval_iters * forward_s
     between_s = 3 * forward_s * s.eval_interval * s.gradient_accumulation_steps  # forward + backward ~ 3 forwards
     if evaluation_s > 3600 and (s.eval_only or evaluation_s > 10 * between_s):

@@ -93,7 +93,9 @@ def tokenizer_from_spec(spec):
                 return tokenizer_from_spec(os.path.join(spec, name))
         raise SampleError(f"--tokenizer={spec}: no tokenizer.json or meta.json in that directory")
     if not os.path.isfile(spec):
-        raise SampleError(f"unknown tokenizer {spec!r}: use gpt2, a tokenizer.json, a meta.json or a directory "
+        looks_like_a_path = os.sep in spec or spec.endswith(".json")
+        raise SampleError(f"--tokenizer={spec}: no such file" if looks_like_a_path and not os.path.exists(spec) else
+                          f"unknown tokenizer {spec!r}: use gpt2, a tokenizer.json, a meta.json or a directory "
                           "holding one")
     if os.path.basename(spec) == "meta.json":
         return dataset_tokenizer(os.path.dirname(spec))
@@ -178,7 +180,7 @@ def read_prompt(start):
         try:  # a FIFO or a device (/dev/urandom, /dev/zero) would block or never end: regular files only
             info = os.stat(path)
         except OSError as e:
-            raise SampleError(f"cannot read the prompt file: {e}") from None
+            raise SampleError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
         if not stat.S_ISREG(info.st_mode):
             raise SampleError(f"the prompt file {path} is not a regular file (a directory, FIFO or device): give a "
                               "text file")
@@ -189,7 +191,7 @@ def read_prompt(start):
             with open(path, encoding="utf-8") as f:
                 return f.read()
         except OSError as e:
-            raise SampleError(f"cannot read the prompt file: {e}") from None
+            raise SampleError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
         except UnicodeDecodeError:
             raise SampleError(f"the prompt file {path} is not UTF-8 text") from None
     return start
@@ -234,21 +236,22 @@ MIN_TEMPERATURE = 1e-4
 DECODE_STEP_FLOOR_S = 10e-6  # no decoding step of any model takes less (a kernel launch per layer, at the least)
 
 
-def check_sampling_fits(model, s, prompt_tokens, device):
+def check_sampling_fits(model, s, prompt_tokens, max_new, device):
     """Before generating: weights that are all finite (NaN weights would end in torch.multinomial as a
     traceback), and a length that fits in memory (the output holds 8 bytes a token) and in a day."""
     broken = next((name for name, t in model.state_dict().items() if not torch.isfinite(t).all()), None)
     if broken is not None:
         raise SampleError(f"the model's weight {broken} is not finite (NaN or inf): {s.init_from} is broken; "
                           "sample from a good checkpoint")
-    tokens = prompt_tokens + s.max_new_tokens  # one sample at a time
+    tokens = prompt_tokens + max_new  # one sample at a time
     free = available_memory(device)
     if free is not None and 8 * tokens > free:
         raise SampleError(f"--max_new_tokens={s.max_new_tokens} cannot fit: its token ids alone need "
                           f"{8 * tokens / (1 << 30):,.1f} GiB, {device} has {free / (1 << 30):,.1f} GiB available")
-    seconds = s.num_samples * s.max_new_tokens * model.config.n_layer * DECODE_STEP_FLOOR_S
+    seconds = s.num_samples * max_new * model.config.n_layer * DECODE_STEP_FLOOR_S
     if seconds > 86400:
-        raise SampleError(f"--max_new_tokens={s.max_new_tokens} would take at least {seconds / 3600:,.0f} hours "
+        raise SampleError(f"--num_samples={s.num_samples} of {max_new} new tokens would take at least "
+                          f"{seconds / 3600:,.0f} hours "
                           f"({model.config.n_layer} layers a token, >= {DECODE_STEP_FLOOR_S * 1e6:.0f} us each): "
                           "ask for fewer tokens")
 
@@ -301,8 +304,8 @@ def main(argv):
     if s.quantize == "int8":
         quantize_int8(model)
     ids = encode_prompt(tok, prompt, model.config.vocab_size)
-    check_sampling_fits(model, s, len(ids), dev)
     max_new = s.max_new_tokens or min(500, max(1, model.config.block_size - len(ids)))
+    check_sampling_fits(model, s, len(ids), max_new, dev)
     torch.manual_seed(s.seed)
     use_decode_paths(model)  # speed.py's batch-1 decoding paths: faster compiled on a CPU, same results
     step = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if s.compile else None

@@ -93,6 +93,8 @@ def world(tmp_path_factory, data_dir):
     os.mkfifo(w / "fifo")
     p["fifo"] = str(w / "fifo")
     (w / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    os.symlink(w / "loop_a", w / "loop_b")
+    os.symlink(w / "loop_b", w / "loop_a")
     p["exits"] = str(w / "exits.py")
     good = torch.load(p["ck"], weights_only=True)
     malformed = {"mc_empty": {"model_config": {}}, "mc_list": {"model_config": [2, 2]},
@@ -177,11 +179,13 @@ SIZES = [
     ("train", ["--vocab_size=1000000000"], "this run cannot fit"), ("train", ["--eval_iters=100000000"], "eval_iters"),
     ("sample", ["--max_new_tokens=100000000000"], "--max_new_tokens=100000000000 cannot fit"),
     ("sample", ["--max_new_tokens=100000000", "--num_samples=1000"], "would take at least"),
+    ("sample", ["--max_new_tokens=0", "--num_samples=10000000000"], "would take at least"),
     ("sample", ["--start=FILE:/dev/zero"], "/dev/zero is not a regular file"),
     ("sample", ["--start=FILE:/dev/urandom"], "/dev/urandom is not a regular file"),
     ("sample", ["--start=FILE:{root}"], "is not a regular file"),
     ("sample", ["--temperature=1e-50"], "--temperature=1e-50 is below"),
     ("sample", ["--start=FILE:{fifo}"], "fifo is not a regular file"),
+    ("train", ["--gradient_accumulation_steps=1000000000"], "one optimizer step would take at least"),
     ("bench", ["--preset=tiny", "--batch_size=100000000"], "these sizes cannot fit"),
     ("bench", ["--preset=tiny", "--decode_batch=100000000"], "these sizes cannot fit"),
     ("bench", ["--preset=tiny", "--repeats=100000000"], "would take at least"),
@@ -198,6 +202,9 @@ MESSAGES = [
     ("train", ["--init_from=/dev/null"], "/dev/null is not a regular file"),
     ("train", ["--init_from={fifo}"], "fifo is not a regular file"),
     ("train", ["{exits}"], "exits.py called sys.exit(0)"),
+    ("train", ["--dataset={afile}"], "afile is not a directory"),
+    ("sample", ["--init_from={root}/loop_a"], "loop_a is a symbolic link to nothing"),
+    ("sample", ["--tokenizer={root}/nothing.json"], "--tokenizer={root}/nothing.json: no such file"),
     ("sample", ["--init_from={mc_empty}"], "model_config lacks n_layer"),
     ("sample", ["--init_from={mc_list}"], "model_config is a list"),
     ("sample", ["--init_from={model_tensor}"], "'model' is a Tensor, not a dict of tensors"),
@@ -210,7 +217,7 @@ CASES += MESSAGES
 
 
 def snapshot(*dirs):
-    return {os.path.join(dp, f): (os.stat(os.path.join(dp, f)).st_size, os.stat(os.path.join(dp, f)).st_mtime_ns)
+    return {os.path.join(dp, f): (os.lstat(os.path.join(dp, f)).st_size, os.lstat(os.path.join(dp, f)).st_mtime_ns)
             for d in dirs for dp, dn, fn in os.walk(d) for f in fn + dn}
 
 
@@ -832,6 +839,7 @@ META_CHANGES = [  # (change to meta.json, or "ids" to write an id past the vocab
     (lambda m: m.update(vocab_size=100_000), "dtype uint16 cannot hold the token ids of a vocabulary of 100000"),
     (lambda m: m.update(eot_token=10 ** 6), "eot_token 1000000"),
     (lambda m: m.update(chars=["a"] * len(m["chars"])), "lists a character twice"),
+    (lambda m: m.update(tokenizer="hf", tokenizer_file="gone.json"), "its tokenizer file"),
     ("ids", "holds token id"),
 ]
 
