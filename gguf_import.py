@@ -110,6 +110,8 @@ def llama_config_from_gguf(meta: dict, vocab_size: int, tie: bool, kv_source=Non
             rope_theta=_float32(get("rope.freq_base", 10000.0, "positive")),
             norm_eps=_float32(get("attention.layer_norm_rms_epsilon", 1e-5, "positive")),
             tie_embeddings=tie)
+    except ConversionError:  # a field refused by get(): it names itself
+        raise
     except ValueError as e:
         raise ConversionError(f"GGUF metadata: {e}") from None
     try:  # the command line's kv_source: its errors named as that, not as the file's
