@@ -151,7 +151,7 @@ def estimate_loss(pm, rt, samplers, eval_iters, fsdp):
     pm.model.eval()
     for split, sampler in zip(("train", "val"), samplers):
         total = torch.zeros(2, dtype=torch.float64, device=rt.device)
-        mine = range(rt.rank, rt.world_size * -(-eval_iters // rt.world_size), rt.world_size)  # no list: eval_iters may be big
+        mine = range(rt.rank, rt.world_size * -(-eval_iters // rt.world_size), rt.world_size)  # a range, not a list
         for k in mine if fsdp else (k for k in mine if k < eval_iters):
             X, Y = sampler.get(f"eval_{split}", 0, k if k < eval_iters else 0)
             with rt.autocast():
