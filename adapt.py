@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from checkpoint import SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint, share_attn_state, share_kv_state
 from configurator import ConfigError, apply_threads, configure, run_script, settings_from
 from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
+from guards import claim_destination
 from model import LlamaConfig, parse_kv_source, validate_kv_source
 from progress import Heartbeat
 
@@ -56,6 +57,7 @@ attn_to = ""                 # convert: the attn_source to convert it to (EchoAt
 kv_init = "own"              # convert: owners keep their own K/V (own) or the mean of their users' (mean)
 local_iters = 0              # convert: steps of layer-local distillation of the consumers afterwards
 local_lr = 1e-3              # convert: AdamW learning rate of the layer-local distillation
+overwrite = False            # convert: replace an existing --out file
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 
@@ -601,12 +603,32 @@ def converted_checkpoint(model, ckpt, dataset):
 def convert_command(s, model, ckpt):
     if not s.out:
         raise ConfigError("--convert_to and --attn_to need --out=<checkpoint file to write>")
-    student = convert_model(model, s.convert_to or None, s.kv_init, s.attn_to or None)
+    lock = claim_destination(s.out, s.overwrite, "--out")  # before the work; a training's out_dir: its lock
+    try:
+        return convert_and_save(s, model, ckpt)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def convert_and_save(s, model, ckpt):
+    n_layer = model.config.n_layer
+    for flag, spec in (("--convert_to", s.convert_to), ("--attn_to", s.attn_to)):  # each error named as given
+        if spec:
+            parse_kv_source(spec, n_layer, flag)
+    try:
+        student = convert_model(model, s.convert_to or None, s.kv_init, s.attn_to or None)
+    except ValueError as e:
+        raise ConfigError(f"--convert_to={s.convert_to or 'dense'} with --attn_to={s.attn_to or 'dense'}: {e}") from None
     print(f"converted to kv_source {list(student.config.kv_source)} ({s.kv_init} K/V init), "
           f"attn_source {list(student.config.attn_source)}")
     if s.local_iters > 0:
         batches = token_batches(model, ckpt, s.dataset, "train", s.batches, s.batch_size, s.block_size, s.seed)
         local_distillation(student, model.requires_grad_(False), batches, s.local_iters, s.local_lr)
+        broken = [name for name, t in student.state_dict().items() if not torch.isfinite(t).all()]
+        if broken:
+            raise ConfigError(f"local distillation diverged at local_lr={s.local_lr}: {broken[0]} is not finite "
+                              f"({len(broken)} weights); nothing was saved. Lower --local_lr")
     save_checkpoint(converted_checkpoint(student, ckpt, s.dataset), s.out)
     print(f"saved {s.out}: train it on with train.py --init_from={s.out}, or sample it with sample.py")
     return student
@@ -629,7 +651,7 @@ def check_settings(s, explicit):
     if not (s.local_lr > 0 and s.local_lr != float("inf")):
         raise ConfigError(f"local_lr={s.local_lr} must be a finite number > 0")
     converting = bool(s.convert_to or s.attn_to)
-    for_convert, for_calibration = {"local_iters", "local_lr"} & explicit, {"n_share", "criterion"} & explicit
+    for_convert, for_calibration = {"local_iters", "local_lr", "overwrite"} & explicit, {"n_share", "criterion"} & explicit
     if for_convert and not converting:
         raise ConfigError(f"{', '.join(sorted(for_convert))} appl{'ies' if len(for_convert) == 1 else 'y'} only with "
                           "--convert_to or --attn_to (conversion)")

@@ -691,7 +691,9 @@ def print_decode_table(rows, s):
 
 
 def make_env(s):
-    """What every row shares: the device, the run's dtype and the base fields; printed once."""
+    """What every row shares: the device, the run's dtype and the base fields; printed once. First of all,
+    sizes that cannot fit are refused (check_sizes), before any model is built."""
+    check_sizes(s)
     device = torch.device(s.device)
     env = types.SimpleNamespace(device=device, dtype=DTYPES[s.dtype], on_gpu=device.type == "cuda",
                                 cpu_mem={}, ref_diff=None, flops={})
@@ -767,3 +769,28 @@ def warm_decoders(s, env, modules, prompt):
         if env.on_gpu:
             mems[n] = torch.cuda.max_memory_allocated(env.device) - base + state_bytes(m)
     return decoders, mems
+
+
+def check_sizes(s):
+    """Refuse, before anything is allocated, sizes that cannot fit: each model's training state, its
+    activations at batch_size x seq_len and its decode cache at decode_batch beyond the device's memory,
+    or timed rounds whose lower-bound time is over a day (guards: the same estimates as train.py's)."""
+    from guards import GIB, LAYER_FORWARD_FLOOR_S, available_memory, parameter_count
+    cfg = s.model_config
+    params = parameter_count(cfg)
+    kv_dim = cfg["n_embd"] // cfg["n_head"] * cfg["n_kv_head"]
+    act = 2 if s.dtype == "bfloat16" else 4
+    train = 16 * params + s.batch_size * s.seq_len * cfg["n_layer"] * (4 * cfg["n_embd"] + 2 * cfg["intermediate_size"]) * act
+    cache = s.decode_batch * cfg["block_size"] * cfg["n_layer"] * 2 * kv_dim * act + 4 * params
+    free = available_memory(s.device)
+    need = max(0 if "train" in s.skip else train, 0 if "decode" in s.skip else cache)
+    if free is not None and need > free:
+        raise ConfigError(f"these sizes cannot fit: a model needs at least {need / GIB:,.1f} GiB (training at "
+                          f"--batch_size={s.batch_size} --seq_len={s.seq_len}: {train / GIB:,.1f} GiB; decoding at "
+                          f"--decode_batch={s.decode_batch}: {cache / GIB:,.1f} GiB) and {s.device} has "
+                          f"{free / GIB:,.1f} GiB available")
+    forwards = s.repeats * (3 * (s.steps + s.warmup) + 2 * (s.new_tokens + 1))  # two decode batches, each a prefill
+    seconds = len(s.models) * forwards * cfg["n_layer"] * LAYER_FORWARD_FLOOR_S
+    if seconds > 86400:
+        raise ConfigError(f"these sizes would take at least {seconds / 3600:,.0f} hours (--repeats={s.repeats}, "
+                          f"--steps={s.steps}, --new_tokens={s.new_tokens}): lower them")

@@ -109,6 +109,8 @@ def read_config_file(path) -> dict:
         source = f.read()
     try:
         exec(builtins.compile(source, path, "exec"), ns)
+    except SystemExit as e:  # else the script would exit with the file's status, having done nothing
+        raise ConfigError(f"config file {path} called sys.exit({e.code!r}): a config file only assigns settings") from None
     except Exception as e:
         raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
     return {k: v for k, v in ns.items()
@@ -373,9 +375,62 @@ def seed_everything(seed: int):
     random.seed(seed)
 
 
+class ClosedSafeStream:
+    """stdout for a script: a reader that went away (`train.py | head`, a closed terminal) sends the rest
+    of the output to /dev/null, with one note on stderr, instead of ending the work in a BrokenPipeError;
+    a character the terminal's encoding lacks (a non-ASCII out_dir under LANG=C) is written escaped."""
+
+    def __init__(self, stream):
+        self.stream, self.closed_note = stream, False
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except (BrokenPipeError, OSError) as e:
+            self.went_away(e)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (BrokenPipeError, OSError) as e:
+            self.went_away(e)
+
+    def went_away(self, e):
+        import sys
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())  # the flush at exit then finds nothing to fail on
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        self.stream = open(os.devnull, "w")
+        if not self.closed_note:
+            self.closed_note = True
+            try:
+                print(f"note: stdout is closed ({getattr(e, 'strerror', None) or e}): the work goes on, its output "
+                      "discarded (train.py still writes log.jsonl)", file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def run_script(main, argv=None):
-    """Run a script's main(argv): help to stdout and 0, a bad input as one line on stderr and 1."""
+    """Run a script's main(argv): help to stdout and 0, a bad input as one line on stderr and 1. Run from
+    the command line (argv None), its stdout survives a reader that goes away (ClosedSafeStream)."""
     import sys
+    if argv is None and not isinstance(sys.stdout, ClosedSafeStream) and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout = ClosedSafeStream(sys.stdout)
+        try:
+            sys.stderr.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     try:
         result = main(sys.argv[1:] if argv is None else argv)
     except HelpRequested as h:

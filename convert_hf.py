@@ -18,11 +18,13 @@ read by gguf_import.py. Needs safetensors (for .safetensors weights and for expo
 files); transformers is never imported here.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import tempfile
+from contextlib import nullcontext
 
 import torch
 
@@ -31,6 +33,8 @@ from checkpoint import (CheckpointError, ConversionError, build_on_meta, collect
 from configurator import (DTYPES, ConfigError, HelpRequested, apply_threads, configure, help_text, run_script,
                           setting_comments, settings_from)
 from gguf_import import is_gguf, load_gguf_llama
+from guards import claim_destination
+from integrity import NESTING_LIMIT, nesting_depth, typed_field
 from model import Llama, LlamaConfig
 
 # -----------------------------------------------------------------------------
@@ -49,8 +53,50 @@ def read_hf_config(hf_dir) -> dict:
             hf = json.load(f)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConversionError(f"{path}: nested too deeply to be a model config") from None
     if not isinstance(hf, dict):
         raise ConversionError(f"{path}: not a model config (a JSON object), found {type(hf).__name__}")
+    if nesting_depth(hf) > NESTING_LIMIT:
+        raise ConversionError(f"{path}: nested more than {NESTING_LIMIT} levels deep: not a model config")
+    return hf
+
+
+# config.json fields by kind (integrity.typed_field); a null is refused for the first group, taken as unset for
+# the optional ones
+HF_REQUIRED = {"hidden_size": "count", "num_hidden_layers": "count", "num_attention_heads": "count",
+               "intermediate_size": "count", "vocab_size": "count"}
+HF_OPTIONAL = {"num_key_value_heads": "count", "head_dim": "count", "max_position_embeddings": "count",
+               "rope_theta": "positive", "rms_norm_eps": "positive", "tie_word_embeddings": "bool",
+               "attention_bias": "bool", "mlp_bias": "bool", "partial_rotary_factor": "positive"}
+HF_ROPE = {"rope_theta": "positive", "factor": "positive", "low_freq_factor": "positive",
+           "high_freq_factor": "positive", "original_max_position_embeddings": "count"}
+
+
+def checked_hf_fields(hf: dict, source="config.json") -> dict:
+    """hf with the fields this converter reads checked by type and range and read as their kind: a bool
+    is a bool ("false" is false, never a truthy string), a count a positive int (4.7 refused), a scale a
+    positive finite number (0, negative, NaN refused). A ConversionError names the field."""
+    hf = dict(hf)
+    try:
+        for key, kind in HF_REQUIRED.items():
+            if key not in hf or hf[key] is None:
+                raise ValueError(f"{key} is missing in {source}: a Llama config.json has it")
+            hf[key] = typed_field(hf[key], kind, key, source)
+        for key, kind in HF_OPTIONAL.items():
+            if hf.get(key) is not None:
+                hf[key] = typed_field(hf[key], kind, key, source)
+        if "tie_word_embeddings" in hf and hf["tie_word_embeddings"] is None:
+            raise ValueError(f"tie_word_embeddings=null in {source} must be true or false")
+        for outer in ("rope_scaling", "rope_parameters"):
+            rope = hf.get(outer)
+            if isinstance(rope, dict):
+                hf[outer] = dict(rope)
+                for key, kind in HF_ROPE.items():
+                    if rope.get(key) is not None:
+                        hf[outer][key] = typed_field(rope[key], kind, f"{outer}.{key}", source)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     return hf
 
 
@@ -93,10 +139,9 @@ def llama_config_from_hf(hf: dict, kv_source=None, block_size=None) -> LlamaConf
     if model_type not in ("llama", "echo_llama"):
         raise ConversionError(f"config.json: model_type is {model_type!r}, not 'llama': only Llama models "
                               "convert (architectures: {})".format(hf.get("architectures")))
-    kv_source, attn_source = shared_maps(hf, kv_source)
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if not isinstance(hf.get(key), int):
-            raise ConversionError(f"config.json: missing or non-integer {key!r}")
+    hf = checked_hf_fields(hf)
+    # our export of a shared model carries its own maps (and refuses --kv_source); a plain Llama has none
+    file_kv, attn_source = shared_maps(hf, kv_source) if model_type == "echo_llama" else (None, None)
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     for key in ("attention_bias", "mlp_bias"):
@@ -110,25 +155,37 @@ def llama_config_from_hf(hf: dict, kv_source=None, block_size=None) -> LlamaConf
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConversionError(f"config.json: partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
     theta, scaling = hf_rope(hf)
+    if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
+        raise ConversionError(f"--block_size={block_size!r} must be a positive integer (0: max_position_embeddings)")
     if block_size is None:
         block_size = hf.get("max_position_embeddings") or 2048
     try:
-        return LlamaConfig(
+        config = LlamaConfig(
             n_layer=hf["num_hidden_layers"], n_head=n_head,
             n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
             intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"], block_size=int(block_size),
             rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), kv_source=kv_source, attn_source=attn_source)
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), kv_source=file_kv,
+            attn_source=attn_source)
     except ValueError as e:
         raise ConversionError(f"config.json: {e}") from None
+    return with_kv_source(config, kv_source)
+
+
+def with_kv_source(config: LlamaConfig, kv_source):
+    """config with the kv_source given on the command line: its errors are named as that, not as the
+    config file's (the file's own fields were checked without it)."""
+    if kv_source is None:
+        return config
+    try:
+        return dataclasses.replace(config, kv_source=kv_source)
+    except ValueError as e:
+        raise ConversionError(f"--kv_source={kv_source}: {e}") from None
 
 
 def shared_maps(hf: dict, kv_source):
-    """(kv_source, attn_source) to build: our export of a shared model (model_type echo_llama, see
-    shared_hf_config) carries its own maps and weights without the sharers' projections; a plain Llama
-    is dense, or shared at import as kv_source asks."""
-    if hf.get("model_type") != "echo_llama":
-        return kv_source, None
+    """(kv_source, attn_source) of our export of a shared model (model_type echo_llama, see shared_hf_config):
+    it carries its own maps and weights without the sharers' projections, so it takes no --kv_source."""
     if kv_source is not None:
         raise ConversionError(f"config.json: this model shares already (kv_source={hf.get('kv_source')}, attn_source="
                               f"{hf.get('attn_source')}); --kv_source applies to a dense Llama only: leave it out")
@@ -287,11 +344,18 @@ def checkpoint_dict(model: Llama, hf=None, tokenizer_json=None, source=None, kv_
     return ckpt
 
 
-def check_finite(model: Llama, source):
+def check_finite(model: Llama, source, positions=64):
+    """Logits finite at every one of the first `positions` positions (capped by block_size), for a sequence
+    of varied tokens: a broken weight can stay hidden at position 0 (RoPE is the identity there) and with
+    one token (attention then sees itself only)."""
+    n = min(positions, model.config.block_size)
+    tokens = (torch.arange(n, dtype=torch.long) * 7919) % model.config.vocab_size
     with torch.no_grad():
-        logits, _ = model(torch.zeros(1, 1, dtype=torch.long))
-    if not torch.isfinite(logits).all():
-        raise ConversionError(f"the converted model gives non-finite logits: the weights in {str(source)!r} are broken")
+        logits, _ = model(tokens[None])
+    bad = (~torch.isfinite(logits)).any(dim=-1)[0].nonzero()
+    if len(bad):
+        raise ConversionError(f"the converted model gives non-finite logits (first at position {int(bad[0])} of "
+                              f"{n}): the weights in {str(source)!r} are broken")
 
 
 def convert(hf_dir, out_path, kv_source=None, kv_init="own", dtype=None, block_size=None) -> Llama:
@@ -339,6 +403,10 @@ def export_hf(model: Llama, out_dir, dtype=None, tokenizer_json=None, hf_extra=N
                               f"{sorted(model.kv_blend)} blend their K/V with another layer's): "
                               f"{MODELING_FILE} cannot express a blend; export a checkpoint written after the stage ended")
     out_dir = os.path.abspath(out_dir)
+    if os.path.islink(out_dir):  # export where the link points: replacing the link itself would leave a dangling one
+        if not os.path.isdir(out_dir):
+            raise ConversionError(f"{out_dir} is a symbolic link to {os.readlink(out_dir)}, which is not a directory")
+        out_dir = os.path.realpath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConversionError(f"{out_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -514,7 +582,7 @@ def _write_json(obj, path):
 
 
 USAGE = """usage:
-  convert_hf.py import HF_DIR|FILE.gguf OUT.pt [--kv_source=SPEC] [--kv_init=own|mean] [--dtype=DTYPE] [--block_size=N]
+  convert_hf.py import HF_DIR|FILE.gguf OUT.pt [--kv_source=SPEC] [--kv_init=own|mean] [--dtype=DTYPE] [--block_size=N] [--overwrite]
   convert_hf.py export CHECKPOINT HF_OUT_DIR [--dtype=DTYPE] [--verify] [--overwrite]"""
 # options (configurator.py); the command and its two paths come first
 kv_source = ""               # import: dense ('') or a sharing map: cla:N, upper:K, upper:half or 0,0,2,2,...
@@ -522,7 +590,7 @@ kv_init = "own"              # import: consumers' owners keep their own K/V (own
 dtype = ""                   # '' = config.json's dtype (import; float32 for .gguf) or the checkpoint's (export)
 block_size = 0               # import: context length (0 = max_position_embeddings)
 verify = False               # export: load the result with transformers and compare logits
-overwrite = False            # export: replace a non-empty HF_OUT_DIR (all of it)
+overwrite = False            # export: replace a non-empty HF_OUT_DIR (all of it); import: replace an existing OUT.pt
 threads = 0                  # torch CPU threads: 0 = 1 on a CPU (shared machines: configurator.apply_threads)
 DEFAULTS = settings_from(globals())
 CHOICES = {"kv_init": ("own", "mean"), "dtype": ("", *DTYPES)}
@@ -536,15 +604,18 @@ def main(argv):
                           "(convert_hf.py --help)")
     command, src, dst = argv[:3]
     s, explicit = configure(DEFAULTS, argv[3:], __doc__, CHOICES)
-    allowed = {"import": {"kv_source", "kv_init", "dtype", "block_size"},
+    allowed = {"import": {"kv_source", "kv_init", "dtype", "block_size", "overwrite"},
                "export": {"dtype", "verify", "overwrite"}}[command] | {"threads"}
     if explicit - allowed:
         raise ConfigError(f"{command} takes no {', '.join('--' + k for k in sorted(explicit - allowed))}; it takes "
                           f"{', '.join('--' + k for k in sorted(allowed))}")
     apply_threads(s.threads)  # conversion and --verify run on the CPU
     dtype_ = DTYPES[s.dtype] if s.dtype else None
+    if not src or not dst:
+        raise ConfigError(f"{'the source' if not src else 'the destination'} of {command} is empty: name it")
     if command == "import":
-        model = convert(src, dst, s.kv_source or None, s.kv_init, dtype_, s.block_size or None)
+        with claim_destination(dst, s.overwrite, "OUT.pt") or nullcontext():  # a training's out_dir: its lock
+            model = convert(src, dst, s.kv_source or None, s.kv_init, dtype_, s.block_size or None)
         c = model.config
         print(f"wrote {dst}: {model.num_params() / 1e6:.2f}M parameters, {c.n_layer} layers, "
               f"{len(c.owners)} own their K/V (kv_source={list(c.kv_source)}), "

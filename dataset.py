@@ -62,9 +62,46 @@ def load_meta(data_dir):
         raise ValueError(f"{path}: vocab_size {meta['vocab_size']!r} is not a positive integer")
     if meta["dtype"] not in ("uint16", "uint32"):
         raise ValueError(f"{path}: dtype {meta['dtype']!r} is not uint16 or uint32")
+    problem = codec_problem(meta)
+    if problem:
+        raise ValueError(f"{path}: {problem}; re-run the dataset's prepare.py")
     if "tokenizer_file" in meta:  # relative to the dataset directory: resolved here, where that is known
         meta["tokenizer_file"] = os.path.join(data_dir, meta["tokenizer_file"])
+        if not os.path.isfile(meta["tokenizer_file"]):  # else found only by sample.py, after the training
+            raise ValueError(f"{path}: its tokenizer file {meta['tokenizer_file']} is missing; re-run the dataset's "
+                             "prepare.py")
     return meta
+
+
+GPT2_VOCAB = 50257  # tiktoken's gpt2 encoding
+
+
+def codec_problem(meta):
+    """How a meta.json contradicts itself (its tokenizer, vocabulary and token dtype), found before any
+    work rather than by sample.py after training: None when it does not."""
+    vocab, kind = meta["vocab_size"], meta["tokenizer"]
+    if np.iinfo(np.dtype(meta["dtype"])).max < vocab - 1:
+        return f"dtype {meta['dtype']} cannot hold the token ids of a vocabulary of {vocab} (use {token_dtype(vocab).__name__})"
+    if kind == "char":
+        chars = meta.get("chars")
+        if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            return "a char tokenizer needs 'chars', a list of single characters (id -> character)"
+        if len(chars) != vocab:
+            return f"'chars' has {len(chars)} characters but vocab_size is {vocab}"
+        if len(set(chars)) != len(chars):
+            return "'chars' lists a character twice"
+    elif kind == "gpt2":
+        if vocab < GPT2_VOCAB:
+            return f"vocab_size {vocab} is smaller than the gpt2 tokenizer's {GPT2_VOCAB} tokens"
+    elif kind == "hf":
+        if not isinstance(meta.get("tokenizer_file"), str) or not meta["tokenizer_file"]:
+            return "an hf tokenizer needs 'tokenizer_file' (the tokenizer.json beside it)"
+    else:
+        return f"unknown tokenizer {kind!r} (known: char, gpt2, hf)"
+    eot = meta.get("eot_token")
+    if eot is not None and not (isinstance(eot, int) and not isinstance(eot, bool) and 0 <= eot < vocab):
+        return f"eot_token {eot!r} is not a token id below vocab_size {vocab}"
+    return None
 
 
 def write_tokens(path, ids, vocab_size):
@@ -197,6 +234,9 @@ def ensure_dataset(name, auto_prepare=True, is_master=True, barrier=lambda: None
     """The directory of dataset `name` with train.bin, val.bin and meta.json, preparing the offline
     datasets when they are missing (by the master process; the others wait at the barrier)."""
     d = dataset_dir(name)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"dataset {name!r}: {d} is not a directory (a dataset is a directory with train.bin, val.bin "
+                         "and meta.json)")
     need = [os.path.join(d, f) for f in ("train.bin", "val.bin", "meta.json")]
     missing = [p for p in need if not os.path.exists(p)]
     if missing and auto_prepare and d == os.path.join(DATA_ROOT, name) and name in OFFLINE_DATASETS:
@@ -234,8 +274,10 @@ def open_tokens(data_dir, split, meta):
                          "truncated or was written with another dtype; re-run the prepare script")
     arr = np.memmap(path, dtype=dt, mode="r") if size else np.zeros(0, dtype=dt)
     # an id at or above the vocabulary would index past the embedding table in the middle of training
-    # (an IndexError on the CPU, a device-side assert on a GPU): one pass over the file finds it now
-    top = int(arr.max()) if len(arr) else -1
+    # (an IndexError on the CPU, a device-side assert on a GPU): one pass over the file finds it now, in
+    # chunks, so that only a chunk of the file is resident at once
+    chunk = 1 << 26
+    top = max((int(arr[i:i + chunk].max()) for i in range(0, len(arr), chunk)), default=-1)
     if top >= meta["vocab_size"]:
         raise ValueError(f"{path} holds token id {top}, but {os.path.join(data_dir, 'meta.json')} says the "
                          f"vocabulary has {meta['vocab_size']} entries: the file and meta.json come from different "

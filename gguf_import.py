@@ -8,6 +8,7 @@ float as it is read and its q/k rows are put back in the Hugging Face order mode
 convert_hf.py import takes a .gguf file and writes a checkpoint from it (convert_hf.convert_gguf).
 """
 
+import dataclasses
 import os
 import re
 
@@ -16,6 +17,7 @@ import torch
 
 from checkpoint import (CheckpointError, ConversionError, build_on_meta, collect_state_dict,
                         hf_config_from_llama)
+from integrity import typed_field
 from model import LlamaConfig
 
 GGUF_LAYER_NAMES = {  # llama.cpp's name after "blk.N." -> ours after "layers.N."
@@ -77,14 +79,18 @@ def llama_config_from_gguf(meta: dict, vocab_size: int, tie: bool, kv_source=Non
     if arch != "llama":
         raise ConversionError(f"GGUF general.architecture is {arch!r}, not 'llama': only Llama models convert")
 
-    def get(key, default=_MISSING, kind=int):
+    def get(key, default=_MISSING, kind="count"):
+        """A value checked by kind (integrity.typed_field): a head count of 4.7 or a freq_base of NaN is refused."""
         value = meta.get(f"llama.{key}", default)
-        if value is _MISSING or not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConversionError(f"GGUF metadata: missing or non-numeric 'llama.{key}'")
-        return kind(value)
+        if value is _MISSING:
+            raise ConversionError(f"GGUF metadata: missing 'llama.{key}'")
+        try:
+            return typed_field(value, kind, f"llama.{key}", "the GGUF metadata")
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
 
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
-    if get("expert_count", 0):
+    if get("expert_count", 0, "index"):
         raise ConversionError(f"GGUF metadata: llama.expert_count={get('expert_count')}: mixture-of-experts "
                               "models are not supported")
     if meta.get("llama.rope.scaling.type", "none") != "none":
@@ -94,16 +100,24 @@ def llama_config_from_gguf(meta: dict, vocab_size: int, tie: bool, kv_source=Non
         if get(key, head_dim) != head_dim:
             raise ConversionError(f"GGUF metadata: llama.{key}={get(key)} but embedding_length/head_count="
                                   f"{head_dim}: partial rotary or decoupled head sizes are not supported")
+    if block_size is not None and not (isinstance(block_size, int) and block_size >= 1):
+        raise ConversionError(f"--block_size={block_size!r} must be a positive integer (0: context_length)")
     try:
-        return LlamaConfig(
+        config = LlamaConfig(
             n_layer=get("block_count"), n_head=n_head, n_kv_head=get("attention.head_count_kv", n_head),
             n_embd=n_embd, intermediate_size=get("feed_forward_length"), vocab_size=vocab_size,
             block_size=int(block_size or get("context_length", 2048)),
-            rope_theta=_float32(get("rope.freq_base", 10000.0, float)),
-            norm_eps=_float32(get("attention.layer_norm_rms_epsilon", 1e-5, float)),
-            tie_embeddings=tie, kv_source=kv_source)
+            rope_theta=_float32(get("rope.freq_base", 10000.0, "positive")),
+            norm_eps=_float32(get("attention.layer_norm_rms_epsilon", 1e-5, "positive")),
+            tie_embeddings=tie)
+    except ConversionError:  # a field refused by get(): it names itself
+        raise
     except ValueError as e:
         raise ConversionError(f"GGUF metadata: {e}") from None
+    try:  # the command line's kv_source: its errors named as that, not as the file's
+        return config if kv_source is None else dataclasses.replace(config, kv_source=kv_source)
+    except ValueError as e:
+        raise ConversionError(f"--kv_source={kv_source}: {e}") from None
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -178,6 +192,10 @@ def gguf_tokenizer(meta: dict):
     tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise ConversionError("GGUF metadata: a 'gpt2' tokenizer needs tokenizer.ggml.tokens and tokenizer.ggml.merges")
+    for key, value in (("tokens", tokens), ("merges", merges)):
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise ConversionError(f"GGUF metadata: tokenizer.ggml.{key} must be a list of strings, got "
+                                  f"{type(value).__name__}")
     spell = _byte_level_alphabet()
     alphabet = set(spell.values())
 
@@ -186,15 +204,22 @@ def gguf_tokenizer(meta: dict):
 
     for key in ("bos", "eos", "padding"):
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        if i is not None and not 0 <= i < len(tokens):
+        if i is not None and (not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(tokens)):
             raise ConversionError(f"GGUF metadata: tokenizer.ggml.{key}_token_id={i} is not a token id "
                                   f"(0..{len(tokens) - 1})")
     pairs = [tuple(m.split(" ")) for m in merges]
     if any(len(p) != 2 for p in pairs):
         raise ConversionError("GGUF metadata: a tokenizer.ggml.merges entry is not two tokens separated by one space")
+    vocab = {spelled(t) for t in tokens}
+    for number, (a, b) in enumerate(pairs):  # the tokenizers library panics on a merge outside the vocabulary
+        if spelled(a) not in vocab or spelled(b) not in vocab or spelled(a + b) not in vocab:
+            raise ConversionError(f"GGUF metadata: tokenizer.ggml.merges entry {number} ({a!r} {b!r}) names a token "
+                                  "outside tokenizer.ggml.tokens: the tokenizer is damaged")
+    types = meta.get("tokenizer.ggml.token_type") or []
+    if not isinstance(types, list) or not all(isinstance(y, int) for y in types):
+        raise ConversionError("GGUF metadata: tokenizer.ggml.token_type must be a list of integers")
     tok = Tokenizer(models.BPE({spelled(t): i for i, t in enumerate(tokens)}, pairs, fuse_unk=False))
     tok.pre_tokenizer, tok.decoder = _gguf_pre_tokenizer(_GGUF_PRE_SPLIT[pre]), decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type") or []
     # a control token outside the byte alphabet would be a second entry for one id: llama.cpp mislabels a few
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, y in zip(tokens, types) if y == 3 and set(t) <= alphabet])

@@ -96,6 +96,26 @@ def check_applicable(s, explicit):
         raise ConfigError(f"adapt_similarity is read only with adapt_order=similarity (adapt_order={s.adapt_order!r})")
 
 
+def world_size_from_env(environ=os.environ) -> int:
+    """The number of processes torchrun started (1 without it). torchrun sets RANK and WORLD_SIZE together:
+    one without the other, or a value that is no number, is refused rather than run as a single
+    process with its accumulation sized for several."""
+    has_rank, has_world = "RANK" in environ, "WORLD_SIZE" in environ
+    if has_rank != has_world:
+        given, missing = ("WORLD_SIZE", "RANK") if has_world else ("RANK", "WORLD_SIZE")
+        raise ConfigError(f"{given} is set in the environment but {missing} is not: start several processes with "
+                          f"torchrun (which sets both), or unset {given}")
+    if not has_world:
+        return 1
+    try:
+        world, rank = int(environ["WORLD_SIZE"]), int(environ["RANK"])
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={environ['WORLD_SIZE']!r} and RANK={environ['RANK']!r} must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"WORLD_SIZE={world} and RANK={rank}: need WORLD_SIZE >= 1 and 0 <= RANK < WORLD_SIZE")
+    return world
+
+
 def accumulation_for_world(s, explicit, world_size):
     """`torchrun --nproc_per_node=N train.py` must run as written: gradient_accumulation_steps counts
     micro-steps over all ranks, so unless it was given it becomes the smallest multiple of the number of
@@ -257,6 +277,26 @@ def lock_out_dir(out_dir):
     return f
 
 
+def claim_destination(path, overwrite, what="the output"):
+    """The one rule for a script that writes a file into a place another may own (convert_hf.py import,
+    adapt.py --convert_to): an empty name, a directory, or an existing file without --overwrite is
+    refused; a file written into a training out_dir (ckpt.pt, or a directory holding .lock) takes that
+    out_dir's lock, so a running training's checkpoint is never replaced under it. Returns the lock to
+    hold until the file is written (None when the destination is no out_dir)."""
+    if not path:
+        raise ConfigError(f"{what} is empty: name the file to write")
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path} is a directory: name a file, like {os.path.join(path, CKPT_NAME)}")
+    if os.path.lexists(path) and not overwrite:
+        raise ConfigError(f"{what} {path} exists: choose a new file, or pass --overwrite to replace it")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise ConfigError(f"{what} {path} is not a regular file: --overwrite replaces files only")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) == CKPT_NAME or os.path.exists(os.path.join(parent, ".lock")):
+        return lock_out_dir(parent)
+    return None
+
+
 def claim_out_dir(out_dir, rt, cleanup):
     """Rank 0 locks out_dir until `cleanup` (an ExitStack) closes and, being its only writer now, removes
     the temp files of a checkpoint write that was killed: the note saying so, or None. All ranks stop if
@@ -299,3 +339,72 @@ def check_not_tracked(path, setting="out", replace_tracked=False):
         raise ConfigError(f"--{setting}={path} would overwrite {tracked[0]}{more}, which the repository tracks: "
                           f"write elsewhere (the out-* folders are git-ignored), or pass --replace_tracked=True "
                           "to replace the committed files deliberately")
+
+
+# -----------------------------------------------------------------------------
+# sizes: an estimate of memory and time before anything is allocated
+
+GIB = 1 << 30
+PEAK_FLOPS_BOUND = {"cuda": 2e15, "cpu": 2e13, "mps": 5e13}  # above any device of the kind: a lower bound on time
+LAYER_FORWARD_FLOOR_S = 10e-6  # no layer's forward pass, of any size, takes less (its kernel launches alone)
+
+
+def parameter_count(mc) -> int:
+    """The parameters of a model config (a dict with LlamaConfig's fields) by arithmetic, without building it:
+    a model too big to build must be refused before it is."""
+    n, d, ff, vocab = mc["n_layer"], mc["n_embd"], mc["intermediate_size"], mc["vocab_size"]
+    kv_dim = d // mc["n_head"] * mc["n_kv_head"]
+    try:
+        owners = sum(1 for i, j in enumerate(parse_kv_source(mc.get("kv_source"), n)) if i == j)
+    except (ValueError, TypeError):
+        owners = 1
+    per_layer = 2 * d * d + 3 * d * ff + 2 * d
+    return n * per_layer + owners * 2 * d * kv_dim + vocab * d * (1 if mc.get("tie_embeddings") else 2) + d
+
+
+def available_memory(device: str):
+    """Bytes free on the device now (GPU), or available RAM plus free swap (CPU); None if unknown."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_fits(s, mc, device, world_size=1):
+    """Refuse, in one line and before any allocation, a run that cannot fit: weights, gradients and AdamW
+    state (16 bytes a parameter, sharded under FSDP) plus the activations a training step keeps for its
+    backward pass (a lower bound: per layer and token, 4 hidden-size and 2 MLP-size values) beyond the
+    memory the device has; an optimizer step whose lower-bound time is over an hour; or an evaluation
+    whose lower-bound time is over an hour and over ten times the training between two evaluations
+    (eval_iters far beyond what a loss estimate needs)."""
+    try:
+        params = parameter_count(mc)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return  # not a model config: LlamaConfig says what is wrong with it
+    state = 16 * params / (world_size if s.fsdp else 1)
+    act_bytes = 4 if canonical_dtype(s.dtype) in ("float32", "auto") and not device.startswith("cuda") else 2
+    tokens = s.batch_size * s.block_size
+    activations = tokens * mc["n_layer"] * (4 * mc["n_embd"] + 2 * mc["intermediate_size"]) * act_bytes
+    free = available_memory(device)
+    if free is not None and state + activations > free:
+        raise ConfigError(f"this run cannot fit: it needs at least {(state + activations) / GIB:,.1f} GiB "
+                          f"({params / 1e6:,.1f}M parameters with gradients and AdamW state {state / GIB:,.1f} GiB, "
+                          f"activations of batch_size={s.batch_size} x block_size={s.block_size} "
+                          f"{activations / GIB:,.1f} GiB) and {device} has {free / GIB:,.1f} GiB available: lower "
+                          "batch_size, block_size or the model's size")
+    kind = "cuda" if device.startswith("cuda") else device
+    forward_s = max(2 * params * tokens / PEAK_FLOPS_BOUND.get(kind, 2e15), mc["n_layer"] * LAYER_FORWARD_FLOOR_S)
+    step_s = 3 * forward_s * s.gradient_accumulation_steps / world_size  # forward + backward ~ 3 forwards
+    if step_s > 3600:  # a lower bound: a real step takes longer still
+        raise ConfigError(f"gradient_accumulation_steps={s.gradient_accumulation_steps}: one optimizer step would take "
+                          f"at least {step_s / 3600:,.1f} hours ({s.gradient_accumulation_steps:,} micro-steps of "
+                          f"{tokens:,} tokens); lower it")
+    evaluation_s = 2 * s.eval_iters * forward_s
+    between_s = 3 * forward_s * s.eval_interval * s.gradient_accumulation_steps  # forward + backward ~ 3 forwards
+    if evaluation_s > 3600 and (s.eval_only or evaluation_s > 10 * between_s):
+        raise ConfigError(f"eval_iters={s.eval_iters}: each evaluation would take at least {evaluation_s / 3600:,.1f} "
+                          f"hours ({2 * s.eval_iters:,} forward passes of {tokens:,} tokens): a loss estimate needs "
+                          "far fewer batches (the default is 20); lower eval_iters")

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -27,19 +28,108 @@ from sharding import rank_max
 
 
 class Log:
-    """Prints a line and appends a JSON record to out_dir/log.jsonl; silent on the other DDP ranks."""
+    """Prints a line and appends a JSON record to out_dir/log.jsonl; silent on the other DDP ranks.
+
+    Logging never ends a run. A record is appended whole or not at all: a failed write (a full disk) is
+    cut back to the last whole line, said once on stderr, and, for a full disk, asks the run to stop
+    with a checkpoint (`on_disk_full`, set by train.py to its StopSignal's request). A closed stdout
+    (`train.py | head`, a closed terminal) sends the rest of the printing to /dev/null and training goes
+    on, logging to log.jsonl."""
 
     def __init__(self, path, enabled=True):
         self.path, self.enabled = path, enabled
+        self.on_disk_full, self.write_failed, self.stdout_closed, self.tail_checked = None, False, False, False
 
     def __call__(self, text=None, **record):
         if not self.enabled:
             return
         if text:
-            print(text, flush=True)
+            self.print(text)
         if self.path and record:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.append(json.dumps(record) + "\n")
+
+    def print(self, text):
+        if self.stdout_closed:
+            return
+        try:
+            print(text, flush=True)
+        except (BrokenPipeError, OSError) as e:  # EPIPE from `| head`, EIO from a closed terminal
+            self.stdout_closed = True
+            stdout_to_devnull()
+            warn(f"note: stdout is closed ({e.strerror or e}): training goes on, logging to {self.path} only")
+
+    def append(self, line):
+        data = line.encode()
+        try:
+            with open(self.path, "ab") as f:
+                size = f.tell()
+                if not self.tail_checked and size:
+                    size = whole_lines_size(self.path, size)  # a line left torn by a run killed mid-write
+                    f.truncate(size)
+                self.tail_checked = True
+                try:
+                    f.write(data)
+                    f.flush()
+                except OSError:
+                    f.truncate(size)  # no torn line for a reader to trip on
+                    raise
+        except OSError as e:
+            if not self.write_failed:
+                warn(f"warning: cannot append to {self.path} ({e.strerror or e})" +
+                     (": stopping with a checkpoint" if e.errno == errno.ENOSPC and self.on_disk_full else
+                      ": training goes on without it"))
+            self.write_failed = True
+            if e.errno == errno.ENOSPC and self.on_disk_full:
+                self.on_disk_full()
+
+
+def whole_lines_size(path, size):
+    """The size of the file at path up to and including its last newline."""
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (1 << 16)))
+        tail = f.read()
+    cut = tail.rfind(b"\n")
+    return size - len(tail) + cut + 1 if cut >= 0 or size <= (1 << 16) else size
+
+
+def warn(line):
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def stdout_to_devnull():
+    """Point stdout at /dev/null, so that later prints, and the flush at exit, do not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        sys.stdout = open(os.devnull, "w")
+
+
+def read_log(path):
+    """The records of a log.jsonl. A last line cut short (a run killed, or a full disk, mid-write) is
+    skipped with a note naming the file; damage anywhere else is a ValueError naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            if number == len(lines):  # the last line, with no newline after it: torn
+                warn(f"note: {path}: skipped its last line, cut short ({len(line)} bytes)")
+                break
+            raise ValueError(f"{path} line {number} is not a log record ({str(e)[:80]}): damaged; move it "
+                             "away to start that run anew") from None
+        records.append(record)
+    return records
 
 
 def open_log(s, rt, notes):
@@ -252,15 +342,28 @@ class Saver:
         """A stop signal: checkpoint what was trained since the last save, and say how to go on."""
         if iter_num > start_iter and self.last != iter_num:
             self.save(iter_num, best_val_loss)
-        name = signal.Signals(signum).name
         where = (f"{self.path} holds iter {self.last}: continue with --init_from=resume" if self.last is not None
                  else "nothing was trained, nothing saved")
+        if signum == DISK_FULL:
+            raise DiskFull(f"no space left on the device of {self.s.out_dir} for log.jsonl: training stopped at iter "
+                           f"{iter_num}; {where} once space is freed")
+        name = signal.Signals(signum).name
         self.log(f"stopped by {name} at iter {iter_num}; {where}", kind="stopped", iter=iter_num, signal=name)
 
 
+# a stop that is no signal: the disk filled up while logging (Log.on_disk_full); above every signal number
+DISK_FULL = 1000
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+
+
+class DiskFull(ValueError):
+    """The disk filled up while logging: the run stopped after a checkpoint; the message says where."""
+
+
 class StopSignal:
-    """SIGTERM (a scheduler preempting the job) or Ctrl-C asks the loop to finish its step, write a
-    checkpoint and return, instead of losing the iterations since the last evaluation. A second Ctrl-C
+    """SIGTERM (a scheduler preempting the job), SIGHUP (a closed terminal or ssh session), SIGQUIT or
+    Ctrl-C asks the loop to finish its step, write a checkpoint and return, instead of losing the
+    iterations since the last evaluation; so does a full disk (DISK_FULL, from the log). A second Ctrl-C
     quits at once (the atomic write keeps the previous checkpoint). One that comes within a second of
     the first is the same request: torchrun passes the terminal's SIGINT on to processes that already
     got it. Installed only in the main thread, where Python runs signal handlers."""
@@ -270,7 +373,7 @@ class StopSignal:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
@@ -279,6 +382,9 @@ class StopSignal:
             raise KeyboardInterrupt
         if not self.signum:
             self.signum, self.since = signum, time.monotonic()
+
+    def request_disk_full(self):
+        self.handle(DISK_FULL, None)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

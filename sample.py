@@ -17,6 +17,7 @@ over the most recent tokens (model.generate).
 
 import json
 import os
+import stat
 import sys
 import time
 
@@ -26,6 +27,7 @@ from checkpoint import load_model
 from configurator import DTYPES, apply_threads, configure, resolve_device, resolve_dtype, run_script, settings_from
 from convert_hf import load_hf_llama, read_chat_template
 from dataset import dataset_dir, load_meta
+from guards import available_memory
 from quantize import quantize_int8
 from speed import use_decode_paths
 from tokenizer import GPT2_VOCAB_SIZE, HFTokenizer, from_meta
@@ -93,7 +95,9 @@ def tokenizer_from_spec(spec):
                 return tokenizer_from_spec(os.path.join(spec, name))
         raise SampleError(f"--tokenizer={spec}: no tokenizer.json or meta.json in that directory")
     if not os.path.isfile(spec):
-        raise SampleError(f"unknown tokenizer {spec!r}: use gpt2, a tokenizer.json, a meta.json or a directory "
+        looks_like_a_path = os.sep in spec or spec.endswith(".json")
+        raise SampleError(f"--tokenizer={spec}: no such file" if looks_like_a_path and not os.path.exists(spec) else
+                          f"unknown tokenizer {spec!r}: use gpt2, a tokenizer.json, a meta.json or a directory "
                           "holding one")
     if os.path.basename(spec) == "meta.json":
         return dataset_tokenizer(os.path.dirname(spec))
@@ -173,14 +177,27 @@ def load_for_sampling(path, s, explicit):
     return model, ckpt, None
 
 
+PROMPT_FILE_LIMIT = 64 << 20  # bytes: far beyond any context; a bigger file is not a prompt
+
+
 def read_prompt(start):
     if start.startswith("FILE:"):
         path = start[len("FILE:"):]
+        try:  # a FIFO or a device (/dev/urandom, /dev/zero) would block or never end: regular files only
+            info = os.stat(path)
+        except OSError as e:
+            raise SampleError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise SampleError(f"the prompt file {path} is not a regular file (a directory, FIFO or device): give a "
+                              "text file")
+        if info.st_size > PROMPT_FILE_LIMIT:
+            raise SampleError(f"the prompt file {path} has {info.st_size:,} bytes, more than {PROMPT_FILE_LIMIT >> 20} "
+                              "MiB: not a prompt (the model sees its last block_size tokens at most)")
         try:
             with open(path, encoding="utf-8") as f:
                 return f.read()
         except OSError as e:
-            raise SampleError(f"cannot read the prompt file: {e}") from None
+            raise SampleError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
         except UnicodeDecodeError:
             raise SampleError(f"the prompt file {path} is not UTF-8 text") from None
     return start
@@ -215,11 +232,38 @@ def wrap_in_chat(template, text, bos_token="", eos_token=""):
         raise SampleError(f"--chat: the model's chat template does not render ({e})") from None
 
 
+MIN_TEMPERATURE = 1e-4
+DECODE_STEP_FLOOR_S = 10e-6  # no decoding step of any model takes less (a kernel launch per layer, at the least)
+
+
+def check_sampling_fits(model, s, prompt_tokens, max_new, device):
+    """Before generating: weights that are all finite (NaN weights would end in torch.multinomial as a
+    traceback), and a length that fits in memory (the output holds 8 bytes a token) and in a day."""
+    broken = next((name for name, t in model.state_dict().items() if not torch.isfinite(t).all()), None)
+    if broken is not None:
+        raise SampleError(f"the model's weight {broken} is not finite (NaN or inf): {s.init_from} is broken; "
+                          "sample from a good checkpoint")
+    tokens = prompt_tokens + max_new  # one sample at a time
+    free = available_memory(device)
+    if free is not None and 8 * tokens > free:
+        raise SampleError(f"--max_new_tokens={s.max_new_tokens} cannot fit: its token ids alone need "
+                          f"{8 * tokens / (1 << 30):,.1f} GiB, {device} has {free / (1 << 30):,.1f} GiB available")
+    seconds = s.num_samples * max_new * model.config.n_layer * DECODE_STEP_FLOOR_S
+    if seconds > 86400:
+        raise SampleError(f"--num_samples={s.num_samples} of {max_new} new tokens would take at least "
+                          f"{seconds / 3600:,.0f} hours "
+                          f"({model.config.n_layer} layers a token, >= {DECODE_STEP_FLOOR_S * 1e6:.0f} us each): "
+                          "ask for fewer tokens")
+
+
 def check_settings(s):
     if s.num_samples < 1:
         raise SampleError(f"--num_samples must be at least 1, got {s.num_samples}")
     if not (s.temperature >= 0 and s.temperature != float("inf")):
         raise SampleError(f"--temperature must be a finite number >= 0 (0 is greedy), got {s.temperature}")
+    if 0 < s.temperature < MIN_TEMPERATURE:  # logits / temperature overflow to inf, and softmax to NaN
+        raise SampleError(f"--temperature={s.temperature} is below {MIN_TEMPERATURE}: that is greedy decoding but for "
+                          "overflow; use --temperature=0")
     if s.top_k < 0:
         raise SampleError(f"--top_k must be at least 1 (0: no top-k), got {s.top_k}")
     if s.max_new_tokens < 0:
@@ -265,6 +309,7 @@ def main(argv):
     if not s.max_new_tokens:
         print(f"up to {max_new} new tokens (max_new_tokens=0: what fits the {model.config.block_size}-token context "
               "after the prompt, at most 500; --max_new_tokens=N for another number)", file=sys.stderr, flush=True)
+    check_sampling_fits(model, s, len(ids), max_new, dev)
     use_decode_paths(model)  # speed.py's batch-1 decoding paths: faster compiled on a CPU, same results
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None]
     step, compile_s = compiled_step(model, x) if s.compile else (None, 0.0)
@@ -272,8 +317,14 @@ def main(argv):
     for k in range(s.num_samples):
         stream = TextStream(tok, [] if s.chat else ids)  # the text as it is generated
         t0 = time.perf_counter()
-        y = model.generate(x, max_new, temperature=s.temperature, top_k=s.top_k or None, eos_id=eos, decode_step=step,
-                           on_token=stream.add)
+        try:
+            y = model.generate(x, max_new, temperature=s.temperature, top_k=s.top_k or None, eos_id=eos,
+                               decode_step=step, on_token=stream.add)
+        except RuntimeError as e:
+            if "probability tensor contains" not in str(e):
+                raise
+            raise SampleError(f"the model gave non-finite logits while sampling ({str(dtype).replace('torch.', '')}): "
+                              "its activations overflow; try --dtype=float32 or --temperature=0") from None
         seconds = time.perf_counter() - t0
         stream.finish(y[0, len(ids) if s.chat else 0:].tolist())
         if s.show_speed:

@@ -33,8 +33,9 @@ from checkpoint import (MODEL_KEYS, SAMPLING_KEYS, checkpoint_to_start_from, res
                         settings_from_checkpoint)
 from configurator import ConfigError, close_runtime, configure, init_runtime, run_script, settings_from
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens
-from guards import (accumulation_for_world, adaptation_note, check_out_dir_writable, check_replaces_same_model,
-                    check_settings, check_tokenizer, claim_out_dir, finished_message, model_settings_conflicts)
+from guards import (accumulation_for_world, adaptation_note, check_fits, check_out_dir_writable,
+                    check_replaces_same_model, check_settings, check_tokenizer, claim_out_dir, finished_message,
+                    model_settings_conflicts, world_size_from_env)
 from lora import LORA_SETTINGS, check_lora_run, model_to_train, setup_lora
 from model import Llama, LlamaConfig
 from monitor import (LossWatch, Saver, StepTimer, StopSignal, TrainingDiverged, device_peak_flops, evaluation_beat,
@@ -153,8 +154,8 @@ def estimate_loss(pm, rt, samplers, eval_iters, fsdp, beat=None):
     pm.model.eval()
     for split, sampler in zip(("train", "val"), samplers):
         total = torch.zeros(2, dtype=torch.float64, device=rt.device)
-        mine = [rt.rank + j * rt.world_size for j in range(-(-eval_iters // rt.world_size))]
-        for k in mine if fsdp else [k for k in mine if k < eval_iters]:
+        mine = range(rt.rank, rt.world_size * -(-eval_iters // rt.world_size), rt.world_size)  # a range, not a list
+        for k in mine if fsdp else (k for k in mine if k < eval_iters):
             X, Y = sampler.get(f"eval_{split}", 0, k if k < eval_iters else 0)
             with rt.autocast():
                 loss = pm.eval_model(X, Y)[1]
@@ -173,7 +174,7 @@ def estimate_loss(pm, rt, samplers, eval_iters, fsdp, beat=None):
 def main(argv):
     """The run's summary; after a stop signal 128 + its number, the exit status of a process it ended."""
     s, explicit = configure(DEFAULTS, argv, __doc__, CHOICES)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = world_size_from_env()
     note = accumulation_for_world(s, explicit, world_size)
     check_settings(s, explicit, world_size, torchrun="RANK" in os.environ and "WORLD_SIZE" in os.environ)
     check_lora_run(s, explicit)
@@ -189,6 +190,8 @@ def main(argv):
         if resume:
             settings_from_checkpoint(s, explicit, ckpt)
         splits = open_splits(data_dir, meta, s.block_size)
+        check_fits(s, ckpt["model_config"] if ckpt else {k: getattr(s, k) for k in MODEL_KEYS} | {
+            "vocab_size": s.vocab_size or meta["vocab_size"]}, rt.device, rt.world_size)
         raw_model = build_model(s, explicit, ckpt, path, meta["vocab_size"])
         if ckpt is not None and not s.allow_tokenizer_mismatch:
             check_tokenizer(ckpt, path, meta, data_dir)
@@ -224,6 +227,7 @@ def main(argv):
         timer = StepTimer(rt, note=log if pm.compile_model else None)  # says how long compiling took
         saver = Saver(s, pm, scaler, samplers[0], carried, log, watch, iter_num if resume else None)
         stop = cleanup.enter_context(StopSignal())
+        log.on_disk_full = stop.request_disk_full
         start_iter, val_loss, stopped = iter_num, None, 0
         X, Y = samplers[0].get("train", iter_num, rt.rank * local_steps)  # then each next batch while the device works
         pm.model.train()

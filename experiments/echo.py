@@ -36,6 +36,7 @@ from checkpoint import load_model  # noqa: E402  (the repository root is on the 
 from configurator import apply_threads, configure, parse_text, run_script, settings_from  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
 from guards import check_not_tracked  # noqa: E402
+from monitor import read_log  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-echo-results"     # the table, the JSON and the plots; results/echo holds the committed ones
@@ -97,11 +98,12 @@ def finished_records(out_dir, args):
     log_path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(log_path):
         return None
-    with open(log_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_log(log_path)  # a torn last line is skipped, with a note naming the file
     start = next((r for r in records if r.get("kind") == "start"), None)
     kinds = {r.get("kind") for r in records}
-    if start is None or not ("done" in kinds or ("eval" in kinds and "--eval_only=True" in args)):
+    done = [r for r in records if r.get("kind") == "done"]
+    finished = bool(done) and not done[-1].get("stopped")  # a run a signal stopped is not finished
+    if start is None or not (finished or ("eval" in kinds and "--eval_only=True" in args)):
         return None  # unfinished: train.py runs it again from scratch
     logged = start.get("config", {})
     differ = [f"{k}={logged.get(k)!r} (this run: {v})" for k, v in setting_pairs(args).items()

@@ -34,6 +34,7 @@ from adapt import (attention_similarity, convert_model, kv_similarity, propose_a
                    propose_kv_source, save_heatmap)
 from checkpoint import load_model, save_checkpoint  # noqa: E402
 from configurator import apply_threads, configure, run_script, settings_from  # noqa: E402
+from monitor import read_log  # noqa: E402
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
 from guards import check_not_tracked  # noqa: E402
@@ -134,7 +135,7 @@ def train_run(name, args, s, k, n):
            "--compile=False", "--weight_decay=0.0", f"--seed={s.seed}", *args]
     stamp = os.path.join(out_dir, "command.json")
     log = os.path.join(out_dir, "log.jsonl")
-    done = os.path.exists(log) and any('"kind": "done"' in line for line in open(log))
+    done = os.path.exists(log) and any(r.get("kind") == "done" and not r.get("stopped") for r in read_log(log))
     if done and os.path.exists(stamp) and json.load(open(stamp)) == cmd[1:]:
         progress(f"run {k}/{n} {name}: reusing {out_dir}")
     else:
@@ -144,7 +145,7 @@ def train_run(name, args, s, k, n):
         progress(f"run {k}/{n} {name}: $ {' '.join(cmd[1:])}")
         subprocess.run(cmd, cwd=ROOT, check=True)
         json.dump(cmd[1:], open(stamp, "w"))
-    records = [json.loads(line) for line in open(log)]
+    records = read_log(log)
     return out_dir, next(r for r in records if r["kind"] == "done")["tokens_per_s"]
 
 
@@ -315,7 +316,7 @@ def speed_phase(s):
                f"--eval_interval={s.speed_iters}", "--overwrite=True", "--always_save_checkpoint=False"]
         progress(f"speed of {name}: $ {' '.join(cmd[1:])}")
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        done = [json.loads(line) for line in open(os.path.join(runs, "log.jsonl")) if '"kind": "done"' in line][-1]
+        done = [r for r in read_log(os.path.join(runs, "log.jsonl")) if r.get("kind") == "done"][-1]
         rates[name] = done["tokens_per_s"]
         progress(f"{name}: {rates[name]:,.0f} tokens/s ({rates[name] / rates['dense fine-tuned']:.2f}x dense)")
     json.dump(rates, open(os.path.join(s.out, "speed.json"), "w"), indent=1)

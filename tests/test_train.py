@@ -152,7 +152,9 @@ def test_init_from_weights_only_file(data_dir, tmp_path):
 
 def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    save_checkpoint({"model": {"w": torch.ones(3)}, "model_config": {}, "iter_num": 1}, str(path))
+    mc = {"n_layer": 1, "n_head": 1, "n_kv_head": 1, "n_embd": 2, "intermediate_size": 2, "vocab_size": 2,
+          "block_size": 2, "kv_source": [0]}  # load_checkpoint checks the structure: a model_config it could build
+    save_checkpoint({"model": {"w": torch.ones(3)}, "model_config": mc, "iter_num": 1}, str(path))
 
     def broken_save(obj, f, *a, **k):
         f.write(b"PK\x03\x04 half a checkpoint")
@@ -160,7 +162,7 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint({"model": {"w": torch.zeros(3)}, "model_config": {}, "iter_num": 2}, str(path))
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "model_config": mc, "iter_num": 2}, str(path))
     monkeypatch.undo()
     ck = load_checkpoint(str(path))
     assert ck["iter_num"] == 1 and torch.equal(ck["model"]["w"], torch.ones(3))
