@@ -306,10 +306,10 @@ def main(argv):
         quantize_int8(model)
     ids = encode_prompt(tok, prompt, model.config.vocab_size, s.chat)
     max_new = s.max_new_tokens or min(500, max(1, model.config.block_size - len(ids)))
+    check_sampling_fits(model, s, len(ids), max_new, dev)  # before any work or notice
     if not s.max_new_tokens:
         print(f"up to {max_new} new tokens (max_new_tokens=0: what fits the {model.config.block_size}-token context "
               "after the prompt, at most 500; --max_new_tokens=N for another number)", file=sys.stderr, flush=True)
-    check_sampling_fits(model, s, len(ids), max_new, dev)
     use_decode_paths(model)  # speed.py's batch-1 decoding paths: faster compiled on a CPU, same results
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None]
     step, compile_s = compiled_step(model, x) if s.compile else (None, 0.0)

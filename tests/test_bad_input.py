@@ -471,7 +471,7 @@ def test_export_overwrite_onto_a_symlink_replaces_what_it_points_to(world, tmp_p
     os.symlink(tmp_path / "target", tmp_path / "link")
     assert run_script(convert_hf.main, ["export", world["ck"], str(tmp_path / "link"), "--overwrite"]) == 0
     assert os.path.islink(tmp_path / "link") and os.path.realpath(tmp_path / "link") == str(tmp_path / "target")
-    assert sorted(os.listdir(tmp_path / "target")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "target")) == ["config.json", "meta.json", "model.safetensors"]  # meta: the char table
     assert sorted(os.listdir(tmp_path)) == ["link", "target"]  # no .link.old-PID left behind
 
 
