@@ -546,7 +546,8 @@ def verify_export(model: Llama, out_dir, dtype=torch.float32, n_tokens=32, tol=1
     try:
         import transformers
     except ImportError:
-        raise ConversionError("--verify needs the transformers package (pip install transformers)") from None
+        raise ConversionError("--verify needs the transformers package: ./setup.sh --dev (or pip install transformers), "
+                              "or export without --verify") from None
     bar = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # stderr is for errors: one line each
     cls, extra = transformers.LlamaForCausalLM, {}
