@@ -29,6 +29,7 @@ from convert_hf import load_hf_llama, read_chat_template
 from dataset import dataset_dir, load_meta
 from guards import available_memory
 from quantize import quantize_int8
+from selfgen import render_chat
 from speed import use_decode_paths
 from tokenizer import GPT2_VOCAB_SIZE, HFTokenizer, from_meta
 
@@ -223,13 +224,10 @@ def wrap_in_chat(template, text, bos_token="", eos_token=""):
     if not template:
         raise SampleError("--chat: this model carries no chat template (not an instruction-tuned model, or a "
                           "checkpoint converted without one); leave --chat out")
-    import jinja2
     try:
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(template).render(messages=[{"role": "user", "content": text}],
-                                                 add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
-    except jinja2.TemplateError as e:
-        raise SampleError(f"--chat: the model's chat template does not render ({e})") from None
+        return render_chat(template, [{"role": "user", "content": text}], bos_token, eos_token)
+    except ValueError as e:
+        raise SampleError(f"--chat: {e}") from None
 
 
 MIN_TEMPERATURE = 1e-4

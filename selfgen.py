@@ -30,7 +30,7 @@ from model import sample_token
 
 def render_chat(template, messages, bos_token="", eos_token="", add_generation_prompt=True):
     """The conversation (a list of {"role", "content"}) rendered by the model's chat template, as
-    transformers renders it (sample.py's --chat renders one user turn the same way)."""
+    transformers renders it (sample.py's --chat renders its one user turn with it)."""
     if not template:
         raise ValueError("this model carries no chat template (not an instruction-tuned model, or a checkpoint "
                          "converted without one): chat prompts need one")
@@ -46,7 +46,7 @@ def render_chat(template, messages, bos_token="", eos_token="", add_generation_p
 def chat_ids(tok, template, question, bos_id, eos_id):
     """Token ids of `question` as one user turn, ready for the assistant's reply."""
     text = render_chat(template, [{"role": "user", "content": question}], tok.token_text(bos_id), tok.token_text(eos_id))
-    return tok.encode(text)
+    return tok.encode_chat(text)  # the template writes its own special tokens, as sample.py --chat encodes it
 
 
 @torch.no_grad()
