@@ -239,16 +239,22 @@ def build_on_meta(config: LlamaConfig, state_dict: dict) -> Llama:
     loaded strictly with assign, so there is no random init and no second copy."""
     with torch.device("meta"):
         model = Llama(config)
-    state_dict = dict(state_dict)
+    return assign_state(model, state_dict, "the weights do not fit the model config")
+
+
+def assign_state(model: Llama, state_dict: dict, misfit: str) -> Llama:
+    """Give a model built on the meta device (and perhaps changed there: quantized, with adapters) the
+    tensors of state_dict, strictly (a tied head may be absent); misfit starts the error if they do not fit."""
+    config, state_dict = model.config, dict(state_dict)
     if config.tie_embeddings:
         state_dict.pop("lm_head.weight", None)
     try:
         result = model.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"the weights do not fit the model config: {str(e)[:500]}") from None
+        raise CheckpointError(f"{misfit}: {str(e)[:500]}") from None
     missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"the weights do not fit the model config: missing {sorted(missing)[:5]}, "
+        raise CheckpointError(f"{misfit}: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(result.unexpected_keys)[:5]}")
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -37,10 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (SAMPLING_KEYS, CheckpointError, load_checkpoint, save_checkpoint, strip_prefixes,
+from checkpoint import (SAMPLING_KEYS, assign_state, load_checkpoint, save_checkpoint, strip_prefixes,
                         umask_file_mode)
 from configurator import ConfigError, configure, run_script, settings_from
-from model import Llama, LlamaConfig, rope_tables
+from model import Llama, LlamaConfig
 from nf4 import NF4_BLOCK, NF4Linear, frozen_weight_linear, nf4_size_error, quantize_nf4
 from quantize import Int8Linear
 
@@ -533,19 +533,7 @@ def model_from_lora_checkpoint(ckpt, **config_changes):
     for adapter in lora_adapters(model).values():
         adapter.lora_A.requires_grad_(True)
         adapter.lora_B.requires_grad_(True)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    try:
-        result = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"the LoRA checkpoint does not fit its own settings: {str(e)[:300]}") from None
-    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"the LoRA checkpoint does not fit its own settings: missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(result.unexpected_keys)[:3]}")
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = rope_tables(config)
+    assign_state(model, state, "the LoRA checkpoint does not fit its own settings")
     for layer, (source, weight) in (ckpt.get("kv_blend") or {}).items():
         model.kv_blend[int(layer)] = (int(source), torch.tensor(float(weight)))
     model.lora_settings = dict(settings)
