@@ -73,6 +73,8 @@ def check(s):
     for key in ("tokens", "block_size", "batch_size", "chat_batch_size", "max_new_tokens"):
         if getattr(s, key) < 1:
             raise ValueError(f"--{key} must be at least 1, got {getattr(s, key)}")
+    if not s.out or os.path.isdir(s.out):  # found now, not after the evaluation's minutes
+        raise ValueError(f"--out={s.out!r} must name a .json file to write, not a directory")
     names = [n for n in s.sets.split(",") if n]
     if not names and not s.chat:
         raise ValueError("nothing to evaluate: give --sets or --chat=True")

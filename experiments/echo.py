@@ -36,6 +36,7 @@ from checkpoint import load_model  # noqa: E402  (the repository root is on the 
 from configurator import apply_threads, configure, parse_text, run_script, settings_from  # noqa: E402
 from experiments.decode_timing import decode_rates  # noqa: E402
 from guards import check_not_tracked  # noqa: E402
+from model import parse_kv_source  # noqa: E402
 from monitor import read_log  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -304,12 +305,31 @@ def results_table(pre, ada, dec, argv, seconds, seeds, iters, adapt_iters):
     return "\n".join(lines) + "\n"
 
 
+def check_plan(settings):
+    """The experiment's own settings, checked before the first run starts (each is one line naming it)."""
+    seeds = [t.strip() for t in settings["seeds"].split(",")]
+    if not all(t.isdigit() for t in seeds):
+        raise ValueError(f"--seeds={settings['seeds']!r}: give comma-separated non-negative integers, like 1,2,3")
+    if settings["pretrain_iters"] < 1:
+        raise ValueError(f"--pretrain_iters={settings['pretrain_iters']} must be at least 1")
+    if not 0 < settings["adapt_fraction"] <= 1:  # also refuses NaN
+        raise ValueError(f"--adapt_fraction={settings['adapt_fraction']} must be in (0, 1]: the share of "
+                         "pretrain_iters the adaptation runs train")
+    n_layer = int(parse_text(0, settings["model"].split("--n_layer=")[1].split()[0])) \
+        if "--n_layer=" in settings["model"] else 6
+    try:
+        parse_kv_source(settings["target"], n_layer)
+    except ValueError as e:
+        raise ValueError(f"--target={settings['target']}: {e}") from None
+
+
 def main(argv):
     global progress
     settings.update(vars(configure(DEFAULTS, argv, __doc__)[0]))
     apply_threads(settings["threads"], children=True)
     for key in ("out", "runs"):
         check_not_tracked(settings[key], key, settings["replace_tracked"])
+    check_plan(settings)
     out = settings["out"] = os.path.abspath(settings["out"])
     if settings["replot"]:
         return replot_from(out)

@@ -101,6 +101,11 @@ BAD_SETTINGS = [
     ("evaluate", ["--teachr=x"], "teachr"), ("evaluate", ["--tokens=lots"], "tokens"),
     ("data.smollm2_selfgen.prepare", ["--tokenz=9"], "tokenz"), ("data.smollm2_selfgen.prepare", ["--seed=x"], "seed"),
     ("experiments.echo", ["--seedz=1"], "seedz"), ("experiments.echo", ["--pretrain_iters=lots"], "pretrain_iters"),
+    # found by an independent hostile pass: checked before the first run, naming the setting
+    ("experiments.echo", ["--seeds=a,b"], "seeds"), ("experiments.echo", ["--adapt_fraction=5"], "adapt_fraction"),
+    ("experiments.echo", ["--adapt_fraction=nan"], "adapt_fraction"), ("experiments.echo", ["--target=9,9"], "target"),
+    ("experiments.echo", ["--pretrain_iters=-5"], "pretrain_iters"),
+    ("evaluate", ["--init_from=a.pt", "--teacher=b.pt", "--out=."], "--out"),
 ]
 
 
