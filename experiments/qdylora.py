@@ -32,6 +32,7 @@ import lora  # noqa: E402
 from checkpoint import load_checkpoint, load_model  # noqa: E402
 from configurator import configure, run_script, settings_from  # noqa: E402
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
+from monitor import read_log  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "results/qdylora"      # results.json, results.md
@@ -117,8 +118,7 @@ def train_run(name, args, s):
 
 
 def done_record(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r.get("kind") == "done"][-1]
+    return [r for r in read_log(os.path.join(out_dir, "log.jsonl")) if r.get("kind") == "done"][-1]
 
 
 def run_row(name, out_dir, wall, rss, s, batches):
