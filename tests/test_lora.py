@@ -493,12 +493,36 @@ def test_experiment_script_quick(data_dir, trained_base, tmp_path):
     exp = importlib.import_module("experiments.qdylora")
     exp.main([f"--model={trained_base}", f"--dataset={data_dir}", "--quick=True", "--lora_rank=8",
               "--fixed_ranks=4,8", "--eval_ranks=1,4,8", f"--out={tmp_path / 'res'}", f"--runs={tmp_path / 'runs'}",
-              "--block_size=16", "--batch_size=4"])
+              "--block_size=16", "--batch_size=4", "--float_base_ranks=4"])
     results = json.load(open(tmp_path / "res" / "results.json"))
-    assert set(results["runs"]) == {"dynamic", "fixed r=4", "fixed r=8", "full"}
+    assert set(results["runs"]) == {"dynamic", "dynamic frozen", "fixed r=4", "fixed r=8", "LoRA r=4 float base", "full"}
     assert list(results["runs"]["dynamic"]["val_loss_at_rank"]) == ["1", "4", "8"]
     runs = results["runs"]
     assert runs["fixed r=4"]["trainable_params"] * 2 == runs["fixed r=8"]["trainable_params"]
     assert runs["full"]["trainable_params"] > runs["dynamic"]["trainable_params"]
     assert results["base"]["NF4 base"]["base_linear_bytes"] < 0.3 * results["base"]["float base"]["base_linear_bytes"] / 2
-    assert "rank curve" in open(tmp_path / "res" / "results.md").read()
+    assert "Rank curves" in open(tmp_path / "res" / "results.md").read()
+    # reuse=True trains only what is new: the finished runs keep their checkpoints, a new rank runs
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/ckpt.pt")}
+    exp.main([f"--model={trained_base}", f"--dataset={data_dir}", "--quick=True", "--lora_rank=8",
+              "--fixed_ranks=2,4,8", "--eval_ranks=1,4,8", f"--out={tmp_path / 'res'}", f"--runs={tmp_path / 'runs'}",
+              "--block_size=16", "--batch_size=4", "--float_base_ranks=4", "--reuse=True"])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (tmp_path / "runs" / "fixedr2" / "ckpt.pt").exists()
+    assert "fixed r=2" in json.load(open(tmp_path / "res" / "results.json"))["runs"]
+
+
+def test_experiment_nf4_study(data_dir, trained_base, tmp_path):
+    import importlib
+    import json
+    exp = importlib.import_module("experiments.qdylora")
+    exp.main([f"--model={trained_base}", f"--dataset={data_dir}", "--nf4_study=True", f"--out={tmp_path / 'res'}",
+              f"--runs={tmp_path / 'runs'}", "--block_size=16", "--batch_size=2", "--eval_batches=2"])
+    study = json.load(open(tmp_path / "res" / "nf4.json"))
+    # 16 levels over a block's absmax: a Gaussian's relative error is ~0.09 (QLoRA's NF4), every layer near it
+    assert 0.05 < study["gaussian_relative_error"] < 0.15
+    assert all(0.0 < mean <= worst < 0.2 for mean, worst in study["relative_error"].values())
+    losses = study["val_loss"]
+    assert set(losses) >= {"float base", "NF4 block 64, double-quantized scales", "NF4 block 16"}
+    assert losses["NF4 block 64, double-quantized scales"] != losses["float base"]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # the study trains nothing
