@@ -219,3 +219,22 @@ def test_a_model_halfway_through_an_adaptation_stage(runs, data_dir, tmp_path):
     assert model.kv_blend.keys() == mid.kv_blend.keys() and torch.equal(logits(model, X), logits(mid, X))
     with pytest.raises(delta.DeltaError, match="halfway through an adaptation stage"):
         delta.main([f"--init_from={runs['base']}", f"--base={tmp_path / 'mid'}", f"--out={tmp_path / 'x.st'}"])
+
+
+def test_lora_file_over_an_nf4_base_gives_that_runs_merged_model(runs, data_dir, tmp_path):
+    """A QLoRA run's adapters: the base goes on the maps, into NF4 as the run froze it, then the adapters."""
+    train_run(data_dir, tmp_path / "q", f"--init_from={runs['base']}", *ADAPT_TO_0_0, "--lora_targets=q,o",
+              "--lora_layers=1", "--lora_rank=4", "--base_quant=nf4")
+    lora.main([f"--init_from={tmp_path / 'q'}", f"--out={tmp_path / 'merged.pt'}",
+               f"--adapters={tmp_path / 'a.safetensors'}"])
+    assert delta.read_delta(tmp_path / "a.safetensors")[2]["base_quant"] == "nf4"
+    model, _ = delta.load_with_delta(runs["base"], tmp_path / "a.safetensors")
+    merged, _ = load_model(tmp_path / "merged.pt")
+    X = tokens(model.config.vocab_size)
+    assert torch.equal(logits(model, X), logits(merged, X))
+    # the same adapters over the float base are another model: the NF4 rounding the run trained over shows
+    _, tensors, meta = delta.read_delta(tmp_path / "a.safetensors")
+    config = LlamaConfig(**json.loads(meta["model_config"]))
+    plain = build_on_meta(config, delta.on_maps(model_weights(load_checkpoint(runs["base"])), config.kv_source,
+                                                config.attn_source))
+    assert not torch.equal(logits(model, X), logits(delta.with_lora(plain, tensors, meta | {"base_quant": "none"}), X))
