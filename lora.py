@@ -605,6 +605,18 @@ def sha256_of(path) -> str:
     return weights_sha256(load_checkpoint(path))
 
 
+def run_base_sha256(info) -> str:
+    """A LoRA run's base digest (checkpoint.weights_sha256). A run started before the digest was of the
+    weights recorded its base file's sha256: while that file is where the run found it and still has that
+    sha256, its weights' digest stands in, so the adapters saved from the run apply as deltas."""
+    recorded, path = info.get("base_sha256", ""), info.get("base_path", "")
+    if recorded and path and os.path.isfile(path):
+        from dataset import sha256_file
+        if sha256_file(path) == recorded:
+            return weights_sha256(load_checkpoint(path))
+    return recorded
+
+
 def setup_lora(s, explicit, model, ckpt, path, resume):
     """train.py's setup of a LoRA run, before the optimizer: quantize the base, wrap the targets (or, on
     resume, keep the rebuilt model's adapters), and the rank sampler seeded from the run's seed (its state
@@ -680,8 +692,9 @@ def merge_command(s):
     if b != full and not ckpt["lora"]["settings"]["dynamic"]:
         print(f"note: rank {b} of a fixed-rank-{full} LoRA is not a trained adapter (only a dynamic run's are)")
     truncate_lora(model, b)
+    base_sha256 = run_base_sha256(ckpt["lora"])
     if s.adapters:
-        save_lora(model, s.adapters, ckpt["lora"].get("base_sha256", ""))
+        save_lora(model, s.adapters, base_sha256)
         print(f"saved {s.adapters}: the rank-{b} adapters alone "
               f"({sum(t.numel() for t in lora_state_dict(model).values()):,} values)")
     if s.out:
@@ -689,7 +702,7 @@ def merge_command(s):
         merged = {"model": model.state_dict(), "model_config": model.config.to_dict(),
                   "config": {"dataset": (ckpt.get("config") or {}).get("dataset")},
                   "lora_merged": {"rank": b, "base_quant": ckpt["lora"]["base_quant"],
-                                  "base_sha256": ckpt["lora"].get("base_sha256", "")}}
+                                  "base_sha256": base_sha256}}
         save_checkpoint(merged | {k: ckpt[k] for k in SAMPLING_KEYS if k in ckpt}, s.out)
         print(f"saved {s.out}: the model merged at rank {b}, an ordinary checkpoint (sample.py, bench.py, export)")
     return model

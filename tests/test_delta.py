@@ -238,3 +238,17 @@ def test_lora_file_over_an_nf4_base_gives_that_runs_merged_model(runs, data_dir,
     plain = build_on_meta(config, delta.on_maps(model_weights(load_checkpoint(runs["base"])), config.kv_source,
                                                 config.attn_source))
     assert not torch.equal(logits(model, X), logits(delta.with_lora(plain, tensors, meta | {"base_quant": "none"}), X))
+
+
+def test_a_lora_run_that_recorded_its_base_files_sha256_still_saves_a_delta(runs, tmp_path):
+    """LoRA runs started before the digest was of the weights recorded the base file's sha256: lora.py
+    --adapters writes the weights' digest instead while the base file is still the one the run read."""
+    from dataset import sha256_file
+    old = load_checkpoint(runs["root"] / "lora")
+    old["lora"] = old["lora"] | {"base_sha256": sha256_file(runs["base"]), "base_path": str(runs["base"])}
+    save_checkpoint(old, tmp_path / "old.pt")
+    lora.main([f"--init_from={tmp_path / 'old.pt'}", f"--adapters={tmp_path / 'a.safetensors'}"])
+    assert delta.read_delta(tmp_path / "a.safetensors")[2]["base_sha256"] == weights_sha256(load_checkpoint(runs["base"]))
+    model, _ = delta.load_with_delta(runs["base"], tmp_path / "a.safetensors")
+    X = tokens(model.config.vocab_size)
+    assert torch.equal(logits(model, X), logits(load_model(runs["merged"])[0], X))
