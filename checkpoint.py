@@ -17,6 +17,7 @@ shares, kept here so that neither importer imports adapt.py or the other.
 """
 
 import dataclasses
+import hashlib
 import os
 import random
 import tempfile
@@ -282,6 +283,29 @@ def load_model(path, mmap=False, **config_changes):
     """(model in eval mode on the CPU, checkpoint dict) from a checkpoint file or out_dir."""
     ckpt = load_checkpoint(path, mmap=mmap)
     return model_from_checkpoint(ckpt, **config_changes).eval(), ckpt
+
+
+def model_weights(ckpt: dict) -> dict:
+    """A checkpoint's weights by model.py's names: torch.compile / DDP prefixes stripped, and a tied head
+    left out (it is the embedding, which model.state_dict() lists twice and an importer once)."""
+    state = strip_prefixes(ckpt["model"])
+    if ckpt["model_config"].get("tie_embeddings"):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def weights_sha256(ckpt: dict) -> str:
+    """The sha256 that names a base model for the adapters and deltas made on it (lora.py, delta.py): of
+    its weights, not of its file. For each tensor in name order: its name, dtype and shape, then its
+    bytes. The file's own bytes would change with anything else the checkpoint carries (its chat
+    template, a key a later version of convert_hf.py adds, the pickle of another torch version) while the
+    weights, which are all a delta depends on, stay the same."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model_weights(ckpt).items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{str(t.dtype).replace('torch.', '')}\0{list(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def blend_state(model: Llama) -> dict:

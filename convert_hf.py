@@ -32,6 +32,7 @@ from checkpoint import (CheckpointError, ConversionError, build_on_meta, collect
                         current_umask, load_model, save_checkpoint, umask_file_mode)
 from configurator import (DTYPES, ConfigError, HelpRequested, apply_threads, configure, help_text, run_script,
                           setting_comments, settings_from)
+from delta import load_with_delta
 from gguf_import import is_gguf, load_gguf_llama
 from guards import claim_destination
 from integrity import NESTING_LIMIT, nesting_depth, typed_field
@@ -584,7 +585,7 @@ def _write_json(obj, path):
 
 USAGE = """usage:
   convert_hf.py import HF_DIR|FILE.gguf OUT.pt [--kv_source=SPEC] [--kv_init=own|mean] [--dtype=DTYPE] [--block_size=N] [--overwrite]
-  convert_hf.py export CHECKPOINT HF_OUT_DIR [--dtype=DTYPE] [--verify] [--overwrite]"""
+  convert_hf.py export CHECKPOINT HF_OUT_DIR [--dtype=DTYPE] [--verify] [--overwrite] [--delta=FILE]"""
 # options (configurator.py); the command and its two paths come first
 kv_source = ""               # import: dense ('') or a sharing map: cla:N, upper:K, upper:half or 0,0,2,2,...
 kv_init = "own"              # import: consumers' owners keep their own K/V (own) or the mean of their users' (mean)
@@ -593,6 +594,7 @@ block_size = 0               # import: context length (0 = max_position_embeddin
 verify = False               # export: load the result with transformers and compare logits
 overwrite = False            # export: replace a non-empty HF_OUT_DIR (all of it); import: replace an existing OUT.pt
 threads = 0                  # torch CPU threads: 0 = 1 on a CPU (shared machines: configurator.apply_threads)
+delta = ""                   # export: a delta file (delta.py, lora.py --adapters) of CHECKPOINT: export base + delta
 DEFAULTS = settings_from(globals())
 CHOICES = {"kv_init": ("own", "mean"), "dtype": ("", *DTYPES)}
 
@@ -606,7 +608,7 @@ def main(argv):
     command, src, dst = argv[:3]
     s, explicit = configure(DEFAULTS, argv[3:], __doc__, CHOICES)
     allowed = {"import": {"kv_source", "kv_init", "dtype", "block_size", "overwrite"},
-               "export": {"dtype", "verify", "overwrite"}}[command] | {"threads"}
+               "export": {"dtype", "verify", "overwrite", "delta"}}[command] | {"threads"}
     if explicit - allowed:
         raise ConfigError(f"{command} takes no {', '.join('--' + k for k in sorted(explicit - allowed))}; it takes "
                           f"{', '.join('--' + k for k in sorted(allowed))}")
@@ -624,7 +626,7 @@ def main(argv):
         return 0
     if s.overwrite and os.path.realpath(src).startswith(os.path.join(os.path.realpath(dst), "")):
         raise ConfigError(f"the checkpoint {src} lies inside {dst}: --overwrite would delete it; export elsewhere")
-    model, ckpt = load_model(src, mmap=True)
+    model, ckpt = load_with_delta(src, s.delta, mmap=True) if s.delta else load_model(src, mmap=True)
     tokenizer_json, meta = checkpoint_tokenizer(ckpt)
     diff = export_hf(model, dst, dtype_, tokenizer_json, ckpt.get("hf_config"), s.overwrite, s.verify,
                      ckpt.get("chat_template"), meta)

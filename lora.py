@@ -38,8 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (SAMPLING_KEYS, assign_state, load_checkpoint, save_checkpoint, strip_prefixes,
-                        umask_file_mode)
+                        umask_file_mode, weights_sha256)
 from configurator import ConfigError, configure, run_script, settings_from
+from integrity import tensor_crc
 from model import Llama, LlamaConfig
 from nf4 import NF4_BLOCK, NF4Linear, frozen_weight_linear, nf4_size_error, quantize_nf4
 from quantize import Int8Linear
@@ -349,12 +350,23 @@ def lora_state_dict(model) -> dict:
     return state
 
 
+def base_quant_of(model) -> str:
+    """The form the frozen base's linears are in: 'nf4', 'int8' or 'none'."""
+    kinds = {type(m) for m in model.modules()}
+    return "nf4" if NF4Linear in kinds else "int8" if any(issubclass(k, Int8Linear) for k in kinds) else "none"
+
+
 def lora_metadata(model, base_sha256="", kv_source=None) -> dict:
     """The file's metadata (safetensors keeps str -> str): the settings apply_lora needs to rebuild the
-    adapters, and what the base must be for them to mean anything (its sha256, its kv_source map)."""
+    adapters, and what the base must be for them to mean anything (its sha256, checkpoint.weights_sha256;
+    its kv_source and attn_source maps; the form the run froze it in), so that delta.py can apply the
+    file to the base as it applies a tensor delta; a CRC-32 of each tensor, checked when it is read."""
     kv = list(model.config.kv_source) if kv_source is None else list(kv_source)
-    return {"format": LORA_FORMAT, "settings": json.dumps(model.lora_settings), "base_sha256": base_sha256 or "",
-            "kv_source": json.dumps(kv)}
+    crcs = {k: tensor_crc(v) for k, v in lora_state_dict(model).items()}
+    return {"format": LORA_FORMAT, "kind": "lora", "settings": json.dumps(model.lora_settings),
+            "base_sha256": base_sha256 or "", "kv_source": json.dumps(kv),
+            "attn_source": json.dumps(list(model.config.attn_source)), "base_quant": base_quant_of(model),
+            "model_config": json.dumps(model.config.to_dict() | {"kv_source": kv}), "tensor_crc32": json.dumps(crcs)}
 
 
 def save_lora(model, path, base_sha256="", kv_source=None):
@@ -522,13 +534,8 @@ def model_from_lora_checkpoint(ckpt, **config_changes):
         model = Llama(config)
         quantize_base(model, info["base_quant"])
     settings = info["settings"]
-    adapted = {key.rsplit(".", 1)[0] for key in state if key.endswith(".lora_A")}
-    for name in adapted:  # exactly the adapters saved: adaptation may have dropped some with their K/V
-        parent, attr = name.rsplit(".", 1)
-        module = model.get_submodule(parent)
-        with torch.device("meta"):
-            setattr(module, attr, LoRALinear(getattr(module, attr), settings["rank"], settings["alpha"],
-                                             settings["rule"]))
+    with torch.device("meta"):
+        add_saved_adapters(model, state, settings)
     model.requires_grad_(False)
     for adapter in lora_adapters(model).values():
         adapter.lora_A.requires_grad_(True)
@@ -538,6 +545,18 @@ def model_from_lora_checkpoint(ckpt, **config_changes):
         model.kv_blend[int(layer)] = (int(source), torch.tensor(float(weight)))
     model.lora_settings = dict(settings)
     model.base_sha256 = info.get("base_sha256", "")
+    return model
+
+
+def add_saved_adapters(model, state, settings):
+    """Wrap exactly the linears that `state` holds adapters for (its '....lora_A' keys) in LoRALinear of
+    the saved settings: adaptation may have dropped some with their K/V, so the settings' layers and
+    targets do not say which."""
+    adapted = {key.rsplit(".", 1)[0] for key in state if key.endswith(".lora_A")}
+    for name in sorted(adapted):
+        parent, attr = name.rsplit(".", 1)
+        module = model.get_submodule(parent)
+        setattr(module, attr, LoRALinear(getattr(module, attr), settings["rank"], settings["alpha"], settings["rule"]))
     return model
 
 
@@ -581,9 +600,21 @@ class LoRARun:
 
 
 def sha256_of(path) -> str:
-    """The base checkpoint file's sha256: the adapters mean something on that base only."""
-    from dataset import sha256_file
-    return sha256_file(path)
+    """The base checkpoint's weights' sha256 (checkpoint.weights_sha256): the adapters mean something on
+    that base only."""
+    return weights_sha256(load_checkpoint(path))
+
+
+def run_base_sha256(info) -> str:
+    """A LoRA run's base digest (checkpoint.weights_sha256). A run started before the digest was of the
+    weights recorded its base file's sha256: while that file is where the run found it and still has that
+    sha256, its weights' digest stands in, so the adapters saved from the run apply as deltas."""
+    recorded, path = info.get("base_sha256", ""), info.get("base_path", "")
+    if recorded and path and os.path.isfile(path):
+        from dataset import sha256_file
+        if sha256_file(path) == recorded:
+            return weights_sha256(load_checkpoint(path))
+    return recorded
 
 
 def setup_lora(s, explicit, model, ckpt, path, resume):
@@ -597,6 +628,7 @@ def setup_lora(s, explicit, model, ckpt, path, resume):
     elif not s.lora_targets:
         return None
     else:
+        base_sha256 = weights_sha256(ckpt) if path else ""  # of the weights as loaded, before quantizing them
         try:
             rank_range = _rank_range(s.lora_rank_range, s.lora_rank)
             check_lora_settings(model.config, s.lora_targets, None if s.lora_layers == "all" else s.lora_layers,
@@ -607,7 +639,7 @@ def setup_lora(s, explicit, model, ckpt, path, resume):
         except ValueError as e:
             raise ConfigError(str(e)) from None
         info = {"settings": dict(model.lora_settings), "base_quant": s.base_quant,
-                "base_path": os.path.abspath(path) if path else "", "base_sha256": sha256_of(path) if path else ""}
+                "base_path": os.path.abspath(path) if path else "", "base_sha256": base_sha256}
         model.base_sha256 = info["base_sha256"]
     sampler = rank_sampler(model, s.seed) if info["settings"]["dynamic"] else None
     if sampler is not None and "rank_sampler" in info:
@@ -660,8 +692,9 @@ def merge_command(s):
     if b != full and not ckpt["lora"]["settings"]["dynamic"]:
         print(f"note: rank {b} of a fixed-rank-{full} LoRA is not a trained adapter (only a dynamic run's are)")
     truncate_lora(model, b)
+    base_sha256 = run_base_sha256(ckpt["lora"])
     if s.adapters:
-        save_lora(model, s.adapters, ckpt["lora"].get("base_sha256", ""))
+        save_lora(model, s.adapters, base_sha256)
         print(f"saved {s.adapters}: the rank-{b} adapters alone "
               f"({sum(t.numel() for t in lora_state_dict(model).values()):,} values)")
     if s.out:
@@ -669,7 +702,7 @@ def merge_command(s):
         merged = {"model": model.state_dict(), "model_config": model.config.to_dict(),
                   "config": {"dataset": (ckpt.get("config") or {}).get("dataset")},
                   "lora_merged": {"rank": b, "base_quant": ckpt["lora"]["base_quant"],
-                                  "base_sha256": ckpt["lora"].get("base_sha256", "")}}
+                                  "base_sha256": base_sha256}}
         save_checkpoint(merged | {k: ckpt[k] for k in SAMPLING_KEYS if k in ckpt}, s.out)
         print(f"saved {s.out}: the model merged at rank {b}, an ordinary checkpoint (sample.py, bench.py, export)")
     return model

@@ -27,6 +27,7 @@ from checkpoint import load_model
 from configurator import DTYPES, apply_threads, configure, resolve_device, resolve_dtype, run_script, settings_from
 from convert_hf import load_hf_llama, read_chat_template
 from dataset import dataset_dir, load_meta
+from delta import load_with_delta
 from guards import available_memory
 from quantize import quantize_int8
 from selfgen import render_chat
@@ -35,6 +36,7 @@ from tokenizer import GPT2_VOCAB_SIZE, HFTokenizer, from_meta
 
 # -----------------------------------------------------------------------------
 init_from = "out-shakespeare-char"  # checkpoint file, training out_dir (train.py's default), or HF Llama directory
+delta = ""                   # a delta file (delta.py, lora.py --adapters) to apply to the init_from checkpoint
 start = "\n"                 # the prompt, or FILE:path to read it from a file
 chat = False                 # wrap the prompt in the model's chat template as one user turn
 num_samples = 1              # samples to draw, one after another
@@ -169,12 +171,15 @@ def load_for_sampling(path, s, explicit):
     if is_hf and "data_dir" in explicit:
         raise SampleError(f"--data_dir applies only to a checkpoint from train.py: {path} is a Hugging Face "
                           "directory (its tokenizer is its tokenizer.json, or --tokenizer)")
+    if is_hf and s.delta:
+        raise SampleError(f"--delta applies to a checkpoint, the base it was made from: {path} is a Hugging Face "
+                          "directory (import it with convert_hf.py first)")
     if is_hf:
         model = load_hf_llama(path, kv_source=s.kv_source or None, kv_init=s.kv_init, block_size=s.block_size or None)
         return model, {}, path
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "ckpt.pt")):
         raise SampleError(f"--init_from={path}: a directory with neither config.json (Hugging Face) nor ckpt.pt")
-    model, ckpt = load_model(path)
+    model, ckpt = load_with_delta(path, s.delta) if s.delta else load_model(path)
     return model, ckpt, None
 
 

@@ -33,6 +33,7 @@ from checkpoint import (MODEL_KEYS, SAMPLING_KEYS, checkpoint_to_start_from, res
                         settings_from_checkpoint)
 from configurator import ConfigError, close_runtime, configure, init_runtime, run_script, settings_from
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens
+from delta import adapted_checkpoint, check_delta_run
 from guards import (accumulation_for_world, adaptation_note, check_fits, check_out_dir_writable,
                     check_replaces_same_model, check_settings, check_tokenizer, claim_out_dir, finished_message,
                     model_settings_conflicts, world_size_from_env)
@@ -52,6 +53,7 @@ eval_iters = 20              # batches per split for each evaluation
 eval_only = False            # evaluate once and exit
 always_save_checkpoint = True  # checkpoint at every evaluation, not only when val loss improves
 init_from = "scratch"        # 'scratch', 'resume' (out_dir/ckpt.pt) or the path of a checkpoint file
+delta = ""                   # a delta file (delta.py, lora.py --adapters) of init_from: start from base + delta
 overwrite = False            # let a new run replace out_dir's checkpoint of another model (see check_out_dir)
 allow_tokenizer_mismatch = False  # train a checkpoint on data of another tokenizer (see check_tokenizer)
 # data
@@ -178,6 +180,7 @@ def main(argv):
     note = accumulation_for_world(s, explicit, world_size)
     check_settings(s, explicit, world_size, torchrun="RANK" in os.environ and "WORLD_SIZE" in os.environ)
     check_lora_run(s, explicit)
+    check_delta_run(s)
     check_out_dir_writable(s.out_dir)
     with ExitStack() as cleanup:  # undone in reverse order however the run ends: signals, out_dir's lock, processes
         rt = init_runtime(s.device, s.dtype, s.seed, s.backend, s.threads)
@@ -186,6 +189,8 @@ def main(argv):
         data_dir = ensure_dataset(s.dataset, s.auto_prepare, rt.master, dist.barrier if rt.ddp else (lambda: None))
         meta = load_meta(data_dir)
         path, ckpt = checkpoint_to_start_from(s.init_from, s.out_dir)
+        if s.delta:  # the adapted model that base + delta make, as a checkpoint of its own (delta.py)
+            ckpt = adapted_checkpoint(ckpt, path, s.delta)[1]
         resume = s.init_from == "resume"
         if resume:
             settings_from_checkpoint(s, explicit, ckpt)

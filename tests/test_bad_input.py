@@ -25,6 +25,7 @@ import adapt
 import bench
 import checkpoint
 import convert_hf
+import delta
 import guards
 import sample
 import train
@@ -32,7 +33,7 @@ from checkpoint import load_checkpoint
 from configurator import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"train": train, "sample": sample, "convert_hf": convert_hf, "adapt": adapt, "bench": bench}
+SCRIPTS = {"train": train, "sample": sample, "convert_hf": convert_hf, "adapt": adapt, "bench": bench, "delta": delta}
 MODEL = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermediate_size=64", "--block_size=16"]
 RUN = ["--batch_size=4", "--eval_iters=2", "--log_interval=1", "--compile=False", "--learning_rate=1e-2",
        "--warmup_iters=2", "--min_lr=1e-3", "--dtype=float32", "--device=cpu", "--max_iters=2",
@@ -104,6 +105,17 @@ def world(tmp_path_factory, data_dir):
     for name, change in malformed.items():  # as another program might write them: no digests, schema wrong
         torch.save({k: v for k, v in good.items() if k != "tensor_digests"} | change, w / f"{name}.pt")
         p[name] = str(w / f"{name}.pt")
+    # a delta (delta.py) of ck converted to kv_source 0,0; damaged copies, one with a map ck cannot take, another base
+    converted = adapt.convert_model(model, "0,0", "mean")
+    tensors, meta = delta.make_delta({"model": converted.state_dict(), "model_config": converted.config.to_dict()}, good)
+    delta.save_delta(tensors, meta, w / "d.safetensors")
+    data = (w / "d.safetensors").read_bytes()
+    (w / "d_trunc.safetensors").write_bytes(data[: len(data) // 2])
+    (w / "d_flip.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 0x10]))  # in the last tensor's bytes
+    delta.save_delta(tensors, meta | {"kv_source": "[0, 5]"}, w / "d_badmap.safetensors")
+    checkpoint.save_checkpoint(good | {"model": good["model"] | {"norm.weight": good["model"]["norm.weight"] + 1}},
+                               w / "ck2.pt")
+    p.update({k: str(w / f"{k}.safetensors") for k in ("d", "d_trunc", "d_flip", "d_badmap")}, ck2=str(w / "ck2.pt"))
     lock = guards.lock_out_dir(p["locked"])  # as a run in progress holds it
     yield p
     lock.close()
@@ -214,6 +226,33 @@ MESSAGES = [
     ("adapt", ["--init_from={rng_bad}"], "rng must be the random-generator state"),
 ]
 CASES += MESSAGES
+# deltas (delta.py): the file, its base, and what takes --delta
+DELTAS = [
+    ("sample", ["--delta={root}/nothing.safetensors"], "delta {root}/nothing.safetensors does not exist"),
+    ("sample", ["--delta={root}"], "is not a regular file"),
+    ("sample", ["--delta={hf}/model.safetensors"], "model.safetensors is not a delta of this project"),
+    ("sample", ["--delta={afile}"], "afile cannot be read: it is corrupt, truncated or not a safetensors file"),
+    ("sample", ["--delta={d_trunc}"], "d_trunc.safetensors cannot be read: it is corrupt"),
+    ("sample", ["--delta={d_flip}"], "d_flip.safetensors is corrupt: tensor"),
+    ("sample", ["--init_from={ck2}", "--delta={d}"], "d.safetensors was made for base sha256"),
+    ("sample", ["--delta={d_badmap}"], "records a model that {ck} cannot take (kv_source [0, 5]"),
+    ("sample", ["--init_from={hf}", "--delta={d}"], "--delta applies to a checkpoint"),
+    ("train", ["--delta={d}"], "--delta with init_from=scratch"),
+    ("train", ["--init_from=resume", "--delta={d}"], "--delta with init_from=resume"),
+    ("train", ["--init_from={ck}", "--delta={root}/nothing.safetensors"], "nothing.safetensors does not exist"),
+    ("train", ["--init_from={ck2}", "--delta={d}"], "d.safetensors was made for base sha256"),
+    ("convert_hf", ["export", "{ck2}", "{root}/e", "--delta={d}"], "d.safetensors was made for base sha256"),
+    ("convert_hf", ["import", "{hf}", "{root}/c.pt", "--delta={d}"], "import takes no --delta"),
+    ("delta", ["--base={ck}", "--out={root}/x.safetensors"], "--init_from is empty"),
+    ("delta", ["--init_from={ck}", "--out={root}/x.safetensors"], "--base is empty"),
+    ("delta", ["--init_from={ck}", "--base={ck}"], "--out is empty"),
+    ("delta", ["--init_from={ck}", "--base={ck}", "--out={afile}"], "afile exists: choose a new file"),
+    ("delta", ["--init_from={ck}", "--base={ck}", "--out={locked}/x.safetensors"], "in use by another training run"),
+    ("delta", ["--init_from={flip}", "--base={ck}", "--out={root}/x.safetensors"], "flip/ckpt.pt is corrupt"),
+    ("delta", ["--init_from={ck}", "--base={sim3}", "--out={root}/x.safetensors"], "is not a checkpoint of this project"),
+    ("delta", ["--init_from={ck}", "--base={ck}", "--out={root}/x.safetensors", "--dtype=int8"], "dtype"),
+]
+CASES += DELTAS
 
 
 def snapshot(*dirs):

@@ -9,8 +9,8 @@ checked, in the order a reader meets them (README.md, then docs/*.md by name):
   script module, through configurator.configure; the first three words of convert_hf.py are the command
   and two paths; scripts still on argparse: their add_argument flags); and every path it reads is in
   the repository, made by an earlier documented command, or the reader's own file (`path/to/...`);
-- for real, in a scratch directory, every command of train.py, sample.py, adapt.py and convert_hf.py
-  (torchrun included) with a tiny override appended: a tiny model on a tiny character dataset, two
+- for real, in a scratch directory, every command of train.py, sample.py, adapt.py, convert_hf.py and
+  delta.py (torchrun included) with a tiny override appended: a tiny model on a tiny character dataset, two
   iterations, one evaluation batch, CPU, no compile. The reader's own files that the test can stand in
   for are made up: `path/to/hf_llama` (a random 4-layer Hugging Face Llama with a character
   tokenizer.json) and `path/to/prompt.txt`.
@@ -39,7 +39,7 @@ from configurator import configure, run_script
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHERS = (".venv/bin/python", ".venv/bin/torchrun", "./setup.sh")
 BARE = ("python", "python3", "torchrun", "pip")  # the other convention: an error wherever it appears
-RUNNABLE = ("train.py", "sample.py", "adapt.py", "convert_hf.py")
+RUNNABLE = ("train.py", "sample.py", "adapt.py", "convert_hf.py", "delta.py")
 WRAPPERS = ("tests/peak_memory.py",)  # run another script's command: check that one
 POSITIONAL_IO = {"convert_hf.py": ("command", "in", "out"), "tests/make_random_hf_llama.py": ("out",)}
 OUTPUT_KEYS = ("out_dir", "out", "runs")

@@ -73,3 +73,16 @@ def test_lora_adapter_file(tmp_path, umask):
     apply_lora(model, rank=2)
     save_lora(model, tmp_path / "adapters.safetensors")
     assert mode(tmp_path / "adapters.safetensors") == file_mode
+
+
+def test_delta_file(tmp_path, umask):
+    from delta import main as delta_main
+    file_mode, dir_mode = umask
+    base = tiny_model()
+    save_checkpoint({"model": base.state_dict(), "model_config": base.config.to_dict()}, str(tmp_path / "base.pt"))
+    with torch.no_grad():
+        base.norm.weight.add_(1.0)
+    save_checkpoint({"model": base.state_dict(), "model_config": base.config.to_dict()}, str(tmp_path / "tuned.pt"))
+    assert delta_main([f"--init_from={tmp_path / 'tuned.pt'}", f"--base={tmp_path / 'base.pt'}",
+                       f"--out={tmp_path / 'new' / 'delta.safetensors'}"]) == 0
+    assert mode(tmp_path / "new" / "delta.safetensors") == file_mode and mode(tmp_path / "new") == dir_mode

@@ -106,6 +106,7 @@ BAD_SETTINGS = [
     ("experiments.echo", ["--adapt_fraction=nan"], "adapt_fraction"), ("experiments.echo", ["--target=9,9"], "target"),
     ("experiments.echo", ["--pretrain_iters=-5"], "pretrain_iters"),
     ("evaluate", ["--init_from=a.pt", "--teacher=b.pt", "--out=."], "--out"),
+    ("delta", ["--basee=a.pt"], "basee"), ("delta", ["--dtype=int4"], "dtype"),
 ]
 
 
@@ -140,7 +141,7 @@ LAYERS = [
     {"speed", "tokenizer", "progress", "integrity"},
     {"model", "configurator", "dataset"},
     {"checkpoint", "quantize", "nf4", "gguf_import", "sharding"},
-    {"lora", "adapt", "convert_hf", "guards", "monitor", "benchmarking", "selfgen", "fidelity"},
+    {"lora", "adapt", "convert_hf", "guards", "monitor", "benchmarking", "selfgen", "fidelity", "delta"},
 ]
 
 
