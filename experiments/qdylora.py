@@ -3,7 +3,7 @@ QDyLoRA on SmolLM2-135M-Instruct: one dynamic-rank LoRA run over a 4-bit NF4 bas
 a full fine-tune, and the NF4 base alone against the float base (issue 22).
 
     .venv/bin/python data/smollm2/prepare.py && .venv/bin/python data/shakespeare_smollm2/prepare.py
-    .venv/bin/python experiments/qdylora.py --threads=2     # alone on a 2-core machine: ~35 min -> results/qdylora/
+    .venv/bin/python experiments/qdylora.py --threads=2     # alone on a 2-core machine: ~35 min -> out-qdylora-results/
     .venv/bin/python experiments/qdylora.py --nf4_study=True   # ~3 min: NF4's error per layer and by variant -> nf4.md
     .venv/bin/python experiments/qdylora.py --quick=True --out=/tmp/q --runs=/tmp/q-runs  # tiny budgets
 
@@ -37,7 +37,7 @@ from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa
 from monitor import read_log  # noqa: E402
 
 # -----------------------------------------------------------------------------
-out = "results/qdylora"      # results.json, results.md
+out = "out-qdylora-results"  # results.json/.md, nf4.json/.md; results/qdylora holds the committed ones
 runs = "out-qdylora"         # the training runs
 model = "data/smollm2/smollm2-135m-instruct.pt"
 dataset = "shakespeare_smollm2"
