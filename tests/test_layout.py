@@ -106,6 +106,8 @@ BAD_SETTINGS = [
     ("experiments.echo", ["--adapt_fraction=nan"], "adapt_fraction"), ("experiments.echo", ["--target=9,9"], "target"),
     ("experiments.echo", ["--pretrain_iters=-5"], "pretrain_iters"),
     ("evaluate", ["--init_from=a.pt", "--teacher=b.pt", "--out=."], "--out"),
+    ("experiments.batch_decode", ["--batchez=4"], "batchez"), ("experiments.batch_decode", ["--batches=1,x"], "batches"),
+    ("experiments.batch_decode", ["--dtypes=fp64"], "dtypes"), ("data.smollm2_selfgen.prepare", ["--compile=maybe"], "compile"),
 ]
 
 
