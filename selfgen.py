@@ -26,6 +26,7 @@ import torch
 
 from dataset import TokenWriter, atomic_write_text, write_meta
 from model import sample_token
+from speed import use_decode_paths
 
 
 def render_chat(template, messages, bos_token="", eos_token="", add_generation_prompt=True):
@@ -49,11 +50,25 @@ def chat_ids(tok, template, question, bos_id, eos_id):
     return tok.encode_chat(text)  # the template writes its own special tokens, as sample.py --chat encodes it
 
 
+CACHE_STEP = 128  # cache lengths are multiples of it: a few compiled graphs (one per length), little masked reading
+
+
+def compiled_decode_step(model):
+    """model.decode_step compiled with the CPU decoding paths (speed.py) installed: one graph per batch size
+    and cache length (static shapes), batched rows included."""
+    # every model's decode_step is one code object: its graphs (models, batch sizes, cache lengths) add up,
+    # and at dynamo's default limit of 8 a fullgraph compile fails
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(use_decode_paths(model).decode_step, fullgraph=True, dynamic=False)
+
+
 @torch.no_grad()
-def generate_rows(model, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_ids=None):
+def generate_rows(model, prompts, max_new_tokens, temperature=0.0, top_k=None, stop_ids=None, decode_step=None):
     """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens, all
     rows in one batch (see the module docstring for how). A row stops after its stop id (stop_ids: one
     id or None per row, or one for all); sampling draws from torch's global generator (seed it first).
+    decode_step: e.g. compiled_decode_step(model); its cache has a length rounded up to CACHE_STEP, so that
+    calls with prompts of other lengths reuse the graph of their batch size.
     Returns, per row, the generated ids only, its stop id included when it produced it."""
     B = len(prompts)
     lengths = [len(p) for p in prompts]
@@ -73,7 +88,8 @@ def generate_rows(model, prompts, max_new_tokens, temperature=0.0, top_k=None, s
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     last = length + max_new_tokens  # a row's last position + 1
     start = min(lengths)
-    cache = model.new_cache(B, end)
+    cache = model.new_cache(B, min(model.config.block_size, -(-end // CACHE_STEP) * CACHE_STEP))
+    step = decode_step or model.decode_step
     logits = model.prefill(buf[:, :start], cache)
     for n in range(start, end):
         sampled = sample_token(logits, temperature, top_k)
@@ -85,7 +101,7 @@ def generate_rows(model, prompts, max_new_tokens, temperature=0.0, top_k=None, s
         finished |= n + 1 >= last
         if bool(finished.all()) or n == end - 1:
             break
-        logits = model.decode_step(token.view(B, 1), torch.tensor([n], device=device), cache)
+        logits = step(token.view(B, 1), torch.tensor([n], device=device), cache)
     out = []
     for r in range(B):
         new = buf[r, lengths[r]:last[r]].tolist()
@@ -163,7 +179,8 @@ def generate_split(model, tok, writer, budget, prompts, g, progress=None):
         rows = document_rows(g.batch_size, g.chat_fraction, cycle, rng)
         prompt_ids = [chat_ids(tok, g.template, p, g.bos, g.eos) if kind == "chat" else [g.bos] for kind, p in rows]
         stops = [g.eos if kind == "chat" else g.eot for kind, _ in rows]
-        replies = generate_rows(model, prompt_ids, g.max_new_tokens, g.temperature, g.top_k or None, stops)
+        replies = generate_rows(model, prompt_ids, g.max_new_tokens, g.temperature, g.top_k or None, stops,
+                                getattr(g, "decode_step", None))
         for (kind, _), ids, reply in zip(rows, prompt_ids, replies):
             if writer.n >= budget:
                 break

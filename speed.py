@@ -2,7 +2,7 @@
 The faster paths, kept out of model.py: each computes what the plain model computes, only faster on
 some machine (measurements: docs/bench.md).
 
-  use_decode_paths(model)   installs the CPU batch-1 decoding paths into a built model, as gpt-fast's
+  use_decode_paths(model)   installs the CPU decoding paths into a built model, as gpt-fast's
                             quantize.py swaps modules: every nn.Linear becomes a StreamingLinear and
                             attention of one new position over the cache becomes decode_attention.
                             Call it before compiling model.decode_step (sample.py, bench.py,
@@ -21,19 +21,52 @@ import torch.nn.functional as F
 
 
 class StreamingLinear(nn.Linear):
-    """nn.Linear (no bias) whose one-row product, when compiled on a CPU, streams the weights at the
-    memory bandwidth.
+    """nn.Linear (no bias) whose decoding products, on a CPU, run at the machine's limit.
 
     One row times a weight matrix reads every weight once for two FLOPs, so its speed is the rate at
     which the weights stream in. On the CPU measured BLAS read them for one row at 7-19 GB/s of ~50-80
     (docs/bench.md); written as multiply-and-sum, inductor compiles it into one vectorised loop that
-    streams them at the bandwidth. Eager code keeps F.linear (the product form would materialise a
-    weight-sized temporary), as does every shape with more than one row, and the GPU."""
+    streams them at the bandwidth. Eager code keeps F.linear for one row (the product form would
+    materialise a weight-sized temporary).
+
+    A few rows (batched decoding, up to stream_rows) of bf16/fp16 weights go through tiled_linear: on an
+    AVX2 CPU torch's half-precision matmul has no fast kernel (it ran a 1024^3 bf16 product at 0.3 GFLOP/s
+    against fp32's 20, and 16 rows at 8-10), and inductor's loops convert each weight once per row (9 GFLOP/s
+    at 16 rows). fp32 weights keep F.linear: tiling them measured no steady gain. So do prefill and
+    training (more rows) and the GPU."""
+
+    stream_rows = 64  # most rows for tiled_linear; 1 (set per module) keeps F.linear: the old path, for comparison
 
     def forward(self, x):
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+        if x.device.type == "cpu" and x.numel() == x.shape[-1] and torch.compiler.is_compiling():
             return (x.unsqueeze(-2) * self.weight).sum(-1)
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and 1 < rows <= self.stream_rows and self.weight.dtype in HALF:
+            return tiled_linear(x, self.weight)
         return F.linear(x, self.weight)
+
+
+HALF = (torch.bfloat16, torch.float16)
+TILE_ELEMENTS = 2 ** 18  # weights converted at once: 1 MiB of fp32, the L2 cache of a core of the CPU measured
+
+
+@torch.library.custom_op("speed::tiled_linear", mutates_args=())
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) for a few rows of half-precision x: a tile of weight rows at a time is converted
+    to fp32, while it sits in the cache, and multiplied by all the rows in fp32 (BLAS). The weights are read
+    from memory once, each converted once for all rows, and the products run at the fp32 matmul rate
+    (docs/bench.md, batched decoding). A custom op, so a compiled graph calls it whole: traced, its
+    ~500 tiles a SmolLM2 step would take inductor minutes to compile."""
+    N, K = weight.shape
+    rows = max(1, TILE_ELEMENTS // K)
+    xf = x.reshape(-1, K).float()
+    out = torch.cat([xf @ weight[i:i + rows].float().t() for i in range(0, N, rows)], dim=-1)
+    return out.to(x.dtype).view(*x.shape[:-1], N)
+
+
+@tiled_linear.register_fake
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def decode_attention(q, k, v, mask):

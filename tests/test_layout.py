@@ -107,6 +107,8 @@ BAD_SETTINGS = [
     ("experiments.echo", ["--pretrain_iters=-5"], "pretrain_iters"),
     ("evaluate", ["--init_from=a.pt", "--teacher=b.pt", "--out=."], "--out"),
     ("delta", ["--basee=a.pt"], "basee"), ("delta", ["--dtype=int4"], "dtype"),
+    ("experiments.batch_decode", ["--batchez=4"], "batchez"), ("experiments.batch_decode", ["--batches=1,x"], "batches"),
+    ("experiments.batch_decode", ["--dtypes=fp64"], "dtypes"), ("data.smollm2_selfgen.prepare", ["--compile=maybe"], "compile"),
 ]
 
 

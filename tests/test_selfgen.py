@@ -81,6 +81,23 @@ def test_batched_greedy_equals_batch_one_generate_token_for_token(kv_source):
     assert any(len(w) < 30 for w in want) and any(len(w) == 30 for w in want)  # both endings were exercised
 
 
+def test_compiled_batched_generation_equals_batch_one_generate():
+    """generate_rows through the compiled step (speed.py's paths) gives each row's eager batch-1 greedy
+    tokens (fp32: token for token; bf16 rounds too coarsely for that, tests/test_speed_paths.py compares it
+    where the choice is clear); a second call with other prompt lengths reuses the graph."""
+    from selfgen import compiled_decode_step
+    model = tiny_model(seed=2)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, len(CHARS), (n,), generator=gen).tolist() for n in (1, 7, 3, 12, 7, 2)]
+    want = [model.generate(torch.tensor([p]), 20, temperature=0)[0, len(p):].tolist() for p in prompts]
+    step = compiled_decode_step(model)
+    assert generate_rows(model, prompts, 20, temperature=0, decode_step=step) == want
+    torch._dynamo.utils.counters.clear()
+    shorter = [p[:max(1, len(p) - 1)] for p in prompts]
+    generate_rows(model, shorter, 20, temperature=0, decode_step=step)
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]  # same batch size, same cache length: no new graph
+
+
 def test_generate_rows_refuses_what_does_not_fit_the_context():
     with pytest.raises(ValueError, match="exceeds the model's context of 128"):
         generate_rows(tiny_model(), [[3] * 100], 40)
@@ -101,7 +118,8 @@ def make_selfgen(teacher_path, out, seed=5, tokens=600, val_tokens=300, capsys=N
     prompts = out.parent / f"{out.name}-prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     argv = [f"--init_from={teacher_path}", f"--out_dir={out}", f"--tokens={tokens}", f"--val_tokens={val_tokens}",
-            f"--seed={seed}", "--batch_size=4", "--max_new_tokens=24", f"--prompts={prompts}", "--device=cpu"]
+            f"--seed={seed}", "--batch_size=4", "--max_new_tokens=24", f"--prompts={prompts}", "--device=cpu",
+            "--compile=False"]  # eager: the compiled step is test_compiled_batched_generation_... below
     assert run_script(load_prepare().main, argv) == 0
     return out
 

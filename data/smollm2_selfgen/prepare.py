@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from checkpoint import load_model  # noqa: E402
 from configurator import DTYPES, configure, resolve_device, resolve_dtype, run_script, settings_from  # noqa: E402
-from selfgen import chat_prompts, write_selfgen  # noqa: E402
+from selfgen import chat_prompts, compiled_decode_step, write_selfgen  # noqa: E402
 from tokenizer import HFTokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,6 +42,8 @@ chat_fraction = 0.5          # share of documents that are chat turns (the rest:
 prompts = ""                 # a file of prompts, one a line ('' = selfgen.chat_prompts())
 device = "auto"
 dtype = "float32"            # float32, or bfloat16 (faster on a CPU with AVX-512 BF16; other samples)
+compile = True               # compile the decode step (selfgen.compiled_decode_step): one graph per batch
+                             # size, compiled in the first batch (a minute or two); False: eager
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 CHOICES = {"dtype": ("auto", *DTYPES)}
@@ -93,7 +95,8 @@ def main(argv):
     g = types.SimpleNamespace(tokens=s.tokens, val_tokens=s.val_tokens, seed=s.seed, batch_size=s.batch_size,
                               temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
                               chat_fraction=s.chat_fraction, prompts=prompt_list, template=ckpt.get("chat_template"),
-                              bos=bos, eos=eos, eot=eot if eot is not None else eos)
+                              bos=bos, eos=eos, eot=eot if eot is not None else eos,
+                              decode_step=compiled_decode_step(model) if s.compile else None)
     out = s.out_dir or HERE
     t0 = time.perf_counter()
 

@@ -1,0 +1,147 @@
+"""
+Batched decode speed, the compiled decode step with BLAS for rows > 1 (the old path) against the
+batched streaming product (speed.StreamingLinear, the new one), on SmolLM2-135M's shape, at several
+batch sizes and dtypes, in one process.
+
+    .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
+    .venv/bin/python experiments/batch_decode.py --dtypes=bfloat16 --batches=1,16 # the issue's ratio only
+
+Each (dtype, batch) builds both paths on the same weights (random, bench.py's smollm2 preset shape, or
+--model=FILE), compiles their decode steps (untimed warm-up), then times prefill + new_tokens greedy
+steps with benchmarking.Decoder, bench.py's decode loop, in rounds that alternate the two paths.
+Batch 1 runs the same code on both paths (one row streams either way), and so do fp32 weights (they keep
+F.linear for more rows), so those are timed once. Reported:
+median tokens/s and the range over the rounds; ratios to batch 1 of the same dtype.
+"""
+
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import benchmarking as H  # noqa: E402
+import model as M  # noqa: E402
+from configurator import DTYPES, apply_threads, configure, run_script, settings_from  # noqa: E402
+from guards import check_not_tracked  # noqa: E402
+from speed import HALF, StreamingLinear  # noqa: E402
+
+# -----------------------------------------------------------------------------
+out = "out-batch"            # where batch_decode.json goes
+replace_tracked = False      # let --out overwrite a committed result
+model = ""                   # a checkpoint (e.g. data/smollm2/smollm2-135m-instruct.pt); '' = random weights, smollm2 shape
+dtypes = "float32,bfloat16"  # comma list
+batches = "1,4,16,32"        # comma list of decode batch sizes
+prompt_len = 64              # prompt tokens per row (random ids)
+new_tokens = 16              # greedy decode steps timed per round
+rounds = 3                   # timed rounds per path (median reported)
+seed = 1337
+threads = 0                  # torch CPU threads: 0 = 1 on a CPU (apply_threads)
+# -----------------------------------------------------------------------------
+DEFAULTS = settings_from(globals())
+SMOLLM2 = dict(n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536, vocab_size=49152,
+               block_size=256, rope_theta=1e5, tie_embeddings=True)  # bench.py's smollm2 preset
+
+
+def parse(s):
+    """(dtypes, batches) from the settings; ValueError names a bad one."""
+    names = [d.strip() for d in s.dtypes.split(",") if d.strip()]
+    unknown = [d for d in names if d not in DTYPES]
+    if not names or unknown:
+        raise ValueError(f"--dtypes={s.dtypes!r}: expected a comma list of {', '.join(sorted(DTYPES))}")
+    parts = [b.strip() for b in s.batches.split(",")]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--batches={s.batches!r}: expected a comma list of positive integers, like 1,4,16,32")
+    for key in ("prompt_len", "new_tokens", "rounds"):
+        if getattr(s, key) < 1:
+            raise ValueError(f"--{key} must be at least 1, got {getattr(s, key)}")
+    if s.model and not os.path.isfile(s.model):
+        raise ValueError(f"--model={s.model}: no such checkpoint (or '' for random weights of SmolLM2's shape)")
+    return [DTYPES[d] for d in names], sorted({int(p) for p in parts})
+
+
+def blas_rows(model):
+    """The old path: products of more than one row go to F.linear (BLAS) even when compiled."""
+    for m in model.modules():
+        if isinstance(m, StreamingLinear):
+            m.stream_rows = 1
+    return model
+
+
+def time_batch(base, dtype, B, s):
+    """{path: [tokens/s per round]} at batch B."""
+    gen = torch.Generator().manual_seed(s.seed + B)
+    prompt = torch.randint(base.config.vocab_size, (B, s.prompt_len), generator=gen)
+    models = {"streaming": copy.deepcopy(base).to(dtype)}
+    if B > 1 and dtype in HALF:  # fp32 weights keep F.linear on both paths: nothing to compare
+        models["blas"] = copy.deepcopy(base).to(dtype)
+    decoders = {}
+    for name, m in models.items():
+        decoders[name] = H.Decoder(m, prompt, s.new_tokens, compile_step=True)  # installs speed.py's paths
+        if name == "blas":
+            blas_rows(m)
+        t0 = H.announce_warmup(f"{name} {str(dtype)[6:]} batch {B}", True)
+        for _ in range(2):  # the second run is the first at full speed
+            decoders[name].timed()
+        print(f"  warm-up {time.perf_counter() - t0:.1f}s", flush=True)
+    rates = {name: [] for name in decoders}
+    for r in range(s.rounds):
+        for name in H.round_order(list(decoders), r):
+            rates[name].append(B * s.new_tokens / decoders[name].timed()[1])
+        print(f"  round {r + 1}/{s.rounds}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
+    return rates
+
+
+def print_table(rows, dtypes, batches):
+    print("\n| dtype | batch | BLAS for rows > 1 (old), tokens/s | batched streaming (new) | new / old | new / batch 1 |")
+    print("|---|---|---|---|---|---|")
+    for dtype in dtypes:
+        d = str(dtype)[6:]
+        one = rows[d].get(1, {}).get("streaming")
+        for B in batches:
+            r = rows[d][B]
+            new, old = r["streaming"], r.get("blas")
+            print(f"| {d} | {B} | {old['median']:.1f} [{old['min']:.1f}-{old['max']:.1f}] | " if old else f"| {d} | {B} | (same) | ",
+                  end="")
+            print(f"{new['median']:.1f} [{new['min']:.1f}-{new['max']:.1f}] | {new['median'] / old['median']:.2f}x | " if old
+                  else f"{new['median']:.1f} [{new['min']:.1f}-{new['max']:.1f}] | | ", end="")
+            print(f"{new['median'] / one['median']:.2f}x |" if one else " |")
+
+
+def main(argv):
+    s, _ = configure(DEFAULTS, argv, __doc__)
+    dtypes, batch_sizes = parse(s)
+    apply_threads(s.threads)
+    check_not_tracked(s.out, "out", s.replace_tracked)
+    os.makedirs(s.out, exist_ok=True)
+    torch.manual_seed(s.seed)
+    if s.model:
+        from checkpoint import load_model
+        base = load_model(s.model)[0]
+    else:
+        base = M.Llama(M.LlamaConfig(**SMOLLM2))
+    base.eval()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(batch_sizes) * len(dtypes))
+    rows = {}
+    for dtype in dtypes:
+        for B in batch_sizes:
+            rates = time_batch(base, dtype, B, s)
+            rows.setdefault(str(dtype)[6:], {})[B] = {
+                name: dict(zip(("median", "min", "max"), H.summary(v)), rounds=v) for name, v in rates.items()}
+    print_table(rows, dtypes, batch_sizes)
+    result = dict(settings={k: getattr(s, k) for k in DEFAULTS}, threads=torch.get_num_threads(),
+                  torch=torch.__version__, loadavg=H.loadavg(), rows=rows)
+    path = os.path.join(s.out, "batch_decode.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(main))
