@@ -11,7 +11,8 @@ import pytest
 from configurator import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"train", "sample", "bench", "evaluate", "experiments.echo"}  # run, never imported (tests call their main)
+# run, never imported (tests call their main)
+SCRIPTS = {"train", "sample", "bench", "evaluate", "experiments.echo", "experiments.llamacpp"}
 
 
 def project_modules():
@@ -106,6 +107,7 @@ BAD_SETTINGS = [
     ("experiments.echo", ["--adapt_fraction=nan"], "adapt_fraction"), ("experiments.echo", ["--target=9,9"], "target"),
     ("experiments.echo", ["--pretrain_iters=-5"], "pretrain_iters"),
     ("evaluate", ["--init_from=a.pt", "--teacher=b.pt", "--out=."], "--out"),
+    ("experiments.llamacpp", ["--roundz=3"], "roundz"), ("experiments.llamacpp", ["--rounds=many"], "rounds"),
 ]
 
 
