@@ -11,7 +11,8 @@ import pytest
 from configurator import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"train", "sample", "bench", "evaluate", "experiments.echo"}  # run, never imported (tests call their main)
+# run, never imported (tests call their main)
+SCRIPTS = {"train", "sample", "bench", "evaluate", "experiments.echo", "experiments.llamacpp"}
 
 
 def project_modules():
@@ -109,6 +110,7 @@ BAD_SETTINGS = [
     ("delta", ["--basee=a.pt"], "basee"), ("delta", ["--dtype=int4"], "dtype"),
     ("experiments.batch_decode", ["--batchez=4"], "batchez"), ("experiments.batch_decode", ["--batches=1,x"], "batches"),
     ("experiments.batch_decode", ["--dtypes=fp64"], "dtypes"), ("data.smollm2_selfgen.prepare", ["--compile=maybe"], "compile"),
+    ("experiments.llamacpp", ["--roundz=3"], "roundz"), ("experiments.llamacpp", ["--rounds=many"], "rounds"),
 ]
 
 
