@@ -57,6 +57,8 @@ attn_to = ""                 # convert: the attn_source to convert it to (EchoAt
 kv_init = "own"              # convert: owners keep their own K/V (own) or the mean of their users' (mean)
 local_iters = 0              # convert: steps of layer-local distillation of the consumers afterwards
 local_lr = 1e-3              # convert: AdamW learning rate of the layer-local distillation
+local_train = "layers"       # convert: what the local distillation trains: the consumers' whole 'layers', or
+                             # 'consumers_qo' (their q_proj and o_proj, as adapt_train_layers='consumers_qo')
 overwrite = False            # convert: replace an existing --out file
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
@@ -70,7 +72,8 @@ TRAINING_SETTINGS = dict(
     adapt_order="top-down",     # 'top-down', 'bottom-up', 'similarity' (needs adapt_similarity) or a list like 5,4,3
     adapt_stage_iters=100,      # iterations per stage (gradual)
     adapt_layers_per_stage=1,   # layers that switch together in each stage (gradual)
-    adapt_train_layers="all",   # 'all', 'converted' (consumers and their owners), 'upward' (lowest consumer and up)
+    adapt_train_layers="all",   # 'all', 'converted' (consumers and their owners), 'upward' (lowest consumer and up),
+                                # 'consumers_qo' (only the consumers' q_proj and o_proj)
     adapt_similarity="",        # kv_similarity.pt from `python adapt.py`, for adapt_order='similarity'
     # learning from a frozen dense teacher (Distillation): loss = (1 - a - g - h) * CE(data)
     #   + a * T^2 * KL(teacher || student) + g * CE(teacher's argmax) + h * MSE(hidden states); all 0: no teacher
@@ -84,7 +87,7 @@ TRAINING_SETTINGS = dict(
 )
 
 ORDERS = ("top-down", "bottom-up", "similarity")
-TRAIN_LAYERS = ("all", "converted", "upward")
+TRAIN_LAYERS = ("all", "converted", "upward", "consumers_qo")
 
 
 class Adaptation:
@@ -215,12 +218,16 @@ def freeze(model, target, train_layers="all") -> list:
     if not consumers:
         raise ValueError(f"adapt_train_layers={train_layers!r} with a target that shares no layer would freeze "
                          "every layer: pick a target with consumers or adapt_train_layers='all'")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if train_layers == "consumers_qo":
+        for p in consumer_qo_params(model, consumers):
+            p.requires_grad_(True)
+        return consumers
     if train_layers == "converted":
         trainable = sorted(set(consumers) | {target[i] for i in consumers})
     else:
         trainable = list(range(min(consumers), n_layer))
-    for p in model.parameters():
-        p.requires_grad_(False)
     for i in trainable:
         model.layers[i].requires_grad_(True)
     if train_layers == "upward":  # the final norm and head sit above every layer
@@ -229,6 +236,14 @@ def freeze(model, target, train_layers="all") -> list:
         # bottom need a gradient, and so a backward pass through every layer
         model.lm_head.requires_grad_(not model.config.tie_embeddings)
     return trainable
+
+
+def consumer_qo_params(model, consumers):
+    """The consumers' query and output projections: what changes when a layer reads another layer's K/V
+    (its queries must find the owner's keys, its output must map the owner's values; SwiftKV likewise
+    trains only what its change touches). A layer sharing its attention pattern has no q_proj."""
+    attns = [model.layers[i].self_attn for i in consumers]
+    return [m.weight for a in attns for m in (getattr(a, "q_proj", None), a.o_proj) if m is not None]
 
 
 def distillation_loss(logits, teacher_logits, targets, alpha, temperature, argmax=0.0, data=None):
@@ -407,13 +422,19 @@ def layer_output(model, i, xs, cos, sin):
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-def local_distillation(student, teacher, batches, iters, learning_rate, log=print):
+def local_distillation(student, teacher, batches, iters, learning_rate, log=print, qo_only=False):
     """Train each consumer layer of the student, alone, to reproduce the dense teacher's output of that
     layer from the teacher's input (mean squared error relative to the output's mean square). Cheap: one
     teacher forward and one layer's backward per consumer and step. Only the consumers' weights move
     (owners keep theirs, so the layers below are untouched). Returns the final relative errors."""
     consumers = [i for i, j in enumerate(student.config.kv_source) if j != i]
-    params = [p for i in consumers for p in student.layers[i].parameters()]
+    if qo_only:  # the same trainable set as adapt_train_layers='consumers_qo'
+        student.requires_grad_(False)
+        params = consumer_qo_params(student, consumers)
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = [p for i in consumers for p in student.layers[i].parameters()]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     errors = {}
     for it in range(iters):
@@ -624,7 +645,8 @@ def convert_and_save(s, model, ckpt):
           f"attn_source {list(student.config.attn_source)}")
     if s.local_iters > 0:
         batches = token_batches(model, ckpt, s.dataset, "train", s.batches, s.batch_size, s.block_size, s.seed)
-        local_distillation(student, model.requires_grad_(False), batches, s.local_iters, s.local_lr)
+        local_distillation(student, model.requires_grad_(False), batches, s.local_iters, s.local_lr,
+                           qo_only=s.local_train == "consumers_qo")
         broken = [name for name, t in student.state_dict().items() if not torch.isfinite(t).all()]
         if broken:
             raise ConfigError(f"local distillation diverged at local_lr={s.local_lr}: {broken[0]} is not finite "
@@ -651,7 +673,8 @@ def check_settings(s, explicit):
     if not (s.local_lr > 0 and s.local_lr != float("inf")):
         raise ConfigError(f"local_lr={s.local_lr} must be a finite number > 0")
     converting = bool(s.convert_to or s.attn_to)
-    for_convert, for_calibration = {"local_iters", "local_lr", "overwrite"} & explicit, {"n_share", "criterion"} & explicit
+    for_convert = {"local_iters", "local_lr", "local_train", "overwrite"} & explicit
+    for_calibration = {"n_share", "criterion"} & explicit
     if for_convert and not converting:
         raise ConfigError(f"{', '.join(sorted(for_convert))} appl{'ies' if len(for_convert) == 1 else 'y'} only with "
                           "--convert_to or --attn_to (conversion)")
@@ -663,7 +686,8 @@ def check_settings(s, explicit):
 
 
 def main(argv):
-    s, explicit = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "attention")})
+    s, explicit = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "attention"),
+                                                    "local_train": ("layers", "consumers_qo")})
     check_settings(s, explicit)
     apply_threads(s.threads)  # the model stays on the CPU here
     with_heatmap = bool(s.convert_to or s.attn_to) or heatmap_available()  # calibration: asked before any work

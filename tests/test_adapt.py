@@ -362,6 +362,24 @@ def test_local_distillation_brings_converted_layers_toward_the_dense_ones():
     assert all(torch.equal(t, student.layers[:2].state_dict()[k]) for k, t in lower.items())
 
 
+def test_consumers_qo_trains_only_the_consumers_query_and_output_projections():
+    from adapt import convert_model, local_distillation
+    teacher = dense_model(n_layer=4, seed=2).requires_grad_(False)
+    target = [0, 1, 1, 1]  # layers 2 and 3 read layer 1's K/V
+    student = convert_model(teacher, "0,1,1,1", "own")
+    assert freeze(student, target, "consumers_qo") == [2, 3]
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{i}.self_attn.{m}.weight" for i in (2, 3) for m in ("q_proj", "o_proj")}
+    # the local distillation on the same set moves exactly those weights, and lowers the consumers' error
+    before_state = copy.deepcopy(student.state_dict())
+    batches = [batch(seed=s)[0] for s in range(4)]
+    before = local_distillation(student, teacher, batches, 1, 0.0, log=lambda *_: None, qo_only=True)
+    after = local_distillation(student, teacher, batches, 40, 3e-3, log=lambda *_: None, qo_only=True)
+    assert all(after[i] < before[i] for i in before), (before, after)
+    moved = {k for k, t in student.state_dict().items() if not torch.equal(t, before_state[k])}
+    assert moved == trainable
+
+
 def test_convert_command_writes_a_checkpoint_that_loads(data_dir, dense_ckpt, tmp_path, capsys):
     from checkpoint import load_model
     out = tmp_path / "shared.pt"
