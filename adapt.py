@@ -36,7 +36,7 @@ from checkpoint import SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint
 from configurator import ConfigError, apply_threads, configure, run_script, settings_from
 from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
 from guards import claim_destination
-from model import LlamaConfig, parse_kv_source, validate_kv_source
+from model import LayerHandover, LlamaConfig, parse_kv_source, validate_kv_source
 from progress import Heartbeat
 
 # -----------------------------------------------------------------------------
@@ -44,14 +44,16 @@ from progress import Heartbeat
 init_from = "out-shakespeare-char-dense"  # a dense checkpoint file or training out_dir
 dataset = ""                 # '' = the dataset the checkpoint was trained on
 n_share = -1                 # calibrate: layers to turn into consumers in the proposed map; -1 = half
-batches = 8                  # batches the calibration (validation split) or local distillation (train split) use
+batches = 8                  # batches the calibration (--split) or local distillation (train split) use
 batch_size = 8               # sequences per batch
 block_size = 0               # sequence length of those batches; 0 = the model's block_size
 out = ""                     # calibrate: a directory ('' = beside the checkpoint); convert: the checkpoint file
 seed = 1337                  # which batches are drawn
+split = "val"                # calibrate: the split its batches come from ('train' keeps a held-out set unseen)
 threads = 0                  # torch CPU threads: 0 = 1 on a CPU (shared machines: configurator.apply_threads)
-criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_source) or 'attention' (EchoAtt's
-                             # attention-map similarity, proposes attn_source)
+criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_source), 'logits' (logit_kl_similarity:
+                             # the end-to-end KL of each single switch, proposes kv_source; slow) or 'attention'
+                             # (EchoAtt's attention-map similarity, proposes attn_source)
 convert_to = ""              # convert: the kv_source to convert the dense model to (abruptly)
 attn_to = ""                 # convert: the attn_source to convert it to (EchoAtt: sharers drop Q and K)
 kv_init = "own"              # convert: owners keep their own K/V (own) or the mean of their users' (mean)
@@ -496,6 +498,44 @@ def kv_similarity(model, batches):
     return (1 - (change / scale[:, None]).sqrt()).float()
 
 
+@torch.no_grad()
+def logit_kl_similarity(model, batches):
+    """What each single switch costs the model's predictions, end to end: S[i, j] = exp(-KL), KL the mean
+    per token of KL(dense || the dense model with only layer i attending over layer j's K/V), over the
+    batches. 1 on the diagonal; higher means cheaper sharing, as kv_similarity's S.
+
+    kv_similarity measures the change of layer i's output relative to the residual stream, whose square
+    a few massive activations dominate on a real model: on SmolLM2 its map (8 layers reading layer 0)
+    looked cheap there and cost 2.7x the teacher's perplexity. This measures the logits instead. It
+    costs about n_layer^2 / 6 forward passes per batch (layer i's switch reruns only layers i and up)."""
+    c = model.config
+    if any(j != i for i, j in enumerate(c.kv_source)):
+        raise ValueError("calibration needs a dense model: every layer must compute its own K/V")
+    n, model = c.n_layer, model.eval()
+    kl, count = torch.zeros(n, n, dtype=torch.float64), 0
+    for idx in batches:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+        hand, xs, x = LayerHandover(cos, sin, None, None, pos, {}), [], model.embed_tokens(idx)
+        for block in model.layers:
+            xs.append(x)
+            x = block(x, hand)
+        dense = F.log_softmax(model.lm_head(model.norm(x)).float(), dim=-1)
+        for i in range(1, n):
+            layer = model.layers[i]
+            h = layer.input_layernorm(xs[i])
+            for j in range(i):
+                y = xs[i] + layer.self_attn(h, *hand.kv[j], cos, sin, None)
+                y = y + layer.mlp(layer.post_attention_layernorm(y))
+                above = LayerHandover(cos, sin, None, None, pos, {})  # the layers above compute their own K/V
+                for block in model.layers[i + 1:]:
+                    y = block(y, above)
+                switched = F.log_softmax(model.lm_head(model.norm(y)).float(), dim=-1)
+                kl[i, j] += (dense.exp() * (dense - switched)).sum(-1).double().sum()
+        count += idx.numel()
+    return torch.exp(-kl / count).float()
+
+
 def propose_kv_source(similarity, n_share) -> tuple:
     """Greedily make the n_share most similar (layer, earlier layer) pairs consumer and owner,
     keeping the map valid: owners stay owners, consumers are never sources."""
@@ -658,8 +698,9 @@ def convert_and_save(s, model, ckpt):
 
 def print_similarity(sim, criterion="kv"):
     n = sim.shape[0]
-    print("1 - relative change of layer i's output when it uses layer j's K/V (row: i, column: earlier j)"
-          if criterion == "kv" else "cosine similarity of the attention maps of layer i and earlier layer j")
+    print({"kv": "1 - relative change of layer i's output when it uses layer j's K/V (row: i, column: earlier j)",
+           "logits": "exp(-KL(dense || dense with layer i alone using layer j's K/V)) (row: i, column: earlier j)",
+           "attention": "cosine similarity of the attention maps of layer i and earlier layer j"}[criterion])
     print("     " + "".join(f"{j:6d}" for j in range(n)))
     for i in range(n):
         print(f"{i:4d} " + "".join(f"{sim[i, j]:6.2f}" for j in range(i + 1)))
@@ -674,7 +715,7 @@ def check_settings(s, explicit):
         raise ConfigError(f"local_lr={s.local_lr} must be a finite number > 0")
     converting = bool(s.convert_to or s.attn_to)
     for_convert = {"local_iters", "local_lr", "local_train", "overwrite"} & explicit
-    for_calibration = {"n_share", "criterion"} & explicit
+    for_calibration = {"n_share", "criterion", "split"} & explicit
     if for_convert and not converting:
         raise ConfigError(f"{', '.join(sorted(for_convert))} appl{'ies' if len(for_convert) == 1 else 'y'} only with "
                           "--convert_to or --attn_to (conversion)")
@@ -686,8 +727,8 @@ def check_settings(s, explicit):
 
 
 def main(argv):
-    s, explicit = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "attention"),
-                                                    "local_train": ("layers", "consumers_qo")})
+    s, explicit = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "logits", "attention"),
+                                                    "local_train": ("layers", "consumers_qo"), "split": ("train", "val")})
     check_settings(s, explicit)
     apply_threads(s.threads)  # the model stays on the CPU here
     with_heatmap = bool(s.convert_to or s.attn_to) or heatmap_available()  # calibration: asked before any work
@@ -700,30 +741,31 @@ def main(argv):
     if s.convert_to or s.attn_to:
         convert_command(s, model, ckpt)
         return 0
-    batches = token_batches(model, ckpt, s.dataset, "val", s.batches, s.batch_size, s.block_size, s.seed)
+    batches = token_batches(model, ckpt, s.dataset, s.split, s.batches, s.batch_size, s.block_size, s.seed)
     n_share_ = s.n_share if s.n_share >= 0 else model.config.n_layer // 2
     with Heartbeat(f"calibration: {len(batches)} batches through {model.config.n_layer} layers", len(batches)) as beat:
-        if s.criterion == "kv":  # a line after 5 s and every 30 s: a real model takes minutes
-            sim, name = kv_similarity(model, beat.iter(batches)), "kv_similarity"
-            proposal = propose_kv_source(sim, n_share_)
-        else:
-            sim, name = attention_similarity(model, beat.iter(batches)), "attn_similarity"
-            proposal = propose_attn_source(sim, n_share_)
+        similarity, name, propose = CRITERIA[s.criterion]  # a line after 5 s and every 30 s: minutes on a real model
+        sim = similarity(model, beat.iter(batches))
+        proposal = propose(sim, n_share_)
     print_similarity(sim, s.criterion)
     out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))
     os.makedirs(out_dir, exist_ok=True)
     torch.save(sim, os.path.join(out_dir, f"{name}.pt"))
     if with_heatmap:
         save_heatmap(sim, os.path.join(out_dir, f"{name}.png"), HEATMAP_TITLES[s.criterion],
-                     "K/V" if s.criterion == "kv" else "attention pattern")
+                     "attention pattern" if s.criterion == "attention" else "K/V")
     print(f"saved {out_dir}/{name}.pt" + (f" and {out_dir}/{name}.png" if with_heatmap else ""))
-    print(f"proposed {'kv_source' if s.criterion == 'kv' else 'attn_source'} sharing {n_share_} layers: "
+    print(f"proposed {'attn_source' if s.criterion == 'attention' else 'kv_source'} sharing {n_share_} layers: "
           f"{','.join(map(str, proposal))}")
     return proposal
 
 
 HEATMAP_TITLES = {"kv": "K/V sharing: 1 - relative change of the layer's output",
+                  "logits": "K/V sharing: exp(-KL of the logits) when only layer i switches",
                   "attention": "cosine similarity of attention maps"}
+CRITERIA = {"kv": (kv_similarity, "kv_similarity", propose_kv_source),
+            "logits": (logit_kl_similarity, "logit_kl_similarity", propose_kv_source),
+            "attention": (attention_similarity, "attn_similarity", propose_attn_source)}
 
 
 if __name__ == "__main__":

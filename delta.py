@@ -161,6 +161,8 @@ def delta_config(meta, base_ckpt, path, base_name) -> LlamaConfig:
         other = next((k for k in ARCHITECTURE if recorded.get(k) != base_config.get(k)), None)
         if other:
             raise ValueError(f"its model has {other}={recorded.get(other)!r}, the base {base_config.get(other)!r}")
+        # a training run crops the context to its block_size (train.py); the adapted model reads as far as its base
+        recorded["block_size"] = max(recorded.get("block_size", 0), base_config.get("block_size", 0))
         return LlamaConfig(**recorded)
     except (ValueError, TypeError, KeyError) as e:
         raise DeltaError(f"delta {path} records a model that {base_name} cannot take (kv_source {meta.get('kv_source')}, "

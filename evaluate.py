@@ -3,6 +3,7 @@ Evaluate a model against its teacher (fidelity.py): how much of what the teacher
 
     .venv/bin/python evaluate.py --init_from=out-adapted/ckpt.pt --teacher=data/smollm2/smollm2-135m-instruct.pt
     .venv/bin/python evaluate.py --init_from=STUDENT --teacher=TEACHER --sets=plays --tokens=8192 --chat=False
+    .venv/bin/python evaluate.py --init_from=BASE --delta=results/smollm2-adapted/kv8.safetensors --teacher=BASE
 
 Held-out sets (--sets, comma-separated; each read over --tokens positions in fixed, evenly spaced windows):
   selfgen   data/smollm2_selfgen/val.bin     the teacher's own samples on held-out prompts (its prepare.py)
@@ -26,6 +27,7 @@ import torch
 from checkpoint import load_model
 from configurator import DTYPES, autocast, configure, resolve_device, resolve_dtype, run_script, settings_from
 from dataset import dataset_dir, load_meta, open_tokens
+from delta import load_with_delta
 from fidelity import (chat_answers, chat_report, compare_on_windows, default_questions_path, fixed_windows,
                       load_questions)
 from guards import trained_tokenizer
@@ -33,6 +35,7 @@ from tokenizer import HFTokenizer, tokenizer_identity
 
 # -----------------------------------------------------------------------------
 init_from = ""               # the student: a checkpoint file or a training out_dir
+delta = ""                   # a delta file (delta.py, lora.py --adapters) of init_from: the student is base + delta
 teacher = ""                 # the teacher: a checkpoint file or a training out_dir
 sets = "selfgen,plays,bible"  # held-out sets ('' = none)
 tokens = 65_536              # positions scored per set
@@ -73,6 +76,8 @@ def check(s):
     for key in ("tokens", "block_size", "batch_size", "chat_batch_size", "max_new_tokens"):
         if getattr(s, key) < 1:
             raise ValueError(f"--{key} must be at least 1, got {getattr(s, key)}")
+    if s.delta and not os.path.isfile(s.delta):
+        raise ValueError(f"--delta={s.delta}: no such file (delta.py writes one from an adapted model and its base)")
     if not s.out or os.path.isdir(s.out):  # found now, not after the evaluation's minutes
         raise ValueError(f"--out={s.out!r} must name a .json file to write, not a directory")
     names = [n for n in s.sets.split(",") if n]
@@ -134,12 +139,12 @@ def main(argv):
     s, _ = configure(DEFAULTS, argv, __doc__, CHOICES)
     found, qs = check(s)
     dev = resolve_device(s.device)
-    student, student_ckpt = load_model(s.init_from)
+    student, student_ckpt = load_with_delta(s.init_from, s.delta) if s.delta else load_model(s.init_from)
     teacher, teacher_ckpt = load_model(s.teacher)
     identity = check_pair(student_ckpt, teacher_ckpt, s)
     for m in (student, teacher):
         m.to(dev).eval()
-    result = {"student": s.init_from, "teacher": s.teacher, "settings": vars(s)}
+    result = {"student": s.init_from, "delta": s.delta, "teacher": s.teacher, "settings": vars(s)}
     with torch.inference_mode():
         result["sets"] = held_out(student, teacher, found, identity, s, dev)
         if s.chat:

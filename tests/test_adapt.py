@@ -1,6 +1,7 @@
 """Layer-wise adaptation: stage switching, blending, freezing, distillation, calibration."""
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from adapt import (Adaptation, distillation_loss, freeze, kv_similarity, make_consumer, propose_kv_source, save_heatmap,
+from adapt import (Adaptation, distillation_loss, freeze, kv_similarity, logit_kl_similarity, make_consumer, propose_kv_source, save_heatmap,
                    start_blend)
 from adapt import main as adapt_main
 from model import Llama, LlamaConfig
@@ -251,6 +252,37 @@ def test_torchrun_adaptation_switches_layers_on_every_rank(data_dir, dense_ckpt,
     assert "weights on all 2 ranks are identical" in r.stdout
     assert records(tmp_path, "adapt")[-1]["kv_source"] == [0, 1, 1, 1]
     assert records(tmp_path, "done")[-1]["ddp_weights_identical"]
+
+
+def test_logit_calibration_is_the_kl_of_each_single_switch_end_to_end():
+    """S[i, j] = exp(-mean KL(dense || model converted with layer i alone reading j)), each pair against a
+    model the project's own conversion built (convert_model) and the explicit KL formula; 1 on the diagonal."""
+    from adapt import convert_model
+    model = dense_model(n_layer=4, seed=5).eval()
+    with torch.no_grad():  # spread the logits: a random tiny model's are near uniform, every KL near 0
+        model.lm_head.weight.mul_(20)
+    xs = [batch(seed=7)[0], batch(B=1, T=9, seed=8)[0]]
+    sim = logit_kl_similarity(model, xs)
+    assert torch.all(sim.diagonal() == 1)
+    for i, j in ((1, 0), (2, 0), (3, 1), (3, 2)):
+        switched = convert_model(model, [j if k == i else k for k in range(4)]).eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for x in xs:
+                p, q = (torch.softmax(m(x)[0].double(), -1) for m in (model, switched))
+                total, count = total + (p * (p / q).log()).sum().item(), count + x.numel()
+        assert total / count > 1e-3
+        assert float(sim[i, j]) == pytest.approx(math.exp(-total / count), rel=1e-4)
+
+
+def test_logit_calibration_command_on_the_train_split(data_dir, dense_ckpt, tmp_path, capsys):
+    proposal = adapt_main([f"--init_from={dense_ckpt}", f"--dataset={data_dir}", "--n_share=1", "--batches=1",
+                           "--batch_size=2", "--criterion=logits", "--split=train", f"--out={tmp_path}"])
+    assert f"proposed kv_source sharing 1 layers: {','.join(map(str, proposal))}" in capsys.readouterr().out
+    sim = torch.load(tmp_path / "logit_kl_similarity.pt")
+    i = next(i for i, j in enumerate(proposal) if j != i)
+    below = [(float(sim[a, b]), a, b) for a in range(sim.shape[0]) for b in range(a)]
+    assert max(below)[1:] == (i, proposal[i])  # the cheapest single switch is the one proposed
 
 
 def test_calibration_command(data_dir, dense_ckpt, tmp_path, capsys):

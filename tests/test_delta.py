@@ -252,3 +252,19 @@ def test_a_lora_run_that_recorded_its_base_files_sha256_still_saves_a_delta(runs
     model, _ = delta.load_with_delta(runs["base"], tmp_path / "a.safetensors")
     X = tokens(model.config.vocab_size)
     assert torch.equal(logits(model, X), logits(load_model(runs["merged"])[0], X))
+
+
+def test_a_delta_from_a_run_with_a_shorter_context_reads_as_far_as_its_base(runs, data_dir, tmp_path):
+    """train.py crops the context to its block_size; base + delta keeps the base's (RoPE reads on), with the
+    trained model's logits where both reach."""
+    train_run(data_dir, tmp_path / "crop", f"--init_from={runs['base']}", *ADAPT_TO_0_0, "--adapt_train_layers=upward",
+              "--block_size=8")
+    cropped, _ = load_model(tmp_path / "crop")
+    assert cropped.config.block_size == 8
+    delta.main([f"--init_from={tmp_path / 'crop'}", f"--base={runs['base']}", f"--out={tmp_path / 'd.safetensors'}",
+                "--dtype=float32"])
+    model, _ = delta.load_with_delta(runs["base"], tmp_path / "d.safetensors")
+    assert model.config.block_size == load_model(runs["base"])[0].config.block_size == 16
+    X = tokens(model.config.vocab_size)
+    assert torch.equal(logits(model, X[:, :8]), logits(cropped, X[:, :8]))
+    assert logits(model, X).shape[1] == 16  # the full base context

@@ -286,7 +286,8 @@ def test_evaluate_another_student_reports_the_hand_computed_figures(teacher_path
 
 
 @pytest.mark.parametrize("argv, words", [([], "--teacher"), (["--sets=nope"], "unknown set"),
-                                         (["--sets=/x/none.bin"], "/x/none.bin"), (["--tokens=0"], "--tokens")])
+                                         (["--sets=/x/none.bin"], "/x/none.bin"), (["--tokens=0"], "--tokens"),
+                                         (["--delta=/x/none.safetensors"], "--delta=/x/none.safetensors")])
 def test_evaluate_bad_input_is_one_line(argv, words, capsys, tmp_path, teacher_path):
     import evaluate
     base = [] if not argv else [f"--init_from={teacher_path}", f"--teacher={teacher_path}"]

@@ -1,0 +1,294 @@
+"""
+Keep what the model knows (issue 21): SmolLM2-135M-Instruct given a smaller KV cache by K/V sharing, distilled
+on its own generations, shipped as a small delta, and measured against the dense model it came from.
+
+    .venv/bin/python data/smollm2/prepare.py && .venv/bin/python data/shakespeare_smollm2/prepare.py
+    .venv/bin/python experiments/keep_skills.py --threads=2     # alone on a 2-core machine; phase times below
+    .venv/bin/python experiments/keep_skills.py --share=15 --reuse=True   # one more map; finished phases kept
+
+Every phase is a command of the project's own (printed, timed, its output in RUNS/<phase>.txt):
+  generation    data/smollm2_selfgen/prepare.py: the teacher's own samples (chat turns and free text), a
+                held-out split; once for all maps
+  calibration   adapt.py --n_share=N: which N layers read which earlier layer's K/V (the map)
+  conversion    adapt.py --convert_to=MAP --local_iters=..: the abrupt switch, then layer-local distillation
+                of the consumers' q_proj/o_proj against the teacher's hidden states
+  distillation  train.py: KL(teacher || student) on the generated text; only the consumers' q_proj/o_proj
+                train (adapt_train_layers=consumers_qo, what the change touches)
+  delta         delta.py: the changed tensors in bf16 (OUT/kvN.safetensors; results/smollm2-adapted/ holds
+                the committed ones)
+  evaluation    evaluate.py --delta: the shipped delta on the base against the teacher, held-out generated
+                text, plays and Bible (perplexity ratio, KL, top-1 agreement) and the chat questions
+With --reuse=True a phase whose record (RUNS/<phase>.json) shows the same command finished is not run again.
+Results: OUT/results.json and OUT/results.md (goals, phase times, the chat table), OUT/pareto.png.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configurator import ConfigError, apply_threads, configure, run_script, settings_from  # noqa: E402
+
+# -----------------------------------------------------------------------------
+out = "out-keep-skills-results"  # results.json/.md, pareto.png, the deltas
+runs = "out-keep-skills"     # every phase's output and record
+teacher = "data/smollm2/smollm2-135m-instruct.pt"
+share = "8,15"               # one adapted model per entry: how many of the 30 layers read another's K/V
+data = "data/smollm2_selfgen"  # where the generated dataset goes (train.bin, val.bin, meta.json)
+gen_tokens = 120_000         # generated training tokens (the teacher's own samples)
+gen_val_tokens = 65_536      # generated held-out tokens (evaluate.py's 'selfgen' set)
+gen_batch_size = 16
+gen_max_new_tokens = 256     # per generated document
+gen_compile = True           # compile the generation's decode step
+prompts = ""                 # chat prompts for the generation, a file with one a line ('' = selfgen.chat_prompts())
+calib_dataset = "shakespeare_smollm2"  # the text the map is chosen on (adapt.py reads its val split)
+calib_batches = 4
+criterion = "kv"             # adapt.py's calibration criterion: 'kv' (the layer's output) or 'logits' (end to end,
+                             # on the generated train split; slow: ~n_layer^2/6 forwards per batch)
+local_iters = 40             # layer-local distillation steps after the switch
+local_lr = 1e-3
+iters = 100                  # KL distillation steps (iters x batch_size x block_size tokens)
+batch_size = 4
+block_size = 256
+learning_rate = 2e-4         # cosine to a tenth of it after iters // 10 warm-up steps
+eval_tokens = 65_536         # scored positions per held-out set
+eval_sets = "selfgen,plays,bible"  # evaluate.py's names (selfgen reads data/smollm2_selfgen) or .bin paths
+eval_block_size = 512        # evaluation window length
+chat = True                  # the chat questions
+questions = ""               # '' = data/chat_questions.json
+reuse = False                # keep phases whose record shows the same command finished
+seed = 1337
+threads = 0                  # torch CPU threads of every phase: 0 = 1 on a CPU (configurator.apply_threads)
+# -----------------------------------------------------------------------------
+DEFAULTS = settings_from(globals())
+GOALS = {8: (0.01, "teacher - 1"), 15: (0.03, "90% of teacher")}  # the issue's: perplexity ratio bound, chat bound
+
+
+def progress(text, t0=[time.time()]):
+    print(f"[{(time.time() - t0[0]) / 60:5.1f} min] {text}", flush=True)
+
+
+def phase(name, script, args, s) -> dict:
+    """Run `python script args` from the repository root, its output to RUNS/name.txt; returns its record
+    (command, wall seconds). With --reuse the record of the same finished command is returned instead."""
+    cmd = [script, *args]
+    record = os.path.join(s.runs, f"{name}.json")
+    if s.reuse and os.path.exists(record):
+        with open(record) as f:
+            done = json.load(f)
+        if done["cmd"] == cmd:
+            progress(f"{name}: reused ({done['wall_s']:.0f} s when it ran)")
+            return done | {"reused": True}
+    progress(f"{name}: .venv/bin/python {' '.join(cmd)}")
+    os.makedirs(os.path.dirname(record), exist_ok=True)
+    t0 = time.time()
+    with open(os.path.join(s.runs, f"{name}.txt"), "w") as log:
+        code = subprocess.call([sys.executable, *cmd], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        with open(os.path.join(s.runs, f"{name}.txt")) as f:
+            tail = f.read()[-2000:]
+        raise ConfigError(f"phase {name} failed (exit {code}); its output ends:\n{tail}")
+    done = {"cmd": cmd, "wall_s": round(time.time() - t0, 1)}
+    with open(record, "w") as f:
+        json.dump(done, f)
+    progress(f"{name}: done in {done['wall_s']:.0f} s")
+    return done
+
+
+def proposed_map(s, name):
+    """The map adapt.py printed: 'proposed kv_source sharing N layers: 0,1,...'."""
+    with open(os.path.join(s.runs, f"{name}.txt")) as f:
+        line = [x for x in f if x.startswith("proposed kv_source")][-1]
+    return line.rsplit(":", 1)[1].strip()
+
+
+def adapt_one(n, s, common):
+    """Calibration, conversion, distillation, delta and evaluation of the map sharing n layers."""
+    d, times = os.path.join(s.runs, f"kv{n}"), {}
+    times["calibration"] = phase(f"kv{n}/calibration", "adapt.py", [
+        f"--init_from={s.teacher}", f"--dataset={s.calib_dataset}", f"--n_share={n}", f"--batches={s.calib_batches}",
+        f"--batch_size={s.batch_size}", f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={d}", *common,
+        *([f"--criterion={s.criterion}", "--split=train"] if s.criterion != "kv" else [])], s)
+    kv_map = proposed_map(s, f"kv{n}/calibration")
+    converted = os.path.join(d, "converted.pt")
+    times["conversion"] = phase(f"kv{n}/conversion", "adapt.py", [
+        f"--init_from={s.teacher}", f"--convert_to={kv_map}", f"--local_iters={s.local_iters}", f"--local_lr={s.local_lr}",
+        "--local_train=consumers_qo", f"--dataset={s.data}", "--batches=8", f"--batch_size={s.batch_size}",
+        f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={converted}", "--overwrite=True", *common], s)
+    trained = os.path.join(d, "distill")
+    times["distillation"] = phase(f"kv{n}/distillation", "train.py", [
+        f"--init_from={converted}", f"--out_dir={trained}", f"--adapt_target={kv_map}", "--adapt_mode=abrupt",
+        "--adapt_train_layers=consumers_qo", f"--distill_teacher={s.teacher}", "--distill_alpha=1.0",
+        f"--dataset={s.data}", f"--batch_size={s.batch_size}", f"--block_size={s.block_size}",
+        "--dtype=float32", "--compile=False", f"--max_iters={s.iters}", f"--learning_rate={s.learning_rate}",
+        f"--min_lr={s.learning_rate / 10}", f"--warmup_iters={max(1, s.iters // 10)}", "--weight_decay=0.0",
+        f"--eval_interval={s.iters}", "--eval_iters=4", f"--log_interval={max(1, s.iters // 10)}",
+        f"--seed={s.seed}", "--overwrite=True", *common], s)
+    delta = os.path.join(s.out, f"kv{n}.safetensors")
+    times["delta"] = phase(f"kv{n}/delta", "delta.py", [
+        f"--init_from={trained}", f"--base={s.teacher}", f"--out={delta}", "--overwrite=True", *common], s)
+    report = os.path.join(d, "eval.json")
+    times["evaluation"] = phase(f"kv{n}/evaluation", "evaluate.py", [
+        f"--init_from={s.teacher}", f"--delta={delta}", f"--teacher={s.teacher}", f"--sets={s.eval_sets}",
+        f"--tokens={s.eval_tokens}", f"--block_size={s.eval_block_size}", f"--chat={s.chat}", *([f"--questions={s.questions}"] if s.questions else []), f"--out={report}"], s)
+    with open(report) as f:
+        evaluation = json.load(f)
+    return {"kv_source": [int(x) for x in kv_map.split(",")], "delta_bytes": os.path.getsize(delta),
+            "phase_s": {k: v["wall_s"] for k, v in times.items()}, "evaluation": evaluation}
+
+
+def goals(n, row, n_layer=30):
+    """The issue's goals for the maps it names (8 and 15 of 30 layers sharing), against what was measured."""
+    if n_layer != 30 or n not in GOALS:
+        return []
+    bound, chat_rule = GOALS[n]
+    out = [(f"KV {row['kv_fraction']:.2f}: perplexity within {100 * bound:.0f}% of the teacher on {name}",
+            f"ratio {r['ppl_ratio']:.4f}", r["ppl_ratio"] <= 1 + bound) for name, r in row["evaluation"]["sets"].items()]
+    chat = row["evaluation"].get("chat")
+    if chat:
+        need = chat["teacher_correct"] - 1 if n == 8 else 0.9 * chat["teacher_correct"]
+        out.append((f"KV {row['kv_fraction']:.2f}: chat accuracy >= {chat_rule}",
+                    f"{chat['correct']} vs teacher {chat['teacher_correct']} of {chat['questions']}",
+                    chat["correct"] >= need))
+    out.append((f"KV {row['kv_fraction']:.2f}: delta <= 25 MB", f"{row['delta_bytes'] / 1e6:.1f} MB",
+                row["delta_bytes"] <= 25e6))
+    return out
+
+
+def pareto_plot(rows, path, old=None):
+    """KV fraction against the perplexity ratio to the teacher on each held-out set; the old recipe's
+    points (CE on Shakespeare, experiments/smollm2.py) beside it where given."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sets = list(next(iter(rows.values()))["evaluation"]["sets"]) if rows else []
+    for name in sets:
+        pts = sorted([(1.0, 1.0)] + [(r["kv_fraction"], r["evaluation"]["sets"][name]["ppl_ratio"]) for r in rows.values()])
+        ax.plot(*zip(*pts), "o-", label=f"KL on self-generated text: {name}")
+    for name, pts in (old or {}).items():
+        if pts:
+            ax.plot(*zip(*sorted([(1.0, 1.0)] + pts)), "s--", alpha=0.6,
+                    label=f"old recipe (CE on Shakespeare, 4 x 4 x 256 tokens): {name}")
+    ax.set_xlabel("KV cache fraction (owners / layers)")
+    ax.set_ylabel("perplexity / teacher's")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def old_recipe(path=os.path.join(ROOT, "results", "smollm2", "results.json")):
+    """The previous recipe's points (experiments/smollm2.py: local distillation, then CE on Shakespeare),
+    perplexity ratio to the imported model on its small plays / Bible val batches, per KV fraction."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        r = json.load(f)
+    dense = r["converted"]["dense"]
+    pts = {"plays": [], "bible": []}
+    for name, row in r["adapted"].items():
+        if name.startswith("local + abrupt"):
+            for key, split in (("plays", "val"), ("bible", "other")):
+                pts[key].append((row["kv_fraction"], 2.718281828459045 ** (row[split] - dense[split])))
+    return pts
+
+
+def chat_table(rows, questions=""):
+    """Question, expected, the teacher's answer and each adapted model's (first line, cut to 80 characters)."""
+    first = next((r["evaluation"]["chat"] for r in rows.values() if r["evaluation"].get("chat")), None)
+    if first is None:
+        return []
+    from fidelity import answer_matches, default_questions_path, load_questions
+    expected = {q["question"]: q["expected"] for q in load_questions(questions or default_questions_path())}
+    short = lambda a: a.strip().split("\n")[0][:80].replace("|", "/")  # noqa: E731
+    mark = lambda right, a: f"{'ok' if right else 'WRONG'}: {short(a)}"  # noqa: E731
+    names = list(rows)
+    lines = ["| question | teacher | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for i, item in enumerate(first["answers"]):
+        q = item["question"]
+        cells = [mark(answer_matches(item["teacher_answer"], expected[q]), item["teacher_answer"]) if q in expected
+                 else short(item["teacher_answer"])]
+        for name in names:
+            a = rows[name]["evaluation"]["chat"]["answers"][i]
+            cells.append(mark(a["correct"], a["answer"]))
+        lines.append(f"| {item['question']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_results(results, s):
+    with open(os.path.join(s.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    rows = results["models"]
+    lines = [f"# Keeping what {os.path.basename(s.teacher)} knows with a smaller KV cache", "",
+             f"Generation: {s.gen_tokens:,} training + {s.gen_val_tokens:,} held-out tokens of the teacher's own "
+             f"samples. Per map: calibration on {s.calib_batches} x {s.batch_size} x {s.block_size} {s.calib_dataset} "
+             f"tokens, the switch, {s.local_iters} layer-local steps, {s.iters} KL steps x {s.batch_size} x "
+             f"{s.block_size} generated tokens (consumers' q_proj/o_proj only), a bf16 delta; evaluation of base + "
+             f"delta against the teacher over {s.eval_tokens:,} positions per set. {results['cpu_count']} cores, "
+             f"--threads={s.threads}, load average before {', '.join(f'{x:.2f}' for x in results['load_average_before'])}.",
+             "", "| KV cache | set | ppl ratio | KL | top-1 agreement |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        for set_name, e in r["evaluation"]["sets"].items():
+            lines.append(f"| {r['kv_fraction']:.2f} ({name}) | {set_name} | {e['ppl_ratio']:.4f} | {e['kl']:.4f} | "
+                         f"{e['agreement']:.4f} |")
+    lines += ["", "| KV cache | chat right | teacher right | answers equal to the teacher's | delta MB |",
+              "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        c = r["evaluation"].get("chat") or {}
+        lines.append(f"| {r['kv_fraction']:.2f} ({name}) | {c.get('correct', '')} | {c.get('teacher_correct', '')} | "
+                     f"{c.get('same_as_teacher', '')} | {r['delta_bytes'] / 1e6:.1f} |")
+    phases = ["calibration", "conversion", "distillation", "delta", "evaluation"]
+    reused = " (reused: the time of the run that made it)" if results.get("generation_reused") else ""
+    lines += ["", f"Phase wall times, seconds (generation, once: {results['generation_s']:.0f}{reused}):", "",
+              "| KV cache | " + " | ".join(phases) + " | total with generation |", "|---" * (len(phases) + 2) + "|"]
+    for name, r in rows.items():
+        t = r["phase_s"]
+        lines.append(f"| {r['kv_fraction']:.2f} ({name}) | " + " | ".join(f"{t[p]:.0f}" for p in phases) +
+                     f" | {sum(t.values()) + results['generation_s']:.0f} |")
+    lines += ["", "Goals:", "", "| goal | measured | met |", "|---|---|---|"]
+    lines += [f"| {g} | {m} | {'yes' if ok else 'MISSED'} |" for g, m, ok in results["goals"]]
+    lines += ["", "Chat answers (greedy, first line):", "", *chat_table(rows, s.questions)]
+    with open(os.path.join(s.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv):
+    s, _ = configure(DEFAULTS, argv, __doc__)
+    shares = [int(x) for x in s.share.split(",") if x.strip()]
+    if not shares or min(shares) < 1:
+        raise ConfigError(f"--share={s.share!r}: give layer counts >= 1, like 8,15")
+    if not os.path.isfile(os.path.join(ROOT, s.teacher) if not os.path.isabs(s.teacher) else s.teacher):
+        raise ConfigError(f"--teacher={s.teacher}: no such checkpoint; run .venv/bin/python data/smollm2/prepare.py")
+    s.threads = apply_threads(s.threads, children=True)
+    os.makedirs(s.out, exist_ok=True)
+    common = [f"--threads={s.threads}"]
+    results = {"settings": vars(s), "load_average_before": os.getloadavg(), "cpu_count": os.cpu_count(), "models": {}}
+    generation = phase("generation", "data/smollm2_selfgen/prepare.py", [
+        f"--init_from={s.teacher}", f"--out_dir={s.data}", f"--tokens={s.gen_tokens}", f"--val_tokens={s.gen_val_tokens}", f"--seed={s.seed}",
+        f"--batch_size={s.gen_batch_size}", f"--max_new_tokens={s.gen_max_new_tokens}", f"--compile={s.gen_compile}",
+        *([f"--prompts={s.prompts}"] if s.prompts else [])], s)
+    results["generation_s"], results["generation_reused"] = generation["wall_s"], generation.get("reused", False)
+    results["goals"] = []
+    for n in shares:
+        row = adapt_one(n, s, common)
+        row["kv_fraction"] = len(set(row["kv_source"])) / len(row["kv_source"])
+        results["models"][f"kv{n}"] = row
+        results["goals"] += goals(n, row, len(row["kv_source"]))
+        write_results(results, s)  # after each model: a later failure keeps what finished
+    pareto_plot(results["models"], os.path.join(s.out, "pareto.png"), old_recipe())
+    progress(f"wrote {s.out}/results.json, results.md and pareto.png")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(main))

@@ -1,0 +1,62 @@
+"""experiments/keep_skills.py end to end on a tiny chat model: generation, calibration, conversion, KL
+distillation, the delta and the evaluation of base + delta, and --reuse."""
+
+import importlib
+import json
+
+import torch
+
+from checkpoint import load_model
+from delta import load_with_delta
+from test_selfgen import PROMPTS, save_tiny
+
+
+def run(exp, tmp_path, teacher, *extra):
+    prompts, questions = tmp_path / "prompts.txt", tmp_path / "q.json"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    questions.write_text(json.dumps([{"category": "facts", "question": p, "expected": ["a"]} for p in PROMPTS[:4]]))
+    data = tmp_path / "data"
+    return exp.main([f"--teacher={teacher}", f"--data={data}", f"--out={tmp_path / 'res'}", f"--runs={tmp_path / 'runs'}",
+                     "--share=1", "--gen_tokens=400", "--gen_val_tokens=200", "--gen_batch_size=4",
+                     "--gen_max_new_tokens=24", "--gen_compile=False", f"--prompts={prompts}", f"--calib_dataset={data}",
+                     "--calib_batches=2", "--local_iters=2", "--iters=4", "--batch_size=2", "--block_size=16",
+                     "--eval_tokens=64", "--eval_block_size=16", f"--eval_sets={data / 'val.bin'}",
+                     f"--questions={questions}", *extra])
+
+
+def test_keep_skills_quick_end_to_end_and_reuse(tmp_path):
+    exp = importlib.import_module("experiments.keep_skills")
+    teacher = tmp_path / "teacher.pt"
+    save_tiny(teacher)
+    results = run(exp, tmp_path, teacher)
+    row = results["models"]["kv1"]
+    assert len(row["kv_source"]) == 3 and len(set(row["kv_source"])) == 2  # one of 3 layers reads another's K/V
+    assert row["kv_fraction"] == 2 / 3
+    assert set(row["phase_s"]) == {"calibration", "conversion", "distillation", "delta", "evaluation"}
+    ev = row["evaluation"]
+    assert ev["delta"].endswith("kv1.safetensors")
+    figures = ev["sets"][str(tmp_path / "data" / "val.bin")]
+    assert figures["kl"] > 0 and figures["agreement"] < 1  # the student is not the teacher
+    assert ev["chat"]["questions"] == 4 and len(ev["chat"]["answers"]) == 4
+    # the evaluated student is base + the shipped delta: its logits are the distilled model's, to bf16 rounding
+    adapted, _ = load_model(str(tmp_path / "runs" / "kv1" / "distill"))
+    shipped, _ = load_with_delta(str(teacher), str(tmp_path / "res" / "kv1.safetensors"))
+    x = torch.randint(3, 50, (1, 12))
+    assert list(shipped.config.kv_source) == row["kv_source"]
+    torch.testing.assert_close(shipped(x)[0], adapted(x)[0], atol=0.05, rtol=0.02)
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert PROMPTS[0] in md and "Phase wall times" in md and results["goals"] == []  # goals: the 30-layer maps only
+    # --reuse: nothing runs again, the delta and the trained checkpoint keep their files
+    stamps = {p: p.stat().st_mtime_ns for p in [tmp_path / "res" / "kv1.safetensors",
+                                                tmp_path / "runs" / "kv1" / "distill" / "ckpt.pt"]}
+    again = run(exp, tmp_path, teacher, "--reuse=True")
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["models"]["kv1"]["phase_s"] == row["phase_s"]
+
+
+def test_keep_skills_bad_share_is_one_line(tmp_path, capsys):
+    from configurator import run_script
+    exp = importlib.import_module("experiments.keep_skills")
+    assert run_script(exp.main, ["--share=0", f"--out={tmp_path}"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--share" in err[0]
