@@ -521,6 +521,7 @@ def logit_kl_similarity(model, batches):
             xs.append(x)
             x = block(x, hand)
         dense = F.log_softmax(model.lm_head(model.norm(x)).float(), dim=-1)
+        p_dense = dense.exp()  # once per batch, not once per pair
         for i in range(1, n):
             layer = model.layers[i]
             h = layer.input_layernorm(xs[i])
@@ -531,7 +532,7 @@ def logit_kl_similarity(model, batches):
                 for block in model.layers[i + 1:]:
                     y = block(y, above)
                 switched = F.log_softmax(model.lm_head(model.norm(y)).float(), dim=-1)
-                kl[i, j] += (dense.exp() * (dense - switched)).sum(-1).double().sum()
+                kl[i, j] += (p_dense * (dense - switched)).sum(-1).double().sum()
         count += idx.numel()
     return torch.exp(-kl / count).float()
 

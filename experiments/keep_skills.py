@@ -23,6 +23,7 @@ Results: OUT/results.json and OUT/results.md (goals, phase times, the chat table
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -199,12 +200,13 @@ def old_recipe(path=os.path.join(ROOT, "results", "smollm2", "results.json")):
     for name, row in r["adapted"].items():
         if name.startswith("local + abrupt"):
             for key, split in (("plays", "val"), ("bible", "other")):
-                pts[key].append((row["kv_fraction"], 2.718281828459045 ** (row[split] - dense[split])))
+                pts[key].append((row["kv_fraction"], math.exp(row[split] - dense[split])))
     return pts
 
 
 def chat_table(rows, questions=""):
-    """Question, expected, the teacher's answer and each adapted model's (first line, cut to 80 characters)."""
+    """Per question: the teacher's answer and each adapted model's, each marked right or wrong (first line,
+    cut to 80 characters)."""
     first = next((r["evaluation"]["chat"] for r in rows.values() if r["evaluation"].get("chat")), None)
     if first is None:
         return []
