@@ -50,6 +50,8 @@ block_size = 0               # sequence length of those batches; 0 = the model's
 out = ""                     # calibrate: a directory ('' = beside the checkpoint); convert: the checkpoint file
 seed = 1337                  # which batches are drawn
 split = "val"                # calibrate: the split its batches come from ('train' keeps a held-out set unseen)
+similarity = ""              # calibrate: propose from this saved matrix (the .pt an earlier calibration wrote with
+                             # the same criterion) instead of computing it: another n_share in seconds
 threads = 0                  # torch CPU threads: 0 = 1 on a CPU (shared machines: configurator.apply_threads)
 criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_source), 'logits' (logit_kl_similarity:
                              # the end-to-end KL of each single switch, proposes kv_source; slow) or 'attention'
@@ -323,23 +325,26 @@ def setup_adaptation(model, target, mode, order, stage_iters, layers_per_stage, 
     will not train. Every bad combination is a ValueError here, before any training."""
     if not target:
         return None
-    similarity = None
-    if similarity_path:
-        if not os.path.isfile(similarity_path):
-            raise ValueError(f"adapt_similarity={similarity_path!r}: no such file (run `python adapt.py` first)")
-        try:
-            similarity = torch.load(similarity_path, weights_only=True)
-        except Exception as e:  # torch's message runs over many lines: its first is enough
-            raise ValueError(f"adapt_similarity={similarity_path!r} is not a similarity file from adapt.py "
-                             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]})") from None
-        n = model.config.n_layer
-        if not (isinstance(similarity, torch.Tensor) and tuple(similarity.shape) == (n, n)):
-            found = tuple(similarity.shape) if isinstance(similarity, torch.Tensor) else type(similarity).__name__
-            raise ValueError(f"adapt_similarity={similarity_path!r} is not the similarity matrix of a {n}-layer "
-                             f"model from adapt.py (found {found})")
+    similarity = saved_similarity(similarity_path, model.config.n_layer, "adapt_similarity") if similarity_path else None
     adaptation = Adaptation(model.config.kv_source, target, mode, order, stage_iters, layers_per_stage, similarity)
     freeze(model, adaptation.target, train_layers)
     return adaptation
+
+
+def saved_similarity(path, n_layer, setting="similarity"):
+    """The n_layer x n_layer matrix an earlier calibration saved; a ValueError naming the setting otherwise."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{setting}={path!r}: no such file (run `python adapt.py` first)")
+    try:
+        similarity = torch.load(path, weights_only=True)
+    except Exception as e:  # torch's message runs over many lines: its first is enough
+        raise ValueError(f"{setting}={path!r} is not a similarity file from adapt.py "
+                         f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]})") from None
+    if not (isinstance(similarity, torch.Tensor) and tuple(similarity.shape) == (n_layer, n_layer)):
+        found = tuple(similarity.shape) if isinstance(similarity, torch.Tensor) else type(similarity).__name__
+        raise ValueError(f"{setting}={path!r} is not the similarity matrix of a {n_layer}-layer "
+                         f"model from adapt.py (found {found})")
+    return similarity
 
 
 def setup_distillation(s, student, device):
@@ -716,7 +721,7 @@ def check_settings(s, explicit):
         raise ConfigError(f"local_lr={s.local_lr} must be a finite number > 0")
     converting = bool(s.convert_to or s.attn_to)
     for_convert = {"local_iters", "local_lr", "local_train", "overwrite"} & explicit
-    for_calibration = {"n_share", "criterion", "split"} & explicit
+    for_calibration = {"n_share", "criterion", "split", "similarity"} & explicit
     if for_convert and not converting:
         raise ConfigError(f"{', '.join(sorted(for_convert))} appl{'ies' if len(for_convert) == 1 else 'y'} only with "
                           "--convert_to or --attn_to (conversion)")
@@ -742,12 +747,15 @@ def main(argv):
     if s.convert_to or s.attn_to:
         convert_command(s, model, ckpt)
         return 0
-    batches = token_batches(model, ckpt, s.dataset, s.split, s.batches, s.batch_size, s.block_size, s.seed)
     n_share_ = s.n_share if s.n_share >= 0 else model.config.n_layer // 2
-    with Heartbeat(f"calibration: {len(batches)} batches through {model.config.n_layer} layers", len(batches)) as beat:
-        similarity, name, propose = CRITERIA[s.criterion]  # a line after 5 s and every 30 s: minutes on a real model
-        sim = similarity(model, beat.iter(batches))
-        proposal = propose(sim, n_share_)
+    similarity, name, propose = CRITERIA[s.criterion]
+    if s.similarity:
+        sim = saved_similarity(s.similarity, model.config.n_layer)
+    else:
+        batches = token_batches(model, ckpt, s.dataset, s.split, s.batches, s.batch_size, s.block_size, s.seed)
+        with Heartbeat(f"calibration: {len(batches)} batches through {model.config.n_layer} layers", len(batches)) as beat:
+            sim = similarity(model, beat.iter(batches))  # a line after 5 s and every 30 s: minutes on a real model
+    proposal = propose(sim, n_share_)
     print_similarity(sim, s.criterion)
     out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))
     os.makedirs(out_dir, exist_ok=True)

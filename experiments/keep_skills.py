@@ -9,7 +9,8 @@ on its own generations, shipped as a small delta, and measured against the dense
 Every phase is a command of the project's own (printed, timed, its output in RUNS/<phase>.txt):
   generation    data/smollm2_selfgen/prepare.py: the teacher's own samples (chat turns and free text), a
                 held-out split; once for all maps
-  calibration   adapt.py --n_share=N: which N layers read which earlier layer's K/V (the map)
+  calibration   adapt.py --n_share=N --criterion=logits: which N layers read which earlier layer's K/V (the map);
+                each single switch scored by the KL of the logits, once; later maps propose from the saved matrix
   conversion    adapt.py --convert_to=MAP --local_iters=..: the abrupt switch, then layer-local distillation
                 of the consumers' q_proj/o_proj against the teacher's hidden states
   distillation  train.py: KL(teacher || student) on the generated text; only the consumers' q_proj/o_proj
@@ -45,10 +46,12 @@ gen_batch_size = 16
 gen_max_new_tokens = 256     # per generated document
 gen_compile = True           # compile the generation's decode step
 prompts = ""                 # chat prompts for the generation, a file with one a line ('' = selfgen.chat_prompts())
-calib_dataset = "shakespeare_smollm2"  # the text the map is chosen on (adapt.py reads its val split)
-calib_batches = 4
-criterion = "kv"             # adapt.py's calibration criterion: 'kv' (the layer's output) or 'logits' (end to end,
-                             # on the generated train split; slow: ~n_layer^2/6 forwards per batch)
+criterion = "logits"         # adapt.py's calibration criterion: 'logits' (each switch scored end to end by the KL
+                             # of the logits; ~n_layer^2/2 forwards per batch, computed once for all maps) or 'kv'
+                             # (the switched layer's own output: cheap, but blind to the few huge residual channels)
+calib_dataset = "data/smollm2_selfgen"  # the text the map is chosen on ('logits': its train split; 'kv': its val split)
+calib_batches = 1
+calib_batch_size = 2
 local_iters = 40             # layer-local distillation steps after the switch
 local_lr = 1e-3
 iters = 100                  # KL distillation steps (iters x batch_size x block_size tokens)
@@ -65,6 +68,7 @@ seed = 1337
 threads = 0                  # torch CPU threads of every phase: 0 = 1 on a CPU (configurator.apply_threads)
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
+SIMILARITY_FILES = {"kv": "kv_similarity", "logits": "logit_kl_similarity"}  # what adapt.py saves per criterion
 GOALS = {8: (0.01, "teacher - 1"), 15: (0.03, "90% of teacher")}  # the issue's: perplexity ratio bound, chat bound
 
 
@@ -106,13 +110,15 @@ def proposed_map(s, name):
     return line.rsplit(":", 1)[1].strip()
 
 
-def adapt_one(n, s, common):
-    """Calibration, conversion, distillation, delta and evaluation of the map sharing n layers."""
+def adapt_one(n, s, common, matrix=""):
+    """Calibration, conversion, distillation, delta and evaluation of the map sharing n layers; the calibration
+    proposes from the saved similarity matrix when one is given (an earlier map's, same criterion and data)."""
     d, times = os.path.join(s.runs, f"kv{n}"), {}
     times["calibration"] = phase(f"kv{n}/calibration", "adapt.py", [
         f"--init_from={s.teacher}", f"--dataset={s.calib_dataset}", f"--n_share={n}", f"--batches={s.calib_batches}",
-        f"--batch_size={s.batch_size}", f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={d}", *common,
-        *([f"--criterion={s.criterion}", "--split=train"] if s.criterion != "kv" else [])], s)
+        f"--batch_size={s.calib_batch_size}", f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={d}", *common,
+        *([f"--criterion={s.criterion}", "--split=train"] if s.criterion != "kv" else []),
+        *([f"--similarity={matrix}"] if matrix else [])], s)
     kv_map = proposed_map(s, f"kv{n}/calibration")
     converted = os.path.join(d, "converted.pt")
     times["conversion"] = phase(f"kv{n}/conversion", "adapt.py", [
@@ -233,8 +239,8 @@ def write_results(results, s):
     rows = results["models"]
     lines = [f"# Keeping what {os.path.basename(s.teacher)} knows with a smaller KV cache", "",
              f"Generation: {s.gen_tokens:,} training + {s.gen_val_tokens:,} held-out tokens of the teacher's own "
-             f"samples. Per map: calibration on {s.calib_batches} x {s.batch_size} x {s.block_size} {s.calib_dataset} "
-             f"tokens, the switch, {s.local_iters} layer-local steps, {s.iters} KL steps x {s.batch_size} x "
+             f"samples. Per map: calibration ({s.criterion} criterion) on {s.calib_batches} x {s.calib_batch_size} x "
+             f"{s.block_size} {s.calib_dataset} tokens, the switch, {s.local_iters} layer-local steps, {s.iters} KL steps x {s.batch_size} x "
              f"{s.block_size} generated tokens (consumers' q_proj/o_proj only), a bf16 delta; evaluation of base + "
              f"delta against the teacher over {s.eval_tokens:,} positions per set. {results['cpu_count']} cores, "
              f"--threads={s.threads}, load average before {', '.join(f'{x:.2f}' for x in results['load_average_before'])}.",
@@ -265,7 +271,7 @@ def write_results(results, s):
 
 
 def main(argv):
-    s, _ = configure(DEFAULTS, argv, __doc__)
+    s, _ = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES)})
     shares = [int(x) for x in s.share.split(",") if x.strip()]
     if not shares or min(shares) < 1:
         raise ConfigError(f"--share={s.share!r}: give layer counts >= 1, like 8,15")
@@ -281,8 +287,9 @@ def main(argv):
         *([f"--prompts={s.prompts}"] if s.prompts else [])], s)
     results["generation_s"], results["generation_reused"] = generation["wall_s"], generation.get("reused", False)
     results["goals"] = []
-    for n in shares:
-        row = adapt_one(n, s, common)
+    for k, n in enumerate(shares):
+        matrix = os.path.join(s.runs, f"kv{shares[0]}", f"{SIMILARITY_FILES[s.criterion]}.pt") if k else ""
+        row = adapt_one(n, s, common, matrix)
         row["kv_fraction"] = len(set(row["kv_source"])) / len(row["kv_source"])
         results["models"][f"kv{n}"] = row
         results["goals"] += goals(n, row, len(row["kv_source"]))

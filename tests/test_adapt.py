@@ -12,6 +12,7 @@ import torch
 from adapt import (Adaptation, distillation_loss, freeze, kv_similarity, logit_kl_similarity, make_consumer, propose_kv_source, save_heatmap,
                    start_blend)
 from adapt import main as adapt_main
+from configurator import run_script
 from model import Llama, LlamaConfig
 
 
@@ -283,6 +284,27 @@ def test_logit_calibration_command_on_the_train_split(data_dir, dense_ckpt, tmp_
     i = next(i for i, j in enumerate(proposal) if j != i)
     below = [(float(sim[a, b]), a, b) for a in range(sim.shape[0]) for b in range(a)]
     assert max(below)[1:] == (i, proposal[i])  # the cheapest single switch is the one proposed
+
+
+def test_calibration_from_a_saved_matrix_proposes_as_computing_it_does(data_dir, dense_ckpt, tmp_path, capsys):
+    """--similarity=FILE: another n_share from an earlier calibration's matrix, without its forwards; the same
+    map as computing the matrix again. A file that is not such a matrix is one line naming the setting."""
+    common = [f"--init_from={dense_ckpt}", f"--dataset={data_dir}", "--batches=1", "--batch_size=2",
+              "--criterion=logits", "--split=train"]
+    adapt_main([*common, "--n_share=1", f"--out={tmp_path / 'a'}"])
+    computed = adapt_main([*common, "--n_share=2", f"--out={tmp_path / 'b'}"])
+    saved = adapt_main([*common, "--n_share=2", f"--similarity={tmp_path / 'a' / 'logit_kl_similarity.pt'}",
+                        f"--out={tmp_path / 'c'}"])
+    assert saved == computed and sum(j != i for i, j in enumerate(saved)) == 2
+    assert torch.equal(torch.load(tmp_path / "c" / "logit_kl_similarity.pt"),
+                       torch.load(tmp_path / "b" / "logit_kl_similarity.pt"))
+    capsys.readouterr()
+    torch.save(torch.zeros(3, 3), tmp_path / "small.pt")
+    for bad, said in ((tmp_path / "small.pt", "not the similarity matrix of a 4-layer model"),
+                      (tmp_path / "none.pt", "no such file")):
+        assert run_script(adapt_main, [*common, "--n_share=2", f"--similarity={bad}"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"similarity='{bad}'" in err[0] and said in err[0]
 
 
 def test_calibration_command(data_dir, dense_ckpt, tmp_path, capsys):
