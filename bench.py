@@ -16,7 +16,7 @@ Settings: the globals below; sizes at 0 take the preset's; --models separates kv
           GPU also `mfu` against the datasheet bf16 peak (configurator.PEAK_BF16_FLOPS).
   decode  prefill, then N greedy model.decode_step calls into a static cache (compiled with --compile),
           batch 1 and a larger one. Bound: the memory read bandwidth measured in every round, against the
-          bytes a step must read (weights + K/V). --quantize int8 adds int8-weight copies ('dense+int8').
+          bytes a step must read (weights + K/V). --quantize int8 (int4) adds quantized copies ('dense+int8').
   memory  CUDA: own state + peak max_memory_allocated; CPU: peak RSS of a child holding only that model.
 """
 
@@ -36,7 +36,8 @@ preset = "cpu"               # tiny, cpu, smollm2, gpu-small, tinyllama (PRESETS
 models = "dense;upper:half"  # model specs separated by ';': a kv_source, or KV@ATTN with an attn_source (EchoAtt)
 dtype = "float32"            # float32 or bfloat16: training autocasts over fp32 weights, decoding casts the weights
 compile = False              # torch.compile the train step (the reference's too) and our decode step
-quantize = ""                # 'int8': also decode weight-only int8 copies of our models (rows 'dense+int8', ...)
+quantize = ""                # 'int8' or 'int4': also decode weight-only quantized copies of our models (quantize.py;
+                             # rows 'dense+int8', ...)
 reference = ""               # 'hf': add transformers' LlamaForCausalLM (SDPA), dense, with the dense model's weights
 device = "auto"              # auto, cpu, cuda, cuda:N
 batch_size = 0               # train batch
@@ -86,7 +87,7 @@ PRESETS = {
                       batch_size=4, seq_len=2048, decode_batch=16, prompt_len=1024, new_tokens=128,
                       repeats=5, warmup=3, steps=3, matmul_n=8192, bandwidth_mib=4096, gpu=True),
 }
-CHOICES = {"preset": tuple(PRESETS), "dtype": ("float32", "bfloat16"), "reference": ("", "hf"), "quantize": ("", "int8")}
+CHOICES = {"preset": tuple(PRESETS), "dtype": ("float32", "bfloat16"), "reference": ("", "hf"), "quantize": ("", "int8", "int4")}
 SIZES = ("batch_size", "seq_len", "repeats", "warmup", "steps", "decode_batch", "prompt_len", "new_tokens",
          "threads")
 
@@ -167,8 +168,8 @@ def benchmark(s):
         for m in modules.values():  # free any gradients; decode in the run's dtype
             m.zero_grad(set_to_none=True)
             m.to(env.dtype).eval()
-        if s.quantize == "int8":  # decode only: int8 weights have no training step
-            H.add_int8_copies(s, env, modules)
+        if s.quantize:  # decode only: quantized weights have no training step
+            H.add_quantized_copies(s, env, modules)
         if "decode" not in s.skip:
             for B in sorted({1, s.decode_batch}):
                 rows += bench_decode(s, env, modules, B)

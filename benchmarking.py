@@ -26,7 +26,7 @@ from configurator import DTYPES, ConfigError, autocast, peak_flops_for
 from checkpoint import hf_config_from_llama
 from convert_hf import hf_state_dict
 from guards import check_not_tracked
-from quantize import Int8Linear, quantize_int8
+from quantize import QUANTIZERS
 from speed import use_decode_paths
 
 SKIP_PARTS = ("train", "decode", "mem", "refmem")
@@ -377,7 +377,7 @@ def kv_cache_bytes(module, batch, max_len, dtype):
 def decode_bytes_per_step(module, config, batch, keys):
     """(weight bytes, K/V bytes) one decode step has to read from memory at least.
 
-    Weights: every parameter once, in its (decode) dtype, and every int8 weight with its scales,
+    Weights: every parameter once, in its (decode) dtype, and every quantized weight with its scales,
     except the embedding table, of which a lookup reads only `batch` rows, unless it is tied to the LM
     head, which reads it whole.
     K/V: every layer attends over `keys` positions of its owner's K and V. Consumers read their
@@ -385,8 +385,8 @@ def decode_bytes_per_step(module, config, batch, keys):
     caches), so this is the same for dense and shared models. Our static cache is masked beyond the
     current position: SDPA reads those rows too, but they are waste, not need, and not counted."""
     emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else module.embed_tokens
-    int8 = [b for m in module.modules() if isinstance(m, Int8Linear) for b in m.buffers()]
-    weights = tensor_bytes([*module.parameters(), *int8])
+    weights = tensor_bytes(list(module.parameters()))
+    weights += sum(m.read_bytes() for m in module.modules() if hasattr(m, "read_bytes"))  # quantize.py's
     if module.lm_head.weight is not emb.weight:
         weights -= emb.weight.nbytes - batch * emb.weight[0].nbytes
     elsize = emb.weight.element_size()
@@ -544,8 +544,8 @@ def write_json(rows, path):
 # -----------------------------------------------------------------------------
 # decode profile: where a step's time goes, op by op
 
-# the leaves: aten::linear and aten::matmul call these; quantize.Int8Linear calls the last one
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm")
+# the leaves: aten::linear and aten::matmul call these; quantize.Int8Linear and Int4Linear the last two
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
 
 
 def profile_train(t, s, env, matmul_rate, flops_per_token, top=12):
@@ -587,8 +587,8 @@ def op_bytes(e, elsize):
     """Bytes an op has to read, where that is clear from its input shapes: a matmul's largest operand
     (at decode batch sizes the weight), an attention kernel's K and V (the whole static cache)."""
     shapes = [x for x in e.input_shapes or [] if x]
-    if e.key == "aten::_weight_int8pack_mm" and len(shapes) >= 2:
-        return _numel(shapes[1])  # the int8 weight, one byte each
+    if e.key in ("aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu") and len(shapes) >= 2:
+        return _numel(shapes[1])  # the int8 weight, one byte each, or the 4-bit one packed two a byte
     if e.key in MATMUL_OPS and shapes:
         return max(map(_numel, shapes)) * elsize
     if e.key.startswith("aten::_scaled_dot_product") and len(shapes) >= 3:
@@ -731,11 +731,13 @@ def release(trainers, env):
         torch.cuda.empty_cache()
 
 
-def add_int8_copies(s, env, modules):
-    """Each of our models again with weight-only int8 linear layers, as '<spec>+int8' (decode only)."""
+def add_quantized_copies(s, env, modules):
+    """Each of our models again with weight-only quantized linear layers (s.quantize: int8 or int4), as
+    '<spec>+int8' or '<spec>+int4' (decode only)."""
     for spec in s.models:
-        modules[f"{spec}+int8"] = quantize_int8(copy.deepcopy(modules[spec]))
-        env.flops[f"{spec}+int8"], env.n_params[f"{spec}+int8"] = env.flops[spec], env.n_params[spec]
+        name = f"{spec}+{s.quantize}"
+        modules[name] = QUANTIZERS[s.quantize](copy.deepcopy(modules[spec]))
+        env.flops[name], env.n_params[name] = env.flops[spec], env.n_params[spec]
 
 
 def announce_warmup(what, compiling):

@@ -29,7 +29,7 @@ from convert_hf import load_hf_llama, read_chat_template
 from dataset import dataset_dir, load_meta
 from delta import load_with_delta
 from guards import available_memory
-from quantize import quantize_int8
+from quantize import QUANTIZERS
 from selfgen import render_chat
 from speed import use_decode_paths
 from tokenizer import GPT2_VOCAB_SIZE, HFTokenizer, from_meta
@@ -48,7 +48,7 @@ device = "auto"              # auto (cuda if present), cpu, cuda, cuda:N
 threads = 0                  # torch CPU threads: 0 = 1 on a CPU (shared machines: configurator.apply_threads)
 dtype = "auto"               # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
 compile = False              # torch.compile the decode step (on CPU 3-4x faster decoding at batch 1: docs/bench.md)
-quantize = ""                # 'int8': weight-only int8 linear layers for decoding (quantize.py)
+quantize = ""                # 'int8' or 'int4': weight-only quantized linear layers for decoding (quantize.py)
 show_speed = False           # print generation tokens/s
 tokenizer = ""               # gpt2, a tokenizer.json, a meta.json or a directory holding one
 data_dir = ""                # where <dataset>/meta.json is looked up ('' = where train.py finds the dataset)
@@ -57,7 +57,7 @@ kv_init = "own"              # Hugging Face directories only: own or mean
 block_size = 0               # Hugging Face directories only: context to build for (0 = max_position_embeddings)
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
-CHOICES = {"dtype": ("auto", *DTYPES), "kv_init": ("own", "mean"), "quantize": ("", "int8")}
+CHOICES = {"dtype": ("auto", *DTYPES), "kv_init": ("own", "mean"), "quantize": ("", "int8", "int4")}
 
 
 class SampleError(ValueError):
@@ -292,9 +292,9 @@ def main(argv):
     dev = resolve_device(s.device)
     dtype = DTYPES[resolve_dtype(s.dtype, "cuda" if dev.startswith("cuda") else dev)]
     threads = apply_threads(s.threads, "cuda" if dev.startswith("cuda") else dev)
-    if s.quantize == "int8" and dev == "cpu" and dtype != torch.bfloat16:
-        raise SampleError(f"--quantize=int8 on a CPU needs --dtype=bfloat16: with {dtype} activations torch's int8 "
-                          "kernel decodes more slowly than the float model (docs/bench.md)")
+    if s.quantize and dev == "cpu" and dtype != torch.bfloat16:
+        raise SampleError(f"--quantize={s.quantize} on a CPU needs --dtype=bfloat16: with {dtype} activations torch's "
+                          f"{s.quantize} kernel decodes more slowly than the float model (docs/bench.md)")
     prompt = read_prompt(s.start)  # before the (possibly slow) model load
     model, ckpt, hf_dir = load_for_sampling(s.init_from, s, explicit)
     tok = find_tokenizer(s.tokenizer, s.data_dir, ckpt, hf_dir)
@@ -305,8 +305,8 @@ def main(argv):
     if s.chat:
         prompt = wrap_in_chat(chat_template(ckpt, hf_dir), prompt, tok.token_text(bos), tok.token_text(eos))
     model.to(device=dev, dtype=dtype)
-    if s.quantize == "int8":
-        quantize_int8(model)
+    if s.quantize:
+        QUANTIZERS[s.quantize](model)
     ids = encode_prompt(tok, prompt, model.config.vocab_size, s.chat)
     max_new = s.max_new_tokens or min(500, max(1, model.config.block_size - len(ids)))
     check_sampling_fits(model, s, len(ids), max_new, dev)  # before any work or notice

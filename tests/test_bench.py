@@ -248,7 +248,7 @@ def test_attention_reuse_rows_and_its_bad_input():
         bench.main(["--preset", "tiny", "--attn_reuse=big"])
 
 
-@pytest.mark.parametrize("script, out", [("experiments/int8.py", "results/smollm2"),
+@pytest.mark.parametrize("script, out", [("experiments/quantized.py", "results/smollm2"),
                                          ("experiments/smollm2.py", "results/smollm2"),
                                          ("experiments/echo.py", "results/echo")])
 def test_experiments_refuse_to_overwrite_committed_results(script, out, tmp_path):
@@ -261,6 +261,6 @@ def test_experiments_refuse_to_overwrite_committed_results(script, out, tmp_path
     assert committed and module.DEFAULTS["out"].startswith("out-")  # the default is git-ignored
     with pytest.raises(ConfigError, match=rf"--out={ROOT}/{out} would overwrite {out}/\S+ and \d+ more, which the "
                                           r"repository tracks: .* --replace_tracked=True"):
-        module.main([f"--out={ROOT}/{out}", f"--runs={tmp_path}"] if "int8" not in script else [f"--out={ROOT}/{out}"])
+        module.main([f"--out={ROOT}/{out}", f"--runs={tmp_path}"] if "quantized" not in script else [f"--out={ROOT}/{out}"])
     assert {f: os.path.getmtime(os.path.join(ROOT, f)) for f in committed} == committed
     assert guards.tracked_files(tmp_path) == [] and guards.tracked_files(os.path.join(ROOT, "out-nothing")) == []

@@ -13,7 +13,7 @@ import sample
 from configurator import run_script
 from dataset import write_meta
 from model import Llama, LlamaConfig, keep_when_full
-from quantize import Int8Linear, quantize_int8
+from quantize import QUANTIZERS, Int4Linear, Int8Linear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = ["<unk>"] + list(" \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,:;!?'-")
@@ -203,20 +203,21 @@ def test_compiled_decode_gives_the_same_tokens(tmp_path, capsys):
     del model
 
 
-def test_int8_sampling_quantizes_every_linear_layer(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("kind, quantized", [("int8", Int8Linear), ("int4", Int4Linear)])
+def test_quantized_sampling_quantizes_every_linear_layer(kind, quantized, tmp_path, capsys, monkeypatch):
     path = tmp_path / "ckpt.pt"
     save_train_style_checkpoint(str(path), len(CHARS), "none")
     ckpt = torch.load(path, weights_only=False)
     ckpt["tokenizer_json"] = char_tokenizer_json().to_str()
     torch.save(ckpt, path)
-    seen = []
-    monkeypatch.setattr(sample, "quantize_int8", lambda m: seen.append(quantize_int8(m)))
+    seen, quantize = [], QUANTIZERS[kind]
+    monkeypatch.setitem(sample.QUANTIZERS, kind, lambda m: seen.append(quantize(m)))
     rc, out, err = run_main([f"--init_from={path}", "--start=abc", "--max_new_tokens=8", "--temperature=0",
-                             "--device=cpu", "--dtype=bf16", "--quantize=int8"], capsys)
+                             "--device=cpu", "--dtype=bf16", f"--quantize={kind}"], capsys)
     assert rc == 0, err
     assert out.startswith("abc") and len(out.split("---------------")[0].strip()) >= 3
     assert len(seen) == 1 and not any(isinstance(m, Linear) for m in seen[0].modules())
-    assert isinstance(seen[0].lm_head, Int8Linear)
+    assert isinstance(seen[0].layers[0].self_attn.q_proj, quantized)
 
 
 # -----------------------------------------------------------------------------
@@ -271,8 +272,8 @@ def test_other_bad_inputs(hf_dir, tmp_path, capsys):
     assert rc == 1 and "neither config.json" in err
     rc, _, err = run_main([f"--init_from={path}", "--device=cpu", "--dtype=fp32", "--quantize=int8"], capsys)
     assert rc == 1 and "--quantize=int8 on a CPU needs --dtype=bfloat16" in err
-    rc, _, err = run_main([f"--init_from={path}", "--quantize=int4"], capsys)
-    assert rc == 1 and "int4" in err and "int8" in err
+    rc, _, err = run_main([f"--init_from={path}", "--quantize=int3"], capsys)
+    assert rc == 1 and "int3" in err and "int4" in err and "int8" in err
 
 
 def test_meta_carried_in_the_checkpoint(tmp_path, capsys):

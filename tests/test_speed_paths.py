@@ -1,6 +1,6 @@
 """The faster paths compute what the plain ones do: the chunked cross-entropy (value and gradient of
 F.cross_entropy), the compiled decode step (same greedy tokens as eager, with the matrix-vector
-products really turned into inductor loops), and weight-only int8 decoding (the quantisation error is
+products really turned into inductor loops), and weight-only int8 and int4 decoding (the quantisation error is
 bounded, the logits stay within a stated tolerance, and greedy tokens agree wherever the float model's
 choice is clear)."""
 import copy
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import model as M
 import speed
-from quantize import Int8Linear, quantize_int8
+from quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
 TINY = dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, vocab_size=97, block_size=64)
 
@@ -152,30 +152,110 @@ def test_quantize_int8_replaces_every_linear_and_keeps_the_embedding():
         model(idx, idx)
 
 
+def test_int4_weights_are_the_group_definition():
+    """Per group of 32 along a row: codes in 0..15, w = q * scale + minimum with scale = (max - min) / 15,
+    each weight within half a step, the group's extremes exact; the CPU kernel's product equals x times
+    that dequantised weight (fp32, to summation order) and within bf16 rounding for bf16 inputs."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 96, generator=g)
+    w[5] = 0.25  # a constant row keeps a usable scale and comes back exactly
+    q = Int4Linear(w)
+    codes = q.unpacked_codes()
+    assert q.codes.shape == (24, 48) and q.codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    groups = w.view(24, 3, 32)
+    torch.testing.assert_close(q.scales, (groups.amax(-1) - groups.amin(-1)).clamp(min=1e-12) / 15)
+    torch.testing.assert_close(q.minimums, groups.amin(-1))
+    want_codes = torch.round((groups - q.minimums[..., None]) / q.scales[..., None]).view(24, 96)
+    assert torch.equal(codes.float(), want_codes)
+    dequant = q.dequantize()
+    assert ((dequant - w).view(24, 3, 32).abs() <= q.scales[..., None] / 2 + 1e-6).all()
+    for reduce in (torch.amin, torch.amax):
+        torch.testing.assert_close(reduce(dequant.view(24, 3, 32), -1), reduce(groups, -1))
+    assert torch.equal(dequant[5], w[5])
+    x = torch.randn(3, 5, 96, generator=g)
+    torch.testing.assert_close(q(x), x @ dequant.t(), rtol=1e-5, atol=1e-5)
+    qb, xb = Int4Linear(w.bfloat16()), x.bfloat16()
+    want = xb.float() @ qb.dequantize().t()
+    assert ((qb(xb).float() - want).abs() <= want.abs() * 2 ** -7 + 0.02).all()
+
+
+def test_quantize_int4_replaces_every_linear_or_refuses_before_changing_anything():
+    model = quantize_int4(tiny("upper:half", tie_embeddings=True))
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert isinstance(model.lm_head, Int8Linear) and model.embed_tokens.weight.dtype == torch.float32  # as Q4_1 files
+    assert all(isinstance(m, Int4Linear) for n, m in model.layers.named_modules() if n.endswith("_proj"))
+    assert isinstance(quantize_int4(tiny(), head_int8=False).lm_head, Int4Linear)
+    idx = torch.randint(0, 97, (1, 8))
+    with pytest.raises(ValueError, match="quantized model .* is for decoding"):
+        model(idx, idx)
+    odd = tiny(intermediate_size=80)  # down_proj's rows: 80 weights, not groups of 32
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.down_proj has rows of 80 weights.*--quantize=int8"):
+        quantize_int4(odd)
+    assert sum(isinstance(m, torch.nn.Linear) for m in odd.modules()) == 4 * 7 + 1  # all still float
+
+
+# (quantizer, logits error bound as a fraction of their spread, least share of steps where the float model's
+# choice is clear): 8 bits with a scale a row; 4 bits with a scale and minimum a group of 32, whose error
+# leaves fewer clear choices on a random model (the dequantised-float test below covers every step)
+QUANTIZED = {"int8": (quantize_int8, 0.05, 0.5), "int4": (quantize_int4, 0.12, 0.1)}
+
+
+def dequantized_float(model, quantized):
+    """model with each Linear's weight replaced by what its quantized counterpart represents."""
+    twin = copy.deepcopy(model)
+    qmods = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, m in twin.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight = torch.nn.Parameter(qmods[name].dequantize(m.weight.dtype))  # unties a tied head
+    return twin
+
+
+@pytest.mark.parametrize("kind", list(QUANTIZED))
+def test_quantized_kernels_compute_the_dequantized_model(kind):
+    """Quantized models against plain fp32 products with the dequantised weights (int8: its CPU kernel;
+    int4 in fp32: the dequantised product, see Int4Linear; its bf16 kernel is checked against the definition
+    above): logits to fp32 summation order, and the same greedy tokens at every one of 24 steps."""
+    model = tiny("upper:half", seed=4)
+    quantized = QUANTIZED[kind][0](copy.deepcopy(model))
+    twin = dequantized_float(model, quantized)
+    prompt = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = greedy(twin, prompt, 24)
+        torch.testing.assert_close(quantized(out)[0], twin(out)[0], rtol=1e-4, atol=1e-4)
+        assert torch.equal(greedy(quantized, prompt, 24), out)
+
+
+@pytest.mark.parametrize("kind", list(QUANTIZED))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_decoding_stays_close_to_the_float_model(dtype):
-    """Logits of the whole sequence within 5% of their spread; greedy tokens equal at every step where the
-    float model's top choice leads by more than twice that error. Then the compiled int8 step (eager
-    int8 kernel inside the graph) gives the eager int8 tokens."""
+def test_quantized_decoding_stays_close_to_the_float_model(dtype, kind):
+    """Logits of the whole sequence within a stated fraction of their spread; greedy tokens equal at every
+    step where the float model's top choice leads by more than twice that error. Then the compiled step
+    (the eager int8 / int4 kernel inside the graph) gives the eager quantized tokens."""
+    quantize, bound, least_clear = QUANTIZED[kind]
     model = tiny("upper:half", seed=4).to(dtype)
-    int8 = quantize_int8(copy.deepcopy(model))
+    quantized = quantize(copy.deepcopy(model))
     prompt = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         out = greedy(model, prompt, 24)
-        ref, got = model(out)[0].float(), int8(out)[0].float()
+        ref, got = model(out)[0].float(), quantized(out)[0].float()
     err = (got - ref).abs().max()
-    assert err <= 0.05 * (ref.max() - ref.min())
+    assert err <= bound * (ref.max() - ref.min())
     top2 = ref[:, prompt.shape[1] - 1:-1].topk(2, dim=-1).values
     clear = (top2[..., 0] - top2[..., 1]) > 2 * err
-    assert clear.float().mean() > 0.5  # the check below covers most steps
+    assert clear.float().mean() > least_clear  # the steps the check below covers
     with torch.no_grad():
-        out8 = greedy(int8, prompt, 24)
+        out_q = greedy(quantized, prompt, 24)
     first_unclear = [int((~row).nonzero()[0]) if (~row).any() else row.numel() for row in clear]
     for b, n in enumerate(first_unclear):  # up to the first close call the two runs see the same tokens
-        assert torch.equal(out8[b, :8 + n], out[b, :8 + n])
-    if dtype == torch.float32:
-        step = torch.compile(int8.decode_step, fullgraph=True, dynamic=False)
-        assert torch.equal(greedy(int8, prompt, 24, step), out8)
+        assert torch.equal(out_q[b, :8 + n], out[b, :8 + n])
+    if dtype == (torch.float32 if kind == "int8" else torch.bfloat16):  # int4: its kernel takes bf16 only
+        from torch._inductor.utils import run_and_get_code
+        step = torch.compile(quantized.decode_step, fullgraph=True, dynamic=False)
+        compiled, code = run_and_get_code(greedy, quantized, prompt, 24, step)
+        assert torch.equal(compiled, out_q)
+        code = "\n".join(code)  # every product is the quantized kernel, none a float matmul
+        assert f"_weight_{kind}pack_mm" in code and "extern_kernels.mm" not in code and "addmm" not in code
 
 
 # -----------------------------------------------------------------------------
