@@ -36,8 +36,7 @@ preset = "cpu"               # tiny, cpu, smollm2, gpu-small, tinyllama (PRESETS
 models = "dense;upper:half"  # model specs separated by ';': a kv_source, or KV@ATTN with an attn_source (EchoAtt)
 dtype = "float32"            # float32 or bfloat16: training autocasts over fp32 weights, decoding casts the weights
 compile = False              # torch.compile the train step (the reference's too) and our decode step
-quantize = ""                # 'int8' or 'int4': also decode weight-only quantized copies of our models (quantize.py;
-                             # rows 'dense+int8', ...)
+quantize = ""                # 'int8' or 'int4': also decode quantize.py copies of our models (rows 'dense+int8', ...)
 reference = ""               # 'hf': add transformers' LlamaForCausalLM (SDPA), dense, with the dense model's weights
 device = "auto"              # auto, cpu, cuda, cuda:N
 batch_size = 0               # train batch
