@@ -47,7 +47,7 @@ gen_max_new_tokens = 256     # per generated document
 gen_compile = True           # compile the generation's decode step
 prompts = ""                 # chat prompts for the generation, a file with one a line ('' = selfgen.chat_prompts())
 criterion = "logits"         # adapt.py's calibration criterion: 'logits' (each switch scored end to end by the KL
-                             # of the logits; ~n_layer^2/2 forwards per batch, computed once for all maps) or 'kv'
+                             # of the logits; ~n_layer^2/6 forwards per batch, computed once for all maps) or 'kv'
                              # (the switched layer's own output: cheap, but blind to the few huge residual channels)
 calib_dataset = "data/smollm2_selfgen"  # the text the map is chosen on ('logits': its train split; 'kv': its val split)
 calib_batches = 1

@@ -49,7 +49,7 @@ decode = True                # also time decoding (False: the held-out losses on
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 # name: (activations, quantize.py's weights); on a CPU without bf16 instructions (AVX2) the bf16 rows' loss
-# (a forward of many rows: bf16 matmuls) takes hours, so there compare fp32 with fp32+int4
+# (a forward of many rows: bf16 matmuls) is very slow (docs/bench.md), so there compare fp32 with fp32+int4
 VARIANTS = {"fp32": (torch.float32, ""), "bf16": (torch.bfloat16, ""), "bf16+int8": (torch.bfloat16, "int8"),
             "bf16+int4": (torch.bfloat16, "int4"), "fp32+int4": (torch.float32, "int4")}
 
@@ -88,20 +88,24 @@ def main(argv):
     prompt = BatchSampler(open_tokens(data_dir, "val", load_meta(data_dir)), s.prompt_len, 1, s.seed, "cpu").get(
         "eval_val", 0, 0)[0]
     steps = {n: torch.compile(m.decode_step, fullgraph=True, dynamic=False) for n, m in models.items()} if s.compile else None
-    rates = decode_rates(models, prompt, s.new_tokens, s.rounds, steps) if s.decode else {n: [float("nan")] for n in models}
-    for name, row in rows.items():
-        r = sorted(rates[name])
-        row.update(perplexity={k: math.exp(v) for k, v in row["loss"].items()}, decode_tokens_per_s=r[len(r) // 2],
-                   decode_tokens_per_s_range=[r[0], r[-1]], rounds=rates[name])
+    rates = decode_rates(models, prompt, s.new_tokens, s.rounds, steps) if s.decode else {}
     ref = chosen[0]
     for name, row in rows.items():
-        r = row["decode_tokens_per_s_range"]
+        row["perplexity"] = {k: math.exp(v) for k, v in row["loss"].items()}
+        if rates:
+            r = sorted(rates[name])
+            row.update(decode_tokens_per_s=r[len(r) // 2], decode_tokens_per_s_range=[r[0], r[-1]], rounds=rates[name])
+    for name, row in rows.items():
         row["perplexity_vs_reference"] = {k: row["perplexity"][k] / rows[ref]["perplexity"][k] for k in row["loss"]}
-        row["speed_vs_reference"] = row["decode_tokens_per_s"] / rows[ref]["decode_tokens_per_s"]
-        print(f"{name:<10} val loss {row['loss']['val']:.4f} (ppl {row['perplexity']['val']:.3f}, "
-              f"{row['perplexity_vs_reference']['val']:.4f}x {ref}), other {row['loss']['other']:.4f} "
-              f"({row['perplexity_vs_reference']['other']:.4f}x); decode {row['decode_tokens_per_s']:.1f} tokens/s "
-              f"[{r[0]:.1f}-{r[-1]:.1f}], {row['speed_vs_reference']:.2f}x {ref}")
+        line = (f"{name:<10} val loss {row['loss']['val']:.4f} (ppl {row['perplexity']['val']:.3f}, "
+                f"{row['perplexity_vs_reference']['val']:.4f}x {ref}), other {row['loss']['other']:.4f} "
+                f"({row['perplexity_vs_reference']['other']:.4f}x)")
+        if rates:
+            r = row["decode_tokens_per_s_range"]
+            row["speed_vs_reference"] = row["decode_tokens_per_s"] / rows[ref]["decode_tokens_per_s"]
+            line += (f"; decode {row['decode_tokens_per_s']:.1f} tokens/s [{r[0]:.1f}-{r[-1]:.1f}], "
+                     f"{row['speed_vs_reference']:.2f}x {ref}")
+        print(line)
     result = dict(settings={k: getattr(s, k) for k in DEFAULTS}, threads=torch.get_num_threads(),
                   torch=torch.__version__, reference=ref, variants=rows)
     path = os.path.join(s.out, "quantized.json")

@@ -13,7 +13,7 @@ import torch
 import bench
 import benchmarking
 import model as M
-from configurator import ConfigError
+from configurator import ConfigError, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("model", "mode", "device", "dtype", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "mfu",
@@ -246,6 +246,16 @@ def test_attention_reuse_rows_and_its_bad_input():
         assert r["sharer_recompute_s"] > 0 and r["sharer_reuse_s"] > 0
     with pytest.raises(ValueError, match="attn_reuse"):
         bench.main(["--preset", "tiny", "--attn_reuse=big"])
+
+
+def test_quantized_experiment_names_a_bad_variant_in_one_line(capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_exp_quantized", os.path.join(ROOT, "experiments", "quantized.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert run_script(module.main, ["--variants=fp32,fp16+int4"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--variants='fp32,fp16+int4'" in err[0] and "bf16+int4" in err[0]
 
 
 @pytest.mark.parametrize("script, out", [("experiments/quantized.py", "results/smollm2"),
