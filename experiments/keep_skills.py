@@ -11,12 +11,15 @@ Every phase is a command of the project's own (printed, timed, its output in RUN
                 held-out split; once for all maps
   calibration   adapt.py --n_share=N --criterion=logits: which N layers read which earlier layer's K/V (the map);
                 each single switch scored by the KL of the logits, once; later maps propose from the saved matrix
-  conversion    adapt.py --convert_to=MAP --local_iters=..: the abrupt switch, then layer-local distillation
-                of the consumers' q_proj/o_proj against the teacher's hidden states
-  distillation  train.py: KL(teacher || student) on the generated text; only the consumers' q_proj/o_proj
-                train (adapt_train_layers=consumers_qo, what the change touches)
-  delta         delta.py: the changed tensors in bf16 (OUT/kvN.safetensors; results/smollm2-adapted/ holds
-                the committed ones)
+  conversion    (train_set=consumers_qo) adapt.py --convert_to=MAP --local_iters=..: the abrupt switch, then
+                layer-local distillation of the consumers' q_proj/o_proj against the teacher's hidden states
+  distillation  train.py: KL(teacher || student) on the generated text, training train_set:
+                  lora          (the default) LoRA adapters on every linear of every layer, over the teacher
+                                itself, switched to the map at step 0 (no conversion phase: the adapters
+                                are the whole delta, so the base stays the teacher)
+                  consumers_qo  only the consumers' q_proj/o_proj (what the change touches, as SwiftKV)
+  delta         lora.py --adapters (the adapters, fp32) or delta.py (the changed tensors in bf16):
+                OUT/kvN.safetensors; results/smollm2-adapted/ holds the committed ones
   evaluation    evaluate.py --delta: the shipped delta on the base against the teacher, held-out generated
                 text, plays and Bible (perplexity ratio, KL, top-1 agreement) and the chat questions
 With --reuse=True a phase whose record (RUNS/<phase>.json) shows the same command finished is not run again.
@@ -52,12 +55,16 @@ criterion = "logits"         # adapt.py's calibration criterion: 'logits' (each 
 calib_dataset = "data/smollm2_selfgen"  # the text the map is chosen on ('logits': its train split; 'kv': its val split)
 calib_batches = 1
 calib_batch_size = 2
-local_iters = 40             # layer-local distillation steps after the switch
+train_set = "lora"           # what the KL distillation trains: 'lora' or 'consumers_qo' (see above)
+lora_rank = 16               # train_set=lora: every linear's adapter rank (r16 on SmolLM2: 4.7 M values, 19 MB)
+lora_alpha = 32.0
+local_iters = 40             # train_set=consumers_qo: layer-local distillation steps after the switch
 local_lr = 1e-3
 iters = 100                  # KL distillation steps (iters x batch_size x block_size tokens)
 batch_size = 4
 block_size = 256
-learning_rate = 2e-4         # cosine to a tenth of it after iters // 10 warm-up steps
+learning_rate = 1e-3         # cosine to a tenth of it after iters // 10 warm-up steps (2e-4 moved the consumers'
+                             # q/o too little: docs/keep_skills.md, the trainable-set pilot)
 eval_tokens = 65_536         # scored positions per held-out set
 eval_sets = "selfgen,plays,bible"  # evaluate.py's names (selfgen reads data/smollm2_selfgen) or .bin paths
 eval_block_size = 512        # evaluation window length
@@ -69,6 +76,8 @@ threads = 0                  # torch CPU threads of every phase: 0 = 1 on a CPU 
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
 SIMILARITY_FILES = {"kv": "kv_similarity", "logits": "logit_kl_similarity"}  # what adapt.py saves per criterion
+TRAIN_SETS = ("lora", "consumers_qo")
+LORA_TARGETS = "q,k,v,o,gate,up,down"  # every linear of a layer (a consumer's k/v go with the switch)
 GOALS = {8: (0.01, "teacher - 1"), 15: (0.03, "90% of teacher")}  # the issue's: perplexity ratio bound, chat bound
 
 
@@ -120,23 +129,27 @@ def adapt_one(n, s, common, matrix=""):
         *([f"--criterion={s.criterion}", "--split=train"] if s.criterion != "kv" else []),
         *([f"--similarity={matrix}"] if matrix else [])], s)
     kv_map = proposed_map(s, f"kv{n}/calibration")
-    converted = os.path.join(d, "converted.pt")
-    times["conversion"] = phase(f"kv{n}/conversion", "adapt.py", [
-        f"--init_from={s.teacher}", f"--convert_to={kv_map}", f"--local_iters={s.local_iters}", f"--local_lr={s.local_lr}",
-        "--local_train=consumers_qo", f"--dataset={s.data}", "--batches=8", f"--batch_size={s.batch_size}",
-        f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={converted}", "--overwrite=True", *common], s)
-    trained = os.path.join(d, "distill")
+    trained, delta = os.path.join(d, "distill"), os.path.join(s.out, f"kv{n}.safetensors")
+    start, trainable = s.teacher, ["--lora_targets=" + LORA_TARGETS, f"--lora_rank={s.lora_rank}",
+                                   f"--lora_alpha={s.lora_alpha}"]
+    if s.train_set == "consumers_qo":
+        start, trainable = os.path.join(d, "converted.pt"), ["--adapt_train_layers=consumers_qo"]
+        times["conversion"] = phase(f"kv{n}/conversion", "adapt.py", [
+            f"--init_from={s.teacher}", f"--convert_to={kv_map}", f"--local_iters={s.local_iters}",
+            f"--local_lr={s.local_lr}", "--local_train=consumers_qo", f"--dataset={s.data}", "--batches=8",
+            f"--batch_size={s.batch_size}", f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={start}",
+            "--overwrite=True", *common], s)
     times["distillation"] = phase(f"kv{n}/distillation", "train.py", [
-        f"--init_from={converted}", f"--out_dir={trained}", f"--adapt_target={kv_map}", "--adapt_mode=abrupt",
-        "--adapt_train_layers=consumers_qo", f"--distill_teacher={s.teacher}", "--distill_alpha=1.0",
+        f"--init_from={start}", f"--out_dir={trained}", f"--adapt_target={kv_map}", "--adapt_mode=abrupt", *trainable,
+        f"--distill_teacher={s.teacher}", "--distill_alpha=1.0",
         f"--dataset={s.data}", f"--batch_size={s.batch_size}", f"--block_size={s.block_size}",
         "--dtype=float32", "--compile=False", f"--max_iters={s.iters}", f"--learning_rate={s.learning_rate}",
         f"--min_lr={s.learning_rate / 10}", f"--warmup_iters={max(1, s.iters // 10)}", "--weight_decay=0.0",
         f"--eval_interval={s.iters}", "--eval_iters=4", f"--log_interval={max(1, s.iters // 10)}",
         f"--seed={s.seed}", "--overwrite=True", *common], s)
-    delta = os.path.join(s.out, f"kv{n}.safetensors")
-    times["delta"] = phase(f"kv{n}/delta", "delta.py", [
-        f"--init_from={trained}", f"--base={s.teacher}", f"--out={delta}", "--overwrite=True", *common], s)
+    times["delta"] = phase(f"kv{n}/delta", "lora.py", [f"--init_from={trained}", f"--adapters={delta}"], s) \
+        if s.train_set == "lora" else phase(f"kv{n}/delta", "delta.py", [
+            f"--init_from={trained}", f"--base={s.teacher}", f"--out={delta}", "--overwrite=True", *common], s)
     report = os.path.join(d, "eval.json")
     times["evaluation"] = phase(f"kv{n}/evaluation", "evaluate.py", [
         f"--init_from={s.teacher}", f"--delta={delta}", f"--teacher={s.teacher}", f"--sets={s.eval_sets}",
@@ -233,6 +246,14 @@ def chat_table(rows, questions=""):
     return lines
 
 
+def recipe(s):
+    """What the switch is followed by, in words (results.md)."""
+    steps = f"{s.iters} KL steps x {s.batch_size} x {s.block_size} generated tokens at lr {s.learning_rate:g}"
+    if s.train_set == "lora":
+        return f"{steps} (LoRA r{s.lora_rank}, alpha {s.lora_alpha:g}, on every linear), the adapters as the delta"
+    return f"{s.local_iters} layer-local steps, {steps} (consumers' q_proj/o_proj only), a bf16 delta"
+
+
 def write_results(results, s):
     with open(os.path.join(s.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -240,8 +261,7 @@ def write_results(results, s):
     lines = [f"# Keeping what {os.path.basename(s.teacher)} knows with a smaller KV cache", "",
              f"Generation: {s.gen_tokens:,} training + {s.gen_val_tokens:,} held-out tokens of the teacher's own "
              f"samples. Per map: calibration ({s.criterion} criterion) on {s.calib_batches} x {s.calib_batch_size} x "
-             f"{s.block_size} {s.calib_dataset} tokens, the switch, {s.local_iters} layer-local steps, {s.iters} KL steps x {s.batch_size} x "
-             f"{s.block_size} generated tokens (consumers' q_proj/o_proj only), a bf16 delta; evaluation of base + "
+             f"{s.block_size} {s.calib_dataset} tokens, the switch, {recipe(s)}; evaluation of base + "
              f"delta against the teacher over {s.eval_tokens:,} positions per set. {results['cpu_count']} cores, "
              f"--threads={s.threads}, load average before {', '.join(f'{x:.2f}' for x in results['load_average_before'])}.",
              "", "| KV cache | set | ppl ratio | KL | top-1 agreement |", "|---|---|---|---|---|"]
@@ -261,7 +281,7 @@ def write_results(results, s):
               "| KV cache | " + " | ".join(phases) + " | total with generation |", "|---" * (len(phases) + 2) + "|"]
     for name, r in rows.items():
         t = r["phase_s"]
-        lines.append(f"| {r['kv_fraction']:.2f} ({name}) | " + " | ".join(f"{t[p]:.0f}" for p in phases) +
+        lines.append(f"| {r['kv_fraction']:.2f} ({name}) | " + " | ".join(f"{t[p]:.0f}" if p in t else "-" for p in phases) +
                      f" | {sum(t.values()) + results['generation_s']:.0f} |")
     lines += ["", "Goals:", "", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g} | {m} | {'yes' if ok else 'MISSED'} |" for g, m, ok in results["goals"]]
@@ -271,7 +291,7 @@ def write_results(results, s):
 
 
 def main(argv):
-    s, _ = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES)})
+    s, _ = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS})
     shares = [int(x) for x in s.share.split(",") if x.strip()]
     if not shares or min(shares) < 1:
         raise ConfigError(f"--share={s.share!r}: give layer counts >= 1, like 8,15")

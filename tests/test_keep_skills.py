@@ -28,7 +28,7 @@ def test_keep_skills_quick_end_to_end_and_reuse(tmp_path):
     exp = importlib.import_module("experiments.keep_skills")
     teacher = tmp_path / "teacher.pt"
     save_tiny(teacher)
-    results = run(exp, tmp_path, teacher)
+    results = run(exp, tmp_path, teacher, "--train_set=consumers_qo")
     row = results["models"]["kv1"]
     assert len(row["kv_source"]) == 3 and len(set(row["kv_source"])) == 2  # one of 3 layers reads another's K/V
     assert row["kv_fraction"] == 2 / 3
@@ -49,9 +49,33 @@ def test_keep_skills_quick_end_to_end_and_reuse(tmp_path):
     # --reuse: nothing runs again, the delta and the trained checkpoint keep their files
     stamps = {p: p.stat().st_mtime_ns for p in [tmp_path / "res" / "kv1.safetensors",
                                                 tmp_path / "runs" / "kv1" / "distill" / "ckpt.pt"]}
-    again = run(exp, tmp_path, teacher, "--reuse=True")
+    again = run(exp, tmp_path, teacher, "--train_set=consumers_qo", "--reuse=True")
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["models"]["kv1"]["phase_s"] == row["phase_s"]
+
+
+def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path):
+    """train_set=lora: no conversion phase, the run trains adapters over the teacher itself, and the shipped
+    delta is those adapters: base + delta gives the trained run's logits (fp32 adapters, merged)."""
+    from checkpoint import load_checkpoint
+    from delta import read_delta
+    from lora import merge_lora, model_from_lora_checkpoint
+    exp = importlib.import_module("experiments.keep_skills")
+    teacher = tmp_path / "teacher.pt"
+    save_tiny(teacher)
+    row = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--learning_rate=1e-2")["models"]["kv1"]
+    assert set(row["phase_s"]) == {"calibration", "distillation", "delta", "evaluation"}
+    kind, tensors, meta = read_delta(str(tmp_path / "res" / "kv1.safetensors"))
+    assert kind == "lora" and json.loads(meta["kv_source"]) == row["kv_source"]
+    assert any(k.endswith("mlp.down_proj.lora_B") for k in tensors)  # every linear, not only attention's
+    assert max(t.abs().max().item() for k, t in tensors.items() if k.endswith("lora_B")) > 0  # B left zero: trained
+    run_model = merge_lora(model_from_lora_checkpoint(load_checkpoint(str(tmp_path / "runs" / "kv1" / "distill" /
+                                                                          "ckpt.pt")))).eval()
+    shipped, _ = load_with_delta(str(teacher), str(tmp_path / "res" / "kv1.safetensors"))
+    x = torch.randint(3, 50, (1, 12))
+    torch.testing.assert_close(shipped(x)[0], run_model(x)[0], atol=1e-5, rtol=1e-5)
+    teacher_model, _ = load_model(str(teacher))
+    assert (shipped(x)[0] - teacher_model(x)[0]).abs().max() > 1e-3  # the student is not the teacher
 
 
 def test_keep_skills_bad_share_is_one_line(tmp_path, capsys):
@@ -60,3 +84,6 @@ def test_keep_skills_bad_share_is_one_line(tmp_path, capsys):
     assert run_script(exp.main, ["--share=0", f"--out={tmp_path}"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--share" in err[0]
+    assert run_script(exp.main, ["--train_set=all", f"--out={tmp_path}"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train_set" in err[0] and "lora" in err[0]
