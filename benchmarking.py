@@ -538,7 +538,7 @@ def write_json(rows, path):
     with open(tmp, "w") as f:
         json.dump(rows, f, indent=1)
     os.replace(tmp, path)
-    print(f"wrote {len(rows)} measurements to {path}")
+    print(f"wrote {len(rows)} measurements to {path}" if isinstance(rows, list) else f"wrote {path}")
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,6 @@ median tokens/s and the range over the rounds; ratios to batch 1 of the same dty
 """
 
 import copy
-import json
 import os
 import sys
 import time
@@ -135,11 +134,7 @@ def main(argv):
     print_table(rows, dtypes, batch_sizes)
     result = dict(settings={k: getattr(s, k) for k in DEFAULTS}, threads=torch.get_num_threads(),
                   torch=torch.__version__, loadavg=H.loadavg(), rows=rows)
-    path = os.path.join(s.out, "batch_decode.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    H.write_json(result, os.path.join(s.out, "batch_decode.json"))
     return 0
 
 

@@ -291,7 +291,11 @@ def write_results(results, s):
 
 
 def main(argv):
-    s, _ = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS})
+    s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS})
+    unused = sorted(explicit & ({"local_iters", "local_lr"} if s.train_set == "lora" else {"lora_rank", "lora_alpha"}))
+    if unused:
+        raise ConfigError(f"--{', --'.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only with --train_set="
+                          f"{'consumers_qo' if s.train_set == 'lora' else 'lora'}, not {s.train_set}: drop it or change the set")
     shares = [int(x) for x in s.share.split(",") if x.strip()]
     if not shares or min(shares) < 1:
         raise ConfigError(f"--share={s.share!r}: give layer counts >= 1, like 8,15")

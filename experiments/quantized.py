@@ -13,7 +13,6 @@ back (experiments/decode_timing.py), rounds interleaved across the variants; med
 """
 
 import copy
-import json
 import math
 import os
 import sys
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import benchmarking as H  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from configurator import ConfigError, apply_threads, configure, run_script, settings_from  # noqa: E402
 from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa: E402
@@ -108,11 +108,7 @@ def main(argv):
         print(line)
     result = dict(settings={k: getattr(s, k) for k in DEFAULTS}, threads=torch.get_num_threads(),
                   torch=torch.__version__, reference=ref, variants=rows)
-    path = os.path.join(s.out, "quantized.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    H.write_json(result, os.path.join(s.out, "quantized.json"))
     return 0
 
 

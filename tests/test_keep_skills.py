@@ -19,7 +19,7 @@ def run(exp, tmp_path, teacher, *extra):
     return exp.main([f"--teacher={teacher}", f"--data={data}", f"--out={tmp_path / 'res'}", f"--runs={tmp_path / 'runs'}",
                      "--share=1", "--gen_tokens=400", "--gen_val_tokens=200", "--gen_batch_size=4",
                      "--gen_max_new_tokens=24", "--gen_compile=False", f"--prompts={prompts}", f"--calib_dataset={data}",
-                     "--calib_batches=2", "--local_iters=2", "--iters=4", "--batch_size=2", "--block_size=16",
+                     "--calib_batches=2", "--iters=4", "--batch_size=2", "--block_size=16",
                      "--eval_tokens=64", "--eval_block_size=16", f"--eval_sets={data / 'val.bin'}",
                      f"--questions={questions}", *extra])
 
@@ -28,7 +28,7 @@ def test_keep_skills_quick_end_to_end_and_reuse(tmp_path):
     exp = importlib.import_module("experiments.keep_skills")
     teacher = tmp_path / "teacher.pt"
     save_tiny(teacher)
-    results = run(exp, tmp_path, teacher, "--train_set=consumers_qo")
+    results = run(exp, tmp_path, teacher, "--train_set=consumers_qo", "--local_iters=2")
     row = results["models"]["kv1"]
     assert len(row["kv_source"]) == 3 and len(set(row["kv_source"])) == 2  # one of 3 layers reads another's K/V
     assert row["kv_fraction"] == 2 / 3
@@ -49,7 +49,7 @@ def test_keep_skills_quick_end_to_end_and_reuse(tmp_path):
     # --reuse: nothing runs again, the delta and the trained checkpoint keep their files
     stamps = {p: p.stat().st_mtime_ns for p in [tmp_path / "res" / "kv1.safetensors",
                                                 tmp_path / "runs" / "kv1" / "distill" / "ckpt.pt"]}
-    again = run(exp, tmp_path, teacher, "--train_set=consumers_qo", "--reuse=True")
+    again = run(exp, tmp_path, teacher, "--train_set=consumers_qo", "--local_iters=2", "--reuse=True")
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["models"]["kv1"]["phase_s"] == row["phase_s"]
 
@@ -87,3 +87,9 @@ def test_keep_skills_bad_share_is_one_line(tmp_path, capsys):
     assert run_script(exp.main, ["--train_set=all", f"--out={tmp_path}"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train_set" in err[0] and "lora" in err[0]
+    assert run_script(exp.main, ["--local_iters=5", f"--out={tmp_path}"]) != 0  # the default set is lora: no local phase
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--local_iters" in err[0] and "consumers_qo" in err[0]
+    assert run_script(exp.main, ["--train_set=consumers_qo", "--lora_rank=4", f"--out={tmp_path}"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lora_rank" in err[0]
