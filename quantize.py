@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Llama
+from speed import kernel_applies, matvec
 
 KERNEL_ROWS = 16  # most rows a CPU quantized kernel takes where it is slow (see Int4Linear); decoding stays below
 
@@ -34,6 +35,8 @@ class Int8Linear(nn.Module):
         return self.weight.nbytes + self.scales.nbytes
 
     def forward(self, x):
+        if kernel_applies(x, self.weight):  # one row on a CPU: speed_kernels.c, integer products at the bandwidth
+            return matvec(x, self.weight, self.scales)
         scales = self.scales.to(x.dtype)
         few_rows = x.numel() <= KERNEL_ROWS * x.shape[-1]
         if x.device.type == "cpu" and (x.dtype == torch.bfloat16 or few_rows):
@@ -94,6 +97,8 @@ class Int4Linear(nn.Module):
         return self.packed.nbytes + self.scale_zero.nbytes
 
     def forward(self, x):
+        if kernel_applies(x, self.codes) and self.group_size % 32 == 0:  # one row on a CPU: speed_kernels.c
+            return matvec(x, self.codes, self.scales, self.minimums, self.group_size)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() <= KERNEL_ROWS * x.shape[-1]:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), self.packed,
                                                             self.group_size, self.scale_zero.to(x.dtype))

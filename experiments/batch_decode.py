@@ -1,7 +1,8 @@
 """
-Batched decode speed, the compiled decode step with BLAS for rows > 1 (the old path) against the
-batched streaming product (speed.StreamingLinear, the new one), on SmolLM2-135M's shape, at several
-batch sizes and dtypes, in one process.
+Decode speed of the compiled decode step, the old path against the new one, on SmolLM2-135M's shape, at
+several batch sizes and dtypes, in one process. Old: BLAS for rows > 1, inductor's multiply-and-sum loop
+for one row. New: speed.StreamingLinear's batched streaming product (tiled_linear) for rows > 1, the
+decoding kernel speed.matvec (speed_kernels.cpp) for one row.
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
     .venv/bin/python experiments/batch_decode.py --dtypes=bfloat16 --batches=1,16 # the issue's ratio only
@@ -9,8 +10,8 @@ batch sizes and dtypes, in one process.
 Each (dtype, batch) builds both paths on the same weights (random, bench.py's smollm2 preset shape, or
 --model=FILE), compiles their decode steps (untimed warm-up), then times prefill + new_tokens greedy
 steps with benchmarking.Decoder, bench.py's decode loop, in rounds that alternate the two paths.
-Batch 1 runs the same code on both paths (one row streams either way), and so do fp32 weights (they keep
-F.linear for more rows), so those are timed once. Reported:
+fp32 weights run the same code on both paths (F.linear for more rows, inductor's loop for one: it beat the
+kernel there), so they are timed once. Reported:
 median tokens/s and the range over the rounds; ratios to batch 1 of the same dtype.
 """
 
@@ -63,11 +64,12 @@ def parse(s):
     return [DTYPES[d] for d in names], sorted({int(p) for p in parts})
 
 
-def blas_rows(model):
-    """The old path: products of more than one row go to F.linear (BLAS) even when compiled."""
+def old_path(model):
+    """The old path: products of more than one row go to F.linear (BLAS) even when compiled, and one row
+    to inductor's loop, not the kernel."""
     for m in model.modules():
         if isinstance(m, StreamingLinear):
-            m.stream_rows = 1
+            m.stream_rows, m.use_kernel = 1, False
     return model
 
 
@@ -76,13 +78,13 @@ def time_batch(base, dtype, B, s):
     gen = torch.Generator().manual_seed(s.seed + B)
     prompt = torch.randint(base.config.vocab_size, (B, s.prompt_len), generator=gen)
     models = {"streaming": copy.deepcopy(base).to(dtype)}
-    if B > 1 and dtype in HALF:  # fp32 weights keep F.linear on both paths: nothing to compare
-        models["blas"] = copy.deepcopy(base).to(dtype)
+    if dtype in HALF:  # fp32 weights take the same products on both paths: nothing to compare
+        models["old"] = copy.deepcopy(base).to(dtype)
     decoders = {}
     for name, m in models.items():
         decoders[name] = H.Decoder(m, prompt, s.new_tokens, compile_step=True)  # installs speed.py's paths
-        if name == "blas":
-            blas_rows(m)
+        if name == "old":
+            old_path(m)
         t0 = H.announce_warmup(f"{name} {str(dtype)[6:]} batch {B}", True)
         for _ in range(2):  # the second run is the first at full speed
             decoders[name].timed()
@@ -96,14 +98,15 @@ def time_batch(base, dtype, B, s):
 
 
 def print_table(rows, dtypes, batches):
-    print("\n| dtype | batch | BLAS for rows > 1 (old), tokens/s | batched streaming (new) | new / old | new / batch 1 |")
+    print("\n| dtype | batch | old (BLAS; one row: inductor's loop), tokens/s | new (tiled_linear; one row: "
+          "speed.matvec) | new / old | new / batch 1 |")
     print("|---|---|---|---|---|---|")
     for dtype in dtypes:
         d = str(dtype)[6:]
         one = rows[d].get(1, {}).get("streaming")
         for B in batches:
             r = rows[d][B]
-            new, old = r["streaming"], r.get("blas")
+            new, old = r["streaming"], r.get("old")
             print(f"| {d} | {B} | {old['median']:.1f} [{old['min']:.1f}-{old['max']:.1f}] | " if old else f"| {d} | {B} | (same) | ",
                   end="")
             print(f"{new['median']:.1f} [{new['min']:.1f}-{new['max']:.1f}] | {new['median'] / old['median']:.2f}x | " if old

@@ -4,6 +4,7 @@ products really turned into inductor loops), and weight-only int8 and int4 decod
 bounded, the logits stay within a stated tolerance, and greedy tokens agree wherever the float model's
 choice is clear)."""
 import copy
+import os
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import model as M
 import speed
 from quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128, vocab_size=97, block_size=64)
 
 
@@ -114,7 +116,8 @@ def test_decode_paths_keep_the_weights_and_compute_what_the_model_does():
 
 
 def test_compiled_decode_step_gives_eager_tokens_with_matvec_loops():
-    """One compile (CPU, ~15 s): K/V sharing and attention sharing both on the path."""
+    """One compile (CPU, ~15 s), fp32: K/V sharing and attention sharing both on the path; the batch-1
+    products are inductor's own loops, not BLAS calls (fp32 weights do not use speed.matvec)."""
     from torch._inductor.utils import run_and_get_code
     model = speed.use_decode_paths(tiny("0,0,2,3", "0,1,2,2"))
     prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
@@ -128,7 +131,36 @@ def test_compiled_decode_step_gives_eager_tokens_with_matvec_loops():
         torch.testing.assert_close(step(token, pos, cache), model.decode_step(token, pos, cache), rtol=1e-4, atol=1e-5)
     assert torch.equal(compiled, greedy(model, prompt, 30))
     code = "\n".join(code)
-    # the batch-1 products are inductor's own loops, not BLAS calls
+    assert "extern_kernels.mm" not in code and "extern_kernels.bmm" not in code and "addmm" not in code
+    assert "speed.matvec" not in code
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_decoding_calls_matvec_compiled_and_eager(dtype):
+    """bf16/fp16 weights: every batch-1 product is speed.matvec, in the compiled step (no BLAS call) and eager.
+    Fed the same tokens, the compiled step's logits, the eager decode paths' and the plain model's agree
+    within half-precision rounding of the other ops (inductor keeps fp32 between them, eager rounds)."""
+    from torch._inductor.utils import run_and_get_code
+    plain = tiny("0,0,2,3", "0,1,2,2").to(dtype)
+    model = speed.use_decode_paths(copy.deepcopy(plain))
+    products = sum(isinstance(m, torch.nn.Linear) for m in model.modules())  # a layer reading K/V has no k/v_proj
+    prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+    tokens = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        caches = [m.new_cache(1, 64) for m in (plain, model, model)]
+        for m, cache in zip((plain, model, model), caches):
+            m.prefill(prompt, cache)
+        for i, t in enumerate(tokens):
+            pos, token = torch.tensor([9 + i]), t.view(1, 1)
+            want = plain.decode_step(token, pos, caches[0]).float()
+            eager = model.decode_step(token, pos, caches[1]).float()
+            got, code = run_and_get_code(step, token, pos, caches[2]) if i == 0 else (step(token, pos, caches[2]), code)
+            spread = float(want.max() - want.min())
+            torch.testing.assert_close(eager, want, rtol=0, atol=0.02 * spread)
+            torch.testing.assert_close(got.float(), want, rtol=0, atol=0.02 * spread)
+    code = "\n".join(code)
+    assert code.count("= torch.ops.speed.matvec.default(") == products
     assert "extern_kernels.mm" not in code and "extern_kernels.bmm" not in code and "addmm" not in code
 
 
@@ -256,6 +288,98 @@ def test_quantized_decoding_stays_close_to_the_float_model(dtype, kind):
         assert torch.equal(compiled, out_q)
         code = "\n".join(code)  # every product is the quantized kernel, none a float matmul
         assert f"_weight_{kind}pack_mm" in code and "extern_kernels.mm" not in code and "addmm" not in code
+
+
+# -----------------------------------------------------------------------------
+# the decoding kernel: speed.matvec (speed_kernels.cpp)
+
+
+def quantization_bound(x, w):
+    """What rounding x to int16 in blocks of 32 can change in x @ w.T: per block max|x| / 65534 times the
+    block's sum of |w|, summed over the blocks (plus fp32 summation, 1e-6 of the sum of |x w|)."""
+    K = x.shape[-1]
+    step = x.view(-1, K // 32, 32).abs().amax(-1) / 65534  # (1, K / 32)
+    return (step.double() @ w.abs().view(-1, K // 32, 32).sum(-1).double().t()) + 1e-6 * (x.abs() @ w.abs().t()).double()
+
+
+@pytest.mark.parametrize("N, K", [(37, 96), (8, 64), (5, 40), (3, 17)])  # rows past blocks of 4; K past 16 and 32
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matvec_is_the_product_by_the_definition(N, K, threads, monkeypatch):
+    """Every weight kind against float64 products with the weight as defined: float weights to fp32 summation
+    (results in x's dtype: within its rounding), int8 and 4-bit within the bound of rounding x to int16
+    (quantization_bound); two threads give the very numbers of one (rows are split, never a sum)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what matvec hands the kernel
+    g = torch.Generator().manual_seed(N * K)
+    w, x = torch.randn(N, K, generator=g) / 8, torch.randn(1, K, generator=g)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        want = x.double() @ w.to(dtype).double().t()
+        torch.testing.assert_close(speed.matvec(x, w.to(dtype)).double(), want, rtol=1e-6, atol=1e-6)
+        got = speed.matvec(x.to(dtype), w.to(dtype))  # x in half precision: the fp32 sums rounded to it
+        assert got.dtype == dtype and got.shape == (1, N)
+        want = (x.to(dtype).double() @ w.to(dtype).double().t()).float()
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -8 if dtype == torch.bfloat16 else 2 ** -11, atol=1e-6)
+    q8 = Int8Linear(w.bfloat16())
+    got = speed.matvec(x, q8.weight, q8.scales).double()
+    assert ((got - x.double() @ q8.dequantize().double().t()).abs() <= quantization_bound(x, q8.dequantize())).all() \
+        if K % 32 == 0 else torch.allclose(got, x.double() @ q8.dequantize().double().t(), rtol=1e-6, atol=1e-6)
+    if K % 32 == 0:
+        q4 = Int4Linear(w.bfloat16())
+        got = speed.matvec(x, q4.codes, q4.scales, q4.minimums, 32).double()
+        assert ((got - x.double() @ q4.dequantize().double().t()).abs() <= quantization_bound(x, q4.dequantize())).all()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = speed.matvec(x, w.bfloat16())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert torch.equal(speed.matvec(x, w.bfloat16()), one)
+
+
+def test_matvec_refuses_a_weight_it_cannot_read():
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="one row of 64 against a weight of"):
+        speed.matvec(torch.randn(2, 64), torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="need their scales"):
+        speed.matvec(x, torch.zeros(8, 64, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="group size dividing 64"):
+        speed.matvec(x, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), torch.zeros(8, 2), 48)
+
+
+def test_without_a_compiler_decoding_warns_once_and_falls_back(tmp_path):
+    """A machine with no C++ compiler: one warning line naming the compiler and what to do, then the same
+    products through inductor's loop / F.linear (its own process: this one has the kernel loaded)."""
+    import subprocess
+    import sys
+    code = ("import warnings, torch, speed\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    lin = speed.StreamingLinear(64, 16, bias=False).to(torch.bfloat16)\n"
+            "    x = torch.randn(1, 64).to(torch.bfloat16)\n"
+            "    with torch.no_grad(): y = lin(x); lin(x)\n"
+            "print(speed.kernel_library() is None, torch.equal(y, torch.nn.functional.linear(x, lin.weight)), len(caught))\n"
+            "print(caught[0].message)\n")
+    env = {**os.environ, "CXX": "no-such-compiler", "XDG_CACHE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    first, message = out.stdout.splitlines()[:2]
+    assert first == "True True 1"
+    assert "did not build with no-such-compiler" in message and "set CXX" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("kind", list(QUANTIZED))
+def test_compiled_quantized_batch_1_step_calls_matvec_and_gives_eager_tokens(kind):
+    """A quantized model decoding one sequence: its compiled step calls speed.matvec for every product, with no
+    float matmul or torch int kernel, and gives the eager quantized tokens (fp32 activations: in bf16 inductor's
+    other ops round differently from eager ones, and a random model has close calls)."""
+    from torch._inductor.utils import run_and_get_code
+    quantized = QUANTIZED[kind][0](tiny("upper:half", seed=4))
+    prompt = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        eager = greedy(quantized, prompt, 16)
+        step = torch.compile(quantized.decode_step, fullgraph=True, dynamic=False)
+        compiled, code = run_and_get_code(greedy, quantized, prompt, 16, step)
+    assert torch.equal(compiled, eager)
+    code = "\n".join(code)
+    products = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in quantized.modules())
+    assert code.count("= torch.ops.speed.matvec.default(") == products
+    assert "pack_mm" not in code and "extern_kernels.mm" not in code and "addmm" not in code
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,298 @@
+/* The decoding product y = W x for one row x, written for the CPU: speed.py builds this file at first use
+   (c++ -O3 -march=native -fopenmp -shared, against torch's headers) and loads it as the op speed::matvec.
+
+   Decoding one token reads every weight once for two FLOPs, so its speed is the rate at which the weights
+   stream in from memory. Three things get that rate on the AVX2 CPU measured (docs/bench.md, "the decoding
+   kernel"); a plain loop, like inductor's, ran at 9-12 of the ~25 GB/s one core reads:
+   - four weight rows at a time against one load of x, each with two accumulators, so no chain of dependent
+     additions limits the loop (one row with one accumulator waits on every add);
+   - weights widened to fp32 in registers (bf16 is the top half of an fp32: a shift), never in memory;
+   - software prefetch PREFETCH_BYTES ahead: four short interleaved rows (1 KB each on SmolLM2) are too
+     short for the hardware prefetcher to learn before they end.
+   Weight kinds: fp32, bf16, fp16; int8 with one scale a row (quantize.Int8Linear); 4-bit codes, two a byte,
+   low nibble first, with a scale and a minimum a group (quantize.Int4Linear: w = q * scale + minimum). */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+/* the vector loops need AVX2, FMA and F16C (x86 since 2013-15); elsewhere the plain definition runs */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define VECTOR_LOOPS 1
+#include <immintrin.h>
+#else
+#define VECTOR_LOOPS 0
+#endif
+
+enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, U4 = 4 };  /* speed.py's KERNEL_KINDS */
+
+#define PREFETCH_BYTES 9216  /* measured best of 1-18 KB on one 1536 x 576 bf16 weight: 4 KB 23.6 GB/s, 9 KB 24.6, none 10.3 */
+#define ROWS 4
+
+static float half_to_float(uint16_t h) {  /* IEEE fp16, subnormals included */
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exponent = (h >> 10) & 31, mantissa = h & 1023, bits;
+    if (exponent == 31) bits = sign | 0x7f800000u | (mantissa << 13);
+    else if (exponent) bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    else if (!mantissa) bits = sign;
+    else { float f = mantissa / 16777216.0f; memcpy(&bits, &f, 4); bits |= sign; }
+    float f; memcpy(&f, &bits, 4); return f;
+}
+
+static inline __attribute__((always_inline)) float scalar_at(const void *p, int kind, long i) {
+    switch (kind) {
+        case BF16: { uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16; float f; memcpy(&f, &bits, 4); return f; }
+        case F16: return half_to_float(((const uint16_t *)p)[i]);
+        case I8: return ((const int8_t *)p)[i];
+        case U4: { uint8_t b = ((const uint8_t *)p)[i / 2]; return (i & 1) ? b >> 4 : b & 15; }
+        default: return ((const float *)p)[i];
+    }
+}
+
+/* sum over k >= from of x[k] w[n, k], with w[n, k] by the definition (U4: code * scale + minimum of its group;
+   I8: the code, the row's scale applied by the caller); for tails the vector loops leave and CPUs without them */
+static float dot_scalar(const float *x, long K, long from, const void *w, int kind, long n,
+                        const void *scales, const void *mins, int scale_kind, long group) {
+    float sum = 0;
+    for (long k = from; k < K; k++) {
+        long i = n * K + k;
+        float q = scalar_at(w, kind, i);
+        if (kind == U4) q = q * scalar_at(scales, scale_kind, i / group) + scalar_at(mins, scale_kind, i / group);
+        sum += x[k] * q;
+    }
+    return sum;
+}
+#if VECTOR_LOOPS
+/* 8 weights from p (element index i) as fp32 */
+static inline __attribute__((always_inline)) __m256 load8(const void *p, int kind, long i) {
+    switch (kind) {
+        case BF16: return _mm256_castsi256_ps(_mm256_slli_epi32(
+                       _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+        case F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+        case I8: return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)p + i))));
+        default: return _mm256_loadu_ps((const float *)p + i);
+    }
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* prefetch what the loop of rows n..n+R-1 reads PREFETCH_BYTES later: it reads their column `offset` side by
+   side, and blocks of rows follow each other in memory, so it moves through the weight at R times a row's pace.
+   (Prefetching each row of a block ahead, at its own column, measured 9 GB/s against this one's 15.) */
+static inline __attribute__((always_inline)) void prefetch(const void *w, long row_bytes, long n, int R, long offset) {
+    const char *ahead = (const char *)w + n * row_bytes + R * offset + PREFETCH_BYTES;
+    for (int r = 0; r < R; r++) _mm_prefetch(ahead + r * 64, _MM_HINT_T0);
+}
+
+/* rows n..n+R-1 of a float or int8 weight: K in steps of 16, the rest by dot_scalar */
+static inline __attribute__((always_inline)) void rows_float(const float *x, long K, const void *w, int kind,
+        long n, int R, const void *scales, int scale_kind, float *y) {
+    long size = kind == F32 ? 4 : kind == I8 ? 1 : 2, K16 = K & ~15L;
+    __m256 a[ROWS], b[ROWS];
+    for (int r = 0; r < R; r++) a[r] = b[r] = _mm256_setzero_ps();
+    for (long k = 0; k < K16; k += 16) {
+        prefetch(w, K * size, n, R, k * size);
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        for (int r = 0; r < R; r++) {
+            a[r] = _mm256_fmadd_ps(x0, load8(w, kind, (n + r) * K + k), a[r]);
+            b[r] = _mm256_fmadd_ps(x1, load8(w, kind, (n + r) * K + k + 8), b[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float sum = hsum(_mm256_add_ps(a[r], b[r])) + dot_scalar(x, K, K16, w, kind, n + r, 0, 0, 0, 1);
+        y[n + r] = kind == I8 ? sum * scalar_at(scales, scale_kind, n + r) : sum;
+    }
+}
+
+/* The int8 and 4-bit products multiply integers: x is quantized to int16 in blocks of XBLOCK, each with its step
+   (x = xq * step + error, |error| <= step / 2 = max|x| / 65534, below bf16's rounding of x), so 16 weights take one
+   widening to int16 and one multiply-add of pairs (_mm256_madd_epi16) instead of two conversions to fp32 and two
+   FMAs: the float loop ran int8 at 15 G weights/s and 4-bit at 7 on one core, below their bandwidth. For U4 each
+   block of xq holds its even positions first, then its odd ones: what a byte's low and high nibbles multiply. */
+#define XBLOCK 32
+
+static void quantize_x(const float *x, long K, int split, int16_t *xq, float *step) {
+    for (long b = 0; b < K / XBLOCK; b++) {
+        const float *xb = x + b * XBLOCK;
+        float most = 0;
+        for (int i = 0; i < XBLOCK; i++) most = fmaxf(most, fabsf(xb[i]));
+        step[b] = most / 32767;
+        float inverse = most > 0 ? 32767 / most : 0;
+        for (int i = 0; i < XBLOCK; i++)
+            xq[b * XBLOCK + (split ? (i & 1) * (XBLOCK / 2) + i / 2 : i)] = (int16_t)lrintf(xb[i] * inverse);
+    }
+}
+
+/* rows n..n+R-1 of int8 codes, K a multiple of XBLOCK; the row's scale applied at the end */
+static inline __attribute__((always_inline)) void rows_i8(const int16_t *xq, const float *step, long K,
+        const void *codes, long n, int R, const void *scales, int scale_kind, float *y) {
+    const int8_t *w = (const int8_t *)codes;
+    __m256 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (long k = 0; k < K; k += XBLOCK) {
+        prefetch(w, K, n, R, k);
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k)), x1 = _mm256_loadu_si256((const __m256i *)(xq + k + 16));
+        __m256 x_step = _mm256_set1_ps(step[k / XBLOCK]);
+        for (int r = 0; r < R; r++) {
+            const int8_t *row = w + (n + r) * K + k;
+            __m256i sum = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)row)), x0),
+                _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 16))), x1));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), x_step, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[n + r] = hsum(acc[r]) * scalar_at(scales, scale_kind, n + r);
+}
+
+/* rows n..n+R-1 of 4-bit codes, groups a multiple of XBLOCK: sum over groups of scale * (q . x) + minimum * sum(x) */
+static inline __attribute__((always_inline)) void rows_u4(const int16_t *xq, const float *step, const float *xsum,
+        long K, const void *codes, long n, int R, const void *scales, const void *mins, int scale_kind, long group,
+        float *y) {
+    const uint8_t *w = (const uint8_t *)codes;
+    long half = K / 2, groups = K / group;
+    const __m128i nibble = _mm_set1_epi8(15);
+    __m256 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (long k = 0; k < K; k += XBLOCK) {
+        prefetch(w, half, n, R, k / 2);
+        __m256i even = _mm256_loadu_si256((const __m256i *)(xq + k)), odd = _mm256_loadu_si256((const __m256i *)(xq + k + 16));
+        float x_step = step[k / XBLOCK];
+        for (int r = 0; r < R; r++) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(w + (n + r) * half + k / 2));
+            __m128i low = _mm_and_si128(v, nibble), high = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+            __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(low), even),
+                                           _mm256_madd_epi16(_mm256_cvtepu8_epi16(high), odd));
+            float scale = scalar_at(scales, scale_kind, (n + r) * groups + k / group);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(x_step * scale), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float offset = 0;
+        for (long g = 0; g < groups; g++) offset += scalar_at(mins, scale_kind, (n + r) * groups + g) * xsum[g];
+        y[n + r] = hsum(acc[r]) + offset;
+    }
+}
+
+/* every row of a float or int8 weight, the kind a constant where it is inlined */
+static inline __attribute__((always_inline)) void all_rows_float(const float *x, long K, const void *w, int kind, long N,
+        const void *scales, int scale_kind, float *y, int threads) {
+    #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (long block = 0; block < N / ROWS; block++) rows_float(x, K, w, kind, block * ROWS, ROWS, scales, scale_kind, y);
+    for (long n = N - N % ROWS; n < N; n++) rows_float(x, K, w, kind, n, 1, scales, scale_kind, y);
+}
+
+/* every row of int8 (group 0) or 4-bit codes: x quantized once for all of them */
+static inline __attribute__((always_inline)) void all_rows_integer(const float *x, long K, const void *w, int kind,
+        long N, const void *scales, const void *mins, int scale_kind, long group, float *y, int threads) {
+    int16_t *xq = (int16_t *)malloc(K * sizeof(int16_t));
+    float *step = (float *)malloc(K / XBLOCK * sizeof(float)), *xsum = (float *)calloc(group ? K / group : 1, sizeof(float));
+    quantize_x(x, K, kind == U4, xq, step);
+    for (long k = 0; group && k < K; k++) xsum[k / group] += x[k];
+    #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (long block = 0; block < N / ROWS; block++) {
+        if (kind == U4) rows_u4(xq, step, xsum, K, w, block * ROWS, ROWS, scales, mins, scale_kind, group, y);
+        else rows_i8(xq, step, K, w, block * ROWS, ROWS, scales, scale_kind, y);
+    }
+    for (long n = N - N % ROWS; n < N; n++) {
+        if (kind == U4) rows_u4(xq, step, xsum, K, w, n, 1, scales, mins, scale_kind, group, y);
+        else rows_i8(xq, step, K, w, n, 1, scales, scale_kind, y);
+    }
+    free(xq), free(step), free(xsum);
+}
+#endif
+
+/* y (N) = W x for x (K, fp32) and W (N, K) of `kind`: for I8 `scales` holds one a row, for U4 `scales` and `mins`
+   one a group of `group` weights along a row, both of `scale_kind` (F32, BF16 or F16); `threads` split the rows */
+static void matvec(const float *x, long K, const void *w, int kind, long N, const void *scales, const void *mins,
+            int scale_kind, long group, float *y, int threads) {
+#if VECTOR_LOOPS
+    switch (kind) {
+        case F32: all_rows_float(x, K, w, F32, N, scales, scale_kind, y, threads); return;
+        case BF16: all_rows_float(x, K, w, BF16, N, scales, scale_kind, y, threads); return;
+        case F16: all_rows_float(x, K, w, F16, N, scales, scale_kind, y, threads); return;
+        case I8:
+        case U4:
+            if (kind == I8 && K % XBLOCK) { all_rows_float(x, K, w, I8, N, scales, scale_kind, y, threads); return; }
+            if (K % XBLOCK || (kind == U4 && (group % XBLOCK || K % group))) break;
+            if (kind == I8) group = 0;
+            if (scale_kind == BF16) all_rows_integer(x, K, w, kind, N, scales, mins, BF16, group, y, threads);
+            else if (scale_kind == F16) all_rows_integer(x, K, w, kind, N, scales, mins, F16, group, y, threads);
+            else all_rows_integer(x, K, w, kind, N, scales, mins, F32, group, y, threads);
+            return;
+    }
+#endif
+    #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (long n = 0; n < N; n++) {
+        float sum = dot_scalar(x, K, 0, w, kind, n, scales, mins, scale_kind, group);
+        y[n] = kind == I8 ? sum * scalar_at(scales, scale_kind, n) : sum;
+    }
+}
+
+/* speed::matvec(x, weight, scales, minimums, group_size): the product in x's dtype, for speed.py (its docstring) */
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+static int kind_of(const at::Tensor &t) {
+    switch (t.scalar_type()) {
+        case at::kFloat: return F32;
+        case at::kBFloat16: return BF16;
+        case at::kHalf: return F16;
+        case at::kChar: return I8;
+        case at::kByte: return U4;
+        default: TORCH_CHECK(false, "speed::matvec: no kernel for ", t.scalar_type());
+    }
+}
+
+static at::Tensor matvec_op(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &scales,
+                            const std::optional<at::Tensor> &minimums, int64_t group_size) {
+    long K = x.size(-1), N = weight.size(0);
+    int kind = kind_of(weight);
+    TORCH_CHECK(x.numel() == K && weight.dim() == 2 && weight.size(1) * (kind == U4 ? 2 : 1) == K,
+                "speed::matvec: one row of ", K, " against a weight of ", weight.sizes());
+    TORCH_CHECK(kind < I8 || scales.has_value(), "speed::matvec: int8 and 4-bit weights need their scales");
+    TORCH_CHECK(kind != U4 || (minimums.has_value() && group_size > 0 && K % group_size == 0),
+                "speed::matvec: 4-bit weights need their minimums and a group size dividing ", K);
+    /* x to fp32 and the sums back to x's dtype here, not by torch ops: each of those costs a few us a call, and
+       a SmolLM2 decode step makes 211 calls of ~60 us */
+    at::Tensor xc = x.contiguous(), w = weight.contiguous();
+    at::Tensor s = scales.has_value() ? scales->contiguous() : at::Tensor(), m = minimums.has_value() ? minimums->contiguous() : at::Tensor();
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    at::Tensor out = at::empty(shape, x.options());
+    bool fp32 = x.scalar_type() == at::kFloat;
+    std::vector<float> xf(fp32 ? 0 : K), yf(fp32 ? 0 : N);
+    const float *xp = fp32 ? xc.data_ptr<float>() : xf.data();
+    float *yp = fp32 ? out.data_ptr<float>() : yf.data();
+    if (!fp32) AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "speed::matvec", [&] {
+        const scalar_t *in = xc.data_ptr<scalar_t>();
+        for (long k = 0; k < K; k++) xf[k] = static_cast<float>(in[k]);
+    });
+    matvec(xp, K, w.data_ptr(), kind, N, s.defined() ? s.data_ptr() : nullptr, m.defined() ? m.data_ptr() : nullptr,
+           s.defined() ? kind_of(s) : F32, group_size, yp, at::get_num_threads());
+    if (!fp32) AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "speed::matvec", [&] {
+        scalar_t *result = out.data_ptr<scalar_t>();
+        for (long n = 0; n < N; n++) result[n] = static_cast<scalar_t>(yf[n]);
+    });
+    return out;
+}
+
+TORCH_LIBRARY(speed, m) {
+    m.def("matvec(Tensor x, Tensor weight, Tensor? scales=None, Tensor? minimums=None, int group_size=0) -> Tensor");
+}
+
+/* its shape alone, for torch.compile's tracing */
+static at::Tensor matvec_meta(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &,
+                              const std::optional<at::Tensor> &, int64_t) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = weight.size(0);
+    return at::empty(shape, x.options());
+}
+
+TORCH_LIBRARY_IMPL(speed, CPU, m) { m.impl("matvec", &matvec_op); }
+TORCH_LIBRARY_IMPL(speed, Meta, m) { m.impl("matvec", &matvec_meta); }
