@@ -35,7 +35,7 @@ class Int8Linear(nn.Module):
         return self.weight.nbytes + self.scales.nbytes
 
     def forward(self, x):
-        if kernel_applies(x, self.weight):  # one row on a CPU: speed_kernels.c, integer products at the bandwidth
+        if kernel_applies(x, self.weight):  # one row on a CPU: speed_kernels.cpp, integer products
             return matvec(x, self.weight, self.scales)
         scales = self.scales.to(x.dtype)
         few_rows = x.numel() <= KERNEL_ROWS * x.shape[-1]
@@ -97,7 +97,7 @@ class Int4Linear(nn.Module):
         return self.packed.nbytes + self.scale_zero.nbytes
 
     def forward(self, x):
-        if kernel_applies(x, self.codes) and self.group_size % 32 == 0:  # one row on a CPU: speed_kernels.c
+        if kernel_applies(x, self.codes) and self.group_size % 32 == 0:  # one row on a CPU: speed_kernels.cpp
             return matvec(x, self.codes, self.scales, self.minimums, self.group_size)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.numel() <= KERNEL_ROWS * x.shape[-1]:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), self.packed,

@@ -8,7 +8,7 @@ some machine (measurements: docs/bench.md).
                             Call it before compiling model.decode_step (sample.py, bench.py,
                             experiments/decode_timing.py).
   matvec                    the product of one row with a weight (float, int8 or 4-bit) through
-                            speed_kernels.c, built with the C compiler at first use.
+                            speed_kernels.cpp, built with the C++ compiler at first use.
   chunked_cross_entropy     the training loss without the (B*T, vocab) fp32 logits; model.py uses it.
 """
 
@@ -35,10 +35,11 @@ class StreamingLinear(nn.Linear):
     One row times a weight matrix reads every weight once for two FLOPs, so its speed is the rate at
     which the weights stream in. On the CPU measured BLAS read them for one row at 7-19 GB/s of ~50-80
     (docs/bench.md). One row of bf16/fp16 weights goes through matvec (speed_kernels.cpp): on the AVX2 CPU
-    measured a compiled SmolLM2 decode step ran 1.83x faster with it than with inductor's loop (paired).
-    fp32 weights, and half-precision ones where the kernel cannot be built (no C++ compiler) or with
-    use_kernel False: compiled code writes the product as multiply-and-sum, which inductor compiles into one
-    vectorised loop (for fp32 it beat the kernel, 32.9 against 27.4 tokens/s, paired), eager code F.linear.
+    measured a compiled SmolLM2 decode step ran 2.09x faster with it than with inductor's loop (paired,
+    experiments/batch_decode.py). fp32 weights, and half-precision ones where the kernel cannot be built (no
+    C++ compiler) or with use_kernel False: compiled code writes the product as multiply-and-sum, which
+    inductor compiles into one vectorised loop (for fp32 it beat the kernel, 32.9 against 27.4 tokens/s in a
+    scratch pairing), eager code F.linear.
 
     A few rows (batched decoding, up to stream_rows) of bf16/fp16 weights go through tiled_linear: on an
     AVX2 CPU torch's half-precision matmul has no fast kernel (it ran a 1024^3 bf16 product at 0.3 GFLOP/s
@@ -84,7 +85,7 @@ def _(x, weight):
 
 
 # -----------------------------------------------------------------------------
-# the decoding kernel: speed_kernels.c, built once per machine into the cache
+# the decoding kernel: speed_kernels.cpp, built once per machine into the cache
 
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speed_kernels.cpp")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8)  # weights it reads
@@ -163,7 +164,9 @@ def matvec(x, weight, scales=None, minimums=None, group_size=0):
     Float weights are multiplied in fp32 as they are; for int8 and 4-bit, x is rounded to int16 in blocks of 32
     (|error| <= max|x| / 65534 a block) so that the products are integer ones (speed_kernels.cpp). The result
     comes in x's dtype, summed in fp32. An op of torch's (built by kernel_library), so a compiled decode step
-    calls it whole, for ~3 us a call."""
+    calls it whole, for ~7 us a call from Python."""
+    if not kernel_built():
+        raise RuntimeError("speed.matvec: speed_kernels.cpp did not build on this machine (the warning above says why)")
     return torch.ops.speed.matvec(x, weight, scales, minimums, group_size)
 
 

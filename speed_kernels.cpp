@@ -2,15 +2,16 @@
    (c++ -O3 -march=native -fopenmp -shared, against torch's headers) and loads it as the op speed::matvec.
 
    Decoding one token reads every weight once for two FLOPs, so its speed is the rate at which the weights
-   stream in from memory. Three things get that rate on the AVX2 CPU measured (docs/bench.md, "the decoding
-   kernel"); a plain loop, like inductor's, ran at 9-12 of the ~25 GB/s one core reads:
+   stream in from memory. Three things get near that rate on the AVX2 CPU measured (docs/bench.md, "The
+   decoding kernel"), where a plain loop, like inductor's, ran at 8-12 of the ~25 GB/s one core reads:
    - four weight rows at a time against one load of x, each with two accumulators, so no chain of dependent
      additions limits the loop (one row with one accumulator waits on every add);
    - weights widened to fp32 in registers (bf16 is the top half of an fp32: a shift), never in memory;
    - software prefetch PREFETCH_BYTES ahead: four short interleaved rows (1 KB each on SmolLM2) are too
      short for the hardware prefetcher to learn before they end.
    Weight kinds: fp32, bf16, fp16; int8 with one scale a row (quantize.Int8Linear); 4-bit codes, two a byte,
-   low nibble first, with a scale and a minimum a group (quantize.Int4Linear: w = q * scale + minimum). */
+   low nibble first, with a scale and a minimum a group (quantize.Int4Linear: w = q * scale + minimum); those
+   two as integer products (below, XBLOCK). */
 
 #include <math.h>
 #include <stdint.h>
@@ -24,7 +25,7 @@
 #define VECTOR_LOOPS 0
 #endif
 
-enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, U4 = 4 };  /* speed.py's KERNEL_KINDS */
+enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, U4 = 4 };  /* the weight kinds: kind_of maps torch's dtypes to them */
 
 #define PREFETCH_BYTES 9216  /* measured best of 1-18 KB on one 1536 x 576 bf16 weight: 4 KB 23.6 GB/s, 9 KB 24.6, none 10.3 */
 #define ROWS 4
@@ -258,6 +259,13 @@ static at::Tensor matvec_op(const at::Tensor &x, const at::Tensor &weight, const
     TORCH_CHECK(kind < I8 || scales.has_value(), "speed::matvec: int8 and 4-bit weights need their scales");
     TORCH_CHECK(kind != U4 || (minimums.has_value() && group_size > 0 && K % group_size == 0),
                 "speed::matvec: 4-bit weights need their minimums and a group size dividing ", K);
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                "speed::matvec: x is ", x.scalar_type(), "; it takes fp32, bf16 or fp16");
+    long n_scales = kind == I8 ? N : kind == U4 ? N * (K / group_size) : 0;
+    for (const auto &t : {scales, minimums})
+        TORCH_CHECK(!t.has_value() || kind < I8 || (t->numel() == n_scales && kind_of(*t) <= F16 &&
+                    t->scalar_type() == scales->scalar_type()),
+                    "speed::matvec: scales and minimums must be ", n_scales, " floats of one dtype");
     /* x to fp32 and the sums back to x's dtype here, not by torch ops: each of those costs a few us a call, and
        a SmolLM2 decode step makes 211 calls of ~60 us */
     at::Tensor xc = x.contiguous(), w = weight.contiguous();

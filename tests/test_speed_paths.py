@@ -340,6 +340,12 @@ def test_matvec_refuses_a_weight_it_cannot_read():
         speed.matvec(x, torch.zeros(8, 64, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="group size dividing 64"):
         speed.matvec(x, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), torch.zeros(8, 2), 48)
+    with pytest.raises(RuntimeError, match="must be 16 floats of one dtype"):  # 8 rows x 2 groups of 32
+        speed.matvec(x, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), torch.zeros(8, 1), 32)
+    with pytest.raises(RuntimeError, match="must be 8 floats of one dtype"):
+        speed.matvec(x, torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="x is Double"):
+        speed.matvec(x.double(), torch.zeros(8, 64))
 
 
 def test_without_a_compiler_decoding_warns_once_and_falls_back(tmp_path):
