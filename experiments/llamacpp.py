@@ -131,9 +131,8 @@ def check_settings(s, explicit):
 
 
 def default_cache_dir(environ=None):
-    environ = os.environ if environ is None else environ
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "echo-llama")
+    from speed import cache_dir  # the project's one cache folder (speed.py keeps its kernel build there too)
+    return cache_dir(environ)
 
 
 def build_root(cache_dir):
