@@ -280,6 +280,11 @@ class Llama(nn.Module):
         w = self.embed_tokens.weight
         return KVCache(self.config, batch_size, max_len or self.config.block_size, dtype or w.dtype, w.device)
 
+    def cache_length(self, positions, step=128):
+        """Positions rounded up to a multiple of step, at most block_size: a decode step reads the whole cache,
+        masked or not (SmolLM2's 8192 made a chat 7x slower: docs/bench.md), and few lengths, few graphs."""
+        return min(self.config.block_size, -(-positions // step) * step)
+
     def prefill(self, idx, cache):
         """Run the prompt idx (B, T) from position 0, filling the cache; logits of the last position."""
         logits, _ = self(idx, cache=cache, input_pos=torch.arange(idx.shape[1], device=idx.device))
@@ -293,12 +298,12 @@ class Llama(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, decode_step=None, on_token=None):
         """Continue each row of idx (B, T) by up to max_new_tokens tokens; temperature=0 is greedy. A row
-        that produces eos_id stops (later positions hold eos_id). A full context re-prefills its most recent
-        keep_when_full tokens, as nanoGPT crops. decode_step: e.g. torch.compile(model.decode_step) (the cache
-        has block_size positions: its shapes never change). on_token: called with each new token (B,), to stream."""
-        B, T = idx.shape
-        window, step = self.config.block_size, decode_step or self.decode_step
-        keep, cache, pos = keep_when_full(window), self.new_cache(B, window), min(T, window)
+        that produces eos_id stops (later positions hold eos_id). A full context re-prefills its latest 3/4
+        (nanoGPT crops). decode_step: e.g. torch.compile(model.decode_step) (one cache shape a call:
+        cache_length). on_token: called with each new token (B,), to stream."""
+        (B, T), window, step = idx.shape, self.config.block_size, decode_step or self.decode_step
+        keep, pos = max(1, window - window // 4), min(T, window)
+        cache = self.new_cache(B, self.cache_length(pos + max_new_tokens))
         out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         logits = self.prefill(idx[:, -pos:], cache)
@@ -347,11 +352,6 @@ class Llama(nn.Module):
         # fused: one kernel for the whole update; on CPU it took 7.8 ms against 19.7 ms (foreach) for 24M parameters
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
-
-
-def keep_when_full(block_size):
-    """Recent tokens generate keeps when the context is full: 3/4 of it, a re-prefill every block_size / 4."""
-    return max(1, block_size - block_size // 4)
 
 
 def sample_token(logits, temperature=1.0, top_k=None):

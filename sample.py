@@ -315,7 +315,7 @@ def main(argv):
               "after the prompt, at most 500; --max_new_tokens=N for another number)", file=sys.stderr, flush=True)
     use_decode_paths(model)  # speed.py's batch-1 decoding paths: faster compiled on a CPU, same results
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None]
-    step, compile_s = compiled_step(model, x) if s.compile else (None, 0.0)
+    step, compile_s = compiled_step(model, x, max_new) if s.compile else (None, 0.0)
     torch.manual_seed(s.seed)
     for k in range(s.num_samples):
         stream = TextStream(tok, [] if s.chat else ids)  # the text as it is generated
@@ -364,7 +364,7 @@ class TextStream:
         print(text[len(self.shown):] if text.startswith(self.shown) else "\n" + text, flush=True)
 
 
-def compiled_step(model, x):
+def compiled_step(model, x, max_new):
     """(torch.compile of model.decode_step, seconds it took), compiled here, before generation: a timed
     generation then measures decoding only. Says when compiling starts and ends (on stderr)."""
     print("compiling the decode step (torch.compile: once per run; a minute or more on a CPU) ...", file=sys.stderr,
@@ -372,7 +372,8 @@ def compiled_step(model, x):
     t0 = time.perf_counter()
     step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
     with torch.no_grad():  # one step into a scratch cache of generate's shape: the graph generate will run
-        step(x.new_zeros(x.shape[0], 1), x.new_zeros(1), model.new_cache(x.shape[0]))  # shapes and strides as generate's
+        cache = model.new_cache(x.shape[0], model.cache_length(min(x.shape[1], model.config.block_size) + max_new))
+        step(x.new_zeros(x.shape[0], 1), x.new_zeros(1), cache)  # shapes and strides as generate's
     seconds = time.perf_counter() - t0
     print(f"compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
     return step, seconds

@@ -50,9 +50,6 @@ def chat_ids(tok, template, question, bos_id, eos_id):
     return tok.encode_chat(text)  # the template writes its own special tokens, as sample.py --chat encodes it
 
 
-CACHE_STEP = 128  # cache lengths are multiples of it: a few compiled graphs (one per length), little masked reading
-
-
 def compiled_decode_step(model):
     """model.decode_step compiled with the CPU decoding paths (speed.py) installed: one graph per batch size
     and cache length (static shapes), batched rows included."""
@@ -67,8 +64,8 @@ def generate_rows(model, prompts, max_new_tokens, temperature=0.0, top_k=None, s
     """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens tokens, all
     rows in one batch (see the module docstring for how). A row stops after its stop id (stop_ids: one
     id or None per row, or one for all); sampling draws from torch's global generator (seed it first).
-    decode_step: e.g. compiled_decode_step(model); its cache has a length rounded up to CACHE_STEP, so that
-    calls with prompts of other lengths reuse the graph of their batch size.
+    decode_step: e.g. compiled_decode_step(model); its cache length is rounded up (model.cache_length), so
+    that calls with prompts of other lengths reuse the graph of their batch size.
     Returns, per row, the generated ids only, its stop id included when it produced it."""
     B = len(prompts)
     lengths = [len(p) for p in prompts]
@@ -88,7 +85,7 @@ def generate_rows(model, prompts, max_new_tokens, temperature=0.0, top_k=None, s
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     last = length + max_new_tokens  # a row's last position + 1
     start = min(lengths)
-    cache = model.new_cache(B, min(model.config.block_size, -(-end // CACHE_STEP) * CACHE_STEP))
+    cache = model.new_cache(B, model.cache_length(end))
     step = decode_step or model.decode_step
     logits = model.prefill(buf[:, :start], cache)
     for n in range(start, end):

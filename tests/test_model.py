@@ -171,6 +171,28 @@ def test_cached_greedy_generation_equals_repeated_full_forwards(kv_source):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("prompt_len, new, cache_len", [(7, 25, 128), (120, 20, 256), (400, 80, 512)])
+def test_generate_allocates_the_cache_it_needs_and_gives_the_same_tokens(prompt_len, new, cache_len, monkeypatch):
+    """A long context (block_size 512) with a short generation: the cache holds the positions needed, rounded
+    up to CACHE_STEP (at most block_size), and the tokens are those of repeated no-cache forwards."""
+    model = Llama(LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, vocab_size=97, block_size=512,
+                              kv_source="0,0")).eval()
+    lengths, new_cache = [], model.new_cache
+
+    def recorded(B, max_len=None, **kw):
+        lengths.append(max_len)
+        return new_cache(B, max_len, **kw)
+    monkeypatch.setattr(model, "new_cache", recorded)
+    prompt = torch.randint(0, 97, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    out = model.generate(prompt, max_new_tokens=new, temperature=0)
+    assert lengths == [cache_len]
+    ref = prompt
+    with torch.no_grad():
+        for _ in range(new):
+            ref = torch.cat((ref, model(ref)[0][:, -1:].argmax(-1)), dim=1)
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("kv_source", MAPS)
 def test_cached_logits_equal_uncached_logits(kv_source):
     model = tiny(kv_source)

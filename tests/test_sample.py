@@ -12,7 +12,7 @@ from torch.nn import Linear
 import sample
 from configurator import run_script
 from dataset import write_meta
-from model import Llama, LlamaConfig, keep_when_full
+from model import Llama, LlamaConfig
 from quantize import QUANTIZERS, Int4Linear, Int8Linear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +86,7 @@ def tiny_model(block_size=16, kv_source="0,0,2"):
 
 @pytest.mark.parametrize("prompt_len", [5, 16, 23])
 def test_generation_past_the_context_equals_no_cache_over_the_same_window(prompt_len):
-    """Past block_size, generation re-prefills the most recent keep_when_full tokens and goes on; each token
+    """Past block_size, generation re-prefills the most recent 3/4 of block_size tokens and goes on; each token
     equals the argmax of a no-cache forward over exactly that window (positions from 0)."""
     model, W = tiny_model(), 16
     x = torch.randint(0, 50, (2, prompt_len), generator=torch.Generator().manual_seed(1))
@@ -97,7 +97,7 @@ def test_generation_past_the_context_equals_no_cache_over_the_same_window(prompt
         for n in range(prompt_len, prompt_len + 40):
             logits, _ = model(out[:, n - length:n])
             assert torch.equal(out[:, n], logits[:, -1].argmax(-1)), n
-            length = keep_when_full(W) if length == W else length + 1
+            length = W - W // 4 if length == W else length + 1
 
 
 def test_generation_stops_at_eos_per_row():
