@@ -111,19 +111,33 @@ static inline __attribute__((always_inline)) void rows_float(const float *x, lon
 /* The int8 and 4-bit products multiply integers: x is quantized to int16 in blocks of XBLOCK, each with its step
    (x = xq * step + error, |error| <= step / 2 = max|x| / 65534, below bf16's rounding of x), so 16 weights take one
    widening to int16 and one multiply-add of pairs (_mm256_madd_epi16) instead of two conversions to fp32 and two
-   FMAs: the float loop ran int8 at 15 G weights/s and 4-bit at 7 on one core, below their bandwidth. For U4 each
-   block of xq holds its even positions first, then its odd ones: what a byte's low and high nibbles multiply. */
+   FMAs: the float loop ran int8 at 15 G weights/s and 4-bit at 7 on one core, below their bandwidth. (Rounding x
+   to int8 instead, as llama.cpp does for its 4-bit formats, made the 4-bit loop no faster than the layout below,
+   and SmolLM2's logits through it moved ~10x further from the prefill's: KL 0.029-0.031 against 0.0024-0.0032;
+   docs/bench.md.)
+   For U4, 32 bytes of a row hold two blocks A and B (16 bytes each, two codes a byte, low nibble first). Masking
+   gives the low nibbles (even positions) and the high ones (odd), and unpacking bytes to int16 with zeros works
+   within each 128-bit half: A's 8 first even codes beside B's, and so on. So xq holds each pair of blocks in the
+   order those four vectors need: [A even 0-7, B even 0-7], [A even 8-15, B even 8-15], then the odd positions
+   alike; each multiply-add then gives A's sums in its lower four lanes and B's in the upper four. A last block
+   without a partner: even positions, then odd. */
 #define XBLOCK 32
 
-static void quantize_x(const float *x, long K, int split, int16_t *xq, float *step) {
-    for (long b = 0; b < K / XBLOCK; b++) {
+static void quantize_x(const float *x, long K, int pairs, int16_t *xq, float *step) {
+    long blocks = K / XBLOCK;
+    for (long b = 0; b < blocks; b++) {
         const float *xb = x + b * XBLOCK;
         float most = 0;
         for (int i = 0; i < XBLOCK; i++) most = fmaxf(most, fabsf(xb[i]));
         step[b] = most / 32767;
         float inverse = most > 0 ? 32767 / most : 0;
-        for (int i = 0; i < XBLOCK; i++)
-            xq[b * XBLOCK + (split ? (i & 1) * (XBLOCK / 2) + i / 2 : i)] = (int16_t)lrintf(xb[i] * inverse);
+        long pair = b / 2 * 2 * XBLOCK, which = b % 2, alone = (b | 1) >= blocks;
+        for (int i = 0; i < XBLOCK; i++) {
+            long odd = i & 1, j = i / 2;  /* position i is code j of the low (even) or high (odd) nibbles */
+            long to = !pairs ? b * XBLOCK + i
+                    : alone ? pair + odd * 16 + j : pair + (odd * 2 + j / 8) * 16 + which * 8 + j % 8;
+            xq[to] = (int16_t)lrintf(xb[i] * inverse);
+        }
     }
 }
 
@@ -148,31 +162,69 @@ static inline __attribute__((always_inline)) void rows_i8(const int16_t *xq, con
     for (int r = 0; r < R; r++) y[n + r] = hsum(acc[r]) * scalar_at(scales, scale_kind, n + r);
 }
 
+/* the scales of groups i and i + 1 as [i, i, i, i, i + 1, i + 1, i + 1, i + 1]: what a pair of blocks' 8 sums need */
+static inline __attribute__((always_inline)) __m256 pair_of_scales(const void *s, int kind, long i) {
+    __m128 two;
+    if (kind == F32) two = _mm_castpd_ps(_mm_load_sd((const double *)((const float *)s + i)));
+    else {
+        int32_t bits;
+        memcpy(&bits, (const uint16_t *)s + i, 4);
+        two = kind == F16 ? _mm_cvtph_ps(_mm_cvtsi32_si128(bits))
+                          : _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_cvtsi32_si128(bits)));
+    }
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
 /* rows n..n+R-1 of 4-bit codes, groups a multiple of XBLOCK: sum over groups of scale * (q . x) + minimum * sum(x) */
 static inline __attribute__((always_inline)) void rows_u4(const int16_t *xq, const float *step, const float *xsum,
         long K, const void *codes, long n, int R, const void *scales, const void *mins, int scale_kind, long group,
         float *y) {
     const uint8_t *w = (const uint8_t *)codes;
-    long half = K / 2, groups = K / group;
-    const __m128i nibble = _mm_set1_epi8(15);
+    long half = K / 2, groups = K / group, K64 = K & ~(2L * XBLOCK - 1);
+    const __m256i nibble = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
     __m256 acc[ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (long k = 0; k < K; k += XBLOCK) {
+    for (long k = 0; k < K64; k += 2 * XBLOCK) {
         prefetch(w, half, n, R, k / 2);
-        __m256i even = _mm256_loadu_si256((const __m256i *)(xq + k)), odd = _mm256_loadu_si256((const __m256i *)(xq + k + 16));
-        float x_step = step[k / XBLOCK];
+        const __m256i *xv = (const __m256i *)(xq + k);
+        __m256i x0 = _mm256_loadu_si256(xv), x1 = _mm256_loadu_si256(xv + 1);
+        __m256i x2 = _mm256_loadu_si256(xv + 2), x3 = _mm256_loadu_si256(xv + 3);
+        __m256 steps = _mm256_set_m128(_mm_set1_ps(step[k / XBLOCK + 1]), _mm_set1_ps(step[k / XBLOCK]));
         for (int r = 0; r < R; r++) {
-            __m128i v = _mm_loadu_si128((const __m128i *)(w + (n + r) * half + k / 2));
-            __m128i low = _mm_and_si128(v, nibble), high = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + (n + r) * half + k / 2));
+            __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+            __m256i even = _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(lo, zero), x0),
+                                            _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, zero), x1));
+            __m256i odd = _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(hi, zero), x2),
+                                           _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), x3));
+            __m256i sum = _mm256_add_epi32(even, odd);  /* A's sums in lanes 0-3, B's in 4-7 */
+            long g = (n + r) * groups + k / group;
+            __m256 scale = group == XBLOCK ? pair_of_scales(scales, scale_kind, g)
+                : _mm256_set_m128(_mm_set1_ps(scalar_at(scales, scale_kind, (n + r) * groups + (k + XBLOCK) / group)),
+                                  _mm_set1_ps(scalar_at(scales, scale_kind, g)));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(scale, steps), acc[r]);
+        }
+    }
+    if (K64 < K) {
+        __m256i even = _mm256_loadu_si256((const __m256i *)(xq + K64));
+        __m256i odd = _mm256_loadu_si256((const __m256i *)(xq + K64 + 16));
+        const __m128i nib = _mm_set1_epi8(15);
+        for (int r = 0; r < R; r++) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(w + (n + r) * half + K64 / 2));
+            __m128i low = _mm_and_si128(v, nib), high = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
             __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(low), even),
                                            _mm256_madd_epi16(_mm256_cvtepu8_epi16(high), odd));
-            float scale = scalar_at(scales, scale_kind, (n + r) * groups + k / group);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(x_step * scale), acc[r]);
+            float scale = scalar_at(scales, scale_kind, (n + r) * groups + K64 / group) * step[K64 / XBLOCK];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale), acc[r]);
         }
     }
     for (int r = 0; r < R; r++) {
-        float offset = 0;
-        for (long g = 0; g < groups; g++) offset += scalar_at(mins, scale_kind, (n + r) * groups + g) * xsum[g];
+        __m256 offsets = _mm256_setzero_ps();
+        long g = 0, first = (n + r) * groups;
+        for (; g + 8 <= groups; g += 8)
+            offsets = _mm256_fmadd_ps(load8(mins, scale_kind, first + g), _mm256_loadu_ps(xsum + g), offsets);
+        float offset = hsum(offsets);
+        for (; g < groups; g++) offset += scalar_at(mins, scale_kind, first + g) * xsum[g];
         y[n + r] = hsum(acc[r]) + offset;
     }
 }

@@ -19,8 +19,8 @@ the same for both engines); in it, for each round and each weights, one llama-be
 its own warm-up) and one timed decode of ours, back to back, the engine that goes first alternating
 between rounds, so that a change in the machine's load falls on both. Ours: a prompt of one token,
 then new_tokens greedy steps into a static cache, the step compiled and warmed up before round 1;
-tokens/s = new_tokens / the steps' time. Reported: the median and range over the rounds, and the ratio
-of the medians (llama.cpp / ours).
+tokens/s = new_tokens / the steps' time. Reported: the median and range over the rounds, the ratio
+of the medians (llama.cpp / ours), and the median and range of the ratios within each round.
 """
 
 import csv
@@ -446,31 +446,37 @@ def spread(values):
 
 
 def summarise(workers):
-    """One row per (threads, weights): both engines' spreads and the ratio of their medians."""
+    """One row per (threads, weights): both engines' spreads, the ratio of their medians, and the spread of
+    the ratios within each round (the two engines timed back to back: a machine that speeds up and slows
+    down within minutes moves both alike)."""
     rows = []
     for w in workers:
         for name, r in w["rates"].items():
             llama, ours = spread(r["llama.cpp"]), spread(r["ours"])
             ratio = llama["median"] / ours["median"] if llama and ours else None
-            rows.append(dict(threads=w["threads"], weights=name, llama_cpp=llama, ours=ours, llama_cpp_over_ours=ratio))
+            paired = spread([a / b for a, b in zip(r["llama.cpp"], r["ours"]) if b > 0])
+            rows.append(dict(threads=w["threads"], weights=name, llama_cpp=llama, ours=ours, llama_cpp_over_ours=ratio,
+                             round_ratios=paired))
     return rows
 
 
-def _cell(sp):
+def _cell(sp, unit=""):
     if sp is None:
-        return "none"
-    return f"{sp['median']:.1f} [{sp['min']:.1f}-{sp['max']:.1f}]" if len(sp["rounds"]) > 1 else f"{sp['median']:.1f}"
+        return "none" if not unit else "–"
+    f = ".2f" if unit else ".1f"
+    return (f"{sp['median']:{f}}{unit} [{sp['min']:{f}}-{sp['max']:{f}}]" if len(sp["rounds"]) > 1 else
+            f"{sp['median']:{f}}{unit}")
 
 
 def markdown_table(rows, new_tokens):
     """The comparison as markdown: batch-1 decode tokens/s, median [range] over the rounds."""
     lines = [f"| threads | weights | llama.cpp `llama-bench` tg{new_tokens} | ours (compiled decode step) | "
-             "llama.cpp / ours |", "|---|---|---|---|---|"]
+             "llama.cpp / ours | per round |", "|---|---|---|---|---|---|"]
     for row in rows:
         ratio = row["llama_cpp_over_ours"]
         shown = f"{ratio:.2f}x" if ratio is not None and math.isfinite(ratio) else "–"
         lines.append(f"| {row['threads']} | {LABELS[row['weights']]} | {_cell(row['llama_cpp'])} | {_cell(row['ours'])} | "
-                     f"{shown} |")
+                     f"{shown} | {_cell(row.get('round_ratios'), 'x')} |")
     return "\n".join(lines) + "\n"
 
 

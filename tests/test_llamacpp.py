@@ -107,12 +107,13 @@ def test_summary_and_table(lc):
     assert [(r["threads"], r["weights"]) for r in rows] == [(1, "bf16"), (1, "q4_1"), (2, "bf16")]
     assert rows[0]["llama_cpp"]["median"] == 80.0 and rows[0]["ours"]["median"] == 45.0
     assert rows[0]["llama_cpp_over_ours"] == pytest.approx(80 / 45)
-    assert rows[1]["ours"] is None and rows[1]["llama_cpp_over_ours"] is None
+    assert rows[1]["ours"] is None and rows[1]["llama_cpp_over_ours"] is None and rows[1]["round_ratios"] is None
+    assert rows[0]["round_ratios"]["rounds"] == pytest.approx([2.0, 1.56, 2.0])  # 80/40, 78/50, 90/45: round by round
     lines = lc.markdown_table(rows, 64).splitlines()
-    assert "tg64" in lines[0] and lines[1].count("|") == lines[0].count("|") == 6
-    assert lines[2] == "| 1 | bf16 (BF16 / our bf16) | 80.0 [78.0-90.0] | 45.0 [40.0-50.0] | 1.78x |"
-    assert lines[3].endswith("| 92.0 [91.0-93.0] | none | – |")
-    assert lines[4].endswith("| 120.0 | 100.0 | 1.20x |")  # one round: no range
+    assert "tg64" in lines[0] and lines[1].count("|") == lines[0].count("|") == 7
+    assert lines[2] == "| 1 | bf16 (BF16 / our bf16) | 80.0 [78.0-90.0] | 45.0 [40.0-50.0] | 1.78x | 2.00x [1.56-2.00] |"
+    assert lines[3].endswith("| 92.0 [91.0-93.0] | none | – | – |")
+    assert lines[4].endswith("| 120.0 | 100.0 | 1.20x | 1.20x |")  # one round: no range
 
 
 # -----------------------------------------------------------------------------

@@ -302,12 +302,13 @@ def quantization_bound(x, w):
     return (step.double() @ w.abs().view(-1, K // 32, 32).sum(-1).double().t()) + 1e-6 * (x.abs() @ w.abs().t()).double()
 
 
-@pytest.mark.parametrize("N, K", [(37, 96), (8, 64), (5, 40), (3, 17)])  # rows past blocks of 4; K past 16 and 32
+@pytest.mark.parametrize("N, K", [(37, 96), (8, 64), (6, 160), (5, 40), (3, 17)])  # rows past blocks of 4; K past 16 and 32
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matvec_is_the_product_by_the_definition(N, K, threads, monkeypatch):
     """Every weight kind against float64 products with the weight as defined: float weights to fp32 summation
     (results in x's dtype: within its rounding), int8 and 4-bit within the bound of rounding x to int16
-    (quantization_bound); two threads give the very numbers of one (rows are split, never a sum)."""
+    (quantization_bound), 4-bit with groups of one to three blocks and scales of each dtype; two threads give
+    the very numbers of one (rows are split, never a sum)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what matvec hands the kernel
     g = torch.Generator().manual_seed(N * K)
     w, x = torch.randn(N, K, generator=g) / 8, torch.randn(1, K, generator=g)
@@ -322,10 +323,12 @@ def test_matvec_is_the_product_by_the_definition(N, K, threads, monkeypatch):
     got = speed.matvec(x, q8.weight, q8.scales).double()
     assert ((got - x.double() @ q8.dequantize().double().t()).abs() <= quantization_bound(x, q8.dequantize())).all() \
         if K % 32 == 0 else torch.allclose(got, x.double() @ q8.dequantize().double().t(), rtol=1e-6, atol=1e-6)
-    if K % 32 == 0:
-        q4 = Int4Linear(w.bfloat16())
-        got = speed.matvec(x, q4.codes, q4.scales, q4.minimums, 32).double()
-        assert ((got - x.double() @ q4.dequantize().double().t()).abs() <= quantization_bound(x, q4.dequantize())).all()
+    for group, dtype in [(32, torch.bfloat16), (32, torch.float16), (32, torch.float32), (64, torch.bfloat16),
+                         (96, torch.float16)]:
+        if K % group == 0:
+            q4 = Int4Linear(w.to(dtype), group)  # scales and minimums in the weight's dtype
+            got, want = speed.matvec(x, q4.codes, q4.scales, q4.minimums, group).double(), x.double() @ q4.dequantize().double().t()
+            assert ((got - want).abs() <= quantization_bound(x, q4.dequantize())).all(), (group, dtype)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     one = speed.matvec(x, w.bfloat16())
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
