@@ -280,9 +280,10 @@ class Llama(nn.Module):
         w = self.embed_tokens.weight
         return KVCache(self.config, batch_size, max_len or self.config.block_size, dtype or w.dtype, w.device)
 
-    def cache_length(self, positions, step=128):
-        """Positions rounded up to a multiple of step, at most block_size: a decode step reads the whole cache,
-        masked or not (SmolLM2's 8192 made a chat 7x slower: docs/bench.md), and few lengths, few graphs."""
+    def cache_length(self, prompt_len, max_new_tokens=0, step=128):
+        """generate's cache: the prompt (at most block_size) + new tokens, rounded up to a multiple of step, at
+        most block_size. A step reads all of it, masked or not (an 8192 cache made chat 7x slower: docs/bench.md)."""
+        positions = min(prompt_len, self.config.block_size) + max_new_tokens
         return min(self.config.block_size, -(-positions // step) * step)
 
     def prefill(self, idx, cache):
@@ -303,7 +304,7 @@ class Llama(nn.Module):
         cache_length). on_token: called with each new token (B,), to stream."""
         (B, T), window, step = idx.shape, self.config.block_size, decode_step or self.decode_step
         keep, pos = max(1, window - window // 4), min(T, window)
-        cache = self.new_cache(B, self.cache_length(pos + max_new_tokens))
+        cache = self.new_cache(B, self.cache_length(T, max_new_tokens))
         out = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         logits = self.prefill(idx[:, -pos:], cache)

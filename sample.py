@@ -372,8 +372,8 @@ def compiled_step(model, x, max_new):
     t0 = time.perf_counter()
     step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
     with torch.no_grad():  # one step into a scratch cache of generate's shape: the graph generate will run
-        cache = model.new_cache(x.shape[0], model.cache_length(min(x.shape[1], model.config.block_size) + max_new))
-        step(x.new_zeros(x.shape[0], 1), x.new_zeros(1), cache)  # shapes and strides as generate's
+        cache = model.new_cache(x.shape[0], model.cache_length(x.shape[1], max_new))  # shapes and strides as generate's
+        step(x.new_zeros(x.shape[0], 1), x.new_zeros(1), cache)
     seconds = time.perf_counter() - t0
     print(f"compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
     return step, seconds

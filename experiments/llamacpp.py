@@ -460,9 +460,9 @@ def summarise(workers):
     return rows
 
 
-def _cell(sp, unit=""):
+def _cell(sp, unit="", missing="none"):
     if sp is None:
-        return "none" if not unit else "–"
+        return missing
     f = ".2f" if unit else ".1f"
     return (f"{sp['median']:{f}}{unit} [{sp['min']:{f}}-{sp['max']:{f}}]" if len(sp["rounds"]) > 1 else
             f"{sp['median']:{f}}{unit}")
@@ -476,7 +476,7 @@ def markdown_table(rows, new_tokens):
         ratio = row["llama_cpp_over_ours"]
         shown = f"{ratio:.2f}x" if ratio is not None and math.isfinite(ratio) else "–"
         lines.append(f"| {row['threads']} | {LABELS[row['weights']]} | {_cell(row['llama_cpp'])} | {_cell(row['ours'])} | "
-                     f"{shown} | {_cell(row.get('round_ratios'), 'x')} |")
+                     f"{shown} | {_cell(row.get('round_ratios'), 'x', '–')} |")
     return "\n".join(lines) + "\n"
 
 
