@@ -79,6 +79,8 @@ TRAINING_SETTINGS = dict(
     adapt_train_layers="all",   # 'all', 'converted' (consumers and their owners), 'upward' (lowest consumer and up),
                                 # 'consumers_qo' (only the consumers' q_proj and o_proj)
     adapt_similarity="",        # kv_similarity.pt from `python adapt.py`, for adapt_order='similarity'
+    adapt_attn_target="",       # EchoAtt instead: the attn_source to switch to before step 0, e.g. the one
+                                # `adapt.py --criterion=attention` proposes (sharers' q_proj/k_proj dropped)
     # learning from a frozen dense teacher (Distillation): loss = (1 - a - g - h) * CE(data)
     #   + a * T^2 * KL(teacher || student) + g * CE(teacher's argmax) + h * MSE(hidden states); all 0: no teacher
     distill_alpha=0.0,          # a: soft logits at distill_temperature
@@ -385,6 +387,21 @@ def load_teacher(path, student_config, device):
 
 # -----------------------------------------------------------------------------
 # abrupt conversion of a dense model's weights
+
+
+def attention_switched(model, target, kv_target=""):
+    """train.py's adapt_attn_target: the model switched to that attn_source before training (convert_model:
+    the sharers' Q and K projections dropped, every other weight kept), or the model itself when it has
+    that map already (a resumed run). One sharing at a time: not with adapt_target."""
+    if not target:
+        return model
+    if kv_target:
+        raise ConfigError("adapt_attn_target and adapt_target: adapt one sharing at a time (attention or K/V)")
+    try:
+        attn_source = parse_kv_source(target, model.config.n_layer, "attn_source")
+        return model if tuple(model.config.attn_source) == attn_source else convert_model(model, None, "own", attn_source)
+    except ValueError as e:
+        raise ConfigError(f"adapt_attn_target: {e}") from None
 
 
 def convert_model(model, kv_source=None, kv_init="own", attn_source=None):

@@ -82,7 +82,7 @@ def check_fsdp(s, torchrun):
 def check_applicable(s, explicit):
     """Settings given for something this run does not do are an error, not silently ignored."""
     distilling = s.distill_alpha + s.distill_argmax + s.distill_hidden > 0
-    groups = ((not s.adapt_target, lambda k: k.startswith("adapt_") and k != "adapt_target",
+    groups = ((not s.adapt_target, lambda k: k.startswith("adapt_") and k not in ("adapt_target", "adapt_attn_target"),
                "an adaptation run: set adapt_target too"),
               (not distilling, lambda k: k.startswith("distill_") and k not in ("distill_alpha", "distill_argmax",
                                                                                 "distill_hidden"),

@@ -28,7 +28,7 @@ from contextlib import ExitStack
 import torch
 import torch.distributed as dist
 
-from adapt import TRAINING_SETTINGS, loss_with_teacher, setup_adaptation, setup_distillation
+from adapt import TRAINING_SETTINGS, attention_switched, loss_with_teacher, setup_adaptation, setup_distillation
 from checkpoint import (MODEL_KEYS, SAMPLING_KEYS, checkpoint_to_start_from, restore_training_state,
                         settings_from_checkpoint)
 from configurator import ConfigError, close_runtime, configure, init_runtime, run_script, settings_from
@@ -197,7 +197,8 @@ def main(argv):
         splits = open_splits(data_dir, meta, s.block_size)
         check_fits(s, ckpt["model_config"] if ckpt else {k: getattr(s, k) for k in MODEL_KEYS} | {
             "vocab_size": s.vocab_size or meta["vocab_size"]}, rt.device, rt.world_size)
-        raw_model = build_model(s, explicit, ckpt, path, meta["vocab_size"])
+        raw_model = attention_switched(build_model(s, explicit, ckpt, path, meta["vocab_size"]), s.adapt_attn_target,
+                                       s.adapt_target)  # EchoAtt's switch, before the adapters go on
         if ckpt is not None and not s.allow_tokenizer_mismatch:
             check_tokenizer(ckpt, path, meta, data_dir)
         raw_model.to(rt.device)

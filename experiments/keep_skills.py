@@ -5,18 +5,22 @@ on its own generations, shipped as a small delta, and measured against the dense
     .venv/bin/python data/smollm2/prepare.py && .venv/bin/python data/shakespeare_smollm2/prepare.py
     .venv/bin/python experiments/keep_skills.py --threads=2     # alone on a 2-core machine; phase times below
     .venv/bin/python experiments/keep_skills.py --share=15 --reuse=True   # one more map; finished phases kept
+    .venv/bin/python experiments/keep_skills.py --sharing=attention --share=8,12 --runs=out-keep-skills-attn \
+        --out=out-keep-skills-attn-results --beside=results/smollm2-adapted/results.json --threads=2  # EchoAtt maps
 
 Every phase is a command of the project's own (printed, timed, its output in RUNS/<phase>.txt):
   generation    data/smollm2_selfgen/prepare.py: the teacher's own samples (chat turns and free text), a
                 held-out split; once for all maps
   calibration   adapt.py --n_share=N --criterion=logits: which N layers read which earlier layer's K/V (the map);
                 each single switch scored by the KL of the logits, once; later maps propose from the saved matrix
+                (--sharing=attention: --criterion=attention, which layers take which earlier layer's pattern)
   conversion    (train_set=consumers_qo) adapt.py --convert_to=MAP --local_iters=..: the abrupt switch, then
                 layer-local distillation of the consumers' q_proj/o_proj against the teacher's hidden states
   distillation  train.py: KL(teacher || student) on the generated text, training train_set:
                   lora          (the default) LoRA adapters on every linear of every layer, over the teacher
                                 itself, switched to the map at step 0 (no conversion phase: the adapters
-                                are the whole delta, so the base stays the teacher)
+                                are the whole delta, so the base stays the teacher; attention sharers have
+                                no q/k_proj to adapt)
                   consumers_qo  only the consumers' q_proj/o_proj (what the change touches, as SwiftKV)
   delta         lora.py --adapters (the adapters, fp32) or delta.py (the changed tensors in bf16):
                 OUT/kvN.safetensors; results/smollm2-adapted/ holds the committed ones
@@ -41,7 +45,11 @@ from configurator import ConfigError, apply_threads, configure, run_script, sett
 out = "out-keep-skills-results"  # results.json/.md, pareto.png, the deltas
 runs = "out-keep-skills"     # every phase's output and record
 teacher = "data/smollm2/smollm2-135m-instruct.pt"
-share = "8,15"               # one adapted model per entry: how many of the 30 layers read another's K/V
+share = "8,15"               # one adapted model per entry: how many of the 30 layers read another's K/V (or pattern)
+sharing = "kv"               # what they reuse: 'kv' (an earlier layer's keys and values: the maps ECHO-LLaMA caches
+                             # less with) or 'attention' (EchoAtt: an earlier layer's attention pattern over their
+                             # own values; adapt.py --criterion=attention maps, train.py --adapt_attn_target)
+beside = ""                  # results.json files of other runs of this script, plotted beside this one's
 data = "data/smollm2_selfgen"  # where the generated dataset goes (train.bin, val.bin, meta.json)
 gen_tokens = 120_000         # generated training tokens (the teacher's own samples)
 gen_val_tokens = 65_536      # generated held-out tokens (evaluate.py's 'selfgen' set)
@@ -49,9 +57,10 @@ gen_batch_size = 16
 gen_max_new_tokens = 256     # per generated document
 gen_compile = True           # compile the generation's decode step
 prompts = ""                 # chat prompts for the generation, a file with one a line ('' = selfgen.chat_prompts())
-criterion = "logits"         # adapt.py's calibration criterion: 'logits' (each switch scored end to end by the KL
-                             # of the logits; ~n_layer^2/6 forwards per batch, computed once for all maps) or 'kv'
-                             # (the switched layer's own output: cheap, but blind to the few huge residual channels)
+criterion = "logits"         # sharing=kv: adapt.py's calibration criterion: 'logits' (each switch scored end to end
+                             # by the KL of the logits; ~n_layer^2/6 forwards per batch, computed once for all maps)
+                             # or 'kv' (the switched layer's own output: cheap, but blind to the few huge residual
+                             # channels); sharing=attention: always 'attention' (cosine of the attention maps)
 calib_dataset = "data/smollm2_selfgen"  # the text the map is chosen on ('logits': its train split; 'kv': its val split)
 calib_batches = 1
 calib_batch_size = 2
@@ -75,8 +84,9 @@ seed = 1337
 threads = 0                  # torch CPU threads of every phase: 0 = 1 on a CPU (configurator.apply_threads)
 # -----------------------------------------------------------------------------
 DEFAULTS = settings_from(globals())
-SIMILARITY_FILES = {"kv": "kv_similarity", "logits": "logit_kl_similarity"}  # what adapt.py saves per criterion
+SIMILARITY_FILES = {"kv": "kv_similarity", "logits": "logit_kl_similarity", "attention": "attn_similarity"}  # adapt.py's
 TRAIN_SETS = ("lora", "consumers_qo")
+SHARING = {"kv": "K/V sharing", "attention": "attention sharing (EchoAtt)"}  # also each row's name: kv8, attention8
 LORA_TARGETS = "q,k,v,o,gate,up,down"  # every linear of a layer (a consumer's k/v go with the switch)
 GOALS = {8: (0.01, "teacher - 1"), 15: (0.03, "90% of teacher")}  # the issue's: perplexity ratio bound, chat bound
 
@@ -113,51 +123,63 @@ def phase(name, script, args, s) -> dict:
 
 
 def proposed_map(s, name):
-    """The map adapt.py printed: 'proposed kv_source sharing N layers: 0,1,...'."""
+    """The map adapt.py printed: 'proposed kv_source (or attn_source) sharing N layers: 0,1,...'."""
     with open(os.path.join(s.runs, f"{name}.txt")) as f:
-        line = [x for x in f if x.startswith("proposed kv_source")][-1]
+        line = [x for x in f if x.startswith("proposed ")][-1]
     return line.rsplit(":", 1)[1].strip()
 
 
 def adapt_one(n, s, common, matrix=""):
     """Calibration, conversion, distillation, delta and evaluation of the map sharing n layers; the calibration
     proposes from the saved similarity matrix when one is given (an earlier map's, same criterion and data)."""
-    d, times = os.path.join(s.runs, f"kv{n}"), {}
-    times["calibration"] = phase(f"kv{n}/calibration", "adapt.py", [
+    name = f"{s.sharing}{n}"
+    d, times = os.path.join(s.runs, name), {}
+    times["calibration"] = phase(f"{name}/calibration", "adapt.py", [
         f"--init_from={s.teacher}", f"--dataset={s.calib_dataset}", f"--n_share={n}", f"--batches={s.calib_batches}",
         f"--batch_size={s.calib_batch_size}", f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={d}", *common,
         *([f"--criterion={s.criterion}", "--split=train"] if s.criterion != "kv" else []),
         *([f"--similarity={matrix}"] if matrix else [])], s)
-    kv_map = proposed_map(s, f"kv{n}/calibration")
-    trained, delta = os.path.join(d, "distill"), os.path.join(s.out, f"kv{n}.safetensors")
+    kv_map = proposed_map(s, f"{name}/calibration")
+    switch = [f"--adapt_target={kv_map}", "--adapt_mode=abrupt"] if s.sharing == "kv" else [f"--adapt_attn_target={kv_map}"]
+    trained, delta = os.path.join(d, "distill"), os.path.join(s.out, f"{name}.safetensors")
     start, trainable = s.teacher, ["--lora_targets=" + LORA_TARGETS, f"--lora_rank={s.lora_rank}",
                                    f"--lora_alpha={s.lora_alpha}"]
     if s.train_set == "consumers_qo":
         start, trainable = os.path.join(d, "converted.pt"), ["--adapt_train_layers=consumers_qo"]
-        times["conversion"] = phase(f"kv{n}/conversion", "adapt.py", [
+        times["conversion"] = phase(f"{name}/conversion", "adapt.py", [
             f"--init_from={s.teacher}", f"--convert_to={kv_map}", f"--local_iters={s.local_iters}",
             f"--local_lr={s.local_lr}", "--local_train=consumers_qo", f"--dataset={s.data}", "--batches=8",
             f"--batch_size={s.batch_size}", f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={start}",
             "--overwrite=True", *common], s)
-    times["distillation"] = phase(f"kv{n}/distillation", "train.py", [
-        f"--init_from={start}", f"--out_dir={trained}", f"--adapt_target={kv_map}", "--adapt_mode=abrupt", *trainable,
+    times["distillation"] = phase(f"{name}/distillation", "train.py", [
+        f"--init_from={start}", f"--out_dir={trained}", *switch, *trainable,
         f"--distill_teacher={s.teacher}", "--distill_alpha=1.0",
         f"--dataset={s.data}", f"--batch_size={s.batch_size}", f"--block_size={s.block_size}",
         "--dtype=float32", "--compile=False", f"--max_iters={s.iters}", f"--learning_rate={s.learning_rate}",
         f"--min_lr={s.learning_rate / 10}", f"--warmup_iters={max(1, s.iters // 10)}", "--weight_decay=0.0",
         f"--eval_interval={s.iters}", "--eval_iters=4", f"--log_interval={max(1, s.iters // 10)}",
         f"--seed={s.seed}", "--overwrite=True", *common], s)
-    times["delta"] = phase(f"kv{n}/delta", "lora.py", [f"--init_from={trained}", f"--adapters={delta}"], s) \
-        if s.train_set == "lora" else phase(f"kv{n}/delta", "delta.py", [
+    times["delta"] = phase(f"{name}/delta", "lora.py", [f"--init_from={trained}", f"--adapters={delta}"], s) \
+        if s.train_set == "lora" else phase(f"{name}/delta", "delta.py", [
             f"--init_from={trained}", f"--base={s.teacher}", f"--out={delta}", "--overwrite=True", *common], s)
     report = os.path.join(d, "eval.json")
-    times["evaluation"] = phase(f"kv{n}/evaluation", "evaluate.py", [
+    times["evaluation"] = phase(f"{name}/evaluation", "evaluate.py", [
         f"--init_from={s.teacher}", f"--delta={delta}", f"--teacher={s.teacher}", f"--sets={s.eval_sets}",
         f"--tokens={s.eval_tokens}", f"--block_size={s.eval_block_size}", f"--chat={s.chat}", *([f"--questions={s.questions}"] if s.questions else []), f"--out={report}"], s)
     with open(report) as f:
         evaluation = json.load(f)
-    return {"kv_source": [int(x) for x in kv_map.split(",")], "delta_bytes": os.path.getsize(delta),
-            "phase_s": {k: v["wall_s"] for k, v in times.items()}, "evaluation": evaluation}
+    new_map, dense = [int(x) for x in kv_map.split(",")], list(range(len(kv_map.split(","))))
+    kv_source, attn_source = (new_map, dense) if s.sharing == "kv" else (dense, new_map)
+    return {"kv_source": kv_source, "attn_source": attn_source, "kv_fraction": cache_fraction(kv_source, attn_source),
+            "delta_bytes": os.path.getsize(delta), "phase_s": {k: v["wall_s"] for k, v in times.items()},
+            "evaluation": evaluation}
+
+
+def cache_fraction(kv_source, attn_source):
+    """The KV cache a model on these maps keeps, as a fraction of the dense model's: values for the owners,
+    keys for the owners that compute their own attention pattern (model.py's cache; LlamaConfig.key_layers)."""
+    owners = [i for i, j in enumerate(kv_source) if i == j]
+    return (len(owners) + sum(attn_source[i] == i for i in owners)) / (2 * len(kv_source))
 
 
 def goals(n, row, n_layer=30):
@@ -178,38 +200,64 @@ def goals(n, row, n_layer=30):
     return out
 
 
-def pareto_plot(rows, path, old=None):
-    """KV fraction against the perplexity ratio to the teacher on each held-out set; the old recipe's
-    points (CE on Shakespeare, experiments/smollm2.py) beside it where given."""
+def pareto_plot(series, path):
+    """KV cache fraction against the perplexity ratio to the teacher, a panel per held-out set, a line per
+    recipe: series = {label: {set name: [(fraction, ratio), ...]}}, each line from the teacher's (1, 1)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sets = list(next(iter(rows.values()))["evaluation"]["sets"]) if rows else []
-    for name in sets:
-        pts = sorted([(1.0, 1.0)] + [(r["kv_fraction"], r["evaluation"]["sets"][name]["ppl_ratio"]) for r in rows.values()])
-        ax.plot(*zip(*pts), "o-", label=f"KL on self-generated text: {name}")
-    for name, pts in (old or {}).items():
-        if pts:
-            ax.plot(*zip(*sorted([(1.0, 1.0)] + pts)), "s--", alpha=0.6,
-                    label=f"old recipe (CE on Shakespeare, 4 x 4 x 256 tokens): {name}")
-    ax.set_xlabel("KV cache fraction (owners / layers)")
-    ax.set_ylabel("perplexity / teacher's")
-    ax.set_yscale("log")
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    sets = list(dict.fromkeys(name for per_set in series.values() for name in per_set))
+    fig, axes = plt.subplots(1, len(sets), figsize=(3.6 * len(sets), 3.8), sharex=True, sharey=True, squeeze=False)
+    styles = ("o-", "^-", "s--", "x:", "d-.", "v-")  # a recipe keeps its colour and marker in every panel
+    for ax, name in zip(axes[0], sets):
+        for k, (label, per_set) in enumerate(series.items()):
+            if per_set.get(name):
+                ax.plot(*zip(*sorted([(1.0, 1.0)] + per_set[name])), styles[k % 6], color=f"C{k}", label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("KV cache fraction")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].invert_xaxis()  # shared: once for all panels
+    axes[0][0].set_ylabel("perplexity / teacher's")
+    shown = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}  # each line once
+    fig.legend(list(shown.values()), list(shown), loc="lower center", ncol=2, fontsize=7)
+    fig.tight_layout(rect=(0, 0.04 + 0.05 * ((len(shown) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=120)
     return True
 
 
+def run_series(results) -> tuple:
+    """(label, {set name: [(KV cache fraction, perplexity ratio)]}) of one run's results.json."""
+    settings = results["settings"]
+    trained = "LoRA" if settings.get("train_set", "lora") == "lora" else settings["train_set"]
+    per_set = {}
+    for row in results["models"].values():
+        for name, e in row["evaluation"]["sets"].items():
+            per_set.setdefault(name, []).append((row["kv_fraction"], e["ppl_ratio"]))
+    return f"{SHARING[settings.get('sharing', 'kv')]}: KL on generated text, {trained}", per_set
+
+
+def old_recipe_series(runs, folder=os.path.join(ROOT, "results", "smollm2-adapted", "old_recipe")) -> dict:
+    """The old recipe (experiments/smollm2.py: layer-local distillation, then CE on Shakespeare) on the same
+    evaluation, run on a K/V run's maps (docs/keep_skills.md): folder/NAME.json, evaluate.py's reports, at
+    the fraction of that run's map of the same name."""
+    per_set = {}
+    for results in runs:
+        for name, row in results["models"].items():
+            path = os.path.join(folder, f"{name}.json")
+            if results["settings"].get("sharing", "kv") == "kv" and os.path.exists(path):
+                with open(path) as f:
+                    for set_name, e in json.load(f)["sets"].items():
+                        per_set.setdefault(set_name, []).append((row["kv_fraction"], e["ppl_ratio"]))
+    return per_set
+
+
 def old_recipe(path=os.path.join(ROOT, "results", "smollm2", "results.json")):
-    """The previous recipe's points (experiments/smollm2.py: local distillation, then CE on Shakespeare),
-    perplexity ratio to the imported model on its small plays / Bible val batches, per KV fraction."""
+    """The old recipe's own points (experiments/smollm2.py), perplexity ratio to the imported model on its
+    small plays / Bible val batches (4 x 4 x 256 tokens), per KV fraction."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -221,6 +269,15 @@ def old_recipe(path=os.path.join(ROOT, "results", "smollm2", "results.json")):
             for key, split in (("plays", "val"), ("bible", "other")):
                 pts[key].append((row["kv_fraction"], math.exp(row[split] - dense[split])))
     return pts
+
+
+def plot_all(results, beside, path):
+    """This run beside the runs in `beside`, the old recipe on the same evaluation and on its own batches."""
+    runs = [results] + beside
+    series = dict(run_series(r) for r in runs)
+    series["old recipe (local + CE on Shakespeare), same evaluation"] = old_recipe_series(runs)
+    series["old recipe, its own 4 x 4 x 256-token val batches"] = old_recipe()
+    return pareto_plot({k: v for k, v in series.items() if v}, path)
 
 
 def chat_table(rows, questions=""):
@@ -264,6 +321,8 @@ def write_results(results, s):
              f"{s.block_size} {s.calib_dataset} tokens, the switch, {recipe(s)}; evaluation of base + "
              f"delta against the teacher over {s.eval_tokens:,} positions per set. {results['cpu_count']} cores, "
              f"--threads={s.threads}, load average before {', '.join(f'{x:.2f}' for x in results['load_average_before'])}.",
+             "", f"{SHARING[s.sharing][0].upper()}{SHARING[s.sharing][1:]}. KV cache: the fraction of the dense model's cache the model keeps (values for "
+             "the K/V owners, keys for those of them that compute their own attention pattern).",
              "", "| KV cache | set | ppl ratio | KL | top-1 agreement |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         for set_name, e in r["evaluation"]["sets"].items():
@@ -283,15 +342,27 @@ def write_results(results, s):
         t = r["phase_s"]
         lines.append(f"| {r['kv_fraction']:.2f} ({name}) | " + " | ".join(f"{t[p]:.0f}" if p in t else "-" for p in phases) +
                      f" | {sum(t.values()) + results['generation_s']:.0f} |")
-    lines += ["", "Goals:", "", "| goal | measured | met |", "|---|---|---|"]
-    lines += [f"| {g} | {m} | {'yes' if ok else 'MISSED'} |" for g, m, ok in results["goals"]]
+    if results["goals"]:
+        lines += ["", "Goals:", "", "| goal | measured | met |", "|---|---|---|"]
+        lines += [f"| {g} | {m} | {'yes' if ok else 'MISSED'} |" for g, m, ok in results["goals"]]
+    else:
+        lines += ["", "Goals: the issue sets them for K/V sharing in 8 and 15 of 30 layers only."]
     lines += ["", "Chat answers (greedy, first line):", "", *chat_table(rows, s.questions)]
     with open(os.path.join(s.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def main(argv):
-    s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS})
+    s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
+                                                      "sharing": tuple(SHARING)})
+    if s.sharing == "attention":
+        if s.train_set != "lora" or ("criterion" in explicit and s.criterion != "attention"):
+            wrong = "train_set=consumers_qo (K/V consumers' q/o)" if s.train_set != "lora" else f"criterion={s.criterion}"
+            raise ConfigError(f"--sharing=attention with --{wrong}: attention maps come from the 'attention' "
+                              "criterion and train LoRA adapters; drop that setting")
+        s.criterion = "attention"
+    elif s.criterion == "attention":
+        raise ConfigError("--criterion=attention proposes attention maps: give --sharing=attention too")
     unused = sorted(explicit & ({"local_iters", "local_lr"} if s.train_set == "lora" else {"lora_rank", "lora_alpha"}))
     if unused:
         raise ConfigError(f"--{', --'.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only with --train_set="
@@ -301,6 +372,14 @@ def main(argv):
         raise ConfigError(f"--share={s.share!r}: give layer counts >= 1, like 8,15")
     if not os.path.isfile(os.path.join(ROOT, s.teacher) if not os.path.isabs(s.teacher) else s.teacher):
         raise ConfigError(f"--teacher={s.teacher}: no such checkpoint; run .venv/bin/python data/smollm2/prepare.py")
+    beside = []
+    for path in [p for p in s.beside.split(",") if p.strip()]:
+        try:
+            with open(path) as f:
+                beside.append(json.load(f))
+            run_series(beside[-1])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--beside={path}: not a results.json of this script ({type(e).__name__}: {e})") from None
     s.threads = apply_threads(s.threads, children=True)
     os.makedirs(s.out, exist_ok=True)
     common = [f"--threads={s.threads}"]
@@ -312,13 +391,12 @@ def main(argv):
     results["generation_s"], results["generation_reused"] = generation["wall_s"], generation.get("reused", False)
     results["goals"] = []
     for k, n in enumerate(shares):
-        matrix = os.path.join(s.runs, f"kv{shares[0]}", f"{SIMILARITY_FILES[s.criterion]}.pt") if k else ""
+        matrix = os.path.join(s.runs, f"{s.sharing}{shares[0]}", f"{SIMILARITY_FILES[s.criterion]}.pt") if k else ""
         row = adapt_one(n, s, common, matrix)
-        row["kv_fraction"] = len(set(row["kv_source"])) / len(row["kv_source"])
-        results["models"][f"kv{n}"] = row
-        results["goals"] += goals(n, row, len(row["kv_source"]))
+        results["models"][f"{s.sharing}{n}"] = row
+        results["goals"] += goals(n, row, len(row["kv_source"])) if s.sharing == "kv" else []
         write_results(results, s)  # after each model: a later failure keeps what finished
-    pareto_plot(results["models"], os.path.join(s.out, "pareto.png"), old_recipe())
+    plot_all(results, beside, os.path.join(s.out, "pareto.png"))
     progress(f"wrote {s.out}/results.json, results.md and pareto.png")
     return results
 

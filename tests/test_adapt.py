@@ -346,6 +346,9 @@ def test_calibration_without_matplotlib_prints_the_map_and_skips_only_the_heatma
     (["--distill_hidden=0.2"], r"distill_hidden > 0 needs distill_hidden_layers"),
     (["--distill_hidden=0.2", "--distill_hidden_layers=1,9"], r"layer indices must lie in 0..3"),
     (["--adapt_target=upper:half", "--adapt_order=similarity", "--adapt_similarity=nope.pt"], r"no such file"),
+    (["--adapt_attn_target=0,0,1"], r"adapt_attn_target: attn_source has 3 entries but the model has n_layer=4"),
+    (["--adapt_attn_target=0,1,5,3"], r"adapt_attn_target: .*5"),
+    (["--adapt_attn_target=0,0,2,3", "--adapt_mode=abrupt"], r"adapt_mode applies only to an adaptation run"),
 ])
 def test_bad_adaptation_settings_stop_before_training(data_dir, dense_ckpt, tmp_path, args, match):
     with pytest.raises(ValueError, match=match):

@@ -268,3 +268,26 @@ def test_a_delta_from_a_run_with_a_shorter_context_reads_as_far_as_its_base(runs
     X = tokens(model.config.vocab_size)
     assert torch.equal(logits(model, X[:, :8]), logits(cropped, X[:, :8]))
     assert logits(model, X).shape[1] == 16  # the full base context
+
+
+def test_an_attention_sharing_lora_run_ships_adapters_over_the_dense_base(runs, data_dir, tmp_path):
+    """train.py --adapt_attn_target (EchoAtt's switch before step 0) with adapters on every linear: the
+    sharer has no q/k_proj to adapt, the file records attn_source and the dense base's digest, and base +
+    adapters is the run's merged model exactly."""
+    train_run(data_dir, tmp_path / "att", f"--init_from={runs['base']}", "--adapt_attn_target=0,0", "--max_iters=4",
+              "--eval_interval=4", "--lora_targets=q,k,v,o,gate,up,down", "--lora_rank=4")
+    lora.main([f"--init_from={tmp_path / 'att'}", f"--out={tmp_path / 'merged.pt'}", f"--adapters={tmp_path / 'a.safetensors'}"])
+    kind, tensors, meta = delta.read_delta(tmp_path / "a.safetensors")
+    assert kind == "lora" and json.loads(meta["attn_source"]) == [0, 0] and json.loads(meta["kv_source"]) == [0, 1]
+    assert meta["base_sha256"] == weights_sha256(load_checkpoint(runs["base"]))
+    assert "layers.0.self_attn.k_proj.lora_A" in tensors and "layers.1.self_attn.v_proj.lora_A" in tensors
+    assert not any(k.startswith(("layers.1.self_attn.q_proj", "layers.1.self_attn.k_proj")) for k in tensors)
+    model, _ = delta.load_with_delta(runs["base"], tmp_path / "a.safetensors")
+    merged, _ = load_model(tmp_path / "merged.pt")
+    X = tokens(model.config.vocab_size)
+    assert model.config.attn_source == (0, 0) and torch.equal(logits(model, X), logits(merged, X))
+    dense, _ = load_model(runs["base"])
+    assert (logits(model, X) - logits(dense, X)).abs().max() > 1e-4  # switched and trained: not the base
+    with pytest.raises(ValueError, match="adapt one sharing at a time"):
+        train_run(data_dir, tmp_path / "both", f"--init_from={runs['base']}", "--adapt_attn_target=0,0",
+                  "--adapt_target=0,0", "--max_iters=2")

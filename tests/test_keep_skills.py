@@ -93,3 +93,37 @@ def test_keep_skills_bad_share_is_one_line(tmp_path, capsys):
     assert run_script(exp.main, ["--train_set=consumers_qo", "--lora_rank=4", f"--out={tmp_path}"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--lora_rank" in err[0]
+
+
+def test_keep_skills_attention_sharing_row_beside_a_kv_run(tmp_path):
+    """sharing=attention (EchoAtt): the map comes from adapt.py's attention criterion, train.py switches to it
+    before step 0 and trains adapters on every linear the sharers still have; base + shipped adapters is the
+    run's merged model; its KV cache keeps every layer's values and the non-sharers' keys. The plot takes a
+    K/V run's results.json beside it."""
+    from checkpoint import load_checkpoint
+    from delta import read_delta
+    from lora import merge_lora, model_from_lora_checkpoint
+    exp = importlib.import_module("experiments.keep_skills")
+    teacher = tmp_path / "teacher.pt"
+    save_tiny(teacher, n_layer=4)
+    kv_run = run(exp, tmp_path, teacher, "--lora_rank=2", f"--out={tmp_path / 'kv'}")
+    results = run(exp, tmp_path, teacher, "--sharing=attention", "--lora_rank=2", "--learning_rate=1e-2",
+                  "--reuse=True", f"--beside={tmp_path / 'kv' / 'results.json'}")  # the generation reused
+    row = results["models"]["attention1"]
+    assert row["kv_source"] == [0, 1, 2, 3] and sum(i != j for i, j in enumerate(row["attn_source"])) == 1
+    assert row["kv_fraction"] == 7 / 8 and kv_run["models"]["kv1"]["kv_fraction"] == 3 / 4
+    calibration = json.loads((tmp_path / "runs" / "attention1" / "calibration.json").read_text())["cmd"]
+    assert "--criterion=attention" in calibration and (tmp_path / "runs" / "attention1" / "attn_similarity.pt").exists()
+    assert "--adapt_attn_target=" + ",".join(map(str, row["attn_source"])) in \
+        json.loads((tmp_path / "runs" / "attention1" / "distillation.json").read_text())["cmd"]
+    kind, tensors, meta = read_delta(str(tmp_path / "res" / "attention1.safetensors"))
+    sharer = next(i for i, j in enumerate(row["attn_source"]) if i != j)
+    assert json.loads(meta["attn_source"]) == row["attn_source"]
+    assert not any(k.startswith((f"layers.{sharer}.self_attn.q_proj", f"layers.{sharer}.self_attn.k_proj")) for k in tensors)
+    assert f"layers.{sharer}.self_attn.v_proj.lora_B" in tensors
+    run_model = merge_lora(model_from_lora_checkpoint(load_checkpoint(str(tmp_path / "runs" / "attention1" / "distill" /
+                                                                          "ckpt.pt")))).eval()
+    shipped, _ = load_with_delta(str(teacher), str(tmp_path / "res" / "attention1.safetensors"))
+    x = torch.randint(3, 50, (1, 12))
+    torch.testing.assert_close(shipped(x)[0], run_model(x)[0], atol=1e-5, rtol=1e-5)
+    assert results["goals"] == [] and (tmp_path / "res" / "pareto.png").stat().st_size > 0

@@ -36,9 +36,9 @@ def char_tokenizer_json():
     return tok.to_str()
 
 
-def tiny_model(seed=0, kv_source=None, block_size=128):
+def tiny_model(seed=0, kv_source=None, block_size=128, n_layer=3):
     torch.manual_seed(seed)
-    config = LlamaConfig(n_layer=3, n_head=4, n_kv_head=2, n_embd=32, vocab_size=len(CHARS), block_size=block_size,
+    config = LlamaConfig(n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=32, vocab_size=len(CHARS), block_size=block_size,
                          **({"kv_source": kv_source} if kv_source else {}))
     model = Llama(config).eval()
     with torch.no_grad():  # GPT-2's 0.02 init gives near-uniform logits: spread them so greedy picks are clear
@@ -48,8 +48,8 @@ def tiny_model(seed=0, kv_source=None, block_size=128):
     return model
 
 
-def save_tiny(path, seed=0, kv_source=None):
-    model = tiny_model(seed, kv_source)
+def save_tiny(path, seed=0, kv_source=None, n_layer=3):
+    model = tiny_model(seed, kv_source, n_layer=n_layer)
     save_checkpoint(checkpoint_dict(model, {"bos_token_id": 1, "eos_token_id": 2}, char_tokenizer_json(),
                                     chat_template=CHATML), str(path))
     return model
