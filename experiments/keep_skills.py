@@ -40,6 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import ConfigError, apply_threads, configure, run_script, settings_from  # noqa: E402
+from model import LlamaConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-keep-skills-results"  # results.json/.md, pareto.png, the deltas
@@ -139,15 +140,15 @@ def adapt_one(n, s, common, matrix=""):
         f"--batch_size={s.calib_batch_size}", f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={d}", *common,
         *([f"--criterion={s.criterion}", "--split=train"] if s.criterion != "kv" else []),
         *([f"--similarity={matrix}"] if matrix else [])], s)
-    kv_map = proposed_map(s, f"{name}/calibration")
-    switch = [f"--adapt_target={kv_map}", "--adapt_mode=abrupt"] if s.sharing == "kv" else [f"--adapt_attn_target={kv_map}"]
+    map_spec = proposed_map(s, f"{name}/calibration")
+    switch = [f"--adapt_target={map_spec}", "--adapt_mode=abrupt"] if s.sharing == "kv" else [f"--adapt_attn_target={map_spec}"]
     trained, delta = os.path.join(d, "distill"), os.path.join(s.out, f"{name}.safetensors")
     start, trainable = s.teacher, ["--lora_targets=" + LORA_TARGETS, f"--lora_rank={s.lora_rank}",
                                    f"--lora_alpha={s.lora_alpha}"]
     if s.train_set == "consumers_qo":
         start, trainable = os.path.join(d, "converted.pt"), ["--adapt_train_layers=consumers_qo"]
         times["conversion"] = phase(f"{name}/conversion", "adapt.py", [
-            f"--init_from={s.teacher}", f"--convert_to={kv_map}", f"--local_iters={s.local_iters}",
+            f"--init_from={s.teacher}", f"--convert_to={map_spec}", f"--local_iters={s.local_iters}",
             f"--local_lr={s.local_lr}", "--local_train=consumers_qo", f"--dataset={s.data}", "--batches=8",
             f"--batch_size={s.batch_size}", f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={start}",
             "--overwrite=True", *common], s)
@@ -168,18 +169,13 @@ def adapt_one(n, s, common, matrix=""):
         f"--tokens={s.eval_tokens}", f"--block_size={s.eval_block_size}", f"--chat={s.chat}", *([f"--questions={s.questions}"] if s.questions else []), f"--out={report}"], s)
     with open(report) as f:
         evaluation = json.load(f)
-    new_map, dense = [int(x) for x in kv_map.split(",")], list(range(len(kv_map.split(","))))
-    kv_source, attn_source = (new_map, dense) if s.sharing == "kv" else (dense, new_map)
-    return {"kv_source": kv_source, "attn_source": attn_source, "kv_fraction": cache_fraction(kv_source, attn_source),
+    new_map = [int(x) for x in map_spec.split(",")]
+    kv_source, attn_source = (new_map, None) if s.sharing == "kv" else (None, new_map)
+    config = LlamaConfig(n_layer=len(new_map), kv_source=kv_source, attn_source=attn_source)
+    return {"kv_source": list(config.kv_source), "attn_source": list(config.attn_source),
+            "kv_fraction": (len(config.owners) + len(config.key_layers)) / (2 * config.n_layer),  # model.py's cache
             "delta_bytes": os.path.getsize(delta), "phase_s": {k: v["wall_s"] for k, v in times.items()},
             "evaluation": evaluation}
-
-
-def cache_fraction(kv_source, attn_source):
-    """The KV cache a model on these maps keeps, as a fraction of the dense model's: values for the owners,
-    keys for the owners that compute their own attention pattern (model.py's cache; LlamaConfig.key_layers)."""
-    owners = [i for i, j in enumerate(kv_source) if i == j]
-    return (len(owners) + sum(attn_source[i] == i for i in owners)) / (2 * len(kv_source))
 
 
 def goals(n, row, n_layer=30):
