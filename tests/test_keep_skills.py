@@ -127,3 +127,19 @@ def test_keep_skills_attention_sharing_row_beside_a_kv_run(tmp_path):
     x = torch.randint(3, 50, (1, 12))
     torch.testing.assert_close(shipped(x)[0], run_model(x)[0], atol=1e-5, rtol=1e-5)
     assert results["goals"] == [] and (tmp_path / "res" / "pareto.png").stat().st_size > 0
+
+
+def test_keep_skills_sharing_settings_and_beside_are_checked_in_one_line(tmp_path, capsys):
+    from configurator import run_script
+    exp = importlib.import_module("experiments.keep_skills")
+    bad = tmp_path / "not_results.json"
+    bad.write_text('{"models": {}}')
+    for args, words in ((["--sharing=attention", "--train_set=consumers_qo"], ("--sharing=attention", "consumers_qo")),
+                        (["--sharing=attention", "--criterion=logits"], ("--sharing=attention", "criterion=logits")),
+                        (["--criterion=attention"], ("--criterion=attention", "--sharing=attention")),
+                        ([f"--beside={tmp_path / 'missing.json'}"], ("--beside=", "missing.json")),
+                        ([f"--beside={bad}"], ("--beside=", "not a results.json"))):
+        assert run_script(exp.main, [*args, f"--out={tmp_path / 'out'}", f"--teacher={bad}"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), (args, err)
+    assert not (tmp_path / "out").exists()  # refused before any work
