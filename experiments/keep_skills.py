@@ -267,13 +267,21 @@ def old_recipe(path=os.path.join(ROOT, "results", "smollm2", "results.json")):
     return pts
 
 
-def plot_all(results, beside, path):
-    """This run beside the runs in `beside`, the old recipe on the same evaluation and on its own batches."""
-    runs = [results] + beside
-    series = dict(run_series(r) for r in runs)
+def plot_series(runs) -> dict:
+    """The Pareto plot's lines: {label: {set name: [(fraction, ratio)]}}: the runs (runs of one recipe, say two
+    K/V runs, make one line), the old recipe on the same evaluation and on its own batches."""
+    series = {}
+    for label, per_set in map(run_series, runs):
+        for name, points in per_set.items():
+            series.setdefault(label, {}).setdefault(name, []).extend(points)
     series["old recipe (local + CE on Shakespeare), same evaluation"] = old_recipe_series(runs)
     series["old recipe, its own 4 x 4 x 256-token val batches"] = old_recipe()
-    return pareto_plot({k: v for k, v in series.items() if v}, path)
+    return {k: v for k, v in series.items() if v}
+
+
+def plot_all(results, beside, path):
+    """This run beside the runs in `beside` (results.json of earlier runs of this script)."""
+    return pareto_plot(plot_series([results] + beside), path)
 
 
 def chat_table(rows, questions=""):

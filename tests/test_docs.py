@@ -259,7 +259,7 @@ def reads_and_writes(c, s, explicit, positional):
         elif key == "start" and value.startswith("FILE:"):
             reads.append(value[len("FILE:"):])
         elif value not in NOT_PATHS and (key in INPUT_KEYS or (key in explicit and "/" in value)):
-            reads.append(value)
+            reads += [p for p in value.split(",") if p]  # a list of files (keep_skills.py --beside) reads each
     return reads, writes
 
 

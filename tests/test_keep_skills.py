@@ -143,3 +143,18 @@ def test_keep_skills_sharing_settings_and_beside_are_checked_in_one_line(tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), (args, err)
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_keep_skills_plot_puts_runs_of_one_recipe_on_one_line():
+    """Two K/V runs (say 8 and 15 layers, then 22 in a later run given --beside) are one line of the Pareto plot,
+    every point kept; an attention run is its own line."""
+    exp = importlib.import_module("experiments.keep_skills")
+
+    def results(sharing, **fractions):
+        return {"settings": {"sharing": sharing, "train_set": "lora"}, "models": {
+            name: {"kv_fraction": f, "evaluation": {"sets": {"plays": {"ppl_ratio": 1 / f}}}} for name, f in fractions.items()}}
+
+    series = exp.plot_series([results("kv", kvA=0.25), results("kv", kvB=0.75, kvC=0.5), results("attention", atA=0.875)])
+    kv, attention = (next(v for k, v in series.items() if k.startswith(p)) for p in ("K/V sharing", "attention sharing"))
+    assert sorted(kv["plays"]) == [(0.25, 4.0), (0.5, 2.0), (0.75, 4 / 3)]
+    assert attention["plays"] == [(0.875, 1 / 0.875)]
