@@ -200,7 +200,7 @@ def build_all(s, env):
     # fp32 runs on a GPU use TF32 tensor cores, as a user would (after the fp32 reference check above)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    # one compiled decode graph per (model, batch size) on the same decode_step code: allow them all
+    # one compiled training graph per model on the same forward code (decode steps have their own: speed.py)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(modules) + 2)
     return modules
 

@@ -27,7 +27,7 @@ from checkpoint import hf_config_from_llama
 from convert_hf import hf_state_dict
 from guards import check_not_tracked
 from quantize import QUANTIZERS
-from speed import use_decode_paths
+from speed import compile_decode_step, use_decode_paths
 
 SKIP_PARTS = ("train", "decode", "mem", "refmem")
 
@@ -325,8 +325,7 @@ class Decoder:
             # dynamic=False: one specialised graph per batch size, as in a server with fixed batch slots.
             # No CUDA graphs (mode="reduce-overhead"): they would need the cache tensors marked static,
             # and no GPU was at hand to check that; batch-1 decoding on a GPU is launch-bound without them.
-            self.step = (torch.compile(module.decode_step, fullgraph=True, dynamic=False) if compile_step
-                         else module.decode_step)
+            self.step = compile_decode_step(module) if compile_step else module.decode_step
 
     @torch.no_grad()
     def prefill(self):

@@ -31,7 +31,7 @@ from delta import load_with_delta
 from guards import available_memory
 from quantize import QUANTIZERS
 from selfgen import render_chat
-from speed import use_decode_paths
+from speed import compile_decode_step, use_decode_paths
 from tokenizer import GPT2_VOCAB_SIZE, HFTokenizer, from_meta
 
 # -----------------------------------------------------------------------------
@@ -367,10 +367,10 @@ class TextStream:
 def compiled_step(model, x, max_new):
     """(torch.compile of model.decode_step, seconds it took), compiled here, before generation: a timed
     generation then measures decoding only. Says when compiling starts and ends (on stderr)."""
-    print("compiling the decode step (torch.compile: once per run; a minute or more on a CPU) ...", file=sys.stderr,
-          flush=True)
+    print("compiling the decode step (torch.compile: minutes on a CPU the first time, less from its cache) ...",
+          file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+    step = compile_decode_step(model)
     with torch.no_grad():  # one step into a scratch cache of generate's shape: the graph generate will run
         cache = model.new_cache(x.shape[0], model.cache_length(x.shape[1], max_new))  # shapes and strides as generate's
         step(x.new_zeros(x.shape[0], 1), x.new_zeros(1), cache)

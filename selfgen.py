@@ -26,7 +26,7 @@ import torch
 
 from dataset import TokenWriter, atomic_write_text, write_meta
 from model import sample_token
-from speed import use_decode_paths
+from speed import compile_decode_step, use_decode_paths
 
 
 def render_chat(template, messages, bos_token="", eos_token="", add_generation_prompt=True):
@@ -53,10 +53,10 @@ def chat_ids(tok, template, question, bos_id, eos_id):
 def compiled_decode_step(model):
     """model.decode_step compiled with the CPU decoding paths (speed.py) installed: one graph per batch size
     and cache length (static shapes), batched rows included."""
-    # every model's decode_step is one code object: its graphs (models, batch sizes, cache lengths) add up,
-    # and at dynamo's default limit of 8 a fullgraph compile fails
+    # a model's graphs (batch sizes, cache lengths) add up, and at dynamo's default limit of 8 a fullgraph
+    # compile fails
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(use_decode_paths(model).decode_step, fullgraph=True, dynamic=False)
+    return compile_decode_step(use_decode_paths(model))
 
 
 @torch.no_grad()

@@ -375,7 +375,6 @@ def our_decoders(s):
     from checkpoint import load_model
     from quantize import QUANTIZERS
     dense, _ = load_model(s.model)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(WEIGHTS))
     prompt = torch.tensor([[1]])  # one token, as llama-bench's tg starts from an empty context; which one
     # does not change the time of a step
     decoders = {}

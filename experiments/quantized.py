@@ -29,6 +29,7 @@ from dataset import BatchSampler, ensure_dataset, load_meta, open_tokens  # noqa
 from experiments.decode_timing import decode_rates  # noqa: E402
 from guards import check_not_tracked  # noqa: E402
 from quantize import QUANTIZERS  # noqa: E402
+from speed import compile_decode_step  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-quantized"        # where quantized.json goes
@@ -87,7 +88,7 @@ def main(argv):
         print(f"{name}: held-out losses {rows[name]['loss']}", flush=True)
     prompt = BatchSampler(open_tokens(data_dir, "val", load_meta(data_dir)), s.prompt_len, 1, s.seed, "cpu").get(
         "eval_val", 0, 0)[0]
-    steps = {n: torch.compile(m.decode_step, fullgraph=True, dynamic=False) for n, m in models.items()} if s.compile else None
+    steps = {n: compile_decode_step(m) for n, m in models.items()} if s.compile else None
     rates = decode_rates(models, prompt, s.new_tokens, s.rounds, steps) if s.decode else {}
     ref = chosen[0]
     for name, row in rows.items():

@@ -94,6 +94,20 @@ def greedy(model, prompt, n, step=None):
     return model.generate(prompt, n, temperature=0, decode_step=step)
 
 
+# What a compiled step's generated code calls, in inductor's Python wrapper or its C++ one (the CPU decode step
+# is compiled with the C++ wrapper: speed.compile_decode_step)
+BLAS_CALLS = ("extern_kernels.mm", "extern_kernels.bmm", "addmm", "aoti_torch_cpu_mm", "aoti_torch_cpu_bmm")
+
+
+def blas_calls(code):
+    return [call for call in BLAS_CALLS if call in code]
+
+
+def op_calls(code, op):
+    """How many times the generated code calls the custom op `op` ('speed::matvec')."""
+    return code.count(f"= torch.ops.{op.replace('::', '.')}.default(") + code.count(f'aoti_torch_call_dispatcher("{op}"')
+
+
 def test_decode_paths_keep_the_weights_and_compute_what_the_model_does():
     """use_decode_paths swaps module classes only: the same Parameter objects (a tied head stays tied)
     under the same state-dict keys, and eager decoding gives the logits of the model's own SDPA path."""
@@ -121,7 +135,7 @@ def test_compiled_decode_step_gives_eager_tokens_with_matvec_loops():
     from torch._inductor.utils import run_and_get_code
     model = speed.use_decode_paths(tiny("0,0,2,3", "0,1,2,2"))
     prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
-    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+    step = speed.compile_decode_step(model)
     with torch.no_grad():
         compiled, code = run_and_get_code(greedy, model, prompt, 30, step)
         cache = model.new_cache(1, 64)
@@ -131,8 +145,30 @@ def test_compiled_decode_step_gives_eager_tokens_with_matvec_loops():
         torch.testing.assert_close(step(token, pos, cache), model.decode_step(token, pos, cache), rtol=1e-4, atol=1e-5)
     assert torch.equal(compiled, greedy(model, prompt, 30))
     code = "\n".join(code)
-    assert "extern_kernels.mm" not in code and "extern_kernels.bmm" not in code and "addmm" not in code
-    assert "speed.matvec" not in code
+    assert "cpp_wrapper" in code or "aoti_torch" in code  # the C++ wrapper, as the scripts compile it
+    assert blas_calls(code) == [] and op_calls(code, "speed::matvec") == 0
+
+
+def test_compiled_steps_of_two_models_in_one_process_stay_each_its_own():
+    """compile_decode_step skips dynamo's checks of the model's modules before a step, so each model gets its own
+    copy of decode_step's code: a float model and its int8 copy (same cache shapes and dtype) compiled in one
+    process each give their own eager logits, also for a cache of another length (a new graph: the cache's
+    shapes are still checked)."""
+    plain = speed.use_decode_paths(tiny("0,0,2,3", seed=6))
+    quantized = quantize_int8(copy.deepcopy(plain))
+    steps = {m: speed.compile_decode_step(m) for m in (plain, quantized)}
+    codes = {id(type(plain).decode_step.__code__)} | {id(steps[m]._torchdynamo_orig_callable.__func__.__code__) for m in steps}
+    assert len(codes) == 3  # three code objects (equal ones: == compares their contents)
+    prompt = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(1))
+    token, pos = prompt[:, -1:], torch.tensor([7])
+    with torch.no_grad():
+        for length in (16, 16, 32):  # the second call of each runs the graph the first made
+            for m in (plain, quantized, plain):
+                cache, ref = m.new_cache(1, length), m.new_cache(1, length)
+                m.prefill(prompt, cache), m.prefill(prompt, ref)
+                torch.testing.assert_close(steps[m](token, pos, cache), m.decode_step(token, pos, ref), rtol=1e-4, atol=1e-5)
+        gap = (plain.decode_step(token, pos, cache) - quantized.decode_step(token, pos, ref)).abs().max()
+    assert gap > 1e-3  # the two models' logits differ by more than the check's tolerance
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -145,7 +181,7 @@ def test_half_precision_decoding_calls_matvec_compiled_and_eager(dtype):
     model = speed.use_decode_paths(copy.deepcopy(plain))
     products = sum(isinstance(m, torch.nn.Linear) for m in model.modules())  # a layer reading K/V has no k/v_proj
     prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
-    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+    step = speed.compile_decode_step(model)
     tokens = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         caches = [m.new_cache(1, 64) for m in (plain, model, model)]
@@ -160,8 +196,7 @@ def test_half_precision_decoding_calls_matvec_compiled_and_eager(dtype):
             torch.testing.assert_close(eager, want, rtol=0, atol=0.02 * spread)
             torch.testing.assert_close(got.float(), want, rtol=0, atol=0.02 * spread)
     code = "\n".join(code)
-    assert code.count("= torch.ops.speed.matvec.default(") == products
-    assert "extern_kernels.mm" not in code and "extern_kernels.bmm" not in code and "addmm" not in code
+    assert op_calls(code, "speed::matvec") == products and blas_calls(code) == []
 
 
 def test_int8_weights_round_within_half_a_step():
@@ -283,11 +318,11 @@ def test_quantized_decoding_stays_close_to_the_float_model(dtype, kind):
         assert torch.equal(out_q[b, :8 + n], out[b, :8 + n])
     if dtype == (torch.float32 if kind == "int8" else torch.bfloat16):  # int4: its kernel takes bf16 only
         from torch._inductor.utils import run_and_get_code
-        step = torch.compile(quantized.decode_step, fullgraph=True, dynamic=False)
+        step = speed.compile_decode_step(quantized)
         compiled, code = run_and_get_code(greedy, quantized, prompt, 24, step)
         assert torch.equal(compiled, out_q)
         code = "\n".join(code)  # every product is the quantized kernel, none a float matmul
-        assert f"_weight_{kind}pack_mm" in code and "extern_kernels.mm" not in code and "addmm" not in code
+        assert f"_weight_{kind}pack_mm" in code and blas_calls(code) == []
 
 
 # -----------------------------------------------------------------------------
@@ -382,13 +417,13 @@ def test_compiled_quantized_batch_1_step_calls_matvec_and_gives_eager_tokens(kin
     prompt = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         eager = greedy(quantized, prompt, 16)
-        step = torch.compile(quantized.decode_step, fullgraph=True, dynamic=False)
+        step = speed.compile_decode_step(quantized)
         compiled, code = run_and_get_code(greedy, quantized, prompt, 16, step)
     assert torch.equal(compiled, eager)
     code = "\n".join(code)
     products = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in quantized.modules())
-    assert code.count("= torch.ops.speed.matvec.default(") == products
-    assert "pack_mm" not in code and "extern_kernels.mm" not in code and "addmm" not in code
+    assert op_calls(code, "speed::matvec") == products
+    assert "pack_mm" not in code and blas_calls(code) == []
 
 
 # -----------------------------------------------------------------------------
@@ -429,14 +464,13 @@ def test_batched_bf16_decode_gives_batch_one_tokens_through_tiled_products(compi
             p.mul_(8 if p.dim() == 2 else 1)
     model = speed.use_decode_paths(copy.deepcopy(plain))
     prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
-    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False) if compiled else model.decode_step
+    step = speed.compile_decode_step(model) if compiled else model.decode_step
     with torch.no_grad():
         ones = [batched_greedy(model, prompt[b:b + 1], 12, step) for b in range(16)]
         if compiled:
             (batched, logits), code = run_and_get_code(batched_greedy, model, prompt, 12, step)
             code = "\n".join(code)
-            assert "speed.tiled_linear" in code
-            assert "extern_kernels.mm" not in code and "extern_kernels.bmm" not in code and "addmm" not in code
+            assert op_calls(code, "speed::tiled_linear") > 0 and blas_calls(code) == []
         else:
             batched, logits = batched_greedy(model, prompt, 12, step)
         plain_tokens, plain_logits = batched_greedy(plain, prompt, 12, plain.decode_step)
