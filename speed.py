@@ -202,10 +202,10 @@ def use_decode_paths(model):
 def compile_decode_step(model):
     """torch.compile of `model.decode_step`, as every decoding script compiles it: the whole step one graph
     (fullgraph), static shapes (one graph per batch size and cache length). Compile after the model is
-    final (use_decode_paths, quantization): on a CPU two savings on what surrounds the products, ~4-5 ms of
-    an 18 ms SmolLM2 token (docs/bench.md, the profile), made this step 1.11x and 1.21x faster in two paired
-    runs: inductor's C++ wrapper calls the kernels (instead of Python code), and dynamo does not check the
-    model's ~270 parameters and module attributes before every step. That second saving is safe only
+    final (use_decode_paths, quantization). On a CPU two savings on what surrounds the products (~4-5 ms of
+    an 18 ms SmolLM2 token in docs/bench.md's profile; experiments/llamacpp.py: llama.cpp's bf16 lead at 1 thread
+    went from 1.12x to 0.98x and 0.93x): inductor's C++ wrapper calls the kernels (instead of Python code), and
+    dynamo does not check the model's ~270 parameters and module attributes before every step. That second saving is safe only
     because the step compiled is this model's own copy of decode_step: dynamo keeps graphs per code object,
     and a graph whose module guards are skipped would otherwise run for any model calling that code."""
     device = next(model.parameters()).device
