@@ -8,8 +8,9 @@ some machine (measurements: docs/bench.md).
                             Call it before compiling model.decode_step (sample.py, bench.py,
                             experiments/decode_timing.py).
   compile_decode_step       torch.compile of one model's decode step, as the decoding scripts run it.
-  matvec                    the product of one row with a weight (float, int8 or 4-bit) through
-                            speed_kernels.cpp, built with the C++ compiler at first use.
+  matvec                    the product of one row with a weight (float, int8 or 4-bit), or of a few
+                            rows with a float weight, through speed_kernels.cpp, built with the C++
+                            compiler at first use.
   chunked_cross_entropy     the training loss without the (B*T, vocab) fp32 logits; model.py uses it.
 """
 
@@ -43,47 +44,40 @@ class StreamingLinear(nn.Linear):
     inductor compiles into one vectorised loop (for fp32 it beat the kernel, 32.9 against 27.4 tokens/s in a
     scratch pairing), eager code F.linear.
 
-    A few rows (batched decoding, up to stream_rows) of bf16/fp16 weights go through tiled_linear: on an
-    AVX2 CPU torch's half-precision matmul has no fast kernel (it ran a 1024^3 bf16 product at 0.3 GFLOP/s
-    against fp32's 20, and 16 rows at 8-10), and inductor's loops convert each weight once per row (9 GFLOP/s
-    at 16 rows). fp32 weights keep F.linear: tiling them measured no steady gain. So do prefill and
-    training (more rows) and the GPU."""
+    A few rows (batched decoding, up to stream_rows) of bf16/fp16 weights go through matvec too: its loop for
+    several rows reads each weight once for all of them. On an AVX2 CPU torch's half-precision matmul has no
+    fast kernel (a 1024^3 bf16 product at 0.3 GFLOP/s against fp32's 20). On a CPU that multiplies bf16
+    (AVX-512 BF16, AMX) torch's product is fast too, and from 17 rows on it beat the kernel (32 rows: 94 against
+    118 ms of products a SmolLM2 step, on the Zen 4 measured), so there bf16 weights take the kernel up to
+    BF16_CPU_ROWS rows. fp32 weights keep F.linear. So do prefill and training (more rows) and the GPU."""
 
-    stream_rows = 64  # most rows for tiled_linear; 1 (set per module) keeps F.linear: the old path, for comparison
-    use_kernel = True  # one row of bf16/fp16 through matvec; False (per module or class): the inductor loop
+    stream_rows = 64  # most rows for the kernel; 1 (set per module) with use_kernel False: the old path, for comparison
+    use_kernel = True  # bf16/fp16 rows through matvec; False (per module or class): inductor's loop, F.linear
 
     def forward(self, x):
-        if self.use_kernel and self.weight.dtype in HALF and kernel_applies(x, self.weight):
-            return matvec(x, self.weight)
-        if x.device.type == "cpu" and x.numel() == x.shape[-1] and torch.compiler.is_compiling():
-            return (x.unsqueeze(-2) * self.weight).sum(-1)
         rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and 1 < rows <= self.stream_rows and self.weight.dtype in HALF:
-            return tiled_linear(x, self.weight)
+        most = min(self.stream_rows, BF16_CPU_ROWS) if self.weight.dtype == torch.bfloat16 else self.stream_rows
+        if self.use_kernel and self.weight.dtype in HALF and rows <= most and kernel_applies(x, self.weight, most):
+            return matvec(x, self.weight)
+        if x.device.type == "cpu" and rows == 1 and torch.compiler.is_compiling():
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
         return F.linear(x, self.weight)
 
 
 HALF = (torch.bfloat16, torch.float16)
-TILE_ELEMENTS = 2 ** 18  # weights converted at once: 1 MiB of fp32, the L2 cache of a core of the CPU measured
 
 
-@torch.library.custom_op("speed::tiled_linear", mutates_args=())
-def tiled_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) for a few rows of half-precision x: a tile of weight rows at a time is converted
-    to fp32, while it sits in the cache, and multiplied by all the rows in fp32 (BLAS). The weights are read
-    from memory once, each converted once for all rows, and the products run at the fp32 matmul rate
-    (docs/bench.md, batched decoding). A custom op, so a compiled graph calls it whole: traced, its
-    ~500 tiles a SmolLM2 step would take inductor minutes to compile."""
-    N, K = weight.shape
-    rows = max(1, TILE_ELEMENTS // K)
-    xf = x.reshape(-1, K).float()
-    out = torch.cat([xf @ weight[i:i + rows].float().t() for i in range(0, N, rows)], dim=-1)
-    return out.to(x.dtype).view(*x.shape[:-1], N)
+def cpu_flags() -> str:
+    """The CPU's feature flags (Linux), part of the kernel build's name: -march=native code is for this CPU only."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
 
 
-@tiled_linear.register_fake
-def _(x, weight):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+# where the CPU multiplies bf16 itself, torch's bf16 product beats the kernel above this many rows (measured)
+BF16_CPU_ROWS = 16 if {"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()) else 1 << 30
 
 
 # -----------------------------------------------------------------------------
@@ -97,15 +91,6 @@ def cache_dir(environ=None):
     """Where builds are kept between runs: $XDG_CACHE_HOME/echo-llama, else ~/.cache/echo-llama."""
     environ = os.environ if environ is None else environ
     return os.path.join(environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "echo-llama")
-
-
-def cpu_flags() -> str:
-    """The CPU's feature flags (Linux), part of the build's name: -march=native code is for this CPU only."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
 
 
 def kernel_build_command(source, out, compiler):
@@ -147,9 +132,10 @@ def kernel_library():
     return path
 
 
-def kernel_applies(x, weight) -> bool:
-    """matvec serves one row on a CPU, weights of a kind it reads, no gradient wanted, when the kernel built."""
-    return (x.device.type == "cpu" and x.numel() == x.shape[-1] and weight.dtype in KERNEL_DTYPES
+def kernel_applies(x, weight, most_rows=1) -> bool:
+    """matvec serves up to most_rows rows (more than one: float weights only) on a CPU, weights of a kind it reads,
+    no gradient wanted, when the kernel built."""
+    return (x.device.type == "cpu" and x.numel() <= x.shape[-1] * most_rows and weight.dtype in KERNEL_DTYPES
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and kernel_built())
 
@@ -160,7 +146,9 @@ def kernel_built() -> bool:
 
 
 def matvec(x, weight, scales=None, minimums=None, group_size=0):
-    """F.linear(x, W) for one row x (..., K) on a CPU, W (N, K) as weight holds it: float (fp32/bf16/fp16), int8
+    """F.linear(x, W) for one row x (..., K) on a CPU, or a few rows of float weights (batched decoding: each
+    weight read once for all rows; bf16 rows against bf16 weights by the CPU's bf16 products where it has them),
+    W (N, K) as weight holds it: float (fp32/bf16/fp16), int8
     codes (W = codes * scales[:, None], quantize.Int8Linear), or 4-bit codes two a byte, low nibble first (uint8,
     (N, K / 2)), with W = q * scale + minimum per group of group_size along a row (quantize.Int4Linear).
     Float weights are multiplied in fp32 as they are; for int8 and 4-bit, x is rounded to int16 in blocks of 32

@@ -1,8 +1,8 @@
 """
 Decode speed of the compiled decode step, the old path against the new one, on SmolLM2-135M's shape, at
 several batch sizes and dtypes, in one process. Old: BLAS for rows > 1, inductor's multiply-and-sum loop
-for one row. New: speed.StreamingLinear's batched streaming product (tiled_linear) for rows > 1, the
-decoding kernel speed.matvec (speed_kernels.cpp) for one row.
+for one row. New: the decoding kernel speed.matvec (speed_kernels.cpp) for one row and for a few (up to
+StreamingLinear.stream_rows, 64; of bf16 on a CPU that multiplies bf16, 16: F.linear above).
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
     .venv/bin/python experiments/batch_decode.py --dtypes=bfloat16 --batches=1,16 # the issue's ratio only
@@ -98,7 +98,7 @@ def time_batch(base, dtype, B, s):
 
 
 def print_table(rows, dtypes, batches):
-    print("\n| dtype | batch | old (BLAS; one row: inductor's loop), tokens/s | new (tiled_linear; one row: "
+    print("\n| dtype | batch | old (BLAS; one row: inductor's loop), tokens/s | new (speed.matvec for up to 16-64 rows; one row: "
           "speed.matvec) | new / old | new / batch 1 |")
     print("|---|---|---|---|---|---|")
     for dtype in dtypes:

@@ -372,8 +372,10 @@ def test_matvec_is_the_product_by_the_definition(N, K, threads, monkeypatch):
 
 def test_matvec_refuses_a_weight_it_cannot_read():
     x = torch.randn(1, 64)
-    with pytest.raises(RuntimeError, match="one row of 64 against a weight of"):
-        speed.matvec(torch.randn(2, 64), torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="rows of 64 against a weight of"):
+        speed.matvec(torch.randn(2, 64), torch.randn(8, 32))
+    with pytest.raises(RuntimeError, match="2 rows against int8 or 4-bit codes; it takes one"):
+        speed.matvec(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8))
     with pytest.raises(RuntimeError, match="need their scales"):
         speed.matvec(x, torch.zeros(8, 64, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="group size dividing 64"):
@@ -427,18 +429,32 @@ def test_compiled_quantized_batch_1_step_calls_matvec_and_gives_eager_tokens(kin
 
 
 # -----------------------------------------------------------------------------
-# batched decoding: a few rows of half-precision weights through speed.tiled_linear
+# batched decoding: a few rows of half-precision weights through speed.matvec
 
 
-def test_tiled_linear_is_f_linear_within_fp32_rounding(monkeypatch):
-    """Tiles with a remainder (5 rows of 100 a tile); bf16 inputs and weights, products and sums in fp32:
-    against the fp32 product of the same bf16 values the error is the final rounding to bf16 (2^-8 relative)."""
-    monkeypatch.setattr(speed, "TILE_ELEMENTS", 5 * 40)
-    g = torch.Generator().manual_seed(8)
-    x, w = torch.randn(3, 1, 40, generator=g).bfloat16(), torch.randn(23, 40, generator=g).bfloat16()
-    got, want = speed.tiled_linear(x, w), F.linear(x.float(), w.float())
-    assert got.shape == (3, 1, 23) and got.dtype == torch.bfloat16
-    assert ((got.float() - want).abs() <= want.abs() * 2 ** -8 + 1e-6).all()
+@pytest.mark.parametrize("M", [2, 5, 7, 12, 13, 16, 29])  # blocks of 6 (AVX2) and 12 (bf16 products), remainders
+@pytest.mark.parametrize("N, K", [(37, 96), (5, 40), (3, 17)])  # K past 8, 16 and 32
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matvec_of_several_rows_is_the_product_by_the_definition(M, N, K, threads, monkeypatch):
+    """Several rows of x against float weights, every row against float64 products: fp32 x (the fp32 loop, for
+    any weight kind) to fp32 summation; bf16 or fp16 x within the final rounding to its dtype (bf16 x against
+    bf16 weights is the CPU's bf16 product where it has one: exact products, fp32 sums). Two threads give the
+    very numbers of one."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(M * N * K)
+    w, x = torch.randn(N, K, generator=g) / 8, torch.randn(M, K, generator=g)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        want = x.double() @ w.to(dtype).double().t()
+        torch.testing.assert_close(speed.matvec(x, w.to(dtype)).double(), want, rtol=1e-6, atol=1e-6)
+        got = speed.matvec(x.to(dtype).view(M, 1, K), w.to(dtype))
+        assert got.dtype == dtype and got.shape == (M, 1, N)
+        want = x.to(dtype).double() @ w.to(dtype).double().t()
+        rel = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11  # half an ulp of the result, and fp32 sums
+        assert ((got.view(M, N).double() - want).abs() <= want.abs() * rel + 1e-6).all(), dtype
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = speed.matvec(x.bfloat16(), w.bfloat16())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert torch.equal(speed.matvec(x.bfloat16(), w.bfloat16()), one)
 
 
 def batched_greedy(model, prompt, n, step):
@@ -453,10 +469,10 @@ def batched_greedy(model, prompt, n, step):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_batched_bf16_decode_gives_batch_one_tokens_through_tiled_products(compiled):
-    """16 rows decoded together (bf16, tiled_linear for every projection and the head) give each row's
+def test_batched_bf16_decode_gives_batch_one_tokens_through_the_kernel(compiled):
+    """16 rows decoded together (bf16, speed.matvec's rows for every projection and the head) give each row's
     batch-1 greedy tokens wherever batch 1's choice is clear, eager and compiled; the compiled graph calls
-    tiled_linear and no BLAS product on the weights; logits within a stated bound of the plain model's."""
+    the kernel and no BLAS product on the weights; logits within a stated bound of the plain model's."""
     from torch._inductor.utils import run_and_get_code
     plain = tiny("0,0,2,3", "0,1,2,2", seed=9).to(torch.bfloat16)
     with torch.no_grad():  # GPT-2's 0.02 init gives near-uniform logits: spread them so greedy picks are clear
@@ -470,7 +486,7 @@ def test_batched_bf16_decode_gives_batch_one_tokens_through_tiled_products(compi
         if compiled:
             (batched, logits), code = run_and_get_code(batched_greedy, model, prompt, 12, step)
             code = "\n".join(code)
-            assert op_calls(code, "speed::tiled_linear") > 0 and blas_calls(code) == []
+            assert op_calls(code, "speed::matvec") > 0 and blas_calls(code) == []
         else:
             batched, logits = batched_greedy(model, prompt, 12, step)
         plain_tokens, plain_logits = batched_greedy(plain, prompt, 12, plain.decode_step)
