@@ -57,7 +57,7 @@ class StreamingLinear(nn.Linear):
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         most = min(self.stream_rows, BF16_CPU_ROWS) if self.weight.dtype == torch.bfloat16 else self.stream_rows
-        if self.use_kernel and self.weight.dtype in HALF and rows <= most and kernel_applies(x, self.weight, most):
+        if self.use_kernel and self.weight.dtype in HALF and 1 <= rows <= most and kernel_applies(x, self.weight, most):
             return matvec(x, self.weight)
         if x.device.type == "cpu" and rows == 1 and torch.compiler.is_compiling():
             return (x.unsqueeze(-2) * self.weight).sum(-1)
