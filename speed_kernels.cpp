@@ -273,8 +273,8 @@ static inline __attribute__((always_inline)) void by_x_rows(long M, F &&f) {
 /* A few rows of x at once (batched decoding): each weight is read once and used for two FLOPs per row, so at 16
    rows the loop is bound by the multiply rate, not by memory. A block of WR weight rows, widened to fp32 in
    registers once per 8 columns, meets XR rows of x at a time: WR x XR accumulators (12 of AVX2's 16 registers),
-   and the block stays in L1 while the groups of x rows pass over it; the first pass prefetches it (without, a
-   4-row SmolLM2 step's products took 2.7x as long, on the Zen 4 measured). */
+   and the block stays in L1 while the groups of x rows pass over it; the first pass prefetches it (without, the
+   bf16 loop below took 2.7x as long on a 4-row SmolLM2 step's products, on the Zen 4 measured). */
 #define WR 2
 #define XR 6
 template <int KIND, int R, int XN>
