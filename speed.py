@@ -57,7 +57,7 @@ class StreamingLinear(nn.Linear):
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         most = min(self.stream_rows, BF16_CPU_ROWS) if self.weight.dtype == torch.bfloat16 else self.stream_rows
-        if self.use_kernel and self.weight.dtype in HALF and 1 <= rows <= most and kernel_applies(x, self.weight, most):
+        if self.use_kernel and self.weight.dtype in HALF and kernel_applies(x, self.weight, most):
             return matvec(x, self.weight)
         if x.device.type == "cpu" and rows == 1 and torch.compiler.is_compiling():
             return (x.unsqueeze(-2) * self.weight).sum(-1)
@@ -133,9 +133,10 @@ def kernel_library():
 
 
 def kernel_applies(x, weight, most_rows=1) -> bool:
-    """matvec serves up to most_rows rows (more than one: float weights only) on a CPU, weights of a kind it reads,
+    """matvec serves 1 to most_rows rows (more than one: float weights only) on a CPU, weights of a kind it reads,
     no gradient wanted, when the kernel built."""
-    return (x.device.type == "cpu" and x.numel() <= x.shape[-1] * most_rows and weight.dtype in KERNEL_DTYPES
+    return (x.device.type == "cpu" and x.shape[-1] <= x.numel() <= x.shape[-1] * most_rows
+            and weight.dtype in KERNEL_DTYPES
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and kernel_built())
 

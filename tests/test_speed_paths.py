@@ -457,6 +457,13 @@ def test_matvec_of_several_rows_is_the_product_by_the_definition(M, N, K, thread
     assert torch.equal(speed.matvec(x.bfloat16(), w.bfloat16()), one)
 
 
+def test_streaming_linear_takes_an_empty_batch():
+    """No rows: the kernel (which takes at least one) is not called; F.linear's empty result comes back."""
+    lin = speed.StreamingLinear(64, 16, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        assert lin(torch.randn(0, 1, 64).to(torch.bfloat16)).shape == (0, 1, 16)
+
+
 def batched_greedy(model, prompt, n, step):
     """(greedy tokens (B, n), their logits (B, n, vocab)) of every row of prompt (B, T) through `step`."""
     cache = model.new_cache(prompt.shape[0], model.config.block_size)
