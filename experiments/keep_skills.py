@@ -1,6 +1,7 @@
 """
 Keep what the model knows (issue 21): SmolLM2-135M-Instruct given a smaller KV cache by K/V sharing, distilled
-on its own generations, shipped as a small delta, and measured against the dense model it came from.
+on its own generations and as many tokens of Shakespeare, shipped as a small delta, and measured against the
+dense model it came from.
 
     .venv/bin/python data/smollm2/prepare.py && .venv/bin/python data/shakespeare_smollm2/prepare.py
     .venv/bin/python experiments/keep_skills.py --threads=2     # alone on a 2-core machine; phase times below
@@ -11,12 +12,14 @@ on its own generations, shipped as a small delta, and measured against the dense
 Every phase is a command of the project's own (printed, timed, its output in RUNS/<phase>.txt):
   generation    data/smollm2_selfgen/prepare.py: the teacher's own samples (chat turns and free text), a
                 held-out split; once for all maps
+  mix           data/smollm2_mix/prepare.py: the generated text plus --mix=DIR:TOKENS of another dataset's
+                train split (Shakespeare's by default), the distillation's text; once for all maps
   calibration   adapt.py --n_share=N --criterion=logits: which N layers read which earlier layer's K/V (the map);
                 each single switch scored by the KL of the logits, once; later maps propose from the saved matrix
                 (--sharing=attention: --criterion=attention, which layers take which earlier layer's pattern)
   conversion    (train_set=consumers_qo) adapt.py --convert_to=MAP --local_iters=..: the abrupt switch, then
                 layer-local distillation of the consumers' q_proj/o_proj against the teacher's hidden states
-  distillation  train.py: KL(teacher || student) on the generated text, training train_set:
+  distillation  train.py: KL(teacher || student) on that text, training train_set:
                   lora          (the default) LoRA adapters on every linear of every layer, over the teacher
                                 itself, switched to the map at step 0 (no conversion phase: the adapters
                                 are the whole delta, so the base stays the teacher; attention sharers have
@@ -57,6 +60,9 @@ gen_val_tokens = 65_536      # generated held-out tokens (evaluate.py's 'selfgen
 gen_batch_size = 16
 gen_max_new_tokens = 256     # per generated document
 gen_compile = True           # compile the generation's decode step
+mix = "data/shakespeare_smollm2:120000"  # DIR:TOKENS: distil on the generated text plus TOKENS tokens of DIR's train
+                             # split (same tokenizer, evenly spaced runs; data/smollm2_mix/prepare.py); KL needs no
+                             # labels, and the generated text alone is narrow; '' = the generated text alone
 prompts = ""                 # chat prompts for the generation, a file with one a line ('' = selfgen.chat_prompts())
 criterion = "logits"         # sharing=kv: adapt.py's calibration criterion: 'logits' (each switch scored end to end
                              # by the KL of the logits; ~n_layer^2/6 forwards per batch, computed once for all maps)
@@ -70,7 +76,7 @@ lora_rank = 16               # train_set=lora: every linear's adapter rank (r16 
 lora_alpha = 32.0
 local_iters = 40             # train_set=consumers_qo: layer-local distillation steps after the switch
 local_lr = 1e-3
-iters = 100                  # KL distillation steps (iters x batch_size x block_size tokens)
+iters = 200                  # KL distillation steps (iters x batch_size x block_size tokens)
 batch_size = 4
 block_size = 256
 learning_rate = 1e-3         # cosine to a tenth of it after iters // 10 warm-up steps (2e-4 moved the consumers'
@@ -155,7 +161,7 @@ def adapt_one(n, s, common, matrix=""):
     times["distillation"] = phase(f"{name}/distillation", "train.py", [
         f"--init_from={start}", f"--out_dir={trained}", *switch, *trainable,
         f"--distill_teacher={s.teacher}", "--distill_alpha=1.0",
-        f"--dataset={s.data}", f"--batch_size={s.batch_size}", f"--block_size={s.block_size}",
+        f"--dataset={distill_data(s)}", f"--batch_size={s.batch_size}", f"--block_size={s.block_size}",
         "--dtype=float32", "--compile=False", f"--max_iters={s.iters}", f"--learning_rate={s.learning_rate}",
         f"--min_lr={s.learning_rate / 10}", f"--warmup_iters={max(1, s.iters // 10)}", "--weight_decay=0.0",
         f"--eval_interval={s.iters}", "--eval_iters=4", f"--log_interval={max(1, s.iters // 10)}",
@@ -176,6 +182,25 @@ def adapt_one(n, s, common, matrix=""):
             "kv_fraction": (len(config.owners) + len(config.key_layers)) / (2 * config.n_layer),  # model.py's cache
             "delta_bytes": os.path.getsize(delta), "phase_s": {k: v["wall_s"] for k, v in times.items()},
             "evaluation": evaluation}
+
+
+def distill_data(s):
+    """The distillation's text: the generated dataset, or its mix with another (phase 'mix' writes it)."""
+    return os.path.join(s.runs, "mix") if s.mix else s.data
+
+
+def check_mix(s):
+    second, _, tokens = s.mix.rpartition(":")
+    if not second or not tokens.isdigit() or int(tokens) < 1:
+        raise ConfigError(f"--mix={s.mix!r}: give DIR:TOKENS, like data/shakespeare_smollm2:120000")
+    if not os.path.isfile(os.path.join(second, "train.bin")):
+        raise ConfigError(f"--mix={s.mix}: {second} has no train.bin; prepare that dataset first")
+
+
+def mix_phase(s):
+    second, _, tokens = s.mix.rpartition(":")
+    return phase("mix", "data/smollm2_mix/prepare.py", [f"--first={s.data}", f"--second={second}",
+                                                         f"--tokens={tokens}", f"--out_dir={distill_data(s)}"], s)
 
 
 def goals(n, row, n_layer=30):
@@ -233,7 +258,8 @@ def run_series(results) -> tuple:
     for row in results["models"].values():
         for name, e in row["evaluation"]["sets"].items():
             per_set.setdefault(name, []).append((row["kv_fraction"], e["ppl_ratio"]))
-    return f"{SHARING[settings.get('sharing', 'kv')]}: KL on generated text, {trained}", per_set
+    text = "generated text + " + os.path.basename(settings["mix"].rpartition(":")[0]) if settings.get("mix") else "generated text"
+    return f"{SHARING[settings.get('sharing', 'kv')]}: KL on {text}, {trained}, {settings.get('iters', 100)} steps", per_set
 
 
 def old_recipe_series(runs, folder=os.path.join(ROOT, "results", "smollm2-adapted", "old_recipe")) -> dict:
@@ -309,7 +335,9 @@ def chat_table(rows, questions=""):
 
 def recipe(s):
     """What the switch is followed by, in words (results.md)."""
-    steps = f"{s.iters} KL steps x {s.batch_size} x {s.block_size} generated tokens at lr {s.learning_rate:g}"
+    other, _, tokens = s.mix.rpartition(":")
+    text = f"tokens of the generated text and {int(tokens):,} of {other}'s train split" if s.mix else "generated tokens"
+    steps = f"{s.iters} KL steps x {s.batch_size} x {s.block_size} {text} at lr {s.learning_rate:g}"
     if s.train_set == "lora":
         return f"{steps} (LoRA r{s.lora_rank}, alpha {s.lora_alpha:g}, on every linear), the adapters as the delta"
     return f"{s.local_iters} layer-local steps, {steps} (consumers' q_proj/o_proj only), a bf16 delta"
@@ -340,7 +368,8 @@ def write_results(results, s):
                      f"{c.get('same_as_teacher', '')} | {r['delta_bytes'] / 1e6:.1f} |")
     phases = ["calibration", "conversion", "distillation", "delta", "evaluation"]
     reused = " (reused: the time of the run that made it)" if results.get("generation_reused") else ""
-    lines += ["", f"Phase wall times, seconds (generation, once: {results['generation_s']:.0f}{reused}):", "",
+    mixed = f"; mix, once: {results['mix_s']:.0f}" if "mix_s" in results else ""
+    lines += ["", f"Phase wall times, seconds (generation, once: {results['generation_s']:.0f}{reused}{mixed}):", "",
               "| KV cache | " + " | ".join(phases) + " | total with generation |", "|---" * (len(phases) + 2) + "|"]
     for name, r in rows.items():
         t = r["phase_s"]
@@ -376,6 +405,8 @@ def main(argv):
         raise ConfigError(f"--share={s.share!r}: give layer counts >= 1, like 8,15")
     if not os.path.isfile(os.path.join(ROOT, s.teacher) if not os.path.isabs(s.teacher) else s.teacher):
         raise ConfigError(f"--teacher={s.teacher}: no such checkpoint; run .venv/bin/python data/smollm2/prepare.py")
+    if s.mix:
+        check_mix(s)
     beside = []
     for path in [p for p in s.beside.split(",") if p.strip()]:
         try:
@@ -394,6 +425,8 @@ def main(argv):
         *([f"--prompts={s.prompts}"] if s.prompts else [])], s)
     results["generation_s"], results["generation_reused"] = generation["wall_s"], generation.get("reused", False)
     results["goals"] = []
+    if s.mix:
+        results["mix_s"] = mix_phase(s)["wall_s"]
     for k, n in enumerate(shares):
         matrix = os.path.join(s.runs, f"{s.sharing}{shares[0]}", f"{SIMILARITY_FILES[s.criterion]}.pt") if k else ""
         row = adapt_one(n, s, common, matrix)

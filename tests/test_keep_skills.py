@@ -21,7 +21,7 @@ def run(exp, tmp_path, teacher, *extra):
                      "--gen_max_new_tokens=24", "--gen_compile=False", f"--prompts={prompts}", f"--calib_dataset={data}",
                      "--calib_batches=2", "--iters=4", "--batch_size=2", "--block_size=16",
                      "--eval_tokens=64", "--eval_block_size=16", f"--eval_sets={data / 'val.bin'}",
-                     f"--questions={questions}", *extra])
+                     f"--questions={questions}", "--mix=", *extra])
 
 
 def test_keep_skills_quick_end_to_end_and_reuse(tmp_path):
@@ -76,6 +76,14 @@ def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path):
     torch.testing.assert_close(shipped(x)[0], run_model(x)[0], atol=1e-5, rtol=1e-5)
     teacher_model, _ = load_model(str(teacher))
     assert (shipped(x)[0] - teacher_model(x)[0]).abs().max() > 1e-3  # the student is not the teacher
+    # --mix: the generated text plus runs of another dataset's (here: its own, again) is the distillation's text
+    data = tmp_path / "data"
+    again = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--learning_rate=1e-2", "--reuse=True",
+                f"--mix={data}:100")
+    assert again["mix_s"] >= 0 and again["models"]["kv1"]["phase_s"]["calibration"] == row["phase_s"]["calibration"]
+    mixed = tmp_path / "runs" / "mix"
+    assert (mixed / "train.bin").stat().st_size == (data / "train.bin").stat().st_size + 100 * 2
+    assert f"--dataset={mixed}" in json.loads((tmp_path / "runs" / "kv1" / "distillation.json").read_text())["cmd"]
 
 
 def test_keep_skills_bad_share_is_one_line(tmp_path, capsys):
@@ -93,6 +101,10 @@ def test_keep_skills_bad_share_is_one_line(tmp_path, capsys):
     assert run_script(exp.main, ["--train_set=consumers_qo", "--lora_rank=4", f"--out={tmp_path}"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--lora_rank" in err[0]
+    for mix, words in [("data/shakespeare_smollm2", "DIR:TOKENS"), (f"{tmp_path / 'none'}:100", "no train.bin")]:
+        assert run_script(exp.main, [f"--mix={mix}", f"--out={tmp_path}", f"--runs={tmp_path / 'runs'}"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and not (tmp_path / "runs").exists()  # before the generation
 
 
 def test_keep_skills_attention_sharing_row_beside_a_kv_run(tmp_path):
@@ -147,14 +159,18 @@ def test_keep_skills_sharing_settings_and_beside_are_checked_in_one_line(tmp_pat
 
 def test_keep_skills_plot_puts_runs_of_one_recipe_on_one_line():
     """Two K/V runs (say 8 and 15 layers, then 22 in a later run given --beside) are one line of the Pareto plot,
-    every point kept; an attention run is its own line."""
+    every point kept; an attention run is its own line, and so is a K/V run on other text or with other steps."""
     exp = importlib.import_module("experiments.keep_skills")
 
-    def results(sharing, **fractions):
-        return {"settings": {"sharing": sharing, "train_set": "lora"}, "models": {
+    def results(sharing, settings=None, **fractions):
+        return {"settings": {"sharing": sharing, "train_set": "lora", **(settings or {})}, "models": {
             name: {"kv_fraction": f, "evaluation": {"sets": {"plays": {"ppl_ratio": 1 / f}}}} for name, f in fractions.items()}}
 
-    series = exp.plot_series([results("kv", kvA=0.25), results("kv", kvB=0.75, kvC=0.5), results("attention", atA=0.875)])
+    mixed = {"mix": "data/shakespeare_smollm2:120000", "iters": 200}
+    series = exp.plot_series([results("kv", kvA=0.25), results("kv", kvB=0.75, kvC=0.5), results("attention", atA=0.875),
+                              results("kv", mixed, kvD=0.75), results("kv", {"iters": 200}, kvE=0.75)])
     kv, attention = (next(v for k, v in series.items() if k.startswith(p)) for p in ("K/V sharing", "attention sharing"))
     assert sorted(kv["plays"]) == [(0.25, 4.0), (0.5, 2.0), (0.75, 4 / 3)]
     assert attention["plays"] == [(0.875, 1 / 0.875)]
+    labels = [k for k in series if k.startswith("K/V sharing")]
+    assert len(labels) == 3 and any("shakespeare_smollm2" in k and "200 steps" in k for k in labels)

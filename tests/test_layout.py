@@ -111,6 +111,7 @@ BAD_SETTINGS = [
     ("experiments.batch_decode", ["--batchez=4"], "batchez"), ("experiments.batch_decode", ["--batches=1,x"], "batches"),
     ("experiments.batch_decode", ["--dtypes=fp64"], "dtypes"), ("data.smollm2_selfgen.prepare", ["--compile=maybe"], "compile"),
     ("experiments.llamacpp", ["--roundz=3"], "roundz"), ("experiments.llamacpp", ["--rounds=many"], "rounds"),
+    ("data.smollm2_mix.prepare", ["--tokenz=9"], "tokenz"), ("data.smollm2_mix.prepare", ["--chunk=big"], "chunk"),
 ]
 
 
