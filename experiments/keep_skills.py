@@ -405,8 +405,6 @@ def main(argv):
         raise ConfigError(f"--share={s.share!r}: give layer counts >= 1, like 8,15")
     if not os.path.isfile(os.path.join(ROOT, s.teacher) if not os.path.isabs(s.teacher) else s.teacher):
         raise ConfigError(f"--teacher={s.teacher}: no such checkpoint; run .venv/bin/python data/smollm2/prepare.py")
-    if s.mix:
-        check_mix(s)
     beside = []
     for path in [p for p in s.beside.split(",") if p.strip()]:
         try:
@@ -415,6 +413,8 @@ def main(argv):
             run_series(beside[-1])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--beside={path}: not a results.json of this script ({type(e).__name__}: {e})") from None
+    if s.mix:
+        check_mix(s)
     s.threads = apply_threads(s.threads, children=True)
     os.makedirs(s.out, exist_ok=True)
     common = [f"--threads={s.threads}"]

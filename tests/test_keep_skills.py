@@ -101,8 +101,11 @@ def test_keep_skills_bad_share_is_one_line(tmp_path, capsys):
     assert run_script(exp.main, ["--train_set=consumers_qo", "--lora_rank=4", f"--out={tmp_path}"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--lora_rank" in err[0]
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"")  # only its existence is checked before the mix
     for mix, words in [("data/shakespeare_smollm2", "DIR:TOKENS"), (f"{tmp_path / 'none'}:100", "no train.bin")]:
-        assert run_script(exp.main, [f"--mix={mix}", f"--out={tmp_path}", f"--runs={tmp_path / 'runs'}"]) != 0
+        assert run_script(exp.main, [f"--mix={mix}", f"--teacher={teacher}", f"--out={tmp_path}",
+                                     f"--runs={tmp_path / 'runs'}"]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0] and not (tmp_path / "runs").exists()  # before the generation
 
