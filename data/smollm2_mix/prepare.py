@@ -35,7 +35,7 @@ out_dir = ""                 # '' = this directory (data/smollm2_mix)
 DEFAULTS = settings_from(globals())
 
 
-def tokenizer_digest(data_dir, meta):
+def tokenizer_digest(meta):
     """What decides the ids: the tokenizer file's content for an hf tokenizer, else the meta's own description."""
     if meta["tokenizer"] == "hf":
         return sha256_file(meta["tokenizer_file"])
@@ -63,7 +63,7 @@ def main(argv):
             raise ValueError(f"--{key}={d}: not a prepared dataset (meta.json, train.bin); run its prepare.py first")
         metas[key] = load_meta(d)
     a, b = metas["first"], metas["second"]
-    if (a["vocab_size"], a["dtype"], tokenizer_digest(s.first, a)) != (b["vocab_size"], b["dtype"], tokenizer_digest(s.second, b)):
+    if (a["vocab_size"], a["dtype"], tokenizer_digest(a)) != (b["vocab_size"], b["dtype"], tokenizer_digest(b)):
         raise ValueError(f"--first={s.first} and --second={s.second} use different tokenizers (vocabulary "
                          f"{a['vocab_size']} / {b['vocab_size']}, or another tokenizer file): their ids do not mix")
     own = open_tokens(s.first, "train", a)
@@ -72,7 +72,8 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     write_tokens(os.path.join(out, "train.bin"), np.concatenate([np.asarray(own), taken]), a["vocab_size"])
     shutil.copyfile(os.path.join(s.first, "val.bin"), os.path.join(out, "val.bin"))
-    meta = json.load(open(os.path.join(s.first, "meta.json")))
+    with open(os.path.join(s.first, "meta.json")) as f:
+        meta = json.load(f)
     if a["tokenizer"] == "hf":
         shutil.copyfile(a["tokenizer_file"], os.path.join(out, os.path.basename(a["tokenizer_file"])))
         meta["tokenizer_file"] = os.path.basename(a["tokenizer_file"])
