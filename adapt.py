@@ -252,22 +252,67 @@ def consumer_qo_params(model, consumers):
     return [m.weight for a in attns for m in (getattr(a, "q_proj", None), a.o_proj) if m is not None]
 
 
+KL_CHUNK_ROWS = 64  # rows of logits the distillation loss holds in fp32 at once (12 MiB at a 49k vocab)
+
+
 def distillation_loss(logits, teacher_logits, targets, alpha, temperature, argmax=0.0, data=None):
     """data * CE(targets) + alpha * T^2 * KL(teacher || student) at temperature T + argmax * CE(the
-    teacher's argmax tokens), data being 1 - alpha - argmax unless given. The T^2 keeps the gradient
-    scale of the soft term independent of T (Hinton et al.); the argmax term is EchoAtt's hard labels."""
+    teacher's argmax tokens), data being 1 - alpha - argmax unless given; each a mean over the positions
+    with a target (not -1). The T^2 keeps the gradient scale of the soft term independent of T (Hinton
+    et al.); the argmax term is EchoAtt's hard labels. Computed by FusedDistillationLoss."""
     data = 1 - alpha - argmax if data is None else data
-    logits = logits.float().view(-1, logits.size(-1))
-    ce = F.cross_entropy(logits, targets.view(-1), ignore_index=-1)
-    if alpha == 0 and argmax == 0:
-        return data * ce
-    keep = targets.view(-1) != -1  # the positions the cross-entropy counts
-    teacher_logits = teacher_logits.float().view(-1, logits.size(-1))[keep]
-    student = F.log_softmax(logits[keep] / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-    hard = F.cross_entropy(logits[keep], teacher_logits.argmax(-1)) if argmax else 0.0
-    return data * ce + alpha * temperature ** 2 * kl + argmax * hard
+    vocab = logits.size(-1)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    return FusedDistillationLoss.apply(logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab),
+                                       targets.reshape(-1), (data, alpha, argmax), temperature, need_grad)
+
+
+class FusedDistillationLoss(torch.autograd.Function):
+    """distillation_loss in one pass over KL_CHUNK_ROWS rows at a time, its gradient made in the same pass:
+    d/dz = [(data + argmax) softmax(z) + alpha T (softmax(z / T) - p_teacher) - data onehot(target)
+    - argmax onehot(teacher's argmax)] / n. The plain composition of log_softmax, kl_div and
+    cross_entropy (kept in tests/test_adapt.py as the reference) made seven passes over fp32 copies of the
+    whole (positions x vocab) logits and computed the CE at weight 0: at SmolLM2's 49k vocab and 1,024
+    positions that was half of a 10.8 s distillation step (torch profiler, docs/keep_skills.md)."""
+
+    @staticmethod
+    def forward(ctx, z_all, t_all, targets, weights, temperature, need_grad):
+        data, alpha, argmax = weights
+        hot = temperature == 1  # the KL's student softmax is the cross-entropies' one
+        soft = data + argmax + (alpha if hot else 0.0)  # the weight of softmax(z) in the gradient
+        n = (targets != -1).sum().clamp(min=1)
+        loss = torch.zeros((), dtype=torch.float32, device=z_all.device)
+        grad = torch.empty_like(z_all) if need_grad else None
+        for s in range(0, z_all.shape[0], KL_CHUNK_ROWS):
+            z, y = z_all[s:s + KL_CHUNK_ROWS].float(), targets[s:s + KL_CHUNK_ROWS]
+            rows, valid = torch.arange(len(y), device=y.device), (y != -1).float()
+            log_p = z.log_softmax(-1)
+            g = (log_p.exp().mul_(soft) if soft else torch.zeros_like(z)) if need_grad else None
+            per_row = torch.zeros(len(y), device=z.device)
+            t = t_all[s:s + KL_CHUNK_ROWS].float() if alpha or argmax else None
+            for weight, target in ((data, lambda: y.clamp(min=0)), (argmax, lambda: t.argmax(-1))):
+                if weight:  # a cross-entropy: against the data's tokens, or the teacher's argmax
+                    token = target()
+                    per_row -= weight * log_p[rows, token]
+                    if need_grad:
+                        g[rows, token] -= weight
+            if alpha:
+                log_q = log_p if hot else (z / temperature).log_softmax(-1)
+                log_pt = (t if hot else t / temperature).log_softmax(-1)
+                p_t = log_pt.exp()
+                per_row += alpha * temperature ** 2 * (p_t * (log_pt - log_q)).sum(-1)
+                if need_grad:
+                    g.sub_(p_t, alpha=alpha) if hot else g.add_((log_q.exp() - p_t).mul_(alpha * temperature))
+            loss += (per_row * valid).sum()
+            if need_grad:
+                grad[s:s + KL_CHUNK_ROWS] = g.mul_(valid[:, None] / n)
+        ctx.save_for_backward(grad)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
 
 
 @dataclass

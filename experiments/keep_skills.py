@@ -77,6 +77,7 @@ lora_alpha = 32.0
 local_iters = 40             # train_set=consumers_qo: layer-local distillation steps after the switch
 local_lr = 1e-3
 iters = 200                  # KL distillation steps (iters x batch_size x block_size tokens)
+distill_dtype = "bfloat16"   # the distillation's precision: bfloat16 (autocast; fp32 weights and adapters) or float32
 batch_size = 4
 block_size = 256
 learning_rate = 1e-3         # cosine to a tenth of it after iters // 10 warm-up steps (2e-4 moved the consumers'
@@ -95,6 +96,7 @@ SIMILARITY_FILES = {"kv": "kv_similarity", "logits": "logit_kl_similarity", "att
 TRAIN_SETS = ("lora", "consumers_qo")
 SHARING = {"kv": "K/V sharing", "attention": "attention sharing (EchoAtt)"}  # also each row's name: kv8, attention8
 LORA_TARGETS = "q,k,v,o,gate,up,down"  # every linear of a layer (a consumer's k/v go with the switch)
+PRECISION = {"bfloat16": "bf16 autocast", "float32": "fp32"}
 GOALS = {8: (0.01, "teacher - 1"), 15: (0.03, "90% of teacher")}  # the issue's: perplexity ratio bound, chat bound
 
 
@@ -162,7 +164,7 @@ def adapt_one(n, s, common, matrix=""):
         f"--init_from={start}", f"--out_dir={trained}", *switch, *trainable,
         f"--distill_teacher={s.teacher}", "--distill_alpha=1.0",
         f"--dataset={distill_data(s)}", f"--batch_size={s.batch_size}", f"--block_size={s.block_size}",
-        "--dtype=float32", "--compile=False", f"--max_iters={s.iters}", f"--learning_rate={s.learning_rate}",
+        f"--dtype={s.distill_dtype}", "--compile=False", f"--max_iters={s.iters}", f"--learning_rate={s.learning_rate}",
         f"--min_lr={s.learning_rate / 10}", f"--warmup_iters={max(1, s.iters // 10)}", "--weight_decay=0.0",
         f"--eval_interval={s.iters}", "--eval_iters=4", f"--log_interval={max(1, s.iters // 10)}",
         f"--seed={s.seed}", "--overwrite=True", *common], s)
@@ -189,8 +191,14 @@ def distill_data(s):
     return os.path.join(s.runs, "mix") if s.mix else s.data
 
 
+def mix_parts(mix):
+    """--mix=DIR:TOKENS as (DIR, TOKENS as written); the folder may itself hold a ':'."""
+    second, _, tokens = mix.rpartition(":")
+    return second, tokens
+
+
 def check_mix(s):
-    second, _, tokens = s.mix.rpartition(":")
+    second, tokens = mix_parts(s.mix)
     if not second or not tokens.isdigit() or int(tokens) < 1:
         raise ConfigError(f"--mix={s.mix!r}: give DIR:TOKENS, like data/shakespeare_smollm2:120000")
     if not os.path.isfile(os.path.join(second, "train.bin")):
@@ -198,7 +206,7 @@ def check_mix(s):
 
 
 def mix_phase(s):
-    second, _, tokens = s.mix.rpartition(":")
+    second, tokens = mix_parts(s.mix)
     return phase("mix", "data/smollm2_mix/prepare.py", [f"--first={s.data}", f"--second={second}",
                                                          f"--tokens={tokens}", f"--out_dir={distill_data(s)}"], s)
 
@@ -258,8 +266,10 @@ def run_series(results) -> tuple:
     for row in results["models"].values():
         for name, e in row["evaluation"]["sets"].items():
             per_set.setdefault(name, []).append((row["kv_fraction"], e["ppl_ratio"]))
-    text = "generated text + " + os.path.basename(settings["mix"].rpartition(":")[0]) if settings.get("mix") else "generated text"
-    return f"{SHARING[settings.get('sharing', 'kv')]}: KL on {text}, {trained}, {settings.get('iters', 100)} steps", per_set
+    text = "generated text + " + os.path.basename(mix_parts(settings["mix"])[0]) if settings.get("mix") else "generated text"
+    precision = PRECISION[settings.get("distill_dtype", "float32")]  # runs before the setting distilled in fp32
+    return (f"{SHARING[settings.get('sharing', 'kv')]}: KL on {text}, {trained}, {settings.get('iters', 100)} steps, "
+            f"{precision}", per_set)
 
 
 def old_recipe_series(runs, folder=os.path.join(ROOT, "results", "smollm2-adapted", "old_recipe")) -> dict:
@@ -335,9 +345,9 @@ def chat_table(rows, questions=""):
 
 def recipe(s):
     """What the switch is followed by, in words (results.md)."""
-    other, _, tokens = s.mix.rpartition(":")
+    other, tokens = mix_parts(s.mix)
     text = f"tokens of the generated text and {int(tokens):,} of {other}'s train split" if s.mix else "generated tokens"
-    steps = f"{s.iters} KL steps x {s.batch_size} x {s.block_size} {text} at lr {s.learning_rate:g}"
+    steps = f"{s.iters} KL steps x {s.batch_size} x {s.block_size} {text} at lr {s.learning_rate:g} in {PRECISION[s.distill_dtype]}"
     if s.train_set == "lora":
         return f"{steps} (LoRA r{s.lora_rank}, alpha {s.lora_alpha:g}, on every linear), the adapters as the delta"
     return f"{s.local_iters} layer-local steps, {steps} (consumers' q_proj/o_proj only), a bf16 delta"
@@ -387,7 +397,7 @@ def write_results(results, s):
 
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
-                                                      "sharing": tuple(SHARING)})
+                                                      "sharing": tuple(SHARING), "distill_dtype": ("bfloat16", "float32")})
     if s.sharing == "attention":
         if s.train_set != "lora" or ("criterion" in explicit and s.criterion != "attention"):
             wrong = "train_set=consumers_qo (K/V consumers' q/o)" if s.train_set != "lora" else f"criterion={s.criterion}"

@@ -135,6 +135,58 @@ def test_distillation_is_zero_when_student_equals_teacher():
     torch.testing.assert_close(distillation_loss(logits, logits, targets, 0.5, 2.0), 0.5 * ce)
 
 
+def reference_distillation_loss(logits, teacher_logits, targets, alpha, temperature, argmax=0.0, data=None):
+    """The loss as the composition of torch's own log_softmax, kl_div and cross_entropy (what the fused one replaced)."""
+    F = torch.nn.functional
+    data = 1 - alpha - argmax if data is None else data
+    logits = logits.float().view(-1, logits.size(-1))
+    keep = targets.view(-1) != -1
+    teacher = teacher_logits.float().view(-1, logits.size(-1))[keep]
+    kl = F.kl_div(F.log_softmax(logits[keep] / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                  log_target=True, reduction="batchmean")
+    hard = F.cross_entropy(logits[keep], teacher.argmax(-1))
+    return data * F.cross_entropy(logits, targets.view(-1), ignore_index=-1) + alpha * temperature ** 2 * kl + argmax * hard
+
+
+@pytest.mark.parametrize("alpha,temperature,argmax,data", [(1.0, 1.0, 0.0, None), (0.5, 2.0, 0.0, None),
+                                                          (0.25, 2.0, 0.5, None), (0.0, 1.0, 0.0, None),
+                                                          (0.25, 1.0, 0.5, 0.1), (1.0, 0.5, 0.0, None)])
+def test_fused_distillation_loss_equals_torchs_composition_in_value_and_gradient(monkeypatch, alpha, temperature,
+                                                                                  argmax, data):
+    """Chunks of 4 rows over 2 x 9 positions (the last chunk short), ignored targets in the middle of a chunk."""
+    import adapt
+    monkeypatch.setattr(adapt, "KL_CHUNK_ROWS", 4)
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 9, 40) * 3
+    targets = torch.randint(0, 40, (2, 9))
+    targets[0, 5:7] = -1
+    z = torch.randn(2, 9, 40, requires_grad=True)
+    got = distillation_loss(z * 3, teacher, targets, alpha, temperature, argmax, data)
+    got_grad, = torch.autograd.grad(got, z)
+    want = reference_distillation_loss(z * 3, teacher, targets, alpha, temperature, argmax, data)
+    want_grad, = torch.autograd.grad(want, z)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-4)
+    assert want_grad.abs().max() > 1e-3
+    with torch.no_grad():  # no gradient wanted: the same value
+        torch.testing.assert_close(distillation_loss(z * 3, teacher, targets, alpha, temperature, argmax, data), want)
+
+
+def test_fused_distillation_loss_on_bf16_logits_gives_a_bf16_gradient():
+    """Under autocast the logits are bf16: the loss is computed in fp32, the gradient returned in the logits' dtype."""
+    torch.manual_seed(1)
+    z = (torch.randn(3, 5, 30) * 2).bfloat16().requires_grad_()
+    teacher, targets = (torch.randn(3, 5, 30) * 2).bfloat16(), torch.randint(0, 30, (3, 5))
+    got = distillation_loss(z, teacher, targets, 1.0, 1.0)
+    got.backward()
+    want_z = z.detach().clone().requires_grad_()
+    want = reference_distillation_loss(want_z, teacher, targets, 1.0, 1.0)
+    want.backward()
+    assert z.grad.dtype == torch.bfloat16 and got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(z.grad, want_z.grad)
+
+
 def test_calibration_finds_a_planted_pair(tmp_path):
     i, j = 0, 1
     model = dense_model(n_layer=6, seed=3)

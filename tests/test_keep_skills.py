@@ -83,7 +83,8 @@ def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path):
     assert again["mix_s"] >= 0 and again["models"]["kv1"]["phase_s"]["calibration"] == row["phase_s"]["calibration"]
     mixed = tmp_path / "runs" / "mix"
     assert (mixed / "train.bin").stat().st_size == (data / "train.bin").stat().st_size + 100 * 2
-    assert f"--dataset={mixed}" in json.loads((tmp_path / "runs" / "kv1" / "distillation.json").read_text())["cmd"]
+    distill_cmd = json.loads((tmp_path / "runs" / "kv1" / "distillation.json").read_text())["cmd"]
+    assert f"--dataset={mixed}" in distill_cmd and "--dtype=bfloat16" in distill_cmd  # the default precision
 
 
 def test_keep_skills_bad_share_is_one_line(tmp_path, capsys):
@@ -162,7 +163,8 @@ def test_keep_skills_sharing_settings_and_beside_are_checked_in_one_line(tmp_pat
 
 def test_keep_skills_plot_puts_runs_of_one_recipe_on_one_line():
     """Two K/V runs (say 8 and 15 layers, then 22 in a later run given --beside) are one line of the Pareto plot,
-    every point kept; an attention run is its own line, and so is a K/V run on other text or with other steps."""
+    every point kept; an attention run is its own line, and so is a K/V run on other text, with other steps or in
+    another precision (a run without distill_dtype distilled in fp32)."""
     exp = importlib.import_module("experiments.keep_skills")
 
     def results(sharing, settings=None, **fractions):
@@ -171,9 +173,12 @@ def test_keep_skills_plot_puts_runs_of_one_recipe_on_one_line():
 
     mixed = {"mix": "data/shakespeare_smollm2:120000", "iters": 200}
     series = exp.plot_series([results("kv", kvA=0.25), results("kv", kvB=0.75, kvC=0.5), results("attention", atA=0.875),
-                              results("kv", mixed, kvD=0.75), results("kv", {"iters": 200}, kvE=0.75)])
+                              results("kv", mixed, kvD=0.75), results("kv", {"iters": 200}, kvE=0.75),
+                              results("kv", {"distill_dtype": "bfloat16"}, kvF=0.75),
+                              results("kv", {"distill_dtype": "float32"}, kvG=0.5)])
     kv, attention = (next(v for k, v in series.items() if k.startswith(p)) for p in ("K/V sharing", "attention sharing"))
-    assert sorted(kv["plays"]) == [(0.25, 4.0), (0.5, 2.0), (0.75, 4 / 3)]
+    assert sorted(kv["plays"]) == [(0.25, 4.0), (0.5, 2.0), (0.5, 2.0), (0.75, 4 / 3)]  # kvG: fp32, said or not
     assert attention["plays"] == [(0.875, 1 / 0.875)]
     labels = [k for k in series if k.startswith("K/V sharing")]
-    assert len(labels) == 3 and any("shakespeare_smollm2" in k and "200 steps" in k for k in labels)
+    assert len(labels) == 4 and any("shakespeare_smollm2" in k and "200 steps" in k for k in labels)
+    assert sorted(series[next(k for k in labels if "bf16" in k)]["plays"]) == [(0.75, 4 / 3)]
