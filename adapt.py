@@ -271,15 +271,15 @@ class FusedDistillationLoss(torch.autograd.Function):
     """distillation_loss in one pass over KL_CHUNK_ROWS rows at a time, its gradient made in the same pass:
     d/dz = [(data + argmax) softmax(z) + alpha T (softmax(z / T) - p_teacher) - data onehot(target)
     - argmax onehot(teacher's argmax)] / n. The plain composition of log_softmax, kl_div and
-    cross_entropy (kept in tests/test_adapt.py as the reference) made seven passes over fp32 copies of the
+    cross_entropy (kept in tests/test_adapt.py as the reference) made several passes over fp32 copies of the
     whole (positions x vocab) logits and computed the CE at weight 0: at SmolLM2's 49k vocab and 1,024
     positions that was half of a 10.8 s distillation step (torch profiler, docs/keep_skills.md)."""
 
     @staticmethod
     def forward(ctx, z_all, t_all, targets, weights, temperature, need_grad):
         data, alpha, argmax = weights
-        hot = temperature == 1  # the KL's student softmax is the cross-entropies' one
-        soft = data + argmax + (alpha if hot else 0.0)  # the weight of softmax(z) in the gradient
+        unit_t = temperature == 1  # then the KL's student softmax is the cross-entropies' one
+        soft = data + argmax + (alpha if unit_t else 0.0)  # the weight of softmax(z) in the gradient
         n = (targets != -1).sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.float32, device=z_all.device)
         grad = torch.empty_like(z_all) if need_grad else None
@@ -290,19 +290,18 @@ class FusedDistillationLoss(torch.autograd.Function):
             g = (log_p.exp().mul_(soft) if soft else torch.zeros_like(z)) if need_grad else None
             per_row = torch.zeros(len(y), device=z.device)
             t = t_all[s:s + KL_CHUNK_ROWS].float() if alpha or argmax else None
-            for weight, target in ((data, lambda: y.clamp(min=0)), (argmax, lambda: t.argmax(-1))):
-                if weight:  # a cross-entropy: against the data's tokens, or the teacher's argmax
-                    token = target()
-                    per_row -= weight * log_p[rows, token]
-                    if need_grad:
-                        g[rows, token] -= weight
+            cross_entropies = ([(data, y.clamp(min=0))] if data else []) + ([(argmax, t.argmax(-1))] if argmax else [])
+            for weight, token in cross_entropies:  # against the data's tokens, and against the teacher's argmax
+                per_row -= weight * log_p[rows, token]
+                if need_grad:
+                    g[rows, token] -= weight
             if alpha:
-                log_q = log_p if hot else (z / temperature).log_softmax(-1)
-                log_pt = (t if hot else t / temperature).log_softmax(-1)
+                log_q = log_p if unit_t else (z / temperature).log_softmax(-1)
+                log_pt = (t if unit_t else t / temperature).log_softmax(-1)
                 p_t = log_pt.exp()
                 per_row += alpha * temperature ** 2 * (p_t * (log_pt - log_q)).sum(-1)
                 if need_grad:
-                    g.sub_(p_t, alpha=alpha) if hot else g.add_((log_q.exp() - p_t).mul_(alpha * temperature))
+                    g.sub_(p_t, alpha=alpha) if unit_t else g.add_((log_q.exp() - p_t).mul_(alpha * temperature))
             loss += (per_row * valid).sum()
             if need_grad:
                 grad[s:s + KL_CHUNK_ROWS] = g.mul_(valid[:, None] / n)
