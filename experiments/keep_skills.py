@@ -397,7 +397,7 @@ def write_results(results, s):
 
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
-                                                      "sharing": tuple(SHARING), "distill_dtype": ("bfloat16", "float32")})
+                                                      "sharing": tuple(SHARING), "distill_dtype": tuple(PRECISION)})
     if s.sharing == "attention":
         if s.train_set != "lora" or ("criterion" in explicit and s.criterion != "attention"):
             wrong = "train_set=consumers_qo (K/V consumers' q/o)" if s.train_set != "lora" else f"criterion={s.criterion}"

@@ -154,7 +154,8 @@ def test_keep_skills_sharing_settings_and_beside_are_checked_in_one_line(tmp_pat
                         (["--sharing=attention", "--criterion=logits"], ("--sharing=attention", "criterion=logits")),
                         (["--criterion=attention"], ("--criterion=attention", "--sharing=attention")),
                         ([f"--beside={tmp_path / 'missing.json'}"], ("--beside=", "missing.json")),
-                        ([f"--beside={bad}"], ("--beside=", "not a results.json"))):
+                        ([f"--beside={bad}"], ("--beside=", "not a results.json")),
+                        (["--distill_dtype=float16"], ("distill_dtype", "float16"))):
         assert run_script(exp.main, [*args, f"--out={tmp_path / 'out'}", f"--teacher={bad}"]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), (args, err)
