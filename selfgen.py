@@ -208,6 +208,7 @@ def write_selfgen(model, tok, out_dir, g, tokenizer_json, source="", progress=No
     atomic_write_text(os.path.join(out_dir, "tokenizer.json"), tokenizer_json)
     settings = {k: getattr(g, k) for k in ("tokens", "val_tokens", "seed", "batch_size", "temperature", "top_k",
                                            "max_new_tokens", "chat_fraction")}
+    settings["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")  # other precision, other samples
     return write_meta(out_dir, model.config.vocab_size, "hf", tokenizer_file="tokenizer.json", eot_token=g.eot,
                       selfgen={"source": source, "settings": settings, "splits": record,
                                "val_prompts": sorted(val_prompts)})

@@ -60,6 +60,8 @@ gen_val_tokens = 65_536      # generated held-out tokens (evaluate.py's 'selfgen
 gen_batch_size = 16
 gen_max_new_tokens = 256     # per generated document
 gen_compile = True           # compile the generation's decode step
+gen_dtype = "float32"        # the generation's precision: float32 (the shipped results' text) or bfloat16 (faster on a
+                             # CPU with AVX-512 BF16; other samples: docs/keep_skills.md, "The generation's speed")
 mix = "data/shakespeare_smollm2:120000"  # DIR:TOKENS: distil on the generated text plus TOKENS tokens of DIR's train
                              # split (same tokenizer, evenly spaced runs; data/smollm2_mix/prepare.py); KL needs no
                              # labels, and the generated text alone is narrow; '' = the generated text alone
@@ -85,6 +87,8 @@ learning_rate = 1e-3         # cosine to a tenth of it after iters // 10 warm-up
 eval_tokens = 65_536         # scored positions per held-out set
 eval_sets = "selfgen,plays,bible"  # evaluate.py's names (selfgen reads data/smollm2_selfgen) or .bin paths
 eval_block_size = 512        # evaluation window length
+eval_dtype = "float32"       # the held-out sets' precision (evaluate.py --dtype; the chat runs in float32): bfloat16
+                             # autocast is ~2x faster and moved the KV-0.73 figures by <= 0.001 (docs/keep_skills.md)
 chat = True                  # the chat questions
 questions = ""               # '' = data/chat_questions.json
 reuse = False                # keep phases whose record shows the same command finished
@@ -174,7 +178,8 @@ def adapt_one(n, s, common, matrix=""):
     report = os.path.join(d, "eval.json")
     times["evaluation"] = phase(f"{name}/evaluation", "evaluate.py", [
         f"--init_from={s.teacher}", f"--delta={delta}", f"--teacher={s.teacher}", f"--sets={s.eval_sets}",
-        f"--tokens={s.eval_tokens}", f"--block_size={s.eval_block_size}", f"--chat={s.chat}", *([f"--questions={s.questions}"] if s.questions else []), f"--out={report}"], s)
+        f"--tokens={s.eval_tokens}", f"--block_size={s.eval_block_size}", f"--chat={s.chat}", *([f"--questions={s.questions}"] if s.questions else []),
+        *([f"--dtype={s.eval_dtype}"] if s.eval_dtype != "float32" else []), f"--out={report}"], s)
     with open(report) as f:
         evaluation = json.load(f)
     new_map = [int(x) for x in map_spec.split(",")]
@@ -359,9 +364,9 @@ def write_results(results, s):
     rows = results["models"]
     lines = [f"# Keeping what {os.path.basename(s.teacher)} knows with a smaller KV cache", "",
              f"Generation: {s.gen_tokens:,} training + {s.gen_val_tokens:,} held-out tokens of the teacher's own "
-             f"samples. Per map: calibration ({s.criterion} criterion) on {s.calib_batches} x {s.calib_batch_size} x "
+             f"samples, sampled in {s.gen_dtype}. Per map: calibration ({s.criterion} criterion) on {s.calib_batches} x {s.calib_batch_size} x "
              f"{s.block_size} {s.calib_dataset} tokens, the switch, {recipe(s)}; evaluation of base + "
-             f"delta against the teacher over {s.eval_tokens:,} positions per set. {results['cpu_count']} cores, "
+             f"delta against the teacher over {s.eval_tokens:,} positions per set in {s.eval_dtype}. {results['cpu_count']} cores, "
              f"--threads={s.threads}, load average before {', '.join(f'{x:.2f}' for x in results['load_average_before'])}.",
              "", f"{SHARING[s.sharing][0].upper()}{SHARING[s.sharing][1:]}. KV cache: the fraction of the dense model's cache the model keeps (values for "
              "the K/V owners, keys for those of them that compute their own attention pattern).",
@@ -397,7 +402,8 @@ def write_results(results, s):
 
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
-                                                      "sharing": tuple(SHARING), "distill_dtype": tuple(PRECISION)})
+                                                      "sharing": tuple(SHARING), "distill_dtype": tuple(PRECISION),
+                                                      "gen_dtype": ("float32", "bfloat16"), "eval_dtype": ("float32", "bfloat16")})
     if s.sharing == "attention":
         if s.train_set != "lora" or ("criterion" in explicit and s.criterion != "attention"):
             wrong = "train_set=consumers_qo (K/V consumers' q/o)" if s.train_set != "lora" else f"criterion={s.criterion}"
@@ -432,6 +438,7 @@ def main(argv):
     generation = phase("generation", "data/smollm2_selfgen/prepare.py", [
         f"--init_from={s.teacher}", f"--out_dir={s.data}", f"--tokens={s.gen_tokens}", f"--val_tokens={s.gen_val_tokens}", f"--seed={s.seed}",
         f"--batch_size={s.gen_batch_size}", f"--max_new_tokens={s.gen_max_new_tokens}", f"--compile={s.gen_compile}",
+        *([f"--dtype={s.gen_dtype}"] if s.gen_dtype != "float32" else []),  # older records hold no --dtype
         *([f"--prompts={s.prompts}"] if s.prompts else [])], s)
     results["generation_s"], results["generation_reused"] = generation["wall_s"], generation.get("reused", False)
     results["goals"] = []

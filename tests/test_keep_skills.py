@@ -38,6 +38,7 @@ def test_keep_skills_quick_end_to_end_and_reuse(tmp_path):
     figures = ev["sets"][str(tmp_path / "data" / "val.bin")]
     assert figures["kl"] > 0 and figures["agreement"] < 1  # the student is not the teacher
     assert ev["chat"]["questions"] == 4 and len(ev["chat"]["answers"]) == 4
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["selfgen"]["settings"]["dtype"] == "float32"
     # the evaluated student is base + the shipped delta: its logits are the distilled model's, to bf16 rounding
     adapted, _ = load_model(str(tmp_path / "runs" / "kv1" / "distill"))
     shipped, _ = load_with_delta(str(teacher), str(tmp_path / "res" / "kv1.safetensors"))
@@ -63,7 +64,12 @@ def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path):
     exp = importlib.import_module("experiments.keep_skills")
     teacher = tmp_path / "teacher.pt"
     save_tiny(teacher)
-    row = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--learning_rate=1e-2")["models"]["kv1"]
+    row = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--learning_rate=1e-2",
+              "--gen_dtype=bfloat16", "--eval_dtype=bfloat16")["models"]["kv1"]
+    generation = json.loads((tmp_path / "runs" / "generation.json").read_text())
+    assert "--dtype=bfloat16" in generation["cmd"]  # the teacher sampled in bf16, as its data's record says
+    assert row["evaluation"]["settings"]["dtype"] == "bfloat16"  # the held-out sets scored in bf16 autocast
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["selfgen"]["settings"]["dtype"] == "bfloat16"
     assert set(row["phase_s"]) == {"calibration", "distillation", "delta", "evaluation"}
     kind, tensors, meta = read_delta(str(tmp_path / "res" / "kv1.safetensors"))
     assert kind == "lora" and json.loads(meta["kv_source"]) == row["kv_source"]

@@ -137,6 +137,7 @@ def test_selfgen_dataset_is_in_the_model_tokenizer_with_a_held_out_split_and_rep
         texts[split] = tok.decode(ids.tolist())
         assert texts[split].endswith("<|endoftext|>") and "<|im_start|>assistant\n" in texts[split]
     val_prompts = meta["selfgen"]["val_prompts"]
+    assert meta["selfgen"]["settings"]["dtype"] == "float32"  # the precision sampled in (other precision, other text)
     assert len(val_prompts) == 1 and val_prompts[0] in PROMPTS
     # chat turns in each split answer only that split's prompts; free text starts from BOS and has no template
     asked = {split: {p for p in PROMPTS if f"<|im_start|>user\n{p}<|im_end|>" in t} for split, t in texts.items()}
