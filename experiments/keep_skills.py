@@ -272,6 +272,8 @@ def run_series(results) -> tuple:
         for name, e in row["evaluation"]["sets"].items():
             per_set.setdefault(name, []).append((row["kv_fraction"], e["ppl_ratio"]))
     text = "generated text + " + os.path.basename(mix_parts(settings["mix"])[0]) if settings.get("mix") else "generated text"
+    if settings.get("gen_dtype", "float32") != "float32":  # other samples: another text
+        text = f"{PRECISION[settings['gen_dtype']].split()[0]}-{text}"
     precision = PRECISION[settings.get("distill_dtype", "float32")]  # runs before the setting distilled in fp32
     return (f"{SHARING[settings.get('sharing', 'kv')]}: KL on {text}, {trained}, {settings.get('iters', 100)} steps, "
             f"{precision}", per_set)

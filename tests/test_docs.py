@@ -259,7 +259,8 @@ def reads_and_writes(c, s, explicit, positional):
         elif key == "start" and value.startswith("FILE:"):
             reads.append(value[len("FILE:"):])
         elif value not in NOT_PATHS and (key in INPUT_KEYS or (key in explicit and "/" in value)):
-            reads += [p for p in value.split(",") if p]  # a list of files (keep_skills.py --beside) reads each
+            # a list of files (keep_skills.py --beside) reads each; a list of names and files (--eval_sets) its files
+            reads += [p for p in value.split(",") if p and (key in INPUT_KEYS or "/" in p)]
     return reads, writes
 
 
@@ -313,6 +314,8 @@ def check_statically(c, made, tracked):
     except Exception as e:
         return [f"its settings do not parse: {type(e).__name__}: {e}"]
     reads, writes = reads_and_writes(c, s, explicit, positional)
+    if c.script == "experiments/keep_skills.py":  # its generation phase makes --data before any phase reads it
+        made.add(norm(str(s.get("data"))))
     problems = [f"reads {p}, which neither the repository holds nor an earlier documented command makes"
                 for p in reads if not (p.startswith("path/to/") or made_by(p, made) or in_repository(p, tracked))]
     made.update(norm(w) for w in writes)

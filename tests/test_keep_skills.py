@@ -161,7 +161,9 @@ def test_keep_skills_sharing_settings_and_beside_are_checked_in_one_line(tmp_pat
                         (["--criterion=attention"], ("--criterion=attention", "--sharing=attention")),
                         ([f"--beside={tmp_path / 'missing.json'}"], ("--beside=", "missing.json")),
                         ([f"--beside={bad}"], ("--beside=", "not a results.json")),
-                        (["--distill_dtype=float16"], ("distill_dtype", "float16"))):
+                        (["--distill_dtype=float16"], ("distill_dtype", "float16")),
+                        (["--gen_dtype=float16"], ("gen_dtype", "float16")),
+                        (["--eval_dtype=half"], ("eval_dtype", "bfloat16"))):
         assert run_script(exp.main, [*args, f"--out={tmp_path / 'out'}", f"--teacher={bad}"]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), (args, err)
@@ -182,10 +184,12 @@ def test_keep_skills_plot_puts_runs_of_one_recipe_on_one_line():
     series = exp.plot_series([results("kv", kvA=0.25), results("kv", kvB=0.75, kvC=0.5), results("attention", atA=0.875),
                               results("kv", mixed, kvD=0.75), results("kv", {"iters": 200}, kvE=0.75),
                               results("kv", {"distill_dtype": "bfloat16"}, kvF=0.75),
-                              results("kv", {"distill_dtype": "float32"}, kvG=0.5)])
+                              results("kv", {"distill_dtype": "float32"}, kvG=0.5),
+                              results("kv", {"distill_dtype": "float32", "gen_dtype": "bfloat16"}, kvH=0.5)])
     kv, attention = (next(v for k, v in series.items() if k.startswith(p)) for p in ("K/V sharing", "attention sharing"))
     assert sorted(kv["plays"]) == [(0.25, 4.0), (0.5, 2.0), (0.5, 2.0), (0.75, 4 / 3)]  # kvG: fp32, said or not
     assert attention["plays"] == [(0.875, 1 / 0.875)]
     labels = [k for k in series if k.startswith("K/V sharing")]
-    assert len(labels) == 4 and any("shakespeare_smollm2" in k and "200 steps" in k for k in labels)
+    assert len(labels) == 5 and any("shakespeare_smollm2" in k and "200 steps" in k for k in labels)
+    assert series[next(k for k in labels if "bf16-generated" in k)]["plays"] == [(0.5, 2.0)]  # bf16 samples: its own
     assert sorted(series[next(k for k in labels if "bf16" in k)]["plays"]) == [(0.75, 4 / 3)]
