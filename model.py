@@ -356,13 +356,11 @@ class Llama(nn.Module):
 
 
 def sample_token(logits, temperature=1.0, top_k=None):
-    """Pick one token per row of logits (B, vocab). With top_k the draw is among the k most likely tokens
-    alone: the distribution of masking the rest, but torch.multinomial's CPU cost grows with the categories
-    (16 rows of SmolLM2's 49,152: ~20 ms, a third of a batch-16 decode step; of 50: well under 1 ms)."""
+    """One token per row of logits (B, vocab); top_k draws among the k likeliest alone (= masking the rest)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k is not None and top_k < logits.size(-1):  # multinomial over 49k: a third of a batch-16 bf16 step
         values, indices = torch.topk(logits, top_k)
         return indices.gather(-1, torch.multinomial(F.softmax(values, dim=-1), num_samples=1)).view(-1)
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).view(-1)

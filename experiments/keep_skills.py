@@ -60,8 +60,8 @@ gen_val_tokens = 65_536      # generated held-out tokens (evaluate.py's 'selfgen
 gen_batch_size = 16
 gen_max_new_tokens = 256     # per generated document
 gen_compile = True           # compile the generation's decode step
-gen_dtype = "float32"        # the generation's precision: float32 (the shipped results' text) or bfloat16 (faster on a
-                             # CPU with AVX-512 BF16; other samples: docs/keep_skills.md, "The generation's speed")
+gen_dtype = "float32"        # the generation's precision: float32 (the shipped results' text) or bfloat16 (other samples;
+                             # 937 s on this Zen 4 where fp32 took 2,219: docs/keep_skills.md, "One map within the hour")
 mix = "data/shakespeare_smollm2:120000"  # DIR:TOKENS: distil on the generated text plus TOKENS tokens of DIR's train
                              # split (same tokenizer, evenly spaced runs; data/smollm2_mix/prepare.py); KL needs no
                              # labels, and the generated text alone is narrow; '' = the generated text alone
@@ -88,7 +88,7 @@ eval_tokens = 65_536         # scored positions per held-out set
 eval_sets = "selfgen,plays,bible"  # evaluate.py's names (selfgen reads data/smollm2_selfgen) or .bin paths
 eval_block_size = 512        # evaluation window length
 eval_dtype = "float32"       # the held-out sets' precision (evaluate.py --dtype; the chat runs in float32): bfloat16
-                             # autocast is ~2x faster and moved the KV-0.73 figures by <= 0.001 (docs/keep_skills.md)
+                             # autocast is ~1.6x faster and moved the KV-0.73 figures by <= 0.001 (docs/keep_skills.md)
 chat = True                  # the chat questions
 questions = ""               # '' = data/chat_questions.json
 reuse = False                # keep phases whose record shows the same command finished
@@ -405,7 +405,7 @@ def write_results(results, s):
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
                                                       "sharing": tuple(SHARING), "distill_dtype": tuple(PRECISION),
-                                                      "gen_dtype": ("float32", "bfloat16"), "eval_dtype": ("float32", "bfloat16")})
+                                                      "gen_dtype": tuple(PRECISION), "eval_dtype": tuple(PRECISION)})
     if s.sharing == "attention":
         if s.train_set != "lora" or ("criterion" in explicit and s.criterion != "attention"):
             wrong = "train_set=consumers_qo (K/V consumers' q/o)" if s.train_set != "lora" else f"criterion={s.criterion}"
