@@ -192,4 +192,4 @@ def test_keep_skills_plot_puts_runs_of_one_recipe_on_one_line():
     labels = [k for k in series if k.startswith("K/V sharing")]
     assert len(labels) == 5 and any("shakespeare_smollm2" in k and "200 steps" in k for k in labels)
     assert series[next(k for k in labels if "bf16-generated" in k)]["plays"] == [(0.5, 2.0)]  # bf16 samples: its own
-    assert sorted(series[next(k for k in labels if "bf16" in k)]["plays"]) == [(0.75, 4 / 3)]
+    assert sorted(series[next(k for k in labels if "bf16 autocast" in k)]["plays"]) == [(0.75, 4 / 3)]
