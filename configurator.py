@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from speed import cpu_multiplies_bf16
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -284,6 +286,14 @@ def resolve_dtype(name: str, device_type: str) -> str:
     return dt
 
 
+def warn_slow_bf16(dtype: str, device_type: str, setting: str = "dtype"):
+    """One line before work starts where bf16 products would be emulated (cpu_multiplies_bf16)."""
+    if dtype == "bfloat16" and device_type == "cpu" and not cpu_multiplies_bf16():
+        print(f"warning: --{setting}=bfloat16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 in "
+              f"/proc/cpuinfo): torch emulates bf16 products here, several times slower than float32; "
+              f"--{setting}=float32 is faster", file=sys.stderr, flush=True)
+
+
 def autocast(device_type: str, dtype: str):
     """Mixed precision for a forward pass: nothing for float32, torch.autocast otherwise."""
     if dtype == "float32":
@@ -350,6 +360,8 @@ def init_runtime(device="auto", dtype="auto", seed=1337, backend="auto", threads
         raise ConfigError(f"backend={backend!r}: use auto, nccl or gloo")
     if backend == "nccl" and device_type != "cuda":  # also without torchrun: it says a GPU run was meant
         raise ConfigError(f"backend=nccl needs CUDA GPUs, but the device is {dev}: use --backend=gloo (or auto) on CPU")
+    if rank == 0:
+        warn_slow_bf16(rt.dtype, device_type)
     if ddp:
         import torch.distributed as dist
         if device_type == "cuda":

@@ -25,7 +25,8 @@ from functools import partial
 import torch
 
 from checkpoint import load_model
-from configurator import DTYPES, autocast, configure, resolve_device, resolve_dtype, run_script, settings_from
+from configurator import (DTYPES, autocast, configure, resolve_device, resolve_dtype, run_script, settings_from,
+                          warn_slow_bf16)
 from dataset import dataset_dir, load_meta, open_tokens
 from delta import load_with_delta
 from fidelity import (chat_answers, chat_report, compare_on_windows, default_questions_path, fixed_windows,
@@ -139,6 +140,7 @@ def main(argv):
     s, _ = configure(DEFAULTS, argv, __doc__, CHOICES)
     found, qs = check(s)
     dev = resolve_device(s.device)
+    warn_slow_bf16(s.dtype, dev.split(":")[0])
     student, student_ckpt = load_with_delta(s.init_from, s.delta) if s.delta else load_model(s.init_from)
     teacher, teacher_ckpt = load_model(s.teacher)
     identity = check_pair(student_ckpt, teacher_ckpt, s)

@@ -42,8 +42,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configurator import ConfigError, apply_threads, configure, run_script, settings_from  # noqa: E402
+from configurator import (ConfigError, apply_threads, configure, resolve_device, run_script,  # noqa: E402
+                          settings_from, warn_slow_bf16)
 from model import LlamaConfig  # noqa: E402
+from speed import cpu_multiplies_bf16  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out = "out-keep-skills-results"  # results.json/.md, pareto.png, the deltas
@@ -79,7 +81,9 @@ lora_alpha = 32.0
 local_iters = 40             # train_set=consumers_qo: layer-local distillation steps after the switch
 local_lr = 1e-3
 iters = 200                  # KL distillation steps (iters x batch_size x block_size tokens)
-distill_dtype = "bfloat16"   # the distillation's precision: bfloat16 (autocast; fp32 weights and adapters) or float32
+distill_dtype = "auto"       # the distillation's precision: bfloat16 (autocast; fp32 weights and adapters) or float32;
+                             # auto: bfloat16 on a GPU or a CPU with bf16 instructions (1.6-1.9x fp32 on a Zen 4),
+                             # float32 on other CPUs (a bf16 step took ~19x as long on a Zen 3: docs/keep_skills.md)
 batch_size = 4
 block_size = 256
 learning_rate = 1e-3         # cosine to a tenth of it after iters // 10 warm-up steps (2e-4 moved the consumers'
@@ -88,7 +92,8 @@ eval_tokens = 65_536         # scored positions per held-out set
 eval_sets = "selfgen,plays,bible"  # evaluate.py's names (selfgen reads data/smollm2_selfgen) or .bin paths
 eval_block_size = 512        # evaluation window length
 eval_dtype = "float32"       # the held-out sets' precision (evaluate.py --dtype; the chat runs in float32): bfloat16
-                             # autocast is ~1.6x faster and moved the KV-0.73 figures by <= 0.001 (docs/keep_skills.md)
+                             # autocast is ~1.6x faster on a Zen 4 (2.6x slower on an AVX2-only Zen 3) and moved the
+                             # KV-0.73 figures by <= 0.001 (docs/keep_skills.md)
 chat = True                  # the chat questions
 questions = ""               # '' = data/chat_questions.json
 reuse = False                # keep phases whose record shows the same command finished
@@ -404,8 +409,11 @@ def write_results(results, s):
 
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
-                                                      "sharing": tuple(SHARING), "distill_dtype": tuple(PRECISION),
+                                                      "sharing": tuple(SHARING), "distill_dtype": ("auto", *PRECISION),
                                                       "gen_dtype": tuple(PRECISION), "eval_dtype": tuple(PRECISION)})
+    device_type = resolve_device("auto").split(":")[0]  # where the phases run (each resolves device=auto alike)
+    if s.distill_dtype == "auto":
+        s.distill_dtype = "bfloat16" if device_type != "cpu" or cpu_multiplies_bf16() else "float32"
     if s.sharing == "attention":
         if s.train_set != "lora" or ("criterion" in explicit and s.criterion != "attention"):
             wrong = "train_set=consumers_qo (K/V consumers' q/o)" if s.train_set != "lora" else f"criterion={s.criterion}"
@@ -433,6 +441,8 @@ def main(argv):
             raise ConfigError(f"--beside={path}: not a results.json of this script ({type(e).__name__}: {e})") from None
     if s.mix:
         check_mix(s)
+    for key in ("distill_dtype", "eval_dtype"):  # not gen_dtype: the decoding kernel reads bf16 weights on any x86
+        warn_slow_bf16(getattr(s, key), device_type, key)
     s.threads = apply_threads(s.threads, children=True)
     os.makedirs(s.out, exist_ok=True)
     common = [f"--threads={s.threads}"]

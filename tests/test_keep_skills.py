@@ -6,6 +6,7 @@ import json
 
 import torch
 
+import speed
 from checkpoint import load_model
 from delta import load_with_delta
 from test_selfgen import PROMPTS, save_tiny
@@ -55,17 +56,22 @@ def test_keep_skills_quick_end_to_end_and_reuse(tmp_path):
     assert again["models"]["kv1"]["phase_s"] == row["phase_s"]
 
 
-def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path):
+def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path, monkeypatch, capsys):
     """train_set=lora: no conversion phase, the run trains adapters over the teacher itself, and the shipped
-    delta is those adapters: base + delta gives the trained run's logits (fp32 adapters, merged)."""
+    delta is those adapters: base + delta gives the trained run's logits (fp32 adapters, merged). The default
+    distill_dtype=auto is bf16 autocast where the CPU has bf16 instructions, fp32 where it has none."""
     from checkpoint import load_checkpoint
     from delta import read_delta
     from lora import merge_lora, model_from_lora_checkpoint
     exp = importlib.import_module("experiments.keep_skills")
     teacher = tmp_path / "teacher.pt"
     save_tiny(teacher)
+    monkeypatch.setattr(exp, "resolve_device", lambda name: "cpu")
+    monkeypatch.setattr(speed, "cpu_flags", lambda: "flags : avx2 fma avx512f avx512_bf16")
     row = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--learning_rate=1e-2",
               "--gen_dtype=bfloat16", "--eval_dtype=bfloat16")["models"]["kv1"]
+    distill_cmd = json.loads((tmp_path / "runs" / "kv1" / "distillation.json").read_text())["cmd"]
+    assert "--dtype=bfloat16" in distill_cmd  # auto, on a CPU with bf16 instructions
     generation = json.loads((tmp_path / "runs" / "generation.json").read_text())
     assert "--dtype=bfloat16" in generation["cmd"]  # the teacher sampled in bf16, as its data's record says
     assert row["evaluation"]["settings"]["dtype"] == "bfloat16"  # the held-out sets scored in bf16 autocast
@@ -84,13 +90,17 @@ def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path):
     assert (shipped(x)[0] - teacher_model(x)[0]).abs().max() > 1e-3  # the student is not the teacher
     # --mix: the generated text plus runs of another dataset's (here: its own, again) is the distillation's text
     data = tmp_path / "data"
+    monkeypatch.setattr(speed, "cpu_flags", lambda: "flags : avx2 fma f16c")
+    capsys.readouterr()
     again = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--learning_rate=1e-2", "--reuse=True",
-                f"--mix={data}:100")
+                f"--mix={data}:100", "--eval_dtype=bfloat16")
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --")]
+    assert len(warned) == 1 and "--eval_dtype=bfloat16" in warned[0] and "without bf16 instructions" in warned[0]
     assert again["mix_s"] >= 0 and again["models"]["kv1"]["phase_s"]["calibration"] == row["phase_s"]["calibration"]
     mixed = tmp_path / "runs" / "mix"
     assert (mixed / "train.bin").stat().st_size == (data / "train.bin").stat().st_size + 100 * 2
     distill_cmd = json.loads((tmp_path / "runs" / "kv1" / "distillation.json").read_text())["cmd"]
-    assert f"--dataset={mixed}" in distill_cmd and "--dtype=bfloat16" in distill_cmd  # the default precision
+    assert f"--dataset={mixed}" in distill_cmd and "--dtype=float32" in distill_cmd  # auto, without bf16 instructions
 
 
 def test_keep_skills_bad_share_is_one_line(tmp_path, capsys):
