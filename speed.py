@@ -49,15 +49,17 @@ class StreamingLinear(nn.Linear):
     fast kernel (a 1024^3 bf16 product at 0.3 GFLOP/s against fp32's 20). On a CPU that multiplies bf16
     (AVX-512 BF16, AMX) torch's product is fast too, and from 17 rows on it beat the kernel (32 rows: 94 against
     118 ms of products a SmolLM2 step, on the Zen 4 measured), so there bf16 weights take the kernel up to
-    BF16_CPU_ROWS rows. fp32 weights keep F.linear. So do prefill and training (more rows) and the GPU."""
+    BF16_CPU_ROWS rows. fp32 weights take it for 2 to FP32_CPU_ROWS rows: on a CPU without AVX-512, where BLAS has
+    no wider vectors than the kernel. Prefill and training (more rows) and the GPU keep F.linear."""
 
     stream_rows = 64  # most rows for the kernel; 1 (set per module) with use_kernel False: the old path, for comparison
-    use_kernel = True  # bf16/fp16 rows through matvec; False (per module or class): inductor's loop, F.linear
+    use_kernel = True  # half-precision rows (fp32: FP32_CPU_ROWS) through matvec; False (per module or class): the old path
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        most = min(self.stream_rows, BF16_CPU_ROWS) if self.weight.dtype == torch.bfloat16 else self.stream_rows
-        if self.use_kernel and self.weight.dtype in HALF and kernel_applies(x, self.weight, most):
+        most = min(self.stream_rows, CPU_ROWS.get(self.weight.dtype, self.stream_rows))
+        fp32_rows = self.weight.dtype == torch.float32 and rows > 1  # one fp32 row: inductor's loop beat the kernel
+        if self.use_kernel and (self.weight.dtype in HALF or fp32_rows) and kernel_applies(x, self.weight, most):
             return matvec(x, self.weight)
         if x.device.type == "cpu" and rows == 1 and torch.compiler.is_compiling():
             return (x.unsqueeze(-2) * self.weight).sum(-1)
@@ -85,6 +87,12 @@ def cpu_multiplies_bf16() -> bool:
 
 # where the CPU multiplies bf16 itself, torch's bf16 product beats the kernel above this many rows (measured)
 BF16_CPU_ROWS = 16 if cpu_multiplies_bf16() else 1 << 30
+# fp32 weights: the kernel's loop for a few rows is AVX2 (8 floats a vector). Without AVX-512 BLAS has nothing wider,
+# and on an AVX2-only Zen 3 the kernel took 77-120 ms for a SmolLM2 step's 211 products at 16 rows, F.linear 196-265
+# (docs/bench.md, "fp32 rows on a CPU without AVX-512"). With AVX-512 (not measured there), or without the kernel's
+# vector loops (AVX2, FMA, F16C: elsewhere it runs the plain definition), F.linear stays
+FP32_CPU_ROWS = 1 << 30 if {"avx2", "fma", "f16c"} <= set(cpu_flags().split()) and "avx512f" not in cpu_flags() else 1
+CPU_ROWS = {torch.bfloat16: BF16_CPU_ROWS, torch.float32: FP32_CPU_ROWS}
 
 
 # -----------------------------------------------------------------------------

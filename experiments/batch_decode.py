@@ -10,8 +10,8 @@ StreamingLinear.stream_rows, 64; of bf16 on a CPU that multiplies bf16, 16: F.li
 Each (dtype, batch) builds both paths on the same weights (random, bench.py's smollm2 preset shape, or
 --model=FILE), compiles their decode steps (untimed warm-up), then times prefill + new_tokens greedy
 steps with benchmarking.Decoder, bench.py's decode loop, in rounds that alternate the two paths.
-fp32 weights run the same code on both paths (F.linear for more rows, inductor's loop for one: it beat the
-kernel there), so they are timed once. Reported:
+fp32 weights run the same code on both paths at batch 1 (inductor's loop: it beat the kernel there), and at
+more rows on a CPU with AVX-512 (F.linear; speed.FP32_CPU_ROWS), so they are timed once there. Reported:
 median tokens/s and the range over the rounds; ratios to batch 1 of the same dtype.
 """
 
@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import benchmarking as H  # noqa: E402
 import model as M  # noqa: E402
+import speed  # noqa: E402
 from configurator import DTYPES, apply_threads, configure, run_script, settings_from  # noqa: E402
 from guards import check_not_tracked  # noqa: E402
 from speed import HALF, StreamingLinear  # noqa: E402
@@ -78,7 +79,7 @@ def time_batch(base, dtype, B, s):
     gen = torch.Generator().manual_seed(s.seed + B)
     prompt = torch.randint(base.config.vocab_size, (B, s.prompt_len), generator=gen)
     models = {"streaming": copy.deepcopy(base).to(dtype)}
-    if dtype in HALF:  # fp32 weights take the same products on both paths: nothing to compare
+    if dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products on both paths
         models["old"] = copy.deepcopy(base).to(dtype)
     decoders = {}
     for name, m in models.items():

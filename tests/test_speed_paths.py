@@ -512,3 +512,52 @@ def test_batched_bf16_decode_gives_batch_one_tokens_through_the_kernel(compiled)
         assert torch.equal(batched[b, :n], ones_tokens[b, :n])
         compared += n
     assert compared >= 0.25 * 16 * 12  # the check covered a good share of the steps (bf16 logits are coarse)
+
+
+@pytest.mark.parametrize("avx512", [False, True])
+def test_fp32_rows_take_the_kernel_only_where_blas_has_no_wider_vectors(avx512, monkeypatch):
+    """fp32 weights: 2 to stream_rows rows go through speed.matvec on a CPU without AVX-512 (FP32_CPU_ROWS),
+    F.linear with it; one row never (inductor's loop, or F.linear eager). Either way the product is F.linear's
+    to fp32 summation."""
+    calls = []
+    monkeypatch.setattr(speed, "matvec", lambda x, w: calls.append(x.shape) or torch.ops.speed.matvec(x, w))
+    monkeypatch.setitem(speed.CPU_ROWS, torch.float32, 1 if avx512 else 1 << 30)
+    lin = speed.StreamingLinear(96, 40, bias=False)
+    with torch.no_grad():
+        for rows in (1, 2, 16, 64, 65):
+            x = torch.randn(rows, 1, 96)
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+    assert [s[0] for s in calls] == ([] if avx512 else [2, 16, 64])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_batched_fp32_decode_without_avx512_gives_the_plain_models_tokens(compiled, monkeypatch):
+    """16 fp32 rows through the kernel (as on a CPU without AVX-512) give the plain model's greedy tokens and its
+    logits to fp32 rounding, eager and compiled; the compiled graph calls the kernel and no BLAS product."""
+    from torch._inductor.utils import run_and_get_code
+    monkeypatch.setitem(speed.CPU_ROWS, torch.float32, 1 << 30)
+    plain = tiny("0,0,2,3", "0,1,2,2", seed=9)
+    with torch.no_grad():  # spread the logits so that greedy picks are clear
+        for p in plain.parameters():
+            p.mul_(8 if p.dim() == 2 else 1)
+    model = speed.use_decode_paths(copy.deepcopy(plain))
+    prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
+    step = speed.compile_decode_step(model) if compiled else model.decode_step
+    with torch.no_grad():
+        if compiled:
+            (tokens, logits), code = run_and_get_code(batched_greedy, model, prompt, 12, step)
+            code = "\n".join(code)
+            assert op_calls(code, "speed::matvec") > 0 and blas_calls(code) == []
+        else:
+            tokens, logits = batched_greedy(model, prompt, 12, step)
+        plain_tokens, plain_logits = batched_greedy(plain, prompt, 12, plain.decode_step)
+    spread = float(plain_logits.max() - plain_logits.min())
+    assert torch.equal(tokens[:, :1], plain_tokens[:, :1])
+    err = (logits[:, :1] - plain_logits[:, :1]).abs().max()  # the same inputs on both paths: fp32 sums in another order
+    assert err <= 1e-4 * spread
+    top2 = plain_logits.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * err  # a choice no rounding of that size can flip
+    for b in range(16):  # up to the plain model's first close call the rows see the same tokens
+        n = int((~clear[b]).nonzero()[0]) if (~clear[b]).any() else 12
+        assert torch.equal(tokens[b, :n], plain_tokens[b, :n])
+    assert clear.float().mean() > 0.9  # fp32 logits: nearly every step was compared

@@ -41,7 +41,7 @@ max_new_tokens = 256         # per document
 chat_fraction = 0.5          # share of documents that are chat turns (the rest: free text from BOS)
 prompts = ""                 # a file of prompts, one a line ('' = selfgen.chat_prompts())
 device = "auto"
-dtype = "float32"            # float32, or bfloat16 (faster on a Zen 4 and on an AVX2-only Zen 3: docs/evaluate.md; other samples)
+dtype = "float32"            # float32, or bfloat16 (faster on a Zen 4; on an AVX2-only Zen 3 as fast: docs/evaluate.md; other samples)
 compile = True               # compile the decode step (selfgen.compiled_decode_step): one graph per batch
                              # size, compiled in the first batch (a minute or two); False: eager
 # -----------------------------------------------------------------------------
