@@ -475,27 +475,52 @@ def batched_greedy(model, prompt, n, step):
     return torch.stack(tokens, 1), torch.stack(seen, 1)
 
 
+def spread_tiny(dtype):
+    """The tiny shared model in dtype, its weights x8: GPT-2's 0.02 init gives near-uniform logits, and greedy
+    picks among them are not clear."""
+    plain = tiny("0,0,2,3", "0,1,2,2", seed=9).to(dtype)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.mul_(8 if p.dim() == 2 else 1)
+    return plain
+
+
+def greedy_rows(model, prompt, step, compiled):
+    """batched_greedy through step; compiled, the graph must call the kernel and no BLAS product."""
+    from torch._inductor.utils import run_and_get_code
+    if not compiled:
+        return batched_greedy(model, prompt, 12, step)
+    result, code = run_and_get_code(batched_greedy, model, prompt, 12, step)
+    code = "\n".join(code)
+    assert op_calls(code, "speed::matvec") > 0 and blas_calls(code) == []
+    return result
+
+
+def same_until_a_close_call(tokens, ref_tokens, ref_logits, err):
+    """Each row's tokens equal the reference's up to its first choice that a logit error of err could flip;
+    returns how many steps were compared."""
+    top2 = ref_logits.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * err
+    compared = 0
+    for b in range(tokens.shape[0]):
+        n = int((~clear[b]).nonzero()[0]) if (~clear[b]).any() else tokens.shape[1]
+        assert torch.equal(tokens[b, :n], ref_tokens[b, :n])
+        compared += n
+    return compared
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_batched_bf16_decode_gives_batch_one_tokens_through_the_kernel(compiled):
     """16 rows decoded together (bf16, speed.matvec's rows for every projection and the head) give each row's
     batch-1 greedy tokens wherever batch 1's choice is clear, eager and compiled; the compiled graph calls
     the kernel and no BLAS product on the weights; logits within a stated bound of the plain model's."""
-    from torch._inductor.utils import run_and_get_code
-    plain = tiny("0,0,2,3", "0,1,2,2", seed=9).to(torch.bfloat16)
-    with torch.no_grad():  # GPT-2's 0.02 init gives near-uniform logits: spread them so greedy picks are clear
-        for p in plain.parameters():
-            p.mul_(8 if p.dim() == 2 else 1)
+    plain = spread_tiny(torch.bfloat16)
     model = speed.use_decode_paths(copy.deepcopy(plain))
     prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
     step = speed.compile_decode_step(model) if compiled else model.decode_step
     with torch.no_grad():
         ones = [batched_greedy(model, prompt[b:b + 1], 12, step) for b in range(16)]
-        if compiled:
-            (batched, logits), code = run_and_get_code(batched_greedy, model, prompt, 12, step)
-            code = "\n".join(code)
-            assert op_calls(code, "speed::matvec") > 0 and blas_calls(code) == []
-        else:
-            batched, logits = batched_greedy(model, prompt, 12, step)
+        batched, logits = greedy_rows(model, prompt, step, compiled)
         plain_tokens, plain_logits = batched_greedy(plain, prompt, 12, plain.decode_step)
     ones_tokens, ones_logits = torch.cat([t for t, _ in ones]), torch.cat([lg for _, lg in ones])
     assert torch.equal(batched[:, :1], plain_tokens[:, :1]) and torch.equal(batched[:, :1], ones_tokens[:, :1])
@@ -504,14 +529,8 @@ def test_batched_bf16_decode_gives_batch_one_tokens_through_the_kernel(compiled)
     bound = 0.02 * (plain_logits.max() - plain_logits.min())
     err = (logits[:, 1] - ones_logits[:, 1]).abs().max()
     assert err <= bound and (logits[:, 1] - plain_logits[:, 1]).abs().max() <= bound
-    top2 = ones_logits.topk(2, dim=-1).values
-    clear = (top2[..., 0] - top2[..., 1]) > 2 * err  # a choice no rounding of that size can flip
-    compared = 0
-    for b in range(16):  # up to batch 1's first close call the rows see the same tokens
-        n = int((~clear[b]).nonzero()[0]) if (~clear[b]).any() else 12
-        assert torch.equal(batched[b, :n], ones_tokens[b, :n])
-        compared += n
-    assert compared >= 0.25 * 16 * 12  # the check covered a good share of the steps (bf16 logits are coarse)
+    # the check covered a good share of the steps (bf16 logits are coarse)
+    assert same_until_a_close_call(batched, ones_tokens, ones_logits, err) >= 0.25 * 16 * 12
 
 
 @pytest.mark.parametrize("avx512", [False, True])
@@ -534,30 +553,15 @@ def test_fp32_rows_take_the_kernel_only_where_blas_has_no_wider_vectors(avx512, 
 def test_batched_fp32_decode_without_avx512_gives_the_plain_models_tokens(compiled, monkeypatch):
     """16 fp32 rows through the kernel (as on a CPU without AVX-512) give the plain model's greedy tokens and its
     logits to fp32 rounding, eager and compiled; the compiled graph calls the kernel and no BLAS product."""
-    from torch._inductor.utils import run_and_get_code
     monkeypatch.setitem(speed.CPU_ROWS, torch.float32, 1 << 30)
-    plain = tiny("0,0,2,3", "0,1,2,2", seed=9)
-    with torch.no_grad():  # spread the logits so that greedy picks are clear
-        for p in plain.parameters():
-            p.mul_(8 if p.dim() == 2 else 1)
+    plain = spread_tiny(torch.float32)
     model = speed.use_decode_paths(copy.deepcopy(plain))
     prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
     step = speed.compile_decode_step(model) if compiled else model.decode_step
     with torch.no_grad():
-        if compiled:
-            (tokens, logits), code = run_and_get_code(batched_greedy, model, prompt, 12, step)
-            code = "\n".join(code)
-            assert op_calls(code, "speed::matvec") > 0 and blas_calls(code) == []
-        else:
-            tokens, logits = batched_greedy(model, prompt, 12, step)
+        tokens, logits = greedy_rows(model, prompt, step, compiled)
         plain_tokens, plain_logits = batched_greedy(plain, prompt, 12, plain.decode_step)
-    spread = float(plain_logits.max() - plain_logits.min())
     assert torch.equal(tokens[:, :1], plain_tokens[:, :1])
     err = (logits[:, :1] - plain_logits[:, :1]).abs().max()  # the same inputs on both paths: fp32 sums in another order
-    assert err <= 1e-4 * spread
-    top2 = plain_logits.topk(2, dim=-1).values
-    clear = (top2[..., 0] - top2[..., 1]) > 2 * err  # a choice no rounding of that size can flip
-    for b in range(16):  # up to the plain model's first close call the rows see the same tokens
-        n = int((~clear[b]).nonzero()[0]) if (~clear[b]).any() else 12
-        assert torch.equal(tokens[b, :n], plain_tokens[b, :n])
-    assert clear.float().mean() > 0.9  # fp32 logits: nearly every step was compared
+    assert err <= 1e-4 * (plain_logits.max() - plain_logits.min())
+    assert same_until_a_close_call(tokens, plain_tokens, plain_logits, err) >= 0.9 * 16 * 12  # fp32: nearly all
