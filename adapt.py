@@ -25,14 +25,18 @@ teacher teaches. Run this file to calibrate a dense model, or to convert it:
         --local_iters=100 --out=out-shakespeare-char-dense/upper_half.pt
 """
 
+import hashlib
 import os
 import sys
+import time
 from dataclasses import dataclass
 
+import numpy
 import torch
 import torch.nn.functional as F
 
-from checkpoint import SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint, share_attn_state, share_kv_state
+from checkpoint import (SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint, share_attn_state, share_kv_state,
+                        weights_sha256)
 from configurator import ConfigError, apply_threads, configure, run_script, settings_from
 from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
 from guards import claim_destination
@@ -90,6 +94,10 @@ TRAINING_SETTINGS = dict(
     distill_hidden_layers="",   # e.g. '10,20' (EchoAtt: the boundaries of the shared blocks)
     distill_iters=0,            # stage 1 length; then plain CE without the teacher (stage 2). 0: the whole run
     distill_teacher="",         # the teacher's checkpoint; '' = the init_from file (name it when resuming)
+    distill_cache="",           # a file of the teacher's top distill_cache_topk log-probabilities for every batch
+                                # this run draws (TeacherTopK): made before step 0 when missing, reused by runs
+                                # that draw the same batches; the steps then run no teacher forward. '' = none
+    distill_cache_topk=64,      # k: the KL runs over the teacher's k likeliest tokens and one bucket for the rest
 )
 
 ORDERS = ("top-down", "bottom-up", "similarity")
@@ -263,8 +271,29 @@ def distillation_loss(logits, teacher_logits, targets, alpha, temperature, argma
     data = 1 - alpha - argmax if data is None else data
     vocab = logits.size(-1)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
-    return FusedDistillationLoss.apply(logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab),
-                                       targets.reshape(-1), (data, alpha, argmax), temperature, need_grad)
+    if isinstance(teacher_logits, tuple):  # the teacher's top k (TeacherTopK): (token ids, log-probabilities)
+        if temperature != 1:
+            raise ValueError("the teacher's top-k log-probabilities are at temperature 1: set distill_temperature=1")
+        teacher = tuple(t.reshape(-1, t.size(-1)) for t in teacher_logits)
+    else:
+        teacher = teacher_logits.detach().reshape(-1, vocab)
+    return FusedDistillationLoss.apply(logits.reshape(-1, vocab), teacher, targets.reshape(-1),
+                                       (data, alpha, argmax), temperature, need_grad)
+
+
+def top_k_kl(log_q, top_index, top_logprob):
+    """Per row, KL(teacher || student) over the teacher's k likeliest tokens and one bucket for the rest of the
+    vocabulary, and p~, the teacher's side of its gradient: d KL / dz = softmax(z) - p~, where p~ is the
+    teacher's probability on its k tokens and spreads the rest of its mass r over the other tokens as the
+    student does (r q_j / q_rest; p~ sums to 1). Exact for the two coarsened distributions: with k = vocab - 1
+    the bucket is one token and this is the full KL. log_q: the student's log-softmax rows."""
+    p_top = top_logprob.exp()
+    log_rest = torch.log(-torch.expm1(top_logprob.logsumexp(-1).clamp(max=0)))  # log r, -inf when k hold it all
+    log_q_rest = log_q.scatter(1, top_index, float("-inf")).logsumexp(-1)
+    has_rest = log_rest > float("-inf")
+    shift = torch.where(has_rest, log_rest - log_q_rest, float("-inf"))  # log(r / q_rest)
+    kl = (p_top * (top_logprob - log_q.gather(1, top_index))).sum(-1) + torch.where(has_rest, log_rest.exp() * shift, 0.0)
+    return kl, (log_q + shift[:, None]).exp().scatter_(1, top_index, p_top)
 
 
 class FusedDistillationLoss(torch.autograd.Function):
@@ -289,13 +318,22 @@ class FusedDistillationLoss(torch.autograd.Function):
             log_p = z.log_softmax(-1)
             g = (log_p.exp().mul_(soft) if soft else torch.zeros_like(z)) if need_grad else None
             per_row = torch.zeros(len(y), device=z.device)
-            t = t_all[s:s + KL_CHUNK_ROWS].float() if alpha or argmax else None
-            cross_entropies = ([(data, y.clamp(min=0))] if data else []) + ([(argmax, t.argmax(-1))] if argmax else [])
+            if isinstance(t_all, tuple):  # the teacher's top k, its argmax first (TeacherTopK)
+                t, top = None, (t_all[0][s:s + KL_CHUNK_ROWS], t_all[1][s:s + KL_CHUNK_ROWS].float())
+            else:
+                t, top = t_all[s:s + KL_CHUNK_ROWS].float() if alpha or argmax else None, None
+            teacher_argmax = (top[0][:, 0] if top is not None else t.argmax(-1)) if argmax else None
+            cross_entropies = ([(data, y.clamp(min=0))] if data else []) + ([(argmax, teacher_argmax)] if argmax else [])
             for weight, token in cross_entropies:  # against the data's tokens, and against the teacher's argmax
                 per_row -= weight * log_p[rows, token]
                 if need_grad:
                     g[rows, token] -= weight
-            if alpha:
+            if alpha and top is not None:  # temperature 1 (distillation_loss checks)
+                kl, p_teacher = top_k_kl(log_p, *top)
+                per_row += alpha * kl
+                if need_grad:
+                    g.sub_(p_teacher, alpha=alpha)
+            elif alpha:
                 log_q = log_p if unit_t else (z / temperature).log_softmax(-1)
                 log_pt = (t if unit_t else t / temperature).log_softmax(-1)
                 p_t = log_pt.exp()
@@ -393,9 +431,9 @@ def saved_similarity(path, n_layer, setting="similarity"):
     return similarity
 
 
-def setup_distillation(s, student, device):
+def setup_distillation(s, student, rt, sampler):
     """(teacher, Distillation, (student, teacher) HiddenTaps or None) for train.py's distill_* settings s;
-    (None, None, None) when no weight is above 0."""
+    (None, None, None) when no weight is above 0. With distill_cache the teacher is a TeacherTopK."""
     if s.distill_alpha + s.distill_argmax + s.distill_hidden <= 0:
         return None, None, None
     teacher_path = s.distill_teacher or (s.init_from if s.init_from not in ("scratch", "resume") else "")
@@ -403,11 +441,100 @@ def setup_distillation(s, student, device):
         raise ConfigError("distillation needs its teacher: set distill_teacher=<the dense checkpoint adaptation "
                           "started from> (init_from is not a file here)")
     layers = tuple(parse_layer_list(s.distill_hidden_layers, student.config.n_layer, "distill_hidden_layers"))
-    teacher = load_teacher(teacher_path, student.config, device)
+    if s.distill_cache:
+        check_distill_cache(s, student.config.vocab_size, rt.world_size)
+    teacher, teacher_ckpt = load_teacher(teacher_path, student.config, rt.device)
+    if s.distill_cache:
+        steps = min(s.max_iters, s.distill_iters) if s.distill_iters else s.max_iters
+        record = {"teacher_sha256": weights_sha256(teacher_ckpt), "data_sha256": tokens_sha256(sampler.data),
+                  "seed": sampler.seed, "batch_size": s.batch_size, "block_size": s.block_size,
+                  "micro_steps": s.gradient_accumulation_steps, "k": s.distill_cache_topk, "dtype": rt.dtype,
+                  "steps": steps}
+        teacher = (TeacherTopK.open(s.distill_cache, record) if os.path.exists(s.distill_cache) else
+                   TeacherTopK.build(s.distill_cache, record, teacher, sampler, rt.autocast))
     distill = Distillation(s.distill_alpha, s.distill_argmax, s.distill_hidden, s.distill_temperature, layers,
                            s.distill_iters)
     taps = (HiddenTap(student, layers), HiddenTap(teacher, layers)) if s.distill_hidden else None
     return teacher, distill, taps
+
+
+def check_distill_cache(s, vocab_size, world_size):
+    if not 1 <= s.distill_cache_topk < vocab_size:
+        raise ConfigError(f"distill_cache_topk={s.distill_cache_topk}: must lie in 1..{vocab_size - 1} (the "
+                          f"vocabulary has {vocab_size} tokens; the rest of it is one bucket)")
+    if s.distill_temperature != 1 or s.distill_hidden:
+        raise ConfigError("distill_cache keeps the teacher's log-probabilities at temperature 1 and no hidden states: "
+                          "set distill_temperature=1 and distill_hidden=0, or unset distill_cache")
+    if world_size > 1:
+        raise ConfigError("distill_cache serves a run of one process; under torchrun unset it (the teacher then "
+                          "runs at every step)")
+
+
+def tokens_sha256(data):
+    return hashlib.sha256(memoryview(numpy.ascontiguousarray(data))).hexdigest()
+
+
+def row_key(x):
+    """A window of tokens as a dictionary key (16 bytes of blake2b over its token ids)."""
+    return hashlib.blake2b(x.to("cpu", torch.int64).numpy().tobytes(), digest_size=16).digest()
+
+
+class TeacherTopK:
+    """The teacher's k likeliest tokens and their log-probabilities (temperature 1) at every position of every
+    batch a run draws, made once before step 0 and kept in a file with a record of what drew the batches, so
+    that the steps run no teacher forward and later runs on the same batches (another map, another trainable
+    set) reuse it. Called like the teacher, it answers a batch with ((token ids, log-probabilities), None);
+    distillation_loss then takes the KL over those tokens and one bucket for the rest (top_k_kl). The windows
+    are found by their tokens, so a resumed run finds its batches too."""
+
+    def __init__(self, keys, index, logprob):
+        self.rows = {bytes(k.tolist()): i for i, k in enumerate(keys)}
+        self.index, self.logprob = index, logprob
+
+    def __call__(self, X):
+        found = [self.rows.get(row_key(x)) for x in X]
+        if None in found:
+            raise RuntimeError("distill_cache holds no teacher output for this batch: it was made for other batches")
+        at = torch.tensor(found)
+        return (self.index[at].to(X.device, torch.int64), self.logprob[at].to(X.device)), None
+
+    @staticmethod
+    def build(path, record, teacher, sampler, autocast):
+        began, keys, index, logprob = time.time(), {}, [], []
+        for step in range(record["steps"]):
+            for micro in range(record["micro_steps"]):
+                X, _ = sampler.get("train", step, micro)
+                with torch.no_grad(), autocast():
+                    logits, _ = teacher(X)
+                top = logits.float().log_softmax(-1).topk(record["k"], dim=-1)  # sorted: the argmax first
+                for x, i, v in zip(X, top.indices, top.values):
+                    if keys.setdefault(row_key(x), len(keys)) == len(index):  # a window drawn twice is kept once
+                        index.append(i.to("cpu", torch.int32))
+                        logprob.append(v.cpu())
+            if (step + 1) % max(1, record["steps"] // 10) == 0 or step + 1 == record["steps"]:
+                print(f"distill_cache: the teacher's top {record['k']} for step {step + 1}/{record['steps']}, "
+                      f"{time.time() - began:.0f} s", flush=True)
+        key_rows = torch.tensor([list(k) for k in keys], dtype=torch.uint8)
+        saved = {"record": record, "keys": key_rows, "index": torch.stack(index), "logprob": torch.stack(logprob)}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save(saved, path + ".partial")
+        os.replace(path + ".partial", path)  # a run stopped while saving leaves no half file under the name
+        return TeacherTopK(key_rows, saved["index"], saved["logprob"])
+
+    @staticmethod
+    def open(path, record):
+        try:
+            saved = torch.load(path, weights_only=True, mmap=True)
+            made = saved["record"]
+        except Exception as e:
+            raise ConfigError(f"distill_cache={path} is not a file of the teacher's top-k from train.py "
+                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); name another file, "
+                              f"where it will be made") from None
+        for name, wanted in record.items():
+            if made.get(name) != wanted and not (name == "steps" and made.get(name, 0) >= wanted):
+                raise ConfigError(f"distill_cache={path} was made for other batches: {name}={made.get(name)!r} there, "
+                                  f"{wanted!r} in this run; name another file (made at the start) or remove that one")
+        return TeacherTopK(saved["keys"], saved["index"], saved["logprob"])
 
 
 def parse_layer_list(text, n_layer, name):
@@ -421,12 +548,12 @@ def parse_layer_list(text, n_layer, name):
 
 
 def load_teacher(path, student_config, device):
-    """The frozen dense teacher, at the student's context length (it sees the student's batches)."""
-    teacher, _ = load_model(path, block_size=student_config.block_size)
+    """(the frozen dense teacher at the student's context length (it sees the student's batches), its checkpoint)."""
+    teacher, ckpt = load_model(path, block_size=student_config.block_size)
     if teacher.config.vocab_size != student_config.vocab_size:
         raise ValueError(f"distill_teacher {path}: vocab_size {teacher.config.vocab_size} differs from the "
                          f"student's {student_config.vocab_size}")
-    return teacher.requires_grad_(False).to(device)
+    return teacher.requires_grad_(False).to(device), ckpt
 
 
 # -----------------------------------------------------------------------------

@@ -25,6 +25,8 @@ Every phase is a command of the project's own (printed, timed, its output in RUN
                                 are the whole delta, so the base stays the teacher; attention sharers have
                                 no q/k_proj to adapt)
                   consumers_qo  only the consumers' q_proj/o_proj (what the change touches, as SwiftKV)
+                with --teacher_topk=K the teacher's K likeliest tokens for every batch are made once, in the
+                first map's distillation (RUNS/teacher_topK.pt), and every map's steps read them
   delta         lora.py --adapters (the adapters, fp32) or delta.py (the changed tensors in bf16):
                 OUT/kvN.safetensors; results/smollm2-adapted/ holds the committed ones
   evaluation    evaluate.py --delta: the shipped delta on the base against the teacher, held-out generated
@@ -44,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configurator import (ConfigError, apply_threads, configure, resolve_device, run_script,  # noqa: E402
                           settings_from, warn_slow_bf16)
+from checkpoint import load_checkpoint  # noqa: E402
 from model import LlamaConfig  # noqa: E402
 from speed import cpu_multiplies_bf16  # noqa: E402
 
@@ -84,6 +87,10 @@ iters = 200                  # KL distillation steps (iters x batch_size x block
 distill_dtype = "auto"       # the distillation's precision: bfloat16 (autocast; fp32 weights and adapters) or float32;
                              # auto: bfloat16 on a GPU or a CPU with bf16 instructions (1.6-1.9x fp32 on a Zen 4),
                              # float32 on other CPUs (a bf16 step took ~19x as long on a Zen 3: docs/keep_skills.md)
+teacher_topk = 0             # 0: the teacher's forward runs at every distillation step; k > 0: its k likeliest tokens
+                             # for every batch are made once (RUNS/teacher_topK.pt, in the first map's distillation)
+                             # and every map's distillation reads them (train.py --distill_cache): the KL over
+                             # those k and one bucket for the rest; a step without the teacher's forward
 batch_size = 4
 block_size = 256
 learning_rate = 1e-3         # cosine to a tenth of it after iters // 10 warm-up steps (2e-4 moved the consumers'
@@ -172,6 +179,8 @@ def adapt_one(n, s, common, matrix=""):
     times["distillation"] = phase(f"{name}/distillation", "train.py", [
         f"--init_from={start}", f"--out_dir={trained}", *switch, *trainable,
         f"--distill_teacher={s.teacher}", "--distill_alpha=1.0",
+        *([f"--distill_cache={os.path.join(s.runs, f'teacher_top{s.teacher_topk}.pt')}",
+           f"--distill_cache_topk={s.teacher_topk}"] if s.teacher_topk else []),
         f"--dataset={distill_data(s)}", f"--batch_size={s.batch_size}", f"--block_size={s.block_size}",
         f"--dtype={s.distill_dtype}", "--compile=False", f"--max_iters={s.iters}", f"--learning_rate={s.learning_rate}",
         f"--min_lr={s.learning_rate / 10}", f"--warmup_iters={max(1, s.iters // 10)}", "--weight_decay=0.0",
@@ -407,6 +416,15 @@ def write_results(results, s):
         f.write("\n".join(lines) + "\n")
 
 
+def check_teacher(s):
+    if not os.path.isfile(os.path.join(ROOT, s.teacher) if not os.path.isabs(s.teacher) else s.teacher):
+        raise ConfigError(f"--teacher={s.teacher}: no such checkpoint; run .venv/bin/python data/smollm2/prepare.py")
+    vocab = load_checkpoint(s.teacher, mmap=True)["model_config"]["vocab_size"] if s.teacher_topk else 1
+    if not 0 <= s.teacher_topk < vocab:
+        raise ConfigError(f"--teacher_topk={s.teacher_topk}: give 0 (the teacher runs every step) or 1.."
+                          f"{vocab - 1} (the teacher's vocabulary has {vocab} tokens)")
+
+
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
                                                       "sharing": tuple(SHARING), "distill_dtype": ("auto", *PRECISION),
@@ -429,8 +447,7 @@ def main(argv):
     shares = [int(x) for x in s.share.split(",") if x.strip()]
     if not shares or min(shares) < 1:
         raise ConfigError(f"--share={s.share!r}: give layer counts >= 1, like 8,15")
-    if not os.path.isfile(os.path.join(ROOT, s.teacher) if not os.path.isabs(s.teacher) else s.teacher):
-        raise ConfigError(f"--teacher={s.teacher}: no such checkpoint; run .venv/bin/python data/smollm2/prepare.py")
+    check_teacher(s)
     beside = []
     for path in [p for p in s.beside.split(",") if p.strip()]:
         try:

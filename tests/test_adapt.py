@@ -593,3 +593,145 @@ def test_upward_freezing_of_a_tied_model_needs_no_backward_below_the_lowest_trai
     model.layers[3].input_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0].requires_grad))
     model(batch()[0], batch()[1])
     assert seen == [False, True]  # autograd records nothing below layer 2
+
+
+# ---- the teacher's top k, kept in a file (distill_cache)
+
+
+def coarsened_kl(z, teacher_logprobs, k):
+    """KL between the teacher and the student coarsened to the teacher's k likeliest tokens plus one bucket for
+    the rest, written out from softmax (autograd gives its gradient)."""
+    idx = teacher_logprobs.topk(k, dim=-1).indices
+    p, q = teacher_logprobs.exp(), z.softmax(-1)
+    p_top, q_top = p.gather(-1, idx), q.gather(-1, idx)
+    p_c = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    q_c = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    return torch.where(p_c > 0, p_c * (p_c.log() - q_c.log()), 0.0).sum(-1).mean()
+
+
+def top_k_of(teacher_logits, k):
+    top = teacher_logits.float().log_softmax(-1).topk(k, dim=-1)
+    return top.indices, top.values
+
+
+@pytest.mark.parametrize("k", [1, 5, 39])
+def test_top_k_kl_is_the_kl_of_the_coarsened_distributions_in_value_and_gradient(monkeypatch, k):
+    import adapt
+    monkeypatch.setattr(adapt, "KL_CHUNK_ROWS", 4)  # 18 rows: chunks of 4 and a short last one
+    torch.manual_seed(2)
+    teacher, targets = torch.randn(2, 9, 40) * 3, torch.randint(0, 40, (2, 9))
+    z = torch.randn(2, 9, 40, requires_grad=True)
+    got = distillation_loss(z * 3, top_k_of(teacher, k), targets, 1.0, 1.0)
+    got_grad, = torch.autograd.grad(got, z)
+    want = coarsened_kl(z * 3, teacher.log_softmax(-1), k)
+    want_grad, = torch.autograd.grad(want, z)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-4)
+    assert want_grad.abs().max() > 1e-3
+    if k == 39:  # the bucket is one token: the full KL, as the teacher's whole logits give it
+        full = distillation_loss(z * 3, teacher, targets, 1.0, 1.0)
+        torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_grad, torch.autograd.grad(full, z)[0], atol=1e-6, rtol=1e-4)
+
+
+def test_top_k_kl_where_the_teacher_puts_all_its_mass_on_k_tokens():
+    """r = 0: no bucket term; the gradient off the k tokens is the student's own probability."""
+    torch.manual_seed(3)
+    z = torch.randn(1, 3, 10, requires_grad=True)
+    index = torch.tensor([[[4, 7]] * 3])
+    logprob = torch.log(torch.tensor([[[0.75, 0.25]] * 3]))
+    got = distillation_loss(z, (index, logprob), torch.zeros(1, 3, dtype=torch.long), 1.0, 1.0)
+    got_grad, = torch.autograd.grad(got, z)
+    teacher = torch.full((1, 3, 10), -1e4)
+    teacher[..., 4], teacher[..., 7] = math.log(0.75), math.log(0.25)
+    want = coarsened_kl(z, teacher.log_softmax(-1), 2)
+    assert torch.isfinite(got) and torch.isfinite(got_grad).all()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, torch.autograd.grad(want, z)[0])
+    with pytest.raises(ValueError, match="temperature 1"):
+        distillation_loss(z, (index, logprob), torch.zeros(1, 3, dtype=torch.long), 1.0, 2.0)
+
+
+CACHED = ["--n_layer=4", "--max_iters=4", "--eval_interval=4", "--distill_alpha=1.0", "--adapt_target=0,1,1,3",
+          "--adapt_mode=abrupt", "--gradient_accumulation_steps=2"]
+
+
+def forward_calls(monkeypatch):
+    import model
+    calls, real = [], model.Llama.forward
+    monkeypatch.setattr(model.Llama, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_a_run_on_the_teachers_top_k_file_learns_as_from_the_teacher_and_a_second_run_reuses_it(
+        data_dir, dense_ckpt, tmp_path, monkeypatch, capsys):
+    vocab = torch.load(dense_ckpt, weights_only=True)["model_config"]["vocab_size"]
+    cache = tmp_path / "teacher_top.pt"
+    run(data_dir, tmp_path / "teacher", *CACHED, f"--init_from={dense_ckpt}")
+    run(data_dir, tmp_path / "made", *CACHED, f"--init_from={dense_ckpt}", f"--distill_cache={cache}",
+        f"--distill_cache_topk={vocab - 1}")
+    assert "distill_cache: the teacher's top" in capsys.readouterr().out
+    # k = vocab - 1 is the full KL: the same losses and weights as learning from the teacher at every step
+    teacher_losses, made_losses = train_losses(tmp_path / "teacher"), train_losses(tmp_path / "made")
+    assert sorted(made_losses) == list(range(4))
+    for i in range(4):
+        assert made_losses[i] == pytest.approx(teacher_losses[i], rel=1e-5)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("teacher", "made"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4)
+    # a second run with the same batches: no new file, no teacher forward, the very same run
+    stamp = os.stat(cache).st_mtime_ns
+    calls = forward_calls(monkeypatch)
+    run(data_dir, tmp_path / "reused", *CACHED, f"--init_from={dense_ckpt}", f"--distill_cache={cache}",
+        f"--distill_cache_topk={vocab - 1}")
+    assert "distill_cache:" not in capsys.readouterr().out and os.stat(cache).st_mtime_ns == stamp
+    assert train_losses(tmp_path / "reused") == made_losses
+    with_cache = len(calls)
+    calls.clear()
+    run(data_dir, tmp_path / "plain", *[a for a in CACHED if "distill" not in a], f"--init_from={dense_ckpt}")
+    assert with_cache == len(calls) > 0  # the student's forwards (steps, evaluation) and nothing more
+    # a smaller k: a coarser target, whose KL at step 0 (the same model and batch) is below the full one
+    # (coarsening two distributions never raises their KL), yet not zero
+    run(data_dir, tmp_path / "k2", *CACHED, f"--init_from={dense_ckpt}", f"--distill_cache={tmp_path / 'k2.pt'}",
+        "--distill_cache_topk=2")
+    assert 0 < train_losses(tmp_path / "k2")[0] < teacher_losses[0]
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--seed=7"], "seed=1337 there, 7 in this run"),
+    (["--batch_size=2"], "batch_size=4 there, 2 in this run"),
+    (["--max_iters=6", "--eval_interval=6"], "steps=4 there, 6 in this run"),
+    (["--distill_cache_topk=3"], "k=2 there, 3 in this run"),
+])
+def test_a_top_k_file_made_for_other_batches_is_refused_naming_the_difference(data_dir, dense_ckpt, tmp_path,
+                                                                              change, words):
+    from configurator import ConfigError
+    cache = tmp_path / "top.pt"
+    run(data_dir, tmp_path / "a", *CACHED, f"--init_from={dense_ckpt}", f"--distill_cache={cache}",
+        "--distill_cache_topk=2")
+    with pytest.raises(ConfigError, match=words):
+        run(data_dir, tmp_path / "b", *CACHED, f"--init_from={dense_ckpt}", f"--distill_cache={cache}",
+            "--distill_cache_topk=2", *change)
+    assert not os.path.exists(tmp_path / "b" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--distill_cache_topk=0"], "distill_cache_topk=0: must lie in 1.."),
+    (["--distill_cache_topk=100000"], "distill_cache_topk=100000: must lie in 1.."),
+    (["--distill_cache_topk=2", "--distill_temperature=2.0"], "set distill_temperature=1"),
+    (["--distill_cache_topk=2", "--distill_alpha=0.5", "--distill_hidden=0.2", "--distill_hidden_layers=1"], "distill_hidden=0"),
+])
+def test_bad_top_k_settings_are_refused_before_work(data_dir, dense_ckpt, tmp_path, change, words):
+    from configurator import ConfigError
+    with pytest.raises(ConfigError, match=words):
+        run(data_dir, tmp_path, *CACHED, f"--init_from={dense_ckpt}", f"--distill_cache={tmp_path / 'top.pt'}", *change)
+    assert not os.path.exists(tmp_path / "top.pt")
+
+
+def test_a_file_that_is_no_top_k_file_is_refused_in_one_line(data_dir, dense_ckpt, tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    rc = run_script(__import__("train").main, TINY + CACHED + [
+        f"--dataset={data_dir}", f"--out_dir={tmp_path / 'out'}", f"--init_from={dense_ckpt}",
+        f"--distill_cache={tmp_path / 'junk.pt'}", "--distill_cache_topk=2"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "is not a file of the teacher's top-k" in err, err

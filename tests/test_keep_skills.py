@@ -93,7 +93,7 @@ def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path, monkeypa
     monkeypatch.setattr(speed, "cpu_flags", lambda: "flags : avx2 fma f16c")
     capsys.readouterr()
     again = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--learning_rate=1e-2", "--reuse=True",
-                f"--mix={data}:100", "--eval_dtype=bfloat16")
+                f"--mix={data}:100", "--eval_dtype=bfloat16", "--teacher_topk=8")
     warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --")]
     assert len(warned) == 1 and "--eval_dtype=bfloat16" in warned[0] and "without bf16 instructions" in warned[0]
     assert again["mix_s"] >= 0 and again["models"]["kv1"]["phase_s"]["calibration"] == row["phase_s"]["calibration"]
@@ -101,6 +101,15 @@ def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path, monkeypa
     assert (mixed / "train.bin").stat().st_size == (data / "train.bin").stat().st_size + 100 * 2
     distill_cmd = json.loads((tmp_path / "runs" / "kv1" / "distillation.json").read_text())["cmd"]
     assert f"--dataset={mixed}" in distill_cmd and "--dtype=float32" in distill_cmd  # auto, without bf16 instructions
+    # --teacher_topk: the teacher's top 8 for every batch, made in the distillation and kept in the runs folder
+    cache = tmp_path / "runs" / "teacher_top8.pt"
+    assert f"--distill_cache={cache}" in distill_cmd and "--distill_cache_topk=8" in distill_cmd
+    assert torch.load(cache, weights_only=True)["index"].shape[-1] == 8
+    from configurator import run_script
+    for topk in ("-1", "99"):  # the tiny teacher has 99 tokens
+        assert run_script(exp.main, [f"--teacher={teacher}", f"--teacher_topk={topk}", f"--out={tmp_path / 'o'}"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--teacher_topk={topk}" in err[0] and "99 tokens" in err[0], err
 
 
 def test_keep_skills_bad_share_is_one_line(tmp_path, capsys):
