@@ -188,6 +188,8 @@ def adaptation_lines(s, adaptation, distill, frozen, n_layer):
         mix = " + ".join(f"{w:g} {name}" for w, name in weights if w)
         until = f"until iter {distill.iters}, then plain CE" if distill.iters else "for the whole run"
         teacher = s.distill_teacher or s.init_from
+        if s.distill_cache:  # adapt.TeacherTopK
+            teacher += f" (its top {s.distill_cache_topk} tokens from {s.distill_cache}; the rest one bucket)"
         lines.append(f"distillation: teacher {teacher}; loss = {mix}, {until} (the printed loss is this mix)")
     return lines
 

@@ -670,7 +670,8 @@ def test_a_run_on_the_teachers_top_k_file_learns_as_from_the_teacher_and_a_secon
     run(data_dir, tmp_path / "teacher", *CACHED, f"--init_from={dense_ckpt}")
     run(data_dir, tmp_path / "made", *CACHED, f"--init_from={dense_ckpt}", f"--distill_cache={cache}",
         f"--distill_cache_topk={vocab - 1}")
-    assert "distill_cache: the teacher's top" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "distill_cache: the teacher's top" in out and f"(its top {vocab - 1} tokens from {cache};" in out
     # k = vocab - 1 is the full KL: the same losses and weights as learning from the teacher at every step
     teacher_losses, made_losses = train_losses(tmp_path / "teacher"), train_losses(tmp_path / "made")
     assert sorted(made_losses) == list(range(4))
