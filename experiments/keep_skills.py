@@ -417,9 +417,10 @@ def write_results(results, s):
 
 
 def check_teacher(s):
-    if not os.path.isfile(os.path.join(ROOT, s.teacher) if not os.path.isabs(s.teacher) else s.teacher):
+    path = os.path.join(ROOT, s.teacher) if not os.path.isabs(s.teacher) else s.teacher  # the phases run in ROOT
+    if not os.path.isfile(path):
         raise ConfigError(f"--teacher={s.teacher}: no such checkpoint; run .venv/bin/python data/smollm2/prepare.py")
-    vocab = load_checkpoint(s.teacher, mmap=True)["model_config"]["vocab_size"] if s.teacher_topk else 1
+    vocab = load_checkpoint(path, mmap=True)["model_config"]["vocab_size"] if s.teacher_topk else 1
     if not 0 <= s.teacher_topk < vocab:
         raise ConfigError(f"--teacher_topk={s.teacher_topk}: give 0 (the teacher runs every step) or 1.."
                           f"{vocab - 1} (the teacher's vocabulary has {vocab} tokens)")
