@@ -47,8 +47,8 @@ class StreamingLinear(nn.Linear):
     A few rows (batched decoding, up to stream_rows) of bf16/fp16 weights go through matvec too: its loop for
     several rows reads each weight once for all of them. On an AVX2 CPU torch's half-precision matmul has no
     fast kernel (a 1024^3 bf16 product at 0.3 GFLOP/s against fp32's 20). On a CPU that multiplies bf16
-    (AVX-512 BF16, AMX) torch's product is fast too, and from 17 rows on it beat the kernel (32 rows: 94 against
-    118 ms of products a SmolLM2 step, on the Zen 4 measured), so there bf16 weights take the kernel up to
+    (AVX-512 BF16, AMX) torch's product is fast too, and beat the kernel from 17 rows on on the Zen 4 (32 rows: 94
+    against 118 ms of products a SmolLM2 step), from 5 on with AMX, so there bf16 weights take the kernel up to
     BF16_CPU_ROWS rows. fp32 weights take it for 2 to FP32_CPU_ROWS rows: on a CPU without AVX-512, where BLAS has
     no wider vectors than the kernel. Prefill and training (more rows) and the GPU keep F.linear."""
 
@@ -85,8 +85,10 @@ def cpu_multiplies_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 
-# where the CPU multiplies bf16 itself, torch's bf16 product beats the kernel above this many rows (measured)
-BF16_CPU_ROWS = 16 if cpu_multiplies_bf16() else 1 << 30
+# where the CPU multiplies bf16 itself, torch's bf16 product beats the kernel above this many rows (measured: 16 on
+# the Zen 4; on an Intel Xeon with AMX a SmolLM2 step's products at 8 rows took 31-33 ms either way, at 16 F.linear
+# 35-55 ms against the kernel's 65-138, 1-2 threads: docs/bench.md, "Batched rows on a CPU with AMX")
+BF16_CPU_ROWS = (4 if "amx_bf16" in cpu_flags().split() else 16) if cpu_multiplies_bf16() else 1 << 30
 # fp32 weights: the kernel's loop for a few rows is AVX2 (8 floats a vector). Without AVX-512 BLAS has nothing wider,
 # and on an AVX2-only Zen 3 the kernel took 77-120 ms for a SmolLM2 step's 211 products at 16 rows, F.linear 196-265
 # (docs/bench.md, "fp32 rows on a CPU without AVX-512"). With AVX-512 (not measured there), or without the kernel's

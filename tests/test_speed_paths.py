@@ -510,10 +510,12 @@ def same_until_a_close_call(tokens, ref_tokens, ref_logits, err):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_batched_bf16_decode_gives_batch_one_tokens_through_the_kernel(compiled):
+def test_batched_bf16_decode_gives_batch_one_tokens_through_the_kernel(compiled, monkeypatch):
     """16 rows decoded together (bf16, speed.matvec's rows for every projection and the head) give each row's
     batch-1 greedy tokens wherever batch 1's choice is clear, eager and compiled; the compiled graph calls
-    the kernel and no BLAS product on the weights; logits within a stated bound of the plain model's."""
+    the kernel and no BLAS product on the weights; logits within a stated bound of the plain model's. The kernel's
+    16-row path on any CPU (with AMX, speed.BF16_CPU_ROWS sends more than 4 rows to F.linear)."""
+    monkeypatch.setitem(speed.CPU_ROWS, torch.bfloat16, 1 << 30)
     plain = spread_tiny(torch.bfloat16)
     model = speed.use_decode_paths(copy.deepcopy(plain))
     prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
