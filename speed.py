@@ -88,7 +88,15 @@ def cpu_multiplies_bf16() -> bool:
 # where the CPU multiplies bf16 itself, torch's bf16 product beats the kernel above this many rows (measured: 16 on
 # the Zen 4; on an Intel Xeon with AMX a SmolLM2 step's products at 8 rows took 31-33 ms either way, at 16 F.linear
 # 35-55 ms against the kernel's 65-138, 1-2 threads: docs/bench.md, "Batched rows on a CPU with AMX")
-BF16_CPU_ROWS = (4 if "amx_bf16" in cpu_flags().split() else 16) if cpu_multiplies_bf16() else 1 << 30
+def bf16_cpu_rows(flags: str) -> int:
+    """The most bf16 rows speed.matvec serves on a CPU with these /proc/cpuinfo flags (why: the comment above)."""
+    names = set(flags.split())
+    if not {"avx512_bf16", "amx_bf16"} & names:
+        return 1 << 30  # torch emulates bf16 products: the kernel for any batch
+    return 4 if "amx_bf16" in names else 16
+
+
+BF16_CPU_ROWS = bf16_cpu_rows(cpu_flags())
 # fp32 weights: the kernel's loop for a few rows is AVX2 (8 floats a vector). Without AVX-512 BLAS has nothing wider,
 # and on an AVX2-only Zen 3 the kernel took 77-120 ms for a SmolLM2 step's 211 products at 16 rows, F.linear 196-265
 # (docs/bench.md, "fp32 rows on a CPU without AVX-512"). With AVX-512 (not measured there), or without the kernel's

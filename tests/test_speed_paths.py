@@ -551,6 +551,22 @@ def test_fp32_rows_take_the_kernel_only_where_blas_has_no_wider_vectors(avx512, 
     assert [s[0] for s in calls] == ([] if avx512 else [2, 16, 64])
 
 
+@pytest.mark.parametrize("flags, most", [("avx2 fma f16c", 1 << 30), ("avx512f avx512_bf16", 16),
+                                         ("avx512f avx512_bf16 amx_bf16 amx_tile", 4)])
+def test_bf16_rows_take_the_kernel_up_to_the_cpus_crossover(flags, most, monkeypatch):
+    """bf16 weights: speed.matvec serves up to bf16_cpu_rows(flags) rows (any number where torch emulates bf16
+    products, 16 with AVX-512 BF16, 4 with AMX: the measured crossovers), F.linear above; the same product."""
+    calls = []
+    monkeypatch.setattr(speed, "matvec", lambda x, w: calls.append(x.shape) or torch.ops.speed.matvec(x, w))
+    monkeypatch.setitem(speed.CPU_ROWS, torch.bfloat16, speed.bf16_cpu_rows(flags))
+    lin = speed.StreamingLinear(96, 40, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        for rows in (1, 4, 5, 16, 17):
+            x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
+            torch.testing.assert_close(lin(x).float(), F.linear(x, lin.weight).float(), rtol=2e-2, atol=2e-2)
+    assert [s[0] for s in calls] == [r for r in (1, 4, 5, 16, 17) if r <= most]
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_batched_fp32_decode_without_avx512_gives_the_plain_models_tokens(compiled, monkeypatch):
     """16 fp32 rows through the kernel (as on a CPU without AVX-512) give the plain model's greedy tokens and its
