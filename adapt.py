@@ -260,7 +260,9 @@ def consumer_qo_params(model, consumers):
     return [m.weight for a in attns for m in (getattr(a, "q_proj", None), a.o_proj) if m is not None]
 
 
-KL_CHUNK_ROWS = 64  # rows of logits the distillation loss holds in fp32 at once (12 MiB at a 49k vocab)
+KL_CHUNK_ROWS = 8  # rows of logits the distillation loss holds in fp32 at once (1.5 MiB at a 49k vocab): small
+                   # enough to stay in cache; 1,024 rows took 370-405 ms in chunks of 64, 236-277 in chunks of 8
+                   # (2-core Xeon, docs/keep_skills.md)
 
 
 def distillation_loss(logits, teacher_logits, targets, alpha, temperature, argmax=0.0, data=None):

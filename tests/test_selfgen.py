@@ -14,6 +14,7 @@ import torch
 from checkpoint import save_checkpoint
 from configurator import run_script
 from convert_hf import checkpoint_dict
+import fidelity
 from fidelity import answer_matches, compare_logits, compare_on_windows, fixed_windows, load_questions
 from model import Llama, LlamaConfig
 from selfgen import generate_rows, render_chat, split_prompts
@@ -193,6 +194,23 @@ def test_compare_logits_equals_the_explicit_formulas():
     assert got["tokens"] == 2 and got["agree"] == agree == 1
     assert got["kl"] == pytest.approx(want_kl, rel=1e-5) and want_kl > 0.1
     assert got["student_nll"] == pytest.approx(want_s, rel=1e-5) and got["teacher_nll"] == pytest.approx(want_t, rel=1e-5)
+
+
+def test_compare_logits_in_row_chunks_equals_the_whole_in_float64(monkeypatch):
+    """7 rows in chunks of 3 (a short last chunk), bf16 logits as the models give them: the sums equal the
+    float64 formulas over all rows at once."""
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(7, 50, generator=g) * 2).bfloat16(), (torch.randn(7, 50, generator=g) * 2).bfloat16()
+    s[3] = t[3]  # one row where the argmaxes agree for sure
+    y = torch.randint(0, 50, (7,), generator=g)
+    monkeypatch.setattr(fidelity, "COMPARE_ROWS", 3)
+    got = compare_logits(s, t, y)
+    ls, lt = s.double().log_softmax(-1), t.double().log_softmax(-1)
+    assert got["tokens"] == 7
+    assert got["kl"] == pytest.approx(float((lt.exp() * (lt - ls)).sum()), rel=1e-5)
+    assert got["student_nll"] == pytest.approx(float(-ls[range(7), y].sum()), rel=1e-5)
+    assert got["teacher_nll"] == pytest.approx(float(-lt[range(7), y].sum()), rel=1e-5)
+    assert got["agree"] == int((s.argmax(-1) == t.argmax(-1)).sum()) >= 1
 
 
 def test_tiny_model_figures_equal_a_per_token_computation():
