@@ -306,6 +306,11 @@ class Trainer:
         self.opt = self.call = self.batches = None
 
 
+def greedy(logits):
+    """The likeliest token of each row (B, 1), as model.sample_token picks it at temperature 0."""
+    return M.sample_token(logits, temperature=0).unsqueeze(-1)
+
+
 class Decoder:
     """Prefill and greedy decode of one model at one batch size, timed by the caller, gpt-fast style:
     our model.prefill and model.decode_step (compiled with fullgraph when asked) into a static cache
@@ -333,8 +338,8 @@ class Decoder:
         if self.is_hf:
             out = self.module(input_ids=self.prompt, use_cache=True)
             self.hf_cache = out[self.cache_key]
-            return out.logits[:, -1].argmax(-1, keepdim=True)
-        return self.module.prefill(self.prompt, self.cache).argmax(-1, keepdim=True)
+            return greedy(out.logits[:, -1])
+        return greedy(self.module.prefill(self.prompt, self.cache))
 
     @torch.no_grad()
     def decode(self, token):
@@ -346,7 +351,7 @@ class Decoder:
                 self.hf_cache, logits = out[self.cache_key], out.logits[:, -1]
             else:
                 logits = self.step(token, pos, self.cache)
-            token = logits.argmax(-1, keepdim=True)
+            token = greedy(logits)
             tokens.append(token)
         return torch.cat(tokens, dim=1)
 

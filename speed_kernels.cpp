@@ -13,7 +13,8 @@
    low nibble first, with a scale and a minimum a group (quantize.Int4Linear: w = q * scale + minimum); those
    two as integer products (below, XBLOCK).
    A few rows of x at once (batched decoding), float weights only: few_rows, each weight read once for all rows
-   (below, by_x_rows). */
+   (below, by_x_rows).
+   And the op speed::decode_attention: one new position per row attending over the cache (attend_group). */
 
 #include <math.h>
 #include <stdint.h>
@@ -387,6 +388,95 @@ static void few_rows(const float *x, long M, long K, const void *w, int kind, lo
     for (long m = 0; m < M; m++) matvec(x + m * K, K, w, kind, N, 0, 0, F32, 0, y + m * N, threads);
 }
 
+/* Attention of one new position per sequence over the cache (speed::decode_attention): for row b, query head h and
+   its K/V head j = h / G (G query heads share one), out[b, h] = sum over the positions s the mask allows of
+   p_s v[b, j, s], p = softmax of q[b, h] . k[b, j, s] / sqrt(D). Scores, softmax and sums in fp32. A (b, j) at a
+   time: each cached key row is widened once for its G queries, the scores stay in a scratch of G x S floats, and
+   positions the mask leaves out are skipped, not read. (Inductor's loop for the same, compiled from
+   speed.decode_attention_by_ops, read the whole cache and recomputed the query's rotary embedding at every
+   position: docs/bench.md, "Attention over the cache".) */
+#define GMAX 4  /* query heads scored at once against one loaded key row (their accumulators in registers) */
+template <int KIND>
+static void attend_group(const float *q, int G, long D, const void *k, const void *v, long base, long S,
+                         const bool *mask, float *p, float *out) {
+    /* p (G x S): the scores, then the weights; q (G x D) already scaled by 1 / sqrt(D); out (G x D) */
+    float most[64], total[64];
+    for (int g = 0; g < G; g++) most[g] = -INFINITY, total[g] = 0;
+    bool vectors = VECTOR_LOOPS && D % 8 == 0;
+    for (long s = 0; s < S; s++) {
+        if (!mask[s]) continue;
+        long row = base + s * D;
+        int g = 0;
+#if VECTOR_LOOPS
+        for (; vectors && g < G; g += GMAX) {  /* up to GMAX queries against one load of the key row */
+            int n = G - g < GMAX ? G - g : GMAX;
+            __m256 acc[GMAX];
+            for (int i = 0; i < GMAX; i++) acc[i] = _mm256_setzero_ps();
+            for (long d = 0; d < D; d += 8) {
+                __m256 kv = load8(k, KIND, row + d);
+                for (int i = 0; i < GMAX; i++)
+                    if (i < n) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (g + i) * D + d), kv, acc[i]);
+            }
+            for (int i = 0; i < n; i++) p[(g + i) * S + s] = hsum(acc[i]);
+        }
+#endif
+        for (; g < G; g++) {
+            float sum = 0;
+            for (long d = 0; d < D; d++) sum += q[g * D + d] * scalar_at(k, KIND, row + d);
+            p[g * S + s] = sum;
+        }
+        for (g = 0; g < G; g++) most[g] = fmaxf(most[g], p[g * S + s]);
+    }
+    for (int g = 0; g < G; g++)
+        for (long s = 0; s < S; s++) {
+            float e = mask[s] ? expf(p[g * S + s] - most[g]) : 0.0f;
+            p[g * S + s] = e, total[g] += e;
+        }
+    for (int g = 0; g < G; g++) {
+        const float *w = p + g * S, norm = 1.0f / total[g];
+        float *o = out + g * D;
+        long d0 = 0;
+#if VECTOR_LOOPS
+        for (; vectors && d0 + 64 <= D; d0 += 64) {  /* 64 columns of the output in eight registers over all positions */
+            __m256 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+            for (long s = 0; s < S; s++) {
+                if (!mask[s]) continue;
+                __m256 wv = _mm256_set1_ps(w[s]);
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(wv, load8(v, KIND, base + s * D + d0 + 8 * i), acc[i]);
+            }
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + d0 + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(norm)));
+        }
+#endif
+        for (long d = d0; d < D; d++) {
+            float sum = 0;
+            for (long s = 0; s < S; s++)
+                if (mask[s]) sum += w[s] * scalar_at(v, KIND, base + s * D + d);
+            o[d] = sum * norm;
+        }
+    }
+}
+
+/* q (B, H, D) as fp32, scaled; k, v (B, Hkv, S, D) of `kind`; mask (Bm, S), Bm 1 (all rows) or B; out (B, H, D) */
+static void decode_attention(const float *q, long B, long H, long Hkv, long S, long D, const void *k, const void *v,
+                             int kind, const bool *mask, long mask_rows, float *out, int threads) {
+    int G = H / Hkv;
+    #pragma omp parallel num_threads(threads) if (threads > 1 && B * Hkv > 1)
+    {
+        float *p = (float *)malloc(G * S * sizeof(float));
+        #pragma omp for schedule(static)
+        for (long i = 0; i < B * Hkv; i++) {
+            long b = i / Hkv;
+            const float *qi = q + i * G * D;
+            const bool *mi = mask + (mask_rows == 1 ? 0 : b) * S;
+            if (kind == BF16) attend_group<BF16>(qi, G, D, k, v, i * S * D, S, mi, p, out + i * G * D);
+            else if (kind == F16) attend_group<F16>(qi, G, D, k, v, i * S * D, S, mi, p, out + i * G * D);
+            else attend_group<F32>(qi, G, D, k, v, i * S * D, S, mi, p, out + i * G * D);
+        }
+        free(p);
+    }
+}
+
 /* speed::matvec(x, weight, scales, minimums, group_size): the product in x's dtype, for speed.py (its docstring) */
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -452,8 +542,41 @@ static at::Tensor matvec_op(const at::Tensor &x, const at::Tensor &weight, const
     return out;
 }
 
+/* speed::decode_attention(q, k, v, mask): q (B, H, 1, D), k and v (B, Hkv, S, D) of one float dtype, mask (1 or B,
+   S) bool; the result (B, H, 1, D) in q's dtype. A position the mask leaves out of every row gives 0 there. */
+static at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask) {
+    TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= 64,
+                "speed::decode_attention: q ", q.sizes(), " against k and v ", k.sizes(), " and ", v.sizes());
+    auto dtype = q.scalar_type();
+    TORCH_CHECK(dtype == k.scalar_type() && dtype == v.scalar_type() &&
+                (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf),
+                "speed::decode_attention: q, k and v must share one dtype of fp32, bf16 or fp16");
+    long B = q.size(0), H = q.size(1), Hkv = k.size(1), S = k.size(2), D = q.size(3);
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) == S &&
+                (mask.size(0) == 1 || mask.size(0) == B), "speed::decode_attention: mask ", mask.sizes(),
+                " must be bool (1 or ", B, ", ", S, ")");
+    /* q to fp32 (scaled) and the result back to q's dtype here, not by torch ops: a few us each, 30 calls a step */
+    at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = mask.contiguous();
+    at::Tensor out = at::empty({B, H, 1, D}, q.options());
+    std::vector<float> qf(B * H * D), yf(B * H * D);
+    float scale = 1.0f / sqrtf((float)D);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "speed::decode_attention", [&] {
+        const scalar_t *in = qc.data_ptr<scalar_t>();
+        for (long i = 0; i < B * H * D; i++) qf[i] = static_cast<float>(in[i]) * scale;
+    });
+    decode_attention(qf.data(), B, H, Hkv, S, D, kc.data_ptr(), vc.data_ptr(), kind_of(k), mc.data_ptr<bool>(),
+                     mc.size(0), yf.data(), at::get_num_threads());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "speed::decode_attention", [&] {
+        scalar_t *result = out.data_ptr<scalar_t>();
+        for (long i = 0; i < B * H * D; i++) result[i] = static_cast<scalar_t>(yf[i]);
+    });
+    return out;
+}
+
 TORCH_LIBRARY(speed, m) {
     m.def("matvec(Tensor x, Tensor weight, Tensor? scales=None, Tensor? minimums=None, int group_size=0) -> Tensor");
+    m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 /* its shape alone, for torch.compile's tracing */
@@ -464,5 +587,15 @@ static at::Tensor matvec_meta(const at::Tensor &x, const at::Tensor &weight, con
     return at::empty(shape, x.options());
 }
 
-TORCH_LIBRARY_IMPL(speed, CPU, m) { m.impl("matvec", &matvec_op); }
-TORCH_LIBRARY_IMPL(speed, Meta, m) { m.impl("matvec", &matvec_meta); }
+static at::Tensor decode_attention_meta(const at::Tensor &q, const at::Tensor &, const at::Tensor &, const at::Tensor &) {
+    return at::empty(q.sizes(), q.options());
+}
+
+TORCH_LIBRARY_IMPL(speed, CPU, m) {
+    m.impl("matvec", &matvec_op);
+    m.impl("decode_attention", &decode_attention_op);
+}
+TORCH_LIBRARY_IMPL(speed, Meta, m) {
+    m.impl("matvec", &matvec_meta);
+    m.impl("decode_attention", &decode_attention_meta);
+}

@@ -1,8 +1,10 @@
 """
 Decode speed of the compiled decode step, the old path against the new one, on SmolLM2-135M's shape, at
-several batch sizes and dtypes, in one process. Old: BLAS for rows > 1, inductor's multiply-and-sum loop
-for one row. New: the decoding kernel speed.matvec (speed_kernels.cpp) for one row and for a few (up to
-StreamingLinear.stream_rows, 64; of bf16 on a CPU that multiplies bf16, 16: F.linear above).
+several batch sizes and dtypes, in one process. --old=products (default): the old products, BLAS for rows > 1,
+inductor's multiply-and-sum loop for one row; new: the decoding kernel speed.matvec (speed_kernels.cpp) for one
+row and for a few (up to StreamingLinear.stream_rows, 64; of bf16 on a CPU that multiplies bf16, 16: F.linear
+above). --old=attention: the old attention over the cache, torch's ops (speed.decode_attention_by_ops), against
+the kernel's speed.decode_attention; the products the same on both paths.
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
     .venv/bin/python experiments/batch_decode.py --dtypes=bfloat16 --batches=1,16 # the issue's ratio only
@@ -37,6 +39,7 @@ replace_tracked = False      # let --out overwrite a committed result
 model = ""                   # a checkpoint (e.g. data/smollm2/smollm2-135m-instruct.pt); '' = random weights, smollm2 shape
 dtypes = "float32,bfloat16"  # comma list
 batches = "1,4,16,32"        # comma list of decode batch sizes
+old = "products"             # what the old path keeps as it was: 'products' or 'attention' (docstring)
 prompt_len = 64              # prompt tokens per row (random ids)
 new_tokens = 16              # greedy decode steps timed per round
 rounds = 3                   # timed rounds per path (median reported)
@@ -60,17 +63,21 @@ def parse(s):
     for key in ("prompt_len", "new_tokens", "rounds"):
         if getattr(s, key) < 1:
             raise ValueError(f"--{key} must be at least 1, got {getattr(s, key)}")
+    if s.old not in ("products", "attention"):
+        raise ValueError(f"--old={s.old!r}: expected 'products' (BLAS / inductor's loop) or 'attention' (torch's ops)")
     if s.model and not os.path.isfile(s.model):
         raise ValueError(f"--model={s.model}: no such checkpoint (or '' for random weights of SmolLM2's shape)")
     return [DTYPES[d] for d in names], sorted({int(p) for p in parts})
 
 
-def old_path(model):
-    """The old path: products of more than one row go to F.linear (BLAS) even when compiled, and one row
-    to inductor's loop, not the kernel."""
+def old_path(model, old):
+    """The old path. 'products': products of more than one row go to F.linear (BLAS) even when compiled, and
+    one row to inductor's loop, not the kernel. 'attention': attention over the cache by torch's ops."""
     for m in model.modules():
-        if isinstance(m, StreamingLinear):
+        if isinstance(m, StreamingLinear) and old == "products":
             m.stream_rows, m.use_kernel = 1, False
+        if hasattr(m, "cache_attention") and old == "attention":
+            m.cache_attention = speed.decode_attention_by_ops
     return model
 
 
@@ -79,13 +86,13 @@ def time_batch(base, dtype, B, s):
     gen = torch.Generator().manual_seed(s.seed + B)
     prompt = torch.randint(base.config.vocab_size, (B, s.prompt_len), generator=gen)
     models = {"streaming": copy.deepcopy(base).to(dtype)}
-    if dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products on both paths
+    if s.old == "attention" or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
         models["old"] = copy.deepcopy(base).to(dtype)
     decoders = {}
     for name, m in models.items():
         decoders[name] = H.Decoder(m, prompt, s.new_tokens, compile_step=True)  # installs speed.py's paths
         if name == "old":
-            old_path(m)
+            old_path(m, s.old)
         t0 = H.announce_warmup(f"{name} {str(dtype)[6:]} batch {B}", True)
         for _ in range(2):  # the second run is the first at full speed
             decoders[name].timed()
@@ -98,9 +105,13 @@ def time_batch(base, dtype, B, s):
     return rates
 
 
-def print_table(rows, dtypes, batches):
-    print("\n| dtype | batch | old (BLAS; one row: inductor's loop), tokens/s | new (speed.matvec for up to 16-64 rows; one row: "
-          "speed.matvec) | new / old | new / batch 1 |")
+HEADERS = {"products": "old (BLAS; one row: inductor's loop), tokens/s | new (speed.matvec for up to 16-64 rows; one row: "
+                        "speed.matvec)",
+           "attention": "old (attention by torch's ops), tokens/s | new (speed_kernels.cpp's attention)"}
+
+
+def print_table(rows, dtypes, batches, old):
+    print(f"\n| dtype | batch | {HEADERS[old]} | new / old | new / batch 1 |")
     print("|---|---|---|---|---|---|")
     for dtype in dtypes:
         d = str(dtype)[6:]
@@ -120,7 +131,6 @@ def main(argv):
     dtypes, batch_sizes = parse(s)
     apply_threads(s.threads)
     check_not_tracked(s.out, "out", s.replace_tracked)
-    os.makedirs(s.out, exist_ok=True)
     torch.manual_seed(s.seed)
     if s.model:
         from checkpoint import load_model
@@ -128,6 +138,10 @@ def main(argv):
     else:
         base = M.Llama(M.LlamaConfig(**SMOLLM2))
     base.eval()
+    if s.prompt_len + s.new_tokens > base.config.block_size:
+        raise ValueError(f"--prompt_len={s.prompt_len} plus --new_tokens={s.new_tokens} exceeds the model's context of "
+                         f"{base.config.block_size} positions: lower them")
+    os.makedirs(s.out, exist_ok=True)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(batch_sizes) * len(dtypes))
     rows = {}
     for dtype in dtypes:
@@ -135,7 +149,7 @@ def main(argv):
             rates = time_batch(base, dtype, B, s)
             rows.setdefault(str(dtype)[6:], {})[B] = {
                 name: dict(zip(("median", "min", "max"), H.summary(v)), rounds=v) for name, v in rates.items()}
-    print_table(rows, dtypes, batch_sizes)
+    print_table(rows, dtypes, batch_sizes, s.old)
     result = dict(settings={k: getattr(s, k) for k in DEFAULTS}, threads=torch.get_num_threads(),
                   torch=torch.__version__, loadavg=H.loadavg(), rows=rows)
     H.write_json(result, os.path.join(s.out, "batch_decode.json"))

@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from configurator import peak_flops_for
-from model import Llama, LlamaConfig, parse_kv_source
+from model import Llama, LlamaConfig, parse_kv_source, sample_token
 
 MAPS = ["dense", "cla:2", "upper:half", "0,0,0,3,3,0"]
 # (kv_source, attn_source): attention sharing alone, beside K/V sharing, and from a K/V consumer's pattern
@@ -218,6 +218,16 @@ def test_sampling_is_reproducible_and_respects_top_k():
     logits, _ = model(a[:, :-1])
     top3 = logits[0, 4:].topk(3).indices
     assert (top3 == a[0, 5:, None]).any(-1).all()
+
+
+def test_greedy_choice_is_argmax_the_first_of_equal_logits():
+    """Temperature 0 picks what argmax picks: the first index of the largest logit, ties included (bf16 logits
+    of a 49k vocabulary tie often)."""
+    logits = torch.tensor([[0.0, 3.0, 3.0, 1.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -3.0, -0.5]])
+    for dtype in (torch.float32, torch.bfloat16):
+        assert sample_token(logits.to(dtype), temperature=0).tolist() == [1, 0, 3]
+    many = torch.randint(-20, 20, (16, 49152), generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert torch.equal(sample_token(many, temperature=0), many.argmax(-1))
 
 
 def test_top_k_sampling_draws_from_the_top_k_softmax():

@@ -388,6 +388,70 @@ def test_matvec_refuses_a_weight_it_cannot_read():
         speed.matvec(x.double(), torch.zeros(8, 64))
 
 
+# -----------------------------------------------------------------------------
+# attention of one new position over the cache (speed_kernels.cpp)
+
+
+def attention_by_the_definition(q, k, v, mask):
+    """float64 softmax(q k^T / sqrt(d)) v over the positions mask allows, a row and a head at a time."""
+    B, H, _, D = q.shape
+    out = torch.zeros(B, H, 1, D, dtype=torch.float64)
+    for b in range(B):
+        allowed = mask[0 if mask.shape[0] == 1 else b]
+        for h in range(H):
+            j = h // (H // k.shape[1])
+            scores = k[b, j, allowed].double() @ q[b, h, 0].double() / D ** 0.5
+            out[b, h, 0] = torch.softmax(scores, 0) @ v[b, j, allowed].double()
+    return out
+
+
+@pytest.mark.parametrize("H, Hkv, D", [(9, 3, 64), (5, 1, 128), (4, 4, 24), (6, 2, 17)])  # groups of 3, 5 (past
+# the kernel's 4 queries a key load), 1; head sizes of one and two 64-column blocks, of 8s, and neither
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_kernel_is_the_softmax_by_the_definition(H, Hkv, D, threads, monkeypatch):
+    """speed.decode_attention on a CPU runs the kernel: against float64 explicit softmax, for each float dtype,
+    a mask shared by all rows and one per row; positions the mask leaves out are not read (garbage there changes
+    nothing); two threads give the very numbers of one; torch's-ops path agrees."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    g = torch.Generator().manual_seed(H * D)
+    B, S = 3, 21
+    assert speed.attention_kernel_applies(torch.zeros(1), torch.zeros(1), torch.zeros(1))  # the kernel built here
+    q, k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    shared = (torch.arange(S) <= 13).view(1, S)
+    per_row = torch.rand(B, S, generator=g) < 0.6
+    per_row[:, 0] = True
+    for mask in (shared, per_row):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -7), (torch.float16, 2 ** -10)):
+            qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+            want = attention_by_the_definition(qd, kd, vd, mask)
+            with torch.no_grad():
+                got = speed.decode_attention(qd, kd, vd, mask)
+            assert got.dtype == dtype and got.shape == (B, H, 1, D)
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+            garbage = torch.where(mask[..., None].expand(B, S, D)[:, None], kd, torch.full_like(kd, 1e4))
+            vgarbage = torch.where(mask[..., None].expand(B, S, D)[:, None], vd, torch.full_like(vd, -1e4))
+            with torch.no_grad():
+                assert torch.equal(speed.decode_attention(qd, garbage, vgarbage, mask), got)
+        torch.testing.assert_close(speed.decode_attention_by_ops(q, k, v, mask).double(),
+                                   attention_by_the_definition(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = speed.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), per_row)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert torch.equal(speed.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), per_row), one)
+
+
+def test_decode_attention_kernel_refuses_what_it_cannot_read():
+    assert speed.kernel_library() is not None
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 8, 16)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="q .* against k and v"):
+        torch.ops.speed.decode_attention(torch.randn(2, 3, 1, 16), k, k, mask)  # 3 query heads over 2 K/V heads
+    with pytest.raises(RuntimeError, match="must share one dtype of fp32, bf16 or fp16"):
+        torch.ops.speed.decode_attention(q, k.bfloat16(), k, mask)
+    with pytest.raises(RuntimeError, match="must be bool"):
+        torch.ops.speed.decode_attention(q, k, k, torch.ones(3, 8, dtype=torch.bool))
+
+
 def test_without_a_compiler_decoding_warns_once_and_falls_back(tmp_path):
     """A machine with no C++ compiler: one warning line naming the compiler and what to do, then the same
     products through inductor's loop / F.linear (its own process: this one has the kernel loaded)."""
