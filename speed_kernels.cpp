@@ -543,7 +543,7 @@ static at::Tensor matvec_op(const at::Tensor &x, const at::Tensor &weight, const
 }
 
 /* speed::decode_attention(q, k, v, mask): q (B, H, 1, D), k and v (B, Hkv, S, D) of one float dtype, mask (1 or B,
-   S) bool; the result (B, H, 1, D) in q's dtype. A position the mask leaves out of every row gives 0 there. */
+   S) bool; the result (B, H, 1, D) in q's dtype. A row whose mask allows no position gets NaN, as softmax over none. */
 static at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask) {
     TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                 q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= 64,
