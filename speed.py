@@ -48,9 +48,9 @@ class StreamingLinear(nn.Linear):
     A few rows (batched decoding, up to stream_rows) of bf16/fp16 weights go through matvec too: its loop for
     several rows reads each weight once for all of them. On an AVX2 CPU torch's half-precision matmul has no
     fast kernel (a 1024^3 bf16 product at 0.3 GFLOP/s against fp32's 20). On a CPU that multiplies bf16
-    (AVX-512 BF16, AMX) torch's product is fast too, and beat the kernel from 17 rows on on the Zen 4 (32 rows: 94
-    against 118 ms of products a SmolLM2 step), from 5 on with AMX, so there bf16 weights take the kernel up to
-    BF16_CPU_ROWS rows. fp32 weights take it for 2 to FP32_CPU_ROWS rows: on a CPU without AVX-512, where BLAS has
+    (AVX-512 BF16) torch's product is fast too, and beat the kernel from 17 rows on on the Zen 4 (32 rows: 94
+    against 118 ms of products a SmolLM2 step), so there bf16 weights take the kernel up to BF16_CPU_ROWS rows; with
+    AMX the kernel multiplies tiles and serves every batch (16 rows: 41-48 ms of products against F.linear's 77-99). fp32 weights take it for 2 to FP32_CPU_ROWS rows: on a CPU without AVX-512, where BLAS has
     no wider vectors than the kernel. Prefill and training (more rows) and the GPU keep F.linear."""
 
     stream_rows = 64  # most rows for the kernel; 1 (set per module) with use_kernel False: the old path, for comparison
@@ -86,15 +86,16 @@ def cpu_multiplies_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 
-# where the CPU multiplies bf16 itself, torch's bf16 product beats the kernel above this many rows (measured: 16 on
-# the Zen 4; on an Intel Xeon with AMX a SmolLM2 step's products at 8 rows took 31-33 ms either way, at 16 F.linear
-# 35-55 ms against the kernel's 65-138, 1-2 threads: docs/bench.md, "Batched rows on a CPU with AMX")
+# where the CPU multiplies bf16 with AVX-512 BF16, torch's bf16 product beats the kernel's vector loop above this many
+# rows (measured: 16 on the Zen 4). With AMX the kernel multiplies 16 x 32 tiles and stays at the memory's pace:
+# a SmolLM2 step's products at 16 rows took 41-48 ms against 40-42 at one row and F.linear's 77-99 (1 thread, one
+# hour of the Intel Xeon: docs/bench.md, "Tiles for batched rows"; before them, its vector loop took 65-138 ms)
 def bf16_cpu_rows(flags: str) -> int:
     """The most bf16 rows speed.matvec serves on a CPU with these /proc/cpuinfo flags (why: the comment above)."""
     names = set(flags.split())
-    if not {"avx512_bf16", "amx_bf16"} & names:
-        return 1 << 30  # torch emulates bf16 products: the kernel for any batch
-    return 4 if "amx_bf16" in names else 16
+    if "amx_bf16" in names or not {"avx512_bf16", "amx_bf16"} & names:
+        return 1 << 30  # AMX tiles, or torch emulates bf16 products: the kernel for any batch
+    return 16
 
 
 BF16_CPU_ROWS = bf16_cpu_rows(cpu_flags())
@@ -155,6 +156,9 @@ def kernel_library():
                           "make $XDG_CACHE_HOME writable")
             return None
     torch.ops.load_library(path)
+    if "amx_bf16" in cpu_flags().split() and not torch.ops.speed.multiplies_tiles():
+        warnings.warn(f"speed_kernels.cpp was built without AMX tiles ({compiler} too old for -mamx-tile, or Linux "
+                      "refused them); batched bf16 decoding takes its slower vector loop. Use GCC 11+ or set CXX")
     return path
 
 
@@ -170,6 +174,11 @@ def kernel_applies(x, weight, most_rows=1) -> bool:
 @torch.compiler.assume_constant_result  # a compiled graph asks once, while it is traced, not every call
 def kernel_built() -> bool:
     return kernel_library() is not None
+
+
+def kernel_multiplies_tiles() -> bool:
+    """Whether batched bf16 rows go through AMX tiles here: the CPU has them, the build uses them, Linux lent them."""
+    return kernel_built() and torch.ops.speed.multiplies_tiles()
 
 
 def matvec(x, weight, scales=None, minimums=None, group_size=0):

@@ -13,14 +13,16 @@
    low nibble first, with a scale and a minimum a group (quantize.Int4Linear: w = q * scale + minimum); those
    two as integer products (below, XBLOCK).
    A few rows of x at once (batched decoding), float weights only: few_rows, each weight read once for all rows
-   (below, by_x_rows).
+   (below, by_x_rows); bf16 rows on a CPU with AMX by its tile products (tile_rows_bf16).
    And the op speed::decode_attention: one new position per row attending over the cache (attend_group). */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <algorithm>
 #include <utility>
+#include <vector>
 /* the vector loops need AVX2, FMA and F16C (x86 since 2013-15); elsewhere the plain definition runs */
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define VECTOR_LOOPS 1
@@ -376,6 +378,90 @@ static void few_rows_bf16(const uint16_t *x, long M, long K, const uint16_t *w, 
 static void few_rows_bf16(const uint16_t *, long, long, const uint16_t *, long, uint16_t *, int) {}
 #endif
 
+#if BF16_ROWS && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define TILE_ROWS 1
+#include <sys/syscall.h>
+#include <unistd.h>
+/* Up to 64 bf16 rows at once on a CPU with AMX (Sapphire Rapids and later): one tile instruction multiplies a
+   16 x 32 block of bf16 by a 32 x 16 one into 16 x 16 fp32 sums, 8,192 products, so at 16 rows the loop is bound
+   by memory again, as one row's is (torch's product, oneDNN, took 55 ms for a SmolLM2 step's products at 16 rows
+   where one row took 31 here: docs/bench.md, "Tiles for batched rows"). The weight is the tiles' left operand as
+   it lies in memory: 16 of its rows (outputs) by 32 columns, loaded with the row stride. x is the right operand,
+   packed the way the tiles want it (pairs of columns side by side: B[p][2m + j] = x[m][2p + j]), 16 rows a tile,
+   so each 16 x 16 block of sums is (outputs, rows) and is written out transposed. Each weight tile is loaded once
+   and meets up to 4 tiles of x rows. The next 16 weight rows lie right after these in memory: they are prefetched
+   a kilobyte a step. Linux lends a process the tiles' 8 KB of state when it asks (arch_prctl); tiles_permitted. */
+struct TileConfig { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+
+static bool tiles_permitted() {
+    static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return permitted;
+}
+
+/* 16 weight rows from n against XB tiles of x rows (from tile m0): sums in tiles 0..XB-1, weight in 4, x in 5 */
+template <int XB>
+static inline __attribute__((always_inline)) void tile_block(const uint16_t *xp, long m0, long M, long K,
+        const uint16_t *w, long n, long N, bool last, uint16_t *y) {
+    long KC = K / 32;
+    const uint16_t *block = w + n * K;
+    _tile_zero(0); if (XB > 1) _tile_zero(1); if (XB > 2) _tile_zero(2); if (XB > 3) _tile_zero(3);
+    for (long kc = 0; kc < KC; kc++) {
+        if (!last) for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(block + 16 * K) + kc * 1024 + i * 64, _MM_HINT_T0);
+        _tile_loadd(4, block + kc * 32, K * 2);
+        const uint16_t *xs = xp + (m0 * KC + kc) * 512;
+        _tile_loadd(5, xs, 64); _tile_dpbf16ps(0, 4, 5);
+        if (XB > 1) { _tile_loadd(5, xs + KC * 512, 64); _tile_dpbf16ps(1, 4, 5); }
+        if (XB > 2) { _tile_loadd(5, xs + 2 * KC * 512, 64); _tile_dpbf16ps(2, 4, 5); }
+        if (XB > 3) { _tile_loadd(5, xs + 3 * KC * 512, 64); _tile_dpbf16ps(3, 4, 5); }
+    }
+    alignas(64) float sums[4][16][16];  /* [x tile][output][row] */
+    _tile_stored(0, sums[0], 64); if (XB > 1) _tile_stored(1, sums[1], 64);
+    if (XB > 2) _tile_stored(2, sums[2], 64); if (XB > 3) _tile_stored(3, sums[3], 64);
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+    for (int b = 0; b < XB; b++)  /* row m's 16 sums are column m of the block: gathered, rounded to bf16 (to nearest even) */
+        for (long m = 0; m < 16 && (m0 + b) * 16 + m < M; m++)
+            _mm256_storeu_si256((__m256i *)(y + ((m0 + b) * 16 + m) * N + n),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_i32gather_ps(column, &sums[b][0][m], 4)));
+}
+
+static void tile_rows_bf16(const uint16_t *x, long M, long K, const uint16_t *w, long N, uint16_t *y, int threads) {
+    long KC = K / 32, MB = (M + 15) / 16;
+    std::vector<uint16_t> xp(MB * KC * 512, 0);  /* rows past M stay zero */
+    uint32_t *pairs = (uint32_t *)xp.data();  /* a pair of columns, (2p, 2p + 1), moves as one 32-bit word */
+    for (long m = 0; m < M; m++) {
+        const uint32_t *row = (const uint32_t *)(x + m * K);
+        for (long kc = 0; kc < KC; kc++)
+            for (long p = 0; p < 16; p++) pairs[((m / 16) * KC + kc) * 256 + p * 16 + m % 16] = row[kc * 16 + p];
+    }
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        TileConfig config = {};
+        config.palette = 1;
+        for (int t = 0; t < 6; t++) config.rows[t] = 16, config.colsb[t] = 64;
+        _tile_loadconfig(&config);
+        #pragma omp for schedule(static)
+        for (long n = 0; n < N - N % 16; n += 16)
+            for (long m0 = 0; m0 < MB; m0 += 4) {
+                bool last = n + 32 > N;
+                switch (std::min(MB - m0, 4L)) {
+                    case 1: tile_block<1>(xp.data(), m0, M, K, w, n, N, last, y); break;
+                    case 2: tile_block<2>(xp.data(), m0, M, K, w, n, N, last, y); break;
+                    case 3: tile_block<3>(xp.data(), m0, M, K, w, n, N, last, y); break;
+                    default: tile_block<4>(xp.data(), m0, M, K, w, n, N, last, y);
+                }
+            }
+        _tile_release();
+    }
+    for (long n = N - N % 16; n < N; n++)  /* the last outputs, fewer than a tile's 16: the vector loop above */
+        by_x_rows<BF16_XR>(M, [&]<int XN>(long m) { bf16_row<XN>(x, K, w, n, m, N, y); });
+}
+#else
+#define TILE_ROWS 0
+static bool tiles_permitted() { return false; }
+static void tile_rows_bf16(const uint16_t *, long, long, const uint16_t *, long, uint16_t *, int) {}
+#endif
+
 /* y (M, N) = x W^T for M rows of x (M, K, fp32) and a float W (N, K) of `kind` (F32, BF16 or F16) */
 static void few_rows(const float *x, long M, long K, const void *w, int kind, long N, float *y, int threads) {
 #if VECTOR_LOOPS
@@ -519,6 +605,11 @@ static at::Tensor matvec_op(const at::Tensor &x, const at::Tensor &weight, const
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = N;
     at::Tensor out = at::empty(shape, x.options());
+    if (TILE_ROWS && M > 1 && kind == BF16 && x.scalar_type() == at::kBFloat16 && K % 32 == 0 && tiles_permitted()) {
+        tile_rows_bf16((const uint16_t *)xc.data_ptr(), M, K, (const uint16_t *)w.data_ptr(), N,
+                       (uint16_t *)out.data_ptr(), at::get_num_threads());
+        return out;
+    }
     if (BF16_ROWS && M > 1 && kind == BF16 && x.scalar_type() == at::kBFloat16) {
         few_rows_bf16((const uint16_t *)xc.data_ptr(), M, K, (const uint16_t *)w.data_ptr(), N,
                       (uint16_t *)out.data_ptr(), at::get_num_threads());
@@ -577,6 +668,7 @@ static at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k, 
 TORCH_LIBRARY(speed, m) {
     m.def("matvec(Tensor x, Tensor weight, Tensor? scales=None, Tensor? minimums=None, int group_size=0) -> Tensor");
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+    m.def("multiplies_tiles() -> bool", [] { return TILE_ROWS && tiles_permitted(); });  /* bf16 rows by AMX tiles */
 }
 
 /* its shape alone, for torch.compile's tracing */

@@ -521,6 +521,27 @@ def test_matvec_of_several_rows_is_the_product_by_the_definition(M, N, K, thread
     assert torch.equal(speed.matvec(x.bfloat16(), w.bfloat16()), one)
 
 
+@pytest.mark.parametrize("M", [2, 16, 17, 64, 65, 70])  # x tiles of 16 rows: one, part of a second, four (one
+@pytest.mark.parametrize("N, K", [(48, 32), (37, 576)])  # pass over the weight), five and more (a second pass)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_rows_by_amx_tiles_are_the_product_by_the_definition(M, N, K, threads, monkeypatch):
+    """bf16 rows against bf16 weights with K a multiple of 32, as a CPU with AMX multiplies them in tiles (16 weight
+    rows by 32 columns against 16 rows of x; outputs past the last full tile by the vector loop): every row against
+    float64 products within the rounding to bf16 and fp32 sums; two threads give the very numbers of one. Where the
+    CPU lists amx_bf16 the build must multiply tiles; elsewhere the same shapes check the vector loop."""
+    if "amx_bf16" in speed.cpu_flags().split():
+        assert speed.kernel_multiplies_tiles()
+    g = torch.Generator().manual_seed(M * N + K)
+    w, x = torch.randn(N, K, generator=g).bfloat16(), torch.randn(M, K, generator=g).bfloat16()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    got = speed.matvec(x, w).double()
+    want = x.double() @ w.double().t()
+    fp32_sums = K * 2 ** -24 * (x.double().abs() @ w.double().abs().t())
+    assert ((got - want).abs() <= want.abs() * 2 ** -8 + fp32_sums).all()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert torch.equal(speed.matvec(x, w).double(), got)
+
+
 def test_streaming_linear_takes_an_empty_batch():
     """No rows: the kernel (which takes at least one) is not called; F.linear's empty result comes back."""
     lin = speed.StreamingLinear(64, 16, bias=False).to(torch.bfloat16)
@@ -578,7 +599,7 @@ def test_batched_bf16_decode_gives_batch_one_tokens_through_the_kernel(compiled,
     """16 rows decoded together (bf16, speed.matvec's rows for every projection and the head) give each row's
     batch-1 greedy tokens wherever batch 1's choice is clear, eager and compiled; the compiled graph calls
     the kernel and no BLAS product on the weights; logits within a stated bound of the plain model's. The kernel's
-    16-row path on any CPU (with AMX, speed.BF16_CPU_ROWS sends more than 4 rows to F.linear)."""
+    16-row path on any CPU (with AVX-512 BF16, speed.BF16_CPU_ROWS sends more than 16 rows to F.linear)."""
     monkeypatch.setitem(speed.CPU_ROWS, torch.bfloat16, 1 << 30)
     plain = spread_tiny(torch.bfloat16)
     model = speed.use_decode_paths(copy.deepcopy(plain))
@@ -616,10 +637,11 @@ def test_fp32_rows_take_the_kernel_only_where_blas_has_no_wider_vectors(avx512, 
 
 
 @pytest.mark.parametrize("flags, most", [("avx2 fma f16c", 1 << 30), ("avx512f avx512_bf16", 16),
-                                         ("avx512f avx512_bf16 amx_bf16 amx_tile", 4)])
+                                         ("avx512f avx512_bf16 amx_bf16 amx_tile", 1 << 30)])
 def test_bf16_rows_take_the_kernel_up_to_the_cpus_crossover(flags, most, monkeypatch):
     """bf16 weights: speed.matvec serves up to bf16_cpu_rows(flags) rows (any number where torch emulates bf16
-    products, 16 with AVX-512 BF16, 4 with AMX: the measured crossovers), F.linear above; the same product."""
+    products or the kernel multiplies AMX tiles, 16 with AVX-512 BF16: the measured crossover), F.linear above; the
+    same product."""
     calls = []
     monkeypatch.setattr(speed, "matvec", lambda x, w: calls.append(x.shape) or torch.ops.speed.matvec(x, w))
     monkeypatch.setitem(speed.CPU_ROWS, torch.bfloat16, speed.bf16_cpu_rows(flags))
