@@ -49,9 +49,10 @@ class StreamingLinear(nn.Linear):
     several rows reads each weight once for all of them. On an AVX2 CPU torch's half-precision matmul has no
     fast kernel (a 1024^3 bf16 product at 0.3 GFLOP/s against fp32's 20). On a CPU that multiplies bf16
     (AVX-512 BF16) torch's product is fast too, and beat the kernel from 17 rows on on the Zen 4 (32 rows: 94
-    against 118 ms of products a SmolLM2 step), so there bf16 weights take the kernel up to BF16_CPU_ROWS rows; with
-    AMX the kernel multiplies tiles and serves every batch (16 rows: 41-48 ms of products against F.linear's 77-99). fp32 weights take it for 2 to FP32_CPU_ROWS rows: on a CPU without AVX-512, where BLAS has
-    no wider vectors than the kernel. Prefill and training (more rows) and the GPU keep F.linear."""
+    against 118 ms of products a SmolLM2 step), so there bf16 weights take the kernel up to BF16_CPU_ROWS rows;
+    with AMX the kernel multiplies tiles and serves every batch (16 rows: 41-48 ms of products against F.linear's
+    77-99). fp32 weights take it for 2 to FP32_CPU_ROWS rows: on a CPU without AVX-512, where BLAS has no wider
+    vectors than the kernel. Prefill and training (more rows) and the GPU keep F.linear."""
 
     stream_rows = 64  # most rows for the kernel; 1 (set per module) with use_kernel False: the old path, for comparison
     use_kernel = True  # half-precision rows (fp32: FP32_CPU_ROWS) through matvec; False (per module or class): the old path
@@ -93,7 +94,7 @@ def cpu_multiplies_bf16() -> bool:
 def bf16_cpu_rows(flags: str) -> int:
     """The most bf16 rows speed.matvec serves on a CPU with these /proc/cpuinfo flags (why: the comment above)."""
     names = set(flags.split())
-    if "amx_bf16" in names or not {"avx512_bf16", "amx_bf16"} & names:
+    if "amx_bf16" in names or "avx512_bf16" not in names:
         return 1 << 30  # AMX tiles, or torch emulates bf16 products: the kernel for any batch
     return 16
 

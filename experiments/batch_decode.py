@@ -3,8 +3,8 @@ Decode speed of the compiled decode step, the old path against the new one, on S
 several batch sizes and dtypes, in one process. --old=products (default): the old products, BLAS for rows > 1,
 inductor's multiply-and-sum loop for one row; new: the decoding kernel speed.matvec (speed_kernels.cpp) for one
 row and for a few (up to StreamingLinear.stream_rows, 64; of bf16 on a CPU with AVX-512 BF16 but no AMX, 16:
-F.linear above; with AMX, its tile products). --old=attention: the old attention over the cache, torch's ops (speed.decode_attention_by_ops), against
-the kernel's speed.decode_attention; the products the same on both paths.
+F.linear above; with AMX, its tile products). --old=attention: the old attention over the cache, torch's ops
+(speed.decode_attention_by_ops), against the kernel's speed.decode_attention; the products the same on both paths.
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
     .venv/bin/python experiments/batch_decode.py --dtypes=bfloat16 --batches=1,16 # the ratio only
