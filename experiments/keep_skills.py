@@ -78,6 +78,8 @@ criterion = "logits"         # sharing=kv: adapt.py's calibration criterion: 'lo
 calib_dataset = "data/smollm2_selfgen"  # the text the map is chosen on ('logits': its train split; 'kv': its val split)
 calib_batches = 1
 calib_batch_size = 2
+calib_dtype = "float32"      # the calibration's precision (adapt.py --dtype): bfloat16 took 214 s against 487 on the
+                             # Xeon and proposed the same KV-0.73 map (docs/keep_skills.md)
 train_set = "lora"           # what the KL distillation trains: 'lora' or 'consumers_qo' (see above)
 lora_rank = 16               # train_set=lora: every linear's adapter rank (r16 on SmolLM2: 4.7 M values, 19 MB)
 lora_alpha = 32.0
@@ -163,7 +165,8 @@ def adapt_one(n, s, common, matrix=""):
         f"--init_from={s.teacher}", f"--dataset={s.calib_dataset}", f"--n_share={n}", f"--batches={s.calib_batches}",
         f"--batch_size={s.calib_batch_size}", f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={d}", *common,
         *([f"--criterion={s.criterion}", "--split=train"] if s.criterion != "kv" else []),
-        *([f"--similarity={matrix}"] if matrix else [])], s)
+        *([f"--similarity={matrix}"] if matrix else []),
+        *([f"--dtype={s.calib_dtype}"] if s.calib_dtype != "float32" and not matrix else [])], s)  # older records: none
     map_spec = proposed_map(s, f"{name}/calibration")
     switch = [f"--adapt_target={map_spec}", "--adapt_mode=abrupt"] if s.sharing == "kv" else [f"--adapt_attn_target={map_spec}"]
     trained, delta = os.path.join(d, "distill"), os.path.join(s.out, f"{name}.safetensors")
@@ -380,7 +383,7 @@ def write_results(results, s):
     rows = results["models"]
     lines = [f"# Keeping what {os.path.basename(s.teacher)} knows with a smaller KV cache", "",
              f"Generation: {s.gen_tokens:,} training + {s.gen_val_tokens:,} held-out tokens of the teacher's own "
-             f"samples, sampled in {s.gen_dtype}. Per map: calibration ({s.criterion} criterion) on {s.calib_batches} x {s.calib_batch_size} x "
+             f"samples, sampled in {s.gen_dtype}. Per map: calibration ({s.criterion} criterion, {s.calib_dtype}) on {s.calib_batches} x {s.calib_batch_size} x "
              f"{s.block_size} {s.calib_dataset} tokens, the switch, {recipe(s)}; evaluation of base + "
              f"delta against the teacher over {s.eval_tokens:,} positions per set in {s.eval_dtype}. {results['cpu_count']} cores, "
              f"--threads={s.threads}, load average before {', '.join(f'{x:.2f}' for x in results['load_average_before'])}.",
@@ -429,7 +432,8 @@ def check_teacher(s):
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
                                                       "sharing": tuple(SHARING), "distill_dtype": ("auto", *PRECISION),
-                                                      "gen_dtype": tuple(PRECISION), "eval_dtype": tuple(PRECISION)})
+                                                      "gen_dtype": tuple(PRECISION), "eval_dtype": tuple(PRECISION),
+                                                      "calib_dtype": tuple(PRECISION)})
     device_type = resolve_device("auto").split(":")[0]  # where the phases run (each resolves device=auto alike)
     if s.distill_dtype == "auto":
         s.distill_dtype = "bfloat16" if device_type != "cpu" or cpu_multiplies_bf16() else "float32"
@@ -459,7 +463,7 @@ def main(argv):
             raise ConfigError(f"--beside={path}: not a results.json of this script ({type(e).__name__}: {e})") from None
     if s.mix:
         check_mix(s)
-    for key in ("distill_dtype", "eval_dtype"):  # not gen_dtype: the decoding kernel reads bf16 weights on any x86
+    for key in ("distill_dtype", "eval_dtype", "calib_dtype"):  # not gen_dtype: the decoding kernel reads bf16 weights on any x86
         warn_slow_bf16(getattr(s, key), device_type, key)
     s.threads = apply_threads(s.threads, children=True)
     os.makedirs(s.out, exist_ok=True)

@@ -274,6 +274,26 @@ def dense_ckpt(data_dir, tmp_path_factory):
     return str(out / "ckpt.pt")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_teacher_under_autocast_gives_the_logits_of_the_checkpoint(dense_ckpt, dtype):
+    """setup_distillation's teacher has its linears cast once (bf16) or left alone (fp32): under autocast its logits
+    equal those of the checkpoint loaded as it is."""
+    from types import SimpleNamespace
+
+    from adapt import TRAINING_SETTINGS, setup_distillation
+    from checkpoint import load_model
+    from configurator import Runtime, autocast
+    student, _ = load_model(dense_ckpt)
+    s = SimpleNamespace(**{**TRAINING_SETTINGS, "distill_alpha": 1.0, "distill_teacher": dense_ckpt, "init_from": dense_ckpt})
+    teacher, _, _ = setup_distillation(s, student, Runtime("cpu", "cpu", dtype), None)
+    plain, _ = load_model(dense_ckpt, block_size=student.config.block_size)
+    idx = torch.randint(0, plain.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), autocast("cpu", dtype):
+        got, want = teacher(idx)[0], plain(idx)[0]
+    assert {m.weight.dtype for m in teacher.modules() if isinstance(m, torch.nn.Linear)} == {getattr(torch, dtype)}
+    assert torch.equal(got, want)
+
+
 def test_adaptation_through_train_resumes_exactly(data_dir, dense_ckpt, tmp_path):
     run(data_dir, tmp_path / "a", *ADAPT, f"--init_from={dense_ckpt}")
     run(data_dir, tmp_path / "b", *ADAPT, f"--init_from={dense_ckpt}", "--max_iters=3")
@@ -336,6 +356,24 @@ def test_logit_calibration_command_on_the_train_split(data_dir, dense_ckpt, tmp_
     i = next(i for i, j in enumerate(proposal) if j != i)
     below = [(float(sim[a, b]), a, b) for a in range(sim.shape[0]) for b in range(a)]
     assert max(below)[1:] == (i, proposal[i])  # the cheapest single switch is the one proposed
+
+
+def test_logit_calibration_in_bf16_is_autocasts_computation_and_near_fp32s(data_dir, dense_ckpt, tmp_path):
+    """--dtype=bfloat16: the matrix the command saves is logit_kl_similarity's under bf16 autocast (the linears
+    cast once changes nothing), not fp32's, yet within bf16's rounding of it."""
+    common = [f"--init_from={dense_ckpt}", f"--dataset={data_dir}", "--n_share=1", "--batches=1", "--batch_size=2",
+              "--criterion=logits", "--split=train"]
+    adapt_main([*common, f"--out={tmp_path / 'fp32'}"])
+    adapt_main([*common, "--dtype=bfloat16", f"--out={tmp_path / 'bf16'}"])
+    fp32, bf16 = (torch.load(tmp_path / d / "logit_kl_similarity.pt") for d in ("fp32", "bf16"))
+    from adapt import token_batches
+    from checkpoint import load_model
+    model, ckpt = load_model(dense_ckpt)
+    batches = token_batches(model, ckpt, str(data_dir), "train", 1, 2, 0, 1337)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = logit_kl_similarity(model, batches)
+    assert torch.equal(bf16, want.float()) and not torch.equal(bf16, fp32)
+    assert (bf16 - fp32).abs().max() < 0.02
 
 
 def test_calibration_from_a_saved_matrix_proposes_as_computing_it_does(data_dir, dense_ckpt, tmp_path, capsys):

@@ -213,6 +213,15 @@ def test_compare_logits_in_row_chunks_equals_the_whole_in_float64(monkeypatch):
     assert got["agree"] == int((s.argmax(-1) == t.argmax(-1)).sum()) >= 1
 
 
+def test_agreement_takes_the_first_of_tied_maxima():
+    """A student row whose top two logits tie agrees with a teacher whose argmax is the first of them, not with
+    one whose argmax is the second (the ids argmax gives: the first maximum)."""
+    tied = torch.tensor([[0.0, 3.0, 1.0, 0.5, 3.0]]).bfloat16()
+    first, second = torch.tensor([[0.0, 5.0, 1.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 1.0, 0.0, 5.0]])
+    assert compare_logits(tied, first.bfloat16(), torch.tensor([0]))["agree"] == 1
+    assert compare_logits(tied, second.bfloat16(), torch.tensor([0]))["agree"] == 0
+
+
 def test_tiny_model_figures_equal_a_per_token_computation():
     student, teacher = tiny_model(seed=1), tiny_model(seed=2)
     tokens = np.random.default_rng(0).integers(0, len(CHARS), 400)

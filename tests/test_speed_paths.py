@@ -26,6 +26,26 @@ def tiny(kv_source="dense", attn_source="dense", seed=0, **changes):
 # -----------------------------------------------------------------------------
 # chunked cross-entropy
 
+def test_linears_in_bf16_give_autocasts_logits_and_give_the_weights_back():
+    """Frozen linears stored in bf16 for the block: under bf16 autocast the logits equal autocast's own casts of
+    the fp32 weights to the bit; the tied head and weights that train are left alone; afterwards every weight
+    is the fp32 tensor it was."""
+    model = tiny(kv_source="0,1,1,3", tie_embeddings=True, seed=3)
+    model.requires_grad_(False).layers[2].mlp.up_proj.weight.requires_grad_(True)  # one weight that trains
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = model(idx)
+        with speed.linears_in(model, torch.bfloat16):
+            stored = {m.weight.dtype for m in speed.frozen_linears(model)}
+            trains, head = model.layers[2].mlp.up_proj.weight.dtype, model.lm_head.weight.dtype
+            got, _ = model(idx)
+    assert stored == {torch.bfloat16} and trains == head == torch.float32
+    assert torch.equal(got, want)
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 49, 50])  # one row at a time, remainders; 50: F.cross_entropy itself
 def test_chunked_cross_entropy_equals_f_cross_entropy(monkeypatch, chunk_rows):
