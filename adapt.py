@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from checkpoint import (SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint, share_attn_state, share_kv_state,
                         weights_sha256)
-from configurator import DTYPES, ConfigError, apply_threads, autocast, configure, run_script, settings_from
+from configurator import (DTYPES, ConfigError, apply_threads, autocast, configure, run_script, settings_from,
+                          warn_slow_bf16)
 from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
 from guards import claim_destination
 from model import LayerHandover, LlamaConfig, parse_kv_source, validate_kv_source
@@ -62,7 +63,7 @@ criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_sourc
                              # the end-to-end KL of each single switch, proposes kv_source; slow) or 'attention'
                              # (EchoAtt's attention-map similarity, proposes attn_source)
 dtype = "float32"            # calibrate: float32, or bfloat16 (autocast, the frozen linears cast once: speed.linears_in;
-                             # 'logits' on SmolLM2: 214 s against 487, the same map, docs/keep_skills.md)
+                             # 'logits' on SmolLM2, the AMX Xeon: 104 s against 173 paired, the same map; keep_skills.md)
 convert_to = ""              # convert: the kv_source to convert the dense model to (abruptly)
 attn_to = ""                 # convert: the attn_source to convert it to (EchoAtt: sharers drop Q and K)
 kv_init = "own"              # convert: owners keep their own K/V (own) or the mean of their users' (mean)
@@ -931,6 +932,7 @@ def main(argv):
                                                     "local_train": ("layers", "consumers_qo"), "split": ("train", "val"),
                                                     "dtype": ("float32", "bfloat16")})
     check_settings(s, explicit)
+    warn_slow_bf16(s.dtype, "cpu")
     apply_threads(s.threads)  # the model stays on the CPU here
     with_heatmap = bool(s.convert_to or s.attn_to) or heatmap_available()  # calibration: asked before any work
     if not with_heatmap:

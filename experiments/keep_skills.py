@@ -62,7 +62,7 @@ beside = ""                  # results.json files of other runs of this script, 
 data = "data/smollm2_selfgen"  # where the generated dataset goes (train.bin, val.bin, meta.json)
 gen_tokens = 120_000         # generated training tokens (the teacher's own samples)
 gen_val_tokens = 65_536      # generated held-out tokens (evaluate.py's 'selfgen' set)
-gen_batch_size = 16
+gen_batch_size = 16          # rows sampled together; 32 on a CPU with AMX: ~1.5x the tokens/s of 16 (docs/keep_skills.md)
 gen_max_new_tokens = 256     # per generated document
 gen_compile = True           # compile the generation's decode step
 gen_dtype = "float32"        # the generation's precision: float32 (the shipped results' text) or bfloat16 (other samples;
@@ -78,8 +78,8 @@ criterion = "logits"         # sharing=kv: adapt.py's calibration criterion: 'lo
 calib_dataset = "data/smollm2_selfgen"  # the text the map is chosen on ('logits': its train split; 'kv': its val split)
 calib_batches = 1
 calib_batch_size = 2
-calib_dtype = "float32"      # the calibration's precision (adapt.py --dtype): bfloat16 took 214 s against 487 on the
-                             # Xeon and proposed the same KV-0.73 map (docs/keep_skills.md)
+calib_dtype = "float32"      # the calibration's precision (adapt.py --dtype): bfloat16 took 104 s against 173 (paired,
+                             # one sequence) on the AMX Xeon and proposed the same map (docs/keep_skills.md)
 train_set = "lora"           # what the KL distillation trains: 'lora' or 'consumers_qo' (see above)
 lora_rank = 16               # train_set=lora: every linear's adapter rank (r16 on SmolLM2: 4.7 M values, 19 MB)
 lora_alpha = 32.0
