@@ -357,7 +357,8 @@ def quantization_bound(x, w):
     return (step.double() @ w.abs().view(-1, K // 32, 32).sum(-1).double().t()) + 1e-6 * (x.abs() @ w.abs().t()).double()
 
 
-@pytest.mark.parametrize("N, K", [(37, 96), (8, 64), (6, 160), (5, 40), (3, 17)])  # rows past blocks of 4; K past 16 and 32
+@pytest.mark.parametrize("N, K", [(37, 96), (8, 64), (6, 160), (5, 40), (3, 17), (5, 576)])  # rows past blocks of 4; K past 16, 32
+# and 128 (VNNI chunks); 576: SmolLM2's rows, 4.5 chunks and 18 groups (minimums 16 at a time)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matvec_is_the_product_by_the_definition(N, K, threads, monkeypatch):
     """Every weight kind against float64 products with the weight as defined: float weights to fp32 summation
