@@ -235,7 +235,7 @@ static inline __attribute__((always_inline)) void rows_u4(const int16_t *xq, con
     }
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define VNNI_LOOPS 1
 /* 4-bit rows on a CPU with AVX-512 VNNI (Ice Lake and later Xeons, Zen 4): vpdpbusd multiplies 64 pairs of bytes,
    one unsigned and one signed, and adds each 4 products into an int32, exactly. On one core of the AMX Xeon the
@@ -367,7 +367,7 @@ static inline __attribute__((always_inline)) void all_rows_integer(const float *
     }
     quantize_x_wide(x, K, xq, step, nullptr, nullptr, nullptr, 0);
 #else
-    for (long g = 0; group && g < K / group; g++)  /* a division a group, not one a position: ~2 us a call */
+    for (long g = 0; group && g < K / group; g++)  /* no division a position: 576 of them cost us a call (docs/bench.md) */
         for (long k = g * group; k < (g + 1) * group; k++) xsum[g] += x[k];
     quantize_x(x, K, kind == U4, xq, step);
 #endif
