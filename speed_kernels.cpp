@@ -335,6 +335,21 @@ static inline __attribute__((always_inline)) void rows_u4_vnni(const int8_t *hi,
         y[n + r] = _mm512_reduce_add_ps(acc[r]);
     }
 }
+
+/* every row of 4-bit codes by the loop above: x rounded and split once for all of them */
+static inline __attribute__((always_inline)) void all_rows_u4_vnni(const float *x, long K, const void *w, long N,
+        const void *scales, const void *mins, int scale_kind, long group, float *y, int threads) {
+    long padded = (K + VCHUNK - 1) / VCHUNK * 128;  /* hi and lo bytes of whole chunks, zeros past K */
+    float *step = (float *)calloc(K / XBLOCK + 4, sizeof(float)), *xsum = (float *)calloc(K / group, sizeof(float));
+    int8_t *hi = (int8_t *)calloc(padded, 1);
+    uint8_t *lo = (uint8_t *)calloc(padded, 1);
+    quantize_x_wide(x, K, nullptr, step, hi, lo, xsum, group);
+    #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (long block = 0; block < N / ROWS; block++)
+        rows_u4_vnni(hi, lo, step, xsum, K, w, block * ROWS, ROWS, scales, mins, scale_kind, group, y);
+    for (long n = N - N % ROWS; n < N; n++) rows_u4_vnni(hi, lo, step, xsum, K, w, n, 1, scales, mins, scale_kind, group, y);
+    free(step), free(xsum), free(hi), free(lo);
+}
 #else
 #define VNNI_LOOPS 0
 #endif
@@ -350,21 +365,12 @@ static inline __attribute__((always_inline)) void all_rows_float(const float *x,
 /* every row of int8 (group 0) or 4-bit codes: x quantized once for all of them */
 static inline __attribute__((always_inline)) void all_rows_integer(const float *x, long K, const void *w, int kind,
         long N, const void *scales, const void *mins, int scale_kind, long group, float *y, int threads) {
-    int16_t *xq = (int16_t *)malloc(K * sizeof(int16_t));
-    float *step = (float *)calloc(K / XBLOCK + 4, sizeof(float)), *xsum = (float *)calloc(group ? K / group : 1, sizeof(float));
 #if VNNI_LOOPS
-    if (kind == U4) {
-        long padded = (K + VCHUNK - 1) / VCHUNK * 128;
-        int8_t *hi = (int8_t *)calloc(padded, 1);
-        uint8_t *lo = (uint8_t *)calloc(padded, 1);
-        quantize_x_wide(x, K, nullptr, step, hi, lo, xsum, group);
-        #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-        for (long block = 0; block < N / ROWS; block++)
-            rows_u4_vnni(hi, lo, step, xsum, K, w, block * ROWS, ROWS, scales, mins, scale_kind, group, y);
-        for (long n = N - N % ROWS; n < N; n++) rows_u4_vnni(hi, lo, step, xsum, K, w, n, 1, scales, mins, scale_kind, group, y);
-        free(xq), free(step), free(xsum), free(hi), free(lo);
-        return;
-    }
+    if (kind == U4) { all_rows_u4_vnni(x, K, w, N, scales, mins, scale_kind, group, y, threads); return; }
+#endif
+    int16_t *xq = (int16_t *)malloc(K * sizeof(int16_t));
+    float *step = (float *)malloc(K / XBLOCK * sizeof(float)), *xsum = (float *)calloc(group ? K / group : 1, sizeof(float));
+#if VNNI_LOOPS
     quantize_x_wide(x, K, xq, step, nullptr, nullptr, nullptr, 0);
 #else
     for (long g = 0; group && g < K / group; g++)  /* no division a position: 576 of them cost us a call (docs/bench.md) */
