@@ -254,14 +254,19 @@ def compile_decode_step(model):
     went from 1.12x to 0.98x and 0.93x): inductor's C++ wrapper calls the kernels (instead of Python code), and
     dynamo does not check the model's ~270 parameters and module attributes before every step. That second saving is safe only
     because the step compiled is this model's own copy of decode_step: dynamo keeps graphs per code object,
-    and a graph whose module guards are skipped would otherwise run for any model calling that code."""
+    and a graph whose module guards are skipped would otherwise run for any model calling that code. Third, no
+    size asserts: the C++ wrapper checked the sizes and strides of each kernel's inputs and outputs at every call
+    (999 checks a SmolLM2 step, each building a std::stringstream for a message it never printed: 3.3% of an int4
+    token by perf; paired runs in one process 1.10x and 1.00x at 1 thread, 1.09x at 2, a noisy hour: docs/bench.md).
+    Our ops' shapes come from their Meta kernels, which tests/test_speed_paths.py checks by torch.library.opcheck."""
     device = next(model.parameters()).device
     if device.type != "cpu":  # the other devices' path as it was: the C++ wrapper has not run on them here
         return torch.compile(model.decode_step, fullgraph=True, dynamic=False)
     shared = type(model).decode_step
     own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__, shared.__defaults__,
                              shared.__closure__)
-    options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+               "size_asserts": False}
     return torch.compile(types.MethodType(own, model), fullgraph=True, dynamic=False, options=options)
 
 

@@ -409,6 +409,21 @@ def test_matvec_refuses_a_weight_it_cannot_read():
         speed.matvec(x.double(), torch.zeros(8, 64))
 
 
+def test_kernels_meta_shapes_are_what_they_compute():
+    """The compiled step trusts each op's Meta kernel for its result's size and strides (compile_decode_step turns
+    inductor's size asserts off): torch.library.opcheck runs each op on real and on fake tensors and compares."""
+    assert speed.kernel_built()
+    x, xs = torch.randn(1, 1, 64, dtype=torch.bfloat16), torch.randn(3, 1, 64, dtype=torch.bfloat16)
+    codes, scales = torch.randint(0, 256, (8, 32), dtype=torch.uint8), torch.rand(8, 2, dtype=torch.bfloat16)
+    q, k = torch.randn(2, 6, 1, 16), torch.randn(2, 2, 9, 16)
+    for op, args in [(torch.ops.speed.matvec.default, (x, codes, scales, scales, 32)),  # 4-bit
+                     (torch.ops.speed.matvec.default, (x, torch.randint(-9, 9, (8, 64), dtype=torch.int8), scales[:, 0], None, 0)),
+                     (torch.ops.speed.matvec.default, (xs, torch.randn(8, 64, dtype=torch.bfloat16), None, None, 0)),
+                     (torch.ops.speed.decode_attention.default, (q, k, k, torch.ones(2, 9, dtype=torch.bool)))]:
+        results = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        assert set(results.values()) == {"SUCCESS"}, results
+
+
 # -----------------------------------------------------------------------------
 # attention of one new position over the cache (speed_kernels.cpp)
 
