@@ -257,7 +257,7 @@ def compile_decode_step(model):
     and a graph whose module guards are skipped would otherwise run for any model calling that code. Third, no
     size asserts: the C++ wrapper checked the sizes and strides of each kernel's inputs and outputs at every call
     (999 checks a SmolLM2 step, each building a std::stringstream for a message it never printed: 3.3% of an int4
-    token by perf; paired runs in one process 1.10x and 1.00x at 1 thread, 1.09x at 2, a noisy hour: docs/bench.md).
+    token by perf; paired in one process 1.10x, 1.00x, 1.04x at 1 thread, 1.09x at 2, a noisy hour: docs/bench.md).
     Our ops' shapes come from their Meta kernels, which tests/test_speed_paths.py checks by torch.library.opcheck."""
     device = next(model.parameters()).device
     if device.type != "cpu":  # the other devices' path as it was: the C++ wrapper has not run on them here
