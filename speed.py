@@ -249,15 +249,16 @@ def use_decode_paths(model):
 def compile_decode_step(model):
     """torch.compile of `model.decode_step`, as every decoding script compiles it: the whole step one graph
     (fullgraph), static shapes (one graph per batch size and cache length). Compile after the model is
-    final (use_decode_paths, quantization). On a CPU two savings on what surrounds the products (~4-5 ms of
+    final (use_decode_paths, quantization). On a CPU three savings on what surrounds the products (~4-5 ms of
     an 18 ms SmolLM2 token in docs/bench.md's profile; experiments/llamacpp.py: llama.cpp's bf16 lead at 1 thread
     went from 1.12x to 0.98x and 0.93x): inductor's C++ wrapper calls the kernels (instead of Python code), and
     dynamo does not check the model's ~270 parameters and module attributes before every step. That second saving is safe only
     because the step compiled is this model's own copy of decode_step: dynamo keeps graphs per code object,
     and a graph whose module guards are skipped would otherwise run for any model calling that code. Third, no
-    size asserts: the C++ wrapper checked the sizes and strides of each kernel's inputs and outputs at every call
-    (999 checks a SmolLM2 step, each building a std::stringstream for a message it never printed: 3.3% of an int4
-    token by perf; paired in one process 1.10x, 1.00x, 1.04x at 1 thread, 1.09x at 2, a noisy hour: docs/bench.md).
+    size asserts: by default the C++ wrapper checks the sizes and strides of each kernel's inputs and outputs at
+    every call (999 checks a SmolLM2 step, each building a std::stringstream for a message it never prints: 3.3%
+    of an int4 token by perf; paired in one process 1.10x, 1.00x, 1.04x at 1 thread, 1.09x at 2, a noisy hour:
+    docs/bench.md).
     Our ops' shapes come from their Meta kernels, which tests/test_speed_paths.py checks by torch.library.opcheck."""
     device = next(model.parameters()).device
     if device.type != "cpu":  # the other devices' path as it was: the C++ wrapper has not run on them here
