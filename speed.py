@@ -48,12 +48,12 @@ class StreamingLinear(nn.Linear):
 
     A few rows (batched decoding, up to stream_rows) of bf16/fp16 weights go through matvec too: its loop for
     several rows reads each weight once for all of them. On an AVX2 CPU torch's half-precision matmul has no
-    fast kernel (a 1024^3 bf16 product at 0.3 GFLOP/s against fp32's 20). On a CPU that multiplies bf16
-    (AVX-512 BF16) torch's product is fast too, and beat the kernel from 17 rows on on the Zen 4 (32 rows: 94
-    against 118 ms of products a SmolLM2 step), so there bf16 weights take the kernel up to BF16_CPU_ROWS rows;
-    with AMX the kernel multiplies tiles and serves every batch (16 rows: 41-48 ms of products against F.linear's
-    77-99). fp32 weights take it for 2 to FP32_CPU_ROWS rows: on a CPU without AVX-512, where BLAS has no wider
-    vectors than the kernel. Prefill and training (more rows) and the GPU keep F.linear."""
+    fast kernel (a 1024^3 bf16 product at 0.3 GFLOP/s against fp32's 20). On a CPU that multiplies bf16 torch's
+    product is fast too, and the kernel still wins: with AVX-512 BF16 its rows across the vector lanes took 64.2
+    ms for a SmolLM2 step's products at 32 rows against F.linear's 82.9 and tied at 64 (119 ms each) on the Zen
+    4; with AMX it multiplies tiles (16 rows: 41-48 ms against F.linear's 77-99). fp32 weights take it for 2 to
+    FP32_CPU_ROWS rows: on a CPU without AVX-512, where BLAS has no wider vectors than the kernel. Prefill and
+    training (more rows) and the GPU keep F.linear."""
 
     stream_rows = 64  # most rows for the kernel; 1 (set per module) with use_kernel False: the old path, for comparison
     use_kernel = True  # half-precision rows (fp32: FP32_CPU_ROWS) through matvec; False (per module or class): the old path
@@ -88,25 +88,12 @@ def cpu_multiplies_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 
-# where the CPU multiplies bf16 with AVX-512 BF16, torch's bf16 product beats the kernel's vector loop above this many
-# rows (measured: 16 on the Zen 4). With AMX the kernel multiplies 16 x 32 tiles and stays at the memory's pace:
-# a SmolLM2 step's products at 16 rows took 41-48 ms against 40-42 at one row and F.linear's 77-99 (1 thread, one
-# hour of the Intel Xeon: docs/bench.md, "Tiles for batched rows"; before them, its vector loop took 65-138 ms)
-def bf16_cpu_rows(flags: str) -> int:
-    """The most bf16 rows speed.matvec serves on a CPU with these /proc/cpuinfo flags (why: the comment above)."""
-    names = set(flags.split())
-    if "amx_bf16" in names or "avx512_bf16" not in names:
-        return 1 << 30  # AMX tiles, or torch emulates bf16 products: the kernel for any batch
-    return 16
-
-
-BF16_CPU_ROWS = bf16_cpu_rows(cpu_flags())
 # fp32 weights: the kernel's loop for a few rows is AVX2 (8 floats a vector). Without AVX-512 BLAS has nothing wider,
 # and on an AVX2-only Zen 3 the kernel took 77-120 ms for a SmolLM2 step's 211 products at 16 rows, F.linear 196-265
 # (docs/bench.md, "fp32 rows on a CPU without AVX-512"). With AVX-512 (not measured there), or without the kernel's
 # vector loops (AVX2, FMA, F16C: elsewhere it runs the plain definition), F.linear stays
 FP32_CPU_ROWS = 1 << 30 if {"avx2", "fma", "f16c"} <= set(cpu_flags().split()) and "avx512f" not in cpu_flags() else 1
-CPU_ROWS = {torch.bfloat16: BF16_CPU_ROWS, torch.float32: FP32_CPU_ROWS}
+CPU_ROWS = {torch.float32: FP32_CPU_ROWS}  # bf16 and fp16: the kernel up to stream_rows on every CPU
 
 
 # -----------------------------------------------------------------------------

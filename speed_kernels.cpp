@@ -13,8 +13,10 @@
    low nibble first, with a scale and a minimum a group (quantize.Int4Linear: w = q * scale + minimum); those
    two as integer products (below, XBLOCK); on a CPU with AVX-512 VNNI the 4-bit ones by vpdpbusd (rows_u4_vnni).
    A few rows of x at once (batched decoding), float weights only: few_rows, each weight read once for all rows
-   (below, by_x_rows); bf16 rows on a CPU with AMX by its tile products (tile_rows_bf16).
-   And the op speed::decode_attention: one new position per row attending over the cache (attend_group). */
+   (below, by_x_rows); bf16 rows with AVX-512 BF16 across the vector lanes from 9 rows (bf16_lanes_block), on a CPU
+   with AMX by its tile products (tile_rows_bf16).
+   And the op speed::decode_attention: one new position per row attending over the cache (attend_group; with
+   AVX-512, attend_group_wide). */
 
 #include <math.h>
 #include <stdint.h>
@@ -469,7 +471,8 @@ static void matvec(const float *x, long K, const void *w, int kind, long N, cons
 #define BF16_ROWS 1
 /* bf16 rows against bf16 weights on a CPU that multiplies bf16 (AVX-512 BF16: Zen 4, Cooper Lake and later):
    vdpbf16ps multiplies 32 pairs at once, exactly (the product of two bf16 fits an fp32), and sums in fp32, four
-   times the columns of an fp32 FMA. One weight row meets BF16_XR rows of x: 12 accumulators. Measured on the Zen 4
+   times the columns of an fp32 FMA. Up to 8 rows (9 and more: bf16_lanes_block below), one weight row meets
+   BF16_XR rows of x: 12 accumulators. Measured on the Zen 4
    (16 rows of SmolLM2's products, interleaved runs): 1 x 12 took 48-62 ms a step, 2 x 6 69-75, 2 x 8 64-78 (its
    16 accumulators the compiler kept in memory), torch's F.linear 59-79. The sums are rounded to bf16 as torch
    rounds (to nearest even). */
@@ -496,7 +499,88 @@ static inline __attribute__((always_inline)) void bf16_row(const uint16_t *x, lo
     for (int j = 0; j < XN; j++) y[(m + j) * N + n] = float_to_bf16(_mm512_reduce_add_ps(acc[j]));
 }
 
+/* fp32 sums to bf16, 16 at a time, rounded as float_to_bf16 rounds (to nearest even; NaN to 0x7fc0) */
+static inline __attribute__((always_inline)) __m256i bf16_of_sums(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(rounded);
+}
+
+/* 9 rows and more (BF16_LANES_FROM): the rows of x lie across the 16 lanes, so the sums need no horizontal adds.
+   x is packed once a call, 16 rows at a time, as pairs of columns: xp[p][j] = (x[j][2p], x[j][2p + 1]), one
+   32-bit lane a row (rows past M are zeros). A block of BF16_WR weight rows streams past it: for each pair p, one
+   load of xp[p] and, for each weight row, its pair (w[n][2p], w[n][2p + 1]) broadcast from memory to every lane,
+   so one vdpbf16ps adds that weight row's two products to all 16 rows' sums. 16 accumulators, one a weight row,
+   rounded to bf16 16 at a time at the end. bf16_row above ends each weight row with 12 horizontal sums of 16 lanes
+   (a chain of shuffles and adds each) after only 18 products on a 576-column row: they cost as much as the
+   products. While the first pass over a block runs, the block BF16_BLOCKS_AHEAD further on is prefetched into L2,
+   a line of each of its rows per line of ours. Measured on the Zen 4 (a scratch timing of one decode step's 211
+   SmolLM2 products, random bf16 weights, median of 7, bf16_row against this loop in one process): 16 rows 45.2 ->
+   30.2 ms at 1 thread, 24.0 -> 18.4 at 2; 32 rows 106.9 -> 64.2 and 54.1 -> 31.5 (F.linear 82.9 and 44.5).
+   Prefetching the next block into L1 took 36.5 ms at 16 rows, the prefetch of the other loops 41.2. 16 x 16
+   products a cycle is the CPU's limit: 230 GFLOP/s on this Zen 4 with no memory traffic (a loop of vdpbf16ps
+   alone); this loop reached 143 at 16 rows. At 8 rows and fewer the lanes would be half empty: bf16_row is as fast
+   or faster there. */
+#define BF16_WR 16
+#define BF16_LANES_FROM 9
+#define BF16_BLOCKS_AHEAD 2
+static void pack_x_pairs(const uint16_t *x, long M, long K, uint32_t *xp) {
+    long P = (K + 1) / 2;
+    for (long c = 0; c < (M + 15) / 16; c++)
+        for (long p = 0; p < P; p++)
+            for (long j = 0; j < 16; j++) {
+                long m = c * 16 + j;
+                uint32_t lo = m < M ? x[m * K + 2 * p] : 0, hi = m < M && 2 * p + 1 < K ? x[m * K + 2 * p + 1] : 0;
+                xp[(c * P + p) * 16 + j] = lo | hi << 16;
+            }
+}
+
+template <int WN>
+static inline __attribute__((always_inline)) void bf16_lanes_block(const uint32_t *xp, long M, long K,
+        const uint16_t *w, long n, long N, uint16_t *y) {
+    long P = (K + 1) / 2, full = K / 2;  /* an odd K's last column: a pair whose second weight is 0 */
+    const uint16_t *rows = w + n * K;
+    const char *ahead = (const char *)(rows + BF16_BLOCKS_AHEAD * BF16_WR * K);
+    for (long c = 0; c < (M + 15) / 16; c++) {  /* 16 rows of x at a time; the block stays in L1 or L2 */
+        const uint32_t *xc = xp + c * P * 16;
+        __m512 acc[WN];
+        for (int r = 0; r < WN; r++) acc[r] = _mm512_setzero_ps();
+        for (long p = 0; p < full; p++) {
+            if (c == 0 && (p & 15) == 0)
+                for (int r = 0; r < WN; r++) _mm_prefetch(ahead + (WN * p * 4 + r * 64), _MM_HINT_T1);
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xc + p * 16);
+            #pragma GCC unroll 16
+            for (int r = 0; r < WN; r++) {
+                uint32_t pair;
+                memcpy(&pair, rows + r * K + 2 * p, 4);
+                acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_set1_epi32(pair));
+            }
+        }
+        if (full < P) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xc + full * 16);
+            for (int r = 0; r < WN; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_set1_epi32(rows[r * K + K - 1]));
+        }
+        for (int r = 0; r < WN; r++) {
+            uint16_t sums[16];
+            _mm256_storeu_si256((__m256i *)sums, bf16_of_sums(acc[r]));
+            for (long j = 0; j < std::min(16L, M - c * 16); j++) y[(c * 16 + j) * N + n + r] = sums[j];
+        }
+    }
+}
+
 static void few_rows_bf16(const uint16_t *x, long M, long K, const uint16_t *w, long N, uint16_t *y, int threads) {
+    if (M >= BF16_LANES_FROM) {
+        std::vector<uint32_t> xp((M + 15) / 16 * ((K + 1) / 2) * 16);
+        pack_x_pairs(x, M, K, xp.data());
+        #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+        for (long b = 0; b < (N + BF16_WR - 1) / BF16_WR; b++)
+            by_x_rows<BF16_WR>(std::min((long)BF16_WR, N - b * BF16_WR), [&]<int WN>(long r) {
+                bf16_lanes_block<WN>(xp.data(), M, K, w, b * BF16_WR + r, N, y); });
+        return;
+    }
     #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (long n = 0; n < N; n++) by_x_rows<BF16_XR>(M, [&]<int XN>(long m) { bf16_row<XN>(x, K, w, n, m, N, y); });
 }
@@ -609,10 +693,102 @@ static void few_rows(const float *x, long M, long K, const void *w, int kind, lo
    speed.decode_attention_by_ops, read the whole cache and recomputed the query's rotary embedding at every
    position: docs/bench.md, "Attention over the cache".) */
 #define GMAX 4  /* query heads scored at once against one loaded key row (their accumulators in registers) */
+#if VNNI_LOOPS  /* AVX-512 F, BW and VL, which every CPU with AVX-512 VNNI has (load16 above) */
+#define WIDE_ATTENTION 1
+/* e^x for 16 x at once: 2^n e^r with n = round(x log2 e) and r = x - n ln 2 (ln 2 in two parts, the first exact
+   times any n here) within +-0.35, e^r by its Taylor series to r^7 / 7! (the rest below 2^-27 of it), 2^n by
+   vscalefps; below -104 the result is 0, as expf's is */
+static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-6f), r);
+    __m512 e = _mm512_set1_ps(1.0f / 5040);
+    for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(e, n);
+}
+
+/* attend_group below for D a multiple of 64 with AVX-512, N (up to GMAX) query heads at a time, N a constant so that
+   the accumulators stay in registers: keys 16 columns a vector; the weights' exponentials 16 positions at a time;
+   each value row loaded once for the N heads, 64 columns of each in four registers. */
+template <int KIND, int N>
+static inline __attribute__((always_inline)) void scores_wide(const float *q, long D, const void *k, long base,
+        long S, const bool *mask, const void *v, float *p, float *most) {
+    const long row_bytes = D * (KIND == F32 ? 4 : 2);
+    for (long s = 0; s < S; s++) {
+        if (!mask[s]) continue;
+        for (long b = 0; b < row_bytes; b += 64) {  /* the key row 8 on, and this value row for sums_wide after */
+            _mm_prefetch((const char *)k + (base + (s + 8) * D) * (row_bytes / D) + b, _MM_HINT_T0);
+            _mm_prefetch((const char *)v + (base + s * D) * (row_bytes / D) + b, _MM_HINT_T0);
+        }
+        __m512 acc[N];
+        for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
+        for (long d = 0; d < D; d += 16) {
+            __m512 key = load16(k, KIND, base + s * D + d, 0xffff);
+            for (int i = 0; i < N; i++) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * D + d), key, acc[i]);
+        }
+        for (int i = 0; i < N; i++) {
+            float score = _mm512_reduce_add_ps(acc[i]);
+            p[i * S + s] = score, most[i] = score > most[i] ? score : most[i];
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void weights_wide(long S, const bool *mask, float *p, float most,
+        float *norm) {
+    __m512 total = _mm512_setzero_ps();
+    for (long s = 0; s < S; s += 16) {
+        __mmask16 in = S - s >= 16 ? 0xffff : (1u << (S - s)) - 1;
+        __mmask16 keep = _mm_mask_cmpneq_epi8_mask(in, _mm_maskz_loadu_epi8(in, mask + s), _mm_setzero_si128());
+        __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, p + s), _mm512_set1_ps(most))));
+        _mm512_mask_storeu_ps(p + s, in, e);
+        total = _mm512_add_ps(total, e);
+    }
+    *norm = 1.0f / _mm512_reduce_add_ps(total);
+}
+
+template <int KIND, int N>
+static inline __attribute__((always_inline)) void sums_wide(const float *p, long D, const void *v, long base, long S,
+        const bool *mask, const float *norm, float *out) {
+    for (long d0 = 0; d0 < D; d0 += 64) {
+        __m512 acc[N][4];
+        for (int i = 0; i < N; i++)
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+        for (long s = 0; s < S; s++) {
+            if (!mask[s]) continue;  /* garbage in the cache there must not reach the sums (0 x NaN) */
+            __m512 value[4];
+            for (int j = 0; j < 4; j++) value[j] = load16(v, KIND, base + s * D + d0 + 16 * j, 0xffff);
+            for (int i = 0; i < N; i++) {
+                __m512 weight = _mm512_set1_ps(p[i * S + s]);
+                for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(weight, value[j], acc[i][j]);
+            }
+        }
+        for (int i = 0; i < N; i++)
+            for (int j = 0; j < 4; j++)
+                _mm512_storeu_ps(out + i * D + d0 + 16 * j, _mm512_mul_ps(acc[i][j], _mm512_set1_ps(norm[i])));
+    }
+}
+
+template <int KIND>
+static void attend_group_wide(const float *q, int G, long D, const void *k, const void *v, long base, long S,
+                              const bool *mask, float *p, float *out) {
+    float most[64], norm[64];
+    for (int g = 0; g < G; g++) most[g] = -INFINITY;
+    by_x_rows<GMAX>(G, [&]<int N>(long g) { scores_wide<KIND, N>(q + g * D, D, k, base, S, mask, v, p + g * S, most + g); });
+    for (int g = 0; g < G; g++) weights_wide(S, mask, p + g * S, most[g], norm + g);
+    by_x_rows<GMAX>(G, [&]<int N>(long g) { sums_wide<KIND, N>(p + g * S, D, v, base, S, mask, norm + g, out + g * D); });
+}
+#else
+#define WIDE_ATTENTION 0
+template <int KIND>
+static void attend_group_wide(const float *, int, long, const void *, const void *, long, long, const bool *, float *, float *) {}
+#endif
+
 template <int KIND>
 static void attend_group(const float *q, int G, long D, const void *k, const void *v, long base, long S,
                          const bool *mask, float *p, float *out) {
     /* p (G x S): the scores, then the weights; q (G x D) already scaled by 1 / sqrt(D); out (G x D) */
+    if (WIDE_ATTENTION && D % 64 == 0) return attend_group_wide<KIND>(q, G, D, k, v, base, S, mask, p, out);
     float most[64], total[64];
     for (int g = 0; g < G; g++) most[g] = -INFINITY, total[g] = 0;
     bool vectors = VECTOR_LOOPS && D % 8 == 0;

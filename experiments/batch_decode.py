@@ -2,8 +2,8 @@
 Decode speed of the compiled decode step, the old path against the new one, on SmolLM2-135M's shape, at
 several batch sizes and dtypes, in one process. --old=products (default): the old products, BLAS for rows > 1,
 inductor's multiply-and-sum loop for one row; new: the decoding kernel speed.matvec (speed_kernels.cpp) for one
-row and for a few (up to StreamingLinear.stream_rows, 64; of bf16 on a CPU with AVX-512 BF16 but no AMX, 16:
-F.linear above; with AMX, its tile products). --old=attention: the old attention over the cache, torch's ops
+row and for a few (up to StreamingLinear.stream_rows, 64; bf16 on a CPU with AVX-512 BF16, its rows across the
+vector lanes from 9 rows; with AMX, its tile products). --old=attention: the old attention over the cache, torch's ops
 (speed.decode_attention_by_ops), against the kernel's speed.decode_attention; the products the same on both paths.
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
@@ -105,7 +105,7 @@ def time_batch(base, dtype, B, s):
     return rates
 
 
-HEADERS = {"products": "old (BLAS; one row: inductor's loop), tokens/s | new (speed.matvec for up to 16-64 rows; one row: "
+HEADERS = {"products": "old (BLAS; one row: inductor's loop), tokens/s | new (speed.matvec for up to 64 rows; one row: "
                         "speed.matvec)",
            "attention": "old (attention by torch's ops), tokens/s | new (speed_kernels.cpp's attention)"}
 

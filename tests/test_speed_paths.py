@@ -635,8 +635,7 @@ def test_batched_bf16_decode_gives_batch_one_tokens_through_the_kernel(compiled,
     """16 rows decoded together (bf16, speed.matvec's rows for every projection and the head) give each row's
     batch-1 greedy tokens wherever batch 1's choice is clear, eager and compiled; the compiled graph calls
     the kernel and no BLAS product on the weights; logits within a stated bound of the plain model's. The kernel's
-    16-row path on any CPU (with AVX-512 BF16, speed.BF16_CPU_ROWS sends more than 16 rows to F.linear)."""
-    monkeypatch.setitem(speed.CPU_ROWS, torch.bfloat16, 1 << 30)
+    16-row path (on a CPU with AVX-512 BF16, its rows across the vector lanes; with AMX, tiles)."""
     plain = spread_tiny(torch.bfloat16)
     model = speed.use_decode_paths(copy.deepcopy(plain))
     prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
@@ -672,21 +671,16 @@ def test_fp32_rows_take_the_kernel_only_where_blas_has_no_wider_vectors(avx512, 
     assert [s[0] for s in calls] == ([] if avx512 else [2, 16, 64])
 
 
-@pytest.mark.parametrize("flags, most", [("avx2 fma f16c", 1 << 30), ("avx512f avx512_bf16", 16),
-                                         ("avx512f avx512_bf16 amx_bf16 amx_tile", 1 << 30)])
-def test_bf16_rows_take_the_kernel_up_to_the_cpus_crossover(flags, most, monkeypatch):
-    """bf16 weights: speed.matvec serves up to bf16_cpu_rows(flags) rows (any number where torch emulates bf16
-    products or the kernel multiplies AMX tiles, 16 with AVX-512 BF16: the measured crossover), F.linear above; the
-    same product."""
+def test_bf16_rows_take_the_kernel_up_to_stream_rows(monkeypatch):
+    """bf16 weights: speed.matvec serves 1 to stream_rows (64) rows on every CPU, F.linear above; the same product."""
     calls = []
     monkeypatch.setattr(speed, "matvec", lambda x, w: calls.append(x.shape) or torch.ops.speed.matvec(x, w))
-    monkeypatch.setitem(speed.CPU_ROWS, torch.bfloat16, speed.bf16_cpu_rows(flags))
     lin = speed.StreamingLinear(96, 40, bias=False).to(torch.bfloat16)
     with torch.no_grad():
-        for rows in (1, 4, 5, 16, 17):
+        for rows in (1, 4, 9, 16, 17, 64, 65):
             x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
             torch.testing.assert_close(lin(x).float(), F.linear(x, lin.weight).float(), rtol=2e-2, atol=2e-2)
-    assert [s[0] for s in calls] == [r for r in (1, 4, 5, 16, 17) if r <= most]
+    assert [s[0] for s in calls] == [1, 4, 9, 16, 17, 64]
 
 
 @pytest.mark.parametrize("compiled", [False, True])
