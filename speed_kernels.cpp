@@ -471,8 +471,8 @@ static void matvec(const float *x, long K, const void *w, int kind, long N, cons
 #define BF16_ROWS 1
 /* bf16 rows against bf16 weights on a CPU that multiplies bf16 (AVX-512 BF16: Zen 4, Cooper Lake and later):
    vdpbf16ps multiplies 32 pairs at once, exactly (the product of two bf16 fits an fp32), and sums in fp32, four
-   times the columns of an fp32 FMA. Up to 8 rows (9 and more: bf16_lanes_block below), one weight row meets
-   BF16_XR rows of x: 12 accumulators. Measured on the Zen 4
+   times the columns of an fp32 FMA. Up to 8 rows (9 and more: bf16_lanes_block below; the AMX tiles' last
+   outputs: any number), one weight row meets BF16_XR rows of x: 12 accumulators. Measured on the Zen 4
    (16 rows of SmolLM2's products, interleaved runs): 1 x 12 took 48-62 ms a step, 2 x 6 69-75, 2 x 8 64-78 (its
    16 accumulators the compiler kept in memory), torch's F.linear 59-79. The sums are rounded to bf16 as torch
    rounds (to nearest even). */
@@ -710,16 +710,17 @@ static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
 
 /* attend_group below for D a multiple of 64 with AVX-512, N (up to GMAX) query heads at a time, N a constant so that
    the accumulators stay in registers: keys 16 columns a vector; the weights' exponentials 16 positions at a time;
-   each value row loaded once for the N heads, 64 columns of each in four registers. */
+   each value row loaded once for the N heads, 64 columns of each in four registers. (by_x_rows deals the G heads
+   out GMAX at a time, the rest in one call, as it deals rows of x.) */
 template <int KIND, int N>
 static inline __attribute__((always_inline)) void scores_wide(const float *q, long D, const void *k, long base,
         long S, const bool *mask, const void *v, float *p, float *most) {
-    const long row_bytes = D * (KIND == F32 ? 4 : 2);
+    const long size = KIND == F32 ? 4 : 2;
     for (long s = 0; s < S; s++) {
         if (!mask[s]) continue;
-        for (long b = 0; b < row_bytes; b += 64) {  /* the key row 8 on, and this value row for sums_wide after */
-            _mm_prefetch((const char *)k + (base + (s + 8) * D) * (row_bytes / D) + b, _MM_HINT_T0);
-            _mm_prefetch((const char *)v + (base + s * D) * (row_bytes / D) + b, _MM_HINT_T0);
+        for (long b = 0; b < D * size; b += 64) {  /* the key row 8 on, and this value row for sums_wide after */
+            _mm_prefetch((const char *)k + (base + (s + 8) * D) * size + b, _MM_HINT_T0);
+            _mm_prefetch((const char *)v + (base + s * D) * size + b, _MM_HINT_T0);
         }
         __m512 acc[N];
         for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
