@@ -618,7 +618,7 @@ def layer_output(model, i, xs, cos, sin):
     computes from the teacher's input of the owner's layer."""
     layer, owner = model.layers[i], model.config.kv_source[i]
     with torch.no_grad():
-        k, v = model.layers[owner].self_attn.compute_kv(model.layers[owner].input_layernorm(xs[owner]), cos, sin)
+        _, k, v = model.layers[owner].self_attn.project(model.layers[owner].input_layernorm(xs[owner]), cos, sin)
     h = layer.input_layernorm(xs[i])
     x = xs[i] + layer.self_attn(h, k, v, cos, sin, None)
     return x + layer.mlp(layer.post_attention_layernorm(x))

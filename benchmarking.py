@@ -27,7 +27,7 @@ from checkpoint import hf_config_from_llama
 from convert_hf import hf_state_dict
 from guards import check_not_tracked
 from quantize import QUANTIZERS
-from speed import compile_decode_step, use_decode_paths
+from speed import compile_decode_step, fuse_projections, use_decode_paths
 
 SKIP_PARTS = ("train", "decode", "mem", "refmem")
 
@@ -325,7 +325,7 @@ class Decoder:
         if self.is_hf:  # transformers 5.24 renamed the cache argument and output past_key_values -> cache
             self.cache_key = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
         else:
-            use_decode_paths(module)  # the CPU batch-1 paths (speed.py), before compiling
+            fuse_projections(use_decode_paths(module))  # the CPU decoding paths (speed.py), before compiling
             self.cache = module.new_cache(B, T + new_tokens)
             # dynamic=False: one specialised graph per batch size, as in a server with fixed batch slots.
             # No CUDA graphs (mode="reduce-overhead"): they would need the cache tensors marked static,

@@ -133,27 +133,25 @@ class Attention(nn.Module):
 
     @property
     def owns_kv(self):
-        return hasattr(self, "v_proj")
+        return hasattr(self, "v_proj") or hasattr(self, "qkv_proj")
 
-    def _heads(self, t, n):
-        B, T, _ = t.shape
-        return t.view(B, T, n, self.head_dim).transpose(1, 2)
-
-    def compute_kv(self, x, cos, sin):
-        """(keys after RoPE, or None for an attention sharer, values), each (B, n_kv_head, T, head_dim)."""
-        v = self._heads(self.v_proj(x), self.n_kv_head)
-        if not hasattr(self, "k_proj"):
-            return None, v
-        return apply_rope(self._heads(self.k_proj(x), self.n_kv_head), cos, sin), v
-
-    def query(self, x, cos, sin):
-        return apply_rope(self._heads(self.q_proj(x), self.n_head), cos, sin)
+    def project(self, x, cos, sin):
+        """(q, k, v) this layer computes from x, each (B, heads, T, head_dim), q and k after RoPE; None for those
+        it takes from another layer. One product where speed.fuse_projections joined the three (qkv_proj)."""
+        B, T, _ = x.shape
+        if hasattr(self, "qkv_proj"):
+            kv_dim = self.n_kv_head * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_head * self.head_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = (getattr(self, n)(x) if hasattr(self, n) else None for n in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (None if t is None else t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        return (None if q is None else apply_rope(q, cos, sin)), (None if k is None else apply_rope(k, cos, sin)), v
 
     def forward(self, x, k, v, cos, sin, mask, q=None):
         """Attend over k, v (post-RoPE, (B, n_kv_head, S, head_dim)) with queries q (an attention
         source's) or this layer's own; causal (mask None), or one new position over a cache (mask (1, S))."""
         B, T, C = x.shape
-        q = self.query(x, cos, sin) if q is None else q
+        q = self.project(x, cos, sin)[0] if q is None else q
         if mask is not None and self.cache_attention is not None:
             y = self.cache_attention(q, k, v, mask)
         else:
@@ -170,7 +168,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        joined = hasattr(self, "gate_up_proj")  # speed.fuse_projections joined them: one product
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if joined else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LayerHandover:
@@ -182,9 +182,8 @@ class LayerHandover:
         self.cache, self.input_pos, self.kv_blend = cache, input_pos, kv_blend
         self.kv, self.qk, self.fresh = {}, {}, {}
 
-    def own_kv(self, i, attn, h):
-        """The K/V owner i computes (blended while adapt.py switches it over), through the cache."""
-        k, v = attn.compute_kv(h, self.cos, self.sin)
+    def own_kv(self, i, k, v):
+        """The K/V owner i computed (blended while adapt.py switches it over), through the cache."""
         if i in self.kv_blend:
             source, w = self.kv_blend[i]
             k, v = k + w * (self.fresh[source][0] - k), v + w * (self.fresh[source][1] - v)
@@ -213,10 +212,11 @@ class Block(nn.Module):
         reduce-scatter) see the block's real input and output and nothing of the hand-over."""
         i, attn, hand = self.layer_idx, self.self_attn, handover
         h = self.input_layernorm(x)
+        q, k, v = attn.project(h, hand.cos, hand.sin)  # this layer's own; None for what it takes from another
         if self.kv_source == i:
-            hand.kv[i] = hand.own_kv(i, attn, h)
+            hand.kv[i] = hand.own_kv(i, k, v)
         if self.attn_source == i:  # own pattern: own queries over its (or its owner's) keys
-            q, (k, v) = attn.query(h, hand.cos, hand.sin), hand.kv[self.kv_source]
+            k, v = hand.kv[self.kv_source]
             hand.qk[i] = (q, k)
         else:  # EchoAtt: the source layer's queries and keys, this layer's values
             (q, k), v = hand.qk[self.attn_source], hand.kv[i][1]

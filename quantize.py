@@ -20,6 +20,8 @@ KERNEL_ROWS = 16  # most rows a CPU quantized kernel takes where it is slow (see
 
 
 class Int8Linear(nn.Module):
+    joins_by_rows = True  # a row's output needs that row's codes and scales only (speed.fuse_projections)
+
     def __init__(self, weight):
         super().__init__()
         w = weight.detach().float()
@@ -60,6 +62,8 @@ class Int4Linear(nn.Module):
     2.0 ms for one fp32 row and 31 ms for 16 (its fp32 code is not vectorised there), against 2.5 ms for
     16 fp32 rows through the dequantised weight."""
 
+    joins_by_rows = True
+
     def __init__(self, weight, group_size=32):
         super().__init__()
         N, K = weight.shape
@@ -73,15 +77,19 @@ class Int4Linear(nn.Module):
         self.register_buffer("codes", q[:, 0::2] | (q[:, 1::2] << 4))
         self.register_buffer("scales", scale.to(weight.dtype))  # (N, K / group_size)
         self.register_buffer("minimums", low.to(weight.dtype))
-        # the CPU kernel's forms of the same numbers (not saved): it takes rows in multiples of 16, so a
-        # few zero rows pad the rest, and forward drops their outputs
+        self.pack_for_cpu()
+
+    def pack_for_cpu(self):
+        """The CPU kernel's forms of codes, scales and minimums (not saved; again after they change): it takes rows
+        in multiples of 16, so a few zero rows pad the rest, and forward drops their outputs."""
+        N = self.codes.shape[0]
         self.out_features, pad = N, -N % 16
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             F.pad(self.unpacked_codes(), (0, 0, 0, pad)).to(torch.int32), 1)
         self.register_buffer("packed", packed, persistent=False)
         scale_zero = torch.stack([self.scales.float(), self.minimums.float() + 8 * self.scales.float()], -1)
         scale_zero = F.pad(scale_zero, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()  # (K / group, N + pad, 2)
-        self.register_buffer("scale_zero", scale_zero.to(weight.dtype), persistent=False)
+        self.register_buffer("scale_zero", scale_zero.to(self.scales.dtype), persistent=False)
 
     def unpacked_codes(self) -> torch.Tensor:
         """q (N, K), uint8 in 0..15."""

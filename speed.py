@@ -7,6 +7,8 @@ some machine (measurements: docs/bench.md).
                             attention of one new position over the cache becomes decode_attention.
                             Call it before compiling model.decode_step (sample.py, bench.py,
                             experiments/decode_timing.py).
+  fuse_projections(model)   joins each layer's products of one input (q, k and v; gate and up) into one
+                            module: fewer calls, each one parallel region (decoding only).
   compile_decode_step       torch.compile of one model's decode step, as the decoding scripts run it.
   matvec                    the product of one row with a weight (float, int8 or 4-bit), or of a few
                             rows with a float weight, through speed_kernels.cpp, built with the C++
@@ -16,6 +18,7 @@ some machine (measurements: docs/bench.md).
 """
 
 import contextlib
+import copy
 import functools
 import hashlib
 import math
@@ -231,6 +234,50 @@ def use_decode_paths(model):
         if hasattr(module, "cache_attention"):  # model.Attention's hook for one query over the cache
             module.cache_attention = decode_attention
     return model
+
+
+JOINED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # model.py reads these
+
+
+def fuse_projections(model):
+    """Join, in place, each layer's projections of one input into one module whose weights are theirs end to end
+    (rows; int8 and 4-bit scales alike): an owner's q, k and v (qkv_proj), every MLP's gate and up (gate_up_proj),
+    which model.py splits back. Why: every product is a call and, at 2 threads, a parallel region, where the
+    threads wake and meet; a SmolLM2 step had 241 of them, 151 joined (docs/bench.md, "Joined projections").
+    Decoding only: the joined layers' state-dict keys change. Layers whose parts differ in kind, dtype or group
+    size, or are of a kind whose weights are not row by row (adapters, NF4), stay as they are. Returns model."""
+    for module in list(model.modules()):
+        for name, names in JOINED.items():
+            parts = [getattr(module, n, None) for n in names]
+            joined = join_rows(parts) if all(p is not None for p in parts) else None
+            if joined is not None:
+                setattr(module, name, joined)
+                for n in names:
+                    delattr(module, n)
+    return model
+
+
+def join_rows(parts):
+    """One module of the parts' kind whose output is theirs concatenated, or None where they cannot join."""
+    kind = type(parts[0])
+    by_rows = kind in (nn.Linear, StreamingLinear) or getattr(kind, "joins_by_rows", False)  # quantize.py's
+    if not by_rows or any(type(p) is not kind for p in parts):
+        return None
+    tensors = [p.state_dict(keep_vars=True) for p in parts]  # weight (, bias); int8: + scales; 4-bit: codes, ...
+    for name, first in tensors[0].items():
+        if any(t[name].dtype != first.dtype or t[name].shape[1:] != first.shape[1:] for t in tensors):
+            return None
+    if len({getattr(p, "group_size", 0) for p in parts}) > 1:
+        return None
+    joined = copy.deepcopy(parts[0])
+    for name, first in tensors[0].items():
+        rows = torch.cat([t[name].detach() for t in tensors])
+        setattr(joined, name, nn.Parameter(rows, first.requires_grad) if isinstance(first, nn.Parameter) else rows)
+    if hasattr(joined, "out_features"):
+        joined.out_features = sum(p.out_features for p in parts)
+    if hasattr(joined, "pack_for_cpu"):  # Int4Linear's CPU forms of its codes
+        joined.pack_for_cpu()
+    return joined
 
 
 def compile_decode_step(model):

@@ -195,10 +195,11 @@ def test_compiled_steps_of_two_models_in_one_process_stay_each_its_own():
 def test_half_precision_decoding_calls_matvec_compiled_and_eager(dtype):
     """bf16/fp16 weights: every batch-1 product is speed.matvec, in the compiled step (no BLAS call) and eager.
     Fed the same tokens, the compiled step's logits, the eager decode paths' and the plain model's agree
-    within half-precision rounding of the other ops (inductor keeps fp32 between them, eager rounds)."""
+    within half-precision rounding of the other ops (inductor keeps fp32 between them, eager rounds). The
+    projections joined, as the decoding scripts run them: 17 products a step where there were 25."""
     from torch._inductor.utils import run_and_get_code
     plain = tiny("0,0,2,3", "0,1,2,2").to(dtype)
-    model = speed.use_decode_paths(copy.deepcopy(plain))
+    model = speed.fuse_projections(speed.use_decode_paths(copy.deepcopy(plain)))
     products = sum(isinstance(m, torch.nn.Linear) for m in model.modules())  # a layer reading K/V has no k/v_proj
     prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
     step = speed.compile_decode_step(model)
@@ -216,7 +217,60 @@ def test_half_precision_decoding_calls_matvec_compiled_and_eager(dtype):
             torch.testing.assert_close(eager, want, rtol=0, atol=0.02 * spread)
             torch.testing.assert_close(got.float(), want, rtol=0, atol=0.02 * spread)
     code = "\n".join(code)
-    assert op_calls(code, "speed::matvec") == products and blas_calls(code) == []
+    assert op_calls(code, "speed::matvec") == products == 17 and blas_calls(code) == []
+
+
+def children(module):
+    return sorted(name for name, _ in module.named_children())
+
+
+@pytest.mark.parametrize("quantize", [None, quantize_int8, quantize_int4])
+def test_joined_projections_give_the_separate_products_outputs(quantize):
+    """fuse_projections: an owner's q, k and v, and every MLP's gate and up, become one module each, their rows
+    end to end (int8 and 4-bit scales alike); a layer with only q (it reads K/V) or only v (it reads a pattern)
+    keeps it. Decoding gives the separate products' logits to the bit: each output row is summed alike."""
+    separate = speed.use_decode_paths(tiny("0,0,2,3", "0,1,2,2").to(torch.bfloat16))
+    if quantize:
+        quantize(separate)
+    joined = speed.fuse_projections(copy.deepcopy(separate))
+    assert [children(layer.self_attn) for layer in joined.layers] == [
+        ["o_proj", "qkv_proj"], ["o_proj", "q_proj"], ["o_proj", "qkv_proj"], ["o_proj", "v_proj"]]
+    assert all(children(layer.mlp) == ["down_proj", "gate_up_proj"] for layer in joined.layers)
+    attn, mlp = separate.layers[2].self_attn, separate.layers[2].mlp
+    for name, parts in (("qkv_proj", (attn.q_proj, attn.k_proj, attn.v_proj)), ("gate_up_proj", (mlp.gate_proj, mlp.up_proj))):
+        module = getattr(joined.layers[2].self_attn if name == "qkv_proj" else joined.layers[2].mlp, name)
+        for key, rows in module.state_dict().items():  # weight; int8 + scales; 4-bit codes, scales, minimums
+            assert torch.equal(rows, torch.cat([p.state_dict()[key] for p in parts])), (name, key)
+    assert speed.fuse_projections(joined) is joined and children(joined.layers[0].self_attn) == ["o_proj", "qkv_proj"]
+    prompt = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        caches = [m.new_cache(2, 64) for m in (separate, joined)]
+        for m, cache in zip((separate, joined), caches):
+            m.prefill(prompt, cache)
+        for pos in range(9, 14):
+            token = prompt[:, pos - 9:pos - 8]
+            want, got = (m.decode_step(token, torch.tensor([pos]), c) for m, c in zip((separate, joined), caches))
+            assert torch.equal(got, want)
+            for row in range(2):  # one row at a time: the one-row loops
+                one = [m.new_cache(1, 64) for m in (separate, joined)]
+                for m, cache in zip((separate, joined), one):
+                    m.prefill(prompt[row:row + 1], cache)
+                want, got = (m.decode_step(token[row:row + 1], torch.tensor([9]), c) for m, c in zip((separate, joined), one))
+                assert torch.equal(got, want)
+
+
+def test_projections_of_other_kinds_are_not_joined():
+    """Parts that differ in kind (an int8 k_proj beside float q and v), or of a kind whose weights are not
+    row by row (a LoRA adapter), stay as they are; the rest of the model is joined."""
+    from lora import LoRALinear
+    model = speed.use_decode_paths(tiny())
+    model.layers[0].self_attn.k_proj = Int8Linear(model.layers[0].self_attn.k_proj.weight)
+    model.layers[1].mlp.up_proj = LoRALinear(model.layers[1].mlp.up_proj, rank=2, alpha=4.0)
+    speed.fuse_projections(model)
+    assert children(model.layers[0].self_attn) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert children(model.layers[1].mlp) == ["down_proj", "gate_proj", "up_proj"]
+    assert children(model.layers[1].self_attn) == ["o_proj", "qkv_proj"] and children(model.layers[0].mlp) == [
+        "down_proj", "gate_up_proj"]
 
 
 def test_int8_weights_round_within_half_a_step():
