@@ -313,10 +313,11 @@ def greedy(logits):
 
 class Decoder:
     """Prefill and greedy decode of one model at one batch size, timed by the caller, gpt-fast style:
-    our model.prefill and model.decode_step (compiled with fullgraph when asked) into a static cache
-    allocated once; transformers' forward with the cache it makes itself."""
+    our model.prefill and model.decode_step (compiled with fullgraph when asked; the projections joined,
+    speed.fuse_projections, unless join is False) into a static cache allocated once; transformers' forward
+    with the cache it makes itself."""
 
-    def __init__(self, module, prompt, new_tokens, compile_step):
+    def __init__(self, module, prompt, new_tokens, compile_step, join=True):
         self.module, self.prompt = module, prompt
         self.is_hf = not isinstance(module, M.Llama)
         B, T = prompt.shape
@@ -325,7 +326,9 @@ class Decoder:
         if self.is_hf:  # transformers 5.24 renamed the cache argument and output past_key_values -> cache
             self.cache_key = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
         else:
-            fuse_projections(use_decode_paths(module))  # the CPU decoding paths (speed.py), before compiling
+            use_decode_paths(module)  # the CPU decoding paths (speed.py), before compiling
+            if join:  # False: the projections' products separate, as before (experiments/batch_decode.py --old)
+                fuse_projections(module)
             self.cache = module.new_cache(B, T + new_tokens)
             # dynamic=False: one specialised graph per batch size, as in a server with fixed batch slots.
             # No CUDA graphs (mode="reduce-overhead"): they would need the cache tensors marked static,

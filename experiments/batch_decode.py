@@ -5,6 +5,7 @@ inductor's multiply-and-sum loop for one row; new: the decoding kernel speed.mat
 row and for a few (up to StreamingLinear.stream_rows, 64; bf16 on a CPU with AVX-512 BF16, its rows across the
 vector lanes from 9 rows; with AMX, its tile products). --old=attention: the old attention over the cache, torch's ops
 (speed.decode_attention_by_ops), against the kernel's speed.decode_attention; the products the same on both paths.
+--old=projections: each layer's q, k, v and gate, up products separate, against speed.fuse_projections' joined ones.
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
     .venv/bin/python experiments/batch_decode.py --dtypes=bfloat16 --batches=1,16 # the issue's ratio only
@@ -39,7 +40,7 @@ replace_tracked = False      # let --out overwrite a committed result
 model = ""                   # a checkpoint (e.g. data/smollm2/smollm2-135m-instruct.pt); '' = random weights, smollm2 shape
 dtypes = "float32,bfloat16"  # comma list
 batches = "1,4,16,32"        # comma list of decode batch sizes
-old = "products"             # what the old path keeps as it was: 'products' or 'attention' (docstring)
+old = "products"             # what the old path keeps as it was: 'products', 'attention' or 'projections' (docstring)
 prompt_len = 64              # prompt tokens per row (random ids)
 new_tokens = 16              # greedy decode steps timed per round
 rounds = 3                   # timed rounds per path (median reported)
@@ -63,8 +64,9 @@ def parse(s):
     for key in ("prompt_len", "new_tokens", "rounds"):
         if getattr(s, key) < 1:
             raise ValueError(f"--{key} must be at least 1, got {getattr(s, key)}")
-    if s.old not in ("products", "attention"):
-        raise ValueError(f"--old={s.old!r}: expected 'products' (BLAS / inductor's loop) or 'attention' (torch's ops)")
+    if s.old not in ("products", "attention", "projections"):
+        raise ValueError(f"--old={s.old!r}: expected 'products' (BLAS / inductor's loop), 'attention' (torch's ops) "
+                         "or 'projections' (not joined)")
     if s.model and not os.path.isfile(s.model):
         raise ValueError(f"--model={s.model}: no such checkpoint (or '' for random weights of SmolLM2's shape)")
     return [DTYPES[d] for d in names], sorted({int(p) for p in parts})
@@ -86,11 +88,12 @@ def time_batch(base, dtype, B, s):
     gen = torch.Generator().manual_seed(s.seed + B)
     prompt = torch.randint(base.config.vocab_size, (B, s.prompt_len), generator=gen)
     models = {"streaming": copy.deepcopy(base).to(dtype)}
-    if s.old == "attention" or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
+    if s.old in ("attention", "projections") or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
         models["old"] = copy.deepcopy(base).to(dtype)
     decoders = {}
     for name, m in models.items():
-        decoders[name] = H.Decoder(m, prompt, s.new_tokens, compile_step=True)  # installs speed.py's paths
+        join = not (name == "old" and s.old == "projections")
+        decoders[name] = H.Decoder(m, prompt, s.new_tokens, compile_step=True, join=join)  # installs speed.py's paths
         if name == "old":
             old_path(m, s.old)
         t0 = H.announce_warmup(f"{name} {str(dtype)[6:]} batch {B}", True)
@@ -107,7 +110,8 @@ def time_batch(base, dtype, B, s):
 
 HEADERS = {"products": "old (BLAS; one row: inductor's loop), tokens/s | new (speed.matvec for up to 64 rows; one row: "
                         "speed.matvec)",
-           "attention": "old (attention by torch's ops), tokens/s | new (speed_kernels.cpp's attention)"}
+           "attention": "old (attention by torch's ops), tokens/s | new (speed_kernels.cpp's attention)",
+           "projections": "old (q, k, v and gate, up separate), tokens/s | new (joined: speed.fuse_projections)"}
 
 
 def print_table(rows, dtypes, batches, old):
