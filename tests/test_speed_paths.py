@@ -139,14 +139,21 @@ def test_decode_paths_keep_the_weights_and_compute_what_the_model_does():
     assert all(type(m) is speed.StreamingLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
     plain = tiny("0,0,2,3", "0,1,2,2", tie_embeddings=True)
     prompt = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(7))
+    for want, got in paired_decode_steps(plain, fast, prompt, 11):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def paired_decode_steps(first, second, prompt, steps):
+    """(first's logits, second's) at each of `steps` decode steps after each prefilled prompt (B, T), both fed
+    the prompt's tokens again."""
+    B, T = prompt.shape
     with torch.no_grad():
-        caches = [m.new_cache(2, 64) for m in (plain, fast)]
-        for m, cache in zip((plain, fast), caches):
+        caches = [m.new_cache(B, 64) for m in (first, second)]
+        for m, cache in zip((first, second), caches):
             m.prefill(prompt, cache)
-        for pos in range(9, 20):
-            token = prompt[:, pos % 9:pos % 9 + 1]
-            want, got = (m.decode_step(token, torch.tensor([pos]), c) for m, c in zip((plain, fast), caches))
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for pos in range(T, T + steps):
+            token = prompt[:, (pos - T) % T:(pos - T) % T + 1]
+            yield tuple(m.decode_step(token, torch.tensor([pos]), c) for m, c in zip((first, second), caches))
 
 
 def test_compiled_decode_step_gives_eager_tokens_with_matvec_loops():
@@ -243,20 +250,9 @@ def test_joined_projections_give_the_separate_products_outputs(quantize):
             assert torch.equal(rows, torch.cat([p.state_dict()[key] for p in parts])), (name, key)
     assert speed.fuse_projections(joined) is joined and children(joined.layers[0].self_attn) == ["o_proj", "qkv_proj"]
     prompt = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        caches = [m.new_cache(2, 64) for m in (separate, joined)]
-        for m, cache in zip((separate, joined), caches):
-            m.prefill(prompt, cache)
-        for pos in range(9, 14):
-            token = prompt[:, pos - 9:pos - 8]
-            want, got = (m.decode_step(token, torch.tensor([pos]), c) for m, c in zip((separate, joined), caches))
+    for rows in (prompt, prompt[:1], prompt[1:]):  # two rows (the few-rows loops), then one (the one-row loops)
+        for want, got in paired_decode_steps(separate, joined, rows, 5):
             assert torch.equal(got, want)
-            for row in range(2):  # one row at a time: the one-row loops
-                one = [m.new_cache(1, 64) for m in (separate, joined)]
-                for m, cache in zip((separate, joined), one):
-                    m.prefill(prompt[row:row + 1], cache)
-                want, got = (m.decode_step(token[row:row + 1], torch.tensor([9]), c) for m, c in zip((separate, joined), one))
-                assert torch.equal(got, want)
 
 
 def test_projections_of_other_kinds_are_not_joined():
