@@ -264,11 +264,9 @@ def join_rows(parts):
     if not by_rows or any(type(p) is not kind for p in parts):
         return None
     tensors = [p.state_dict(keep_vars=True) for p in parts]  # weight (, bias); int8: + scales; 4-bit: codes, ...
-    for name, first in tensors[0].items():
+    for name, first in tensors[0].items():  # one width each (4-bit: codes and scales alike, so one group size)
         if any(t[name].dtype != first.dtype or t[name].shape[1:] != first.shape[1:] for t in tensors):
             return None
-    if len({getattr(p, "group_size", 0) for p in parts}) > 1:
-        return None
     joined = copy.deepcopy(parts[0])
     for name, first in tensors[0].items():
         rows = torch.cat([t[name].detach() for t in tensors])

@@ -256,14 +256,17 @@ def test_joined_projections_give_the_separate_products_outputs(quantize):
 
 
 def test_projections_of_other_kinds_are_not_joined():
-    """Parts that differ in kind (an int8 k_proj beside float q and v), or of a kind whose weights are not
-    row by row (a LoRA adapter), stay as they are; the rest of the model is joined."""
+    """Parts that differ in kind (an int8 k_proj beside float q and v) or in group size (4-bit), or of a kind whose
+    weights are not row by row (a LoRA adapter), stay as they are; the rest of the model is joined."""
     from lora import LoRALinear
     model = speed.use_decode_paths(tiny())
     model.layers[0].self_attn.k_proj = Int8Linear(model.layers[0].self_attn.k_proj.weight)
     model.layers[1].mlp.up_proj = LoRALinear(model.layers[1].mlp.up_proj, rank=2, alpha=4.0)
+    attn = model.layers[2].self_attn  # 4-bit, groups of 32 beside groups of 64
+    attn.q_proj, attn.k_proj, attn.v_proj = (Int4Linear(p.weight, g) for p, g in
+                                             ((attn.q_proj, 32), (attn.k_proj, 64), (attn.v_proj, 32)))
     speed.fuse_projections(model)
-    assert children(model.layers[0].self_attn) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert children(model.layers[0].self_attn) == ["k_proj", "o_proj", "q_proj", "v_proj"] == children(attn)
     assert children(model.layers[1].mlp) == ["down_proj", "gate_proj", "up_proj"]
     assert children(model.layers[1].self_attn) == ["o_proj", "qkv_proj"] and children(model.layers[0].mlp) == [
         "down_proj", "gate_up_proj"]
