@@ -27,7 +27,7 @@ from checkpoint import hf_config_from_llama
 from convert_hf import hf_state_dict
 from guards import check_not_tracked
 from quantize import QUANTIZERS
-from speed import compile_decode_step, fuse_projections, use_decode_paths
+from speed import block_weights, compile_decode_step, fuse_projections, use_decode_paths
 
 SKIP_PARTS = ("train", "decode", "mem", "refmem")
 
@@ -314,10 +314,11 @@ def greedy(logits):
 class Decoder:
     """Prefill and greedy decode of one model at one batch size, timed by the caller, gpt-fast style:
     our model.prefill and model.decode_step (compiled with fullgraph when asked; the projections joined,
-    speed.fuse_projections, unless join is False) into a static cache allocated once; transformers' forward
+    speed.fuse_projections, unless join is False; bf16 weights in blocks, speed.block_weights, unless block is
+    False) into a static cache allocated once; transformers' forward
     with the cache it makes itself."""
 
-    def __init__(self, module, prompt, new_tokens, compile_step, join=True):
+    def __init__(self, module, prompt, new_tokens, compile_step, join=True, block=True):
         self.module, self.prompt = module, prompt
         self.is_hf = not isinstance(module, M.Llama)
         B, T = prompt.shape
@@ -329,6 +330,8 @@ class Decoder:
             use_decode_paths(module)  # the CPU decoding paths (speed.py), before compiling
             if join:  # False: the projections' products separate, as before (experiments/batch_decode.py --old)
                 fuse_projections(module)
+            if block:  # False: row-major weights, as before (experiments/batch_decode.py --old=blocks)
+                block_weights(module)
             self.cache = module.new_cache(B, T + new_tokens)
             # dynamic=False: one specialised graph per batch size, as in a server with fixed batch slots.
             # No CUDA graphs (mode="reduce-overhead"): they would need the cache tensors marked static,
@@ -552,9 +555,9 @@ def write_json(rows, path):
 # decode profile: where a step's time goes, op by op
 
 # the leaves: aten::linear and aten::matmul call these; quantize.Int8Linear and Int4Linear the int8/int4 ones;
-# speed.matvec (one row on a CPU, every weight kind) the last
+# speed.matvec (one row on a CPU, every weight kind) and speed.BlockedLinear's matvec_blocked the last
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-              "speed::matvec")
+              "speed::matvec", "speed::matvec_blocked")
 
 
 def profile_train(t, s, env, matmul_rate, flops_per_token, top=12):

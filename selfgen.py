@@ -26,7 +26,7 @@ import torch
 
 from dataset import TokenWriter, atomic_write_text, write_meta
 from model import sample_token
-from speed import compile_decode_step, fuse_projections, use_decode_paths
+from speed import block_weights, compile_decode_step, fuse_projections, use_decode_paths
 
 
 def render_chat(template, messages, bos_token="", eos_token="", add_generation_prompt=True):
@@ -56,7 +56,7 @@ def compiled_decode_step(model):
     # a model's graphs (batch sizes, cache lengths) add up, and at dynamo's default limit of 8 a fullgraph
     # compile fails
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return compile_decode_step(fuse_projections(use_decode_paths(model)))
+    return compile_decode_step(block_weights(fuse_projections(use_decode_paths(model))))
 
 
 @torch.no_grad()

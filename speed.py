@@ -9,6 +9,8 @@ some machine (measurements: docs/bench.md).
                             experiments/decode_timing.py).
   fuse_projections(model)   joins each layer's products of one input (q, k and v; gate and up) into one
                             module: fewer calls, each one parallel region (decoding only).
+  block_weights(model)      lays bf16 weights out in blocks of 16 rows where the CPU multiplies bf16
+                            (BlockedLinear; decoding only).
   compile_decode_step       torch.compile of one model's decode step, as the decoding scripts run it.
   matvec                    the product of one row with a weight (float, int8 or 4-bit), or of a few
                             rows with a float weight, through speed_kernels.cpp, built with the C++
@@ -276,6 +278,54 @@ def join_rows(parts):
     if hasattr(joined, "pack_for_cpu"):  # Int4Linear's CPU forms of its codes
         joined.pack_for_cpu()
     return joined
+
+
+class BlockedLinear(nn.Module):
+    """A bf16 nn.Linear (no bias) whose weight lies in blocks of 16 rows, for a CPU that multiplies bf16
+    (AVX-512 BF16): blocks[b, p, r] = (W[16b + r, 2p], W[16b + r, 2p + 1]). One vector instruction then adds 16
+    rows' products with a pair of x at once, with no sums across the vector lanes, and each block streams from
+    memory in one run (speed_kernels.cpp, matvec_blocked): one row of x 1.35x and 16 rows 1.16x the row-major
+    loops at 1 thread on the Zen 4 (docs/bench.md, "Weights in blocks of 16 rows"). Decoding only, as
+    block_weights makes it: the weight's key becomes `blocks`; weight_rows() gives W back."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.out_features, self.in_features = N, K = weight.shape
+        rows = weight.detach().reshape(N // 16, 16, K // 2, 2)
+        self.register_buffer("blocks", rows.transpose(1, 2).contiguous())
+
+    def weight_rows(self):
+        return self.blocks.transpose(1, 2).reshape(self.out_features, self.in_features)
+
+    def forward(self, x):
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled() and kernel_built():
+            return torch.ops.speed.matvec_blocked(x, self.blocks)
+        return F.linear(x, self.weight_rows().to(x.dtype))  # elsewhere (another dtype, gradients): as it was
+
+
+def blocks_apply() -> bool:
+    """Whether block_weights lays weights out here: the kernel's bf16 loops built (the CPU multiplies bf16) and
+    batched rows do not take AMX tiles, whose loop reads row-major weights (tile_rows_bf16)."""
+    return kernel_built() and torch.ops.speed.multiplies_bf16() and not torch.ops.speed.multiplies_tiles()
+
+
+def block_weights(model):
+    """Lay out, in place, every bf16 Linear without a bias (nn.Linear or StreamingLinear, joined or not) whose
+    rows are a multiple of 16 and columns even as a BlockedLinear, where blocks_apply(). A weight that another
+    module also holds (a head tied to the embedding) stays as it is, as do other kinds (int8, 4-bit, adapters).
+    Decoding only: call it after fuse_projections. Returns model."""
+    if not blocks_apply():
+        return model
+    holders = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        holders[id(p)] = holders.get(id(p), 0) + 1
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            w = getattr(child, "weight", None)
+            if (type(child) in (nn.Linear, StreamingLinear) and child.bias is None and w.dtype == torch.bfloat16
+                    and w.shape[0] % 16 == 0 and w.shape[1] % 2 == 0 and holders.get(id(w), 0) == 1):
+                setattr(module, name, BlockedLinear(w))
+    return model
 
 
 def compile_decode_step(model):

@@ -6,6 +6,7 @@ row and for a few (up to StreamingLinear.stream_rows, 64; bf16 on a CPU with AVX
 vector lanes from 9 rows; with AMX, its tile products). --old=attention: the old attention over the cache, torch's ops
 (speed.decode_attention_by_ops), against the kernel's speed.decode_attention; the products the same on both paths.
 --old=projections: each layer's q, k, v and gate, up products separate, against speed.fuse_projections' joined ones.
+--old=blocks: bf16 weights row-major, against speed.block_weights' blocks of 16 rows (where the CPU multiplies bf16).
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
     .venv/bin/python experiments/batch_decode.py --dtypes=bfloat16 --batches=1,16 # the issue's ratio only
@@ -40,7 +41,7 @@ replace_tracked = False      # let --out overwrite a committed result
 model = ""                   # a checkpoint (e.g. data/smollm2/smollm2-135m-instruct.pt); '' = random weights, smollm2 shape
 dtypes = "float32,bfloat16"  # comma list
 batches = "1,4,16,32"        # comma list of decode batch sizes
-old = "products"             # what the old path keeps as it was: 'products', 'attention' or 'projections' (docstring)
+old = "products"             # what the old path keeps as it was: 'products', 'attention', 'projections', 'blocks' (docstring)
 prompt_len = 64              # prompt tokens per row (random ids)
 new_tokens = 16              # greedy decode steps timed per round
 rounds = 3                   # timed rounds per path (median reported)
@@ -64,9 +65,9 @@ def parse(s):
     for key in ("prompt_len", "new_tokens", "rounds"):
         if getattr(s, key) < 1:
             raise ValueError(f"--{key} must be at least 1, got {getattr(s, key)}")
-    if s.old not in ("products", "attention", "projections"):
-        raise ValueError(f"--old={s.old!r}: expected 'products' (BLAS / inductor's loop), 'attention' (torch's ops) "
-                         "or 'projections' (not joined)")
+    if s.old not in ("products", "attention", "projections", "blocks"):
+        raise ValueError(f"--old={s.old!r}: expected 'products' (BLAS / inductor's loop), 'attention' (torch's ops), "
+                         "'projections' (not joined) or 'blocks' (row-major bf16 weights)")
     if s.model and not os.path.isfile(s.model):
         raise ValueError(f"--model={s.model}: no such checkpoint (or '' for random weights of SmolLM2's shape)")
     return [DTYPES[d] for d in names], sorted({int(p) for p in parts})
@@ -88,12 +89,13 @@ def time_batch(base, dtype, B, s):
     gen = torch.Generator().manual_seed(s.seed + B)
     prompt = torch.randint(base.config.vocab_size, (B, s.prompt_len), generator=gen)
     models = {"streaming": copy.deepcopy(base).to(dtype)}
-    if s.old in ("attention", "projections") or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
+    if s.old in ("attention", "projections", "blocks") or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
         models["old"] = copy.deepcopy(base).to(dtype)
     decoders = {}
     for name, m in models.items():
         join = not (name == "old" and s.old == "projections")
-        decoders[name] = H.Decoder(m, prompt, s.new_tokens, compile_step=True, join=join)  # installs speed.py's paths
+        block = not (name == "old" and s.old in ("products", "blocks"))  # the old products: row-major weights
+        decoders[name] = H.Decoder(m, prompt, s.new_tokens, compile_step=True, join=join, block=block)  # speed.py's paths
         if name == "old":
             old_path(m, s.old)
         t0 = H.announce_warmup(f"{name} {str(dtype)[6:]} batch {B}", True)
@@ -111,7 +113,8 @@ def time_batch(base, dtype, B, s):
 HEADERS = {"products": "old (BLAS; one row: inductor's loop), tokens/s | new (speed.matvec for up to 64 rows; one row: "
                         "speed.matvec)",
            "attention": "old (attention by torch's ops), tokens/s | new (speed_kernels.cpp's attention)",
-           "projections": "old (q, k, v and gate, up separate), tokens/s | new (joined: speed.fuse_projections)"}
+           "projections": "old (q, k, v and gate, up separate), tokens/s | new (joined: speed.fuse_projections)",
+           "blocks": "old (bf16 weights row-major), tokens/s | new (blocks of 16 rows: speed.block_weights)"}
 
 
 def print_table(rows, dtypes, batches, old):

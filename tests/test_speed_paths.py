@@ -472,7 +472,9 @@ def test_kernels_meta_shapes_are_what_they_compute():
     for op, args in [(torch.ops.speed.matvec.default, (x, codes, scales, scales, 32)),  # 4-bit
                      (torch.ops.speed.matvec.default, (x, torch.randint(-9, 9, (8, 64), dtype=torch.int8), scales[:, 0], None, 0)),
                      (torch.ops.speed.matvec.default, (xs, torch.randn(8, 64, dtype=torch.bfloat16), None, None, 0)),
-                     (torch.ops.speed.decode_attention.default, (q, k, k, torch.ones(2, 9, dtype=torch.bool)))]:
+                     (torch.ops.speed.decode_attention.default, (q, k, k, torch.ones(2, 9, dtype=torch.bool)))] + (
+                    [(torch.ops.speed.matvec_blocked.default, (xs, torch.randn(2, 32, 16, 2, dtype=torch.bfloat16)))]
+                    if torch.ops.speed.multiplies_bf16() else []):  # bf16 weights in blocks: where the CPU multiplies bf16
         results = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
         assert set(results.values()) == {"SUCCESS"}, results
 
@@ -706,6 +708,85 @@ def test_batched_bf16_decode_gives_batch_one_tokens_through_the_kernel(compiled,
     assert err <= bound and (logits[:, 1] - plain_logits[:, 1]).abs().max() <= bound
     # the check covered a good share of the steps (bf16 logits are coarse)
     assert same_until_a_close_call(batched, ones_tokens, ones_logits, err) >= 0.25 * 16 * 12
+
+
+# -----------------------------------------------------------------------------
+# bf16 weights in blocks of 16 rows (speed.BlockedLinear, speed_kernels.cpp's matvec_blocked)
+
+
+def multiplies_bf16():
+    return speed.kernel_built() and torch.ops.speed.multiplies_bf16()
+
+
+def test_blocked_linear_lays_out_the_weight_by_the_definition():
+    """blocks[b, p, r] holds (W[16b + r, 2p], W[16b + r, 2p + 1]); weight_rows() gives W back, and with gradients
+    wanted (no kernel) the module computes F.linear of W to the bit."""
+    w = torch.randn(48, 18, generator=torch.Generator().manual_seed(1)).bfloat16()
+    lin = speed.BlockedLinear(w)
+    assert lin.blocks.shape == (3, 9, 16, 2)
+    for b, p, r in [(0, 0, 0), (1, 4, 7), (2, 8, 15), (0, 8, 3)]:
+        assert torch.equal(lin.blocks[b, p, r], w[16 * b + r, 2 * p:2 * p + 2])
+    assert torch.equal(lin.weight_rows(), w)
+    x = torch.randn(3, 18).bfloat16()
+    assert torch.equal(lin(x), F.linear(x, w))
+
+
+@pytest.mark.parametrize("M", [1, 2, 16, 17, 40])  # one row (four sums), a few, one chunk of 16, past it, three chunks
+@pytest.mark.parametrize("N, K", [(48, 18), (32, 576), (16, 34)])  # pairs past 4s (one row's loop), SmolLM2's width
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matvec_blocked_is_the_product_by_the_definition(M, N, K, threads, monkeypatch):
+    """bf16 rows against a blocked bf16 weight: every row against float64 products within the rounding to bf16 and
+    fp32 sums; two threads give the very numbers of one. Where the kernel has no bf16 loops (no AVX-512 BF16), the
+    op refuses in one line and block_weights leaves every weight row-major."""
+    g = torch.Generator().manual_seed(M * N + K)
+    w, x = torch.randn(N, K, generator=g).bfloat16(), torch.randn(M, 1, K, generator=g).bfloat16()
+    blocks = speed.BlockedLinear(w).blocks
+    if not multiplies_bf16():
+        with pytest.raises(RuntimeError, match="no AVX-512 BF16 loops"):
+            torch.ops.speed.matvec_blocked(x, blocks)
+        assert not speed.blocks_apply()
+        return
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    got = torch.ops.speed.matvec_blocked(x, blocks)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, 1, N)
+    want = x.view(M, K).double() @ w.double().t()
+    fp32_sums = K * 2 ** -24 * (x.view(M, K).double().abs() @ w.double().abs().t())
+    assert ((got.view(M, N).double() - want).abs() <= want.abs() * 2 ** -8 + fp32_sums).all()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert torch.equal(torch.ops.speed.matvec_blocked(x, blocks), got)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_blocked_weights_give_the_row_major_tokens_and_leave_a_tied_head(compiled):
+    """block_weights on a bf16 model with its head tied to the embedding: every projection becomes a BlockedLinear
+    (where blocks_apply; elsewhere none does), the head stays the embedding's own Parameter. 16 rows and one row
+    decoded give the row-major model's greedy tokens wherever its choice is clear, eager and compiled (the graph
+    calls matvec_blocked and no BLAS product); the first step's logits within 2% of their spread."""
+    plain = tiny("0,0,2,3", "0,1,2,2", seed=9, tie_embeddings=True).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.mul_(8 if p.dim() == 2 else 1)  # clear greedy choices (spread_tiny)
+    rows = speed.fuse_projections(speed.use_decode_paths(plain))
+    blocked = speed.block_weights(copy.deepcopy(rows))
+    kinds = {type(m).__name__ for layer in blocked.layers for m in layer.modules() if hasattr(m, "in_features")}
+    assert kinds == ({"BlockedLinear"} if speed.blocks_apply() else {"StreamingLinear"})
+    assert type(blocked.lm_head) is speed.StreamingLinear and blocked.lm_head.weight is blocked.embed_tokens.weight
+    prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
+    from torch._inductor.utils import run_and_get_code
+    for batch in (prompt, prompt[:1]):
+        with torch.no_grad():
+            want, want_logits = batched_greedy(rows, batch, 12, rows.decode_step)
+            if compiled:
+                step = speed.compile_decode_step(blocked)
+                (got, logits), code = run_and_get_code(batched_greedy, blocked, batch, 12, step)
+                code = "\n".join(code)
+                assert blas_calls(code) == []
+                assert op_calls(code, "speed::matvec_blocked") == (16 if speed.blocks_apply() else 0)  # all but the head
+            else:
+                got, logits = batched_greedy(blocked, batch, 12, blocked.decode_step)
+        err = (logits[:, 1] - want_logits[:, 1]).abs().max()
+        assert err <= 0.02 * (want_logits.max() - want_logits.min())
+        assert same_until_a_close_call(got, want, want_logits, err) >= 0.25 * batch.shape[0] * 12
 
 
 @pytest.mark.parametrize("avx512", [False, True])
