@@ -284,9 +284,10 @@ class BlockedLinear(nn.Module):
     """A bf16 nn.Linear (no bias) whose weight lies in blocks of 16 rows, for a CPU that multiplies bf16
     (AVX-512 BF16): blocks[b, p, r] = (W[16b + r, 2p], W[16b + r, 2p + 1]). One vector instruction then adds 16
     rows' products with a pair of x at once, with no sums across the vector lanes, and each block streams from
-    memory in one run (speed_kernels.cpp, matvec_blocked): one row of x 1.35x and 16 rows 1.16x the row-major
-    loops at 1 thread on the Zen 4 (docs/bench.md, "Weights in blocks of 16 rows"). Decoding only, as
-    block_weights makes it: the weight's key becomes `blocks`; weight_rows() gives W back."""
+    memory in one run (speed_kernels.cpp, matvec_blocked). A compiled SmolLM2 step on the Zen 4 ran 1.03-1.05x
+    the row-major one at one row, where that loop already read at 82-88% of the bandwidth, and 1.06x (1 thread)
+    and 1.09x (2) at 16 rows (docs/bench.md, "Weights in blocks of 16 rows"). Decoding only, as block_weights
+    makes it: the weight's key becomes `blocks`; weight_rows() gives W back."""
 
     def __init__(self, weight):
         super().__init__()
@@ -298,7 +299,8 @@ class BlockedLinear(nn.Module):
         return self.blocks.transpose(1, 2).reshape(self.out_features, self.in_features)
 
     def forward(self, x):
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled() and kernel_built():
+        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled()
+                and kernel_built()):
             return torch.ops.speed.matvec_blocked(x, self.blocks)
         return F.linear(x, self.weight_rows().to(x.dtype))  # elsewhere (another dtype, gradients): as it was
 

@@ -591,9 +591,9 @@ static void few_rows_bf16(const uint16_t *x, long M, long K, const uint16_t *w, 
    a block streams from memory in one run. One vdpbf16ps then adds pair p of x (broadcast to every lane) times
    those 16 rows' pairs into 16 row sums at once: no sums across the lanes at the end, and one stream for the
    hardware prefetcher, where the row-major loops above read four (one row of x) or sixteen (bf16_lanes_block)
-   interleaved rows. Measured on the Zen 4, one process, 30 layers of SmolLM2's four product shapes (random
-   weights, median of 15): one row 20.0 GB/s (matvec's fp32 loop) -> 27.0 at 1 thread, 26.9 -> 32.8 at 2;
-   16 rows 150 -> 173 GFLOP/s at 1 thread, 255 -> 323 at 2 (docs/bench.md, "Weights in blocks of 16 rows").
+   interleaved rows. Measured on the Zen 4 at 1 thread, 30 layers of SmolLM2's four product shapes called from
+   Python (random weights, medians of 11): one row 12.81 -> 9.56 ms, 16 rows 23.96 -> 20.41 (166 GFLOP/s); in the
+   compiled step 1.03-1.05x at one row, 1.06x at 16 (docs/bench.md, "Weights in blocks of 16 rows").
    Up to 16 rows of x at a time, one accumulator each (one row: four, over alternate pairs, so no chain of
    dependent adds limits it); rows of x past 16 meet the block again while it is in L1 or L2. */
 #define BLOCKED_AHEAD 2048

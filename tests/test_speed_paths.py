@@ -729,6 +729,8 @@ def test_blocked_linear_lays_out_the_weight_by_the_definition():
     assert torch.equal(lin.weight_rows(), w)
     x = torch.randn(3, 18).bfloat16()
     assert torch.equal(lin(x), F.linear(x, w))
+    with torch.no_grad():  # no rows: the kernel (which takes at least one) is not called
+        assert lin(torch.randn(0, 1, 18).bfloat16()).shape == (0, 1, 48)
 
 
 @pytest.mark.parametrize("M", [1, 2, 16, 17, 40])  # one row (four sums), a few, one chunk of 16, past it, three chunks
