@@ -651,10 +651,10 @@ def batched_greedy(model, prompt, n, step):
     return torch.stack(tokens, 1), torch.stack(seen, 1)
 
 
-def spread_tiny(dtype):
-    """The tiny shared model in dtype, its weights x8: GPT-2's 0.02 init gives near-uniform logits, and greedy
-    picks among them are not clear."""
-    plain = tiny("0,0,2,3", "0,1,2,2", seed=9).to(dtype)
+def spread_tiny(dtype, **changes):
+    """The tiny shared model in dtype (config changes: tiny's), its weights x8: GPT-2's 0.02 init gives
+    near-uniform logits, and greedy picks among them are not clear."""
+    plain = tiny("0,0,2,3", "0,1,2,2", seed=9, **changes).to(dtype)
     with torch.no_grad():
         for p in plain.parameters():
             p.mul_(8 if p.dim() == 2 else 1)
@@ -764,11 +764,7 @@ def test_blocked_weights_give_the_row_major_tokens_and_leave_a_tied_head(compile
     (where blocks_apply; elsewhere none does), the head stays the embedding's own Parameter. 16 rows and one row
     decoded give the row-major model's greedy tokens wherever its choice is clear, eager and compiled (the graph
     calls matvec_blocked and no BLAS product); the first step's logits within 2% of their spread."""
-    plain = tiny("0,0,2,3", "0,1,2,2", seed=9, tie_embeddings=True).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in plain.parameters():
-            p.mul_(8 if p.dim() == 2 else 1)  # clear greedy choices (spread_tiny)
-    rows = speed.fuse_projections(speed.use_decode_paths(plain))
+    rows = speed.fuse_projections(speed.use_decode_paths(spread_tiny(torch.bfloat16, tie_embeddings=True)))
     blocked = speed.block_weights(copy.deepcopy(rows))
     kinds = {type(m).__name__ for layer in blocked.layers for m in layer.modules() if hasattr(m, "in_features")}
     assert kinds == ({"BlockedLinear"} if speed.blocks_apply() else {"StreamingLinear"})
