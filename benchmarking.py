@@ -397,7 +397,7 @@ def decode_bytes_per_step(module, config, batch, keys):
     emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else module.embed_tokens
     weights = tensor_bytes(list(module.parameters()))
     weights += sum(m.read_bytes() for m in module.modules() if hasattr(m, "read_bytes"))  # quantize.py's
-    if module.lm_head.weight is not emb.weight:
+    if getattr(module.lm_head, "weight", None) is not emb.weight:  # an untied head in blocks has no .weight
         weights -= emb.weight.nbytes - batch * emb.weight[0].nbytes
     elsize = emb.weight.element_size()
     kv = config.n_layer * 2 * batch * config.n_kv_head * keys * config.head_dim * elsize

@@ -298,6 +298,10 @@ class BlockedLinear(nn.Module):
     def weight_rows(self):
         return self.blocks.transpose(1, 2).reshape(self.out_features, self.in_features)
 
+    def read_bytes(self) -> int:
+        """What a product must read: the blocks (a buffer, which a count of the parameters leaves out)."""
+        return self.blocks.nbytes
+
     def forward(self, x):
         if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled()
                 and kernel_built()):

@@ -13,6 +13,7 @@ import torch
 import bench
 import benchmarking
 import model as M
+import speed
 from configurator import ConfigError, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +94,19 @@ def test_decode_bytes_per_step_come_from_the_model(rows):
         # every layer (consumers too) reads K and V at the mean position T + (N + 1) / 2
         head_dim = cfg["n_embd"] // cfg["n_head"]
         assert r["kv_bytes_per_step"] == 4 * cfg["n_layer"] * 2 * B * cfg["n_kv_head"] * head_dim * (T + (N + 1) / 2)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_decode_bytes_per_step_count_weights_in_blocks(monkeypatch, tie):
+    """bf16 weights in blocks (speed.BlockedLinear holds them as a buffer, not a Parameter) are read as much as
+    row-major ones, and an untied head in blocks, which has no .weight, is still told apart from the embedding."""
+    cfg = M.LlamaConfig(**{**bench.PRESETS["tiny"]["model"], "tie_embeddings": tie})
+    m = M.Llama(cfg).to(torch.bfloat16)
+    row_major = benchmarking.decode_bytes_per_step(m, cfg, 2, 10)
+    monkeypatch.setattr(speed, "blocks_apply", lambda: True)  # lay them out on any CPU: only bytes are counted
+    speed.block_weights(m)
+    assert sum(isinstance(x, speed.BlockedLinear) for x in m.modules()) == 7 * cfg.n_layer + (not tie)
+    assert benchmarking.decode_bytes_per_step(m, cfg, 2, 10) == row_major
 
 
 def test_flops_and_params_match_model_py(rows):
