@@ -68,9 +68,6 @@ def check_fsdp(s, torchrun):
     if not torchrun:
         raise ConfigError("fsdp=True shards over the processes of torchrun: start it with "
                           "`.venv/bin/torchrun --standalone --nproc_per_node=N train.py ... --fsdp=True`")
-    if s.compile is True:
-        raise ConfigError("fsdp=True with compile=True is not supported here (untested): drop --compile or set "
-                          "--compile=False")
     gpu = s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available())
     if canonical_dtype(s.dtype) == "float16" or (s.dtype == "auto" and gpu and not torch.cuda.is_bf16_supported()):
         raise ConfigError("fsdp=True with dtype=float16 is not supported (its GradScaler does not shard): use "

@@ -126,12 +126,25 @@ def rank_max(rt, value):
     return int(t.item())
 
 
-def use_compile(setting, device_type, fsdp=False):
+def use_compile(setting, device_type):
     """'auto': compile on CUDA, not on CPU. Measured for the default model on the idle 2-core CPU
     (fp32): a cold torch.compile took ~22 s, then trained ~19% faster (~20,000 vs ~16,800 tokens/s).
     That pays back after ~2.3 M tokens; the default run is 0.6 M tokens, so compiling would make it
-    slower. Use --compile=True for longer CPU runs. Under FSDP 'auto' is off (compile is not tried there)."""
-    return device_type == "cuda" and not fsdp if setting == "auto" else bool(setting)
+    slower. Use --compile=True for longer CPU runs. Under FSDP the blocks are compiled one by one (compile_blocks)."""
+    return device_type == "cuda" if setting == "auto" else bool(setting)
+
+
+def compile_blocks(model):
+    """torch.compile each block's forward of an FSDP2-sharded model, in place: FSDP2's hooks (gather the
+    block's weights before its forward, free and reduce-scatter after) run around the call, outside the
+    graphs, and a whole-model compile would stop at them anyway. Every block shares one code object, and
+    each takes its own graph (its layer index, its K/V role and the hand-over's contents so far differ),
+    twice (training and evaluation): dynamo's limit of graphs a code object is raised to that, or the
+    blocks past it would run eagerly without a word. Identical graphs reuse inductor's compiled code."""
+    limit = 2 * len(model.layers) + 2
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    for block in model.layers:  # from the class's forward: compiling a compiled one again would nest
+        block.forward = torch.compile(type(block).forward.__get__(block))
 
 
 class ParallelModel:
@@ -155,11 +168,13 @@ class ParallelModel:
         """(Re)build the compiled and DDP views: needed again after a stage switch removed parameters.
         Under FSDP the sharded model is its own view."""
         from torch.nn.parallel import DistributedDataParallel as DDP
-        if self.fsdp:
-            self.model = self.eval_model = self.raw
-            return
         if self.compile_model:  # forget graphs of the model's earlier shapes: each stage would count
             torch._dynamo.reset()  # against dynamo's recompile limit and end in silent eager mode
+        if self.fsdp:  # the sharded model is its own view; compiled block by block, as torchtitan does
+            if self.compile_model:
+                compile_blocks(self.raw)
+            self.model = self.eval_model = self.raw
+            return
         self.model = self.eval_model = torch.compile(self.raw) if self.compile_model else self.raw
         if self.rt.ddp:
             cuda = self.rt.device_type == "cuda"

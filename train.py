@@ -212,7 +212,7 @@ def main(argv):
         if resume:
             iter_num, best_val_loss, data_seed = restore_training_state(ckpt, optimizer, scaler, s.seed, rt.master)
         samplers = [BatchSampler(d, s.block_size, s.batch_size, data_seed, rt.device) for d in splits]
-        pm = ParallelModel(raw_model, optimizer, rt, use_compile(s.compile, rt.device_type, s.fsdp), s.fsdp)
+        pm = ParallelModel(raw_model, optimizer, rt, use_compile(s.compile, rt.device_type), s.fsdp)
         teacher, distill, taps = setup_distillation(s, pm.raw, rt, samplers[0])
         # checkpoints carry the starting checkpoint's tokenizer and chat template, and the dataset's meta
         carried = {key: ckpt[key] for key in SAMPLING_KEYS if ckpt is not None and key in ckpt} | {"meta": meta}
