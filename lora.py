@@ -359,24 +359,25 @@ def base_quant_of(model) -> str:
     return "nf4" if NF4Linear in kinds else "int8" if any(issubclass(k, Int8Linear) for k in kinds) else "none"
 
 
-def lora_metadata(model, base_sha256="", kv_source=None) -> dict:
+def lora_metadata(model, base_sha256="", kv_source=None, tensors=None) -> dict:
     """The file's metadata (safetensors keeps str -> str): the settings apply_lora needs to rebuild the
     adapters, and what the base must be for them to mean anything (its sha256, checkpoint.weights_sha256;
     its kv_source and attn_source maps; the form the run froze it in), so that delta.py can apply the
     file to the base as it applies a tensor delta; a CRC-32 of each tensor, checked when it is read."""
     kv = list(model.config.kv_source) if kv_source is None else list(kv_source)
-    crcs = {k: tensor_crc(v) for k, v in lora_state_dict(model).items()}
+    crcs = {k: tensor_crc(v) for k, v in (lora_state_dict(model) if tensors is None else tensors).items()}
     return {"format": LORA_FORMAT, "kind": "lora", "settings": json.dumps(model.lora_settings),
             "base_sha256": base_sha256 or "", "kv_source": json.dumps(kv),
             "attn_source": json.dumps(list(model.config.attn_source)), "base_quant": base_quant_of(model),
             "model_config": json.dumps(model.config.to_dict() | {"kv_source": kv}), "tensor_crc32": json.dumps(crcs)}
 
 
-def save_lora(model, path, base_sha256="", kv_source=None):
-    """Write the adapters alone as a safetensors file (the 'delta' of an adapted model)."""
+def save_lora(model, path, base_sha256="", kv_source=None, dtype=torch.float32):
+    """Write the adapters alone as a safetensors file (the 'delta' of an adapted model), in dtype: bfloat16
+    halves the file (load_lora widens the values back into the fp32 adapters, rounded as saved)."""
     from safetensors.torch import save_file
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, str(path), metadata=lora_metadata(model, base_sha256, kv_source))
+    tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, str(path), metadata=lora_metadata(model, base_sha256, kv_source, tensors))
     os.chmod(path, umask_file_mode())  # safetensors writes through a 0600 temp file; follow the umask as open() does
 
 
@@ -658,8 +659,9 @@ rank = 0                     # the rank to merge and save at; 0 = the adapters' 
 out = ""                     # the merged, ordinary checkpoint to write (sample.py, convert_hf.py export, bench.py)
 adapters = ""                # the adapters alone as a .safetensors file (truncated to `rank`), with their metadata
 merge_dtype = "float32"      # the merged weights' dtype: float32 or bfloat16
+adapters_dtype = "float32"   # the adapters file's dtype: float32 or bfloat16 (half the size: r32 on SmolLM2 19 MB)
 DEFAULTS = settings_from({k: v for k, v in globals().items() if k in ("init_from", "rank", "out", "adapters",
-                                                                      "merge_dtype")})
+                                                                      "merge_dtype", "adapters_dtype")})
 
 
 def truncate_lora(model, rank):
@@ -679,8 +681,9 @@ def merge_command(s):
     from checkpoint import checkpoint_path
     if not s.out and not s.adapters:
         raise ConfigError("nothing to write: give --out=<merged checkpoint .pt> and/or --adapters=<file.safetensors>")
-    if s.merge_dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"merge_dtype={s.merge_dtype!r}: choose float32 or bfloat16")
+    for key in ("merge_dtype", "adapters_dtype"):
+        if getattr(s, key) not in ("float32", "bfloat16"):
+            raise ConfigError(f"{key}={getattr(s, key)!r}: choose float32 or bfloat16")
     if not s.init_from:
         raise ConfigError("give --init_from=<a LoRA run's out_dir or ckpt.pt>")
     ckpt = load_checkpoint(checkpoint_path(s.init_from))
@@ -697,8 +700,8 @@ def merge_command(s):
     truncate_lora(model, b)
     base_sha256 = run_base_sha256(ckpt["lora"])
     if s.adapters:
-        save_lora(model, s.adapters, base_sha256)
-        print(f"saved {s.adapters}: the rank-{b} adapters alone "
+        save_lora(model, s.adapters, base_sha256, dtype=getattr(torch, s.adapters_dtype))
+        print(f"saved {s.adapters}: the rank-{b} adapters alone in {s.adapters_dtype} "
               f"({sum(t.numel() for t in lora_state_dict(model).values()):,} values)")
     if s.out:
         merge_lora(model, dtype=getattr(torch, s.merge_dtype))

@@ -27,7 +27,7 @@ Every phase is a command of the project's own (printed, timed, its output in RUN
                   consumers_qo  only the consumers' q_proj/o_proj (what the change touches, as SwiftKV)
                 with --teacher_topk=K the teacher's K likeliest tokens for every batch are made once, in the
                 first map's distillation (RUNS/teacher_topK.pt), and every map's steps read them
-  delta         lora.py --adapters (the adapters, fp32) or delta.py (the changed tensors in bf16):
+  delta         lora.py --adapters (the adapters, fp32 or --adapters_dtype) or delta.py (the changed tensors in bf16):
                 OUT/kvN.safetensors; results/smollm2-adapted/ holds the committed ones
   evaluation    evaluate.py --delta: the shipped delta on the base against the teacher, held-out generated
                 text, plays and Bible (perplexity ratio, KL, top-1 agreement) and the chat questions
@@ -83,6 +83,7 @@ calib_dtype = "float32"      # the calibration's precision (adapt.py --dtype): b
 train_set = "lora"           # what the KL distillation trains: 'lora' or 'consumers_qo' (see above)
 lora_rank = 16               # train_set=lora: every linear's adapter rank (r16 on SmolLM2: 4.7 M values, 19 MB)
 lora_alpha = 32.0
+adapters_dtype = "float32"   # train_set=lora: the shipped adapters' dtype, float32 or bfloat16 (half the bytes)
 local_iters = 40             # train_set=consumers_qo: layer-local distillation steps after the switch
 local_lr = 1e-3
 iters = 200                  # KL distillation steps (iters x batch_size x block_size tokens)
@@ -189,7 +190,8 @@ def adapt_one(n, s, common, matrix=""):
         f"--min_lr={s.learning_rate / 10}", f"--warmup_iters={max(1, s.iters // 10)}", "--weight_decay=0.0",
         f"--eval_interval={s.iters}", "--eval_iters=4", f"--log_interval={max(1, s.iters // 10)}",
         f"--seed={s.seed}", "--overwrite=True", *common], s)
-    times["delta"] = phase(f"{name}/delta", "lora.py", [f"--init_from={trained}", f"--adapters={delta}"], s) \
+    times["delta"] = phase(f"{name}/delta", "lora.py", [f"--init_from={trained}", f"--adapters={delta}",
+                                                        f"--adapters_dtype={s.adapters_dtype}"], s) \
         if s.train_set == "lora" else phase(f"{name}/delta", "delta.py", [
             f"--init_from={trained}", f"--base={s.teacher}", f"--out={delta}", "--overwrite=True", *common], s)
     report = os.path.join(d, "eval.json")
@@ -433,7 +435,8 @@ def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
                                                       "sharing": tuple(SHARING), "distill_dtype": ("auto", *PRECISION),
                                                       "gen_dtype": tuple(PRECISION), "eval_dtype": tuple(PRECISION),
-                                                      "calib_dtype": tuple(PRECISION)})
+                                                      "calib_dtype": tuple(PRECISION),
+                                                      "adapters_dtype": ("float32", "bfloat16")})
     device_type = resolve_device("auto").split(":")[0]  # where the phases run (each resolves device=auto alike)
     if s.distill_dtype == "auto":
         s.distill_dtype = "bfloat16" if device_type != "cpu" or cpu_multiplies_bf16() else "float32"
@@ -445,7 +448,8 @@ def main(argv):
         s.criterion = "attention"
     elif s.criterion == "attention":
         raise ConfigError("--criterion=attention proposes attention maps: give --sharing=attention too")
-    unused = sorted(explicit & ({"local_iters", "local_lr"} if s.train_set == "lora" else {"lora_rank", "lora_alpha"}))
+    unused = sorted(explicit & ({"local_iters", "local_lr"} if s.train_set == "lora" else
+                                {"lora_rank", "lora_alpha", "adapters_dtype"}))
     if unused:
         raise ConfigError(f"--{', --'.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only with --train_set="
                           f"{'consumers_qo' if s.train_set == 'lora' else 'lora'}, not {s.train_set}: drop it or change the set")

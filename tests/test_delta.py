@@ -291,3 +291,18 @@ def test_an_attention_sharing_lora_run_ships_adapters_over_the_dense_base(runs, 
     with pytest.raises(ValueError, match="adapt one sharing at a time"):
         train_run(data_dir, tmp_path / "both", f"--init_from={runs['base']}", "--adapt_attn_target=0,0",
                   "--adapt_target=0,0", "--max_iters=2")
+
+
+def test_committed_deltas_are_whole_small_and_of_one_base():
+    """The shipped deltas (results/smollm2-adapted/*.safetensors) read back whole (every tensor's CRC-32), stay
+    within the 25 MB a delta may take, and were made on one base: SmolLM2-135M's 30 layers, its sha256 recorded."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "smollm2-adapted")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    assert 1 <= len(paths) <= 2  # at most two committed
+    bases = set()
+    for path in paths:
+        kind, tensors, meta = delta.read_delta(path)
+        assert kind == "lora" and tensors and os.path.getsize(path) <= 25e6, path
+        assert len(json.loads(meta["kv_source"])) == 30 and len(meta["base_sha256"]) == 64, path
+        bases.add(meta["base_sha256"])
+    assert len(bases) == 1

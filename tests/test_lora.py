@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import delta
 import lora
 import nf4
 from convert_hf import load_hf_llama
@@ -208,6 +209,32 @@ def test_adapters_file_round_trip_and_refusals(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a LoRA adapter file"):
         lora.read_lora(tmp_path / "other.safetensors")
+
+
+def test_adapters_saved_in_bf16(tmp_path):
+    """--adapters_dtype=bfloat16: half the bytes, the values rounded once to bf16 and widened back into the fp32
+    adapters when loaded; the file passes delta.py's CRC check and refuses a flipped byte as the fp32 file does."""
+    model = tiny(kv_source="cla:2")
+    lora.apply_lora(model, "q,o,gate", layers=[1], rank=4, alpha=8)
+    randomize_adapters(model)
+    lora.save_lora(model, tmp_path / "fp32.safetensors", base_sha256="ab" * 32)
+    lora.save_lora(model, tmp_path / "bf16.safetensors", base_sha256="ab" * 32, dtype=torch.bfloat16)
+    tensors, meta = lora.read_lora(tmp_path / "bf16.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    values = sum(t.numel() for t in tensors.values())
+    sizes = [(tmp_path / f"{d}.safetensors").stat().st_size for d in ("fp32", "bf16")]
+    assert sizes[0] - sizes[1] == 2 * values
+    fresh = lora.load_lora(tiny(kv_source="cla:2"), tensors, meta)
+    for key, value in lora.lora_state_dict(fresh).items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, lora.lora_state_dict(model)[key].to(torch.bfloat16).float()), key
+    kind, read, _ = delta.read_delta(str(tmp_path / "bf16.safetensors"))
+    assert kind == "lora" and read.keys() == tensors.keys()
+    raw = bytearray((tmp_path / "bf16.safetensors").read_bytes())
+    raw[-3] ^= 0x10  # a bit of the last tensor's values
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="CRC-32"):
+        delta.read_delta(str(tmp_path / "bad.safetensors"))
 
 
 def test_kv_consumers_are_skipped_or_refused():
@@ -433,6 +460,13 @@ def test_merge_command_gives_an_ordinary_model_with_the_lora_logits(data_dir, tr
     tensors, meta = lora.read_lora(tmp_path / "delta.safetensors")
     assert tensors["layers.0.self_attn.q_proj.lora_A"].shape == (3, 32)
     assert meta["base_sha256"] == lora.sha256_of(trained_base)
+    lora.main([f"--init_from={out}", "--rank=3", f"--adapters={tmp_path / 'bf16.safetensors'}",
+               "--adapters_dtype=bfloat16"])
+    half, _ = lora.read_lora(tmp_path / "bf16.safetensors")
+    assert half.keys() == tensors.keys()
+    assert all(half[k].dtype == torch.bfloat16 and torch.equal(half[k], t.to(torch.bfloat16)) for k, t in tensors.items())
+    with pytest.raises(ValueError, match="adapters_dtype='float16': choose float32 or bfloat16"):
+        lora.main([f"--init_from={out}", f"--adapters={tmp_path / 'x.safetensors'}", "--adapters_dtype=float16"])
     with pytest.raises(CheckpointError, match="LoRA run's checkpoint"):
         load_model(out)  # sample.py, bench.py and export read the merged file, never the LoRA run's
     root = lora.os.path.dirname(lora.os.path.abspath(lora.__file__))
