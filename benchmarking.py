@@ -555,9 +555,9 @@ def write_json(rows, path):
 # decode profile: where a step's time goes, op by op
 
 # the leaves: aten::linear and aten::matmul call these; quantize.Int8Linear and Int4Linear the int8/int4 ones;
-# speed.matvec (one row on a CPU, every weight kind) and speed.BlockedLinear's matvec_blocked the last
+# speed.matvec (one row on a CPU, every weight kind) and speed.BlockedLinear's matvec_blocked (and _int8) the last
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-              "speed::matvec", "speed::matvec_blocked")
+              "speed::matvec", "speed::matvec_blocked", "speed::matvec_blocked_int8")
 
 
 def profile_train(t, s, env, matmul_rate, flops_per_token, top=12):
@@ -603,6 +603,8 @@ def op_bytes(e, elsize):
         return _numel(shapes[1])  # the int8 weight, one byte each, or the 4-bit one packed two a byte
     if e.key == "speed::matvec" and len(shapes) >= 2:  # a float weight, or int8 / 4-bit codes (with their scales)
         return _numel(shapes[1]) * (elsize if len(shapes) == 2 else 1)
+    if e.key == "speed::matvec_blocked_int8" and len(shapes) >= 2:
+        return _numel(shapes[1])  # the int8 codes in blocks, one byte each
     if e.key in MATMUL_OPS and shapes:
         return max(map(_numel, shapes)) * elsize
     if e.key.startswith("aten::_scaled_dot_product") and len(shapes) >= 3:

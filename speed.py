@@ -9,8 +9,8 @@ some machine (measurements: docs/bench.md).
                             experiments/decode_timing.py).
   fuse_projections(model)   joins each layer's products of one input (q, k and v; gate and up) into one
                             module: fewer calls, each one parallel region (decoding only).
-  block_weights(model)      lays bf16 weights out in blocks of 16 rows where the CPU multiplies bf16
-                            (BlockedLinear; decoding only).
+  block_weights(model)      lays bf16 and int8 weights out in blocks of 16 rows where the CPU multiplies
+                            bf16 or int16 pairs by AVX-512 (BlockedLinear; decoding only).
   compile_decode_step       torch.compile of one model's decode step, as the decoding scripts run it.
   matvec                    the product of one row with a weight (float, int8 or 4-bit), or of a few
                             rows with a float weight, through speed_kernels.cpp, built with the C++
@@ -281,56 +281,70 @@ def join_rows(parts):
 
 
 class BlockedLinear(nn.Module):
-    """A bf16 nn.Linear (no bias) whose weight lies in blocks of 16 rows, for a CPU that multiplies bf16
-    (AVX-512 BF16): blocks[b, p, r] = (W[16b + r, 2p], W[16b + r, 2p + 1]). One vector instruction then adds 16
-    rows' products with a pair of x at once, with no sums across the vector lanes, and each block streams from
-    memory in one run (speed_kernels.cpp, matvec_blocked). A compiled SmolLM2 step on the Zen 4 ran 1.03-1.05x
-    the row-major one at one row, where that loop already read at 82-88% of the bandwidth, and 1.06x (1 thread)
-    and 1.09x (2) at 16 rows (docs/bench.md, "Weights in blocks of 16 rows"). Decoding only, as block_weights
-    makes it: the weight's key becomes `blocks`; weight_rows() gives W back."""
+    """A bf16 nn.Linear (no bias), or a quantize.Int8Linear, whose weight lies in blocks of 16 rows, for a CPU that
+    multiplies bf16 (AVX-512 BF16) or int16 pairs (AVX-512 VNNI): blocks[b, p, r] = (W[16b + r, 2p], W[16b + r,
+    2p + 1]). One vector instruction then adds 16 rows' products with a pair of x at once, with no sums across the
+    vector lanes, and each block streams from memory in one run (speed_kernels.cpp, matvec_blocked, _int8). bf16: a compiled
+    SmolLM2 step on the Zen 4 ran 1.03-1.05x the row-major one at one row, where that loop already read at 82-88% of
+    the bandwidth, and 1.06x (1 thread) and 1.09x (2) at 16 rows; int8 (codes with one scale a row, `scales`, x
+    rounded as the row-major loop rounds it): docs/bench.md, "Weights in blocks of 16 rows". Decoding only, as
+    block_weights makes it: the weight's key becomes `blocks`; weight_rows() gives W (the codes) back."""
 
-    def __init__(self, weight):
+    def __init__(self, weight, scales=None):
         super().__init__()
         self.out_features, self.in_features = N, K = weight.shape
         rows = weight.detach().reshape(N // 16, 16, K // 2, 2)
         self.register_buffer("blocks", rows.transpose(1, 2).contiguous())
+        self.register_buffer("scales", None if scales is None else scales.detach().clone())
 
     def weight_rows(self):
         return self.blocks.transpose(1, 2).reshape(self.out_features, self.in_features)
 
     def read_bytes(self) -> int:
-        """What a product must read: the blocks (a buffer, which a count of the parameters leaves out)."""
-        return self.blocks.nbytes
+        """What a product must read: the blocks (a buffer, which a count of the parameters leaves out), the scales."""
+        return self.blocks.nbytes + (0 if self.scales is None else self.scales.nbytes)
 
     def forward(self, x):
-        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled()
-                and kernel_built()):
-            return torch.ops.speed.matvec_blocked(x, self.blocks)
-        return F.linear(x, self.weight_rows().to(x.dtype))  # elsewhere (another dtype, gradients): as it was
+        if x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled() and kernel_built():
+            if self.scales is None and x.dtype == torch.bfloat16:
+                return torch.ops.speed.matvec_blocked(x, self.blocks)
+            if self.scales is not None and x.dtype in (torch.float32, torch.bfloat16):
+                return torch.ops.speed.matvec_blocked_int8(x, self.blocks, self.scales)
+        w = self.weight_rows().to(x.dtype)  # elsewhere (another dtype, gradients): as it was
+        return F.linear(x, w) if self.scales is None else F.linear(x, w) * self.scales.to(x.dtype)
 
 
-def blocks_apply() -> bool:
-    """Whether block_weights lays weights out here: the kernel's bf16 loops built (the CPU multiplies bf16) and
-    batched rows do not take AMX tiles, whose loop reads row-major weights (tile_rows_bf16)."""
-    return kernel_built() and torch.ops.speed.multiplies_bf16() and not torch.ops.speed.multiplies_tiles()
+def blocks_apply(dtype=torch.bfloat16) -> bool:
+    """Whether block_weights lays weights of `dtype` out here. bf16: the kernel's bf16 loops built (the CPU
+    multiplies bf16) and batched rows do not take AMX tiles, whose loop reads row-major weights (tile_rows_bf16).
+    int8: the kernel's VNNI loops built."""
+    if not kernel_built():
+        return False
+    if dtype == torch.int8:
+        return torch.ops.speed.multiplies_int8_blocks()
+    return torch.ops.speed.multiplies_bf16() and not torch.ops.speed.multiplies_tiles()
 
 
 def block_weights(model):
-    """Lay out, in place, every bf16 Linear without a bias (nn.Linear or StreamingLinear, joined or not) whose
-    rows are a multiple of 16 and columns even as a BlockedLinear, where blocks_apply(). A weight that another
-    module also holds (a head tied to the embedding) stays as it is, as do other kinds (int8, 4-bit, adapters).
-    Decoding only: call it after fuse_projections. Returns model."""
-    if not blocks_apply():
-        return model
+    """Lay out, in place, where blocks_apply(its dtype), every bf16 Linear without a bias (nn.Linear or
+    StreamingLinear, joined or not) whose rows are a multiple of 16 and columns even, and every quantize.Int8Linear
+    (one scale a row) whose rows are a multiple of 16 and columns of 32, as a BlockedLinear. A weight that another
+    module also holds (a head tied to the embedding) stays as it is, as do other kinds (4-bit, adapters).
+    Decoding only: call it after quantizing and fuse_projections. Returns model."""
     holders = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         holders[id(p)] = holders.get(id(p), 0) + 1
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            w = getattr(child, "weight", None)
+            w, scales = getattr(child, "weight", None), getattr(child, "scales", None)
             if (type(child) in (nn.Linear, StreamingLinear) and child.bias is None and w.dtype == torch.bfloat16
-                    and w.shape[0] % 16 == 0 and w.shape[1] % 2 == 0 and holders.get(id(w), 0) == 1):
+                    and w.shape[0] % 16 == 0 and w.shape[1] % 2 == 0 and holders.get(id(w), 0) == 1
+                    and blocks_apply(torch.bfloat16)):
                 setattr(module, name, BlockedLinear(w))
+            elif (isinstance(w, torch.Tensor) and w.dtype == torch.int8 and isinstance(scales, torch.Tensor)
+                    and scales.shape == w.shape[:1] and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0
+                    and blocks_apply(torch.int8)):  # quantize.Int8Linear's codes and scales
+                setattr(module, name, BlockedLinear(w, scales))
     return model
 
 

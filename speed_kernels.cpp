@@ -16,7 +16,8 @@
    (below, by_x_rows); bf16 rows with AVX-512 BF16 across the vector lanes from 9 rows (bf16_lanes_block), on a CPU
    with AMX by its tile products (tile_rows_bf16).
    And the op speed::matvec_blocked: bf16 rows against bf16 weights laid out in blocks of 16 rows (speed.BlockedLinear;
-   blocked_rows, AVX-512 BF16). And the op speed::decode_attention: one new position per row attending over the
+   blocked_rows, AVX-512 BF16), and speed::matvec_blocked_int8: rows against int8 codes so laid out (blocked_i8,
+   AVX-512 VNNI). And the op speed::decode_attention: one new position per row attending over the
    cache (attend_group; with AVX-512, attend_group_wide). */
 
 #include <math.h>
@@ -339,6 +340,15 @@ static inline __attribute__((always_inline)) void rows_u4_vnni(const int8_t *hi,
     }
 }
 
+/* fp32 sums to bf16, 16 at a time, rounded as float_to_bf16 rounds (to nearest even; NaN to 0x7fc0) */
+static inline __attribute__((always_inline)) __m256i bf16_of_sums(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    return _mm512_cvtepi32_epi16(rounded);
+}
+
 /* every row of 4-bit codes by the loop above: x rounded and split once for all of them */
 static inline __attribute__((always_inline)) void all_rows_u4_vnni(const float *x, long K, const void *w, long N,
         const void *scales, const void *mins, int scale_kind, long group, float *y, int threads) {
@@ -468,7 +478,7 @@ static void matvec(const float *x, long K, const void *w, int kind, long N, cons
     }
 }
 
-#if VECTOR_LOOPS && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if VNNI_LOOPS && defined(__AVX512BF16__)  /* bf16_of_sums, load16: the VNNI section's */
 #define BF16_ROWS 1
 /* bf16 rows against bf16 weights on a CPU that multiplies bf16 (AVX-512 BF16: Zen 4, Cooper Lake and later):
    vdpbf16ps multiplies 32 pairs at once, exactly (the product of two bf16 fits an fp32), and sums in fp32, four
@@ -498,15 +508,6 @@ static inline __attribute__((always_inline)) void bf16_row(const uint16_t *x, lo
             acc[j] = _mm512_dpbf16_ps(acc[j], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (m + j) * K + k));
     }
     for (int j = 0; j < XN; j++) y[(m + j) * N + n] = float_to_bf16(_mm512_reduce_add_ps(acc[j]));
-}
-
-/* fp32 sums to bf16, 16 at a time, rounded as float_to_bf16 rounds (to nearest even; NaN to 0x7fc0) */
-static inline __attribute__((always_inline)) __m256i bf16_of_sums(__m512 v) {
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    return _mm512_cvtepi32_epi16(rounded);
 }
 
 /* 9 rows and more (BF16_LANES_FROM): the rows of x lie across the 16 lanes, so the sums need no horizontal adds.
@@ -641,6 +642,78 @@ static void blocked_bf16(const uint16_t *x, long M, long K, const uint16_t *bloc
 #define BF16_ROWS 0
 static void few_rows_bf16(const uint16_t *, long, long, const uint16_t *, long, uint16_t *, int) {}
 static void blocked_bf16(const uint16_t *, long, long, const uint16_t *, long, uint16_t *, int) {}
+#endif
+
+#if VNNI_LOOPS
+#define I8_BLOCKS 1
+/* int8 weights laid out in blocks of 16 rows (speed.BlockedLinear of a quantize.Int8Linear), as the bf16 ones above:
+   blocks[b][p][r] = (W[16b + r][2p], W[16b + r][2p + 1]), the 16 rows' codes of a pair of columns in 32 bytes.
+   vpmovsxbw widens them to int16 and one vpdpwssd adds each row's two products with x's pair (x rounded to int16 in
+   blocks of 32, quantize_x_wide, the row-major loop's very numbers) into that row's int32 lane, exactly: no sums
+   across the lanes, and the weight streams from memory in one run where rows_i8 reads four rows interleaved with
+   256-bit vectors. A block of 32 columns (16 pairs) ends with its sums in fp32 times its step of x; the rows' own
+   scales come last. One row of x sums alternate pairs into four accumulators (no chain of dependent adds); more
+   rows (batched decoding) up to 8 at a time, one accumulator each, the block read from L1 or L2 again past the
+   first 8. |one block's sum| <= 16 x 2 x 127 x 32767 < 2^31. No software prefetch: one block follows another in
+   memory, and prefetching 2, 4 or 9 KB ahead made a SmolLM2 step's products slower (scratch, the Zen 4: 6.5-7.3 ms
+   against 5.8-6.5 without). */
+template <int XN>
+static inline __attribute__((always_inline)) void blocked_i8_rows(const uint32_t *xpairs, const float *step, long K,
+        const int8_t *block, long m, __m512 *sums) {
+    long P = K / 2, B = K / XBLOCK;
+    for (int j = 0; j < XN; j++) sums[j] = _mm512_setzero_ps();
+    for (long b = 0; b < B; b++) {
+        const int8_t *wb = block + b * 16 * 32;  /* 16 pairs of columns, 32 bytes each */
+        const uint32_t *xb = xpairs + m * P + b * 16;
+        if (XN == 1) {
+            __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+            for (int q = 0; q < 16; q += 4) {
+                s0 = _mm512_dpwssd_epi32(s0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + q * 32))), _mm512_set1_epi32(xb[q]));
+                s1 = _mm512_dpwssd_epi32(s1, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + q * 32 + 32))), _mm512_set1_epi32(xb[q + 1]));
+                s2 = _mm512_dpwssd_epi32(s2, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + q * 32 + 64))), _mm512_set1_epi32(xb[q + 2]));
+                s3 = _mm512_dpwssd_epi32(s3, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + q * 32 + 96))), _mm512_set1_epi32(xb[q + 3]));
+            }
+            __m512i s = _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3));
+            sums[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(step[m * B + b]), sums[0]);
+            continue;
+        }
+        __m512i s[XN];
+        for (int j = 0; j < XN; j++) s[j] = _mm512_setzero_si512();
+        for (int q = 0; q < 16; q++) {
+            __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + q * 32)));
+            #pragma GCC unroll 8
+            for (int j = 0; j < XN; j++) s[j] = _mm512_dpwssd_epi32(s[j], wv, _mm512_set1_epi32(xb[j * P + q]));
+        }
+        for (int j = 0; j < XN; j++)
+            sums[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[j]), _mm512_set1_ps(step[(m + j) * B + b]), sums[j]);
+    }
+}
+
+/* y (M, N) in fp32 or bf16 = x (M, K, fp32) against int8 blocks and one scale a row (of scale_kind) */
+static void blocked_i8(const float *x, long M, long K, const int8_t *blocks, long N, const void *scales, int scale_kind,
+                       void *y, bool y_bf16, int threads) {
+    std::vector<int16_t> xq(M * K);
+    std::vector<float> step(M * (K / XBLOCK));
+    for (long m = 0; m < M; m++)
+        quantize_x_wide(x + m * K, K, xq.data() + m * K, step.data() + m * (K / XBLOCK), nullptr, nullptr, nullptr, 0);
+    #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (long b = 0; b < N / 16; b++) {
+        __m512 row_scales = load16(scales, scale_kind, b * 16, 0xffff);
+        by_x_rows<8>(M, [&]<int XN>(long m) {
+            __m512 sums[XN];
+            blocked_i8_rows<XN>((const uint32_t *)xq.data(), step.data(), K, blocks + b * 16 * K, m, sums);
+            for (int j = 0; j < XN; j++) {
+                __m512 v = _mm512_mul_ps(sums[j], row_scales);
+                long at = (m + j) * N + b * 16;
+                if (y_bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), bf16_of_sums(v));
+                else _mm512_storeu_ps((float *)y + at, v);
+            }
+        });
+    }
+}
+#else
+#define I8_BLOCKS 0
+static void blocked_i8(const float *, long, long, const int8_t *, long, const void *, int, void *, bool, int) {}
 #endif
 
 #if BF16_ROWS && defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -991,22 +1064,49 @@ static at::Tensor matvec_op(const at::Tensor &x, const at::Tensor &weight, const
     return out;
 }
 
+static at::Tensor blocked_output(const at::Tensor &x, const at::Tensor &blocks, long &K, long &M, long &N) {
+    K = x.size(-1), M = K ? x.numel() / K : 0;
+    TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == 16 && blocks.size(3) == 2 && blocks.size(1) * 2 == K && M >= 1,
+                "speed::matvec_blocked: rows of ", K, " against blocks of ", blocks.sizes());
+    N = blocks.size(0) * 16;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    return at::empty(shape, x.options());
+}
+
 /* speed::matvec_blocked(x, blocks): x (..., K) bf16 against the weight of N rows laid out in blocks of 16 rows
    (blocks: (N / 16, K / 2, 16, 2) bf16; speed.BlockedLinear); the result (..., N) in bf16, summed in fp32 */
 static at::Tensor matvec_blocked_op(const at::Tensor &x, const at::Tensor &blocks) {
     TORCH_CHECK(BF16_ROWS, "speed::matvec_blocked: this build has no AVX-512 BF16 loops (the CPU or compiler lacks them)");
-    long K = x.size(-1), M = K ? x.numel() / K : 0;
-    TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == 16 && blocks.size(3) == 2 && blocks.size(1) * 2 == K && M >= 1,
-                "speed::matvec_blocked: rows of ", K, " against blocks of ", blocks.sizes());
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && blocks.scalar_type() == at::kBFloat16,
                 "speed::matvec_blocked: x and blocks must be bf16, not ", x.scalar_type(), " and ", blocks.scalar_type());
-    long N = blocks.size(0) * 16;
-    at::Tensor xc = x.contiguous(), bc = blocks.contiguous();
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = N;
-    at::Tensor out = at::empty(shape, x.options());
+    long K, M, N;
+    at::Tensor out = blocked_output(x, blocks, K, M, N), xc = x.contiguous(), bc = blocks.contiguous();
     blocked_bf16((const uint16_t *)xc.data_ptr(), M, K, (const uint16_t *)bc.data_ptr(), N, (uint16_t *)out.data_ptr(),
                  at::get_num_threads());
+    return out;
+}
+
+/* speed::matvec_blocked_int8(x, blocks, scales): the same for int8 codes in blocks (int8 (N / 16, K / 2, 16, 2))
+   and one scale a row (N floats; quantize.Int8Linear's), x fp32 or bf16, the result in x's dtype. Its own op, not
+   an argument more of matvec_blocked: inductor's cached compiled code does not know an op's schema changed, and
+   called the old one with the old arguments (a segmentation fault, seen). */
+static at::Tensor matvec_blocked_int8_op(const at::Tensor &x, const at::Tensor &blocks, const at::Tensor &scales) {
+    TORCH_CHECK(I8_BLOCKS, "speed::matvec_blocked_int8: this build has no AVX-512 VNNI loops (the CPU or compiler lacks them)");
+    long K, M, N;
+    at::Tensor out = blocked_output(x, blocks, K, M, N), xc = x.contiguous(), bc = blocks.contiguous();
+    TORCH_CHECK(blocks.scalar_type() == at::kChar && scales.numel() == N && kind_of(scales) <= F16 && K % XBLOCK == 0,
+                "speed::matvec_blocked_int8: int8 blocks need ", N, " float scales and rows of a multiple of ", XBLOCK);
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                "speed::matvec_blocked_int8: x is ", x.scalar_type(), "; it takes fp32 or bf16");
+    std::vector<float> xf(M * K);  /* x to fp32 here, not by a torch op (a few us a call; matvec_op) */
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "speed::matvec_blocked_int8", [&] {
+        const scalar_t *in = xc.data_ptr<scalar_t>();
+        for (long k = 0; k < M * K; k++) xf[k] = static_cast<float>(in[k]);
+    });
+    at::Tensor s = scales.contiguous();
+    blocked_i8(xf.data(), M, K, (const int8_t *)bc.data_ptr(), N, s.data_ptr(), kind_of(s), out.data_ptr(),
+               x.scalar_type() == at::kBFloat16, at::get_num_threads());
     return out;
 }
 
@@ -1046,7 +1146,9 @@ TORCH_LIBRARY(speed, m) {
     m.def("matvec(Tensor x, Tensor weight, Tensor? scales=None, Tensor? minimums=None, int group_size=0) -> Tensor");
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
     m.def("matvec_blocked(Tensor x, Tensor blocks) -> Tensor");
-    m.def("multiplies_bf16() -> bool", [] { return (bool)BF16_ROWS; });  /* matvec_blocked's loops were built */
+    m.def("matvec_blocked_int8(Tensor x, Tensor blocks, Tensor scales) -> Tensor");
+    m.def("multiplies_bf16() -> bool", [] { return (bool)BF16_ROWS; });  /* matvec_blocked's bf16 loops were built */
+    m.def("multiplies_int8_blocks() -> bool", [] { return (bool)I8_BLOCKS; });  /* matvec_blocked_int8's loops were built */
     m.def("multiplies_tiles() -> bool", [] { return TILE_ROWS && tiles_permitted(); });  /* bf16 rows by AMX tiles */
 }
 
@@ -1064,6 +1166,10 @@ static at::Tensor matvec_blocked_meta(const at::Tensor &x, const at::Tensor &blo
     return at::empty(shape, x.options());
 }
 
+static at::Tensor matvec_blocked_int8_meta(const at::Tensor &x, const at::Tensor &blocks, const at::Tensor &) {
+    return matvec_blocked_meta(x, blocks);
+}
+
 static at::Tensor decode_attention_meta(const at::Tensor &q, const at::Tensor &, const at::Tensor &, const at::Tensor &) {
     return at::empty(q.sizes(), q.options());
 }
@@ -1071,10 +1177,12 @@ static at::Tensor decode_attention_meta(const at::Tensor &q, const at::Tensor &,
 TORCH_LIBRARY_IMPL(speed, CPU, m) {
     m.impl("matvec", &matvec_op);
     m.impl("matvec_blocked", &matvec_blocked_op);
+    m.impl("matvec_blocked_int8", &matvec_blocked_int8_op);
     m.impl("decode_attention", &decode_attention_op);
 }
 TORCH_LIBRARY_IMPL(speed, Meta, m) {
     m.impl("matvec", &matvec_meta);
     m.impl("matvec_blocked", &matvec_blocked_meta);
+    m.impl("matvec_blocked_int8", &matvec_blocked_int8_meta);
     m.impl("decode_attention", &decode_attention_meta);
 }

@@ -6,7 +6,9 @@ row and for a few (up to StreamingLinear.stream_rows, 64; bf16 on a CPU with AVX
 vector lanes from 9 rows; with AMX, its tile products). --old=attention: the old attention over the cache, torch's ops
 (speed.decode_attention_by_ops), against the kernel's speed.decode_attention; the products the same on both paths.
 --old=projections: each layer's q, k, v and gate, up products separate, against speed.fuse_projections' joined ones.
---old=blocks: bf16 weights row-major, against speed.block_weights' blocks of 16 rows (where the CPU multiplies bf16).
+--old=blocks: bf16 (or int8) weights row-major, against speed.block_weights' blocks of 16 rows (bf16: where the CPU
+multiplies bf16; int8: where it has AVX-512 VNNI).
+--quantize=int8 (int4): both paths quantized (quantize.py) before the rest (the dtype then is the activations').
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
     .venv/bin/python experiments/batch_decode.py --dtypes=bfloat16 --batches=1,16 # the issue's ratio only
@@ -33,6 +35,7 @@ import model as M  # noqa: E402
 import speed  # noqa: E402
 from configurator import DTYPES, apply_threads, configure, run_script, settings_from  # noqa: E402
 from guards import check_not_tracked  # noqa: E402
+from quantize import QUANTIZERS  # noqa: E402
 from speed import HALF, StreamingLinear  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -45,6 +48,7 @@ old = "products"             # what the old path keeps as it was: 'products', 'a
 prompt_len = 64              # prompt tokens per row (random ids)
 new_tokens = 16              # greedy decode steps timed per round
 rounds = 3                   # timed rounds per path (median reported)
+quantize = ""                # 'int8' or 'int4': both paths' linear layers quantized first (quantize.py)
 seed = 1337
 threads = 0                  # torch CPU threads: 0 = 1 on a CPU (apply_threads)
 # -----------------------------------------------------------------------------
@@ -68,6 +72,8 @@ def parse(s):
     if s.old not in ("products", "attention", "projections", "blocks"):
         raise ValueError(f"--old={s.old!r}: expected 'products' (BLAS / inductor's loop), 'attention' (torch's ops), "
                          "'projections' (not joined) or 'blocks' (row-major bf16 weights)")
+    if s.quantize not in QUANTIZERS and s.quantize:
+        raise ValueError(f"--quantize={s.quantize!r}: expected '', {', '.join(map(repr, QUANTIZERS))}")
     if s.model and not os.path.isfile(s.model):
         raise ValueError(f"--model={s.model}: no such checkpoint (or '' for random weights of SmolLM2's shape)")
     return [DTYPES[d] for d in names], sorted({int(p) for p in parts})
@@ -91,6 +97,8 @@ def time_batch(base, dtype, B, s):
     models = {"streaming": copy.deepcopy(base).to(dtype)}
     if s.old in ("attention", "projections", "blocks") or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
         models["old"] = copy.deepcopy(base).to(dtype)
+    if s.quantize:
+        models = {name: QUANTIZERS[s.quantize](m) for name, m in models.items()}
     decoders = {}
     for name, m in models.items():
         join = not (name == "old" and s.old == "projections")
@@ -114,7 +122,7 @@ HEADERS = {"products": "old (BLAS; one row: inductor's loop), tokens/s | new (sp
                         "speed.matvec)",
            "attention": "old (attention by torch's ops), tokens/s | new (speed_kernels.cpp's attention)",
            "projections": "old (q, k, v and gate, up separate), tokens/s | new (joined: speed.fuse_projections)",
-           "blocks": "old (bf16 weights row-major), tokens/s | new (blocks of 16 rows: speed.block_weights)"}
+           "blocks": "old (bf16 or int8 weights row-major), tokens/s | new (blocks of 16 rows: speed.block_weights)"}
 
 
 def print_table(rows, dtypes, batches, old):

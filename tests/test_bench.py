@@ -103,7 +103,7 @@ def test_decode_bytes_per_step_count_weights_in_blocks(monkeypatch, tie):
     cfg = M.LlamaConfig(**{**bench.PRESETS["tiny"]["model"], "tie_embeddings": tie})
     m = M.Llama(cfg).to(torch.bfloat16)
     row_major = benchmarking.decode_bytes_per_step(m, cfg, 2, 10)
-    monkeypatch.setattr(speed, "blocks_apply", lambda: True)  # lay them out on any CPU: only bytes are counted
+    monkeypatch.setattr(speed, "blocks_apply", lambda dtype=None: True)  # lay them out on any CPU: only bytes are counted
     speed.block_weights(m)
     assert sum(isinstance(x, speed.BlockedLinear) for x in m.modules()) == 7 * cfg.n_layer + (not tie)
     assert benchmarking.decode_bytes_per_step(m, cfg, 2, 10) == row_major

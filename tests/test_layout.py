@@ -110,6 +110,7 @@ BAD_SETTINGS = [
     ("delta", ["--basee=a.pt"], "basee"), ("delta", ["--dtype=int4"], "dtype"),
     ("experiments.batch_decode", ["--batchez=4"], "batchez"), ("experiments.batch_decode", ["--batches=1,x"], "batches"),
     ("experiments.batch_decode", ["--dtypes=fp64"], "dtypes"), ("experiments.batch_decode", ["--old=new"], "old"),
+    ("experiments.batch_decode", ["--quantize=int2"], "quantize"),
     ("experiments.batch_decode", ["--prompt_len=300"], "prompt_len=300"), ("data.smollm2_selfgen.prepare", ["--compile=maybe"], "compile"),
     ("experiments.llamacpp", ["--roundz=3"], "roundz"), ("experiments.llamacpp", ["--rounds=many"], "rounds"),
     ("data.smollm2_mix.prepare", ["--tokenz=9"], "tokenz"), ("data.smollm2_mix.prepare", ["--chunk=big"], "chunk"),

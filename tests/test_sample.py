@@ -10,6 +10,7 @@ import torch
 from torch.nn import Linear
 
 import sample
+import speed
 from configurator import run_script
 from dataset import write_meta
 from model import Llama, LlamaConfig
@@ -218,7 +219,12 @@ def test_quantized_sampling_quantizes_every_linear_layer(kind, quantized, tmp_pa
     assert out.startswith("abc") and len(out.split("---------------")[0].strip()) >= 3
     assert len(seen) == 1 and not any(isinstance(m, Linear) for m in seen[0].modules())
     attn = seen[0].layers[0].self_attn  # its q, k and v joined after quantizing (speed.fuse_projections)
-    assert isinstance(attn.qkv_proj, quantized) and isinstance(attn.o_proj, quantized)
+    blocks_int8 = kind == "int8" and speed.blocks_apply(torch.int8)  # where the CPU has AVX-512 VNNI
+    for proj in (attn.qkv_proj, attn.o_proj):  # int8 codes of 16-row multiples in blocks (speed.block_weights)
+        if isinstance(proj, speed.BlockedLinear):
+            assert blocks_int8 and proj.blocks.dtype == torch.int8
+        else:
+            assert isinstance(proj, quantized) and not (blocks_int8 and proj.weight.shape[0] % 16 == 0)
 
 
 # -----------------------------------------------------------------------------

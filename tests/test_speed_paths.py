@@ -474,7 +474,9 @@ def test_kernels_meta_shapes_are_what_they_compute():
                      (torch.ops.speed.matvec.default, (xs, torch.randn(8, 64, dtype=torch.bfloat16), None, None, 0)),
                      (torch.ops.speed.decode_attention.default, (q, k, k, torch.ones(2, 9, dtype=torch.bool)))] + (
                     [(torch.ops.speed.matvec_blocked.default, (xs, torch.randn(2, 32, 16, 2, dtype=torch.bfloat16)))]
-                    if torch.ops.speed.multiplies_bf16() else []):  # bf16 weights in blocks: where the CPU multiplies bf16
+                    if torch.ops.speed.multiplies_bf16() else []) + (  # bf16 weights in blocks: where the CPU multiplies bf16
+                    [(torch.ops.speed.matvec_blocked_int8.default, (xs, torch.zeros(1, 32, 16, 2, dtype=torch.int8), torch.rand(16)))]
+                    if torch.ops.speed.multiplies_int8_blocks() else []):  # int8 ones: where it has AVX-512 VNNI
         results = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
         assert set(results.values()) == {"SUCCESS"}, results
 
@@ -780,6 +782,93 @@ def test_blocked_weights_give_the_row_major_tokens_and_leave_a_tied_head(compile
                 code = "\n".join(code)
                 assert blas_calls(code) == []
                 assert op_calls(code, "speed::matvec_blocked") == (16 if speed.blocks_apply() else 0)  # all but the head
+            else:
+                got, logits = batched_greedy(blocked, batch, 12, blocked.decode_step)
+        err = (logits[:, 1] - want_logits[:, 1]).abs().max()
+        assert err <= 0.02 * (want_logits.max() - want_logits.min())
+        assert same_until_a_close_call(got, want, want_logits, err) >= 0.25 * batch.shape[0] * 12
+
+
+# int8 codes in blocks of 16 rows (speed.BlockedLinear of a quantize.Int8Linear, speed_kernels.cpp's matvec_blocked_int8)
+
+
+def multiplies_int8_blocks():
+    return speed.kernel_built() and torch.ops.speed.multiplies_int8_blocks()
+
+
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 20])  # one row (four sums), a few, one group of 8, past it, three groups
+@pytest.mark.parametrize("N, K", [(48, 64), (32, 576), (16, 96)])  # two, eighteen and three blocks of 32 columns
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matvec_blocked_int8_is_the_row_major_product(M, N, K, threads, monkeypatch):
+    """int8 codes in blocks, one scale a row: the layout by the definition; every row of x, fp32 or bf16, against
+    float64 products with the dequantised weight within the bound of rounding x to int16 in blocks of 32
+    (quantization_bound; bf16 results also within their own rounding), and equal to the row-major kernel's
+    (speed.matvec, the same rounding of x) to fp32 summation order; two threads give the very numbers of one.
+    Where the kernel has no VNNI loops the op refuses in one line and block_weights leaves int8 weights row-major."""
+    g = torch.Generator().manual_seed(M * N + K)
+    q8 = Int8Linear((torch.randn(N, K, generator=g) / 8).bfloat16())
+    lin = speed.BlockedLinear(q8.weight, q8.scales)
+    assert lin.blocks.dtype == torch.int8 and lin.blocks.shape == (N // 16, K // 2, 16, 2)
+    assert torch.equal(lin.blocks[N // 16 - 1, K // 2 - 1, 15], q8.weight[N - 1, K - 2:])
+    assert torch.equal(lin.weight_rows(), q8.weight) and lin.read_bytes() == q8.read_bytes()
+    x = torch.randn(M, 1, K, generator=g)
+    if not multiplies_int8_blocks():
+        with pytest.raises(RuntimeError, match="no AVX-512 VNNI loops"):
+            torch.ops.speed.matvec_blocked_int8(x, lin.blocks, lin.scales)
+        assert not speed.blocks_apply(torch.int8)
+        return
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    w = q8.dequantize()
+    for dtype in (torch.float32, torch.bfloat16):
+        got = torch.ops.speed.matvec_blocked_int8(x.to(dtype), lin.blocks, lin.scales)
+        assert got.dtype == dtype and got.shape == (M, 1, N)
+        for m in range(M):
+            xm = x[m].to(dtype).float()
+            want = xm.double() @ w.double().t()
+            rounding = want.abs() * 2 ** -8 if dtype == torch.bfloat16 else 0
+            assert ((got[m].double() - want).abs() <= quantization_bound(xm, w) + rounding).all()
+            row_major = speed.matvec(x[m].to(dtype), q8.weight, q8.scales)
+            tolerance = dict(rtol=2 ** -7, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[m].float(), row_major.float(), **tolerance)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+        assert torch.equal(torch.ops.speed.matvec_blocked_int8(x.to(dtype), lin.blocks, lin.scales), got)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+
+
+def test_matvec_blocked_int8_refuses_what_it_cannot_read():
+    """One line each, naming what is wrong (without VNNI loops every call is refused, saying so)."""
+    built = multiplies_int8_blocks()
+    blocks, x = torch.zeros(2, 32, 16, 2, dtype=torch.int8), torch.randn(1, 64)
+    for args, message in [((x, blocks, torch.ones(31)), "need 32 float scales"),
+                          ((x.double(), blocks, torch.ones(32)), "x is Double"),
+                          ((torch.randn(1, 48), blocks, torch.ones(32)), "rows of 48 against blocks of")]:
+        with pytest.raises(RuntimeError, match=message if built else "no AVX-512 VNNI loops"):
+            torch.ops.speed.matvec_blocked_int8(*args)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_blocked_int8_weights_give_the_row_major_int8_tokens(compiled):
+    """An int8 model (quantize_int8, then the decode paths and joined projections, as sample.py makes it), then
+    block_weights: every int8 product whose rows split into 16s becomes a BlockedLinear where blocks_apply(int8)
+    (elsewhere none does), the head of 97 rows stays row-major. One row and 16 rows decoded give the row-major int8
+    model's greedy tokens wherever its choice is clear, eager and compiled (the graph calls matvec_blocked_int8
+    for each blocked product and no BLAS product); the first step's logits within 2% of their spread."""
+    rows = speed.fuse_projections(speed.use_decode_paths(quantize_int8(spread_tiny(torch.bfloat16))))
+    splits = sum(isinstance(m, Int8Linear) and m.weight.shape[0] % 16 == 0 for m in rows.modules())
+    blocked = speed.block_weights(copy.deepcopy(rows))
+    n_blocked = sum(isinstance(m, speed.BlockedLinear) for m in blocked.modules())
+    assert splits > 0 and n_blocked == (splits if speed.blocks_apply(torch.int8) else 0)
+    assert type(blocked.lm_head) is Int8Linear
+    prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
+    from torch._inductor.utils import run_and_get_code
+    for batch in (prompt, prompt[:1]):
+        with torch.no_grad():
+            want, want_logits = batched_greedy(rows, batch, 12, rows.decode_step)
+            if compiled:
+                step = speed.compile_decode_step(blocked)
+                (got, logits), code = run_and_get_code(batched_greedy, blocked, batch, 12, step)
+                code = "\n".join(code)
+                assert blas_calls(code) == [] and op_calls(code, "speed::matvec_blocked_int8") == n_blocked
             else:
                 got, logits = batched_greedy(blocked, batch, 12, blocked.decode_step)
         err = (logits[:, 1] - want_logits[:, 1]).abs().max()
