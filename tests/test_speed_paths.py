@@ -800,9 +800,10 @@ def multiplies_int8_blocks():
 @pytest.mark.parametrize("N, K", [(48, 64), (32, 576), (16, 96)])  # two, eighteen and three blocks of 32 columns
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matvec_blocked_int8_is_the_row_major_product(M, N, K, threads, monkeypatch):
-    """int8 codes in blocks, one scale a row: the layout by the definition; every row of x, fp32 or bf16, against
-    float64 products with the dequantised weight within the bound of rounding x to int16 in blocks of 32
-    (quantization_bound; bf16 results also within their own rounding), and equal to the row-major kernel's
+    """int8 codes in blocks, one scale a row: the layout by the definition; with gradients wanted the dequantised
+    product; by the kernel every row of x, fp32 or bf16, against float64 products with the dequantised weight
+    within the bound of rounding x to int16 in blocks of 32 (quantization_bound; bf16 results also within their
+    own rounding), and equal to the row-major kernel's
     (speed.matvec, the same rounding of x) to fp32 summation order; two threads give the very numbers of one.
     Where the kernel has no VNNI loops the op refuses in one line and block_weights leaves int8 weights row-major."""
     g = torch.Generator().manual_seed(M * N + K)
@@ -812,6 +813,8 @@ def test_matvec_blocked_int8_is_the_row_major_product(M, N, K, threads, monkeypa
     assert torch.equal(lin.blocks[N // 16 - 1, K // 2 - 1, 15], q8.weight[N - 1, K - 2:])
     assert torch.equal(lin.weight_rows(), q8.weight) and lin.read_bytes() == q8.read_bytes()
     x = torch.randn(M, 1, K, generator=g)
+    wanting_gradients = x.clone().requires_grad_()  # no kernel: the dequantised product, on any machine
+    torch.testing.assert_close(lin(wanting_gradients), F.linear(wanting_gradients, q8.dequantize()), rtol=1e-5, atol=1e-5)
     if not multiplies_int8_blocks():
         with pytest.raises(RuntimeError, match="no AVX-512 VNNI loops"):
             torch.ops.speed.matvec_blocked_int8(x, lin.blocks, lin.scales)
