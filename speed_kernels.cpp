@@ -655,7 +655,7 @@ static void blocked_bf16(const uint16_t *, long, long, const uint16_t *, long, u
    scales come last. One row of x sums alternate pairs into four accumulators (no chain of dependent adds); more
    rows (batched decoding) up to 8 at a time, one accumulator each, the block read from L1 or L2 again past the
    first 8. |one block's sum| <= 16 x 2 x 127 x 32767 < 2^31. No software prefetch: one block follows another in
-   memory, and prefetching 2, 4 or 9 KB ahead made a SmolLM2 step's products slower (scratch, the Zen 4: 6.5-7.3 ms
+   memory, and prefetching 2, 4 or 9 KB ahead made a SmolLM2 step's products slower (scratch, the Zen 4: 6.5-10.0 ms
    against 5.8-6.5 without). */
 template <int XN>
 static inline __attribute__((always_inline)) void blocked_i8_rows(const uint32_t *xpairs, const float *step, long K,
@@ -665,7 +665,7 @@ static inline __attribute__((always_inline)) void blocked_i8_rows(const uint32_t
     for (long b = 0; b < B; b++) {
         const int8_t *wb = block + b * 16 * 32;  /* 16 pairs of columns, 32 bytes each */
         const uint32_t *xb = xpairs + m * P + b * 16;
-        if (XN == 1) {
+        if constexpr (XN == 1) {
             __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
             for (int q = 0; q < 16; q += 4) {
                 s0 = _mm512_dpwssd_epi32(s0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + q * 32))), _mm512_set1_epi32(xb[q]));
@@ -1064,10 +1064,10 @@ static at::Tensor matvec_op(const at::Tensor &x, const at::Tensor &weight, const
     return out;
 }
 
-static at::Tensor blocked_output(const at::Tensor &x, const at::Tensor &blocks, long &K, long &M, long &N) {
+static at::Tensor blocked_output(const char *op, const at::Tensor &x, const at::Tensor &blocks, long &K, long &M, long &N) {
     K = x.size(-1), M = K ? x.numel() / K : 0;
     TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == 16 && blocks.size(3) == 2 && blocks.size(1) * 2 == K && M >= 1,
-                "speed::matvec_blocked: rows of ", K, " against blocks of ", blocks.sizes());
+                op, ": rows of ", K, " against blocks of ", blocks.sizes());
     N = blocks.size(0) * 16;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = N;
@@ -1081,7 +1081,7 @@ static at::Tensor matvec_blocked_op(const at::Tensor &x, const at::Tensor &block
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && blocks.scalar_type() == at::kBFloat16,
                 "speed::matvec_blocked: x and blocks must be bf16, not ", x.scalar_type(), " and ", blocks.scalar_type());
     long K, M, N;
-    at::Tensor out = blocked_output(x, blocks, K, M, N), xc = x.contiguous(), bc = blocks.contiguous();
+    at::Tensor out = blocked_output("speed::matvec_blocked", x, blocks, K, M, N), xc = x.contiguous(), bc = blocks.contiguous();
     blocked_bf16((const uint16_t *)xc.data_ptr(), M, K, (const uint16_t *)bc.data_ptr(), N, (uint16_t *)out.data_ptr(),
                  at::get_num_threads());
     return out;
@@ -1094,8 +1094,10 @@ static at::Tensor matvec_blocked_op(const at::Tensor &x, const at::Tensor &block
 static at::Tensor matvec_blocked_int8_op(const at::Tensor &x, const at::Tensor &blocks, const at::Tensor &scales) {
     TORCH_CHECK(I8_BLOCKS, "speed::matvec_blocked_int8: this build has no AVX-512 VNNI loops (the CPU or compiler lacks them)");
     long K, M, N;
-    at::Tensor out = blocked_output(x, blocks, K, M, N), xc = x.contiguous(), bc = blocks.contiguous();
-    TORCH_CHECK(blocks.scalar_type() == at::kChar && scales.numel() == N && kind_of(scales) <= F16 && K % XBLOCK == 0,
+    TORCH_CHECK(blocks.scalar_type() == at::kChar, "speed::matvec_blocked_int8: blocks are ", blocks.scalar_type(),
+                "; it takes int8 codes (bf16 blocks: speed::matvec_blocked)");
+    at::Tensor out = blocked_output("speed::matvec_blocked_int8", x, blocks, K, M, N), xc = x.contiguous(), bc = blocks.contiguous();
+    TORCH_CHECK(scales.numel() == N && kind_of(scales) <= F16 && K % XBLOCK == 0,
                 "speed::matvec_blocked_int8: int8 blocks need ", N, " float scales and rows of a multiple of ", XBLOCK);
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                 "speed::matvec_blocked_int8: x is ", x.scalar_type(), "; it takes fp32 or bf16");

@@ -71,8 +71,8 @@ def parse(s):
             raise ValueError(f"--{key} must be at least 1, got {getattr(s, key)}")
     if s.old not in ("products", "attention", "projections", "blocks"):
         raise ValueError(f"--old={s.old!r}: expected 'products' (BLAS / inductor's loop), 'attention' (torch's ops), "
-                         "'projections' (not joined) or 'blocks' (row-major bf16 weights)")
-    if s.quantize not in QUANTIZERS and s.quantize:
+                         "'projections' (not joined) or 'blocks' (row-major bf16 or int8 weights)")
+    if s.quantize and s.quantize not in QUANTIZERS:
         raise ValueError(f"--quantize={s.quantize!r}: expected '', {', '.join(map(repr, QUANTIZERS))}")
     if s.model and not os.path.isfile(s.model):
         raise ValueError(f"--model={s.model}: no such checkpoint (or '' for random weights of SmolLM2's shape)")

@@ -402,6 +402,15 @@ def test_quantized_decoding_stays_close_to_the_float_model(dtype, kind):
 # the decoding kernel: speed.matvec (speed_kernels.cpp)
 
 
+@pytest.fixture
+def set_threads():
+    """torch.set_num_threads for one test, restored after it: the kernels split their work by at::get_num_threads(),
+    which a patched torch.get_num_threads would not change."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 def quantization_bound(x, w):
     """What rounding x to int16 in blocks of 32 can change in x @ w.T: per block max|x| / 65534 times the
     block's sum of |w|, summed over the blocks (plus fp32 summation, 1e-6 of the sum of |x w|)."""
@@ -413,12 +422,12 @@ def quantization_bound(x, w):
 @pytest.mark.parametrize("N, K", [(37, 96), (8, 64), (6, 160), (5, 40), (3, 17), (5, 576)])  # rows past blocks of 4; K past 16, 32
 # and 128 (VNNI chunks); 576: SmolLM2's rows, 4.5 chunks and 18 groups (minimums 16 at a time)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matvec_is_the_product_by_the_definition(N, K, threads, monkeypatch):
+def test_matvec_is_the_product_by_the_definition(N, K, threads, set_threads):
     """Every weight kind against float64 products with the weight as defined: float weights to fp32 summation
     (results in x's dtype: within its rounding), int8 and 4-bit within the bound of rounding x to int16
     (quantization_bound), 4-bit with groups of one to three blocks and scales of each dtype; two threads give
     the very numbers of one (rows are split, never a sum)."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what matvec hands the kernel
+    set_threads(threads)  # what the kernels read (at::get_num_threads)
     g = torch.Generator().manual_seed(N * K)
     w, x = torch.randn(N, K, generator=g) / 8, torch.randn(1, K, generator=g)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -438,9 +447,9 @@ def test_matvec_is_the_product_by_the_definition(N, K, threads, monkeypatch):
             q4 = Int4Linear(w.to(dtype), group)  # scales and minimums in the weight's dtype
             got, want = speed.matvec(x, q4.codes, q4.scales, q4.minimums, group).double(), x.double() @ q4.dequantize().double().t()
             assert ((got - want).abs() <= quantization_bound(x, q4.dequantize())).all(), (group, dtype)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    set_threads(1)
     one = speed.matvec(x, w.bfloat16())
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    set_threads(threads)
     assert torch.equal(speed.matvec(x, w.bfloat16()), one)
 
 
@@ -501,11 +510,11 @@ def attention_by_the_definition(q, k, v, mask):
 @pytest.mark.parametrize("H, Hkv, D", [(9, 3, 64), (5, 1, 128), (4, 4, 24), (6, 2, 17)])  # groups of 3, 5 (past
 # the kernel's 4 queries a key load), 1; head sizes of one and two 64-column blocks, of 8s, and neither
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decode_attention_kernel_is_the_softmax_by_the_definition(H, Hkv, D, threads, monkeypatch):
+def test_decode_attention_kernel_is_the_softmax_by_the_definition(H, Hkv, D, threads, set_threads):
     """speed.decode_attention on a CPU runs the kernel: against float64 explicit softmax, for each float dtype,
     a mask shared by all rows and one per row; positions the mask leaves out are not read (garbage there changes
     nothing); two threads give the very numbers of one; torch's-ops path agrees."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    set_threads(threads)
     g = torch.Generator().manual_seed(H * D)
     B, S = 3, 21
     assert speed.attention_kernel_applies(torch.zeros(1), torch.zeros(1), torch.zeros(1))  # the kernel built here
@@ -527,9 +536,9 @@ def test_decode_attention_kernel_is_the_softmax_by_the_definition(H, Hkv, D, thr
                 assert torch.equal(speed.decode_attention(qd, garbage, vgarbage, mask), got)
         torch.testing.assert_close(speed.decode_attention_by_ops(q, k, v, mask).double(),
                                    attention_by_the_definition(q, k, v, mask), rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    set_threads(1)
     one = speed.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), per_row)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    set_threads(threads)
     assert torch.equal(speed.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), per_row), one)
 
 
@@ -592,12 +601,12 @@ def test_compiled_quantized_batch_1_step_calls_matvec_and_gives_eager_tokens(kin
 @pytest.mark.parametrize("M", [2, 5, 7, 12, 13, 16, 29])  # blocks of 6 (AVX2) and 12 (bf16 products), remainders
 @pytest.mark.parametrize("N, K", [(37, 96), (5, 40), (3, 17)])  # K past 8, 16 and 32
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matvec_of_several_rows_is_the_product_by_the_definition(M, N, K, threads, monkeypatch):
+def test_matvec_of_several_rows_is_the_product_by_the_definition(M, N, K, threads, set_threads):
     """Several rows of x against float weights, every row against float64 products: fp32 x (the fp32 loop, for
     any weight kind) to fp32 summation; bf16 or fp16 x within the final rounding to its dtype (bf16 x against
     bf16 weights is the CPU's bf16 product where it has one: exact products, fp32 sums). Two threads give the
     very numbers of one."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    set_threads(threads)
     g = torch.Generator().manual_seed(M * N * K)
     w, x = torch.randn(N, K, generator=g) / 8, torch.randn(M, K, generator=g)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -608,16 +617,16 @@ def test_matvec_of_several_rows_is_the_product_by_the_definition(M, N, K, thread
         want = x.to(dtype).double() @ w.to(dtype).double().t()
         rel = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11  # half an ulp of the result, and fp32 sums
         assert ((got.view(M, N).double() - want).abs() <= want.abs() * rel + 1e-6).all(), dtype
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    set_threads(1)
     one = speed.matvec(x.bfloat16(), w.bfloat16())
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    set_threads(threads)
     assert torch.equal(speed.matvec(x.bfloat16(), w.bfloat16()), one)
 
 
 @pytest.mark.parametrize("M", [2, 16, 17, 64, 65, 70])  # x tiles of 16 rows: one, part of a second, four (one
 @pytest.mark.parametrize("N, K", [(48, 32), (37, 576)])  # pass over the weight), five and more (a second pass)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bf16_rows_by_amx_tiles_are_the_product_by_the_definition(M, N, K, threads, monkeypatch):
+def test_bf16_rows_by_amx_tiles_are_the_product_by_the_definition(M, N, K, threads, set_threads):
     """bf16 rows against bf16 weights with K a multiple of 32, as a CPU with AMX multiplies them in tiles (16 weight
     rows by 32 columns against 16 rows of x; outputs past the last full tile by the vector loop): every row against
     float64 products within the rounding to bf16 and fp32 sums; two threads give the very numbers of one. Where the
@@ -626,12 +635,12 @@ def test_bf16_rows_by_amx_tiles_are_the_product_by_the_definition(M, N, K, threa
         assert speed.kernel_multiplies_tiles()
     g = torch.Generator().manual_seed(M * N + K)
     w, x = torch.randn(N, K, generator=g).bfloat16(), torch.randn(M, K, generator=g).bfloat16()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    set_threads(threads)
     got = speed.matvec(x, w).double()
     want = x.double() @ w.double().t()
     fp32_sums = K * 2 ** -24 * (x.double().abs() @ w.double().abs().t())
     assert ((got - want).abs() <= want.abs() * 2 ** -8 + fp32_sums).all()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    set_threads(1)
     assert torch.equal(speed.matvec(x, w).double(), got)
 
 
@@ -738,7 +747,7 @@ def test_blocked_linear_lays_out_the_weight_by_the_definition():
 @pytest.mark.parametrize("M", [1, 2, 16, 17, 40])  # one row (four sums), a few, one chunk of 16, past it, three chunks
 @pytest.mark.parametrize("N, K", [(48, 18), (32, 576), (16, 34)])  # pairs past 4s (one row's loop), SmolLM2's width
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matvec_blocked_is_the_product_by_the_definition(M, N, K, threads, monkeypatch):
+def test_matvec_blocked_is_the_product_by_the_definition(M, N, K, threads, set_threads):
     """bf16 rows against a blocked bf16 weight: every row against float64 products within the rounding to bf16 and
     fp32 sums; two threads give the very numbers of one. Where the kernel has no bf16 loops (no AVX-512 BF16), the
     op refuses in one line and block_weights leaves every weight row-major."""
@@ -750,13 +759,13 @@ def test_matvec_blocked_is_the_product_by_the_definition(M, N, K, threads, monke
             torch.ops.speed.matvec_blocked(x, blocks)
         assert not speed.blocks_apply()
         return
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    set_threads(threads)
     got = torch.ops.speed.matvec_blocked(x, blocks)
     assert got.dtype == torch.bfloat16 and got.shape == (M, 1, N)
     want = x.view(M, K).double() @ w.double().t()
     fp32_sums = K * 2 ** -24 * (x.view(M, K).double().abs() @ w.double().abs().t())
     assert ((got.view(M, N).double() - want).abs() <= want.abs() * 2 ** -8 + fp32_sums).all()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    set_threads(1)
     assert torch.equal(torch.ops.speed.matvec_blocked(x, blocks), got)
 
 
@@ -799,7 +808,7 @@ def multiplies_int8_blocks():
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 20])  # one row (four sums), a few, one group of 8, past it, three groups
 @pytest.mark.parametrize("N, K", [(48, 64), (32, 576), (16, 96)])  # two, eighteen and three blocks of 32 columns
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matvec_blocked_int8_is_the_row_major_product(M, N, K, threads, monkeypatch):
+def test_matvec_blocked_int8_is_the_row_major_product(M, N, K, threads, set_threads):
     """int8 codes in blocks, one scale a row: the layout by the definition; with gradients wanted the dequantised
     product; by the kernel every row of x, fp32 or bf16, against float64 products with the dequantised weight
     within the bound of rounding x to int16 in blocks of 32 (quantization_bound; bf16 results also within their
@@ -820,7 +829,7 @@ def test_matvec_blocked_int8_is_the_row_major_product(M, N, K, threads, monkeypa
             torch.ops.speed.matvec_blocked_int8(x, lin.blocks, lin.scales)
         assert not speed.blocks_apply(torch.int8)
         return
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    set_threads(threads)
     w = q8.dequantize()
     for dtype in (torch.float32, torch.bfloat16):
         got = torch.ops.speed.matvec_blocked_int8(x.to(dtype), lin.blocks, lin.scales)
@@ -833,9 +842,9 @@ def test_matvec_blocked_int8_is_the_row_major_product(M, N, K, threads, monkeypa
             row_major = speed.matvec(x[m].to(dtype), q8.weight, q8.scales)
             tolerance = dict(rtol=2 ** -7, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got[m].float(), row_major.float(), **tolerance)
-        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+        set_threads(1)
         assert torch.equal(torch.ops.speed.matvec_blocked_int8(x.to(dtype), lin.blocks, lin.scales), got)
-        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        set_threads(threads)
 
 
 def test_matvec_blocked_int8_refuses_what_it_cannot_read():
@@ -844,9 +853,23 @@ def test_matvec_blocked_int8_refuses_what_it_cannot_read():
     blocks, x = torch.zeros(2, 32, 16, 2, dtype=torch.int8), torch.randn(1, 64)
     for args, message in [((x, blocks, torch.ones(31)), "need 32 float scales"),
                           ((x.double(), blocks, torch.ones(32)), "x is Double"),
-                          ((torch.randn(1, 48), blocks, torch.ones(32)), "rows of 48 against blocks of")]:
+                          ((torch.randn(1, 48), blocks, torch.ones(32)), "rows of 48 against blocks of"),
+                          ((x, blocks.bfloat16(), torch.ones(32)), "blocks are BFloat16; it takes int8 codes"),
+                          ((torch.randn(1, 48), torch.zeros(2, 24, 16, 2, dtype=torch.int8), torch.ones(32)),
+                           "rows of a multiple of 32")]:
         with pytest.raises(RuntimeError, match=message if built else "no AVX-512 VNNI loops"):
             torch.ops.speed.matvec_blocked_int8(*args)
+
+
+def test_block_weights_leaves_the_int8_layers_it_cannot_serve(monkeypatch):
+    """Only quantize.Int8Linear of an fp32 or bf16 model is laid out: an fp16 one stays (the op takes fp32 or bf16 x),
+    as does lora.py's FrozenInt8Linear (a LoRA layer reads its base's .weight), whatever the CPU."""
+    from lora import FrozenInt8Linear
+    monkeypatch.setattr(speed, "blocks_apply", lambda dtype=None: True)
+    w = torch.randn(32, 64).bfloat16()
+    holder = torch.nn.Sequential(Int8Linear(w), Int8Linear(w.half()), FrozenInt8Linear(w), Int8Linear(w[:, :48]))
+    speed.block_weights(holder)
+    assert [type(m).__name__ for m in holder] == ["BlockedLinear", "Int8Linear", "FrozenInt8Linear", "Int8Linear"]
 
 
 @pytest.mark.parametrize("compiled", [False, True])
