@@ -64,6 +64,7 @@ def int8_weight(base: Int8Linear, dtype) -> torch.Tensor:
 class FrozenInt8Linear(Int8Linear):
     """quantize.py's Int8Linear that a gradient can pass through (to the input: the weight stays frozen).
     torch's int8 kernel has no derivative, so the backward rebuilds the float weight for it."""
+    int8_rows_in_blocks = False  # its LoRA layer reads .weight (base_weight), which blocks would not have
 
     def forward(self, x):
         return frozen_weight_linear(x, lambda t: Int8Linear.forward(self, t), lambda dtype: int8_weight(self, dtype))

@@ -21,6 +21,7 @@ KERNEL_ROWS = 16  # most rows a CPU quantized kernel takes where it is slow (see
 
 class Int8Linear(nn.Module):
     joins_by_rows = True  # a row's output needs that row's codes and scales only (speed.fuse_projections)
+    int8_rows_in_blocks = True  # speed.block_weights may lay the codes out in blocks of 16 rows (decoding only)
 
     def __init__(self, weight):
         super().__init__()

@@ -327,11 +327,11 @@ def blocks_apply(dtype=torch.bfloat16) -> bool:
 
 def block_weights(model):
     """Lay out, in place, where blocks_apply(its dtype), every bf16 Linear without a bias (nn.Linear or
-    StreamingLinear, joined or not) whose rows are a multiple of 16 and columns even, and every quantize.Int8Linear
-    of an fp32 or bf16 model whose rows are a multiple of 16 and columns of 32, as a BlockedLinear. A weight that another
+    StreamingLinear, joined or not) whose rows are a multiple of 16 and columns even, and every int8 layer that
+    allows it (int8_rows_in_blocks: quantize.Int8Linear) of an fp32 or bf16 model (the op's x dtypes) whose rows are a
+    multiple of 16 and columns of 32, as a BlockedLinear. A weight that another
     module also holds (a head tied to the embedding) stays as it is, as do other kinds (4-bit, adapters).
     Decoding only: call it after quantizing and fuse_projections. Returns model."""
-    from quantize import Int8Linear  # here: quantize.py imports this module (not its subclasses: lora.py's need .weight)
     holders = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         holders[id(p)] = holders.get(id(p), 0) + 1
@@ -342,7 +342,7 @@ def block_weights(model):
                     and w.shape[0] % 16 == 0 and w.shape[1] % 2 == 0 and holders.get(id(w), 0) == 1
                     and blocks_apply(torch.bfloat16)):
                 setattr(module, name, BlockedLinear(w))
-            elif (type(child) is Int8Linear and scales.dtype in (torch.float32, torch.bfloat16)  # the op's x dtypes
+            elif (getattr(child, "int8_rows_in_blocks", False) and scales.dtype in (torch.float32, torch.bfloat16)
                     and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0 and blocks_apply(torch.int8)):
                 setattr(module, name, BlockedLinear(w, scales))
     return model
