@@ -769,6 +769,27 @@ def test_matvec_blocked_is_the_product_by_the_definition(M, N, K, threads, set_t
     assert torch.equal(torch.ops.speed.matvec_blocked(x, blocks), got)
 
 
+def decodes_as_rows(rows, blocked, compiled, op, calls):
+    """16 rows and one row decoded by `blocked` give the row-major model's greedy tokens wherever its choice is clear,
+    eager or compiled (the graph then calls `op` `calls` times and no BLAS product); the first step's logits within
+    2% of their spread."""
+    prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
+    from torch._inductor.utils import run_and_get_code
+    for batch in (prompt, prompt[:1]):
+        with torch.no_grad():
+            want, want_logits = batched_greedy(rows, batch, 12, rows.decode_step)
+            if compiled:
+                step = speed.compile_decode_step(blocked)
+                (got, logits), code = run_and_get_code(batched_greedy, blocked, batch, 12, step)
+                code = "\n".join(code)
+                assert blas_calls(code) == [] and op_calls(code, op) == calls
+            else:
+                got, logits = batched_greedy(blocked, batch, 12, blocked.decode_step)
+        err = (logits[:, 1] - want_logits[:, 1]).abs().max()
+        assert err <= 0.02 * (want_logits.max() - want_logits.min())
+        assert same_until_a_close_call(got, want, want_logits, err) >= 0.25 * batch.shape[0] * 12
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_blocked_weights_give_the_row_major_tokens_and_leave_a_tied_head(compiled):
     """block_weights on a bf16 model with its head tied to the embedding: every projection becomes a BlockedLinear
@@ -780,22 +801,7 @@ def test_blocked_weights_give_the_row_major_tokens_and_leave_a_tied_head(compile
     kinds = {type(m).__name__ for layer in blocked.layers for m in layer.modules() if hasattr(m, "in_features")}
     assert kinds == ({"BlockedLinear"} if speed.blocks_apply() else {"StreamingLinear"})
     assert type(blocked.lm_head) is speed.StreamingLinear and blocked.lm_head.weight is blocked.embed_tokens.weight
-    prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
-    from torch._inductor.utils import run_and_get_code
-    for batch in (prompt, prompt[:1]):
-        with torch.no_grad():
-            want, want_logits = batched_greedy(rows, batch, 12, rows.decode_step)
-            if compiled:
-                step = speed.compile_decode_step(blocked)
-                (got, logits), code = run_and_get_code(batched_greedy, blocked, batch, 12, step)
-                code = "\n".join(code)
-                assert blas_calls(code) == []
-                assert op_calls(code, "speed::matvec_blocked") == (16 if speed.blocks_apply() else 0)  # all but the head
-            else:
-                got, logits = batched_greedy(blocked, batch, 12, blocked.decode_step)
-        err = (logits[:, 1] - want_logits[:, 1]).abs().max()
-        assert err <= 0.02 * (want_logits.max() - want_logits.min())
-        assert same_until_a_close_call(got, want, want_logits, err) >= 0.25 * batch.shape[0] * 12
+    decodes_as_rows(rows, blocked, compiled, "speed::matvec_blocked", 16 if speed.blocks_apply() else 0)  # all but the head
 
 
 # int8 codes in blocks of 16 rows (speed.BlockedLinear of a quantize.Int8Linear, speed_kernels.cpp's matvec_blocked_int8)
@@ -885,21 +891,7 @@ def test_blocked_int8_weights_give_the_row_major_int8_tokens(compiled):
     n_blocked = sum(isinstance(m, speed.BlockedLinear) for m in blocked.modules())
     assert splits > 0 and n_blocked == (splits if speed.blocks_apply(torch.int8) else 0)
     assert type(blocked.lm_head) is Int8Linear
-    prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
-    from torch._inductor.utils import run_and_get_code
-    for batch in (prompt, prompt[:1]):
-        with torch.no_grad():
-            want, want_logits = batched_greedy(rows, batch, 12, rows.decode_step)
-            if compiled:
-                step = speed.compile_decode_step(blocked)
-                (got, logits), code = run_and_get_code(batched_greedy, blocked, batch, 12, step)
-                code = "\n".join(code)
-                assert blas_calls(code) == [] and op_calls(code, "speed::matvec_blocked_int8") == n_blocked
-            else:
-                got, logits = batched_greedy(blocked, batch, 12, blocked.decode_step)
-        err = (logits[:, 1] - want_logits[:, 1]).abs().max()
-        assert err <= 0.02 * (want_logits.max() - want_logits.min())
-        assert same_until_a_close_call(got, want, want_logits, err) >= 0.25 * batch.shape[0] * 12
+    decodes_as_rows(rows, blocked, compiled, "speed::matvec_blocked_int8", n_blocked)
 
 
 @pytest.mark.parametrize("avx512", [False, True])
