@@ -315,8 +315,8 @@ class Decoder:
     """Prefill and greedy decode of one model at one batch size, timed by the caller, gpt-fast style:
     our model.prefill and model.decode_step (compiled with fullgraph when asked; the projections joined,
     speed.fuse_projections, unless join is False; bf16 and int8 weights in blocks, speed.block_weights, unless block
-    is False: int8 figures before 2026-12-04 evening were row-major) into a static cache allocated once; transformers' forward
-    with the cache it makes itself."""
+    is False: int8 figures before 2026-12-04 evening were row-major) into a static cache allocated once;
+    transformers' forward with the cache it makes itself."""
 
     def __init__(self, module, prompt, new_tokens, compile_step, join=True, block=True):
         self.module, self.prompt = module, prompt

@@ -284,11 +284,12 @@ class BlockedLinear(nn.Module):
     """A bf16 nn.Linear (no bias), or a quantize.Int8Linear, whose weight lies in blocks of 16 rows, for a CPU that
     multiplies bf16 (AVX-512 BF16) or int16 pairs (AVX-512 VNNI): blocks[b, p, r] = (W[16b + r, 2p], W[16b + r,
     2p + 1]). One vector instruction then adds 16 rows' products with a pair of x at once, with no sums across the
-    vector lanes, and each block streams from memory in one run (speed_kernels.cpp, matvec_blocked, _int8). bf16: a compiled
-    SmolLM2 step on the Zen 4 ran 1.03-1.05x the row-major one at one row, where that loop already read at 82-88% of
-    the bandwidth, and 1.06x (1 thread) and 1.09x (2) at 16 rows; int8 (codes with one scale a row, `scales`, x
-    rounded as the row-major loop rounds it): docs/bench.md, "Weights in blocks of 16 rows". Decoding only, as
-    block_weights makes it: the weight's key becomes `blocks`; weight_rows() gives W (the codes) back."""
+    vector lanes, and each block streams from memory in one run (speed_kernels.cpp: matvec_blocked, and
+    matvec_blocked_int8 for codes with one scale a row, `scales`, x rounded as the row-major loop rounds it). On the
+    Zen 4 a compiled SmolLM2 step in bf16 ran 1.03-1.05x the row-major one at one row, where that loop already read at
+    82-88% of the bandwidth, and 1.06x (1 thread) and 1.09x (2) at 16 rows; int8 0.95-1.09x at one row and 2.28x and
+    2.40x at 16 (docs/bench.md, "Weights in blocks of 16 rows", "int8 weights in blocks of 16 rows"). Decoding only,
+    as block_weights makes it: the weight's key becomes `blocks`; weight_rows() gives W (the codes) back."""
 
     def __init__(self, weight, scales=None):
         super().__init__()
@@ -328,10 +329,10 @@ def blocks_apply(dtype=torch.bfloat16) -> bool:
 def block_weights(model):
     """Lay out, in place, where blocks_apply(its dtype), every bf16 Linear without a bias (nn.Linear or
     StreamingLinear, joined or not) whose rows are a multiple of 16 and columns even, and every int8 layer that
-    allows it (int8_rows_in_blocks: quantize.Int8Linear) of an fp32 or bf16 model (the op's x dtypes) whose rows are a
-    multiple of 16 and columns of 32, as a BlockedLinear. A weight that another
-    module also holds (a head tied to the embedding) stays as it is, as do other kinds (4-bit, adapters).
-    Decoding only: call it after quantizing and fuse_projections. Returns model."""
+    allows it (int8_rows_in_blocks: quantize.Int8Linear) of an fp32 or bf16 model (the op's x dtypes) whose rows
+    are a multiple of 16 and columns of 32, as a BlockedLinear. A weight that another module also holds (a head
+    tied to the embedding) stays as it is, as do other kinds (4-bit, adapters). Decoding only: call it after
+    quantizing and fuse_projections. Returns model."""
     holders = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         holders[id(p)] = holders.get(id(p), 0) + 1
