@@ -306,24 +306,31 @@ class BlockedLinear(nn.Module):
         return self.blocks.nbytes + (0 if self.scales is None else self.scales.nbytes)
 
     def forward(self, x):
-        if x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled() and kernel_built():
-            if self.scales is None and x.dtype == torch.bfloat16:
+        if x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled():
+            if self.scales is None and x.dtype == torch.bfloat16 and blocked_loops_built(torch.bfloat16):
                 return torch.ops.speed.matvec_blocked(x, self.blocks)
-            if self.scales is not None and x.dtype in (torch.float32, torch.bfloat16):
+            if self.scales is not None and x.dtype in (torch.float32, torch.bfloat16) and blocked_loops_built(torch.int8):
                 return torch.ops.speed.matvec_blocked_int8(x, self.blocks, self.scales)
         w = self.weight_rows().to(x.dtype)  # elsewhere (another dtype, gradients): as it was
         return F.linear(x, w) if self.scales is None else F.linear(x, w) * self.scales.to(x.dtype)
+
+
+@torch.compiler.assume_constant_result  # asked once while a graph is traced, as kernel_built
+def blocked_loops_built(dtype) -> bool:
+    """Whether the kernel built the loops for weights of `dtype` (bf16 or int8) in blocks: a BlockedLinear made on
+    another machine falls back to F.linear here instead of calling an op that would refuse."""
+    if not kernel_built():
+        return False
+    return torch.ops.speed.multiplies_int8_blocks() if dtype == torch.int8 else torch.ops.speed.multiplies_bf16()
 
 
 def blocks_apply(dtype=torch.bfloat16) -> bool:
     """Whether block_weights lays weights of `dtype` out here. bf16: the kernel's bf16 loops built (the CPU
     multiplies bf16) and batched rows do not take AMX tiles, whose loop reads row-major weights (tile_rows_bf16).
     int8: the kernel's VNNI loops built."""
-    if not kernel_built():
-        return False
     if dtype == torch.int8:
-        return torch.ops.speed.multiplies_int8_blocks()
-    return torch.ops.speed.multiplies_bf16() and not torch.ops.speed.multiplies_tiles()
+        return blocked_loops_built(torch.int8)
+    return blocked_loops_built(torch.bfloat16) and not torch.ops.speed.multiplies_tiles()
 
 
 def block_weights(model):

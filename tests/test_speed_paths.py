@@ -867,6 +867,30 @@ def test_matvec_blocked_int8_refuses_what_it_cannot_read():
             torch.ops.speed.matvec_blocked_int8(*args)
 
 
+def test_blocks_made_elsewhere_fall_back_where_the_loops_are_missing(monkeypatch):
+    """A BlockedLinear (bf16 or int8) on a machine whose kernel lacks its loops computes the plain product instead
+    of calling an op that would refuse."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpsCalled(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(speed, "blocked_loops_built", lambda dtype: False)
+    w, x = torch.randn(32, 64).bfloat16(), torch.randn(2, 64).bfloat16()
+    q8, xf = Int8Linear(w), x.float()  # fp32 x: the two orders of scaling round alike
+    with torch.no_grad(), OpsCalled() as ops:
+        assert torch.equal(speed.BlockedLinear(w)(x), F.linear(x, w))
+        torch.testing.assert_close(speed.BlockedLinear(q8.weight, q8.scales)(xf), F.linear(xf, q8.dequantize()),
+                                   rtol=1e-5, atol=1e-5)
+    assert ops.names and not [name for name in ops.names if name.startswith("speed.")]
+
+
 def test_block_weights_leaves_the_int8_layers_it_cannot_serve(monkeypatch):
     """Only quantize.Int8Linear of an fp32 or bf16 model is laid out: an fp16 one stays (the op takes fp32 or bf16 x),
     as does lora.py's FrozenInt8Linear (a LoRA layer reads its base's .weight), whatever the CPU."""
