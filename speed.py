@@ -319,9 +319,13 @@ class BlockedLinear(nn.Module):
 def blocked_loops_built(dtype) -> bool:
     """Whether the kernel built the loops for weights of `dtype` (bf16 or int8) in blocks: a BlockedLinear made on
     another machine falls back to F.linear here instead of calling an op that would refuse."""
-    if not kernel_built():
-        return False
-    return torch.ops.speed.multiplies_int8_blocks() if dtype == torch.int8 else torch.ops.speed.multiplies_bf16()
+    if dtype not in BLOCKED_LOOPS:  # asked once: eager decoding asks at every product
+        BLOCKED_LOOPS[dtype] = kernel_built() and (torch.ops.speed.multiplies_int8_blocks() if dtype == torch.int8
+                                                   else torch.ops.speed.multiplies_bf16())
+    return BLOCKED_LOOPS[dtype]
+
+
+BLOCKED_LOOPS = {}  # dtype -> whether the kernel has its blocked loops (blocked_loops_built)
 
 
 def blocks_apply(dtype=torch.bfloat16) -> bool:
