@@ -27,7 +27,7 @@ from checkpoint import hf_config_from_llama
 from convert_hf import hf_state_dict
 from guards import check_not_tracked
 from quantize import QUANTIZERS
-from speed import block_weights, compile_decode_step, fuse_projections, use_decode_paths
+from speed import block_weights, compile_decode_step, fuse_projections, pack_weights, use_decode_paths
 
 SKIP_PARTS = ("train", "decode", "mem", "refmem")
 
@@ -315,10 +315,11 @@ class Decoder:
     """Prefill and greedy decode of one model at one batch size, timed by the caller, gpt-fast style:
     our model.prefill and model.decode_step (compiled with fullgraph when asked; the projections joined,
     speed.fuse_projections, unless join is False; bf16 and int8 weights in blocks, speed.block_weights, unless block
-    is False: int8 figures before 2026-12-04 evening were row-major) into a static cache allocated once;
+    is False: int8 figures before 2026-12-04 evening were row-major; the weights end to end on huge pages,
+    speed.pack_weights, unless pack is False: figures before 2026-12-04 night were not) into a static cache allocated once;
     transformers' forward with the cache it makes itself."""
 
-    def __init__(self, module, prompt, new_tokens, compile_step, join=True, block=True):
+    def __init__(self, module, prompt, new_tokens, compile_step, join=True, block=True, pack=True):
         self.module, self.prompt = module, prompt
         self.is_hf = not isinstance(module, M.Llama)
         B, T = prompt.shape
@@ -332,6 +333,8 @@ class Decoder:
                 fuse_projections(module)
             if block:  # False: row-major weights, as before (experiments/batch_decode.py --old=blocks)
                 block_weights(module)
+            if pack:  # False: each weight in its own allocation, as before (experiments/batch_decode.py --old=packed)
+                pack_weights(module)
             self.cache = module.new_cache(B, T + new_tokens)
             # dynamic=False: one specialised graph per batch size, as in a server with fixed batch slots.
             # No CUDA graphs (mode="reduce-overhead"): they would need the cache tensors marked static,

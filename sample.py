@@ -31,7 +31,7 @@ from delta import load_with_delta
 from guards import available_memory
 from quantize import QUANTIZERS
 from selfgen import render_chat
-from speed import block_weights, compile_decode_step, fuse_projections, use_decode_paths
+from speed import block_weights, compile_decode_step, fuse_projections, pack_weights, use_decode_paths
 from tokenizer import GPT2_VOCAB_SIZE, HFTokenizer, from_meta
 
 # -----------------------------------------------------------------------------
@@ -313,8 +313,9 @@ def main(argv):
     if not s.max_new_tokens:
         print(f"up to {max_new} new tokens (max_new_tokens=0: what fits the {model.config.block_size}-token context "
               "after the prompt, at most 500; --max_new_tokens=N for another number)", file=sys.stderr, flush=True)
-    block_weights(fuse_projections(use_decode_paths(model)))  # speed.py's decoding paths: faster on a CPU, same sums
-    # (bf16 and int8 weights in blocks add them in another order: docs/bench.md, "Weights in blocks of 16 rows")
+    pack_weights(block_weights(fuse_projections(use_decode_paths(model))))  # speed.py's decoding paths: faster on a
+    # CPU, same sums (bf16 and int8 weights in blocks add them in another order: docs/bench.md, "Weights in blocks of
+    # 16 rows")
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None]
     step, compile_s = compiled_step(model, x, max_new) if s.compile else (None, 0.0)
     torch.manual_seed(s.seed)

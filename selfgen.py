@@ -26,7 +26,7 @@ import torch
 
 from dataset import TokenWriter, atomic_write_text, write_meta
 from model import sample_token
-from speed import block_weights, compile_decode_step, fuse_projections, use_decode_paths
+from speed import block_weights, compile_decode_step, fuse_projections, pack_weights, use_decode_paths
 
 
 def render_chat(template, messages, bos_token="", eos_token="", add_generation_prompt=True):
@@ -52,12 +52,12 @@ def chat_ids(tok, template, question, bos_id, eos_id):
 
 def compiled_decode_step(model):
     """model.decode_step compiled with the CPU decoding paths (speed.py) installed, its projections joined and its bf16
-    weights in blocks where the CPU multiplies bf16 (its state-dict keys change: decode with it): one graph per batch
-    size and cache length, batched rows included."""
+    weights in blocks where the CPU multiplies bf16 (its state-dict keys change: decode with it), all its weights end to
+    end in one allocation (speed.pack_weights): one graph per batch size and cache length, batched rows included."""
     # a model's graphs (batch sizes, cache lengths) add up, and at dynamo's default limit of 8 a fullgraph
     # compile fails
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return compile_decode_step(block_weights(fuse_projections(use_decode_paths(model))))
+    return compile_decode_step(pack_weights(block_weights(fuse_projections(use_decode_paths(model)))))
 
 
 @torch.no_grad()

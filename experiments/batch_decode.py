@@ -8,6 +8,7 @@ vector lanes from 9 rows; with AMX, its tile products). --old=attention: the old
 --old=projections: each layer's q, k, v and gate, up products separate, against speed.fuse_projections' joined ones.
 --old=blocks: bf16 (or int8) weights row-major, against speed.block_weights' blocks of 16 rows (bf16: where the CPU
 multiplies bf16; int8: where it has AVX-512 VNNI).
+--old=packed: each weight in its own allocation, against speed.pack_weights' one allocation on huge pages.
 --quantize=int8 (int4): both paths quantized (quantize.py) before the rest (the dtype then is the activations').
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
@@ -44,7 +45,7 @@ replace_tracked = False      # let --out overwrite a committed result
 model = ""                   # a checkpoint (e.g. data/smollm2/smollm2-135m-instruct.pt); '' = random weights, smollm2 shape
 dtypes = "float32,bfloat16"  # comma list
 batches = "1,4,16,32"        # comma list of decode batch sizes
-old = "products"             # what the old path keeps as it was: 'products', 'attention', 'projections', 'blocks' (docstring)
+old = "products"             # what the old path keeps as it was: 'products', 'attention', 'projections', 'blocks', 'packed' (docstring)
 prompt_len = 64              # prompt tokens per row (random ids)
 new_tokens = 16              # greedy decode steps timed per round
 rounds = 3                   # timed rounds per path (median reported)
@@ -69,9 +70,10 @@ def parse(s):
     for key in ("prompt_len", "new_tokens", "rounds"):
         if getattr(s, key) < 1:
             raise ValueError(f"--{key} must be at least 1, got {getattr(s, key)}")
-    if s.old not in ("products", "attention", "projections", "blocks"):
+    if s.old not in HEADERS:
         raise ValueError(f"--old={s.old!r}: expected 'products' (BLAS / inductor's loop), 'attention' (torch's ops), "
-                         "'projections' (not joined) or 'blocks' (row-major bf16 or int8 weights)")
+                         "'projections' (not joined), 'blocks' (row-major bf16 or int8 weights) or 'packed' (each "
+                         "weight its own allocation)")
     if s.quantize and s.quantize not in QUANTIZERS:
         raise ValueError(f"--quantize={s.quantize!r}: expected '', {', '.join(map(repr, QUANTIZERS))}")
     if s.model and not os.path.isfile(s.model):
@@ -95,7 +97,7 @@ def time_batch(base, dtype, B, s):
     gen = torch.Generator().manual_seed(s.seed + B)
     prompt = torch.randint(base.config.vocab_size, (B, s.prompt_len), generator=gen)
     models = {"streaming": copy.deepcopy(base).to(dtype)}
-    if s.old in ("attention", "projections", "blocks") or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
+    if s.old in ("attention", "projections", "blocks", "packed") or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
         models["old"] = copy.deepcopy(base).to(dtype)
     if s.quantize:
         models = {name: QUANTIZERS[s.quantize](m) for name, m in models.items()}
@@ -103,7 +105,8 @@ def time_batch(base, dtype, B, s):
     for name, m in models.items():
         join = not (name == "old" and s.old == "projections")
         block = not (name == "old" and s.old in ("products", "blocks"))  # the old products: row-major weights
-        decoders[name] = H.Decoder(m, prompt, s.new_tokens, compile_step=True, join=join, block=block)  # speed.py's paths
+        pack = not (name == "old" and s.old == "packed")
+        decoders[name] = H.Decoder(m, prompt, s.new_tokens, True, join=join, block=block, pack=pack)  # speed.py's paths
         if name == "old":
             old_path(m, s.old)
         t0 = H.announce_warmup(f"{name} {str(dtype)[6:]} batch {B}", True)
@@ -122,7 +125,8 @@ HEADERS = {"products": "old (BLAS; one row: inductor's loop), tokens/s | new (sp
                         "speed.matvec)",
            "attention": "old (attention by torch's ops), tokens/s | new (speed_kernels.cpp's attention)",
            "projections": "old (q, k, v and gate, up separate), tokens/s | new (joined: speed.fuse_projections)",
-           "blocks": "old (bf16 or int8 weights row-major), tokens/s | new (blocks of 16 rows: speed.block_weights)"}
+           "blocks": "old (bf16 or int8 weights row-major), tokens/s | new (blocks of 16 rows: speed.block_weights)",
+           "packed": "old (each weight its own allocation), tokens/s | new (one on huge pages: speed.pack_weights)"}
 
 
 def print_table(rows, dtypes, batches, old):

@@ -962,3 +962,72 @@ def test_batched_fp32_decode_without_avx512_gives_the_plain_models_tokens(compil
     err = (logits[:, :1] - plain_logits[:, :1]).abs().max()  # the same inputs on both paths: fp32 sums in another order
     assert err <= 1e-4 * (plain_logits.max() - plain_logits.min())
     assert same_until_a_close_call(tokens, plain_tokens, plain_logits, err) >= 0.9 * 16 * 12  # fp32: nearly all
+
+
+# -----------------------------------------------------------------------------
+# weights end to end on huge pages
+
+def tensors_in_module_order(model):
+    seen, out = set(), []
+    for m in model.modules():
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_pack_weights_lays_every_tensor_end_to_end_and_keeps_values_objects_and_logits(int8):
+    """pack_weights on a bf16 model with its head tied to the embedding, and on an int8 one (int8 and float
+    buffers), both in blocks where the CPU has the loops: every tensor then lies in one storage, in module order,
+    each on its own 64-byte line, the first on a 2 MiB boundary; the same tensor objects (a tied head still the
+    embedding's Parameter) with the same values; decoding gives the unpacked model's logits exactly."""
+    plain = spread_tiny(torch.bfloat16, tie_embeddings=True)
+    plain = speed.block_weights(speed.fuse_projections(speed.use_decode_paths(quantize_int8(plain) if int8 else plain)))
+    packed = copy.deepcopy(plain)
+    before = [(t, t.detach().clone()) for t in tensors_in_module_order(packed)]
+    assert speed.pack_weights(packed) is packed
+    after = tensors_in_module_order(packed)
+    assert [id(t) for t in after] == [id(t) for t, _ in before]
+    assert (packed.lm_head.weight is packed.embed_tokens.weight) != int8  # quantize_int8 gives the head its own codes
+    assert all(torch.equal(t, value) and t.dtype == value.dtype for t, value in before)
+    assert len({t.untyped_storage().data_ptr() for t in after}) == 1
+    starts = [t.data_ptr() for t in after]
+    assert starts[0] % (2 << 20) == 0 and all(s % 64 == 0 for s in starts)
+    assert all(s + t.nbytes <= nxt for s, t, nxt in zip(starts, after, starts[1:]))  # in order, none overlapping
+    prompt = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(7))
+    for want, got in paired_decode_steps(plain, packed, prompt, 6):
+        assert torch.equal(got, want)
+    odd = speed.pack_weights(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 3)))  # 60 and 20 bytes
+    assert all(p.data_ptr() % 64 == 0 for p in odd.parameters())
+
+
+def test_compiled_step_of_packed_weights_gives_the_unpacked_logits():
+    """The compiled step reads packed weights (views at offsets in one storage) as it reads separate ones: the same
+    logits, bit for bit, at every step (bf16 model, its weights in blocks where the CPU has the loops)."""
+    plain = speed.block_weights(speed.fuse_projections(speed.use_decode_paths(spread_tiny(torch.bfloat16))))
+    packed = speed.pack_weights(copy.deepcopy(plain))
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = batched_greedy(plain, prompt, 8, speed.compile_decode_step(plain))
+        got = batched_greedy(packed, prompt, 8, speed.compile_decode_step(packed))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="madvise and /proc/self/smaps are Linux's")
+def test_huge_page_bytes_start_on_a_huge_page_advised_as_huge():
+    """The bytes start on a 2 MiB boundary and the kernel's map of this process marks their range advised for huge
+    pages (VmFlags `hg`, what MADV_HUGEPAGE sets, whatever the machine's THP setting)."""
+    arena = speed.huge_page_bytes(3 << 20)
+    start = arena.data_ptr()
+    assert arena.numel() == 3 << 20 and arena.dtype == torch.uint8 and start % (2 << 20) == 0
+    flags, inside = None, False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if "-" in first and all(c in "0123456789abcdef-" for c in first):
+            lo, hi = (int(a, 16) for a in first.split("-"))
+            inside = lo <= start < hi
+        elif inside and first == "VmFlags:":
+            flags = line.split()[1:]
+    assert flags is not None and "hg" in flags
