@@ -379,14 +379,26 @@ def pack_weights(model):
     if not tensors:  # a model on another device
         return model
     sizes = [-(-t.nbytes // 64) * 64 for t in tensors]  # each starts on a cache line
-    arena, at = huge_page_bytes(sum(sizes)), 0
+    arena, at, freed = huge_page_bytes(sum(sizes)), 0, 0
     with torch.no_grad():
         for t, size in zip(tensors, sizes):
             home = arena[at:at + t.nbytes].view(t.dtype).view(t.shape)
             home.copy_(t)
-            t.data = home
-            at += size
+            t.data = home  # the old storage is freed here, unless something else holds it
+            at, freed = at + size, freed + size
+            if freed >= 32 << 20 or at == len(arena):
+                freed = release_freed_memory()
     return model
+
+
+def release_freed_memory():
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing); returns 0.
+    Why: tensors freed from the heap stay in the process's resident memory; packing SmolLM2 in bf16 left it
+    205 MiB larger (809 -> 1014 MiB) without this, and 254 MiB smaller with it (scratch, the Zen 4)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
+    if trim is not None:
+        trim(0)
+    return 0
 
 
 def huge_page_bytes(n):
