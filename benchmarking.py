@@ -101,15 +101,16 @@ def round_order(names, r):
 
 
 def tensor_bytes(tensors):
-    """Bytes of the distinct storages among tensors (tied weights count once)."""
+    """Bytes of the distinct tensors among tensors (tied weights count once; tensors that are views of one
+    storage, speed.pack_weights', count each its own bytes)."""
     seen, total = set(), 0
     for t in tensors:
         if t is None or not torch.is_tensor(t):
             continue
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        key = (t.data_ptr(), t.nbytes)
         if key not in seen:
             seen.add(key)
-            total += key[1]
+            total += t.nbytes
     return total
 
 

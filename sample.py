@@ -313,6 +313,7 @@ def main(argv):
     if not s.max_new_tokens:
         print(f"up to {max_new} new tokens (max_new_tokens=0: what fits the {model.config.block_size}-token context "
               "after the prompt, at most 500; --max_new_tokens=N for another number)", file=sys.stderr, flush=True)
+    ckpt.pop("model", None)  # the model holds its weights: the dict's would keep a second copy once they are packed
     pack_weights(block_weights(fuse_projections(use_decode_paths(model))))  # speed.py's decoding paths: faster on a
     # CPU, same sums (bf16 and int8 weights in blocks add them in another order: docs/bench.md, "Weights in blocks of
     # 16 rows")

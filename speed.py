@@ -364,56 +364,63 @@ def block_weights(model):
 
 def pack_weights(model):
     """Lay, in place, every CPU parameter and buffer of `model` end to end in one allocation, in the order of its
-    modules (the order a step reads them), which Linux is asked to back with 2 MiB pages (huge_page_bytes). Why:
-    a decoding step streams ~120 weights of 0.3-2 MiB each (SmolLM2 int8); on 4 KiB pages every 4 KiB of them
-    is a TLB miss, and a weight under 2 MiB alone gets no huge page (torch's THP_MEM_ALLOC_ENABLE gained nothing).
-    Tensors keep their objects (tied weights stay tied): only their storage changes (`.data`). Decoding only:
-    they are views of one storage, which saving any of them would write whole. Call it last, after quantizing,
-    fuse_projections and block_weights, before compiling. Returns model."""
+    modules (about the order a step reads them: the RoPE tables first, a tied head with the embedding), which Linux
+    is asked to back with 2 MiB pages (huge_page_bytes). Why: a decoding step streams ~120 weights of 0.3-2 MiB
+    each (SmolLM2 int8), each in its own allocation, so each starts a new stream for the prefetcher, and on 4 KiB
+    pages each 4 KiB a new TLB entry. Laid end to end, 121 int8 products took 6.91 ms instead of 8.05, on huge
+    pages 6.59 (docs/bench.md, "Weights end to end on huge pages"). Tensors keep their objects (tied weights stay
+    tied) and values; their storage changes (`.data`), contiguous. The old storage is freed only where nothing
+    else holds it (sample.py drops its checkpoint's references first). Decoding only: the tensors are views of one
+    storage, which saving any of them would write whole. Call it last, after quantizing, fuse_projections and
+    block_weights, before compiling; on a model already packed it does nothing. Returns model."""
     tensors, seen = [], set()
     for module in model.modules():
         for t in list(module._parameters.values()) + list(module._buffers.values()):
             if t is not None and t.device.type == "cpu" and t.numel() and id(t) not in seen:
                 seen.add(id(t))
                 tensors.append(t)
-    if not tensors:  # a model on another device
-        return model
+    if not tensors or (len(tensors) > 1 and len({t.untyped_storage().data_ptr() for t in tensors}) == 1):
+        return model  # a model on another device, or packed already (a second copy would hold it twice meanwhile)
     sizes = [-(-t.nbytes // 64) * 64 for t in tensors]  # each starts on a cache line
-    arena, at, freed = huge_page_bytes(sum(sizes)), 0, 0
+    arena, at, copied = huge_page_bytes(sum(sizes)), 0, 0
     with torch.no_grad():
         for t, size in zip(tensors, sizes):
             home = arena[at:at + t.nbytes].view(t.dtype).view(t.shape)
             home.copy_(t)
             t.data = home  # the old storage is freed here, unless something else holds it
-            at, freed = at + size, freed + size
-            if freed >= 32 << 20 or at == len(arena):
-                freed = release_freed_memory()
+            at, copied = at + size, copied + size
+            if copied >= 32 << 20:  # the peak stays within ~32 MiB of the model's size
+                release_freed_memory()
+                copied = 0
+    release_freed_memory()
     return model
 
 
 def release_freed_memory():
-    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing); returns 0.
-    Why: tensors freed from the heap stay in the process's resident memory; packing SmolLM2 in bf16 left it
-    205 MiB larger (809 -> 1014 MiB) without this, and 254 MiB smaller with it (scratch, the Zen 4)."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). Why: tensors freed
+    from the heap stay in the process's resident memory; packing SmolLM2 in bf16 left it at 1014 MiB from 809
+    without this, at 559 with it (scratch, the Zen 4)."""
+    trim = getattr(LIBC, "malloc_trim", None) if LIBC is not None else None
     if trim is not None:
         trim(0)
-    return 0
 
 
 def huge_page_bytes(n):
-    """n bytes (uint8, untouched) starting on a 2 MiB boundary, advised to Linux as huge pages (madvise
-    MADV_HUGEPAGE, which its default THP setting `madvise` waits for) before any page is touched; elsewhere the
+    """n bytes (uint8) starting on a 2 MiB boundary, advised to Linux as huge pages (madvise MADV_HUGEPAGE, which
+    a THP setting of `madvise`, this VM's, waits for; with `always` it changes nothing) before this code touches
+    them (below glibc's mmap threshold the heap may give pages touched before: those stay small); elsewhere the
     same bytes, on whatever pages the system gives."""
     page = 2 << 20
     raw = torch.empty(n + page, dtype=torch.uint8)
     start = -raw.data_ptr() % page
-    if sys.platform.startswith("linux") and n:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(n), MADV_HUGEPAGE)
+    if LIBC is not None and n:
+        LIBC.madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(n), MADV_HUGEPAGE)  # failure: small pages
     return raw[start:start + n]
 
 
+LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # madvise, malloc_trim (glibc)
 MADV_HUGEPAGE = 14  # linux/mman.h
+
 
 def compile_decode_step(model):
     """torch.compile of `model.decode_step`, as every decoding script compiles it: the whole step one graph

@@ -106,7 +106,8 @@ def time_batch(base, dtype, B, s):
         join = not (name == "old" and s.old == "projections")
         block = not (name == "old" and s.old in ("products", "blocks"))  # the old products: row-major weights
         pack = not (name == "old" and s.old == "packed")
-        decoders[name] = H.Decoder(m, prompt, s.new_tokens, True, join=join, block=block, pack=pack)  # speed.py's paths
+        decoders[name] = H.Decoder(m, prompt, s.new_tokens, compile_step=True, join=join, block=block,
+                                   pack=pack)  # speed.py's paths
         if name == "old":
             old_path(m, s.old)
         t0 = H.announce_warmup(f"{name} {str(dtype)[6:]} batch {B}", True)

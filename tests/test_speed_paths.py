@@ -1003,11 +1003,26 @@ def test_pack_weights_lays_every_tensor_end_to_end_and_keeps_values_objects_and_
     assert all(p.data_ptr() % 64 == 0 for p in odd.parameters())
 
 
+def test_pack_weights_twice_keeps_the_first_arena_and_gives_freed_memory_back(monkeypatch):
+    """A second call leaves the packed model as it is (no second copy of every weight); each packing ends by giving
+    the freed heap pages back (release_freed_memory), and a model on no CPU tensor is left alone."""
+    calls = []
+    monkeypatch.setattr(speed, "release_freed_memory", lambda: calls.append(1))
+    model = speed.pack_weights(tiny())
+    assert len(calls) == 1
+    starts = [t.data_ptr() for t in tensors_in_module_order(model)]
+    assert speed.pack_weights(model) is model and [t.data_ptr() for t in tensors_in_module_order(model)] == starts
+    assert len(calls) == 1
+    empty = torch.nn.Sequential(torch.nn.ReLU())
+    assert speed.pack_weights(empty) is empty and len(calls) == 1
+
+
 def test_compiled_step_of_packed_weights_gives_the_unpacked_logits():
     """The compiled step reads packed weights (views at offsets in one storage) as it reads separate ones: the same
     logits, bit for bit, at every step (bf16 model, its weights in blocks where the CPU has the loops)."""
     plain = speed.block_weights(speed.fuse_projections(speed.use_decode_paths(spread_tiny(torch.bfloat16))))
     packed = speed.pack_weights(copy.deepcopy(plain))
+    assert len({t.untyped_storage().data_ptr() for t in tensors_in_module_order(packed)}) == 1
     prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = batched_greedy(plain, prompt, 8, speed.compile_decode_step(plain))
@@ -1015,7 +1030,8 @@ def test_compiled_step_of_packed_weights_gives_the_unpacked_logits():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="madvise and /proc/self/smaps are Linux's")
+@pytest.mark.skipif(not (os.path.exists("/proc/self/smaps") and os.path.exists("/sys/kernel/mm/transparent_hugepage")),
+                    reason="madvise, /proc/self/smaps and huge pages (THP) are Linux's, and a kernel may lack THP")
 def test_huge_page_bytes_start_on_a_huge_page_advised_as_huge():
     """The bytes start on a 2 MiB boundary and the kernel's map of this process marks their range advised for huge
     pages (VmFlags `hg`, what MADV_HUGEPAGE sets, whatever the machine's THP setting)."""

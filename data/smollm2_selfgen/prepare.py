@@ -92,6 +92,7 @@ def main(argv):
     eot = tok.backend.token_to_id("<|endoftext|>")
     dev = resolve_device(s.device)
     model.to(device=dev, dtype=DTYPES[resolve_dtype(s.dtype, dev.split(":")[0])]).eval()
+    ckpt.pop("model", None)  # the model holds its weights: the dict's would keep a second copy once they are packed
     g = types.SimpleNamespace(tokens=s.tokens, val_tokens=s.val_tokens, seed=s.seed, batch_size=s.batch_size,
                               temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
                               chat_fraction=s.chat_fraction, prompts=prompt_list, template=ckpt.get("chat_template"),
