@@ -317,8 +317,8 @@ class Decoder:
     our model.prefill and model.decode_step (compiled with fullgraph when asked; the projections joined,
     speed.fuse_projections, unless join is False; bf16 and int8 weights in blocks, speed.block_weights, unless block
     is False: int8 figures before 2026-12-04 evening were row-major; the weights end to end on huge pages,
-    speed.pack_weights, unless pack is False: figures before 2026-12-04 night were not) into a static cache allocated once;
-    transformers' forward with the cache it makes itself."""
+    speed.pack_weights, unless pack is False: figures before 2026-12-04 night were not) into a static cache
+    allocated once; transformers' forward with the cache it makes itself."""
 
     def __init__(self, module, prompt, new_tokens, compile_step, join=True, block=True, pack=True):
         self.module, self.prompt = module, prompt
