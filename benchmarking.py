@@ -559,9 +559,9 @@ def write_json(rows, path):
 # decode profile: where a step's time goes, op by op
 
 # the leaves: aten::linear and aten::matmul call these; quantize.Int8Linear and Int4Linear the int8/int4 ones;
-# speed.matvec (one row on a CPU, every weight kind) and speed.BlockedLinear's matvec_blocked (and _int8) the last
+# speed.matvec (one row on a CPU, every weight kind) and speed.BlockedLinear's matvec_blocked (_int8, _u4) the last
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-              "speed::matvec", "speed::matvec_blocked", "speed::matvec_blocked_int8")
+              "speed::matvec", "speed::matvec_blocked", "speed::matvec_blocked_int8", "speed::matvec_blocked_u4")
 
 
 def profile_train(t, s, env, matmul_rate, flops_per_token, top=12):
@@ -609,6 +609,8 @@ def op_bytes(e, elsize):
         return _numel(shapes[1]) * (elsize if len(shapes) == 2 else 1)
     if e.key == "speed::matvec_blocked_int8" and len(shapes) >= 2:
         return _numel(shapes[1])  # the int8 codes in blocks, one byte each
+    if e.key == "speed::matvec_blocked_u4" and len(shapes) >= 4:  # 4-bit codes two a byte, a scale and minimum a group
+        return _numel(shapes[1]) + (_numel(shapes[2]) + _numel(shapes[3])) * elsize
     if e.key in MATMUL_OPS and shapes:
         return max(map(_numel, shapes)) * elsize
     if e.key.startswith("aten::_scaled_dot_product") and len(shapes) >= 3:

@@ -64,6 +64,7 @@ class Int4Linear(nn.Module):
     16 fp32 rows through the dequantised weight."""
 
     joins_by_rows = True
+    int4_rows_in_blocks = True  # speed.block_weights may lay the codes out in blocks of 16 rows (decoding only)
 
     def __init__(self, weight, group_size=32):
         super().__init__()

@@ -9,8 +9,8 @@ some machine (measurements: docs/bench.md).
                             experiments/decode_timing.py).
   fuse_projections(model)   joins each layer's products of one input (q, k and v; gate and up) into one
                             module: fewer calls, each one parallel region (decoding only).
-  block_weights(model)      lays bf16 and int8 weights out in blocks of 16 rows where the CPU multiplies
-                            bf16 or int16 pairs by AVX-512 (BlockedLinear; decoding only).
+  block_weights(model)      lays bf16, int8 and 4-bit weights out in blocks of 16 rows where the CPU
+                            multiplies bf16 or small integers by AVX-512 (BlockedLinear; decoding only).
   pack_weights(model)       lays every weight end to end in one allocation on huge pages (decoding only).
   compile_decode_step       torch.compile of one model's decode step, as the decoding scripts run it.
   matvec                    the product of one row with a weight (float, int8 or 4-bit), or of a few
@@ -283,37 +283,59 @@ def join_rows(parts):
 
 
 class BlockedLinear(nn.Module):
-    """A bf16 nn.Linear (no bias), or a quantize.Int8Linear, whose weight lies in blocks of 16 rows, for a CPU that
-    multiplies bf16 (AVX-512 BF16) or int16 pairs (AVX-512 VNNI): blocks[b, p, r] = (W[16b + r, 2p], W[16b + r,
-    2p + 1]). One vector instruction then adds 16 rows' products with a pair of x at once, with no sums across the
-    vector lanes, and each block streams from memory in one run (speed_kernels.cpp: matvec_blocked, and
+    """A bf16 nn.Linear (no bias), a quantize.Int8Linear or a quantize.Int4Linear, whose weight lies in blocks of 16
+    rows, for a CPU that multiplies bf16 (AVX-512 BF16) or small integers (AVX-512 VNNI): blocks[b, p, r] = (W[16b + r,
+    2p], W[16b + r, 2p + 1]). One vector instruction then adds 16 rows' products with a pair of x at once, with no sums
+    across the vector lanes, and each block streams from memory in one run (speed_kernels.cpp: matvec_blocked, and
     matvec_blocked_int8 for codes with one scale a row, `scales`, x rounded as the row-major loop rounds it). On the
     Zen 4 a compiled SmolLM2 step in bf16 ran 1.03-1.05x the row-major one at one row, where that loop already read at
     82-88% of the bandwidth, and 1.06x (1 thread) and 1.09x (2) at 16 rows; int8 0.95-1.09x at one row and 2.28x and
-    2.40x at 16 (docs/bench.md, "Weights in blocks of 16 rows", "int8 weights in blocks of 16 rows"). Decoding only,
-    as block_weights makes it: the weight's key becomes `blocks`; weight_rows() gives W (the codes) back."""
+    2.40x at 16 (docs/bench.md, "Weights in blocks of 16 rows", "int8 weights in blocks of 16 rows"). 4-bit codes
+    (`minimums` given; weight the codes q (N, K) in 0..15): blocks[b, c, r] holds 4 bytes, byte i = q[16b + r, 8c + i]
+    | q[16b + r, 8c + 4 + i] << 4, and scales and minimums lie (N / 16, groups, 16) (matvec_blocked_u4). Decoding
+    only, as block_weights makes it: the weight's key becomes `blocks`; weight_rows() gives W (the codes) back."""
 
-    def __init__(self, weight, scales=None):
+    def __init__(self, weight, scales=None, minimums=None, group_size=0):
         super().__init__()
         self.out_features, self.in_features = N, K = weight.shape
-        rows = weight.detach().reshape(N // 16, 16, K // 2, 2)
-        self.register_buffer("blocks", rows.transpose(1, 2).contiguous())
-        self.register_buffer("scales", None if scales is None else scales.detach().clone())
+        self.group_size = group_size
+        if minimums is None:
+            blocks = weight.detach().reshape(N // 16, 16, K // 2, 2).transpose(1, 2)
+        else:
+            q = weight.detach().reshape(N // 16, 16, K // 8, 2, 4)
+            blocks = (q[..., 0, :] | q[..., 1, :] << 4).transpose(1, 2)
+            scales, minimums = (t.detach().reshape(N // 16, 16, -1).transpose(1, 2) for t in (scales, minimums))
+        self.register_buffer("blocks", blocks.contiguous())
+        self.register_buffer("scales", None if scales is None else scales.contiguous().clone())
+        self.register_buffer("minimums", None if minimums is None else minimums.contiguous().clone())
 
     def weight_rows(self):
-        return self.blocks.transpose(1, 2).reshape(self.out_features, self.in_features)
+        if self.minimums is None:
+            return self.blocks.transpose(1, 2).reshape(self.out_features, self.in_features)
+        codes = self.blocks.transpose(1, 2)
+        return torch.stack([codes & 0xF, codes >> 4], dim=-2).reshape(self.out_features, self.in_features)
+
+    def group_rows(self, t):
+        """scales or minimums (N / 16, groups, 16) as (N, groups)"""
+        return t.transpose(1, 2).reshape(self.out_features, -1)
 
     def read_bytes(self) -> int:
         """What a product must read: the blocks (a buffer, which a count of the parameters leaves out), the scales."""
-        return self.blocks.nbytes + (0 if self.scales is None else self.scales.nbytes)
+        return sum(t.nbytes for t in (self.blocks, self.scales, self.minimums) if t is not None)
 
     def forward(self, x):
         if x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled():
             if self.scales is None and x.dtype == torch.bfloat16 and blocked_loops_built(torch.bfloat16):
                 return torch.ops.speed.matvec_blocked(x, self.blocks)
             if self.scales is not None and x.dtype in (torch.float32, torch.bfloat16) and blocked_loops_built(torch.int8):
+                if self.minimums is not None:
+                    return torch.ops.speed.matvec_blocked_u4(x, self.blocks, self.scales, self.minimums, self.group_size)
                 return torch.ops.speed.matvec_blocked_int8(x, self.blocks, self.scales)
         w = self.weight_rows().to(x.dtype)  # elsewhere (another dtype, gradients): as it was
+        if self.minimums is not None:  # w = q * scale + minimum in each group
+            N, K = w.shape
+            scales, minimums = (self.group_rows(t).float()[..., None] for t in (self.scales, self.minimums))
+            return F.linear(x, (w.float().view(N, K // self.group_size, -1) * scales + minimums).view(N, K).to(x.dtype))
         return F.linear(x, w) if self.scales is None else F.linear(x, w) * self.scales.to(x.dtype)
 
 
@@ -322,20 +344,21 @@ def blocked_loops_built(dtype) -> bool:
     """Whether the kernel built the loops for weights of `dtype` (bf16 or int8) in blocks: a BlockedLinear made on
     another machine falls back to F.linear here instead of calling an op that would refuse."""
     if dtype not in BLOCKED_LOOPS:  # asked once: eager decoding asks at every product
-        BLOCKED_LOOPS[dtype] = kernel_built() and (torch.ops.speed.multiplies_int8_blocks() if dtype == torch.int8
+        BLOCKED_LOOPS[dtype] = kernel_built() and (torch.ops.speed.multiplies_int8_blocks() if dtype in INTEGER_CODES
                                                    else torch.ops.speed.multiplies_bf16())
     return BLOCKED_LOOPS[dtype]
 
 
 BLOCKED_LOOPS = {}  # dtype -> whether the kernel has its blocked loops (blocked_loops_built)
+INTEGER_CODES = (torch.int8, torch.uint8)  # int8 and 4-bit codes (two a byte): both multiplied by AVX-512 VNNI
 
 
 def blocks_apply(dtype=torch.bfloat16) -> bool:
     """Whether block_weights lays weights of `dtype` out here. bf16: the kernel's bf16 loops built (the CPU
     multiplies bf16) and batched rows do not take AMX tiles, whose loop reads row-major weights (tile_rows_bf16).
-    int8: the kernel's VNNI loops built."""
-    if dtype == torch.int8:
-        return blocked_loops_built(torch.int8)
+    int8 and 4-bit (uint8): the kernel's VNNI loops built."""
+    if dtype in INTEGER_CODES:
+        return blocked_loops_built(dtype)
     return blocked_loops_built(torch.bfloat16) and not torch.ops.speed.multiplies_tiles()
 
 
@@ -343,8 +366,9 @@ def block_weights(model):
     """Lay out, in place, where blocks_apply(its dtype), every bf16 Linear without a bias (nn.Linear or
     StreamingLinear, joined or not) whose rows are a multiple of 16 and columns even, and every int8 layer that
     allows it (int8_rows_in_blocks: quantize.Int8Linear) of an fp32 or bf16 model (the op's x dtypes) whose rows
-    are a multiple of 16 and columns of 32, as a BlockedLinear. A weight that another module also holds (a head
-    tied to the embedding) stays as it is, as do other kinds (4-bit, adapters). Decoding only: call it after
+    are a multiple of 16 and columns of 32, and every 4-bit one (int4_rows_in_blocks: quantize.Int4Linear) of such
+    a model whose rows are a multiple of 16 and groups of 32, as a BlockedLinear. A weight that another module also
+    holds (a head tied to the embedding) stays as it is, as do other kinds (adapters). Decoding only: call it after
     quantizing and fuse_projections. Returns model."""
     holders = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -359,6 +383,9 @@ def block_weights(model):
             elif (getattr(child, "int8_rows_in_blocks", False) and scales.dtype in (torch.float32, torch.bfloat16)
                     and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0 and blocks_apply(torch.int8)):
                 setattr(module, name, BlockedLinear(w, scales))
+            elif (getattr(child, "int4_rows_in_blocks", False) and scales.dtype in (torch.float32, torch.bfloat16)
+                    and child.out_features % 16 == 0 and child.group_size % 32 == 0 and blocks_apply(torch.uint8)):
+                setattr(module, name, BlockedLinear(child.unpacked_codes(), scales, child.minimums, child.group_size))
     return model
 
 

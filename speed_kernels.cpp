@@ -711,10 +711,88 @@ static void blocked_i8(const float *x, long M, long K, const int8_t *blocks, lon
         });
     }
 }
+
+/* 4-bit codes (quantize.Int4Linear's) laid out in blocks of 16 rows (speed.BlockedLinear of an Int4Linear):
+   blocks[b][c][r] is 4 bytes, byte i = q[16b + r][8c + i] | q[16b + r][8c + 4 + i] << 4, so one 64-byte load holds
+   the 16 rows' codes of 8 columns, each row's in its own int32 lane: low nibbles columns 8c..8c+3, high nibbles
+   8c+4..8c+7. vpdpbusd adds a row's 4 products with 4 bytes of x into that lane, and the 16 rows' scales and
+   minimums of a group lie side by side ((N / 16, groups, 16)): where rows_u4_vnni sums across the lanes and gathers
+   each row's scales, this loop does neither. x is rounded to int16 in blocks of 32 as the row-major loop rounds it
+   (quantize_x_wide) and split, x = 256 hi + lo (hi signed, lo unsigned): codes by hi and lo by codes (0..15 pass as
+   signed bytes), four vpdpbusd a load. A block of 32 columns: |256 h + l| <= 32 x 15 x 32767 < 2^31 exactly, then
+   fp32 times its group's scales and x's step; the minimums last, each times the sum of x over its group. */
+template <int XN>
+static inline __attribute__((always_inline)) void blocked_u4_rows(const int8_t *xhi, const uint8_t *xlo,
+        const float *step, const float *xsum, long K, long group, const uint8_t *block, const void *scales,
+        const void *mins, int scale_kind, long at, long m, __m512 *sums) {
+    long B = K / XBLOCK, G = K / group;
+    const __m512i nibble = _mm512_set1_epi8(15);
+    for (int j = 0; j < XN; j++) sums[j] = _mm512_setzero_ps();
+    for (long b = 0; b < B; b++) {
+        const uint8_t *wb = block + b * 4 * 64;  /* 4 loads of 8 columns */
+        __m512i h[XN][2], l[XN][2];  /* two of each a row: no chain of 8 dependent adds */
+        #pragma GCC unroll 4
+        for (int j = 0; j < XN; j++) h[j][0] = h[j][1] = l[j][0] = l[j][1] = _mm512_setzero_si512();
+        #pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {  /* unrolled: h[j][c & 1] then names registers, not a stack slot */
+            __m512i v = _mm512_loadu_si512(wb + c * 64);
+            __m512i first = _mm512_and_si512(v, nibble), second = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+            #pragma GCC unroll 4
+            for (int j = 0; j < XN; j++) {
+                long k = (m + j) * K + b * XBLOCK + c * 8;
+                int32_t hi0, hi1, lo0, lo1;
+                memcpy(&hi0, xhi + k, 4), memcpy(&hi1, xhi + k + 4, 4), memcpy(&lo0, xlo + k, 4), memcpy(&lo1, xlo + k + 4, 4);
+                h[j][c & 1] = _mm512_dpbusd_epi32(h[j][c & 1], first, _mm512_set1_epi32(hi0));
+                h[j][c & 1] = _mm512_dpbusd_epi32(h[j][c & 1], second, _mm512_set1_epi32(hi1));
+                l[j][c & 1] = _mm512_dpbusd_epi32(l[j][c & 1], _mm512_set1_epi32(lo0), first);
+                l[j][c & 1] = _mm512_dpbusd_epi32(l[j][c & 1], _mm512_set1_epi32(lo1), second);
+            }
+        }
+        __m512 scale = load16(scales, scale_kind, at + b * XBLOCK / group * 16, 0xffff);
+        for (int j = 0; j < XN; j++) {
+            __m512i hj = _mm512_add_epi32(h[j][0], h[j][1]), lj = _mm512_add_epi32(l[j][0], l[j][1]);
+            __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hj, 8), lj));
+            sums[j] = _mm512_fmadd_ps(sum, _mm512_mul_ps(scale, _mm512_set1_ps(step[(m + j) * B + b])), sums[j]);
+        }
+    }
+    for (long g = 0; g < G; g++) {
+        __m512 minimum = load16(mins, scale_kind, at + g * 16, 0xffff);
+        for (int j = 0; j < XN; j++) sums[j] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(xsum[(m + j) * G + g]), sums[j]);
+    }
+}
+
+/* y (M, N) in fp32 or bf16 = x (M, K, fp32) against 4-bit blocks, scales and minimums (of scale_kind) in blocks */
+static void blocked_u4(const float *x, long M, long K, const uint8_t *blocks, long N, const void *scales,
+                       const void *mins, int scale_kind, long group, void *y, bool y_bf16, int threads) {
+    long B = K / XBLOCK, G = K / group;
+    std::vector<int16_t> xq(M * K);
+    std::vector<float> step(M * B), xsum(M * G, 0.0f);
+    std::vector<int8_t> xhi(M * K);
+    std::vector<uint8_t> xlo(M * K);
+    for (long m = 0; m < M; m++)
+        quantize_x_wide(x + m * K, K, xq.data() + m * K, step.data() + m * B, nullptr, nullptr, xsum.data() + m * G, group);
+    for (long k = 0; k < M * K; k++) xhi[k] = (int8_t)(xq[k] >> 8), xlo[k] = (uint8_t)(xq[k] & 0xff);
+    #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (long b = 0; b < N / 16; b++) {
+        by_x_rows<4>(M, [&]<int XN>(long m) {
+            __m512 sums[XN];
+            blocked_u4_rows<XN>(xhi.data(), xlo.data(), step.data(), xsum.data(), K, group, blocks + b * 8 * K, scales,
+                                mins, scale_kind, b * G * 16, m, sums);
+            for (int j = 0; j < XN; j++) {
+                long at = (m + j) * N + b * 16;
+                if (y_bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), bf16_of_sums(sums[j]));
+                else _mm512_storeu_ps((float *)y + at, sums[j]);
+            }
+        });
+    }
+}
 #else
 #define I8_BLOCKS 0
 static void blocked_i8(const float *, long, long, const int8_t *, long, const void *, int, void *, bool, int) {}
+static void blocked_u4(const float *, long, long, const uint8_t *, long, const void *, const void *, int, long, void *,
+                       bool, int) {}
 #endif
+
 
 #if BF16_ROWS && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define TILE_ROWS 1
@@ -1064,10 +1142,12 @@ static at::Tensor matvec_op(const at::Tensor &x, const at::Tensor &weight, const
     return out;
 }
 
-static at::Tensor blocked_output(const char *op, const at::Tensor &x, const at::Tensor &blocks, long &K, long &M, long &N) {
+/* blocks (N / 16, K / columns, 16, lane): a lane of 2 values (bf16 or int8 pairs) or 4 bytes of 8 4-bit codes */
+static at::Tensor blocked_output(const char *op, const at::Tensor &x, const at::Tensor &blocks, long &K, long &M, long &N,
+                                 long lane = 2, long columns = 2) {
     K = x.size(-1), M = K ? x.numel() / K : 0;
-    TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == 16 && blocks.size(3) == 2 && blocks.size(1) * 2 == K && M >= 1,
-                op, ": rows of ", K, " against blocks of ", blocks.sizes());
+    TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == 16 && blocks.size(3) == lane && blocks.size(1) * columns == K &&
+                M >= 1, op, ": rows of ", K, " against blocks of ", blocks.sizes());
     N = blocks.size(0) * 16;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = N;
@@ -1112,6 +1192,37 @@ static at::Tensor matvec_blocked_int8_op(const at::Tensor &x, const at::Tensor &
     return out;
 }
 
+/* speed::matvec_blocked_u4(x, blocks, scales, minimums, group_size): x (..., K) fp32 or bf16 against 4-bit codes in
+   blocks (uint8 (N / 16, K / 8, 16, 4): blocked_u4_rows) with a scale and a minimum a group of group_size columns
+   (a multiple of 32), each (N / 16, K / group_size, 16) of one float dtype; the result in x's dtype. */
+static at::Tensor matvec_blocked_u4_op(const at::Tensor &x, const at::Tensor &blocks, const at::Tensor &scales,
+                                       const at::Tensor &minimums, int64_t group_size) {
+    TORCH_CHECK(I8_BLOCKS, "speed::matvec_blocked_u4: this build has no AVX-512 VNNI loops (the CPU or compiler lacks them)");
+    long K, M, N;
+    TORCH_CHECK(blocks.scalar_type() == at::kByte, "speed::matvec_blocked_u4: blocks are ", blocks.scalar_type(),
+                "; it takes 4-bit codes two a byte (uint8)");
+    at::Tensor out = blocked_output("speed::matvec_blocked_u4", x, blocks, K, M, N, 4, 8);
+    TORCH_CHECK(group_size > 0 && group_size % XBLOCK == 0 && K % group_size == 0,
+                "speed::matvec_blocked_u4: groups of ", group_size, " columns; it takes a multiple of ", XBLOCK,
+                " that divides the rows of ", K);
+    std::vector<int64_t> grouped = {N / 16, K / group_size, 16};
+    TORCH_CHECK(scales.sizes() == grouped && minimums.sizes() == grouped && kind_of(scales) <= F16 &&
+                minimums.scalar_type() == scales.scalar_type(), "speed::matvec_blocked_u4: scales and minimums must "
+                "be one float dtype of shape ", at::IntArrayRef(grouped), ", not ", scales.sizes(), " ",
+                scales.scalar_type(), " and ", minimums.sizes(), " ", minimums.scalar_type());
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+                "speed::matvec_blocked_u4: x is ", x.scalar_type(), "; it takes fp32 or bf16");
+    at::Tensor xc = x.contiguous(), bc = blocks.contiguous(), s = scales.contiguous(), mn = minimums.contiguous();
+    std::vector<float> xf(M * K);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "speed::matvec_blocked_u4", [&] {
+        const scalar_t *in = xc.data_ptr<scalar_t>();
+        for (long k = 0; k < M * K; k++) xf[k] = static_cast<float>(in[k]);
+    });
+    blocked_u4(xf.data(), M, K, (const uint8_t *)bc.data_ptr(), N, s.data_ptr(), mn.data_ptr(), kind_of(s), group_size,
+               out.data_ptr(), x.scalar_type() == at::kBFloat16, at::get_num_threads());
+    return out;
+}
+
 /* speed::decode_attention(q, k, v, mask): q (B, H, 1, D), k and v (B, Hkv, S, D) of one float dtype, mask (1 or B,
    S) bool; the result (B, H, 1, D) in q's dtype. A row whose mask allows no position gets NaN, as softmax over none. */
 static at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask) {
@@ -1149,8 +1260,9 @@ TORCH_LIBRARY(speed, m) {
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
     m.def("matvec_blocked(Tensor x, Tensor blocks) -> Tensor");
     m.def("matvec_blocked_int8(Tensor x, Tensor blocks, Tensor scales) -> Tensor");
+    m.def("matvec_blocked_u4(Tensor x, Tensor blocks, Tensor scales, Tensor minimums, int group_size) -> Tensor");
     m.def("multiplies_bf16() -> bool", [] { return (bool)BF16_ROWS; });  /* matvec_blocked's bf16 loops were built */
-    m.def("multiplies_int8_blocks() -> bool", [] { return (bool)I8_BLOCKS; });  /* matvec_blocked_int8's loops were built */
+    m.def("multiplies_int8_blocks() -> bool", [] { return (bool)I8_BLOCKS; });  /* matvec_blocked_int8's and _u4's loops */
     m.def("multiplies_tiles() -> bool", [] { return TILE_ROWS && tiles_permitted(); });  /* bf16 rows by AMX tiles */
 }
 
@@ -1172,6 +1284,11 @@ static at::Tensor matvec_blocked_int8_meta(const at::Tensor &x, const at::Tensor
     return matvec_blocked_meta(x, blocks);
 }
 
+static at::Tensor matvec_blocked_u4_meta(const at::Tensor &x, const at::Tensor &blocks, const at::Tensor &,
+                                         const at::Tensor &, int64_t) {
+    return matvec_blocked_meta(x, blocks);
+}
+
 static at::Tensor decode_attention_meta(const at::Tensor &q, const at::Tensor &, const at::Tensor &, const at::Tensor &) {
     return at::empty(q.sizes(), q.options());
 }
@@ -1180,11 +1297,13 @@ TORCH_LIBRARY_IMPL(speed, CPU, m) {
     m.impl("matvec", &matvec_op);
     m.impl("matvec_blocked", &matvec_blocked_op);
     m.impl("matvec_blocked_int8", &matvec_blocked_int8_op);
+    m.impl("matvec_blocked_u4", &matvec_blocked_u4_op);
     m.impl("decode_attention", &decode_attention_op);
 }
 TORCH_LIBRARY_IMPL(speed, Meta, m) {
     m.impl("matvec", &matvec_meta);
     m.impl("matvec_blocked", &matvec_blocked_meta);
     m.impl("matvec_blocked_int8", &matvec_blocked_int8_meta);
+    m.impl("matvec_blocked_u4", &matvec_blocked_u4_meta);
     m.impl("decode_attention", &decode_attention_meta);
 }

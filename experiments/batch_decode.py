@@ -6,8 +6,8 @@ row and for a few (up to StreamingLinear.stream_rows, 64; bf16 on a CPU with AVX
 vector lanes from 9 rows; with AMX, its tile products). --old=attention: the old attention over the cache, torch's ops
 (speed.decode_attention_by_ops), against the kernel's speed.decode_attention; the products the same on both paths.
 --old=projections: each layer's q, k, v and gate, up products separate, against speed.fuse_projections' joined ones.
---old=blocks: bf16 (or int8) weights row-major, against speed.block_weights' blocks of 16 rows (bf16: where the CPU
-multiplies bf16; int8: where it has AVX-512 VNNI).
+--old=blocks: bf16 (or int8, 4-bit) weights row-major, against speed.block_weights' blocks of 16 rows (bf16: where
+the CPU multiplies bf16; int8 and 4-bit: where it has AVX-512 VNNI).
 --old=packed: each weight in its own allocation, against speed.pack_weights' one allocation on huge pages.
 --quantize=int8 (int4): both paths quantized (quantize.py) before the rest (the dtype then is the activations').
 
@@ -72,7 +72,7 @@ def parse(s):
             raise ValueError(f"--{key} must be at least 1, got {getattr(s, key)}")
     if s.old not in HEADERS:
         raise ValueError(f"--old={s.old!r}: expected 'products' (BLAS / inductor's loop), 'attention' (torch's ops), "
-                         "'projections' (not joined), 'blocks' (row-major bf16 or int8 weights) or 'packed' (each "
+                         "'projections' (not joined), 'blocks' (row-major bf16, int8 or 4-bit weights) or 'packed' (each "
                          "weight its own allocation)")
     if s.quantize and s.quantize not in QUANTIZERS:
         raise ValueError(f"--quantize={s.quantize!r}: expected '', {', '.join(map(repr, QUANTIZERS))}")
@@ -126,7 +126,7 @@ HEADERS = {"products": "old (BLAS; one row: inductor's loop), tokens/s | new (sp
                         "speed.matvec)",
            "attention": "old (attention by torch's ops), tokens/s | new (speed_kernels.cpp's attention)",
            "projections": "old (q, k, v and gate, up separate), tokens/s | new (joined: speed.fuse_projections)",
-           "blocks": "old (bf16 or int8 weights row-major), tokens/s | new (blocks of 16 rows: speed.block_weights)",
+           "blocks": "old (bf16, int8 or 4-bit weights row-major), tokens/s | new (blocks of 16 rows: speed.block_weights)",
            "packed": "old (each weight its own allocation), tokens/s | new (one on huge pages: speed.pack_weights)"}
 
 

@@ -219,12 +219,13 @@ def test_quantized_sampling_quantizes_every_linear_layer(kind, quantized, tmp_pa
     assert out.startswith("abc") and len(out.split("---------------")[0].strip()) >= 3
     assert len(seen) == 1 and not any(isinstance(m, Linear) for m in seen[0].modules())
     attn = seen[0].layers[0].self_attn  # its q, k and v joined after quantizing (speed.fuse_projections)
-    blocks_int8 = kind == "int8" and speed.blocks_apply(torch.int8)  # where the CPU has AVX-512 VNNI
-    for proj in (attn.qkv_proj, attn.o_proj):  # int8 codes of 16-row multiples in blocks (speed.block_weights)
+    codes = torch.int8 if kind == "int8" else torch.uint8  # 4-bit: two a byte
+    in_blocks = speed.blocks_apply(codes)  # where the CPU has AVX-512 VNNI
+    for proj in (attn.qkv_proj, attn.o_proj):  # codes of 16-row multiples in blocks (speed.block_weights)
         if isinstance(proj, speed.BlockedLinear):
-            assert blocks_int8 and proj.blocks.dtype == torch.int8
+            assert in_blocks and proj.blocks.dtype == codes
         else:
-            assert isinstance(proj, quantized) and not (blocks_int8 and proj.weight.shape[0] % 16 == 0
+            assert isinstance(proj, quantized) and not (in_blocks and proj.weight.shape[0] % 16 == 0
                                                          and proj.weight.shape[1] % 32 == 0)
 
 

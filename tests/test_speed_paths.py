@@ -771,8 +771,8 @@ def test_matvec_blocked_is_the_product_by_the_definition(M, N, K, threads, set_t
 
 def decodes_as_rows(rows, blocked, compiled, op, calls):
     """16 rows and one row decoded by `blocked` give the row-major model's greedy tokens wherever its choice is clear,
-    eager or compiled (the graph then calls `op` `calls` times and no BLAS product); the first step's logits within
-    2% of their spread."""
+    eager or compiled (the graph then calls `op` `calls` times and no BLAS product); the prefill's and the first
+    step's logits within 2% of their spread, in the rows (at least 3 in 4) whose first pick agrees."""
     prompt = torch.randint(0, 97, (16, 6), generator=torch.Generator().manual_seed(3))
     from torch._inductor.utils import run_and_get_code
     for batch in (prompt, prompt[:1]):
@@ -785,7 +785,9 @@ def decodes_as_rows(rows, blocked, compiled, op, calls):
                 assert blas_calls(code) == [] and op_calls(code, op) == calls
             else:
                 got, logits = batched_greedy(blocked, batch, 12, blocked.decode_step)
-        err = (logits[:, 1] - want_logits[:, 1]).abs().max()
+        started_alike = got[:, 0] == want[:, 0]  # a first pick that flipped on a close call feeds the step another token
+        assert started_alike.float().mean() >= 0.75
+        err = (logits[started_alike, :2] - want_logits[started_alike, :2]).abs().max()
         assert err <= 0.02 * (want_logits.max() - want_logits.min())
         assert same_until_a_close_call(got, want, want_logits, err) >= 0.25 * batch.shape[0] * 12
 
@@ -868,7 +870,7 @@ def test_matvec_blocked_int8_refuses_what_it_cannot_read():
 
 
 def test_blocks_made_elsewhere_fall_back_where_the_loops_are_missing(monkeypatch):
-    """A BlockedLinear (bf16 or int8) on a machine whose kernel lacks its loops computes the plain product instead
+    """A BlockedLinear (bf16, int8 or 4-bit) on a machine whose kernel lacks its loops computes the plain product instead
     of calling an op that would refuse."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -888,6 +890,9 @@ def test_blocks_made_elsewhere_fall_back_where_the_loops_are_missing(monkeypatch
         assert torch.equal(speed.BlockedLinear(w)(x), F.linear(x, w))
         torch.testing.assert_close(speed.BlockedLinear(q8.weight, q8.scales)(xf), F.linear(xf, q8.dequantize()),
                                    rtol=1e-5, atol=1e-5)
+        q4 = Int4Linear(w)
+        torch.testing.assert_close(speed.BlockedLinear(q4.unpacked_codes(), q4.scales, q4.minimums, 32)(xf),
+                                   F.linear(xf, q4.dequantize()), rtol=1e-5, atol=1e-5)
     assert ops.names and not [name for name in ops.names if name.startswith("speed.")]
 
 
@@ -916,6 +921,94 @@ def test_blocked_int8_weights_give_the_row_major_int8_tokens(compiled):
     assert splits > 0 and n_blocked == (splits if speed.blocks_apply(torch.int8) else 0)
     assert type(blocked.lm_head) is Int8Linear
     decodes_as_rows(rows, blocked, compiled, "speed::matvec_blocked_int8", n_blocked)
+
+
+# 4-bit codes in blocks of 16 rows (speed.BlockedLinear of a quantize.Int4Linear, speed_kernels.cpp's matvec_blocked_u4)
+
+
+def blocked_int4(N, K, group, seed, scale_dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    q4 = Int4Linear((torch.randn(N, K, generator=g) / 8).to(scale_dtype), group)
+    return q4, speed.BlockedLinear(q4.unpacked_codes(), q4.scales, q4.minimums, group)
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 6])  # one row, a few, one group of 4, past it
+@pytest.mark.parametrize("N, K, group", [(48, 64, 32), (32, 576, 32), (16, 192, 64), (16, 96, 96)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matvec_blocked_u4_is_the_row_major_product(M, N, K, group, threads, set_threads):
+    """4-bit codes in blocks, a scale and a minimum a group: the layout by the definition (byte i of a row's 4 in a
+    block holds columns 8c + i and 8c + 4 + i); with gradients wanted the dequantised product; by the kernel every row
+    of x, fp32 or bf16, against float64 products with the dequantised weight within the bound of rounding x to int16
+    in blocks of 32 (bf16 results also within their own rounding), and equal to the row-major kernel's (speed.matvec,
+    the same rounding of x) to fp32 summation order; two threads give the very numbers of one. Where the kernel has
+    no VNNI loops the op refuses in one line and block_weights leaves 4-bit weights row-major."""
+    q4, lin = blocked_int4(N, K, group, seed=M * N + K)
+    q = q4.unpacked_codes()
+    assert lin.blocks.dtype == torch.uint8 and lin.blocks.shape == (N // 16, K // 8, 16, 4)
+    b, c, r, i = N // 16 - 1, K // 8 - 1, 15, 2
+    assert lin.blocks[b, c, r, i] == q[16 * b + r, 8 * c + i] | q[16 * b + r, 8 * c + 4 + i] << 4
+    assert lin.scales.shape == (N // 16, K // group, 16) and lin.scales[b, -1, r] == q4.scales[16 * b + r, -1]
+    assert torch.equal(lin.weight_rows(), q) and torch.equal(lin.group_rows(lin.minimums), q4.minimums)
+    assert lin.read_bytes() == q4.read_bytes()
+    x = torch.randn(M, 1, K, generator=torch.Generator().manual_seed(M))
+    wanting_gradients = x.clone().requires_grad_()  # no kernel: the dequantised product, on any machine
+    torch.testing.assert_close(lin(wanting_gradients), F.linear(wanting_gradients, q4.dequantize()), rtol=1e-5, atol=1e-5)
+    if not multiplies_int8_blocks():
+        with pytest.raises(RuntimeError, match="no AVX-512 VNNI loops"):
+            torch.ops.speed.matvec_blocked_u4(x, lin.blocks, lin.scales, lin.minimums, group)
+        assert not speed.blocks_apply(torch.uint8)
+        return
+    set_threads(threads)
+    w = q4.dequantize()
+    for dtype in (torch.float32, torch.bfloat16):
+        got = torch.ops.speed.matvec_blocked_u4(x.to(dtype), lin.blocks, lin.scales, lin.minimums, group)
+        assert got.dtype == dtype and got.shape == (M, 1, N)
+        for m in range(M):
+            xm = x[m].to(dtype).float()
+            want = xm.double() @ w.double().t()
+            rounding = want.abs() * 2 ** -8 if dtype == torch.bfloat16 else 0
+            assert ((got[m].double() - want).abs() <= quantization_bound(xm, w) + rounding).all()
+            row_major = speed.matvec(x[m].to(dtype), q4.codes, q4.scales, q4.minimums, group)
+            tolerance = dict(rtol=2 ** -7, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[m].float(), row_major.float(), **tolerance)
+        set_threads(1)
+        assert torch.equal(torch.ops.speed.matvec_blocked_u4(x.to(dtype), lin.blocks, lin.scales, lin.minimums, group), got)
+        set_threads(threads)
+
+
+def test_matvec_blocked_u4_refuses_what_it_cannot_read():
+    """One line each, naming what is wrong (without VNNI loops every call is refused, saying so)."""
+    built = multiplies_int8_blocks()
+    blocks, x, s = torch.zeros(2, 8, 16, 4, dtype=torch.uint8), torch.randn(1, 64), torch.ones(2, 2, 16)
+    for args, message in [((x, blocks, s, s, 48), "groups of 48 columns; it takes a multiple of 32"),
+                          ((x, blocks, s, s, 0), "groups of 0 columns"),
+                          ((x, blocks, torch.ones(2, 2, 8), s, 32), r"scales and minimums must be one float dtype of shape \[2, 2, 16\]"),
+                          ((x, blocks, s, s.bfloat16(), 32), "scales and minimums must be one float dtype"),
+                          ((x.double(), blocks, s, s, 32), "x is Double"),
+                          ((torch.randn(1, 96), blocks, s, s, 32), "rows of 96 against blocks of"),
+                          ((x, blocks.to(torch.int8), s, s, 32), "blocks are Char; it takes 4-bit codes")]:
+        with pytest.raises(RuntimeError, match=message if built else "no AVX-512 VNNI loops"):
+            torch.ops.speed.matvec_blocked_u4(*args)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_blocked_int4_weights_give_the_row_major_int4_tokens(compiled, monkeypatch):
+    """A 4-bit model (quantize_int4: its head int8; then the decode paths and joined projections, as sample.py makes
+    it), then block_weights: every 4-bit product whose rows split into 16s becomes a BlockedLinear where
+    blocks_apply(uint8) (elsewhere none does); groups of 16 columns stay row-major on any CPU. One row and 16 rows
+    decoded give the row-major 4-bit model's greedy tokens wherever its choice is clear, eager and compiled (the
+    graph calls matvec_blocked_u4 for each blocked 4-bit product and no BLAS product). In fp32: in bf16 the row-major
+    model's 16 rows take torch's int4 kernel, whose bf16 sums put its logits 0.17 (1.7% of their spread) from these,
+    too far to call most picks clear."""
+    rows = speed.fuse_projections(speed.use_decode_paths(quantize_int4(spread_tiny(torch.float32))))
+    splits = sum(isinstance(m, Int4Linear) and m.out_features % 16 == 0 for m in rows.modules())
+    blocked = speed.block_weights(copy.deepcopy(rows))
+    n_blocked = sum(isinstance(m, speed.BlockedLinear) and m.minimums is not None for m in blocked.modules())
+    assert splits > 0 and n_blocked == (splits if speed.blocks_apply(torch.uint8) else 0)
+    decodes_as_rows(rows, blocked, compiled, "speed::matvec_blocked_u4", n_blocked)
+    monkeypatch.setattr(speed, "blocks_apply", lambda dtype=None: True)
+    small_groups = speed.block_weights(quantize_int4(spread_tiny(torch.bfloat16), group_size=16))
+    assert not [m for m in small_groups.modules() if isinstance(m, speed.BlockedLinear) and m.minimums is not None]
 
 
 @pytest.mark.parametrize("avx512", [False, True])
