@@ -16,8 +16,9 @@
    (below, by_x_rows); bf16 rows with AVX-512 BF16 across the vector lanes from 9 rows (bf16_lanes_block), on a CPU
    with AMX by its tile products (tile_rows_bf16).
    And the op speed::matvec_blocked: bf16 rows against bf16 weights laid out in blocks of 16 rows (speed.BlockedLinear;
-   blocked_rows, AVX-512 BF16), and speed::matvec_blocked_int8: rows against int8 codes so laid out (blocked_i8,
-   AVX-512 VNNI). And the op speed::decode_attention: one new position per row attending over the
+   blocked_rows, AVX-512 BF16), speed::matvec_blocked_int8: rows against int8 codes so laid out (blocked_i8,
+   AVX-512 VNNI), and speed::matvec_blocked_u4: against 4-bit codes so laid out (blocked_u4, AVX-512 VNNI). And the
+   op speed::decode_attention: one new position per row attending over the
    cache (attend_group; with AVX-512, attend_group_wide). */
 
 #include <math.h>
