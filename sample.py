@@ -315,8 +315,7 @@ def main(argv):
               "after the prompt, at most 500; --max_new_tokens=N for another number)", file=sys.stderr, flush=True)
     ckpt.pop("model", None)  # the model holds its weights: the dict's would keep a second copy once they are packed
     pack_weights(block_weights(fuse_projections(use_decode_paths(model))))  # speed.py's decoding paths: faster on a
-    # CPU, same sums (bf16 and int8 weights in blocks add them in another order: docs/bench.md, "Weights in blocks of
-    # 16 rows")
+    # CPU, same sums (weights in blocks add them in another order: docs/bench.md, "Weights in blocks of 16 rows")
     x = torch.tensor(ids, dtype=torch.long, device=dev)[None]
     step, compile_s = compiled_step(model, x, max_new) if s.compile else (None, 0.0)
     torch.manual_seed(s.seed)

@@ -463,16 +463,75 @@ def compile_decode_step(model):
     every call (999 checks a SmolLM2 step, each building a std::stringstream for a message it never prints: 3.3%
     of an int4 token by perf; paired in one process 1.10x, 1.00x, 1.04x at 1 thread, 1.09x at 2, a noisy hour:
     docs/bench.md).
-    Our ops' shapes come from their Meta kernels, which tests/test_speed_paths.py checks by torch.library.opcheck."""
+    Our ops' shapes come from their Meta kernels, which tests/test_speed_paths.py checks by torch.library.opcheck.
+    Last, once a (batch, cache length) has been compiled, its steps call the compiled graph without dynamo
+    (DirectStep)."""
     device = next(model.parameters()).device
     if device.type != "cpu":  # the other devices' path as it was: the C++ wrapper has not run on them here
         return torch.compile(model.decode_step, fullgraph=True, dynamic=False)
     shared = type(model).decode_step
     own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__, shared.__defaults__,
                              shared.__closure__)
-    options = {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-               "size_asserts": False}
-    return torch.compile(types.MethodType(own, model), fullgraph=True, dynamic=False, options=options)
+    return DirectStep(types.MethodType(own, model))
+
+
+class DirectStep:
+    """A decode step compiled by inductor (C++ wrapper, no size asserts) that skips dynamo once it has compiled. A call
+    through dynamo spends 0.4-0.5 ms of a 6-7 ms int8 SmolLM2 token outside the graph (its bytecode gathering the
+    graph's ~370 inputs, its cache lookup, entering the compiled region: docs/bench.md, "Steps without dynamo"). The
+    first call of each signature (shapes of token, position and cache; grad mode) goes through dynamo, which hands
+    its graph and example inputs to `compile`; from them `plan` notes where the call's token, position and cache
+    tensors sit among the inputs, the rest being the model's own tensors. Later calls of that signature fill those
+    slots and call the compiled graph directly. As safe as skipping the module guards, and for the same reason: the
+    model is final when compile_decode_step is called, and the step compiled is this model's own."""
+
+    def __init__(self, step):
+        guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self.dynamo = torch.compile(step, fullgraph=True, dynamic=False, backend=self.compile, options=guards)
+        self.plans, self.compiled = {}, None
+        self.direct_calls = 0  # steps that skipped dynamo (tests count them)
+
+    def compile(self, graph, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+        fn = compile_fx(graph, example_inputs, config_patches={"cpp_wrapper": True, "size_asserts": False})
+        outputs = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+        self.compiled = (fn, list(example_inputs), len(outputs))
+        return fn
+
+    @staticmethod
+    def signature(token, input_pos, cache):
+        cache_dtype = next(iter(cache.v.values())).dtype
+        return (token.shape, input_pos.shape, cache.max_len, tuple(cache.k), tuple(cache.v), cache_dtype,
+                torch.is_grad_enabled())
+
+    @staticmethod
+    def plan(compiled, token, input_pos, cache):
+        """(fn, the inputs with the call's slots None, [(slot, kind, layer)]), or None where the graph does not take
+        the token and the position as one input each or does not return the logits alone"""
+        fn, inputs, n_outputs = compiled
+        cache_tensors = {id(t): (kind, layer) for kind, held in (("k", cache.k), ("v", cache.v))
+                         for layer, t in held.items()}
+        calls = {id(token): ("token", None), id(input_pos): ("position", None), **cache_tensors}
+        slots = [(i, *calls[id(t)]) for i, t in enumerate(inputs) if id(t) in calls]
+        template = [None if id(t) in calls else t for t in inputs]
+        kinds = [kind for _, kind, _ in slots]
+        return (fn, template, slots) if n_outputs == 1 and kinds.count("token") == kinds.count("position") == 1 else None
+
+    def __call__(self, token, input_pos, cache):
+        key = self.signature(token, input_pos, cache)
+        plan = self.plans.get(key)
+        if plan is None:
+            self.compiled = None
+            logits = self.dynamo(token, input_pos, cache)
+            if self.compiled is not None:  # dynamo compiled for this signature (not: it had a graph already)
+                self.plans[key] = self.plan(self.compiled, token, input_pos, cache)
+            return logits
+        fn, template, slots = plan
+        args = list(template)
+        for i, kind, layer in slots:
+            args[i] = token if kind == "token" else input_pos if kind == "position" else getattr(cache, kind)[layer]
+        self.direct_calls += 1
+        return fn(*args)[0]
 
 
 # -----------------------------------------------------------------------------

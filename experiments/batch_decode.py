@@ -9,6 +9,7 @@ vector lanes from 9 rows; with AMX, its tile products). --old=attention: the old
 --old=blocks: bf16 (or int8, 4-bit) weights row-major, against speed.block_weights' blocks of 16 rows (bf16: where
 the CPU multiplies bf16; int8 and 4-bit: where it has AVX-512 VNNI).
 --old=packed: each weight in its own allocation, against speed.pack_weights' one allocation on huge pages.
+--old=dynamo: every step called through dynamo, against speed.DirectStep's steps that call the compiled graph directly.
 --quantize=int8 (int4): both paths quantized (quantize.py) before the rest (the dtype then is the activations').
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
@@ -45,7 +46,7 @@ replace_tracked = False      # let --out overwrite a committed result
 model = ""                   # a checkpoint (e.g. data/smollm2/smollm2-135m-instruct.pt); '' = random weights, smollm2 shape
 dtypes = "float32,bfloat16"  # comma list
 batches = "1,4,16,32"        # comma list of decode batch sizes
-old = "products"             # what the old path keeps as it was: 'products', 'attention', 'projections', 'blocks', 'packed' (docstring)
+old = "products"             # what the old path keeps as it was: 'products', 'attention', 'projections', 'blocks', 'packed', 'dynamo' (docstring)
 prompt_len = 64              # prompt tokens per row (random ids)
 new_tokens = 16              # greedy decode steps timed per round
 rounds = 3                   # timed rounds per path (median reported)
@@ -72,8 +73,8 @@ def parse(s):
             raise ValueError(f"--{key} must be at least 1, got {getattr(s, key)}")
     if s.old not in HEADERS:
         raise ValueError(f"--old={s.old!r}: expected 'products' (BLAS / inductor's loop), 'attention' (torch's ops), "
-                         "'projections' (not joined), 'blocks' (row-major bf16, int8 or 4-bit weights) or 'packed' (each "
-                         "weight its own allocation)")
+                         "'projections' (not joined), 'blocks' (row-major bf16, int8 or 4-bit weights), 'packed' (each "
+                         "weight its own allocation) or 'dynamo' (every step through dynamo)")
     if s.quantize and s.quantize not in QUANTIZERS:
         raise ValueError(f"--quantize={s.quantize!r}: expected '', {', '.join(map(repr, QUANTIZERS))}")
     if s.model and not os.path.isfile(s.model):
@@ -97,7 +98,7 @@ def time_batch(base, dtype, B, s):
     gen = torch.Generator().manual_seed(s.seed + B)
     prompt = torch.randint(base.config.vocab_size, (B, s.prompt_len), generator=gen)
     models = {"streaming": copy.deepcopy(base).to(dtype)}
-    if s.old in ("attention", "projections", "blocks", "packed") or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
+    if s.old in ("attention", "projections", "blocks", "packed", "dynamo") or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
         models["old"] = copy.deepcopy(base).to(dtype)
     if s.quantize:
         models = {name: QUANTIZERS[s.quantize](m) for name, m in models.items()}
@@ -110,6 +111,8 @@ def time_batch(base, dtype, B, s):
                                    pack=pack)  # speed.py's paths
         if name == "old":
             old_path(m, s.old)
+            if s.old == "dynamo":  # every step through dynamo, as compiled steps ran before speed.DirectStep
+                decoders[name].step = decoders[name].step.dynamo
         t0 = H.announce_warmup(f"{name} {str(dtype)[6:]} batch {B}", True)
         for _ in range(2):  # the second run is the first at full speed
             decoders[name].timed()
@@ -127,7 +130,8 @@ HEADERS = {"products": "old (BLAS; one row: inductor's loop), tokens/s | new (sp
            "attention": "old (attention by torch's ops), tokens/s | new (speed_kernels.cpp's attention)",
            "projections": "old (q, k, v and gate, up separate), tokens/s | new (joined: speed.fuse_projections)",
            "blocks": "old (bf16, int8 or 4-bit weights row-major), tokens/s | new (blocks of 16 rows: speed.block_weights)",
-           "packed": "old (each weight its own allocation), tokens/s | new (one on huge pages: speed.pack_weights)"}
+           "packed": "old (each weight its own allocation), tokens/s | new (one on huge pages: speed.pack_weights)",
+           "dynamo": "old (every step through dynamo), tokens/s | new (the compiled graph called directly: speed.DirectStep)"}
 
 
 def print_table(rows, dtypes, batches, old):

@@ -184,7 +184,8 @@ def test_compiled_steps_of_two_models_in_one_process_stay_each_its_own():
     plain = speed.use_decode_paths(tiny("0,0,2,3", seed=6))
     quantized = quantize_int8(copy.deepcopy(plain))
     steps = {m: speed.compile_decode_step(m) for m in (plain, quantized)}
-    codes = {id(type(plain).decode_step.__code__)} | {id(steps[m]._torchdynamo_orig_callable.__func__.__code__) for m in steps}
+    codes = {id(type(plain).decode_step.__code__)} | {id(steps[m].dynamo._torchdynamo_orig_callable.__func__.__code__)
+                                                       for m in steps}
     assert len(codes) == 3  # three code objects (equal ones: == compares their contents)
     prompt = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(1))
     token, pos = prompt[:, -1:], torch.tensor([7])
@@ -196,6 +197,30 @@ def test_compiled_steps_of_two_models_in_one_process_stay_each_its_own():
                 torch.testing.assert_close(steps[m](token, pos, cache), m.decode_step(token, pos, ref), rtol=1e-4, atol=1e-5)
         gap = (plain.decode_step(token, pos, cache) - quantized.decode_step(token, pos, ref)).abs().max()
     assert gap > 1e-3  # the two models' logits differ by more than the check's tolerance
+
+
+def test_compiled_step_skips_dynamo_once_compiled_and_gives_dynamos_logits():
+    """compile_decode_step's DirectStep: the first call of a signature goes through dynamo (and compiles), the later
+    ones call the compiled graph directly, on that cache and on a new one of its shape, and give the logits of the
+    same graph called through dynamo bit for bit; a batch of two (a new graph) goes through dynamo once, then
+    directly too, also bit for bit."""
+    model = speed.fuse_projections(speed.use_decode_paths(tiny("0,0,2,3", "0,1,2,2").to(torch.bfloat16)))
+    step = speed.compile_decode_step(model)
+    prompt = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+
+    def steps(call, batch):
+        cache = model.new_cache(batch, 32)
+        model.prefill(prompt[:batch], cache)
+        return [call(tokens[:batch, n:n + 1], torch.tensor([9 + n]), cache) for n in range(6)]
+
+    with torch.no_grad():
+        for batch, direct_after in [(1, 5), (1, 11), (2, 16)]:
+            got = steps(step, batch)
+            assert step.direct_calls == direct_after
+            want = steps(step.dynamo, batch)  # every step through dynamo, the same graph
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+            assert not torch.equal(got[0], got[1])  # the slots took each step's token, position and cache
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
