@@ -12,7 +12,8 @@ some machine (measurements: docs/bench.md).
   block_weights(model)      lays bf16, int8 and 4-bit weights out in blocks of 16 rows where the CPU
                             multiplies bf16 or small integers by AVX-512 (BlockedLinear; decoding only).
   pack_weights(model)       lays every weight end to end in one allocation on huge pages (decoding only).
-  compile_decode_step       torch.compile of one model's decode step, as the decoding scripts run it.
+  compile_decode_step       torch.compile of one model's decode step, as the decoding scripts run it; once
+                            compiled its steps call the graph without dynamo (DirectStep).
   matvec                    the product of one row with a weight (float, int8 or 4-bit), or of a few
                             rows with a float weight, through speed_kernels.cpp, built with the C++
                             compiler at first use.
