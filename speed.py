@@ -501,9 +501,11 @@ class DirectStep:
 
     @staticmethod
     def signature(token, input_pos, cache):
-        cache_dtype = next(iter(cache.v.values())).dtype
-        return (token.shape, input_pos.shape, cache.max_len, tuple(cache.k), tuple(cache.v), cache_dtype,
-                torch.is_grad_enabled())
+        """What dynamo would check of a call's own inputs (graphs are compiled for static shapes)"""
+        cache_tensor = next(iter(cache.v.values()))
+        return (token.shape, token.dtype, token.device, input_pos.shape, input_pos.dtype, input_pos.device,
+                cache.max_len, tuple(cache.k), tuple(cache.v), cache_tensor.shape, cache_tensor.dtype,
+                cache_tensor.device, torch.is_grad_enabled())
 
     @staticmethod
     def plan(compiled, token, input_pos, cache):

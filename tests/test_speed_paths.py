@@ -203,7 +203,8 @@ def test_compiled_step_skips_dynamo_once_compiled_and_gives_dynamos_logits():
     """compile_decode_step's DirectStep: the first call of a signature goes through dynamo (and compiles), the later
     ones call the compiled graph directly, on that cache and on a new one of its shape, and give the logits of the
     same graph called through dynamo bit for bit; a batch of two (a new graph) goes through dynamo once, then
-    directly too, also bit for bit."""
+    directly too, also bit for bit. A token or position of another dtype, a cache of another length or dtype, or
+    gradients enabled make another signature, which goes through dynamo."""
     model = speed.fuse_projections(speed.use_decode_paths(tiny("0,0,2,3", "0,1,2,2").to(torch.bfloat16)))
     step = speed.compile_decode_step(model)
     prompt = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -221,6 +222,14 @@ def test_compiled_step_skips_dynamo_once_compiled_and_gives_dynamos_logits():
             want = steps(step.dynamo, batch)  # every step through dynamo, the same graph
             assert all(torch.equal(g, w) for g, w in zip(got, want))
             assert not torch.equal(got[0], got[1])  # the slots took each step's token, position and cache
+    cache, token, pos = model.new_cache(1, 32), tokens[:1, :1], torch.tensor([9])
+    assert step.signature(token, pos, cache) not in step.plans  # gradients enabled: another signature
+    with torch.no_grad():
+        key = step.signature(token, pos, cache)
+        assert key in step.plans
+        for other in [(token.int(), pos, cache), (token, pos.int(), cache), (token, pos, model.new_cache(1, 48)),
+                      (token, pos, M.KVCache(model.config, 1, 32, torch.float32, "cpu"))]:
+            assert step.signature(*other) != key  # another dtype or length: through dynamo, which compiles anew
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
