@@ -304,6 +304,9 @@ class BlockedLinear(nn.Module):
         if minimums is None:
             blocks = weight.detach().reshape(N // 16, 16, K // 2, 2).transpose(1, 2)
         else:
+            if group_size <= 0 or group_size % 32 or K % group_size:
+                raise ValueError(f"BlockedLinear: 4-bit codes need groups of a multiple of 32 columns dividing {K}, "
+                                 f"not {group_size}")
             q = weight.detach().reshape(N // 16, 16, K // 8, 2, 4)
             blocks = (q[..., 0, :] | q[..., 1, :] << 4).transpose(1, 2)
             scales, minimums = (t.detach().reshape(N // 16, 16, -1).transpose(1, 2) for t in (scales, minimums))
@@ -343,8 +346,8 @@ class BlockedLinear(nn.Module):
 
 @torch.compiler.assume_constant_result  # asked once while a graph is traced, as kernel_built
 def blocked_loops_built(dtype) -> bool:
-    """Whether the kernel built the loops for weights of `dtype` (bf16 or int8) in blocks: a BlockedLinear made on
-    another machine falls back to F.linear here instead of calling an op that would refuse."""
+    """Whether the kernel built the loops for weights of `dtype` (bf16; int8 or uint8 codes) in blocks: a BlockedLinear
+    made on another machine falls back to F.linear here instead of calling an op that would refuse."""
     if dtype not in BLOCKED_LOOPS:  # asked once: eager decoding asks at every product
         BLOCKED_LOOPS[dtype] = kernel_built() and (torch.ops.speed.multiplies_int8_blocks() if dtype in INTEGER_CODES
                                                    else torch.ops.speed.multiplies_bf16())
@@ -369,7 +372,7 @@ def block_weights(model):
     StreamingLinear, joined or not) whose rows are a multiple of 16 and columns even, and every int8 layer that
     allows it (int8_rows_in_blocks: quantize.Int8Linear) of an fp32 or bf16 model (the op's x dtypes) whose rows
     are a multiple of 16 and columns of 32, and every 4-bit one (int4_rows_in_blocks: quantize.Int4Linear) of such
-    a model whose rows are a multiple of 16 and groups of 32, as a BlockedLinear. A weight that another module also
+    a model whose rows are a multiple of 16 and groups a multiple of 32, as a BlockedLinear. A weight that another module also
     holds (a head tied to the embedding) stays as it is, as do other kinds (adapters). Decoding only: call it after
     quantizing and fuse_projections. Returns model."""
     holders = {}
@@ -480,11 +483,13 @@ class DirectStep:
     """A decode step compiled by inductor (C++ wrapper, no size asserts) that skips dynamo once it has compiled. A call
     through dynamo spends 0.4-0.5 ms of a 6-7 ms int8 SmolLM2 token outside the graph (its bytecode gathering the
     graph's ~370 inputs, its cache lookup, entering the compiled region: docs/bench.md, "Steps without dynamo"). The
-    first call of each signature (shapes of token, position and cache; grad mode) goes through dynamo, which hands
-    its graph and example inputs to `compile`; from them `plan` notes where the call's token, position and cache
-    tensors sit among the inputs, the rest being the model's own tensors. Later calls of that signature fill those
-    slots and call the compiled graph directly. As safe as skipping the module guards, and for the same reason: the
-    model is final when compile_decode_step is called, and the step compiled is this model's own."""
+    first call of each signature (what dynamo would check of the call: shapes, strides, dtypes and devices of token,
+    position and cache; grad mode, autocast, threads, default dtype) goes through dynamo, which hands its graph and
+    example inputs to `compile`; from them `plan` notes where the call's token, position and cache tensors sit among
+    the inputs, the rest being the model's own tensors, taken as they were then. Later calls of that signature fill
+    those slots and call the compiled graph directly. So the model must be final when compile_decode_step is called,
+    as skipping the module guards already asks: a tensor changed in place is seen, one replaced (a new Parameter)
+    is not. A signature whose graph dynamo had compiled before (step.dynamo called directly) stays with dynamo."""
 
     def __init__(self, step):
         guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
@@ -501,11 +506,12 @@ class DirectStep:
 
     @staticmethod
     def signature(token, input_pos, cache):
-        """What dynamo would check of a call's own inputs (graphs are compiled for static shapes)"""
-        cache_tensor = next(iter(cache.v.values()))
-        return (token.shape, token.dtype, token.device, input_pos.shape, input_pos.dtype, input_pos.device,
-                cache.max_len, tuple(cache.k), tuple(cache.v), cache_tensor.shape, cache_tensor.dtype,
-                cache_tensor.device, torch.is_grad_enabled())
+        """What dynamo would check of a call (graphs are compiled for static shapes and these global settings); of
+        the cache, its layers and one key and one value tensor (model.KVCache makes them all alike)"""
+        tensors = [token, input_pos, *(next(iter(held.values())) for held in (cache.k, cache.v) if held)]
+        return (tuple(cache.k), tuple(cache.v), *((t.shape, t.stride(), t.dtype, t.device) for t in tensors),
+                torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), torch.get_num_threads(),
+                torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled())
 
     @staticmethod
     def plan(compiled, token, input_pos, cache):
@@ -528,6 +534,7 @@ class DirectStep:
             logits = self.dynamo(token, input_pos, cache)
             if self.compiled is not None:  # dynamo compiled for this signature (not: it had a graph already)
                 self.plans[key] = self.plan(self.compiled, token, input_pos, cache)
+                self.compiled = None  # it holds this call's token, position and cache
             return logits
         fn, template, slots = plan
         args = list(template)

@@ -199,37 +199,42 @@ def test_compiled_steps_of_two_models_in_one_process_stay_each_its_own():
     assert gap > 1e-3  # the two models' logits differ by more than the check's tolerance
 
 
-def test_compiled_step_skips_dynamo_once_compiled_and_gives_dynamos_logits():
+def test_compiled_step_skips_dynamo_once_compiled_and_gives_dynamos_logits(set_threads):
     """compile_decode_step's DirectStep: the first call of a signature goes through dynamo (and compiles), the later
-    ones call the compiled graph directly, on that cache and on a new one of its shape, and give the logits of the
-    same graph called through dynamo bit for bit; a batch of two (a new graph) goes through dynamo once, then
-    directly too, also bit for bit. A token or position of another dtype, a cache of another length or dtype, or
-    gradients enabled make another signature, which goes through dynamo."""
+    ones call the compiled graph directly, on that cache and on a new one of its shape (another prompt: its own
+    positions written), and give the logits of the same graph called through dynamo bit for bit; a batch of two (a
+    new graph) goes through dynamo once, then directly too, also bit for bit. The step keeps none of the first call's
+    tensors. A token or position of another dtype or strides, a cache of another length or dtype, gradients,
+    autocast or another thread count make another signature, which goes through dynamo."""
     model = speed.fuse_projections(speed.use_decode_paths(tiny("0,0,2,3", "0,1,2,2").to(torch.bfloat16)))
     step = speed.compile_decode_step(model)
-    prompt = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
-    tokens = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(3))
 
-    def steps(call, batch):
+    def steps(call, batch, seed):
+        g = torch.Generator().manual_seed(seed)
+        prompt, tokens = torch.randint(0, 97, (batch, 9), generator=g), torch.randint(0, 97, (batch, 6), generator=g)
         cache = model.new_cache(batch, 32)
-        model.prefill(prompt[:batch], cache)
-        return [call(tokens[:batch, n:n + 1], torch.tensor([9 + n]), cache) for n in range(6)]
+        model.prefill(prompt, cache)
+        return [call(tokens[:, n:n + 1], torch.tensor([9 + n]), cache) for n in range(6)]
 
     with torch.no_grad():
-        for batch, direct_after in [(1, 5), (1, 11), (2, 16)]:
-            got = steps(step, batch)
-            assert step.direct_calls == direct_after
-            want = steps(step.dynamo, batch)  # every step through dynamo, the same graph
+        for batch, seed, direct_after in [(1, 1, 5), (1, 2, 11), (2, 3, 16)]:
+            got = steps(step, batch, seed)
+            assert step.direct_calls == direct_after and step.compiled is None
+            want = steps(step.dynamo, batch, seed)  # every step through dynamo, the same graph
             assert all(torch.equal(g, w) for g, w in zip(got, want))
             assert not torch.equal(got[0], got[1])  # the slots took each step's token, position and cache
-    cache, token, pos = model.new_cache(1, 32), tokens[:1, :1], torch.tensor([9])
-    assert step.signature(token, pos, cache) not in step.plans  # gradients enabled: another signature
-    with torch.no_grad():
-        key = step.signature(token, pos, cache)
+        cache, tokens, pos = model.new_cache(1, 32), torch.zeros(1, 6, dtype=torch.long), torch.tensor([9])
+        key = step.signature(tokens[:, :1], pos, cache)
         assert key in step.plans
-        for other in [(token.int(), pos, cache), (token, pos.int(), cache), (token, pos, model.new_cache(1, 48)),
-                      (token, pos, M.KVCache(model.config, 1, 32, torch.float32, "cpu"))]:
-            assert step.signature(*other) != key  # another dtype or length: through dynamo, which compiles anew
+        others = [(tokens[:, :1].int(), pos, cache), (tokens[:, :1], pos.int(), cache),
+                  (torch.zeros(1, 1, dtype=torch.long), pos, cache), (tokens[:, :1], pos, model.new_cache(1, 48)),
+                  (tokens[:, :1], pos, M.KVCache(model.config, 1, 32, torch.float32, "cpu"))]
+        assert all(step.signature(*other) != key for other in others)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert step.signature(tokens[:, :1], pos, cache) != key
+        set_threads(torch.get_num_threads() + 1)
+        assert step.signature(tokens[:, :1], pos, cache) != key
+    assert step.signature(tokens[:, :1], pos, cache) != key  # gradients enabled
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -1011,7 +1016,8 @@ def test_matvec_blocked_u4_is_the_row_major_product(M, N, K, group, threads, set
 
 
 def test_matvec_blocked_u4_refuses_what_it_cannot_read():
-    """One line each, naming what is wrong (without VNNI loops every call is refused, saying so)."""
+    """One line each, naming what is wrong (without VNNI loops every call is refused, saying so); BlockedLinear
+    refuses 4-bit groups the op cannot take, on any machine."""
     built = multiplies_int8_blocks()
     blocks, x, s = torch.zeros(2, 8, 16, 4, dtype=torch.uint8), torch.randn(1, 64), torch.ones(2, 2, 16)
     for args, message in [((x, blocks, s, s, 48), "groups of 48 columns; it takes a multiple of 32"),
@@ -1023,6 +1029,10 @@ def test_matvec_blocked_u4_refuses_what_it_cannot_read():
                           ((x, blocks.to(torch.int8), s, s, 32), "blocks are Char; it takes 4-bit codes")]:
         with pytest.raises(RuntimeError, match=message if built else "no AVX-512 VNNI loops"):
             torch.ops.speed.matvec_blocked_u4(*args)
+    q4 = Int4Linear(torch.randn(16, 64))
+    for group in (0, 48, 128):  # the layer refuses before laying anything out
+        with pytest.raises(ValueError, match=f"groups of a multiple of 32 columns dividing 64, not {group}"):
+            speed.BlockedLinear(q4.unpacked_codes(), q4.scales, q4.minimums, group)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
