@@ -852,6 +852,20 @@ def multiplies_int8_blocks():
     return speed.kernel_built() and torch.ops.speed.multiplies_int8_blocks()
 
 
+def rows_agree(got, x, dtype, w, row_major, atol):
+    """Each row of a blocked integer op's result got (M, 1, N) for x (M, 1, K) in dtype: within the bound of rounding
+    x to int16 in blocks of 32 (bf16 results also within their own rounding) of the float64 product with the
+    dequantised weight w, and equal to the row-major kernel's, row_major(x's row), to fp32 summation order."""
+    assert got.dtype == dtype and got.shape == (x.shape[0], 1, w.shape[0])
+    for m in range(x.shape[0]):
+        xm = x[m].to(dtype).float()
+        want = xm.double() @ w.double().t()
+        rounding = want.abs() * 2 ** -8 if dtype == torch.bfloat16 else 0
+        assert ((got[m].double() - want).abs() <= quantization_bound(xm, w) + rounding).all()
+        rtol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got[m].float(), row_major(x[m].to(dtype)).float(), rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 20])  # one row (four sums), a few, one group of 8, past it, three groups
 @pytest.mark.parametrize("N, K", [(48, 64), (32, 576), (16, 96)])  # two, eighteen and three blocks of 32 columns
 @pytest.mark.parametrize("threads", [1, 2])
@@ -877,18 +891,9 @@ def test_matvec_blocked_int8_is_the_row_major_product(M, N, K, threads, set_thre
         assert not speed.blocks_apply(torch.int8)
         return
     set_threads(threads)
-    w = q8.dequantize()
     for dtype in (torch.float32, torch.bfloat16):
         got = torch.ops.speed.matvec_blocked_int8(x.to(dtype), lin.blocks, lin.scales)
-        assert got.dtype == dtype and got.shape == (M, 1, N)
-        for m in range(M):
-            xm = x[m].to(dtype).float()
-            want = xm.double() @ w.double().t()
-            rounding = want.abs() * 2 ** -8 if dtype == torch.bfloat16 else 0
-            assert ((got[m].double() - want).abs() <= quantization_bound(xm, w) + rounding).all()
-            row_major = speed.matvec(x[m].to(dtype), q8.weight, q8.scales)
-            tolerance = dict(rtol=2 ** -7, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(got[m].float(), row_major.float(), **tolerance)
+        rows_agree(got, x, dtype, q8.dequantize(), lambda xm: speed.matvec(xm, q8.weight, q8.scales), atol=1e-6)
         set_threads(1)
         assert torch.equal(torch.ops.speed.matvec_blocked_int8(x.to(dtype), lin.blocks, lin.scales), got)
         set_threads(threads)
@@ -998,18 +1003,10 @@ def test_matvec_blocked_u4_is_the_row_major_product(M, N, K, group, threads, set
         assert not speed.blocks_apply(torch.uint8)
         return
     set_threads(threads)
-    w = q4.dequantize()
     for dtype in (torch.float32, torch.bfloat16):
         got = torch.ops.speed.matvec_blocked_u4(x.to(dtype), lin.blocks, lin.scales, lin.minimums, group)
-        assert got.dtype == dtype and got.shape == (M, 1, N)
-        for m in range(M):
-            xm = x[m].to(dtype).float()
-            want = xm.double() @ w.double().t()
-            rounding = want.abs() * 2 ** -8 if dtype == torch.bfloat16 else 0
-            assert ((got[m].double() - want).abs() <= quantization_bound(xm, w) + rounding).all()
-            row_major = speed.matvec(x[m].to(dtype), q4.codes, q4.scales, q4.minimums, group)
-            tolerance = dict(rtol=2 ** -7, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(got[m].float(), row_major.float(), **tolerance)
+        rows_agree(got, x, dtype, q4.dequantize(),
+                   lambda xm: speed.matvec(xm, q4.codes, q4.scales, q4.minimums, group), atol=1e-5)
         set_threads(1)
         assert torch.equal(torch.ops.speed.matvec_blocked_u4(x.to(dtype), lin.blocks, lin.scales, lin.minimums, group), got)
         set_threads(threads)
