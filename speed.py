@@ -372,9 +372,9 @@ def block_weights(model):
     StreamingLinear, joined or not) whose rows are a multiple of 16 and columns even, and every int8 layer that
     allows it (int8_rows_in_blocks: quantize.Int8Linear) of an fp32 or bf16 model (the op's x dtypes) whose rows
     are a multiple of 16 and columns of 32, and every 4-bit one (int4_rows_in_blocks: quantize.Int4Linear) of such
-    a model whose rows are a multiple of 16 and groups a multiple of 32, as a BlockedLinear. A weight that another module also
-    holds (a head tied to the embedding) stays as it is, as do other kinds (adapters). Decoding only: call it after
-    quantizing and fuse_projections. Returns model."""
+    a model whose rows are a multiple of 16 and groups a multiple of 32, as a BlockedLinear. A weight that another
+    module also holds (a head tied to the embedding) stays as it is, as do other kinds (adapters). Decoding only:
+    call it after quantizing and fuse_projections. Returns model."""
     holders = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         holders[id(p)] = holders.get(id(p), 0) + 1
