@@ -523,8 +523,10 @@ def test_kernels_meta_shapes_are_what_they_compute():
                      (torch.ops.speed.decode_attention.default, (q, k, k, torch.ones(2, 9, dtype=torch.bool)))] + (
                     [(torch.ops.speed.matvec_blocked.default, (xs, torch.randn(2, 32, 16, 2, dtype=torch.bfloat16)))]
                     if torch.ops.speed.multiplies_bf16() else []) + (  # bf16 weights in blocks: where the CPU multiplies bf16
-                    [(torch.ops.speed.matvec_blocked_int8.default, (xs, torch.zeros(1, 32, 16, 2, dtype=torch.int8), torch.rand(16)))]
-                    if torch.ops.speed.multiplies_int8_blocks() else []):  # int8 ones: where it has AVX-512 VNNI
+                    [(torch.ops.speed.matvec_blocked_int8.default, (xs, torch.zeros(1, 32, 16, 2, dtype=torch.int8), torch.rand(16))),
+                     (torch.ops.speed.matvec_blocked_u4.default, (xs, torch.zeros(1, 8, 16, 4, dtype=torch.uint8),
+                                                                  torch.rand(1, 2, 16), torch.rand(1, 2, 16), 32))]
+                    if torch.ops.speed.multiplies_int8_blocks() else []):  # int8 and 4-bit ones: where it has AVX-512 VNNI
         results = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
         assert set(results.values()) == {"SUCCESS"}, results
 
