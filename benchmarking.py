@@ -316,7 +316,8 @@ class Decoder:
     """Prefill and greedy decode of one model at one batch size, timed by the caller, gpt-fast style:
     our model.prefill and model.decode_step (compiled with fullgraph when asked; the projections joined,
     speed.fuse_projections, unless join is False; bf16 and int8 weights in blocks, speed.block_weights, unless block
-    is False: int8 figures before 2026-12-04 evening were row-major; the weights end to end on huge pages,
+    is False: int8 figures before 2026-12-04 evening were row-major; at more than one row a tied head's copy in blocks
+    too, from 2026-12-04 late night; the weights end to end on huge pages,
     speed.pack_weights, unless pack is False: figures before 2026-12-04 night were not) into a static cache
     allocated once; transformers' forward with the cache it makes itself."""
 
@@ -333,7 +334,7 @@ class Decoder:
             if join:  # False: the projections' products separate, as before (experiments/batch_decode.py --old)
                 fuse_projections(module)
             if block:  # False: row-major weights, as before (experiments/batch_decode.py --old=blocks)
-                block_weights(module)
+                block_weights(module, tied_too=B > 1)  # batched rows: a tied head's copy in blocks too
             if pack:  # False: each weight in its own allocation, as before (experiments/batch_decode.py --old=packed)
                 pack_weights(module)
             self.cache = module.new_cache(B, T + new_tokens)

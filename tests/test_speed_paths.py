@@ -847,6 +847,24 @@ def test_blocked_weights_give_the_row_major_tokens_and_leave_a_tied_head(compile
     decodes_as_rows(rows, blocked, compiled, "speed::matvec_blocked", 16 if speed.blocks_apply() else 0)  # all but the head
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_block_weights_tied_too_lays_out_a_copy_of_the_tied_head(compiled):
+    """block_weights(tied_too=True) on a bf16 model whose head is tied to the embedding (112 rows: 7 blocks): the head
+    becomes a BlockedLinear of a copy of the embedding's weight (where blocks_apply; elsewhere it stays), the
+    embedding keeps its own Parameter; decoded, the row-major model's greedy tokens, the graph calling matvec_blocked
+    for the head too."""
+    rows = speed.fuse_projections(speed.use_decode_paths(spread_tiny(torch.bfloat16, tie_embeddings=True,
+                                                                     vocab_size=112)))
+    blocked = speed.block_weights(copy.deepcopy(rows), tied_too=True)
+    embedding = blocked.embed_tokens.weight
+    if speed.blocks_apply():
+        assert type(blocked.lm_head) is speed.BlockedLinear and torch.equal(blocked.lm_head.weight_rows(), embedding)
+        assert blocked.lm_head.blocks.data_ptr() != embedding.data_ptr()
+    else:
+        assert blocked.lm_head.weight is embedding
+    decodes_as_rows(rows, blocked, compiled, "speed::matvec_blocked", 17 if speed.blocks_apply() else 0)
+
+
 # int8 codes in blocks of 16 rows (speed.BlockedLinear of a quantize.Int8Linear, speed_kernels.cpp's matvec_blocked_int8)
 
 
