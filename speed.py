@@ -375,7 +375,7 @@ def block_weights(model, tied_too=False):
     a model whose rows are a multiple of 16 and groups a multiple of 32, as a BlockedLinear. A weight that another
     module also holds (a head tied to the embedding) stays as it is, unless tied_too: then that module gets a copy in
     blocks (the weight's bytes again: 56 MB for SmolLM2's head in bf16), which batched rows multiply faster than the
-    row-major one (a SmolLM2 step of 16 rows at 2 threads 1.08x, docs/bench.md "Steps without dynamo"). Other kinds
+    row-major one (a SmolLM2 step of 16 rows at 2 threads 1.08x, docs/bench.md "A tied head's copy in blocks"). Other kinds
     stay (adapters). Decoding only: call it after quantizing and fuse_projections. Returns model."""
     holders = {}
     for _, p in model.named_parameters(remove_duplicate=False):
