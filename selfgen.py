@@ -53,8 +53,8 @@ def chat_ids(tok, template, question, bos_id, eos_id):
 def compiled_decode_step(model):
     """model.decode_step compiled with the CPU decoding paths (speed.py) installed, its projections joined and its bf16
     weights in blocks where the CPU multiplies bf16, a tied head's copy too: generation runs batched (its state-dict
-    keys change: decode with it), all its weights end to
-    end in one allocation (speed.pack_weights): one graph per batch size and cache length, batched rows included."""
+    keys change: decode with it), all its weights end to end in one allocation (speed.pack_weights): one graph per
+    batch size and cache length, batched rows included."""
     # a model's graphs (batch sizes, cache lengths) add up, and at dynamo's default limit of 8 a fullgraph
     # compile fails
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

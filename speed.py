@@ -336,11 +336,11 @@ class BlockedLinear(nn.Module):
                 if self.minimums is not None:
                     return torch.ops.speed.matvec_blocked_u4(x, self.blocks, self.scales, self.minimums, self.group_size)
                 return torch.ops.speed.matvec_blocked_int8(x, self.blocks, self.scales)
-        w = self.weight_rows().to(x.dtype)  # elsewhere (another dtype, gradients): as it was
-        if self.minimums is not None:  # w = q * scale + minimum in each group
-            N, K = w.shape
+        if self.minimums is not None:  # elsewhere (another dtype, gradients): w = q * scale + minimum in each group
+            q = self.weight_rows().float().view(self.out_features, -1, self.group_size)
             scales, minimums = (self.group_rows(t).float()[..., None] for t in (self.scales, self.minimums))
-            return F.linear(x, (w.float().view(N, K // self.group_size, -1) * scales + minimums).view(N, K).to(x.dtype))
+            return F.linear(x, (q * scales + minimums).view(self.out_features, -1).to(x.dtype))
+        w = self.weight_rows().to(x.dtype)  # elsewhere: as it was
         return F.linear(x, w) if self.scales is None else F.linear(x, w) * self.scales.to(x.dtype)
 
 

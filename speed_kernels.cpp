@@ -1168,6 +1168,16 @@ static at::Tensor matvec_blocked_op(const at::Tensor &x, const at::Tensor &block
     return out;
 }
 
+/* a contiguous fp32 or bf16 x as fp32: here, not by a torch op (a few us a call; matvec_op) */
+static std::vector<float> floats_of(const at::Tensor &x) {
+    std::vector<float> xf(x.numel());
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "speed::floats_of", [&] {
+        const scalar_t *in = x.data_ptr<scalar_t>();
+        for (size_t k = 0; k < xf.size(); k++) xf[k] = static_cast<float>(in[k]);
+    });
+    return xf;
+}
+
 /* speed::matvec_blocked_int8(x, blocks, scales): the same for int8 codes in blocks (int8 (N / 16, K / 2, 16, 2))
    and one scale a row (N floats; quantize.Int8Linear's), x fp32 or bf16, the result in x's dtype. Its own op, not
    an argument more of matvec_blocked: inductor's cached compiled code does not know an op's schema changed, and
@@ -1182,11 +1192,7 @@ static at::Tensor matvec_blocked_int8_op(const at::Tensor &x, const at::Tensor &
                 "speed::matvec_blocked_int8: int8 blocks need ", N, " float scales and rows of a multiple of ", XBLOCK);
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                 "speed::matvec_blocked_int8: x is ", x.scalar_type(), "; it takes fp32 or bf16");
-    std::vector<float> xf(M * K);  /* x to fp32 here, not by a torch op (a few us a call; matvec_op) */
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "speed::matvec_blocked_int8", [&] {
-        const scalar_t *in = xc.data_ptr<scalar_t>();
-        for (long k = 0; k < M * K; k++) xf[k] = static_cast<float>(in[k]);
-    });
+    std::vector<float> xf = floats_of(xc);
     at::Tensor s = scales.contiguous();
     blocked_i8(xf.data(), M, K, (const int8_t *)bc.data_ptr(), N, s.data_ptr(), kind_of(s), out.data_ptr(),
                x.scalar_type() == at::kBFloat16, at::get_num_threads());
@@ -1214,11 +1220,7 @@ static at::Tensor matvec_blocked_u4_op(const at::Tensor &x, const at::Tensor &bl
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                 "speed::matvec_blocked_u4: x is ", x.scalar_type(), "; it takes fp32 or bf16");
     at::Tensor xc = x.contiguous(), bc = blocks.contiguous(), s = scales.contiguous(), mn = minimums.contiguous();
-    std::vector<float> xf(M * K);
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "speed::matvec_blocked_u4", [&] {
-        const scalar_t *in = xc.data_ptr<scalar_t>();
-        for (long k = 0; k < M * K; k++) xf[k] = static_cast<float>(in[k]);
-    });
+    std::vector<float> xf = floats_of(xc);
     blocked_u4(xf.data(), M, K, (const uint8_t *)bc.data_ptr(), N, s.data_ptr(), mn.data_ptr(), kind_of(s), group_size,
                out.data_ptr(), x.scalar_type() == at::kBFloat16, at::get_num_threads());
     return out;
