@@ -27,7 +27,7 @@ from checkpoint import hf_config_from_llama
 from convert_hf import hf_state_dict
 from guards import check_not_tracked
 from quantize import QUANTIZERS
-from speed import block_weights, compile_decode_step, fuse_projections, pack_weights, use_decode_paths
+from speed import block_weights, compile_decode_step, fuse_projections, huge_page_bytes, pack_weights, use_decode_paths
 
 SKIP_PARTS = ("train", "decode", "mem", "refmem")
 
@@ -169,17 +169,25 @@ def memory_bandwidth(nbytes, device, reps=3):
     would also write (and on x86 read the destination before writing it), so its byte count depends
     on the hardware. The sum's arithmetic is one add per element, far below what a core can do, so
     it runs at the memory's speed (on a quiet machine here the same as a copy counted as 2x bytes).
-    The best read, not the median, because the bound is what the machine can do when least disturbed."""
-    buf = torch.ones(nbytes // 4, device=device)
-    buf.sum()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        sync(buf.device)
-        t0 = time.perf_counter()
-        buf.sum()
-        sync(buf.device)
-        best = min(best, time.perf_counter() - t0)
-    return buf.nbytes / best
+    The best read, not the median, because the bound is what the machine can do when least disturbed.
+    On CPU also a buffer on 2 MiB pages (speed.huge_page_bytes), as speed.pack_weights lays a decoding model's
+    weights: on the Zen 4 a sum read one at 31.3 GB/s where one on 4 KiB pages read at 26 (THP `madvise`), so a
+    bound read on small pages alone let weights on huge pages read at 126% of it (docs/bench.md, "The bound on
+    huge pages")."""
+    best, buffers = float("inf"), [lambda: torch.ones(nbytes // 4, device=device)]
+    if torch.device(device).type == "cpu":
+        buffers.append(lambda: huge_page_bytes(nbytes // 4 * 4).view(torch.float32).fill_(1.0))
+    for make in buffers:
+        buf = make()
+        buf.sum()  # warm-up
+        for _ in range(reps):
+            sync(buf.device)
+            t0 = time.perf_counter()
+            buf.sum()
+            sync(buf.device)
+            best = min(best, (time.perf_counter() - t0) / buf.nbytes)
+        del buf
+    return 1 / best
 
 
 def device_name(device):
@@ -560,9 +568,9 @@ def write_json(rows, path):
 # decode profile: where a step's time goes, op by op
 
 # the leaves: aten::linear and aten::matmul call these; quantize.Int8Linear and Int4Linear the int8/int4 ones;
-# speed.matvec (one row on a CPU, every weight kind) and speed.BlockedLinear's matvec_blocked (_int8, _u4) the last
+# speed.matvec (one row on a CPU, every weight kind) and speed.BlockedLinear's matvec_blocked (_int8, _q4) the last
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-              "speed::matvec", "speed::matvec_blocked", "speed::matvec_blocked_int8", "speed::matvec_blocked_u4")
+              "speed::matvec", "speed::matvec_blocked", "speed::matvec_blocked_int8", "speed::matvec_blocked_q4")
 
 
 def profile_train(t, s, env, matmul_rate, flops_per_token, top=12):
@@ -608,10 +616,8 @@ def op_bytes(e, elsize):
         return _numel(shapes[1])  # the int8 weight, one byte each, or the 4-bit one packed two a byte
     if e.key == "speed::matvec" and len(shapes) >= 2:  # a float weight, or int8 / 4-bit codes (with their scales)
         return _numel(shapes[1]) * (elsize if len(shapes) == 2 else 1)
-    if e.key == "speed::matvec_blocked_int8" and len(shapes) >= 2:
-        return _numel(shapes[1])  # the int8 codes in blocks, one byte each
-    if e.key == "speed::matvec_blocked_u4" and len(shapes) >= 4:  # 4-bit codes two a byte, a scale and minimum a group
-        return _numel(shapes[1]) + (_numel(shapes[2]) + _numel(shapes[3])) * elsize
+    if e.key in ("speed::matvec_blocked_int8", "speed::matvec_blocked_q4") and len(shapes) >= 2:
+        return _numel(shapes[1])  # int8 codes in blocks, or 4-bit ones with their scales and minimums, as bytes
     if e.key in MATMUL_OPS and shapes:
         return max(map(_numel, shapes)) * elsize
     if e.key.startswith("aten::_scaled_dot_product") and len(shapes) >= 3:

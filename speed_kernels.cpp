@@ -17,7 +17,8 @@
    with AMX by its tile products (tile_rows_bf16).
    And the op speed::matvec_blocked: bf16 rows against bf16 weights laid out in blocks of 16 rows (speed.BlockedLinear;
    blocked_rows, AVX-512 BF16), speed::matvec_blocked_int8: rows against int8 codes so laid out (blocked_i8,
-   AVX-512 VNNI), and speed::matvec_blocked_u4: against 4-bit codes so laid out (blocked_u4, AVX-512 VNNI). And the
+   AVX-512 VNNI), and speed::matvec_blocked_q4: against 4-bit codes so laid out, their groups' scales inline
+   (blocked_q4, AVX-512 VNNI). And the
    op speed::decode_attention: one new position per row attending over the
    cache (attend_group; with AVX-512, attend_group_wide). */
 
@@ -713,24 +714,31 @@ static void blocked_i8(const float *x, long M, long K, const int8_t *blocks, lon
     }
 }
 
-/* 4-bit codes (quantize.Int4Linear's) laid out in blocks of 16 rows (speed.BlockedLinear of an Int4Linear):
-   blocks[b][c][r] is 4 bytes, byte i = q[16b + r][8c + i] | q[16b + r][8c + 4 + i] << 4, so one 64-byte load holds
-   the 16 rows' codes of 8 columns, each row's in its own int32 lane: low nibbles columns 8c..8c+3, high nibbles
-   8c+4..8c+7. vpdpbusd adds a row's 4 products with 4 bytes of x into that lane, and the 16 rows' scales and
-   minimums of a group lie side by side ((N / 16, groups, 16)): where rows_u4_vnni sums across the lanes and gathers
-   each row's scales, this loop does neither. x is rounded to int16 in blocks of 32 as the row-major loop rounds it
-   (quantize_x_wide) and split, x = 256 hi + lo (hi signed, lo unsigned): codes by hi and lo by codes (0..15 pass as
-   signed bytes), four vpdpbusd a load. A block of 32 columns: |256 h + l| <= 32 x 15 x 32767 < 2^31 exactly, then
-   fp32 times its group's scales and x's step; the minimums last, each times the sum of x over its group. */
+/* 4-bit codes (quantize.Int4Linear's) laid out in blocks of 16 rows with their groups' scales and minimums inline
+   (speed.BlockedLinear of an Int4Linear): blocks[b][g], group g of rows 16b..16b+15, is group / 8 lanes of 64 bytes,
+   then the 16 rows' scales, then their 16 minimums (of scale_kind). Lane c holds each row's codes of 8 columns in
+   its own 4 bytes, byte i = q[16b + r][group g + 8c + i] | q[16b + r][group g + 8c + 4 + i] << 4: low nibbles
+   columns 8c..8c+3, high nibbles 8c+4..8c+7. vpdpbusd adds a row's 4 products with 4 bytes of x into that row's
+   int32 lane, where rows_u4_vnni sums across the lanes and gathers each row's scales. Everything a block needs lies
+   in one run of memory: with the scales and minimums in two arrays of their own, read beside the codes, the same
+   loop streamed a SmolLM2 step's 4-bit products 1.22x slower (docs/bench.md, "4-bit scales inline"). x is rounded
+   to int16 in blocks of 32 as the row-major loop rounds it (quantize_x_wide) and split, x = 256 hi + lo (hi signed,
+   lo unsigned): codes by hi and lo by codes (0..15 pass as signed bytes), four vpdpbusd a load. A block of 32
+   columns: |256 h + l| <= 32 x 15 x 32767 < 2^31 exactly, then fp32 times its group's scales and x's step; each
+   group's minimums times the sum of x over it. One loop over the blocks of 32 columns, counting down to a group's
+   end: as two nested loops (groups, their blocks) GCC compiled it 1.5x slower (scratch, the Zen 4). */
+static long q4_group_bytes(long group, int scale_kind) { return group * 8 + 32 * (scale_kind == F32 ? 4 : 2); }
+
 template <int XN>
-static inline __attribute__((always_inline)) void blocked_u4_rows(const int8_t *xhi, const uint8_t *xlo,
-        const float *step, const float *xsum, long K, long group, const uint8_t *block, const void *scales,
-        const void *mins, int scale_kind, long at, long m, __m512 *sums) {
-    long B = K / XBLOCK, G = K / group;
+static inline __attribute__((always_inline)) void blocked_q4_rows(const int8_t *xhi, const uint8_t *xlo,
+        const float *step, const float *xsum, long K, long group, const uint8_t *block, int scale_kind, long m,
+        __m512 *sums) {
+    long B = K / XBLOCK, G = K / group, per = group / XBLOCK, size = scale_kind == F32 ? 4 : 2, left = per, g = 0;
     const __m512i nibble = _mm512_set1_epi8(15);
     for (int j = 0; j < XN; j++) sums[j] = _mm512_setzero_ps();
+    const uint8_t *wb = block;
+    __m512 scale = load16(wb + group * 8, scale_kind, 0, 0xffff);
     for (long b = 0; b < B; b++) {
-        const uint8_t *wb = block + b * 4 * 64;  /* 4 loads of 8 columns */
         __m512i h[XN][2], l[XN][2];  /* two of each a row: no chain of 8 dependent adds */
         #pragma GCC unroll 4
         for (int j = 0; j < XN; j++) h[j][0] = h[j][1] = l[j][0] = l[j][1] = _mm512_setzero_si512();
@@ -749,23 +757,25 @@ static inline __attribute__((always_inline)) void blocked_u4_rows(const int8_t *
                 l[j][c & 1] = _mm512_dpbusd_epi32(l[j][c & 1], _mm512_set1_epi32(lo1), second);
             }
         }
-        __m512 scale = load16(scales, scale_kind, at + b * XBLOCK / group * 16, 0xffff);
         for (int j = 0; j < XN; j++) {
             __m512i hj = _mm512_add_epi32(h[j][0], h[j][1]), lj = _mm512_add_epi32(l[j][0], l[j][1]);
             __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hj, 8), lj));
             sums[j] = _mm512_fmadd_ps(sum, _mm512_mul_ps(scale, _mm512_set1_ps(step[(m + j) * B + b])), sums[j]);
         }
-    }
-    for (long g = 0; g < G; g++) {
-        __m512 minimum = load16(mins, scale_kind, at + g * 16, 0xffff);
-        for (int j = 0; j < XN; j++) sums[j] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(xsum[(m + j) * G + g]), sums[j]);
+        wb += 4 * 64;  /* the next block of 32 columns, or this group's scales and minimums */
+        if (--left == 0) {
+            __m512 minimum = load16(wb + 16 * size, scale_kind, 0, 0xffff);
+            for (int j = 0; j < XN; j++) sums[j] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(xsum[(m + j) * G + g]), sums[j]);
+            wb += 32 * size, left = per, g++;
+            if (b + 1 < B) scale = load16(wb + group * 8, scale_kind, 0, 0xffff);
+        }
     }
 }
 
-/* y (M, N) in fp32 or bf16 = x (M, K, fp32) against 4-bit blocks, scales and minimums (of scale_kind) in blocks */
-static void blocked_u4(const float *x, long M, long K, const uint8_t *blocks, long N, const void *scales,
-                       const void *mins, int scale_kind, long group, void *y, bool y_bf16, int threads) {
-    long B = K / XBLOCK, G = K / group;
+/* y (M, N) in fp32 or bf16 = x (M, K, fp32) against 4-bit blocks with scales and minimums (of scale_kind) inline */
+static void blocked_q4(const float *x, long M, long K, const uint8_t *blocks, long N, int scale_kind, long group,
+                       void *y, bool y_bf16, int threads) {
+    long B = K / XBLOCK, G = K / group, block_bytes = G * q4_group_bytes(group, scale_kind);
     std::vector<int16_t> xq(M * K);
     std::vector<float> step(M * B), xsum(M * G, 0.0f);
     std::vector<int8_t> xhi(M * K);
@@ -777,8 +787,8 @@ static void blocked_u4(const float *x, long M, long K, const uint8_t *blocks, lo
     for (long b = 0; b < N / 16; b++) {
         by_x_rows<4>(M, [&]<int XN>(long m) {
             __m512 sums[XN];
-            blocked_u4_rows<XN>(xhi.data(), xlo.data(), step.data(), xsum.data(), K, group, blocks + b * 8 * K, scales,
-                                mins, scale_kind, b * G * 16, m, sums);
+            blocked_q4_rows<XN>(xhi.data(), xlo.data(), step.data(), xsum.data(), K, group, blocks + b * block_bytes,
+                                scale_kind, m, sums);
             for (int j = 0; j < XN; j++) {
                 long at = (m + j) * N + b * 16;
                 if (y_bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), bf16_of_sums(sums[j]));
@@ -790,8 +800,8 @@ static void blocked_u4(const float *x, long M, long K, const uint8_t *blocks, lo
 #else
 #define I8_BLOCKS 0
 static void blocked_i8(const float *, long, long, const int8_t *, long, const void *, int, void *, bool, int) {}
-static void blocked_u4(const float *, long, long, const uint8_t *, long, const void *, const void *, int, long, void *,
-                       bool, int) {}
+static long q4_group_bytes(long, int) { return 0; }
+static void blocked_q4(const float *, long, long, const uint8_t *, long, int, long, void *, bool, int) {}
 #endif
 
 
@@ -1199,30 +1209,33 @@ static at::Tensor matvec_blocked_int8_op(const at::Tensor &x, const at::Tensor &
     return out;
 }
 
-/* speed::matvec_blocked_u4(x, blocks, scales, minimums, group_size): x (..., K) fp32 or bf16 against 4-bit codes in
-   blocks (uint8 (N / 16, K / 8, 16, 4): blocked_u4_rows) with a scale and a minimum a group of group_size columns
-   (a multiple of 32), each (N / 16, K / group_size, 16) of one float dtype; the result in x's dtype. */
-static at::Tensor matvec_blocked_u4_op(const at::Tensor &x, const at::Tensor &blocks, const at::Tensor &scales,
-                                       const at::Tensor &minimums, int64_t group_size) {
-    TORCH_CHECK(I8_BLOCKS, "speed::matvec_blocked_u4: this build has no AVX-512 VNNI loops (the CPU or compiler lacks them)");
-    long K, M, N;
-    TORCH_CHECK(blocks.scalar_type() == at::kByte, "speed::matvec_blocked_u4: blocks are ", blocks.scalar_type(),
-                "; it takes 4-bit codes two a byte (uint8)");
-    at::Tensor out = blocked_output("speed::matvec_blocked_u4", x, blocks, K, M, N, 4, 8);
-    TORCH_CHECK(group_size > 0 && group_size % XBLOCK == 0 && K % group_size == 0,
-                "speed::matvec_blocked_u4: groups of ", group_size, " columns; it takes a multiple of ", XBLOCK,
-                " that divides the rows of ", K);
-    std::vector<int64_t> grouped = {N / 16, K / group_size, 16};
-    TORCH_CHECK(scales.sizes() == grouped && minimums.sizes() == grouped && kind_of(scales) <= F16 &&
-                minimums.scalar_type() == scales.scalar_type(), "speed::matvec_blocked_u4: scales and minimums must "
-                "be one float dtype of shape ", at::IntArrayRef(grouped), ", not ", scales.sizes(), " ",
-                scales.scalar_type(), " and ", minimums.sizes(), " ", minimums.scalar_type());
+/* speed::matvec_blocked_q4(x, blocks, group_size, scale_kind): x (..., K) fp32 or bf16 against 4-bit codes in blocks
+   of 16 rows with a scale and a minimum a group of group_size columns (a multiple of 32) inline (uint8 (N / 16,
+   K / group_size, group_size * 8 + 32 x the scales' bytes): blocked_q4_rows), the scales of kind scale_kind (0 fp32,
+   1 bf16, 2 fp16); the result in x's dtype. */
+static at::Tensor matvec_blocked_q4_op(const at::Tensor &x, const at::Tensor &blocks, int64_t group_size,
+                                       int64_t scale_kind) {
+    TORCH_CHECK(I8_BLOCKS, "speed::matvec_blocked_q4: this build has no AVX-512 VNNI loops (the CPU or compiler lacks them)");
+    long K = x.size(-1), M = K ? x.numel() / K : 0;
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-                "speed::matvec_blocked_u4: x is ", x.scalar_type(), "; it takes fp32 or bf16");
-    at::Tensor xc = x.contiguous(), bc = blocks.contiguous(), s = scales.contiguous(), mn = minimums.contiguous();
+                "speed::matvec_blocked_q4: x is ", x.scalar_type(), "; it takes fp32 or bf16");
+    TORCH_CHECK(blocks.scalar_type() == at::kByte, "speed::matvec_blocked_q4: blocks are ", blocks.scalar_type(),
+                "; it takes 4-bit codes two a byte with their scales (uint8)");
+    TORCH_CHECK(scale_kind >= F32 && scale_kind <= F16, "speed::matvec_blocked_q4: scale kind ", scale_kind,
+                "; it takes 0 (fp32), 1 (bf16) or 2 (fp16)");
+    TORCH_CHECK(group_size > 0 && group_size % XBLOCK == 0 && K % group_size == 0,
+                "speed::matvec_blocked_q4: groups of ", group_size, " columns; it takes a multiple of ", XBLOCK,
+                " that divides the rows of ", K);
+    TORCH_CHECK(blocks.dim() == 3 && blocks.size(1) * group_size == K &&
+                blocks.size(2) == q4_group_bytes(group_size, scale_kind) && M >= 1, "speed::matvec_blocked_q4: rows of ",
+                K, " in groups of ", group_size, " against blocks of ", blocks.sizes());
+    long N = blocks.size(0) * 16;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    at::Tensor out = at::empty(shape, x.options()), xc = x.contiguous(), bc = blocks.contiguous();
     std::vector<float> xf = floats_of(xc);
-    blocked_u4(xf.data(), M, K, (const uint8_t *)bc.data_ptr(), N, s.data_ptr(), mn.data_ptr(), kind_of(s), group_size,
-               out.data_ptr(), x.scalar_type() == at::kBFloat16, at::get_num_threads());
+    blocked_q4(xf.data(), M, K, (const uint8_t *)bc.data_ptr(), N, (int)scale_kind, group_size, out.data_ptr(),
+               x.scalar_type() == at::kBFloat16, at::get_num_threads());
     return out;
 }
 
@@ -1263,9 +1276,9 @@ TORCH_LIBRARY(speed, m) {
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
     m.def("matvec_blocked(Tensor x, Tensor blocks) -> Tensor");
     m.def("matvec_blocked_int8(Tensor x, Tensor blocks, Tensor scales) -> Tensor");
-    m.def("matvec_blocked_u4(Tensor x, Tensor blocks, Tensor scales, Tensor minimums, int group_size) -> Tensor");
+    m.def("matvec_blocked_q4(Tensor x, Tensor blocks, int group_size, int scale_kind) -> Tensor");
     m.def("multiplies_bf16() -> bool", [] { return (bool)BF16_ROWS; });  /* matvec_blocked's bf16 loops were built */
-    m.def("multiplies_int8_blocks() -> bool", [] { return (bool)I8_BLOCKS; });  /* matvec_blocked_int8's and _u4's loops */
+    m.def("multiplies_int8_blocks() -> bool", [] { return (bool)I8_BLOCKS; });  /* matvec_blocked_int8's and _q4's loops */
     m.def("multiplies_tiles() -> bool", [] { return TILE_ROWS && tiles_permitted(); });  /* bf16 rows by AMX tiles */
 }
 
@@ -1287,8 +1300,7 @@ static at::Tensor matvec_blocked_int8_meta(const at::Tensor &x, const at::Tensor
     return matvec_blocked_meta(x, blocks);
 }
 
-static at::Tensor matvec_blocked_u4_meta(const at::Tensor &x, const at::Tensor &blocks, const at::Tensor &,
-                                         const at::Tensor &, int64_t) {
+static at::Tensor matvec_blocked_q4_meta(const at::Tensor &x, const at::Tensor &blocks, int64_t, int64_t) {
     return matvec_blocked_meta(x, blocks);
 }
 
@@ -1300,13 +1312,13 @@ TORCH_LIBRARY_IMPL(speed, CPU, m) {
     m.impl("matvec", &matvec_op);
     m.impl("matvec_blocked", &matvec_blocked_op);
     m.impl("matvec_blocked_int8", &matvec_blocked_int8_op);
-    m.impl("matvec_blocked_u4", &matvec_blocked_u4_op);
+    m.impl("matvec_blocked_q4", &matvec_blocked_q4_op);
     m.impl("decode_attention", &decode_attention_op);
 }
 TORCH_LIBRARY_IMPL(speed, Meta, m) {
     m.impl("matvec", &matvec_meta);
     m.impl("matvec_blocked", &matvec_blocked_meta);
     m.impl("matvec_blocked_int8", &matvec_blocked_int8_meta);
-    m.impl("matvec_blocked_u4", &matvec_blocked_u4_meta);
+    m.impl("matvec_blocked_q4", &matvec_blocked_q4_meta);
     m.impl("decode_attention", &decode_attention_meta);
 }

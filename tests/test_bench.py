@@ -111,7 +111,7 @@ def test_decode_bytes_per_step_count_weights_in_blocks(monkeypatch, tie):
 
 def test_decode_bytes_and_the_profile_count_4bit_weights_in_blocks_as_row_major(monkeypatch):
     """A 4-bit model (quantize_int4) reads as many bytes a step after block_weights as before, and the profile's
-    op_bytes of a matvec_blocked_u4 call (its input shapes, bf16 scales) is that product's read_bytes."""
+    op_bytes of a matvec_blocked_q4 call (its input shapes: the scales inline) is that product's read_bytes."""
     from types import SimpleNamespace
     from quantize import quantize_int4
     cfg = M.LlamaConfig(**bench.PRESETS["tiny"]["model"])
@@ -119,11 +119,11 @@ def test_decode_bytes_and_the_profile_count_4bit_weights_in_blocks_as_row_major(
     row_major = benchmarking.decode_bytes_per_step(m, cfg, 2, 10)
     monkeypatch.setattr(speed, "blocks_apply", lambda dtype=None: True)  # lay them out on any CPU: only bytes are counted
     speed.block_weights(m)
-    blocked = [x for x in m.modules() if isinstance(x, speed.BlockedLinear) and x.minimums is not None]
+    blocked = [x for x in m.modules() if isinstance(x, speed.BlockedLinear) and x.group_size > 0]
     assert len(blocked) == 7 * cfg.n_layer and benchmarking.decode_bytes_per_step(m, cfg, 2, 10) == row_major
     lin = blocked[0]
-    call = SimpleNamespace(key="speed::matvec_blocked_u4", input_shapes=[
-        [1, 1, lin.in_features], *[list(t.shape) for t in (lin.blocks, lin.scales, lin.minimums)], []])
+    call = SimpleNamespace(key="speed::matvec_blocked_q4", input_shapes=[[1, 1, lin.in_features], list(lin.blocks.shape),
+                                                                         [], []])
     assert benchmarking.op_bytes(call, 2) == lin.read_bytes()
 
 

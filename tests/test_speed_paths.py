@@ -524,8 +524,8 @@ def test_kernels_meta_shapes_are_what_they_compute():
                     [(torch.ops.speed.matvec_blocked.default, (xs, torch.randn(2, 32, 16, 2, dtype=torch.bfloat16)))]
                     if torch.ops.speed.multiplies_bf16() else []) + (  # bf16 weights in blocks: where the CPU multiplies bf16
                     [(torch.ops.speed.matvec_blocked_int8.default, (xs, torch.zeros(1, 32, 16, 2, dtype=torch.int8), torch.rand(16))),
-                     (torch.ops.speed.matvec_blocked_u4.default, (xs, torch.zeros(1, 8, 16, 4, dtype=torch.uint8),
-                                                                  torch.rand(1, 2, 16), torch.rand(1, 2, 16), 32))]
+                     (torch.ops.speed.matvec_blocked_q4.default, (xs, torch.zeros(1, 2, 32 * 8 + 128, dtype=torch.uint8),
+                                                                  32, 0))]
                     if torch.ops.speed.multiplies_int8_blocks() else []):  # int8 and 4-bit ones: where it has AVX-512 VNNI
         results = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
         assert set(results.values()) == {"SUCCESS"}, results
@@ -987,7 +987,8 @@ def test_blocked_int8_weights_give_the_row_major_int8_tokens(compiled):
     decodes_as_rows(rows, blocked, compiled, "speed::matvec_blocked_int8", n_blocked)
 
 
-# 4-bit codes in blocks of 16 rows (speed.BlockedLinear of a quantize.Int4Linear, speed_kernels.cpp's matvec_blocked_u4)
+# 4-bit codes in blocks of 16 rows with their scales inline (speed.BlockedLinear of a quantize.Int4Linear,
+# speed_kernels.cpp's matvec_blocked_q4)
 
 
 def blocked_int4(N, K, group, seed, scale_dtype=torch.bfloat16):
@@ -996,56 +997,66 @@ def blocked_int4(N, K, group, seed, scale_dtype=torch.bfloat16):
     return q4, speed.BlockedLinear(q4.unpacked_codes(), q4.scales, q4.minimums, group)
 
 
+def q4_product(x, lin):
+    return torch.ops.speed.matvec_blocked_q4(x, lin.blocks, lin.group_size, speed.SCALE_KINDS[lin.scale_dtype])
+
+
 @pytest.mark.parametrize("M", [1, 3, 4, 6])  # one row, a few, one group of 4, past it
-@pytest.mark.parametrize("N, K, group", [(48, 64, 32), (32, 576, 32), (16, 192, 64), (16, 96, 96)])
+@pytest.mark.parametrize("N, K, group, scale_dtype", [(48, 64, 32, torch.bfloat16), (32, 576, 32, torch.bfloat16),
+                                                      (16, 192, 64, torch.float32), (16, 96, 96, torch.float16)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matvec_blocked_u4_is_the_row_major_product(M, N, K, group, threads, set_threads):
-    """4-bit codes in blocks, a scale and a minimum a group: the layout by the definition (byte i of a row's 4 in a
-    block holds columns 8c + i and 8c + 4 + i); with gradients wanted the dequantised product; by the kernel every row
-    of x, fp32 or bf16, against float64 products with the dequantised weight within the bound of rounding x to int16
-    in blocks of 32 (bf16 results also within their own rounding), and equal to the row-major kernel's (speed.matvec,
-    the same rounding of x) to fp32 summation order; two threads give the very numbers of one. Where the kernel has
-    no VNNI loops the op refuses in one line and block_weights leaves 4-bit weights row-major."""
-    q4, lin = blocked_int4(N, K, group, seed=M * N + K)
-    q = q4.unpacked_codes()
-    assert lin.blocks.dtype == torch.uint8 and lin.blocks.shape == (N // 16, K // 8, 16, 4)
-    b, c, r, i = N // 16 - 1, K // 8 - 1, 15, 2
-    assert lin.blocks[b, c, r, i] == q[16 * b + r, 8 * c + i] | q[16 * b + r, 8 * c + 4 + i] << 4
-    assert lin.scales.shape == (N // 16, K // group, 16) and lin.scales[b, -1, r] == q4.scales[16 * b + r, -1]
-    assert torch.equal(lin.weight_rows(), q) and torch.equal(lin.group_rows(lin.minimums), q4.minimums)
-    assert lin.read_bytes() == q4.read_bytes()
+def test_matvec_blocked_q4_is_the_row_major_product(M, N, K, group, scale_dtype, threads, set_threads):
+    """4-bit codes in blocks with a scale and a minimum a group inline: the layout by the definition (byte i of a
+    row's 4 in lane c of group g holds columns g group + 8c + i and g group + 8c + 4 + i; the group's 16 scales, then
+    its 16 minimums, follow its lanes, in their dtype); with gradients wanted the dequantised product; by the kernel
+    every row of x, fp32 or bf16, against float64 products with the dequantised weight within the bound of rounding
+    x to int16 in blocks of 32 (bf16 results also within their own rounding), and equal to the row-major kernel's
+    (speed.matvec, the same rounding of x) to fp32 summation order; two threads give the very numbers of one. Where
+    the kernel has no VNNI loops the op refuses in one line and block_weights leaves 4-bit weights row-major."""
+    q4, lin = blocked_int4(N, K, group, seed=M * N + K, scale_dtype=scale_dtype)
+    q, size = q4.unpacked_codes(), scale_dtype.itemsize
+    assert q4.scales.dtype == scale_dtype and lin.scale_dtype == scale_dtype
+    assert lin.blocks.dtype == torch.uint8 and lin.blocks.shape == (N // 16, K // group, group * 8 + 32 * size)
+    b, g, c, r, i = N // 16 - 1, K // group - 1, group // 8 - 1, 15, 2
+    k = g * group + 8 * c
+    assert lin.blocks[b, g, 64 * c + 4 * r + i] == q[16 * b + r, k + i] | q[16 * b + r, k + 4 + i] << 4
+    inline = lin.blocks[b, g, group * 8:].view(scale_dtype)
+    assert inline[r] == q4.scales[16 * b + r, g] and inline[16 + r] == q4.minimums[16 * b + r, g]
+    scales, minimums = lin.scales_and_minimums()
+    assert torch.equal(scales, q4.scales) and torch.equal(minimums, q4.minimums)
+    assert torch.equal(lin.weight_rows(), q) and lin.read_bytes() == q4.read_bytes()
     x = torch.randn(M, 1, K, generator=torch.Generator().manual_seed(M))
     wanting_gradients = x.clone().requires_grad_()  # no kernel: the dequantised product, on any machine
     torch.testing.assert_close(lin(wanting_gradients), F.linear(wanting_gradients, q4.dequantize()), rtol=1e-5, atol=1e-5)
     if not multiplies_int8_blocks():
         with pytest.raises(RuntimeError, match="no AVX-512 VNNI loops"):
-            torch.ops.speed.matvec_blocked_u4(x, lin.blocks, lin.scales, lin.minimums, group)
+            q4_product(x, lin)
         assert not speed.blocks_apply(torch.uint8)
         return
     set_threads(threads)
     for dtype in (torch.float32, torch.bfloat16):
-        got = torch.ops.speed.matvec_blocked_u4(x.to(dtype), lin.blocks, lin.scales, lin.minimums, group)
+        got = q4_product(x.to(dtype), lin)
         rows_agree(got, x, dtype, q4.dequantize(),
                    lambda xm: speed.matvec(xm, q4.codes, q4.scales, q4.minimums, group), atol=1e-5)
         set_threads(1)
-        assert torch.equal(torch.ops.speed.matvec_blocked_u4(x.to(dtype), lin.blocks, lin.scales, lin.minimums, group), got)
+        assert torch.equal(q4_product(x.to(dtype), lin), got)
         set_threads(threads)
 
 
-def test_matvec_blocked_u4_refuses_what_it_cannot_read():
+def test_matvec_blocked_q4_refuses_what_it_cannot_read():
     """One line each, naming what is wrong (without VNNI loops every call is refused, saying so); BlockedLinear
     refuses 4-bit groups the op cannot take, on any machine."""
     built = multiplies_int8_blocks()
-    blocks, x, s = torch.zeros(2, 8, 16, 4, dtype=torch.uint8), torch.randn(1, 64), torch.ones(2, 2, 16)
-    for args, message in [((x, blocks, s, s, 48), "groups of 48 columns; it takes a multiple of 32"),
-                          ((x, blocks, s, s, 0), "groups of 0 columns"),
-                          ((x, blocks, torch.ones(2, 2, 8), s, 32), r"scales and minimums must be one float dtype of shape \[2, 2, 16\]"),
-                          ((x, blocks, s, s.bfloat16(), 32), "scales and minimums must be one float dtype"),
-                          ((x.double(), blocks, s, s, 32), "x is Double"),
-                          ((torch.randn(1, 96), blocks, s, s, 32), "rows of 96 against blocks of"),
-                          ((x, blocks.to(torch.int8), s, s, 32), "blocks are Char; it takes 4-bit codes")]:
+    blocks, x = torch.zeros(2, 2, 32 * 8 + 64, dtype=torch.uint8), torch.randn(1, 64)  # bf16 scales, groups of 32
+    for args, message in [((x, blocks, 48, 1), "groups of 48 columns; it takes a multiple of 32"),
+                          ((x, blocks, 0, 1), "groups of 0 columns"),
+                          ((x, blocks, 32, 3), "scale kind 3; it takes 0 .fp32., 1 .bf16. or 2 .fp16."),
+                          ((x, blocks, 32, 0), r"rows of 64 in groups of 32 against blocks of \[2, 2, 320\]"),
+                          ((x.double(), blocks, 32, 1), "x is Double"),
+                          ((torch.randn(1, 96), blocks, 32, 1), "rows of 96 in groups of 32 against blocks of"),
+                          ((x, blocks.to(torch.int8), 32, 1), "blocks are Char; it takes 4-bit codes")]:
         with pytest.raises(RuntimeError, match=message if built else "no AVX-512 VNNI loops"):
-            torch.ops.speed.matvec_blocked_u4(*args)
+            torch.ops.speed.matvec_blocked_q4(*args)
     q4 = Int4Linear(torch.randn(16, 64))
     for group in (0, 48, 128):  # the layer refuses before laying anything out
         with pytest.raises(ValueError, match=f"groups of a multiple of 32 columns dividing 64, not {group}"):
@@ -1058,18 +1069,18 @@ def test_blocked_int4_weights_give_the_row_major_int4_tokens(compiled, monkeypat
     it), then block_weights: every 4-bit product whose rows split into 16s becomes a BlockedLinear where
     blocks_apply(uint8) (elsewhere none does); groups of 16 columns stay row-major on any CPU. One row and 16 rows
     decoded give the row-major 4-bit model's greedy tokens wherever its choice is clear, eager and compiled (the
-    graph calls matvec_blocked_u4 for each blocked 4-bit product and no BLAS product). In fp32: in bf16 the row-major
+    graph calls matvec_blocked_q4 for each blocked 4-bit product and no BLAS product). In fp32: in bf16 the row-major
     model's 16 rows take torch's int4 kernel, whose bf16 sums put its logits 0.17 (1.7% of their spread) from these,
     too far to call most picks clear."""
     rows = speed.fuse_projections(speed.use_decode_paths(quantize_int4(spread_tiny(torch.float32))))
     splits = sum(isinstance(m, Int4Linear) and m.out_features % 16 == 0 for m in rows.modules())
     blocked = speed.block_weights(copy.deepcopy(rows))
-    n_blocked = sum(isinstance(m, speed.BlockedLinear) and m.minimums is not None for m in blocked.modules())
+    n_blocked = sum(isinstance(m, speed.BlockedLinear) and m.group_size > 0 for m in blocked.modules())
     assert splits > 0 and n_blocked == (splits if speed.blocks_apply(torch.uint8) else 0)
-    decodes_as_rows(rows, blocked, compiled, "speed::matvec_blocked_u4", n_blocked)
+    decodes_as_rows(rows, blocked, compiled, "speed::matvec_blocked_q4", n_blocked)
     monkeypatch.setattr(speed, "blocks_apply", lambda dtype=None: True)
     small_groups = speed.block_weights(quantize_int4(spread_tiny(torch.bfloat16), group_size=16))
-    assert not [m for m in small_groups.modules() if isinstance(m, speed.BlockedLinear) and m.minimums is not None]
+    assert not [m for m in small_groups.modules() if isinstance(m, speed.BlockedLinear) and m.group_size > 0]
 
 
 @pytest.mark.parametrize("avx512", [False, True])
