@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from speed import chunked_cross_entropy  # speed.py also holds the CPU decoding paths, installed from outside
+from speed import chunked_cross_entropy, greedy_pick  # speed.py also holds the CPU decoding paths, installed from outside
 
 
 @dataclass
@@ -357,8 +357,8 @@ class Llama(nn.Module):
 
 def sample_token(logits, temperature=1.0, top_k=None):
     """One token per row of logits (B, vocab); top_k draws among the k likeliest alone (= masking the rest)."""
-    if temperature == 0:  # max's index, argmax's answer (the first of equal ones): 4x faster on a CPU (docs/bench.md)
-        return logits.max(dim=-1).indices
+    if temperature == 0:  # argmax's answer (the first of equal ones), faster: torch.max, or a loop on a CPU
+        return greedy_pick(logits)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):  # multinomial over 49k: a third of a batch-16 bf16 step
         values, indices = torch.topk(logits, top_k)

@@ -108,7 +108,8 @@ CPU_ROWS = {torch.float32: FP32_CPU_ROWS}  # bf16 and fp16: the kernel up to str
 # the decoding kernel: speed_kernels.cpp, built once per machine into the cache
 
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "speed_kernels.cpp")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8)  # weights it reads
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (*FLOAT_DTYPES, torch.int8, torch.uint8)  # weights it reads
 
 
 def cache_dir(environ=None):
@@ -191,6 +192,16 @@ def matvec(x, weight, scales=None, minimums=None, group_size=0):
     if not kernel_built():
         raise RuntimeError("speed.matvec: speed_kernels.cpp did not build on this machine (the warning above says why)")
     return torch.ops.speed.matvec(x, weight, scales, minimums, group_size)
+
+
+def greedy_pick(logits):
+    """The index of each row's largest logit (rows, vocabulary) -> (rows,): the first of equal ones, a NaN counting as
+    largest, as torch.max's indices (model.sample_token at temperature 0). On a CPU speed_kernels.cpp's loop (torch's
+    max took 660 us for 16 rows of SmolLM2's 49,152 bf16 logits, 3% of a batch-16 step: docs/bench.md, "The greedy
+    pick and bf16 attention scores"); elsewhere torch.max."""
+    if logits.device.type == "cpu" and logits.dim() == 2 and logits.dtype in FLOAT_DTYPES and kernel_built():
+        return torch.ops.speed.greedy_pick(logits)
+    return logits.max(dim=-1).indices
 
 
 def decode_attention(q, k, v, mask):

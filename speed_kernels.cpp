@@ -20,7 +20,7 @@
    AVX-512 VNNI), and speed::matvec_blocked_q4: against 4-bit codes so laid out, their groups' scales inline
    (blocked_q4, AVX-512 VNNI). And the
    op speed::decode_attention: one new position per row attending over the
-   cache (attend_group; with AVX-512, attend_group_wide). */
+   cache (attend_group; with AVX-512, attend_group_wide). And speed::greedy_pick: each row's largest logit's index. */
 
 #include <math.h>
 #include <stdint.h>
@@ -932,6 +932,12 @@ template <int KIND, int N>
 static inline __attribute__((always_inline)) void scores_wide(const float *q, long D, const void *k, long base,
         long S, const bool *mask, const void *v, float *p, float *most) {
     const long size = KIND == F32 ? 4 : 2;
+    __m512 qv[N][4];  /* D = 64: the queries in registers (stores to p could alias q: reloaded at every s) */
+    float best[N];
+    for (int i = 0; i < N; i++) {
+        best[i] = most[i];
+        if (D == 64) for (int c = 0; c < 4; c++) qv[i][c] = _mm512_loadu_ps(q + i * D + 16 * c);
+    }
     for (long s = 0; s < S; s++) {
         if (!mask[s]) continue;
         for (long b = 0; b < D * size; b += 64) {  /* the key row 8 on, and this value row for sums_wide after */
@@ -940,16 +946,63 @@ static inline __attribute__((always_inline)) void scores_wide(const float *q, lo
         }
         __m512 acc[N];
         for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
-        for (long d = 0; d < D; d += 16) {
+        if (D == 64) {
+            for (int c = 0; c < 4; c++) {
+                __m512 key = load16(k, KIND, base + s * D + 16 * c, 0xffff);
+                for (int i = 0; i < N; i++) acc[i] = _mm512_fmadd_ps(qv[i][c], key, acc[i]);
+            }
+        } else for (long d = 0; d < D; d += 16) {
             __m512 key = load16(k, KIND, base + s * D + d, 0xffff);
             for (int i = 0; i < N; i++) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * D + d), key, acc[i]);
         }
         for (int i = 0; i < N; i++) {
             float score = _mm512_reduce_add_ps(acc[i]);
-            p[i * S + s] = score, most[i] = score > most[i] ? score : most[i];
+            p[i * S + s] = score, best[i] = score > best[i] ? score : best[i];
         }
     }
+    for (int i = 0; i < N; i++) most[i] = best[i];
 }
+
+#if BF16_ROWS
+/* scores_wide for bf16 queries and keys (AVX-512 BF16): vdpbf16ps adds 16 lanes' products of pairs straight from
+   the bf16 rows, no widening, half the instructions; the queries unscaled (their products are exact in fp32), the
+   score times 1 / sqrt(D) after. Attention over SmolLM2's cache at 16 rows ran 1.08x faster at 1 thread, 1.27x at 2
+   (docs/bench.md, "The greedy pick and bf16 attention scores"). */
+template <int N>
+static inline __attribute__((always_inline)) void scores_pairs(const uint16_t *q, long D, float scale, const void *k,
+        long base, long S, const bool *mask, const void *v, float *p, float *most) {
+    const uint16_t *keys = (const uint16_t *)k;
+    __m512i qv[N][2];  /* D = 64: the queries in registers */
+    float best[N];
+    for (int i = 0; i < N; i++) {
+        best[i] = most[i];
+        if (D == 64) qv[i][0] = _mm512_loadu_si512(q + i * D), qv[i][1] = _mm512_loadu_si512(q + i * D + 32);
+    }
+    for (long s = 0; s < S; s++) {
+        if (!mask[s]) continue;
+        for (long b = 0; b < D * 2; b += 64) {  /* the key row 8 on, and this value row for sums_wide after */
+            _mm_prefetch((const char *)k + (base + (s + 8) * D) * 2 + b, _MM_HINT_T0);
+            _mm_prefetch((const char *)v + (base + s * D) * 2 + b, _MM_HINT_T0);
+        }
+        __m512 acc[N];
+        for (int i = 0; i < N; i++) acc[i] = _mm512_setzero_ps();
+        const uint16_t *row = keys + base + s * D;
+        if (D == 64) {
+            __m512bh first = (__m512bh)_mm512_loadu_si512(row), second = (__m512bh)_mm512_loadu_si512(row + 32);
+            for (int i = 0; i < N; i++)
+                acc[i] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[i], (__m512bh)qv[i][0], first), (__m512bh)qv[i][1], second);
+        } else for (long d = 0; d < D; d += 32) {
+            __m512bh key = (__m512bh)_mm512_loadu_si512(row + d);
+            for (int i = 0; i < N; i++) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(q + i * D + d), key);
+        }
+        for (int i = 0; i < N; i++) {
+            float score = _mm512_reduce_add_ps(acc[i]) * scale;
+            p[i * S + s] = score, best[i] = score > best[i] ? score : best[i];
+        }
+    }
+    for (int i = 0; i < N; i++) most[i] = best[i];
+}
+#endif
 
 static inline __attribute__((always_inline)) void weights_wide(long S, const bool *mask, float *p, float most,
         float *norm) {
@@ -987,10 +1040,15 @@ static inline __attribute__((always_inline)) void sums_wide(const float *p, long
 }
 
 template <int KIND>
-static void attend_group_wide(const float *q, int G, long D, const void *k, const void *v, long base, long S,
-                              const bool *mask, float *p, float *out) {
+static void attend_group_wide(const float *q, const uint16_t *q16, float scale, int G, long D, const void *k,
+                              const void *v, long base, long S, const bool *mask, float *p, float *out) {
     float most[64], norm[64];
     for (int g = 0; g < G; g++) most[g] = -INFINITY;
+#if BF16_ROWS
+    if (KIND == BF16 && q16 && D % 32 == 0)
+        by_x_rows<GMAX>(G, [&]<int N>(long g) { scores_pairs<N>(q16 + g * D, D, scale, k, base, S, mask, v, p + g * S, most + g); });
+    else
+#endif
     by_x_rows<GMAX>(G, [&]<int N>(long g) { scores_wide<KIND, N>(q + g * D, D, k, base, S, mask, v, p + g * S, most + g); });
     for (int g = 0; g < G; g++) weights_wide(S, mask, p + g * S, most[g], norm + g);
     by_x_rows<GMAX>(G, [&]<int N>(long g) { sums_wide<KIND, N>(p + g * S, D, v, base, S, mask, norm + g, out + g * D); });
@@ -998,14 +1056,16 @@ static void attend_group_wide(const float *q, int G, long D, const void *k, cons
 #else
 #define WIDE_ATTENTION 0
 template <int KIND>
-static void attend_group_wide(const float *, int, long, const void *, const void *, long, long, const bool *, float *, float *) {}
+static void attend_group_wide(const float *, const uint16_t *, float, int, long, const void *, const void *, long, long,
+                              const bool *, float *, float *) {}
 #endif
 
 template <int KIND>
-static void attend_group(const float *q, int G, long D, const void *k, const void *v, long base, long S,
-                         const bool *mask, float *p, float *out) {
-    /* p (G x S): the scores, then the weights; q (G x D) already scaled by 1 / sqrt(D); out (G x D) */
-    if (WIDE_ATTENTION && D % 64 == 0) return attend_group_wide<KIND>(q, G, D, k, v, base, S, mask, p, out);
+static void attend_group(const float *q, const uint16_t *q16, float scale, int G, long D, const void *k, const void *v,
+                         long base, long S, const bool *mask, float *p, float *out) {
+    /* p (G x S): the scores, then the weights; q (G x D) already scaled by 1 / sqrt(D), q16 the same bf16 unscaled
+       (or none); out (G x D) */
+    if (WIDE_ATTENTION && D % 64 == 0) return attend_group_wide<KIND>(q, q16, scale, G, D, k, v, base, S, mask, p, out);
     float most[64], total[64];
     for (int g = 0; g < G; g++) most[g] = -INFINITY, total[g] = 0;
     bool vectors = VECTOR_LOOPS && D % 8 == 0;
@@ -1063,9 +1123,11 @@ static void attend_group(const float *q, int G, long D, const void *k, const voi
     }
 }
 
-/* q (B, H, D) as fp32, scaled; k, v (B, Hkv, S, D) of `kind`; mask (Bm, S), Bm 1 (all rows) or B; out (B, H, D) */
-static void decode_attention(const float *q, long B, long H, long Hkv, long S, long D, const void *k, const void *v,
-                             int kind, const bool *mask, long mask_rows, float *out, int threads) {
+/* q (B, H, D) as fp32, scaled by `scale`, and as bf16 unscaled where it came so (q16, else none); k, v (B, Hkv, S, D)
+   of `kind`; mask (Bm, S), Bm 1 (all rows) or B; out (B, H, D) */
+static void decode_attention(const float *q, const uint16_t *q16, float scale, long B, long H, long Hkv, long S, long D,
+                             const void *k, const void *v, int kind, const bool *mask, long mask_rows, float *out,
+                             int threads) {
     int G = H / Hkv;
     #pragma omp parallel num_threads(threads) if (threads > 1 && B * Hkv > 1)
     {
@@ -1074,10 +1136,11 @@ static void decode_attention(const float *q, long B, long H, long Hkv, long S, l
         for (long i = 0; i < B * Hkv; i++) {
             long b = i / Hkv;
             const float *qi = q + i * G * D;
+            const uint16_t *qi16 = q16 ? q16 + i * G * D : nullptr;
             const bool *mi = mask + (mask_rows == 1 ? 0 : b) * S;
-            if (kind == BF16) attend_group<BF16>(qi, G, D, k, v, i * S * D, S, mi, p, out + i * G * D);
-            else if (kind == F16) attend_group<F16>(qi, G, D, k, v, i * S * D, S, mi, p, out + i * G * D);
-            else attend_group<F32>(qi, G, D, k, v, i * S * D, S, mi, p, out + i * G * D);
+            if (kind == BF16) attend_group<BF16>(qi, qi16, scale, G, D, k, v, i * S * D, S, mi, p, out + i * G * D);
+            else if (kind == F16) attend_group<F16>(qi, nullptr, scale, G, D, k, v, i * S * D, S, mi, p, out + i * G * D);
+            else attend_group<F32>(qi, nullptr, scale, G, D, k, v, i * S * D, S, mi, p, out + i * G * D);
         }
         free(p);
     }
@@ -1262,12 +1325,68 @@ static at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k, 
         const scalar_t *in = qc.data_ptr<scalar_t>();
         for (long i = 0; i < B * H * D; i++) qf[i] = static_cast<float>(in[i]) * scale;
     });
-    decode_attention(qf.data(), B, H, Hkv, S, D, kc.data_ptr(), vc.data_ptr(), kind_of(k), mc.data_ptr<bool>(),
-                     mc.size(0), yf.data(), at::get_num_threads());
+    const uint16_t *q16 = dtype == at::kBFloat16 ? (const uint16_t *)qc.data_ptr() : nullptr;
+    decode_attention(qf.data(), q16, scale, B, H, Hkv, S, D, kc.data_ptr(), vc.data_ptr(), kind_of(k),
+                     mc.data_ptr<bool>(), mc.size(0), yf.data(), at::get_num_threads());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "speed::decode_attention", [&] {
         scalar_t *result = out.data_ptr<scalar_t>();
         for (long i = 0; i < B * H * D; i++) result[i] = static_cast<scalar_t>(yf[i]);
     });
+    return out;
+}
+
+/* The greedy pick (speed::greedy_pick): the index of a row's largest value, the first of equal ones; a NaN counts as
+   largest (the first NaN), as torch.max's indices. With AVX-512 16 values at a time, each lane keeping its largest
+   and where (a later equal one does not replace it), then the largest of the lanes at their least index; a NaN
+   anywhere sends the row to the plain loop, which finds the first. (torch's max took 44 us for one row of 49,152
+   bf16 logits and 660 us for 16, a thread: docs/bench.md, "The greedy pick and bf16 attention scores".) */
+template <int KIND>
+static long first_largest_plain(const void *row, long V) {
+    long best = 0;
+    float most = scalar_at(row, KIND, 0);
+    for (long i = 0; i < V; i++) {
+        float x = scalar_at(row, KIND, i);
+        if (x != x) return i;
+        if (x > most) best = i, most = x;
+    }
+    return best;
+}
+
+template <int KIND>
+static long first_largest(const void *row, long V) {
+#if WIDE_ATTENTION
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __m512i where = _mm512_setzero_si512(), at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __mmask16 nan = 0;
+    for (long i = 0; i < V; i += 16, at = _mm512_add_epi32(at, _mm512_set1_epi32(16))) {
+        __mmask16 in = V - i >= 16 ? 0xffff : (1u << (V - i)) - 1;
+        __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), in, load16(row, KIND, i, in));
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        __mmask16 larger = _mm512_cmp_ps_mask(x, best, _CMP_GT_OQ);
+        best = _mm512_mask_mov_ps(best, larger, x), where = _mm512_mask_mov_epi32(where, larger, at);
+    }
+    if (nan || V > (1L << 31)) return first_largest_plain<KIND>(row, V);
+    __mmask16 top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(_mm512_reduce_max_ps(best)), _CMP_EQ_OQ);
+    return _mm512_mask_reduce_min_epi32(top, where);
+#else
+    return first_largest_plain<KIND>(row, V);
+#endif
+}
+
+static at::Tensor greedy_pick_op(const at::Tensor &logits) {
+    TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && (logits.scalar_type() == at::kFloat ||
+                logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kHalf),
+                "speed::greedy_pick: logits ", logits.sizes(), " ", logits.scalar_type(),
+                "; it takes (rows, vocabulary) of fp32, bf16 or fp16");
+    at::Tensor lc = logits.contiguous(), out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+    long B = lc.size(0), V = lc.size(1), size = lc.element_size();
+    int kind = kind_of(lc), threads = at::get_num_threads();
+    const char *rows = (const char *)lc.data_ptr();
+    int64_t *picks = out.data_ptr<int64_t>();
+    #pragma omp parallel for num_threads(threads) if (threads > 1 && B > 1) schedule(static)
+    for (long b = 0; b < B; b++)
+        picks[b] = kind == BF16 ? first_largest<BF16>(rows + b * V * size, V)
+                 : kind == F16 ? first_largest<F16>(rows + b * V * size, V) : first_largest<F32>(rows + b * V * size, V);
     return out;
 }
 
@@ -1277,6 +1396,7 @@ TORCH_LIBRARY(speed, m) {
     m.def("matvec_blocked(Tensor x, Tensor blocks) -> Tensor");
     m.def("matvec_blocked_int8(Tensor x, Tensor blocks, Tensor scales) -> Tensor");
     m.def("matvec_blocked_q4(Tensor x, Tensor blocks, int group_size, int scale_kind) -> Tensor");
+    m.def("greedy_pick(Tensor logits) -> Tensor");
     m.def("multiplies_bf16() -> bool", [] { return (bool)BF16_ROWS; });  /* matvec_blocked's bf16 loops were built */
     m.def("multiplies_int8_blocks() -> bool", [] { return (bool)I8_BLOCKS; });  /* matvec_blocked_int8's and _q4's loops */
     m.def("multiplies_tiles() -> bool", [] { return TILE_ROWS && tiles_permitted(); });  /* bf16 rows by AMX tiles */
@@ -1304,6 +1424,10 @@ static at::Tensor matvec_blocked_q4_meta(const at::Tensor &x, const at::Tensor &
     return matvec_blocked_meta(x, blocks);
 }
 
+static at::Tensor greedy_pick_meta(const at::Tensor &logits) {
+    return at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+}
+
 static at::Tensor decode_attention_meta(const at::Tensor &q, const at::Tensor &, const at::Tensor &, const at::Tensor &) {
     return at::empty(q.sizes(), q.options());
 }
@@ -1313,6 +1437,7 @@ TORCH_LIBRARY_IMPL(speed, CPU, m) {
     m.impl("matvec_blocked", &matvec_blocked_op);
     m.impl("matvec_blocked_int8", &matvec_blocked_int8_op);
     m.impl("matvec_blocked_q4", &matvec_blocked_q4_op);
+    m.impl("greedy_pick", &greedy_pick_op);
     m.impl("decode_attention", &decode_attention_op);
 }
 TORCH_LIBRARY_IMPL(speed, Meta, m) {
@@ -1320,5 +1445,6 @@ TORCH_LIBRARY_IMPL(speed, Meta, m) {
     m.impl("matvec_blocked", &matvec_blocked_meta);
     m.impl("matvec_blocked_int8", &matvec_blocked_int8_meta);
     m.impl("matvec_blocked_q4", &matvec_blocked_q4_meta);
+    m.impl("greedy_pick", &greedy_pick_meta);
     m.impl("decode_attention", &decode_attention_meta);
 }

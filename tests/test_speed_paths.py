@@ -520,7 +520,8 @@ def test_kernels_meta_shapes_are_what_they_compute():
     for op, args in [(torch.ops.speed.matvec.default, (x, codes, scales, scales, 32)),  # 4-bit
                      (torch.ops.speed.matvec.default, (x, torch.randint(-9, 9, (8, 64), dtype=torch.int8), scales[:, 0], None, 0)),
                      (torch.ops.speed.matvec.default, (xs, torch.randn(8, 64, dtype=torch.bfloat16), None, None, 0)),
-                     (torch.ops.speed.decode_attention.default, (q, k, k, torch.ones(2, 9, dtype=torch.bool)))] + (
+                     (torch.ops.speed.decode_attention.default, (q, k, k, torch.ones(2, 9, dtype=torch.bool))),
+                     (torch.ops.speed.greedy_pick.default, (torch.randn(3, 40),))] + (
                     [(torch.ops.speed.matvec_blocked.default, (xs, torch.randn(2, 32, 16, 2, dtype=torch.bfloat16)))]
                     if torch.ops.speed.multiplies_bf16() else []) + (  # bf16 weights in blocks: where the CPU multiplies bf16
                     [(torch.ops.speed.matvec_blocked_int8.default, (xs, torch.zeros(1, 32, 16, 2, dtype=torch.int8), torch.rand(16))),
@@ -529,6 +530,37 @@ def test_kernels_meta_shapes_are_what_they_compute():
                     if torch.ops.speed.multiplies_int8_blocks() else []):  # int8 and 4-bit ones: where it has AVX-512 VNNI
         results = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
         assert set(results.values()) == {"SUCCESS"}, results
+
+
+# -----------------------------------------------------------------------------
+# the greedy pick (speed_kernels.cpp's greedy_pick)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_greedy_pick_is_torch_max(dtype, threads, set_threads):
+    """speed.greedy_pick (model.sample_token at temperature 0) gives torch.max's indices: the first of equal
+    largest values (across and within the 16-wide lanes, -0.0 equal to 0.0), a row all -inf at 0, the first NaN where
+    there is one, vocabularies of 1 to past a multiple of 16, one row and many; the op refuses other shapes in one
+    line."""
+    set_threads(threads)
+    g = torch.Generator().manual_seed(7)
+    for V in (1, 15, 16, 17, 100, 49152 + 5):
+        rows = torch.randn(9, V, generator=g).to(dtype)
+        rows[1] = rows[1].abs().neg()  # all <= 0: with a 0 at the end and a -0.0 before it, equal
+        rows[1, -1], rows[1, V // 2] = 0.0, -0.0
+        rows[2] = float("-inf")
+        rows[3, V // 3], rows[3, V - 1] = 100.0, 100.0  # two equal largest: the first
+        rows[4, V - 1] = float("nan")
+        rows[5, V // 2], rows[5, V // 4] = float("nan"), float("nan")  # the first NaN
+        rows[6] = 3.0  # all equal: 0
+        rows[7, min(16, V - 1)], rows[7, 0] = 50.0, 50.0  # equal in two lanes' first values
+        for picked in (rows, rows[:1], rows[1:2]):
+            assert torch.equal(speed.greedy_pick(picked), picked.max(dim=-1).indices), (V, picked)
+    if speed.kernel_built():
+        for logits in (torch.randn(4), torch.randn(2, 0), torch.zeros(2, 3, dtype=torch.int64)):
+            with pytest.raises(RuntimeError, match="speed::greedy_pick: logits .* it takes .rows, vocabulary. of fp32"):
+                torch.ops.speed.greedy_pick(logits)
 
 
 # -----------------------------------------------------------------------------
@@ -552,8 +584,8 @@ def attention_by_the_definition(q, k, v, mask):
 # the kernel's 4 queries a key load), 1; head sizes of one and two 64-column blocks, of 8s, and neither
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_attention_kernel_is_the_softmax_by_the_definition(H, Hkv, D, threads, set_threads):
-    """speed.decode_attention on a CPU runs the kernel: against float64 explicit softmax, for each float dtype,
-    a mask shared by all rows and one per row; positions the mask leaves out are not read (garbage there changes
+    """speed.decode_attention on a CPU runs the kernel: against float64 explicit softmax, for each float dtype (bf16
+    scores by vdpbf16ps where the CPU has AVX-512 BF16), a mask shared by all rows and one per row; positions the mask leaves out are not read (garbage there changes
     nothing); two threads give the very numbers of one; torch's-ops path agrees."""
     set_threads(threads)
     g = torch.Generator().manual_seed(H * D)
