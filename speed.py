@@ -341,16 +341,20 @@ class BlockedLinear(nn.Module):
         return [t.transpose(1, 2).reshape(self.out_features, -1) for t in (inline[..., :16], inline[..., 16:])]
 
     def read_bytes(self) -> int:
-        """What a product must read: the blocks (a buffer, which a count of the parameters leaves out), the scales."""
+        """What a product must read: the blocks (a buffer, which a count of the parameters leaves out; 4-bit ones hold
+        their scales and minimums), an int8 layer's scales."""
         return self.blocks.nbytes + (0 if self.scales is None else self.scales.nbytes)
 
     def forward(self, x):
         if x.device.type == "cpu" and x.numel() and not torch.is_grad_enabled():
-            if self.group_size and x.dtype in (torch.float32, torch.bfloat16) and blocked_loops_built(torch.uint8):
-                return torch.ops.speed.matvec_blocked_q4(x, self.blocks, self.group_size, SCALE_KINDS[self.scale_dtype])
-            if self.scales is None and x.dtype == torch.bfloat16 and blocked_loops_built(torch.bfloat16):
-                return torch.ops.speed.matvec_blocked(x, self.blocks)
-            if self.scales is not None and x.dtype in (torch.float32, torch.bfloat16) and blocked_loops_built(torch.int8):
+            x_for_codes = x.dtype in (torch.float32, torch.bfloat16)  # what the int8 and 4-bit ops take
+            if self.group_size:  # 4-bit, their scales in the blocks
+                if x_for_codes and blocked_loops_built(torch.uint8):
+                    return torch.ops.speed.matvec_blocked_q4(x, self.blocks, self.group_size, SCALE_KINDS[self.scale_dtype])
+            elif self.scales is None:  # bf16
+                if x.dtype == torch.bfloat16 and blocked_loops_built(torch.bfloat16):
+                    return torch.ops.speed.matvec_blocked(x, self.blocks)
+            elif x_for_codes and blocked_loops_built(torch.int8):
                 return torch.ops.speed.matvec_blocked_int8(x, self.blocks, self.scales)
         if self.group_size:  # elsewhere (another dtype, gradients): w = q * scale + minimum in each group
             q = self.weight_rows().float().view(self.out_features, -1, self.group_size)

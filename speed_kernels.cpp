@@ -965,8 +965,8 @@ static inline __attribute__((always_inline)) void scores_wide(const float *q, lo
 
 #if BF16_ROWS
 /* scores_wide for bf16 queries and keys (AVX-512 BF16): vdpbf16ps adds 16 lanes' products of pairs straight from
-   the bf16 rows, no widening, half the instructions; the queries unscaled (their products are exact in fp32), the
-   score times 1 / sqrt(D) after. Attention over SmolLM2's cache at 16 rows ran 1.08x faster at 1 thread, 1.27x at 2
+   the bf16 rows, no widening, half the instructions; the queries unscaled (their products are exact in fp32,
+   subnormals aside, which vdpbf16ps takes as zero), the score times 1 / sqrt(D) after. Attention over SmolLM2's cache at 16 rows ran 1.08x faster at 1 thread, 1.27x at 2
    (docs/bench.md, "The greedy pick and bf16 attention scores"). */
 template <int N>
 static inline __attribute__((always_inline)) void scores_pairs(const uint16_t *q, long D, float scale, const void *k,

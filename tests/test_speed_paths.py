@@ -554,7 +554,7 @@ def test_greedy_pick_is_torch_max(dtype, threads, set_threads):
         rows[4, V - 1] = float("nan")
         rows[5, V // 2], rows[5, V // 4] = float("nan"), float("nan")  # the first NaN
         rows[6] = 3.0  # all equal: 0
-        rows[7, min(16, V - 1)], rows[7, 0] = 50.0, 50.0  # equal in two lanes' first values
+        rows[7, min(5, V - 1)], rows[7, min(16, V - 1)] = 50.0, 50.0  # lane 5, then lane 0 of the next 16: the first
         for picked in (rows, rows[:1], rows[1:2]):
             assert torch.equal(speed.greedy_pick(picked), picked.max(dim=-1).indices), (V, picked)
     if speed.kernel_built():
@@ -990,6 +990,10 @@ def test_blocks_made_elsewhere_fall_back_where_the_loops_are_missing(monkeypatch
         torch.testing.assert_close(speed.BlockedLinear(q4.unpacked_codes(), q4.scales, q4.minimums, 32)(xf),
                                    F.linear(xf, q4.dequantize()), rtol=1e-5, atol=1e-5)
     assert ops.names and not [name for name in ops.names if name.startswith("speed.")]
+    monkeypatch.setattr(speed, "blocked_loops_built", lambda dtype: dtype == torch.bfloat16)  # bf16 loops alone
+    with torch.no_grad():  # a 4-bit layer (uint8 blocks, no scales of its own) is not taken for a bf16 one
+        torch.testing.assert_close(speed.BlockedLinear(q4.unpacked_codes(), q4.scales, q4.minimums, 32)(x),
+                                   F.linear(x, q4.dequantize().to(x.dtype)), rtol=2 ** -7, atol=2 ** -7)
 
 
 def test_block_weights_leaves_the_int8_layers_it_cannot_serve(monkeypatch):
