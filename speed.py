@@ -314,7 +314,7 @@ class BlockedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = N, K = weight.shape
         self.group_size = group_size if minimums is not None else 0  # 4-bit codes where not 0
-        self.scale_dtype = None if scales is None else scales.dtype
+        self.scale_dtype = scales.dtype if minimums is not None else None  # 4-bit: the dtype of those in the blocks
         if minimums is None:
             blocks = weight.detach().reshape(N // 16, 16, K // 2, 2).transpose(1, 2)
         else:
@@ -350,7 +350,8 @@ class BlockedLinear(nn.Module):
             x_for_codes = x.dtype in (torch.float32, torch.bfloat16)  # what the int8 and 4-bit ops take
             if self.group_size:  # 4-bit, their scales in the blocks
                 if x_for_codes and blocked_loops_built(torch.uint8):
-                    return torch.ops.speed.matvec_blocked_q4(x, self.blocks, self.group_size, SCALE_KINDS[self.scale_dtype])
+                    kind = SCALE_KINDS[self.scale_dtype]
+                    return torch.ops.speed.matvec_blocked_q4(x, self.blocks, self.group_size, kind)
             elif self.scales is None:  # bf16
                 if x.dtype == torch.bfloat16 and blocked_loops_built(torch.bfloat16):
                     return torch.ops.speed.matvec_blocked(x, self.blocks)

@@ -966,8 +966,9 @@ static inline __attribute__((always_inline)) void scores_wide(const float *q, lo
 #if BF16_ROWS
 /* scores_wide for bf16 queries and keys (AVX-512 BF16): vdpbf16ps adds 16 lanes' products of pairs straight from
    the bf16 rows, no widening, half the instructions; the queries unscaled (their products are exact in fp32,
-   subnormals aside, which vdpbf16ps takes as zero), the score times 1 / sqrt(D) after. Attention over SmolLM2's cache at 16 rows ran 1.08x faster at 1 thread, 1.27x at 2
-   (docs/bench.md, "The greedy pick and bf16 attention scores"). */
+   subnormals aside, which vdpbf16ps takes as zero), the score times 1 / sqrt(D) after. Attention over SmolLM2's
+   cache at 16 rows ran 1.08x faster at 1 thread, 1.27x at 2 (docs/bench.md, "The greedy pick and bf16 attention
+   scores"). */
 template <int N>
 static inline __attribute__((always_inline)) void scores_pairs(const uint16_t *q, long D, float scale, const void *k,
         long base, long S, const bool *mask, const void *v, float *p, float *most) {
@@ -1046,7 +1047,9 @@ static void attend_group_wide(const float *q, const uint16_t *q16, float scale, 
     for (int g = 0; g < G; g++) most[g] = -INFINITY;
 #if BF16_ROWS
     if (KIND == BF16 && q16 && D % 32 == 0)
-        by_x_rows<GMAX>(G, [&]<int N>(long g) { scores_pairs<N>(q16 + g * D, D, scale, k, base, S, mask, v, p + g * S, most + g); });
+        by_x_rows<GMAX>(G, [&]<int N>(long g) {
+            scores_pairs<N>(q16 + g * D, D, scale, k, base, S, mask, v, p + g * S, most + g);
+        });
     else
 #endif
     by_x_rows<GMAX>(G, [&]<int N>(long g) { scores_wide<KIND, N>(q + g * D, D, k, base, S, mask, v, p + g * S, most + g); });
