@@ -646,6 +646,9 @@ static void few_rows_bf16(const uint16_t *, long, long, const uint16_t *, long, 
 static void blocked_bf16(const uint16_t *, long, long, const uint16_t *, long, uint16_t *, int) {}
 #endif
 
+/* the bytes of one group of 16 rows' 4-bit codes in blocks with their scales and minimums inline (blocked_q4_rows) */
+static long q4_group_bytes(long group, int scale_kind) { return group * 8 + 32 * (scale_kind == F32 ? 4 : 2); }
+
 #if VNNI_LOOPS
 #define I8_BLOCKS 1
 /* int8 weights laid out in blocks of 16 rows (speed.BlockedLinear of a quantize.Int8Linear), as the bf16 ones above:
@@ -727,8 +730,6 @@ static void blocked_i8(const float *x, long M, long K, const int8_t *blocks, lon
    columns: |256 h + l| <= 32 x 15 x 32767 < 2^31 exactly, then fp32 times its group's scales and x's step; each
    group's minimums times the sum of x over it. One loop over the blocks of 32 columns, counting down to a group's
    end: as two nested loops (groups, their blocks) GCC compiled it 1.5x slower (scratch, the Zen 4). */
-static long q4_group_bytes(long group, int scale_kind) { return group * 8 + 32 * (scale_kind == F32 ? 4 : 2); }
-
 template <int XN>
 static inline __attribute__((always_inline)) void blocked_q4_rows(const int8_t *xhi, const uint8_t *xlo,
         const float *step, const float *xsum, long K, long group, const uint8_t *block, int scale_kind, long m,
@@ -800,7 +801,6 @@ static void blocked_q4(const float *x, long M, long K, const uint8_t *blocks, lo
 #else
 #define I8_BLOCKS 0
 static void blocked_i8(const float *, long, long, const int8_t *, long, const void *, int, void *, bool, int) {}
-static long q4_group_bytes(long, int) { return 0; }
 static void blocked_q4(const float *, long, long, const uint8_t *, long, int, long, void *, bool, int) {}
 #endif
 
