@@ -23,10 +23,13 @@
    cache (attend_group; with AVX-512, attend_group_wide). And speed::greedy_pick: each row's largest logit's index. */
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <algorithm>
+#include <new>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 /* the vector loops need AVX2, FMA and F16C (x86 since 2013-15); elsewhere the plain definition runs */
@@ -38,6 +41,46 @@
 #endif
 
 enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, U4 = 4 };  /* the weight kinds: kind_of maps torch's dtypes to them */
+
+/* A call's temporaries (x widened to fp32 and rounded, its steps and sums; attention's queries, scores and sums) in
+   one buffer each thread keeps between calls, not in mallocs of their own: an int4 SmolLM2 step made ~1,000 mallocs
+   and frees (8 a product), 4% of its time by perf, much of it glibc sorting its free lists (docs/bench.md, "A
+   call's temporaries kept"). A call sizes its Scratch once for all its parts (`room` each), then takes them:
+   growing the buffer would move the parts taken before. The buffer stays at the largest call's size (a prefill of
+   256 rows of 1,536 takes ~3 MB). Parts are 64-byte aligned and not zeroed. */
+class Scratch {
+  public:
+    template <typename T> static size_t room(long n) { return ((size_t)n * sizeof(T) + 63) / 64 * 64; }
+    explicit Scratch(size_t bytes) : size(bytes) {
+        struct Held { char *bytes = nullptr; size_t size = 0; ~Held() { free(bytes); } };
+        static thread_local Held held;
+        if (held.size < bytes) {
+            free(held.bytes);
+            held.bytes = (char *)aligned_alloc(64, bytes), held.size = held.bytes ? bytes : 0;
+            if (!held.bytes) throw std::bad_alloc();  /* torch raises it in Python as an error */
+        }
+        base = held.bytes;
+    }
+    template <typename T> T *take(long n) {
+        size_t bytes = room<T>(n);
+        if (used + bytes > size) throw std::logic_error("speed_kernels.cpp: a call took more scratch than it sized");
+        T *part = (T *)(base + used);
+        used += bytes;
+        return part;
+    }
+  private:
+    char *base;
+    size_t size, used = 0;
+};
+
+/* x as fp32: x itself, or its n bf16 values widened into `room` */
+static const float *as_floats(const void *x, bool bf16, long n, float *room) {
+    if (!bf16) return (const float *)x;
+    const uint16_t *in = (const uint16_t *)x;
+    uint32_t *out = (uint32_t *)room;
+    for (long k = 0; k < n; k++) out[k] = (uint32_t)in[k] << 16;
+    return room;
+}
 
 #define PREFETCH_BYTES 9216  /* measured best of 1-18 KB on one 1536 x 576 bf16 weight: 4 KB 23.6 GB/s, 9 KB 24.6, none 10.3 */
 #define ROWS 4
@@ -694,19 +737,22 @@ static inline __attribute__((always_inline)) void blocked_i8_rows(const uint32_t
     }
 }
 
-/* y (M, N) in fp32 or bf16 = x (M, K, fp32) against int8 blocks and one scale a row (of scale_kind) */
-static void blocked_i8(const float *x, long M, long K, const int8_t *blocks, long N, const void *scales, int scale_kind,
-                       void *y, bool y_bf16, int threads) {
-    std::vector<int16_t> xq(M * K);
-    std::vector<float> step(M * (K / XBLOCK));
+/* y (M, N) = x (M, K) against int8 blocks and one scale a row (of scale_kind); x and y both fp32 or both bf16 */
+static void blocked_i8(const void *x_in, long M, long K, const int8_t *blocks, long N, const void *scales,
+                       int scale_kind, void *y, bool y_bf16, int threads) {
+    Scratch scratch(Scratch::room<float>(y_bf16 ? M * K : 0) + Scratch::room<int16_t>(M * K) +
+                    Scratch::room<float>(M * (K / XBLOCK)));
+    const float *x = as_floats(x_in, y_bf16, M * K, scratch.take<float>(y_bf16 ? M * K : 0));
+    int16_t *xq = scratch.take<int16_t>(M * K);
+    float *step = scratch.take<float>(M * (K / XBLOCK));
     for (long m = 0; m < M; m++)
-        quantize_x_wide(x + m * K, K, xq.data() + m * K, step.data() + m * (K / XBLOCK), nullptr, nullptr, nullptr, 0);
+        quantize_x_wide(x + m * K, K, xq + m * K, step + m * (K / XBLOCK), nullptr, nullptr, nullptr, 0);
     #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (long b = 0; b < N / 16; b++) {
         __m512 row_scales = load16(scales, scale_kind, b * 16, 0xffff);
         by_x_rows<8>(M, [&]<int XN>(long m) {
             __m512 sums[XN];
-            blocked_i8_rows<XN>((const uint32_t *)xq.data(), step.data(), K, blocks + b * 16 * K, m, sums);
+            blocked_i8_rows<XN>((const uint32_t *)xq, step, K, blocks + b * 16 * K, m, sums);
             for (int j = 0; j < XN; j++) {
                 __m512 v = _mm512_mul_ps(sums[j], row_scales);
                 long at = (m + j) * N + b * 16;
@@ -773,22 +819,31 @@ static inline __attribute__((always_inline)) void blocked_q4_rows(const int8_t *
     }
 }
 
-/* y (M, N) in fp32 or bf16 = x (M, K, fp32) against 4-bit blocks with scales and minimums (of scale_kind) inline */
-static void blocked_q4(const float *x, long M, long K, const uint8_t *blocks, long N, int scale_kind, long group,
+/* y (M, N) = x (M, K) against 4-bit blocks with scales and minimums (of scale_kind) inline; x and y both fp32 or both
+   bf16 */
+static void blocked_q4(const void *x_in, long M, long K, const uint8_t *blocks, long N, int scale_kind, long group,
                        void *y, bool y_bf16, int threads) {
     long B = K / XBLOCK, G = K / group, block_bytes = G * q4_group_bytes(group, scale_kind);
-    std::vector<int16_t> xq(M * K);
-    std::vector<float> step(M * B), xsum(M * G, 0.0f);
-    std::vector<int8_t> xhi(M * K);
-    std::vector<uint8_t> xlo(M * K);
+    Scratch scratch(Scratch::room<float>(y_bf16 ? M * K : 0) + Scratch::room<int16_t>(M * K) +
+                    Scratch::room<float>(M * B) + Scratch::room<float>(M * G) + 2 * Scratch::room<int8_t>(M * K));
+    const float *x = as_floats(x_in, y_bf16, M * K, scratch.take<float>(y_bf16 ? M * K : 0));
+    int16_t *xq = scratch.take<int16_t>(M * K);
+    float *step = scratch.take<float>(M * B), *xsum = scratch.take<float>(M * G);
+    int8_t *xhi = scratch.take<int8_t>(M * K);
+    uint8_t *xlo = scratch.take<uint8_t>(M * K);
+    memset(xsum, 0, M * G * sizeof(float));
     for (long m = 0; m < M; m++)
-        quantize_x_wide(x + m * K, K, xq.data() + m * K, step.data() + m * B, nullptr, nullptr, xsum.data() + m * G, group);
-    for (long k = 0; k < M * K; k++) xhi[k] = (int8_t)(xq[k] >> 8), xlo[k] = (uint8_t)(xq[k] & 0xff);
+        quantize_x_wide(x + m * K, K, xq + m * K, step + m * B, nullptr, nullptr, xsum + m * G, group);
+    for (long k = 0; k < M * K; k += XBLOCK) {  /* the hi and lo bytes of each int16 (a scalar loop: 2% of a step) */
+        __m512i q = _mm512_loadu_si512(xq + k);
+        _mm256_storeu_si256((__m256i *)(xhi + k), _mm512_cvtepi16_epi8(_mm512_srai_epi16(q, 8)));
+        _mm256_storeu_si256((__m256i *)(xlo + k), _mm512_cvtepi16_epi8(q));
+    }
     #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (long b = 0; b < N / 16; b++) {
         by_x_rows<4>(M, [&]<int XN>(long m) {
             __m512 sums[XN];
-            blocked_q4_rows<XN>(xhi.data(), xlo.data(), step.data(), xsum.data(), K, group, blocks + b * block_bytes,
+            blocked_q4_rows<XN>(xhi, xlo, step, xsum, K, group, blocks + b * block_bytes,
                                 scale_kind, m, sums);
             for (int j = 0; j < XN; j++) {
                 long at = (m + j) * N + b * 16;
@@ -800,8 +855,8 @@ static void blocked_q4(const float *x, long M, long K, const uint8_t *blocks, lo
 }
 #else
 #define I8_BLOCKS 0
-static void blocked_i8(const float *, long, long, const int8_t *, long, const void *, int, void *, bool, int) {}
-static void blocked_q4(const float *, long, long, const uint8_t *, long, int, long, void *, bool, int) {}
+static void blocked_i8(const void *, long, long, const int8_t *, long, const void *, int, void *, bool, int) {}
+static void blocked_q4(const void *, long, long, const uint8_t *, long, int, long, void *, bool, int) {}
 #endif
 
 
@@ -1127,14 +1182,15 @@ static void attend_group(const float *q, const uint16_t *q16, float scale, int G
 }
 
 /* q (B, H, D) as fp32, scaled by `scale`, and as bf16 unscaled where it came so (q16, else none); k, v (B, Hkv, S, D)
-   of `kind`; mask (Bm, S), Bm 1 (all rows) or B; out (B, H, D) */
+   of `kind`; mask (Bm, S), Bm 1 (all rows) or B; scores: room for G x S floats for each thread, `spacing` apart;
+   out (B, H, D) */
 static void decode_attention(const float *q, const uint16_t *q16, float scale, long B, long H, long Hkv, long S, long D,
-                             const void *k, const void *v, int kind, const bool *mask, long mask_rows, float *out,
-                             int threads) {
+                             const void *k, const void *v, int kind, const bool *mask, long mask_rows, float *scores,
+                             long spacing, float *out, int threads) {
     int G = H / Hkv;
     #pragma omp parallel num_threads(threads) if (threads > 1 && B * Hkv > 1)
     {
-        float *p = (float *)malloc(G * S * sizeof(float));
+        float *p = scores + omp_get_thread_num() * spacing;
         #pragma omp for schedule(static)
         for (long i = 0; i < B * Hkv; i++) {
             long b = i / Hkv;
@@ -1145,7 +1201,6 @@ static void decode_attention(const float *q, const uint16_t *q16, float scale, l
             else if (kind == F16) attend_group<F16>(qi, nullptr, scale, G, D, k, v, i * S * D, S, mi, p, out + i * G * D);
             else attend_group<F32>(qi, nullptr, scale, G, D, k, v, i * S * D, S, mi, p, out + i * G * D);
         }
-        free(p);
     }
 }
 
@@ -1226,7 +1281,7 @@ static at::Tensor blocked_output(const char *op, const at::Tensor &x, const at::
     TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == 16 && blocks.size(3) == lane && blocks.size(1) * columns == K &&
                 M >= 1, op, ": rows of ", K, " against blocks of ", blocks.sizes());
     N = blocks.size(0) * 16;
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    at::DimVector shape(x.sizes());
     shape.back() = N;
     return at::empty(shape, x.options());
 }
@@ -1244,16 +1299,6 @@ static at::Tensor matvec_blocked_op(const at::Tensor &x, const at::Tensor &block
     return out;
 }
 
-/* a contiguous fp32 or bf16 x as fp32: here, not by a torch op (a few us a call; matvec_op) */
-static std::vector<float> floats_of(const at::Tensor &x) {
-    std::vector<float> xf(x.numel());
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "speed::floats_of", [&] {
-        const scalar_t *in = x.data_ptr<scalar_t>();
-        for (size_t k = 0; k < xf.size(); k++) xf[k] = static_cast<float>(in[k]);
-    });
-    return xf;
-}
-
 /* speed::matvec_blocked_int8(x, blocks, scales): the same for int8 codes in blocks (int8 (N / 16, K / 2, 16, 2))
    and one scale a row (N floats; quantize.Int8Linear's), x fp32 or bf16, the result in x's dtype. Its own op, not
    an argument more of matvec_blocked: inductor's cached compiled code does not know an op's schema changed, and
@@ -1268,9 +1313,8 @@ static at::Tensor matvec_blocked_int8_op(const at::Tensor &x, const at::Tensor &
                 "speed::matvec_blocked_int8: int8 blocks need ", N, " float scales and rows of a multiple of ", XBLOCK);
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                 "speed::matvec_blocked_int8: x is ", x.scalar_type(), "; it takes fp32 or bf16");
-    std::vector<float> xf = floats_of(xc);
     at::Tensor s = scales.contiguous();
-    blocked_i8(xf.data(), M, K, (const int8_t *)bc.data_ptr(), N, s.data_ptr(), kind_of(s), out.data_ptr(),
+    blocked_i8(xc.data_ptr(), M, K, (const int8_t *)bc.data_ptr(), N, s.data_ptr(), kind_of(s), out.data_ptr(),
                x.scalar_type() == at::kBFloat16, at::get_num_threads());
     return out;
 }
@@ -1296,11 +1340,10 @@ static at::Tensor matvec_blocked_q4_op(const at::Tensor &x, const at::Tensor &bl
                 blocks.size(2) == q4_group_bytes(group_size, scale_kind) && M >= 1, "speed::matvec_blocked_q4: rows of ",
                 K, " in groups of ", group_size, " against blocks of ", blocks.sizes());
     long N = blocks.size(0) * 16;
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    at::DimVector shape(x.sizes());
     shape.back() = N;
     at::Tensor out = at::empty(shape, x.options()), xc = x.contiguous(), bc = blocks.contiguous();
-    std::vector<float> xf = floats_of(xc);
-    blocked_q4(xf.data(), M, K, (const uint8_t *)bc.data_ptr(), N, (int)scale_kind, group_size, out.data_ptr(),
+    blocked_q4(xc.data_ptr(), M, K, (const uint8_t *)bc.data_ptr(), N, (int)scale_kind, group_size, out.data_ptr(),
                x.scalar_type() == at::kBFloat16, at::get_num_threads());
     return out;
 }
@@ -1322,15 +1365,19 @@ static at::Tensor decode_attention_op(const at::Tensor &q, const at::Tensor &k, 
     /* q to fp32 (scaled) and the result back to q's dtype here, not by torch ops: a few us each, 30 calls a step */
     at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), mc = mask.contiguous();
     at::Tensor out = at::empty({B, H, 1, D}, q.options());
-    std::vector<float> qf(B * H * D), yf(B * H * D);
+    int threads = at::get_num_threads();
+    long spacing = Scratch::room<float>(H / Hkv * S) / sizeof(float);  /* each thread's scores, G x S */
+    Scratch scratch(2 * Scratch::room<float>(B * H * D) + Scratch::room<float>(threads * spacing));
+    float *qf = scratch.take<float>(B * H * D), *yf = scratch.take<float>(B * H * D);
+    float *scores = scratch.take<float>(threads * spacing);
     float scale = 1.0f / sqrtf((float)D);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "speed::decode_attention", [&] {
         const scalar_t *in = qc.data_ptr<scalar_t>();
         for (long i = 0; i < B * H * D; i++) qf[i] = static_cast<float>(in[i]) * scale;
     });
     const uint16_t *q16 = dtype == at::kBFloat16 ? (const uint16_t *)qc.data_ptr() : nullptr;
-    decode_attention(qf.data(), q16, scale, B, H, Hkv, S, D, kc.data_ptr(), vc.data_ptr(), kind_of(k),
-                     mc.data_ptr<bool>(), mc.size(0), yf.data(), at::get_num_threads());
+    decode_attention(qf, q16, scale, B, H, Hkv, S, D, kc.data_ptr(), vc.data_ptr(), kind_of(k), mc.data_ptr<bool>(),
+                     mc.size(0), scores, spacing, yf, threads);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "speed::decode_attention", [&] {
         scalar_t *result = out.data_ptr<scalar_t>();
         for (long i = 0; i < B * H * D; i++) result[i] = static_cast<scalar_t>(yf[i]);
