@@ -126,6 +126,20 @@ def kernel_build_command(source, out, compiler):
             source, "-o", out, f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-lm"]
 
 
+def build_kernels(source, path, compiler):
+    """Compile `source` into the shared library `path`, whole or not at all: two processes may build at once, each
+    into a temporary file of its own, renamed into place. Raises OSError or subprocess.CalledProcessError (its
+    stderr the compiler's)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".so", delete=False).name
+    try:
+        subprocess.run(kernel_build_command(source, tmp, compiler), check=True, capture_output=True, text=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @functools.cache
 def kernel_library():
     """Build speed_kernels.cpp (c++ -O3 -march=native -fopenmp, ~15 s) once per machine into the cache and
@@ -139,15 +153,9 @@ def kernel_library():
     if not os.path.exists(path):
         print(f"speed.py: building speed_kernels.cpp into {path} (once per machine and source, ~15 s) ...",
               file=sys.stderr, flush=True)
-        tmp = None
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".so", delete=False).name
-            subprocess.run(kernel_build_command(KERNEL_SOURCE, tmp, compiler), check=True, capture_output=True, text=True)
-            os.replace(tmp, path)  # whole or not at all: two processes may build at once
+            build_kernels(KERNEL_SOURCE, path, compiler)
         except (OSError, subprocess.CalledProcessError) as e:
-            if tmp and os.path.exists(tmp):
-                os.remove(tmp)
             lines = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
             warnings.warn(f"speed_kernels.cpp did not build with {compiler} ({lines[-1] if lines else e}); decoding "
                           "falls back to the slower inductor loop. Install a C++ compiler with OpenMP, set CXX, or "

@@ -10,10 +10,16 @@ vector lanes from 9 rows; with AMX, its tile products). --old=attention: the old
 the CPU multiplies bf16; int8 and 4-bit: where it has AVX-512 VNNI).
 --old=packed: each weight in its own allocation, against speed.pack_weights' one allocation on huge pages.
 --old=dynamo: every step called through dynamo, against speed.DirectStep's steps that call the compiled graph directly.
+--old=kernels --kernels=REV: speed_kernels.cpp as of git revision REV (or a file) against the working tree's: the old
+source is built with its ops renamed (speed::* -> speed_old::*) and loaded beside the new, and the old path's step is
+compiled while torch.ops.speed points at speed_old, so its graph calls the old kernels (a profiled step checks it);
+prefill and the greedy pick run the new ones on both paths. A change of a few percent in the kernels shows here, in
+one process, where timing processes one after the other cannot see it (the memory rate swings ~10% between them).
 --quantize=int8 (int4): both paths quantized (quantize.py) before the rest (the dtype then is the activations').
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
     .venv/bin/python experiments/batch_decode.py --dtypes=bfloat16 --batches=1,16 # the issue's ratio only
+    .venv/bin/python experiments/batch_decode.py --old=kernels --kernels=HEAD~1 --quantize=int4 --dtypes=bfloat16 --batches=1
 
 Each (dtype, batch) builds both paths on the same weights (random, bench.py's smollm2 preset shape, or
 --model=FILE), compiles their decode steps (untimed warm-up), then times prefill + new_tokens greedy
@@ -24,7 +30,9 @@ median tokens/s and the range over the rounds; ratios to batch 1 of the same dty
 """
 
 import copy
+import hashlib
 import os
+import subprocess
 import sys
 import time
 
@@ -46,7 +54,8 @@ replace_tracked = False      # let --out overwrite a committed result
 model = ""                   # a checkpoint (e.g. data/smollm2/smollm2-135m-instruct.pt); '' = random weights, smollm2 shape
 dtypes = "float32,bfloat16"  # comma list
 batches = "1,4,16,32"        # comma list of decode batch sizes
-old = "products"             # what the old path keeps as it was: 'products', 'attention', 'projections', 'blocks', 'packed', 'dynamo' (docstring)
+old = "products"             # what the old path keeps as it was: 'products', 'attention', 'projections', 'blocks', 'packed', 'dynamo', 'kernels' (docstring)
+kernels = ""                 # --old=kernels: the git revision (or file) of speed_kernels.cpp the old path runs
 prompt_len = 64              # prompt tokens per row (random ids)
 new_tokens = 16              # greedy decode steps timed per round
 rounds = 3                   # timed rounds per path (median reported)
@@ -74,9 +83,13 @@ def parse(s):
     if s.old not in HEADERS:
         raise ValueError(f"--old={s.old!r}: expected 'products' (BLAS / inductor's loop), 'attention' (torch's ops), "
                          "'projections' (not joined), 'blocks' (row-major bf16, int8 or 4-bit weights), 'packed' (each "
-                         "weight its own allocation) or 'dynamo' (every step through dynamo)")
+                         "weight its own allocation), 'dynamo' (every step through dynamo) or 'kernels' (an older "
+                         "speed_kernels.cpp, --kernels=REV)")
     if s.quantize and s.quantize not in QUANTIZERS:
         raise ValueError(f"--quantize={s.quantize!r}: expected '', {', '.join(map(repr, QUANTIZERS))}")
+    if (s.old == "kernels") != bool(s.kernels):
+        raise ValueError("--old=kernels takes --kernels=REV (a git revision or a file of speed_kernels.cpp), and "
+                         "--kernels only goes with --old=kernels")
     if s.model and not os.path.isfile(s.model):
         raise ValueError(f"--model={s.model}: no such checkpoint (or '' for random weights of SmolLM2's shape)")
     return [DTYPES[d] for d in names], sorted({int(p) for p in parts})
@@ -93,8 +106,56 @@ def old_path(model, old):
     return model
 
 
-def time_batch(base, dtype, B, s):
-    """{path: [tokens/s per round]} at batch B."""
+def old_kernels(ref):
+    """torch.ops.speed_old: speed_kernels.cpp as of `ref` (a file, else a git revision of this checkout) built with
+    its ops renamed, into the kernel cache (named by the renamed source: built once), and loaded beside the new.
+    ValueError where the source cannot be had or holds no library of speed's ops."""
+    if os.path.isfile(ref):
+        with open(ref) as f:
+            source = f.read()
+    else:
+        got = subprocess.run(["git", "show", f"{ref}:speed_kernels.cpp"], cwd=ROOT, capture_output=True, text=True)
+        if got.returncode:
+            raise ValueError(f"--kernels={ref}: neither a file nor a git revision with speed_kernels.cpp "
+                             f"({got.stderr.strip().splitlines()[-1] if got.stderr.strip() else 'git failed'})")
+        source = got.stdout
+    renamed = source.replace("TORCH_LIBRARY(speed,", "TORCH_LIBRARY(speed_old,").replace(
+        "TORCH_LIBRARY_IMPL(speed,", "TORCH_LIBRARY_IMPL(speed_old,")
+    if renamed.count("TORCH_LIBRARY(speed_old,") != 1 or "TORCH_LIBRARY_IMPL(speed_old," not in renamed:
+        raise ValueError(f"--kernels={ref}: its speed_kernels.cpp defines no `TORCH_LIBRARY(speed, m)` to rename")
+    key = hashlib.sha256(renamed.encode()).hexdigest()[:16]
+    path = os.path.join(speed.cache_dir(), "kernels", f"speed_old-{key}.so")
+    if not os.path.exists(path):
+        source_path = path[:-3] + ".cpp"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(source_path, "w") as f:
+            f.write(renamed)
+        print(f"building {ref}'s speed_kernels.cpp as speed_old (~15 s) ...", flush=True)
+        try:
+            speed.build_kernels(source_path, path, os.environ.get("CXX", "c++"))
+        except subprocess.CalledProcessError as e:
+            raise ValueError(f"--kernels={ref}: its speed_kernels.cpp did not build: "
+                             f"{(e.stderr.strip().splitlines() or ['?'])[-1]}") from None
+    torch.ops.load_library(path)
+    return torch.ops.speed_old
+
+
+def kernel_calls(decoder):
+    """{namespace: calls} of speed's ops (speed, speed_old) in one compiled decode step, by the profiler"""
+    from torch.profiler import profile
+    token = decoder.prefill()
+    with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+        decoder.step(token, decoder.positions[0], decoder.cache)
+    calls = {}
+    for event in prof.events():
+        space = event.name.split("::")[0]
+        if space in ("speed", "speed_old"):
+            calls[space] = calls.get(space, 0) + 1
+    return calls
+
+
+def time_batch(base, dtype, B, s, old_ops=None):
+    """{path: [tokens/s per round]} at batch B; old_ops: the old build's ops (old_kernels) for --old=kernels."""
     gen = torch.Generator().manual_seed(s.seed + B)
     prompt = torch.randint(base.config.vocab_size, (B, s.prompt_len), generator=gen)
     models = {"streaming": copy.deepcopy(base).to(dtype)}
@@ -102,6 +163,8 @@ def time_batch(base, dtype, B, s):
         models["old"] = copy.deepcopy(base).to(dtype)
     if s.quantize:
         models = {name: QUANTIZERS[s.quantize](m) for name, m in models.items()}
+    if s.old == "kernels":  # both steps on the very same weights: with two copies (apart in memory) the ratio
+        models["old"] = models["streaming"]  # swung 0.92x-1.02x between two runs (docs/bench.md)
     decoders = {}
     for name, m in models.items():
         join = not (name == "old" and s.old == "projections")
@@ -114,9 +177,20 @@ def time_batch(base, dtype, B, s):
             if s.old == "dynamo":  # every step through dynamo, as compiled steps ran before speed.DirectStep
                 decoders[name].step = decoders[name].step.dynamo
         t0 = H.announce_warmup(f"{name} {str(dtype)[6:]} batch {B}", True)
-        for _ in range(2):  # the second run is the first at full speed
-            decoders[name].timed()
+        new_ops = torch.ops.speed
+        try:
+            if name == "old" and old_ops is not None:  # its graph, compiled at its first step, calls the old build
+                torch.ops.speed = old_ops
+            for _ in range(2):  # the second run is the first at full speed
+                decoders[name].timed()
+        finally:
+            torch.ops.speed = new_ops
         print(f"  warm-up {time.perf_counter() - t0:.1f}s", flush=True)
+        if s.old == "kernels":
+            calls = kernel_calls(decoders[name])
+            print(f"  {name}'s step calls {calls}", flush=True)
+            if calls.get("speed_old" if name == "old" else "speed", 0) == 0 or len(calls) != 1:
+                raise RuntimeError(f"the {name} path's compiled step calls {calls}: not its own build alone")
     rates = {name: [] for name in decoders}
     for r in range(s.rounds):
         for name in H.round_order(list(decoders), r):
@@ -131,7 +205,8 @@ HEADERS = {"products": "old (BLAS; one row: inductor's loop), tokens/s | new (sp
            "projections": "old (q, k, v and gate, up separate), tokens/s | new (joined: speed.fuse_projections)",
            "blocks": "old (bf16, int8 or 4-bit weights row-major), tokens/s | new (blocks of 16 rows: speed.block_weights)",
            "packed": "old (each weight its own allocation), tokens/s | new (one on huge pages: speed.pack_weights)",
-           "dynamo": "old (every step through dynamo), tokens/s | new (the compiled graph called directly: speed.DirectStep)"}
+           "dynamo": "old (every step through dynamo), tokens/s | new (the compiled graph called directly: speed.DirectStep)",
+           "kernels": "old (speed_kernels.cpp of --kernels), tokens/s | new (the working tree's speed_kernels.cpp)"}
 
 
 def print_table(rows, dtypes, batches, old):
@@ -155,6 +230,7 @@ def main(argv):
     dtypes, batch_sizes = parse(s)
     apply_threads(s.threads)
     check_not_tracked(s.out, "out", s.replace_tracked)
+    old_ops = old_kernels(s.kernels) if s.old == "kernels" else None
     torch.manual_seed(s.seed)
     if s.model:
         from checkpoint import load_model
@@ -170,7 +246,7 @@ def main(argv):
     rows = {}
     for dtype in dtypes:
         for B in batch_sizes:
-            rates = time_batch(base, dtype, B, s)
+            rates = time_batch(base, dtype, B, s, old_ops)
             rows.setdefault(str(dtype)[6:], {})[B] = {
                 name: dict(zip(("median", "min", "max"), H.summary(v)), rounds=v) for name, v in rates.items()}
     print_table(rows, dtypes, batch_sizes, s.old)

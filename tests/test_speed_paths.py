@@ -458,6 +458,27 @@ def quantization_bound(x, w):
     return (step.double() @ w.abs().view(-1, K // 32, 32).sum(-1).double().t()) + 1e-6 * (x.abs() @ w.abs().t()).double()
 
 
+def test_an_older_kernel_build_loads_beside_the_new_under_its_own_name(tmp_path):
+    """experiments/batch_decode.py --old=kernels: a speed_kernels.cpp (here the working tree's own) built with its ops
+    renamed loads beside the build speed.py loaded, in one process, and its ops compute what the source's do; a
+    source that defines no library of speed's ops is refused in one line."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_batch_decode", os.path.join(ROOT, "experiments", "batch_decode.py"))
+    batch_decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(batch_decode)
+    assert speed.kernel_library()
+    old = batch_decode.old_kernels(os.path.join(ROOT, "speed_kernels.cpp"))
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(1, 96, generator=g), torch.randn(40, 96, generator=g).bfloat16()
+    want = torch.ops.speed.matvec(x, w, None, None, 0)
+    assert torch.equal(old.matvec(x, w, None, None, 0), want) and old is not torch.ops.speed
+    assert torch.ops.speed.matvec.default.name() == "speed::matvec" and old.matvec.default.name() == "speed_old::matvec"
+    empty = tmp_path / "empty.cpp"
+    empty.write_text("int nothing;\n")
+    with pytest.raises(ValueError, match="defines no"):
+        batch_decode.old_kernels(str(empty))
+
+
 @pytest.mark.parametrize("N, K", [(37, 96), (8, 64), (6, 160), (5, 40), (3, 17), (5, 576)])  # rows past blocks of 4; K past 16, 32
 # and 128 (VNNI chunks); 576: SmolLM2's rows, 4.5 chunks and 18 groups (minimums 16 at a time)
 @pytest.mark.parametrize("threads", [1, 2])
