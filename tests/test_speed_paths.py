@@ -606,8 +606,8 @@ def attention_by_the_definition(q, k, v, mask):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_attention_kernel_is_the_softmax_by_the_definition(H, Hkv, D, threads, set_threads):
     """speed.decode_attention on a CPU runs the kernel: against float64 explicit softmax, for each float dtype (bf16
-    scores by vdpbf16ps where the CPU has AVX-512 BF16), a mask shared by all rows and one per row; positions the mask leaves out are not read (garbage there changes
-    nothing); two threads give the very numbers of one; torch's-ops path agrees."""
+    scores by vdpbf16ps where the CPU has AVX-512 BF16), a mask shared by all rows and one per row; what the cache holds at
+    positions the mask leaves out (a large value, NaN) changes nothing; two threads give the very numbers of one; torch's-ops path agrees."""
     set_threads(threads)
     g = torch.Generator().manual_seed(H * D)
     B, S = 3, 21
@@ -624,10 +624,11 @@ def test_decode_attention_kernel_is_the_softmax_by_the_definition(H, Hkv, D, thr
                 got = speed.decode_attention(qd, kd, vd, mask)
             assert got.dtype == dtype and got.shape == (B, H, 1, D)
             torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
-            garbage = torch.where(mask[..., None].expand(B, S, D)[:, None], kd, torch.full_like(kd, 1e4))
-            vgarbage = torch.where(mask[..., None].expand(B, S, D)[:, None], vd, torch.full_like(vd, -1e4))
-            with torch.no_grad():
-                assert torch.equal(speed.decode_attention(qd, garbage, vgarbage, mask), got)
+            for fill in (1e4, float("nan")):  # a large score must not count as the largest; NaN must not spread
+                garbage = torch.where(mask[..., None].expand(B, S, D)[:, None], kd, torch.full_like(kd, fill))
+                vgarbage = torch.where(mask[..., None].expand(B, S, D)[:, None], vd, torch.full_like(vd, -fill))
+                with torch.no_grad():
+                    assert torch.equal(speed.decode_attention(qd, garbage, vgarbage, mask), got)
         torch.testing.assert_close(speed.decode_attention_by_ops(q, k, v, mask).double(),
                                    attention_by_the_definition(q, k, v, mask), rtol=1e-5, atol=1e-5)
     set_threads(1)
