@@ -13,8 +13,10 @@ the CPU multiplies bf16; int8 and 4-bit: where it has AVX-512 VNNI).
 --old=kernels --kernels=REV: speed_kernels.cpp as of git revision REV (or a file) against the working tree's: the old
 source is built with its ops renamed (speed::* -> speed_old::*) and loaded beside the new, and the old path's step is
 compiled while torch.ops.speed points at speed_old, so its graph calls the old kernels (a profiled step checks it);
-prefill and the greedy pick run the new ones on both paths. A change of a few percent in the kernels shows here, in
-one process, where timing processes one after the other cannot see it (the memory rate swings ~10% between them).
+prefill and the greedy pick run the new ones on both paths. REV's build must hold the ops, by name and schema,
+that today's speed.py calls (a revision from before an op was renamed cannot run). A change of a few percent in the
+kernels shows here, in one process, where processes timed one after another cannot see it (the memory rate swings
+~10% between them).
 --quantize=int8 (int4): both paths quantized (quantize.py) before the rest (the dtype then is the activations').
 
     .venv/bin/python experiments/batch_decode.py                                  # -> out-batch/batch_decode.json
