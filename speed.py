@@ -126,6 +126,13 @@ def kernel_build_command(source, out, compiler):
             source, "-o", out, f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-lm"]
 
 
+def kernel_build_path(source_text, name, compiler):
+    """Where the build of `source_text` goes in the cache, `name`-<key>.so: the key is the source, the compiler, torch's
+    version and the CPU's flags, so any of them changing builds anew (-march=native, torch's ABI)."""
+    key = hashlib.sha256(source_text + f"{compiler} {torch.__version__} {cpu_flags()}".encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), "kernels", f"{name}-{key}.so")
+
+
 def build_kernels(source, path, compiler):
     """Compile `source` into the shared library `path`, whole or not at all: two processes may build at once, each
     into a temporary file of its own, renamed into place. Raises OSError or subprocess.CalledProcessError (its
@@ -148,8 +155,7 @@ def kernel_library():
     source, the compiler, the CPU's flags and torch's version, so any of them changing builds anew."""
     compiler = os.environ.get("CXX", "c++")
     with open(KERNEL_SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + f"{compiler} {torch.__version__} {cpu_flags()}".encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(), "kernels", f"speed_kernels-{key}.so")
+        path = kernel_build_path(f.read(), "speed_kernels", compiler)
     if not os.path.exists(path):
         print(f"speed.py: building speed_kernels.cpp into {path} (once per machine and source, ~15 s) ...",
               file=sys.stderr, flush=True)

@@ -32,7 +32,6 @@ median tokens/s and the range over the rounds; ratios to batch 1 of the same dty
 """
 
 import copy
-import hashlib
 import os
 import subprocess
 import sys
@@ -110,7 +109,7 @@ def old_path(model, old):
 
 def old_kernels(ref):
     """torch.ops.speed_old: speed_kernels.cpp as of `ref` (a file, else a git revision of this checkout) built with
-    its ops renamed, into the kernel cache (named by the renamed source: built once), and loaded beside the new.
+    its ops renamed, into the kernel cache (named as speed.py names its build: built once), and loaded beside the new.
     ValueError where the source cannot be had or holds no library of speed's ops."""
     if os.path.isfile(ref):
         with open(ref) as f:
@@ -125,8 +124,8 @@ def old_kernels(ref):
         "TORCH_LIBRARY_IMPL(speed,", "TORCH_LIBRARY_IMPL(speed_old,")
     if renamed.count("TORCH_LIBRARY(speed_old,") != 1 or "TORCH_LIBRARY_IMPL(speed_old," not in renamed:
         raise ValueError(f"--kernels={ref}: its speed_kernels.cpp defines no `TORCH_LIBRARY(speed, m)` to rename")
-    key = hashlib.sha256(renamed.encode()).hexdigest()[:16]
-    path = os.path.join(speed.cache_dir(), "kernels", f"speed_old-{key}.so")
+    compiler = os.environ.get("CXX", "c++")
+    path = speed.kernel_build_path(renamed.encode(), "speed_old", compiler)
     if not os.path.exists(path):
         source_path = path[:-3] + ".cpp"
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -134,7 +133,7 @@ def old_kernels(ref):
             f.write(renamed)
         print(f"building {ref}'s speed_kernels.cpp as speed_old (~15 s) ...", flush=True)
         try:
-            speed.build_kernels(source_path, path, os.environ.get("CXX", "c++"))
+            speed.build_kernels(source_path, path, compiler)
         except subprocess.CalledProcessError as e:
             raise ValueError(f"--kernels={ref}: its speed_kernels.cpp did not build: "
                              f"{(e.stderr.strip().splitlines() or ['?'])[-1]}") from None

@@ -606,8 +606,9 @@ def attention_by_the_definition(q, k, v, mask):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_attention_kernel_is_the_softmax_by_the_definition(H, Hkv, D, threads, set_threads):
     """speed.decode_attention on a CPU runs the kernel: against float64 explicit softmax, for each float dtype (bf16
-    scores by vdpbf16ps where the CPU has AVX-512 BF16), a mask shared by all rows and one per row; what the cache holds at
-    positions the mask leaves out (a large value, NaN) changes nothing; two threads give the very numbers of one; torch's-ops path agrees."""
+    scores by vdpbf16ps where the CPU has AVX-512 BF16), a mask shared by all rows and one per row; what the cache
+    holds at positions the mask leaves out (a large value, NaN) changes nothing; two threads give the very numbers of
+    one; torch's-ops path agrees."""
     set_threads(threads)
     g = torch.Generator().manual_seed(H * D)
     B, S = 3, 21
