@@ -62,6 +62,9 @@ threads = 0                  # torch CPU threads: 0 = 1 on a CPU (shared machine
 criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_source), 'logits' (logit_kl_similarity:
                              # the end-to-end KL of each single switch, proposes kv_source; slow) or 'attention'
                              # (EchoAtt's attention-map similarity, proposes attn_source)
+search = 0                   # calibrate, K/V criteria: 0 = the map is the n_share best single switches (greedily,
+                             # from the matrix); k > 0 = switch by switch, each the one of the k best single switches
+                             # whose addition to those chosen costs the least KL of the logits (k x n_share forwards)
 dtype = "float32"            # calibrate: float32, or bfloat16 (autocast, the frozen linears cast once: speed.linears_in;
                              # 'logits' on SmolLM2, the AMX Xeon: 104 s against 173 paired, the same map; keep_skills.md)
 convert_to = ""              # convert: the kv_source to convert the dense model to (abruptly)
@@ -754,6 +757,82 @@ def propose_kv_source(similarity, n_share) -> tuple:
             kv_source[i] = j
             is_source.add(j)
             shared += 1
+    if shared < n_share:
+        raise ValueError(f"n_share={n_share}: the best single switches made only {shared} consumers before no allowed "
+                         "pair was left (a layer others read stays an owner): ask for fewer")
+    return tuple(kv_source)
+
+
+def layers_as_mapped(model, x, kv, kv_source, start, cos, sin, inputs=None):
+    """The dense model's layers start.. run as if its map were kv_source: a consumer attends over its owner's
+    K/V from kv {owner: (k, v)} (owners below start must be there; those from start on add theirs). inputs, a
+    list, collects the residual stream entering each layer. The output of the last layer."""
+    for i in range(start, len(model.layers)):
+        layer, attn = model.layers[i], model.layers[i].self_attn
+        if inputs is not None:
+            inputs.append(x)
+        h = layer.input_layernorm(x)
+        q, k, v = attn.project(h, cos, sin)
+        if kv_source[i] == i:
+            kv[i] = (k, v)
+        x = x + attn(h, *kv[kv_source[i]], cos, sin, None, q=q)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x
+
+
+@torch.no_grad()
+def search_kv_source(model, batches, similarity, n_share, candidates, log=print) -> tuple:
+    """propose_kv_source's greedy pick with the switches' interplay seen: the map grows one switch at a time,
+    each the one of the `candidates` best single switches still allowed (by `similarity`) whose addition to
+    those already chosen costs the least KL(dense || dense with the map), measured on the batches. A single
+    switch's cost says little about eight together (KV 0.50's greedy map, untrained, 3.2x the teacher's
+    perplexity). Costs candidates x n_share partial forwards per batch (a switch at layer i reruns i and up).
+    Greedy steps can end worse than the single switches' own map (propose_kv_source): the cheaper is returned."""
+    n = model.config.n_layer
+    if not 0 <= n_share < n:
+        raise ValueError(f"n_share={n_share}: can share between 0 and n_layer-1={n - 1} layers")
+    kv_source, model = list(range(n)), model.eval()
+    ranked = sorted(((float(similarity[i, j]), i, j) for i in range(n) for j in range(i)), reverse=True)
+    runs = []  # per batch: rope tables, the dense log-probabilities and probabilities, the mapped pass's states
+    for idx in batches:
+        cos, sin = model.rope_cos[: idx.shape[1]], model.rope_sin[: idx.shape[1]]
+        dense = F.log_softmax(model.lm_head(model.norm(layers_as_mapped(model, model.embed_tokens(idx), {},
+                                                                         kv_source, 0, cos, sin))).float(), dim=-1)
+        runs.append({"cos": cos, "sin": sin, "dense": dense, "p": dense.exp(), "idx": idx})
+    count = sum(r["idx"].numel() for r in runs)
+
+    def cost(kv_map, start):  # mean KL per token of the dense model run with kv_map, layers below start as kept
+        kl = 0.0
+        for r in runs:
+            kv = {j: r["kv"][j] for j in range(start) if kv_map[j] == j}
+            y = layers_as_mapped(model, r["inputs"][start], kv, kv_map, start, r["cos"], r["sin"])
+            switched = F.log_softmax(model.lm_head(model.norm(y)).float(), dim=-1)
+            kl += float((r["p"] * (r["dense"] - switched)).sum(-1).double().sum())
+        return kl / count
+
+    for step in range(n_share):
+        for r in runs:  # the states of the map so far, from which every candidate reruns its layer and up
+            r["inputs"], r["kv"] = [], {}
+            layers_as_mapped(model, model.embed_tokens(r["idx"]), r["kv"], kv_source, 0, r["cos"], r["sin"], r["inputs"])
+        allowed = [(i, j) for _, i, j in ranked
+                   if kv_source[i] == i and i not in kv_source[:i] + kv_source[i + 1:] and kv_source[j] == j]
+        if not allowed:
+            raise ValueError(f"n_share={n_share}: the search made only {step} consumers before no allowed pair was left "
+                             "(a layer others read stays an owner): ask for fewer")
+        scored = [(cost(kv_source[:i] + [j] + kv_source[i + 1:], i), i, j) for i, j in allowed[:candidates]]
+        kl, i, j = min(scored)
+        kv_source[i] = j
+        log(f"switch {step + 1} of {n_share}: layer {i} reads layer {j}'s K/V, KL {kl:.4f} with those before "
+            f"(the best single switch allowed: layer {allowed[0][0]} reads {allowed[0][1]})")
+    try:  # greedy steps need not beat the best single switches' map: keep the cheaper
+        single = list(propose_kv_source(similarity, n_share))
+    except ValueError:  # that greedy pick blocked itself
+        single = kv_source
+    if single != kv_source:
+        single_kl = cost(single, 0)
+        log(f"the best single switches' map {','.join(map(str, single))}: KL {single_kl:.4f}, the search's {kl:.4f}: "
+            f"{'that map' if single_kl < kl else 'the search'} kept")
+        kv_source = single if single_kl < kl else kv_source
     return tuple(kv_source)
 
 
@@ -916,7 +995,11 @@ def check_settings(s, explicit):
         raise ConfigError(f"local_lr={s.local_lr} must be a finite number > 0")
     converting = bool(s.convert_to or s.attn_to)
     for_convert = {"local_iters", "local_lr", "local_train", "overwrite"} & explicit
-    for_calibration = {"n_share", "criterion", "split", "similarity", "dtype"} & explicit
+    for_calibration = {"n_share", "criterion", "split", "similarity", "dtype", "search"} & explicit
+    if s.search < 0:
+        raise ConfigError(f"search={s.search} must be >= 0 (0: the best single switches; k: choose among k at a time)")
+    if s.search and s.criterion == "attention":
+        raise ConfigError("search applies to K/V maps (--criterion=kv or logits), not to --criterion=attention")
     if for_convert and not converting:
         raise ConfigError(f"{', '.join(sorted(for_convert))} appl{'ies' if len(for_convert) == 1 else 'y'} only with "
                           "--convert_to or --attn_to (conversion)")
@@ -946,22 +1029,26 @@ def main(argv):
         return 0
     n_share_ = s.n_share if s.n_share >= 0 else model.config.n_layer // 2
     similarity, name, propose = CRITERIA[s.criterion]
-    if s.similarity:
-        sim = saved_similarity(s.similarity, model.config.n_layer)
-    else:
-        batches = token_batches(model, ckpt, s.dataset, s.split, s.batches, s.batch_size, s.block_size, s.seed)
-        with Heartbeat(f"calibration: {len(batches)} batches through {model.config.n_layer} layers", len(batches)) as beat, \
-                linears_in(model.requires_grad_(False), DTYPES[s.dtype]), autocast("cpu", s.dtype):
-            sim = similarity(model, beat.iter(batches)).float()  # a line after 5 s and every 30 s: minutes on a real model
-    proposal = propose(sim, n_share_)
-    print_similarity(sim, s.criterion)
-    out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))
-    os.makedirs(out_dir, exist_ok=True)
-    torch.save(sim, os.path.join(out_dir, f"{name}.pt"))
-    if with_heatmap:
-        save_heatmap(sim, os.path.join(out_dir, f"{name}.png"), HEATMAP_TITLES[s.criterion],
-                     "attention pattern" if s.criterion == "attention" else "K/V")
-    print(f"saved {out_dir}/{name}.pt" + (f" and {out_dir}/{name}.png" if with_heatmap else ""))
+    batches = [] if s.similarity and not s.search else \
+        token_batches(model, ckpt, s.dataset, s.split, s.batches, s.batch_size, s.block_size, s.seed)
+    with linears_in(model.requires_grad_(False), DTYPES[s.dtype]), autocast("cpu", s.dtype):
+        if s.similarity:
+            sim = saved_similarity(s.similarity, model.config.n_layer)
+        else:
+            with Heartbeat(f"calibration: {len(batches)} batches through {model.config.n_layer} layers", len(batches)) as beat:
+                sim = similarity(model, beat.iter(batches)).float()  # a line after 5 s and every 30 s: minutes on a real model
+        print_similarity(sim, s.criterion)
+        out_dir = s.out or (s.init_from if os.path.isdir(s.init_from) else os.path.dirname(os.path.abspath(s.init_from)))
+        os.makedirs(out_dir, exist_ok=True)
+        torch.save(sim, os.path.join(out_dir, f"{name}.pt"))  # before the proposal: kept if that fails
+        if with_heatmap:
+            save_heatmap(sim, os.path.join(out_dir, f"{name}.png"), HEATMAP_TITLES[s.criterion],
+                         "attention pattern" if s.criterion == "attention" else "K/V")
+        print(f"saved {out_dir}/{name}.pt" + (f" and {out_dir}/{name}.png" if with_heatmap else ""))
+        try:
+            proposal = search_kv_source(model, batches, sim, n_share_, s.search) if s.search else propose(sim, n_share_)
+        except ValueError as e:
+            raise ConfigError(f"{e} (the matrix is saved: --similarity={out_dir}/{name}.pt proposes again in seconds)") from None
     print(f"proposed {'attn_source' if s.criterion == 'attention' else 'kv_source'} sharing {n_share_} layers: "
           f"{','.join(map(str, proposal))}")
     return proposal

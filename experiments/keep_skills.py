@@ -16,6 +16,8 @@ Every phase is a command of the project's own (printed, timed, its output in RUN
                 train split (Shakespeare's by default), the distillation's text; once for all maps
   calibration   adapt.py --n_share=N --criterion=logits: which N layers read which earlier layer's K/V (the map);
                 each single switch scored by the KL of the logits, once; later maps propose from the saved matrix
+                (--calib_search=k: the map grows switch by switch, each of the k best single switches scored with
+                those chosen before it: adapt.py --search)
                 (--sharing=attention: --criterion=attention, which layers take which earlier layer's pattern)
   conversion    (train_set=consumers_qo) adapt.py --convert_to=MAP --local_iters=..: the abrupt switch, then
                 layer-local distillation of the consumers' q_proj/o_proj against the teacher's hidden states
@@ -80,6 +82,9 @@ calib_batches = 1
 calib_batch_size = 2
 calib_dtype = "float32"      # the calibration's precision (adapt.py --dtype): bfloat16 took 104 s against 173 (paired,
                              # one sequence) on the AMX Xeon and proposed the same map (docs/keep_skills.md)
+calib_search = 0             # sharing=kv: 0 = the map is the matrix's best single switches; k > 0 = adapt.py --search=k:
+                             # switch by switch, each the one of the k best single switches whose addition to those
+                             # chosen costs the least KL (k x share more forwards; docs/keep_skills.md, "Maps searched")
 train_set = "lora"           # what the KL distillation trains: 'lora' or 'consumers_qo' (see above)
 lora_rank = 16               # train_set=lora: every linear's adapter rank (r16 on SmolLM2: 4.7 M values, 19 MB)
 lora_alpha = 32.0
@@ -166,8 +171,8 @@ def adapt_one(n, s, common, matrix=""):
         f"--init_from={s.teacher}", f"--dataset={s.calib_dataset}", f"--n_share={n}", f"--batches={s.calib_batches}",
         f"--batch_size={s.calib_batch_size}", f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={d}", *common,
         *([f"--criterion={s.criterion}", "--split=train"] if s.criterion != "kv" else []),
-        *([f"--similarity={matrix}"] if matrix else []),
-        *([f"--dtype={s.calib_dtype}"] if s.calib_dtype != "float32" and not matrix else [])], s)  # older records: none
+        *([f"--similarity={matrix}"] if matrix else []), *([f"--search={s.calib_search}"] if s.calib_search else []),
+        *([f"--dtype={s.calib_dtype}"] if s.calib_dtype != "float32" and (s.calib_search or not matrix) else [])], s)
     map_spec = proposed_map(s, f"{name}/calibration")
     switch = [f"--adapt_target={map_spec}", "--adapt_mode=abrupt"] if s.sharing == "kv" else [f"--adapt_attn_target={map_spec}"]
     trained, delta = os.path.join(d, "distill"), os.path.join(s.out, f"{name}.safetensors")
@@ -385,7 +390,7 @@ def write_results(results, s):
     rows = results["models"]
     lines = [f"# Keeping what {os.path.basename(s.teacher)} knows with a smaller KV cache", "",
              f"Generation: {s.gen_tokens:,} training + {s.gen_val_tokens:,} held-out tokens of the teacher's own "
-             f"samples, sampled in {s.gen_dtype}. Per map: calibration ({s.criterion} criterion, {s.calib_dtype}) on {s.calib_batches} x {s.calib_batch_size} x "
+             f"samples, sampled in {s.gen_dtype}. Per map: calibration ({s.criterion} criterion, {s.calib_dtype}{f', searched among {s.calib_search}' if s.calib_search else ''}) on {s.calib_batches} x {s.calib_batch_size} x "
              f"{s.block_size} {s.calib_dataset} tokens, the switch, {recipe(s)}; evaluation of base + "
              f"delta against the teacher over {s.eval_tokens:,} positions per set in {s.eval_dtype}. {results['cpu_count']} cores, "
              f"--threads={s.threads}, load average before {', '.join(f'{x:.2f}' for x in results['load_average_before'])}.",
@@ -446,6 +451,8 @@ def main(argv):
             raise ConfigError(f"--sharing=attention with --{wrong}: attention maps come from the 'attention' "
                               "criterion and train LoRA adapters; drop that setting")
         s.criterion = "attention"
+        if s.calib_search:
+            raise ConfigError(f"--calib_search={s.calib_search} searches K/V maps: drop it with --sharing=attention")
     elif s.criterion == "attention":
         raise ConfigError("--criterion=attention proposes attention maps: give --sharing=attention too")
     unused = sorted(explicit & ({"local_iters", "local_lr"} if s.train_set == "lora" else
@@ -456,6 +463,8 @@ def main(argv):
     shares = [int(x) for x in s.share.split(",") if x.strip()]
     if not shares or min(shares) < 1:
         raise ConfigError(f"--share={s.share!r}: give layer counts >= 1, like 8,15")
+    if s.calib_search < 0:
+        raise ConfigError(f"--calib_search={s.calib_search}: give 0 (the best single switches) or k >= 1 candidates")
     check_teacher(s)
     beside = []
     for path in [p for p in s.beside.split(",") if p.strip()]:

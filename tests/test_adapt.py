@@ -248,6 +248,10 @@ def test_bad_adaptation_input_is_rejected_before_training():
         freeze(dense_model(), (0, 0, 2, 3, 4, 5), "some")
     with pytest.raises(ValueError, match=r"n_share=6"):
         propose_kv_source(torch.eye(6), 6)
+    blocking = torch.eye(3)  # layer 2 reading layer 1 first leaves no second switch: said, not fewer returned
+    blocking[2, 1], blocking[1, 0], blocking[2, 0] = 0.9, 0.8, 0.7
+    with pytest.raises(ValueError, match=r"n_share=2: the best single switches made only 1 consumers"):
+        propose_kv_source(blocking, 2)
 
 
 def test_explicit_and_similarity_orders():
@@ -346,6 +350,93 @@ def test_logit_calibration_is_the_kl_of_each_single_switch_end_to_end():
                 total, count = total + (p * (p / q).log()).sum().item(), count + x.numel()
         assert total / count > 1e-3
         assert float(sim[i, j]) == pytest.approx(math.exp(-total / count), rel=1e-4)
+
+
+def explicit_map_kl(model, kv_source, xs):
+    """Mean KL per token of the dense model against the project's own conversion to kv_source, by the formula."""
+    from adapt import convert_model
+    switched = convert_model(model, list(kv_source)).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x in xs:
+            p, q = (torch.softmax(m(x)[0].double(), -1) for m in (model, switched))
+            total, count = total + (p * (p / q).log()).sum().item(), count + x.numel()
+    return total / count
+
+
+def test_map_search_adds_the_switch_that_costs_least_with_those_chosen():
+    """search_kv_source: with every allowed switch a candidate, its first switch is the matrix's best single
+    one, and each next one the allowed switch whose map (with those before) has the least KL, checked against
+    every other such map converted by convert_model; the KL it logs is that map's. It returns the cheaper of
+    that map and the best single switches' map (propose_kv_source's)."""
+    from adapt import search_kv_source
+    for seed, search_wins in ((0, True), (6, False)):  # tiny models where each of the two is the cheaper
+        model = dense_model(n_layer=6, seed=seed).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(20)
+        xs = [batch(seed=7)[0], batch(B=1, T=9, seed=8)[0]]
+        sim = logit_kl_similarity(model, xs)
+        lines = []
+        found = search_kv_source(model, xs, sim, 3, candidates=100, log=lines.append)
+        assert len(lines) == 4 and sum(j != i for i, j in enumerate(found)) == 3
+        chosen, options = list(range(6)), []
+        for line in lines[:3]:
+            i, j = (int(w) for w in line.split(": layer ")[1].split(" K/V")[0].replace("reads layer", "").replace("'s", "").split())
+            maps = [chosen[:a] + [b] + chosen[a + 1:] for a in range(6) for b in range(a)
+                    if chosen[a] == a and a not in chosen[:a] + chosen[a + 1:] and chosen[b] == b]
+            costs = {tuple(m): explicit_map_kl(model, m, xs) for m in maps}
+            options.append(len(set(round(c, 6) for c in costs.values())))
+            if chosen == list(range(6)):
+                assert max((float(sim[a, b]), a, b) for a in range(6) for b in range(a))[1:] == (i, j)
+            chosen[i] = j
+            assert costs[tuple(chosen)] == pytest.approx(min(costs.values()), rel=1e-5)
+            assert float(line.split("KL ")[1].split()[0]) == pytest.approx(costs[tuple(chosen)], abs=1e-4)
+        assert options[0] > 1 and options[1] > 1, options  # choices, not ties
+        single = propose_kv_source(sim, 3)
+        assert single != tuple(chosen) and f"map {','.join(map(str, single))}: KL" in lines[3]
+        cheaper = tuple(chosen) if search_wins else single
+        assert explicit_map_kl(model, cheaper, xs) < explicit_map_kl(model, single if search_wins else chosen, xs)
+        assert found == cheaper and lines[3].endswith("the search kept" if search_wins else "that map kept")
+
+
+def test_map_search_looks_only_at_the_best_single_switches():
+    """candidates=1 is the matrix's greedy proposal itself."""
+    from adapt import search_kv_source
+    model = dense_model(n_layer=5, seed=3).eval()
+    xs = [batch(seed=2)[0]]
+    sim = logit_kl_similarity(model, xs)
+    assert search_kv_source(model, xs, sim, 3, candidates=1, log=lambda _: None) == propose_kv_source(sim, 3)
+
+
+def test_map_search_command_from_a_saved_matrix(data_dir, dense_ckpt, tmp_path, capsys):
+    """adapt.py --search=K runs the search (its forwards need the batches even from a saved matrix) and
+    proposes its map; bad settings are one line before the model loads."""
+    from adapt import search_kv_source, token_batches
+    from checkpoint import load_model
+    common = [f"--init_from={dense_ckpt}", f"--dataset={data_dir}", "--batches=1", "--batch_size=2",
+              "--criterion=logits", "--split=train"]
+    adapt_main([*common, "--n_share=1", f"--out={tmp_path / 'a'}"])
+    saved = tmp_path / "a" / "logit_kl_similarity.pt"
+    capsys.readouterr()
+    found = adapt_main([*common, "--n_share=2", "--search=3", f"--similarity={saved}", f"--out={tmp_path / 'b'}"])
+    out = capsys.readouterr().out
+    assert "switch 2 of 2: layer" in out and f"sharing 2 layers: {','.join(map(str, found))}" in out
+    model, ckpt = load_model(dense_ckpt)
+    batches = token_batches(model, ckpt, str(data_dir), "train", 1, 2, 0, 1337)
+    assert found == search_kv_source(model.requires_grad_(False), batches, torch.load(saved), 2, 3, log=lambda _: None)
+    for bad, said in (("--search=-1", "search=-1 must be >= 0"),
+                      ("--criterion=attention", "search applies to K/V maps")):
+        assert run_script(adapt_main, [*common, "--n_share=2", "--search=2", bad]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+    blocking = torch.eye(4)  # layer 3 reading 2 and 2 reading 1 first: no third switch is left
+    blocking[3, 2], blocking[2, 1] = 0.9, 0.8
+    torch.save(blocking, tmp_path / "blocking.pt")
+    assert run_script(adapt_main, [*common, "--n_share=3", f"--similarity={tmp_path / 'blocking.pt'}",
+                                   f"--out={tmp_path / 'c'}"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "n_share=3: the best single switches made only 2" in err[0], err
+    assert f"--similarity={tmp_path / 'c'}/logit_kl_similarity.pt" in err[0] and (tmp_path / "c" / "logit_kl_similarity.pt").exists()
 
 
 def test_logit_calibration_command_on_the_train_split(data_dir, dense_ckpt, tmp_path, capsys):
