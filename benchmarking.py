@@ -174,6 +174,8 @@ def memory_bandwidth(nbytes, device, reps=3):
     weights: on the Zen 4 a sum read one at 31.3 GB/s where one on 4 KiB pages read at 26 (THP `madvise`), so a
     bound read on small pages alone let weights on huge pages read at 126% of it (docs/bench.md, "The bound on
     huge pages")."""
+    if nbytes < 4:  # an empty buffer's sum takes no time to measure
+        raise ValueError(f"memory_bandwidth needs at least one float32 to read: nbytes={nbytes}")
     best, buffers = float("inf"), [lambda: torch.ones(nbytes // 4, device=device)]
     if torch.device(device).type == "cpu":
         buffers.append(lambda: huge_page_bytes(nbytes // 4 * 4).view(torch.float32).fill_(1.0))

@@ -325,3 +325,9 @@ def test_the_bandwidth_bound_reads_a_buffer_on_huge_pages_too(monkeypatch):
                   2.0, 2.5, 2.5, 3.0])  # the one on huge pages: two of 0.5 s
     monkeypatch.setattr(benchmarking.time, "perf_counter", lambda: next(clock))
     assert benchmarking.memory_bandwidth(nbytes, "cpu", reps=2) == pytest.approx(nbytes / 0.5)
+
+
+def test_the_bandwidth_bound_refuses_a_buffer_without_one_float():
+    """Under 4 bytes the buffer is empty and its sum takes no time: refused, not a division by zero."""
+    with pytest.raises(ValueError, match="nbytes=3"):
+        benchmarking.memory_bandwidth(3, "cpu")
