@@ -41,7 +41,7 @@ from configurator import (DTYPES, ConfigError, apply_threads, autocast, configur
                           warn_slow_bf16)
 from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
 from guards import claim_destination
-from model import LayerHandover, LlamaConfig, parse_kv_source, validate_kv_source
+from model import LlamaConfig, parse_kv_source, validate_kv_source
 from progress import Heartbeat
 from speed import cast_frozen_linears, linears_in
 
@@ -701,6 +701,23 @@ def kv_similarity(model, batches):
     return (1 - (change / scale[:, None]).sqrt()).float()
 
 
+def layers_as_mapped(model, x, kv, kv_source, start, cos, sin, inputs=None):
+    """The dense model's layers start.. run as if its map were kv_source: a consumer attends over its owner's
+    K/V from kv {owner: (k, v)} (owners below start must be there; those from start on add theirs). inputs, a
+    list, collects the residual stream entering each layer. The output of the last layer."""
+    for i in range(start, len(model.layers)):
+        layer, attn = model.layers[i], model.layers[i].self_attn
+        if inputs is not None:
+            inputs.append(x)
+        h = layer.input_layernorm(x)
+        q, k, v = attn.project(h, cos, sin)
+        if kv_source[i] == i:
+            kv[i] = (k, v)
+        x = x + attn(h, *kv[kv_source[i]], cos, sin, None, q=q)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x
+
+
 @torch.no_grad()
 def logit_kl_similarity(model, batches):
     """What each single switch costs the model's predictions, end to end: S[i, j] = exp(-KL), KL the mean
@@ -717,23 +734,13 @@ def logit_kl_similarity(model, batches):
     n, model = c.n_layer, model.eval()
     kl, count = torch.zeros(n, n, dtype=torch.float64), 0
     for idx in batches:
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        cos, sin = model.rope_cos[pos], model.rope_sin[pos]
-        hand, xs, x = LayerHandover(cos, sin, None, None, pos, {}), [], model.embed_tokens(idx)
-        for block in model.layers:
-            xs.append(x)
-            x = block(x, hand)
+        cos, sin, xs, kv, dense_map = model.rope_cos[: idx.shape[1]], model.rope_sin[: idx.shape[1]], [], {}, list(range(n))
+        x = layers_as_mapped(model, model.embed_tokens(idx), kv, dense_map, 0, cos, sin, xs)
         dense = F.log_softmax(model.lm_head(model.norm(x)).float(), dim=-1)
         p_dense = dense.exp()  # once per batch, not once per pair
         for i in range(1, n):
-            layer = model.layers[i]
-            h = layer.input_layernorm(xs[i])
-            for j in range(i):
-                y = xs[i] + layer.self_attn(h, *hand.kv[j], cos, sin, None)
-                y = y + layer.mlp(layer.post_attention_layernorm(y))
-                above = LayerHandover(cos, sin, None, None, pos, {})  # the layers above compute their own K/V
-                for block in model.layers[i + 1:]:
-                    y = block(y, above)
+            for j in range(i):  # layer i reads j's K/V; the layers above compute their own
+                y = layers_as_mapped(model, xs[i], {j: kv[j]}, dense_map[:i] + [j] + dense_map[i + 1:], i, cos, sin)
                 switched = F.log_softmax(model.lm_head(model.norm(y)).float(), dim=-1)
                 kl[i, j] += (p_dense * (dense - switched)).sum(-1).double().sum()
         count += idx.numel()
@@ -761,23 +768,6 @@ def propose_kv_source(similarity, n_share) -> tuple:
         raise ValueError(f"n_share={n_share}: the best single switches made only {shared} consumers before no allowed "
                          "pair was left (a layer others read stays an owner): ask for fewer")
     return tuple(kv_source)
-
-
-def layers_as_mapped(model, x, kv, kv_source, start, cos, sin, inputs=None):
-    """The dense model's layers start.. run as if its map were kv_source: a consumer attends over its owner's
-    K/V from kv {owner: (k, v)} (owners below start must be there; those from start on add theirs). inputs, a
-    list, collects the residual stream entering each layer. The output of the last layer."""
-    for i in range(start, len(model.layers)):
-        layer, attn = model.layers[i], model.layers[i].self_attn
-        if inputs is not None:
-            inputs.append(x)
-        h = layer.input_layernorm(x)
-        q, k, v = attn.project(h, cos, sin)
-        if kv_source[i] == i:
-            kv[i] = (k, v)
-        x = x + attn(h, *kv[kv_source[i]], cos, sin, None, q=q)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return x
 
 
 @torch.no_grad()
