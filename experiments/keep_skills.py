@@ -436,15 +436,8 @@ def check_teacher(s):
                           f"{vocab - 1} (the teacher's vocabulary has {vocab} tokens)")
 
 
-def main(argv):
-    s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
-                                                      "sharing": tuple(SHARING), "distill_dtype": ("auto", *PRECISION),
-                                                      "gen_dtype": tuple(PRECISION), "eval_dtype": tuple(PRECISION),
-                                                      "calib_dtype": tuple(PRECISION),
-                                                      "adapters_dtype": ("float32", "bfloat16")})
-    device_type = resolve_device("auto").split(":")[0]  # where the phases run (each resolves device=auto alike)
-    if s.distill_dtype == "auto":
-        s.distill_dtype = "bfloat16" if device_type != "cpu" or cpu_multiplies_bf16() else "float32"
+def check_map_settings(s, explicit):
+    """How the maps are chosen: a ConfigError naming the setting; sharing=attention sets its criterion."""
     if s.sharing == "attention":
         if s.train_set != "lora" or ("criterion" in explicit and s.criterion != "attention"):
             wrong = "train_set=consumers_qo (K/V consumers' q/o)" if s.train_set != "lora" else f"criterion={s.criterion}"
@@ -455,6 +448,20 @@ def main(argv):
             raise ConfigError(f"--calib_search={s.calib_search} searches K/V maps: drop it with --sharing=attention")
     elif s.criterion == "attention":
         raise ConfigError("--criterion=attention proposes attention maps: give --sharing=attention too")
+    if s.calib_search < 0:
+        raise ConfigError(f"--calib_search={s.calib_search}: give 0 (the best single switches) or k >= 1 candidates")
+
+
+def main(argv):
+    s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
+                                                      "sharing": tuple(SHARING), "distill_dtype": ("auto", *PRECISION),
+                                                      "gen_dtype": tuple(PRECISION), "eval_dtype": tuple(PRECISION),
+                                                      "calib_dtype": tuple(PRECISION),
+                                                      "adapters_dtype": ("float32", "bfloat16")})
+    device_type = resolve_device("auto").split(":")[0]  # where the phases run (each resolves device=auto alike)
+    if s.distill_dtype == "auto":
+        s.distill_dtype = "bfloat16" if device_type != "cpu" or cpu_multiplies_bf16() else "float32"
+    check_map_settings(s, explicit)
     unused = sorted(explicit & ({"local_iters", "local_lr"} if s.train_set == "lora" else
                                 {"lora_rank", "lora_alpha", "adapters_dtype"}))
     if unused:
@@ -463,8 +470,6 @@ def main(argv):
     shares = [int(x) for x in s.share.split(",") if x.strip()]
     if not shares or min(shares) < 1:
         raise ConfigError(f"--share={s.share!r}: give layer counts >= 1, like 8,15")
-    if s.calib_search < 0:
-        raise ConfigError(f"--calib_search={s.calib_search}: give 0 (the best single switches) or k >= 1 candidates")
     check_teacher(s)
     beside = []
     for path in [p for p in s.beside.split(",") if p.strip()]:
