@@ -747,6 +747,11 @@ def logit_kl_similarity(model, batches):
     return torch.exp(-kl / count).float()
 
 
+def may_switch(kv_source, i, j) -> bool:
+    """Whether layer i may read owner j's K/V in a map that keeps kv_source: i and j own theirs, none reads i."""
+    return kv_source[i] == i and kv_source[j] == j and i not in kv_source[:i] + kv_source[i + 1:]
+
+
 def propose_kv_source(similarity, n_share) -> tuple:
     """Greedily make the n_share most similar (layer, earlier layer) pairs consumer and owner,
     keeping the map valid: owners stay owners, consumers are never sources."""
@@ -755,14 +760,12 @@ def propose_kv_source(similarity, n_share) -> tuple:
         raise ValueError(f"n_share={n_share}: can share between 0 and n_layer-1={n - 1} layers")
     pairs = sorted(((float(similarity[i, j]), i, j) for i in range(n) for j in range(i)), reverse=True)
     kv_source = list(range(n))
-    is_source = set()
     shared = 0
     for _, i, j in pairs:
         if shared == n_share:
             break
-        if kv_source[i] == i and i not in is_source and kv_source[j] == j:
+        if may_switch(kv_source, i, j):
             kv_source[i] = j
-            is_source.add(j)
             shared += 1
     if shared < n_share:
         raise ValueError(f"n_share={n_share}: the best single switches made only {shared} consumers before no allowed "
@@ -777,7 +780,8 @@ def search_kv_source(model, batches, similarity, n_share, candidates, log=print)
     those already chosen costs the least KL(dense || dense with the map), measured on the batches. A single
     switch's cost says little about eight together (KV 0.50's greedy map, untrained, 3.2x the teacher's
     perplexity). Costs candidates x n_share partial forwards per batch (a switch at layer i reruns i and up).
-    Greedy steps can end worse than the single switches' own map (propose_kv_source): the cheaper is returned."""
+    Greedy steps can end worse than the single switches' own map (propose_kv_source): the cheaper is returned.
+    On SmolLM2, 512 tokens were too few (the search fitted them); 4,096 were not (docs/keep_skills.md)."""
     n = model.config.n_layer
     if not 0 <= n_share < n:
         raise ValueError(f"n_share={n_share}: can share between 0 and n_layer-1={n - 1} layers")
@@ -804,8 +808,7 @@ def search_kv_source(model, batches, similarity, n_share, candidates, log=print)
         for r in runs:  # the states of the map so far, from which every candidate reruns its layer and up
             r["inputs"], r["kv"] = [], {}
             layers_as_mapped(model, model.embed_tokens(r["idx"]), r["kv"], kv_source, 0, r["cos"], r["sin"], r["inputs"])
-        allowed = [(i, j) for _, i, j in ranked
-                   if kv_source[i] == i and i not in kv_source[:i] + kv_source[i + 1:] and kv_source[j] == j]
+        allowed = [(i, j) for _, i, j in ranked if may_switch(kv_source, i, j)]
         if not allowed:
             raise ValueError(f"n_share={n_share}: the search made only {step} consumers before no allowed pair was left "
                              "(a layer others read stays an owner): ask for fewer")
