@@ -65,6 +65,9 @@ criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_sourc
 search = 0                   # calibrate, K/V criteria: 0 = the map is the n_share best single switches (greedily,
                              # from the matrix); k > 0 = switch by switch, each the one of the k best single switches
                              # whose addition to those chosen costs the least KL of the logits (k x n_share forwards)
+search_batches = 0           # calibrate, search > 0: the search's batches (the matrix keeps the first --batches of
+                             # them); 0 = --batches. SmolLM2: 1 x 2 x 256 tokens were too few (the search fitted them),
+                             # 8 x 2 x 256 were not (docs/keep_skills.md, "Maps searched switch by switch")
 dtype = "float32"            # calibrate: float32, or bfloat16 (autocast, the frozen linears cast once: speed.linears_in;
                              # 'logits' on SmolLM2, the AMX Xeon: 104 s against 173 paired, the same map; keep_skills.md)
 convert_to = ""              # convert: the kv_source to convert the dense model to (abruptly)
@@ -981,16 +984,22 @@ def print_similarity(sim, criterion="kv"):
 
 def check_settings(s, explicit):
     """A ConfigError naming the setting, before the model is loaded."""
-    for key, low in (("batches", 1), ("batch_size", 1), ("block_size", 0), ("local_iters", 0), ("n_share", -1)):
+    for key, low in (("batches", 1), ("batch_size", 1), ("block_size", 0), ("local_iters", 0), ("n_share", -1),
+                     ("search_batches", 0)):
         if getattr(s, key) < low:
             raise ConfigError(f"{key}={getattr(s, key)} must be >= {low}")
     if not (s.local_lr > 0 and s.local_lr != float("inf")):
         raise ConfigError(f"local_lr={s.local_lr} must be a finite number > 0")
     converting = bool(s.convert_to or s.attn_to)
     for_convert = {"local_iters", "local_lr", "local_train", "overwrite"} & explicit
-    for_calibration = {"n_share", "criterion", "split", "similarity", "dtype", "search"} & explicit
+    for_calibration = {"n_share", "criterion", "split", "similarity", "dtype", "search", "search_batches"} & explicit
     if s.search < 0:
         raise ConfigError(f"search={s.search} must be >= 0 (0: the best single switches; k: choose among k at a time)")
+    if s.search_batches and not s.search:
+        raise ConfigError(f"search_batches={s.search_batches} applies only with --search=K (the map searched switch by switch)")
+    if 0 < s.search_batches < s.batches:
+        raise ConfigError(f"search_batches={s.search_batches} is below batches={s.batches}: the search's batches "
+                          "include the matrix's; give search_batches >= batches, or 0 for the same")
     if s.search and s.criterion == "attention":
         raise ConfigError("search applies to K/V maps (--criterion=kv or logits), not to --criterion=attention")
     if for_convert and not converting:
@@ -1022,8 +1031,9 @@ def main(argv):
         return 0
     n_share_ = s.n_share if s.n_share >= 0 else model.config.n_layer // 2
     similarity, name, propose = CRITERIA[s.criterion]
-    batches = [] if s.similarity and not s.search else \
-        token_batches(model, ckpt, s.dataset, s.split, s.batches, s.batch_size, s.block_size, s.seed)
+    search_batches = [] if s.similarity and not s.search else token_batches(  # batch k is the same for any count
+        model, ckpt, s.dataset, s.split, max(s.batches, s.search_batches), s.batch_size, s.block_size, s.seed)
+    batches = search_batches[:s.batches]  # the matrix's
     with linears_in(model.requires_grad_(False), DTYPES[s.dtype]), autocast("cpu", s.dtype):
         if s.similarity:
             sim = saved_similarity(s.similarity, model.config.n_layer)
@@ -1039,7 +1049,7 @@ def main(argv):
                          "attention pattern" if s.criterion == "attention" else "K/V")
         print(f"saved {out_dir}/{name}.pt" + (f" and {out_dir}/{name}.png" if with_heatmap else ""))
         try:
-            proposal = search_kv_source(model, batches, sim, n_share_, s.search) if s.search else propose(sim, n_share_)
+            proposal = search_kv_source(model, search_batches, sim, n_share_, s.search) if s.search else propose(sim, n_share_)
         except ValueError as e:
             raise ConfigError(f"{e} (the matrix is saved: --similarity={out_dir}/{name}.pt proposes again in seconds)") from None
     print(f"proposed {'attn_source' if s.criterion == 'attention' else 'kv_source'} sharing {n_share_} layers: "

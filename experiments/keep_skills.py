@@ -17,7 +17,7 @@ Every phase is a command of the project's own (printed, timed, its output in RUN
   calibration   adapt.py --n_share=N --criterion=logits: which N layers read which earlier layer's K/V (the map);
                 each single switch scored by the KL of the logits, once; later maps propose from the saved matrix
                 (--calib_search=k: the map grows switch by switch, each of the k best single switches scored with
-                those chosen before it: adapt.py --search)
+                those chosen before it: adapt.py --search; on --calib_search_batches batches)
                 (--sharing=attention: --criterion=attention, which layers take which earlier layer's pattern)
   conversion    (train_set=consumers_qo) adapt.py --convert_to=MAP --local_iters=..: the abrupt switch, then
                 layer-local distillation of the consumers' q_proj/o_proj against the teacher's hidden states
@@ -85,6 +85,8 @@ calib_dtype = "float32"      # the calibration's precision (adapt.py --dtype): b
 calib_search = 0             # sharing=kv: 0 = the map is the matrix's best single switches; k > 0 = adapt.py --search=k:
                              # switch by switch, each the one of the k best single switches whose addition to those
                              # chosen costs the least KL (k x share more forwards; docs/keep_skills.md, "Maps searched")
+calib_search_batches = 0     # calib_search > 0: the search's batches (adapt.py --search_batches; the matrix keeps
+                             # calib_batches of them), 0 = calib_batches; SmolLM2's shipped kv8 map: 8 (4,096 tokens)
 train_set = "lora"           # what the KL distillation trains: 'lora' or 'consumers_qo' (see above)
 lora_rank = 16               # train_set=lora: every linear's adapter rank (r16 on SmolLM2: 4.7 M values, 19 MB)
 lora_alpha = 32.0
@@ -172,6 +174,7 @@ def adapt_one(n, s, common, matrix=""):
         f"--batch_size={s.calib_batch_size}", f"--block_size={s.block_size}", f"--seed={s.seed}", f"--out={d}", *common,
         *([f"--criterion={s.criterion}", "--split=train"] if s.criterion != "kv" else []),
         *([f"--similarity={matrix}"] if matrix else []), *([f"--search={s.calib_search}"] if s.calib_search else []),
+        *([f"--search_batches={s.calib_search_batches}"] if s.calib_search_batches else []),
         *([f"--dtype={s.calib_dtype}"] if s.calib_dtype != "float32" and (s.calib_search or not matrix) else [])], s)
     map_spec = proposed_map(s, f"{name}/calibration")
     switch = [f"--adapt_target={map_spec}", "--adapt_mode=abrupt"] if s.sharing == "kv" else [f"--adapt_attn_target={map_spec}"]
@@ -384,14 +387,20 @@ def recipe(s):
     return f"{s.local_iters} layer-local steps, {steps} (consumers' q_proj/o_proj only), a bf16 delta"
 
 
+def search_words(s):
+    if not s.calib_search:
+        return ""
+    return f" (the map searched among {s.calib_search} switches on {s.calib_search_batches or s.calib_batches} batches)"
+
+
 def write_results(results, s):
     with open(os.path.join(s.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     rows = results["models"]
     lines = [f"# Keeping what {os.path.basename(s.teacher)} knows with a smaller KV cache", "",
              f"Generation: {s.gen_tokens:,} training + {s.gen_val_tokens:,} held-out tokens of the teacher's own "
-             f"samples, sampled in {s.gen_dtype}. Per map: calibration ({s.criterion} criterion, {s.calib_dtype}{f', searched among {s.calib_search}' if s.calib_search else ''}) on {s.calib_batches} x {s.calib_batch_size} x "
-             f"{s.block_size} {s.calib_dataset} tokens, the switch, {recipe(s)}; evaluation of base + "
+             f"samples, sampled in {s.gen_dtype}. Per map: calibration ({s.criterion} criterion, {s.calib_dtype}) on {s.calib_batches} x {s.calib_batch_size} x "
+             f"{s.block_size} {s.calib_dataset} tokens{search_words(s)}, the switch, {recipe(s)}; evaluation of base + "
              f"delta against the teacher over {s.eval_tokens:,} positions per set in {s.eval_dtype}. {results['cpu_count']} cores, "
              f"--threads={s.threads}, load average before {', '.join(f'{x:.2f}' for x in results['load_average_before'])}.",
              "", f"{SHARING[s.sharing][0].upper()}{SHARING[s.sharing][1:]}. KV cache: the fraction of the dense model's cache the model keeps (values for "
@@ -450,6 +459,11 @@ def check_map_settings(s, explicit):
         raise ConfigError("--criterion=attention proposes attention maps: give --sharing=attention too")
     if s.calib_search < 0:
         raise ConfigError(f"--calib_search={s.calib_search}: give 0 (the best single switches) or k >= 1 candidates")
+    if s.calib_search_batches and not s.calib_search:
+        raise ConfigError(f"--calib_search_batches={s.calib_search_batches} applies only with --calib_search=K")
+    if s.calib_search_batches and s.calib_search_batches < s.calib_batches:
+        raise ConfigError(f"--calib_search_batches={s.calib_search_batches} is below --calib_batches={s.calib_batches}: "
+                          "the search's batches include the matrix's; give at least as many, or 0 for the same")
 
 
 def main(argv):

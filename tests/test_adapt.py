@@ -439,6 +439,34 @@ def test_map_search_command_from_a_saved_matrix(data_dir, dense_ckpt, tmp_path, 
     assert f"--similarity={tmp_path / 'c'}/logit_kl_similarity.pt" in err[0] and (tmp_path / "c" / "logit_kl_similarity.pt").exists()
 
 
+def test_map_search_on_more_batches_than_the_matrix(data_dir, dense_ckpt, tmp_path, capsys, monkeypatch):
+    """--search_batches=N: the matrix comes from the first --batches batches (the same matrix as without the
+    search), the search from all N (batch k is the same whatever the count); bad counts are one line."""
+    import adapt
+    from checkpoint import load_model
+    common = [f"--init_from={dense_ckpt}", f"--dataset={data_dir}", "--batch_size=2", "--criterion=logits",
+              "--split=train", "--n_share=2"]
+    adapt_main([*common, "--batches=1", f"--out={tmp_path / 'a'}"])
+    searched, search = [], adapt.search_kv_source
+    monkeypatch.setattr(adapt, "search_kv_source", lambda model, batches, *rest: searched.append(batches) or
+                        search(model, batches, *rest))
+    found = adapt_main([*common, "--batches=1", "--search=3", "--search_batches=3", f"--out={tmp_path / 'b'}"])
+    matrix = torch.load(tmp_path / "b" / "logit_kl_similarity.pt")
+    assert torch.equal(matrix, torch.load(tmp_path / "a" / "logit_kl_similarity.pt"))
+    model, ckpt = load_model(dense_ckpt)
+    three = adapt.token_batches(model, ckpt, str(data_dir), "train", 3, 2, 0, 1337)
+    assert torch.equal(three[0], adapt.token_batches(model, ckpt, str(data_dir), "train", 1, 2, 0, 1337)[0])
+    assert len(searched) == 1 and len(searched[0]) == 3 and all(map(torch.equal, searched[0], three))
+    assert not torch.equal(three[0], three[1])
+    assert found == search(model.requires_grad_(False), three, matrix, 2, 3, log=lambda _: None)
+    capsys.readouterr()
+    for bad, said in ((["--search_batches=3"], "search_batches=3 applies only with --search"),
+                      (["--search=2", "--batches=4", "--search_batches=2"], "search_batches=2 is below batches=4")):
+        assert run_script(adapt_main, [*common, *bad]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+
+
 def test_logit_calibration_command_on_the_train_split(data_dir, dense_ckpt, tmp_path, capsys):
     proposal = adapt_main([f"--init_from={dense_ckpt}", f"--dataset={data_dir}", "--n_share=1", "--batches=1",
                            "--batch_size=2", "--criterion=logits", "--split=train", f"--out={tmp_path}"])

@@ -69,9 +69,11 @@ def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path, monkeypa
     monkeypatch.setattr(exp, "resolve_device", lambda name: "cpu")
     monkeypatch.setattr(speed, "cpu_flags", lambda: "flags : avx2 fma avx512f avx512_bf16")
     row = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--learning_rate=1e-2",
-              "--gen_dtype=bfloat16", "--eval_dtype=bfloat16", "--calib_search=2")["models"]["kv1"]
+              "--gen_dtype=bfloat16", "--eval_dtype=bfloat16", "--calib_search=2",
+              "--calib_search_batches=3")["models"]["kv1"]
     calibration = json.loads((tmp_path / "runs" / "kv1" / "calibration.json").read_text())["cmd"]
-    assert "--search=2" in calibration  # the map searched switch by switch (adapt.py --search)
+    assert "--search=2" in calibration and "--search_batches=3" in calibration  # searched switch by switch on 3 batches
+    assert "searched among 2 switches on 3 batches" in (tmp_path / "res" / "results.md").read_text()
     assert "switch 1 of 1: layer" in (tmp_path / "runs" / "kv1" / "calibration.txt").read_text()
     distill_cmd = json.loads((tmp_path / "runs" / "kv1" / "distillation.json").read_text())["cmd"]
     assert "--dtype=bfloat16" in distill_cmd  # auto, on a CPU with bf16 instructions
@@ -96,7 +98,8 @@ def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path, monkeypa
     monkeypatch.setattr(speed, "cpu_flags", lambda: "flags : avx2 fma f16c")
     capsys.readouterr()
     again = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--learning_rate=1e-2", "--reuse=True",
-                f"--mix={data}:100", "--eval_dtype=bfloat16", "--teacher_topk=8", "--calib_search=2")
+                f"--mix={data}:100", "--eval_dtype=bfloat16", "--teacher_topk=8", "--calib_search=2",
+                "--calib_search_batches=3")
     warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --")]
     assert len(warned) == 1 and "--eval_dtype=bfloat16" in warned[0] and "without bf16 instructions" in warned[0]
     assert again["mix_s"] >= 0 and again["models"]["kv1"]["phase_s"]["calibration"] == row["phase_s"]["calibration"]
@@ -187,7 +190,10 @@ def test_keep_skills_sharing_settings_and_beside_are_checked_in_one_line(tmp_pat
                         (["--gen_dtype=float16"], ("gen_dtype", "float16")),
                         (["--eval_dtype=half"], ("eval_dtype", "bfloat16")),
                         (["--calib_search=-1"], ("--calib_search=-1", "k >= 1")),
-                        (["--sharing=attention", "--calib_search=4"], ("--calib_search=4", "K/V maps"))):
+                        (["--sharing=attention", "--calib_search=4"], ("--calib_search=4", "K/V maps")),
+                        (["--calib_search_batches=8"], ("--calib_search_batches=8", "only with --calib_search")),
+                        (["--calib_search=4", "--calib_batches=4", "--calib_search_batches=2"],
+                         ("--calib_search_batches=2", "below --calib_batches=4"))):
         assert run_script(exp.main, [*args, f"--out={tmp_path / 'out'}", f"--teacher={bad}"]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), (args, err)
