@@ -12,7 +12,9 @@ Held-out sets (--sets, comma-separated; each read over --tokens positions in fix
   or a path to a .bin file whose directory holds its meta.json.
 Per set: each model's perplexity, their ratio student / teacher, the mean KL(teacher || student) per token
 and top-1 agreement. Chat (--chat): greedy answers to --questions (data/chat_questions.json), accuracy (an
-expected string appears in the answer) for both, and how many of the student's answers equal the teacher's.
+expected string appears in the answer) for both, how many of the student's answers equal the teacher's, and
+the held-out figures over the teacher's answers (both models reading the teacher's answer tokens: KL and
+agreement on the very positions the greedy answers are made from, less noisy than the count of right answers).
 Everything goes to --out (JSON); a summary is printed.
 """
 
@@ -29,8 +31,8 @@ from configurator import (DTYPES, autocast, configure, resolve_device, resolve_d
                           warn_slow_bf16)
 from dataset import dataset_dir, load_meta, open_tokens
 from delta import load_with_delta
-from fidelity import (chat_answers, chat_report, compare_on_windows, default_questions_path, fixed_windows,
-                      load_questions)
+from fidelity import (chat_prompts, chat_report, compare_on_replies, compare_on_windows, default_questions_path,
+                      fixed_windows, greedy_replies, load_questions)
 from guards import trained_tokenizer
 from speed import linears_in
 from tokenizer import HFTokenizer, tokenizer_identity
@@ -124,16 +126,19 @@ def chat_eval(student, teacher, student_ckpt, teacher_ckpt, qs, s):
         raise ValueError("--chat needs a chat template, a tokenizer.json and an eos token id, which neither "
                          "checkpoint carries: pass --chat=False")
     tok = HFTokenizer.load(text=ckpt["tokenizer_json"], name="the checkpoint's tokenizer")
-    ask = partial(chat_answers, tok=tok, template=ckpt["chat_template"], questions=qs, bos=hf.get("bos_token_id"),
-                  eos=hf["eos_token_id"], batch_size=s.chat_batch_size, max_new_tokens=s.max_new_tokens)
+    prompts = chat_prompts(tok, ckpt["chat_template"], qs, hf.get("bos_token_id"), hf["eos_token_id"])
+    ask = partial(greedy_replies, prompts=prompts, eos=hf["eos_token_id"], batch_size=s.chat_batch_size,
+                  max_new_tokens=s.max_new_tokens)
     t0 = time.perf_counter()
-    teacher_answers = ask(teacher)
-    answers = ask(student)
-    report = chat_report(qs, answers, teacher_answers)
+    teacher_replies = ask(teacher)
+    replies = ask(student)
+    report = chat_report(qs, [tok.decode(r).strip() for r in replies], [tok.decode(r).strip() for r in teacher_replies])
+    report["on_teacher_answers"] = on = compare_on_replies(student, teacher, prompts, teacher_replies)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"    chat: {report['correct']} / {report['questions']} right (teacher {report['teacher_correct']}), "
           f"{report['kept']} of the teacher's right answers kept, {report['same_as_teacher']} answers equal "
-          f"the teacher's", flush=True)
+          f"the teacher's; over the teacher's {on['tokens']:,} answer tokens ppl ratio {on['ppl_ratio']:.4f}  "
+          f"KL {on['kl']:.4f}  top-1 agreement {on['agreement']:.4f}", flush=True)
     return report
 
 

@@ -6,7 +6,8 @@ How faithfully a student (an adapted model) reproduces its teacher: the library 
                   of the two next-token distributions, and whether their top-1 tokens agree
   chat            greedy answers to data/chat_questions.json; an answer is right when one of the question's
                   expected strings appears in it (answer_matches), and the student's answers are compared
-                  with the teacher's, character for character
+                  with the teacher's, character for character; the held-out figures again over the teacher's
+                  answers alone, both models reading them (compare_on_replies)
 
 Logits are reduced to sums one batch of windows at a time (compare_logits): no (tokens, vocab) array outlives
 its chunk, so 64k tokens at a 49k vocabulary cost the memory of one batch, not 12 GB.
@@ -127,17 +128,40 @@ def load_questions(path):
     return items
 
 
-def chat_answers(model, tok, template, questions, bos, eos, batch_size=16, max_new_tokens=48):
-    """Greedy answers (text, special tokens left out) to the questions, batch_size at a time; prompts of
+def chat_prompts(tok, template, questions, bos, eos):
+    """Each question as one user turn, token ids ready for the assistant's reply."""
+    return [chat_ids(tok, template, q["question"], bos, eos) for q in questions]
+
+
+def greedy_replies(model, prompts, eos, batch_size=16, max_new_tokens=48):
+    """Greedy replies (token ids, eos included when produced), batch_size prompts at a time; prompts of
     similar length are batched together, which saves the forced prompt steps of generate_rows."""
-    prompts = [chat_ids(tok, template, q["question"], bos, eos) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [None] * len(prompts)
+    replies = [None] * len(prompts)
     for b in range(0, len(order), batch_size):
         rows = order[b:b + batch_size]
         for i, reply in zip(rows, generate_rows(model, [prompts[i] for i in rows], max_new_tokens, 0.0, None, eos)):
-            answers[i] = tok.decode(reply).strip()
-    return answers
+            replies[i] = reply
+    return replies
+
+
+@torch.no_grad()
+def compare_on_replies(student, teacher, prompts, replies):
+    """summarize() over the reply positions only, teacher-forced: each prompt + reply (e.g. the teacher's greedy
+    answer) read by both models, the logits that predict each reply token compared. Less noisy than counting
+    right answers: a student a little further from the teacher shows here before a greedy answer flips."""
+    sums = dict.fromkeys(SUMS, 0.0)
+    device = student.embed_tokens.weight.device
+    for prompt, reply in zip(prompts, replies):
+        if not reply:
+            continue
+        ids = torch.tensor(prompt + reply, device=device)[None]
+        first = len(prompt) - 1  # the position whose logits predict the reply's first token
+        s_logits, _ = student(ids[:, :-1])
+        t_logits, _ = teacher(ids[:, :-1])
+        for k, v in compare_logits(s_logits[0, first:], t_logits[0, first:], ids[0, first + 1:]).items():
+            sums[k] += v
+    return summarize(sums)
 
 
 def chat_report(questions, answers, teacher_answers=None):

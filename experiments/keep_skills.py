@@ -407,7 +407,11 @@ def write_results(results, s):
              "the K/V owners, keys for those of them that compute their own attention pattern).",
              "", "| KV cache | set | ppl ratio | KL | top-1 agreement |", "|---|---|---|---|---|"]
     for name, r in rows.items():
-        for set_name, e in r["evaluation"]["sets"].items():
+        figures = dict(r["evaluation"]["sets"])
+        on_answers = (r["evaluation"].get("chat") or {}).get("on_teacher_answers")  # both models read them
+        if on_answers:
+            figures["the teacher's chat answers"] = on_answers
+        for set_name, e in figures.items():
             lines.append(f"| {r['kv_fraction']:.2f} ({name}) | {set_name} | {e['ppl_ratio']:.4f} | {e['kl']:.4f} | "
                          f"{e['agreement']:.4f} |")
     lines += ["", "| KV cache | chat right | teacher right | answers equal to the teacher's | delta MB |",

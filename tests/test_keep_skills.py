@@ -47,6 +47,7 @@ def test_keep_skills_quick_end_to_end_and_reuse(tmp_path):
     assert list(shipped.config.kv_source) == row["kv_source"]
     torch.testing.assert_close(shipped(x)[0], adapted(x)[0], atol=0.05, rtol=0.02)
     md = (tmp_path / "res" / "results.md").read_text()
+    assert f"| 0.67 (kv1) | the teacher's chat answers | {ev['chat']['on_teacher_answers']['ppl_ratio']:.4f} |" in md
     assert PROMPTS[0] in md and "Phase wall times" in md and results["goals"] == []  # goals: the 30-layer maps only
     # --reuse: nothing runs again, the delta and the trained checkpoint keep their files
     stamps = {p: p.stat().st_mtime_ns for p in [tmp_path / "res" / "kv1.safetensors",

@@ -15,7 +15,8 @@ from checkpoint import save_checkpoint
 from configurator import run_script
 from convert_hf import checkpoint_dict
 import fidelity
-from fidelity import answer_matches, compare_logits, compare_on_windows, fixed_windows, load_questions
+from fidelity import (answer_matches, compare_logits, compare_on_replies, compare_on_windows, fixed_windows,
+                      load_questions)
 from model import Llama, LlamaConfig
 from selfgen import generate_rows, render_chat, split_prompts
 from tokenizer import HFTokenizer
@@ -246,6 +247,31 @@ def test_tiny_model_figures_equal_a_per_token_computation():
     assert 0 < got["agreement"] < 1 and got["kl"] > 0.01  # two different models: the figures can tell
 
 
+def test_figures_over_replies_count_the_reply_positions_only():
+    """Both models read prompt + reply; only the positions that predict a reply token count (a prompt's own
+    positions do not), each as the per-token formulas by hand."""
+    student, teacher = tiny_model(seed=1), tiny_model(seed=2)
+    prompts, replies = [[1, 5, 6, 7], [1, 8]], [[9, 10, 2], [11, 12, 13, 14]]
+    got = compare_on_replies(student, teacher, prompts, replies)
+    kl = nll_s = nll_t = agree = 0.0
+    with torch.no_grad():
+        for p, r in zip(prompts, replies):
+            ids = torch.tensor([p + r])
+            ls, _ = student(ids[:, :-1])
+            lt, _ = teacher(ids[:, :-1])
+            for pos in range(len(p) - 1, len(p) + len(r) - 1):
+                ps, pt = torch.softmax(ls[0, pos].double(), -1), torch.softmax(lt[0, pos].double(), -1)
+                kl += float((pt * (pt / ps).log()).sum())
+                nll_s -= math.log(ps[ids[0, pos + 1]])
+                nll_t -= math.log(pt[ids[0, pos + 1]])
+                agree += int(ps.argmax() == pt.argmax())
+    assert got["tokens"] == 7
+    assert got["kl"] == pytest.approx(kl / 7, rel=1e-4) and got["agreement"] == agree / 7
+    assert got["ppl_ratio"] == pytest.approx(math.exp((nll_s - nll_t) / 7), rel=1e-4)
+    longer = compare_on_replies(student, teacher, [[1, 3, 4] + p for p in prompts], replies)
+    assert longer["tokens"] == 7 and longer["kl"] != got["kl"]  # the same reply positions, in another context
+
+
 # -----------------------------------------------------------------------------
 # chat matching
 
@@ -297,6 +323,8 @@ def test_evaluate_a_model_against_itself_gives_ratio_one_kl_zero_agreement_one(t
     assert figures["tokens"] == 64 and figures["ppl_ratio"] == 1.0 and figures["kl"] == 0.0
     assert figures["agreement"] == 1.0 and figures["student_ppl"] > 1
     assert r["chat"]["same_as_teacher"] == 5 and r["chat"]["correct"] == r["chat"]["teacher_correct"]
+    on = r["chat"]["on_teacher_answers"]
+    assert 5 <= on["tokens"] <= 40 and on["kl"] == 0.0 and on["agreement"] == 1.0 and on["ppl_ratio"] == 1.0
 
 
 def test_evaluate_another_student_reports_the_hand_computed_figures(teacher_path, tmp_path, capsys):
@@ -311,6 +339,8 @@ def test_evaluate_another_student_reports_the_hand_computed_figures(teacher_path
     assert figures["kl"] == pytest.approx(want["kl"], rel=1e-5) and figures["kl"] > 0.01
     assert figures["agreement"] == want["agreement"] < 1
     assert figures["ppl_ratio"] == pytest.approx(want["ppl_ratio"], rel=1e-5)
+    on = r["chat"]["on_teacher_answers"]  # 5 answers of at most 8 tokens, read by two different models
+    assert 5 <= on["tokens"] <= 40 and on["kl"] > 0.01
 
 
 @pytest.mark.parametrize("argv, words", [([], "--teacher"), (["--sets=nope"], "unknown set"),
