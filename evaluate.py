@@ -14,7 +14,8 @@ Per set: each model's perplexity, their ratio student / teacher, the mean KL(tea
 and top-1 agreement. Chat (--chat): greedy answers to --questions (data/chat_questions.json), accuracy (an
 expected string appears in the answer) for both, how many of the student's answers equal the teacher's, and
 the held-out figures over the teacher's answers (both models reading the teacher's answer tokens: KL and
-agreement on the very positions the greedy answers are made from, less noisy than the count of right answers).
+agreement on the very positions the greedy answers are made from: a figure that moves by degrees where the count
+flips with an answer's first different token).
 Everything goes to --out (JSON); a summary is printed.
 """
 

@@ -148,8 +148,8 @@ def greedy_replies(model, prompts, eos, batch_size=16, max_new_tokens=48):
 @torch.no_grad()
 def compare_on_replies(student, teacher, prompts, replies):
     """summarize() over the reply positions only, teacher-forced: each prompt + reply (e.g. the teacher's greedy
-    answer) read by both models, the logits that predict each reply token compared. Less noisy than counting
-    right answers: a student a little further from the teacher shows here before a greedy answer flips."""
+    answer) read by both models, the logits that predict each reply token compared: it moves by degrees, where a
+    count of right answers flips with the first token a greedy answer takes differently."""
     sums = dict.fromkeys(SUMS, 0.0)
     device = student.embed_tokens.weight.device
     for prompt, reply in zip(prompts, replies):
