@@ -18,6 +18,7 @@ shares, kept here so that neither importer imports adapt.py or the other.
 
 import dataclasses
 import hashlib
+import json
 import os
 import random
 import tempfile
@@ -75,15 +76,10 @@ def umask_file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
-def save_checkpoint(obj, path):
-    """Write a temp file in the same directory, fsync, rename it over the old one: a crash or error at
-    any point leaves the previous checkpoint intact. A failed write (a full disk) is an OSError. A CRC-32 of
-    every tensor goes in with it (integrity.tensor_digests), for load_checkpoint to check what torch read."""
-    if isinstance(obj, dict):
-        obj = {**obj, DIGEST_KEY: tensor_digests(obj)}
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory: give the checkpoint a file name, like "
-                              f"{os.path.join(path, CKPT_NAME)}")
+def replace_file(path, write):
+    """Write path through a temp file in its directory: write(f) fills it, then fsync and a rename over the
+    old one, so a crash or error at any point leaves the previous file intact. A failed write (a full disk)
+    is an OSError."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     prefix, suffix = temp_name(path)
@@ -91,13 +87,7 @@ def save_checkpoint(obj, path):
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), umask_file_mode())  # mkstemp makes the file 0600; give it the usual permissions
-            out = _KeepWriteError(f)
-            try:
-                torch.save(obj, out)
-            except RuntimeError:
-                if out.error is not None:
-                    raise out.error from None
-                raise
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -115,6 +105,43 @@ def save_checkpoint(obj, path):
             os.close(dfd)
     except OSError:
         pass
+
+
+def save_checkpoint(obj, path):
+    """Write a checkpoint through replace_file: a crash or error at any point leaves the previous checkpoint
+    intact. A CRC-32 of every tensor goes in with it (integrity.tensor_digests), for load_checkpoint to check
+    what torch read."""
+    if isinstance(obj, dict):
+        obj = {**obj, DIGEST_KEY: tensor_digests(obj)}
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory: give the checkpoint a file name, like "
+                              f"{os.path.join(path, CKPT_NAME)}")
+
+    def write(f):
+        out = _KeepWriteError(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+    replace_file(path, write)
+
+
+def save_safetensors(tensors, metadata, path):
+    """A safetensors file of tensors and metadata (str -> str) through replace_file, the same bytes for the
+    same input: the library writes its metadata map in hash order, which changes from one call to the next,
+    so the header is written again with the metadata's keys sorted (the tensors' entries and data as the
+    library laid them out; the header padded with spaces to 8 bytes, as the format asks)."""
+    from safetensors.torch import save
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    replace_file(path, lambda f: f.write(len(text).to_bytes(8, "little") + text + raw[8 + n:]))
 
 
 def remove_stale_temps(path) -> list:

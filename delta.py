@@ -28,7 +28,7 @@ import sys
 import torch
 
 from checkpoint import (SAMPLING_KEYS, CheckpointError, blend_state, build_on_meta, checkpoint_path, load_checkpoint,
-                        model_weights, share_attn_state, share_kv_state, umask_file_mode, weights_sha256)
+                        model_weights, save_safetensors, share_attn_state, share_kv_state, weights_sha256)
 from configurator import ConfigError, apply_threads, configure, run_script, settings_from
 from guards import claim_destination
 from integrity import tensor_crc
@@ -105,9 +105,7 @@ def make_delta(adapted_ckpt, base_ckpt, dtype=torch.bfloat16) -> tuple:
 
 
 def save_delta(tensors, metadata, path):
-    from safetensors.torch import save_file
-    save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, umask_file_mode())  # safetensors writes through a 0600 temp file; follow the umask as open() does
+    save_safetensors(tensors, metadata, str(path))
 
 
 # -----------------------------------------------------------------------------

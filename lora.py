@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (SAMPLING_KEYS, assign_state, load_checkpoint, save_checkpoint, strip_prefixes,
-                        umask_file_mode, weights_sha256)
+                        save_safetensors, weights_sha256)
 from configurator import ConfigError, configure, run_script, settings_from
 from integrity import tensor_crc
 from model import Llama, LlamaConfig
@@ -376,10 +376,8 @@ def lora_metadata(model, base_sha256="", kv_source=None, tensors=None) -> dict:
 def save_lora(model, path, base_sha256="", kv_source=None, dtype=torch.float32):
     """Write the adapters alone as a safetensors file (the 'delta' of an adapted model), in dtype: bfloat16
     halves the file (load_lora widens the values back into the fp32 adapters, rounded as saved)."""
-    from safetensors.torch import save_file
     tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, str(path), metadata=lora_metadata(model, base_sha256, kv_source, tensors))
-    os.chmod(path, umask_file_mode())  # safetensors writes through a 0600 temp file; follow the umask as open() does
+    save_safetensors(tensors, lora_metadata(model, base_sha256, kv_source, tensors), str(path))
 
 
 def read_lora(path):

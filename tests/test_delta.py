@@ -17,7 +17,8 @@ import delta
 import lora
 import sample
 import train
-from checkpoint import build_on_meta, load_checkpoint, load_model, model_weights, save_checkpoint, weights_sha256
+from checkpoint import (build_on_meta, load_checkpoint, load_model, model_weights, save_checkpoint, save_safetensors,
+                        weights_sha256)
 from model import LlamaConfig
 
 TRAIN_TINY = ["--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--intermediate_size=64",
@@ -107,6 +108,28 @@ def test_lora_adapters_file_is_a_delta_giving_the_merged_model(runs):
     unmerged, _ = delta.adapted_model(load_checkpoint(runs["base"]), runs["adapters"], merge=False)
     assert len(lora.lora_adapters(unmerged)) == 2
     torch.testing.assert_close(logits(unmerged, X), logits(merged, X), rtol=1e-5, atol=1e-5)
+
+
+def metadata_keys_as_written(path):
+    """The metadata's keys in the order the file's JSON header lists them."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    assert n % 8 == 0  # the header padded so that the data starts 8-aligned
+    return list(json.loads(raw[8:8 + n])["__metadata__"])
+
+
+def test_one_delta_is_one_file_byte_for_byte(runs, tmp_path):
+    """safetensors writes its metadata map in hash order, which changes between calls; save_safetensors sorts
+    the keys, so a rerun that makes the same adapters makes the same file (one sha256 to compare)."""
+    kind, tensors, meta = delta.read_delta(runs["adapters"])
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_safetensors(tensors, meta, a)
+    save_safetensors(tensors, dict(reversed(meta.items())), b)
+    assert a.read_bytes() == b.read_bytes() == open(runs["adapters"], "rb").read()  # lora.py's file too
+    assert metadata_keys_as_written(a) == sorted(meta) and len(meta) > 5
+    kind_read, tensors_read, meta_read = delta.read_delta(a)
+    assert kind_read == kind and meta_read == meta
+    assert all(torch.equal(tensors[k], tensors_read[k]) and tensors[k].dtype == tensors_read[k].dtype for k in tensors)
 
 
 def test_maps_alone_and_mean_initialised_owners(runs, tmp_path):
@@ -295,7 +318,8 @@ def test_an_attention_sharing_lora_run_ships_adapters_over_the_dense_base(runs, 
 
 def test_committed_deltas_are_whole_small_and_of_one_base():
     """The shipped deltas (results/smollm2-adapted/*.safetensors) read back whole (every tensor's CRC-32), stay
-    within the 25 MB a delta may take, and were made on one base: SmolLM2-135M's 30 layers, its sha256 recorded."""
+    within the 25 MB a delta may take, and were made on one base: SmolLM2-135M's 30 layers, its sha256 recorded.
+    Their headers are in save_safetensors' order, so the command that made one makes the same bytes."""
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "smollm2-adapted")
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
     assert 1 <= len(paths) <= 2  # at most two committed
@@ -304,5 +328,6 @@ def test_committed_deltas_are_whole_small_and_of_one_base():
         kind, tensors, meta = delta.read_delta(path)
         assert kind == "lora" and tensors and os.path.getsize(path) <= 25e6, path
         assert len(json.loads(meta["kv_source"])) == 30 and len(meta["base_sha256"]) == 64, path
+        assert metadata_keys_as_written(path) == sorted(meta), path  # as lora.py writes it now: a rerun's sha256 matches
         bases.add(meta["base_sha256"])
     assert len(bases) == 1
