@@ -104,10 +104,6 @@ def make_delta(adapted_ckpt, base_ckpt, dtype=torch.bfloat16) -> tuple:
     return tensors, delta_metadata(weights_sha256(base_ckpt), config, tensors, adapted_ckpt.get("kv_blend"))
 
 
-def save_delta(tensors, metadata, path):
-    save_safetensors(tensors, metadata, str(path))
-
-
 # -----------------------------------------------------------------------------
 # reading and applying one
 
@@ -262,7 +258,7 @@ def main(argv):
         base_ckpt = plain_model_checkpoint(load_checkpoint(base_path, mmap=True), s.base, "--base")
         tensors, meta = make_delta(adapted, base_ckpt, DELTA_DTYPES[s.dtype])
         os.makedirs(os.path.dirname(os.path.abspath(s.out)), exist_ok=True)
-        save_delta(tensors, meta, s.out)
+        save_safetensors(tensors, meta, s.out)
     finally:
         if lock is not None:
             lock.close()

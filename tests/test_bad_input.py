@@ -29,7 +29,7 @@ import delta
 import guards
 import sample
 import train
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, save_safetensors
 from configurator import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,11 +108,11 @@ def world(tmp_path_factory, data_dir):
     # a delta (delta.py) of ck converted to kv_source 0,0; damaged copies, one with a map ck cannot take, another base
     converted = adapt.convert_model(model, "0,0", "mean")
     tensors, meta = delta.make_delta({"model": converted.state_dict(), "model_config": converted.config.to_dict()}, good)
-    delta.save_delta(tensors, meta, w / "d.safetensors")
+    save_safetensors(tensors, meta, w / "d.safetensors")
     data = (w / "d.safetensors").read_bytes()
     (w / "d_trunc.safetensors").write_bytes(data[: len(data) // 2])
     (w / "d_flip.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 0x10]))  # in the last tensor's bytes
-    delta.save_delta(tensors, meta | {"kv_source": "[0, 5]"}, w / "d_badmap.safetensors")
+    save_safetensors(tensors, meta | {"kv_source": "[0, 5]"}, w / "d_badmap.safetensors")
     checkpoint.save_checkpoint(good | {"model": good["model"] | {"norm.weight": good["model"]["norm.weight"] + 1}},
                                w / "ck2.pt")
     p.update({k: str(w / f"{k}.safetensors") for k in ("d", "d_trunc", "d_flip", "d_badmap")}, ck2=str(w / "ck2.pt"))
