@@ -145,8 +145,8 @@ def save_safetensors(tensors, metadata, path):
 
 
 def remove_stale_temps(path) -> list:
-    """Delete the temp files a killed save_checkpoint(..., path) left behind; the names removed. Call it
-    only while no other process can be writing path (train.py holds out_dir's lock)."""
+    """Delete the temp files a killed save_checkpoint(..., path) (replace_file) left behind; the names
+    removed. Call it only while no other process can be writing path (train.py holds out_dir's lock)."""
     d = os.path.dirname(os.path.abspath(path))
     prefix, suffix = temp_name(path)
     removed = []

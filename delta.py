@@ -257,7 +257,6 @@ def main(argv):
         adapted = plain_model_checkpoint(load_checkpoint(adapted_path, mmap=True), s.init_from, "--init_from", True)
         base_ckpt = plain_model_checkpoint(load_checkpoint(base_path, mmap=True), s.base, "--base")
         tensors, meta = make_delta(adapted, base_ckpt, DELTA_DTYPES[s.dtype])
-        os.makedirs(os.path.dirname(os.path.abspath(s.out)), exist_ok=True)
         save_safetensors(tensors, meta, s.out)
     finally:
         if lock is not None:
