@@ -4,8 +4,8 @@ on its own generations and as many tokens of Shakespeare, shipped as a small del
 dense model it came from.
 
     .venv/bin/python data/smollm2/prepare.py && .venv/bin/python data/shakespeare_smollm2/prepare.py
-    .venv/bin/python experiments/keep_skills.py --threads=2     # alone on a 2-core machine; phase times below
-    .venv/bin/python experiments/keep_skills.py --share=15 --reuse=True   # one more map; finished phases kept
+    .venv/bin/python experiments/keep_skills.py --threads=2     # alone on a 2-core machine: the shipped deltas' recipe
+    .venv/bin/python experiments/keep_skills.py --share=22 --reuse=True --threads=2   # one more map; finished phases kept
     .venv/bin/python experiments/keep_skills.py --sharing=attention --share=8,12 --runs=out-keep-skills-attn \
         --out=out-keep-skills-attn-results --beside=results/smollm2-adapted/results.json --threads=2  # EchoAtt maps
 
@@ -67,8 +67,9 @@ gen_val_tokens = 65_536      # generated held-out tokens (evaluate.py's 'selfgen
 gen_batch_size = 16          # rows sampled together; 32 on a CPU with AMX: ~1.5x the tokens/s of 16 (docs/keep_skills.md)
 gen_max_new_tokens = 256     # per generated document
 gen_compile = True           # compile the generation's decode step
-gen_dtype = "float32"        # the generation's precision: float32 (the shipped results' text) or bfloat16 (other samples;
-                             # 937 s on this Zen 4 where fp32 took 2,219: docs/keep_skills.md, "One map within the hour")
+gen_dtype = "bfloat16"       # the generation's precision: bfloat16 (the shipped deltas' text; 937 s on a Zen 4 where
+                             # float32 took 2,219: docs/keep_skills.md, "One map within the hour"; the decoding kernel
+                             # reads bf16 weights on any x86) or float32 (the text of the runs before 2026-12-03)
 mix = "data/shakespeare_smollm2:120000"  # DIR:TOKENS: distil on the generated text plus TOKENS tokens of DIR's train
                              # split (same tokenizer, evenly spaced runs; data/smollm2_mix/prepare.py); KL needs no
                              # labels, and the generated text alone is narrow; '' = the generated text alone
@@ -80,20 +81,22 @@ criterion = "logits"         # sharing=kv: adapt.py's calibration criterion: 'lo
 calib_dataset = "data/smollm2_selfgen"  # the text the map is chosen on ('logits': its train split; 'kv': its val split)
 calib_batches = 1
 calib_batch_size = 2
-calib_dtype = "float32"      # the calibration's precision (adapt.py --dtype): bfloat16 took 104 s against 173 (paired,
-                             # one sequence) on the AMX Xeon and proposed the same map (docs/keep_skills.md)
-calib_search = 0             # sharing=kv: 0 = the map is the matrix's best single switches; k > 0 = adapt.py --search=k:
+calib_dtype = "auto"         # the calibration's precision (adapt.py --dtype): bfloat16 took 104 s against 173 (paired,
+                             # one sequence) on the AMX Xeon and proposed the same map (docs/keep_skills.md); auto: as
+                             # distill_dtype
+calib_search = 16            # sharing=kv: 0 = the map is the matrix's best single switches; k > 0 = adapt.py --search=k:
                              # switch by switch, each the one of the k best single switches whose addition to those
-                             # chosen costs the least KL (k x share more forwards; docs/keep_skills.md, "Maps searched")
-calib_search_batches = 0     # calib_search > 0: the search's batches (adapt.py --search_batches; the matrix keeps
-                             # calib_batches of them), 0 = calib_batches; SmolLM2's shipped kv8 map: 8 (4,096 tokens)
+                             # chosen costs the least KL (k x share more forwards; docs/keep_skills.md, "Maps searched");
+                             # sharing=attention: not used
+calib_search_batches = 8     # calib_search > 0: the search's batches (adapt.py --search_batches; the matrix keeps
+                             # calib_batches of them), 0 = calib_batches; the shipped maps: 8 (4,096 tokens)
 train_set = "lora"           # what the KL distillation trains: 'lora' or 'consumers_qo' (see above)
-lora_rank = 16               # train_set=lora: every linear's adapter rank (r16 on SmolLM2: 4.7 M values, 19 MB)
-lora_alpha = 32.0
-adapters_dtype = "float32"   # train_set=lora: the shipped adapters' dtype, float32 or bfloat16 (half the bytes)
+lora_rank = 32               # train_set=lora: every linear's adapter rank (r32 on SmolLM2: 9.8 M values, 19 MB in bf16)
+lora_alpha = 64.0
+adapters_dtype = "bfloat16"  # train_set=lora: the shipped adapters' dtype, bfloat16 or float32 (twice the bytes)
 local_iters = 40             # train_set=consumers_qo: layer-local distillation steps after the switch
 local_lr = 1e-3
-iters = 200                  # KL distillation steps (iters x batch_size x block_size tokens)
+iters = 400                  # KL distillation steps (iters x batch_size x block_size tokens)
 distill_dtype = "auto"       # the distillation's precision: bfloat16 (autocast; fp32 weights and adapters) or float32;
                              # auto: bfloat16 on a GPU or a CPU with bf16 instructions (1.6-1.9x fp32 on a Zen 4),
                              # float32 on other CPUs (a bf16 step took ~19x as long on a Zen 3: docs/keep_skills.md)
@@ -108,9 +111,9 @@ learning_rate = 1e-3         # cosine to a tenth of it after iters // 10 warm-up
 eval_tokens = 65_536         # scored positions per held-out set
 eval_sets = "selfgen,plays,bible"  # evaluate.py's names (selfgen reads data/smollm2_selfgen) or .bin paths
 eval_block_size = 512        # evaluation window length
-eval_dtype = "float32"       # the held-out sets' precision (evaluate.py --dtype; the chat runs in float32): bfloat16
+eval_dtype = "auto"          # the held-out sets' precision (evaluate.py --dtype; the chat runs in float32): bfloat16
                              # autocast is ~1.6x faster on a Zen 4 (2.6x slower on an AVX2-only Zen 3) and moved the
-                             # KV-0.73 figures by <= 0.001 (docs/keep_skills.md)
+                             # KV-0.73 figures by <= 0.001 (docs/keep_skills.md); auto: as distill_dtype
 chat = True                  # the chat questions
 questions = ""               # '' = data/chat_questions.json
 reuse = False                # keep phases whose record shows the same command finished
@@ -457,14 +460,17 @@ def check_map_settings(s, explicit):
             raise ConfigError(f"--sharing=attention with --{wrong}: attention maps come from the 'attention' "
                               "criterion and train LoRA adapters; drop that setting")
         s.criterion = "attention"
-        if s.calib_search:
+        if "calib_search" in explicit and s.calib_search:
             raise ConfigError(f"--calib_search={s.calib_search} searches K/V maps: drop it with --sharing=attention")
+        s.calib_search = s.calib_search_batches = 0  # the default search is for K/V maps
     elif s.criterion == "attention":
         raise ConfigError("--criterion=attention proposes attention maps: give --sharing=attention too")
     if s.calib_search < 0:
         raise ConfigError(f"--calib_search={s.calib_search}: give 0 (the best single switches) or k >= 1 candidates")
-    if s.calib_search_batches and not s.calib_search:
-        raise ConfigError(f"--calib_search_batches={s.calib_search_batches} applies only with --calib_search=K")
+    if not s.calib_search:  # the default search batches go with the default search
+        if s.calib_search_batches and "calib_search_batches" in explicit:
+            raise ConfigError(f"--calib_search_batches={s.calib_search_batches} applies only with --calib_search=K")
+        s.calib_search_batches = 0
     if s.calib_search_batches and s.calib_search_batches < s.calib_batches:
         raise ConfigError(f"--calib_search_batches={s.calib_search_batches} is below --calib_batches={s.calib_batches}: "
                           "the search's batches include the matrix's; give at least as many, or 0 for the same")
@@ -473,12 +479,13 @@ def check_map_settings(s, explicit):
 def main(argv):
     s, explicit = configure(DEFAULTS, argv, __doc__, {"criterion": tuple(SIMILARITY_FILES), "train_set": TRAIN_SETS,
                                                       "sharing": tuple(SHARING), "distill_dtype": ("auto", *PRECISION),
-                                                      "gen_dtype": tuple(PRECISION), "eval_dtype": tuple(PRECISION),
-                                                      "calib_dtype": tuple(PRECISION),
+                                                      "gen_dtype": tuple(PRECISION), "eval_dtype": ("auto", *PRECISION),
+                                                      "calib_dtype": ("auto", *PRECISION),
                                                       "adapters_dtype": ("float32", "bfloat16")})
     device_type = resolve_device("auto").split(":")[0]  # where the phases run (each resolves device=auto alike)
-    if s.distill_dtype == "auto":
-        s.distill_dtype = "bfloat16" if device_type != "cpu" or cpu_multiplies_bf16() else "float32"
+    auto = "bfloat16" if device_type != "cpu" or cpu_multiplies_bf16() else "float32"
+    for key in ("distill_dtype", "calib_dtype", "eval_dtype"):
+        setattr(s, key, auto if getattr(s, key) == "auto" else getattr(s, key))
     check_map_settings(s, explicit)
     unused = sorted(explicit & ({"local_iters", "local_lr"} if s.train_set == "lora" else
                                 {"lora_rank", "lora_alpha", "adapters_dtype"}))
@@ -520,8 +527,9 @@ def main(argv):
         results["models"][f"{s.sharing}{n}"] = row
         results["goals"] += goals(n, row, len(row["kv_source"])) if s.sharing == "kv" else []
         write_results(results, s)  # after each model: a later failure keeps what finished
-    plot_all(results, beside, os.path.join(s.out, "pareto.png"))
-    progress(f"wrote {s.out}/results.json, results.md and pareto.png")
+    plotted = plot_all(results, beside, os.path.join(s.out, "pareto.png"))
+    progress(f"wrote {s.out}/results.json, results.md" + (" and pareto.png" if plotted else
+                                                          "; no pareto.png: matplotlib is missing (./setup.sh --dev)"))
     return results
 
 

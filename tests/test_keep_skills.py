@@ -39,7 +39,7 @@ def test_keep_skills_quick_end_to_end_and_reuse(tmp_path):
     figures = ev["sets"][str(tmp_path / "data" / "val.bin")]
     assert figures["kl"] > 0 and figures["agreement"] < 1  # the student is not the teacher
     assert ev["chat"]["questions"] == 4 and len(ev["chat"]["answers"]) == 4
-    assert json.loads((tmp_path / "data" / "meta.json").read_text())["selfgen"]["settings"]["dtype"] == "float32"
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["selfgen"]["settings"]["dtype"] == "bfloat16"  # the default
     # the evaluated student is base + the shipped delta: its logits are the distilled model's, to bf16 rounding
     adapted, _ = load_model(str(tmp_path / "runs" / "kv1" / "distill"))
     shipped, _ = load_with_delta(str(teacher), str(tmp_path / "res" / "kv1.safetensors"))
@@ -70,7 +70,7 @@ def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path, monkeypa
     monkeypatch.setattr(exp, "resolve_device", lambda name: "cpu")
     monkeypatch.setattr(speed, "cpu_flags", lambda: "flags : avx2 fma avx512f avx512_bf16")
     row = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--learning_rate=1e-2",
-              "--gen_dtype=bfloat16", "--eval_dtype=bfloat16", "--calib_search=2",
+              "--adapters_dtype=float32", "--gen_dtype=bfloat16", "--eval_dtype=bfloat16", "--calib_dtype=float32", "--calib_search=2",
               "--calib_search_batches=3")["models"]["kv1"]
     calibration = json.loads((tmp_path / "runs" / "kv1" / "calibration.json").read_text())["cmd"]
     assert "--search=2" in calibration and "--search_batches=3" in calibration  # searched switch by switch on 3 batches
@@ -99,7 +99,7 @@ def test_keep_skills_lora_ships_the_adapters_over_the_teacher(tmp_path, monkeypa
     monkeypatch.setattr(speed, "cpu_flags", lambda: "flags : avx2 fma f16c")
     capsys.readouterr()
     again = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--learning_rate=1e-2", "--reuse=True",
-                f"--mix={data}:100", "--eval_dtype=bfloat16", "--teacher_topk=8", "--calib_search=2",
+                f"--mix={data}:100", "--eval_dtype=bfloat16", "--teacher_topk=8", "--calib_dtype=float32", "--calib_search=2",
                 "--calib_search_batches=3")
     warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --")]
     assert len(warned) == 1 and "--eval_dtype=bfloat16" in warned[0] and "without bf16 instructions" in warned[0]
@@ -155,7 +155,7 @@ def test_keep_skills_attention_sharing_row_beside_a_kv_run(tmp_path):
     teacher = tmp_path / "teacher.pt"
     save_tiny(teacher, n_layer=4)
     kv_run = run(exp, tmp_path, teacher, "--lora_rank=2", f"--out={tmp_path / 'kv'}")
-    results = run(exp, tmp_path, teacher, "--sharing=attention", "--lora_rank=2", "--learning_rate=1e-2",
+    results = run(exp, tmp_path, teacher, "--sharing=attention", "--lora_rank=2", "--adapters_dtype=float32", "--learning_rate=1e-2",
                   "--reuse=True", f"--beside={tmp_path / 'kv' / 'results.json'}")  # the generation reused
     row = results["models"]["attention1"]
     assert row["kv_source"] == [0, 1, 2, 3] and sum(i != j for i, j in enumerate(row["attn_source"])) == 1
@@ -192,7 +192,7 @@ def test_keep_skills_sharing_settings_and_beside_are_checked_in_one_line(tmp_pat
                         (["--eval_dtype=half"], ("eval_dtype", "bfloat16")),
                         (["--calib_search=-1"], ("--calib_search=-1", "k >= 1")),
                         (["--sharing=attention", "--calib_search=4"], ("--calib_search=4", "K/V maps")),
-                        (["--calib_search_batches=8"], ("--calib_search_batches=8", "only with --calib_search")),
+                        (["--calib_search=0", "--calib_search_batches=8"], ("--calib_search_batches=8", "only with --calib_search")),
                         (["--calib_search=4", "--calib_batches=4", "--calib_search_batches=2"],
                          ("--calib_search_batches=2", "below --calib_batches=4"))):
         assert run_script(exp.main, [*args, f"--out={tmp_path / 'out'}", f"--teacher={bad}"]) != 0
@@ -224,3 +224,46 @@ def test_keep_skills_plot_puts_runs_of_one_recipe_on_one_line():
     assert len(labels) == 5 and any("shakespeare_smollm2" in k and "200 steps" in k for k in labels)
     assert series[next(k for k in labels if "bf16-generated" in k)]["plays"] == [(0.5, 2.0)]  # bf16 samples: its own
     assert sorted(series[next(k for k in labels if "bf16 autocast" in k)]["plays"]) == [(0.75, 4 / 3)]
+
+
+def test_keep_skills_defaults_issue_the_shipped_deltas_commands(tmp_path, monkeypatch):
+    """The bare command (`keep_skills.py --threads=2`, on a CPU with bf16 instructions) issues, phase by phase,
+    the very commands of the run that made both shipped deltas (its records: results/smollm2-adapted/one-command/;
+    its KV-0.73 phases are those that remade kv8.safetensors byte for byte from a fresh clone, fresh-clone/). The
+    phases are not run: each call is recorded, and the calibration's map and the evaluation's report are the run's."""
+    import os
+    exp = importlib.import_module("experiments.keep_skills")
+    records = os.path.join(exp.ROOT, "results", "smollm2-adapted", "one-command")
+    recorded = lambda name: json.load(open(os.path.join(records, f"{name}.json")))["cmd"]  # noqa: E731
+    issued = {}
+
+    def phase(name, script, args, s):
+        issued[name] = [script, *args]
+        folder = os.path.join(s.runs, os.path.dirname(name))
+        os.makedirs(folder, exist_ok=True)
+        kv = os.path.dirname(name) or "kv8"  # what the recorded run did for this map
+        if name.endswith("calibration"):
+            target = next(a for a in recorded(f"{kv}/distillation") if a.startswith("--adapt_target="))
+            with open(os.path.join(s.runs, f"{name}.txt"), "w") as f:
+                f.write(f"proposed kv_source sharing n layers: {target.split('=')[1]}\n")
+        if name.endswith("delta"):
+            os.makedirs(s.out, exist_ok=True)
+            open(os.path.join(s.out, f"{kv}.safetensors"), "wb").close()
+        if name.endswith("evaluation"):
+            with open(os.path.join(records, kv, "eval.json")) as src, open(os.path.join(folder, "eval.json"), "w") as f:
+                f.write(src.read())
+        return {"cmd": issued[name], "wall_s": 1.0}
+
+    monkeypatch.chdir(tmp_path)  # the results folder goes here
+    for name, value in (("phase", phase), ("check_teacher", lambda s: None), ("check_mix", lambda s: None),
+                        ("apply_threads", lambda threads, children: threads), ("resolve_device", lambda name: "cpu"),
+                        ("cpu_multiplies_bf16", lambda: True), ("plot_all", lambda *a: False)):
+        monkeypatch.setattr(exp, name, value)
+    results = exp.main(["--threads=2"])
+    assert list(issued) == ["generation", "mix"] + [f"{kv}/{p}" for kv in ("kv8", "kv15")
+                                                    for p in ("calibration", "distillation", "delta", "evaluation")]
+    for name in issued:
+        assert issued[name] == recorded(name), name
+    fresh = os.path.join(exp.ROOT, "results", "smollm2-adapted", "fresh-clone", "kv8", "distillation.json")
+    assert issued["kv8/distillation"] == json.load(open(fresh))["cmd"]
+    assert list(results["models"]) == ["kv8", "kv15"]  # both maps of the issue, in one command
