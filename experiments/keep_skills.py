@@ -69,7 +69,7 @@ gen_max_new_tokens = 256     # per generated document
 gen_compile = True           # compile the generation's decode step
 gen_dtype = "bfloat16"       # the generation's precision: bfloat16 (the shipped deltas' text; 937 s on a Zen 4 where
                              # float32 took 2,219: docs/keep_skills.md, "One map within the hour"; the decoding kernel
-                             # reads bf16 weights on any x86) or float32 (the text of the runs before 2026-12-03)
+                             # reads bf16 weights on any x86) or float32 (the text of the earlier runs)
 mix = "data/shakespeare_smollm2:120000"  # DIR:TOKENS: distil on the generated text plus TOKENS tokens of DIR's train
                              # split (same tokenizer, evenly spaced runs; data/smollm2_mix/prepare.py); KL needs no
                              # labels, and the generated text alone is narrow; '' = the generated text alone
