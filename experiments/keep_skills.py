@@ -462,7 +462,7 @@ def check_map_settings(s, explicit):
         s.criterion = "attention"
         if "calib_search" in explicit and s.calib_search:
             raise ConfigError(f"--calib_search={s.calib_search} searches K/V maps: drop it with --sharing=attention")
-        s.calib_search = s.calib_search_batches = 0  # the default search is for K/V maps
+        s.calib_search = 0  # the default search is for K/V maps (its batches are dropped below)
     elif s.criterion == "attention":
         raise ConfigError("--criterion=attention proposes attention maps: give --sharing=attention too")
     if s.calib_search < 0:

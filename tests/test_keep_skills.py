@@ -226,7 +226,7 @@ def test_keep_skills_plot_puts_runs_of_one_recipe_on_one_line():
     assert sorted(series[next(k for k in labels if "bf16 autocast" in k)]["plays"]) == [(0.75, 4 / 3)]
 
 
-def test_keep_skills_defaults_issue_the_shipped_deltas_commands(tmp_path, monkeypatch):
+def test_keep_skills_defaults_issue_the_shipped_deltas_commands(tmp_path, monkeypatch, capsys):
     """The bare command (`keep_skills.py --threads=2`, on a CPU with bf16 instructions) issues, phase by phase,
     the very commands of the run that made both shipped deltas (its records: results/smollm2-adapted/one-command/;
     its KV-0.73 phases are those that remade kv8.safetensors byte for byte from a fresh clone, fresh-clone/). The
@@ -239,9 +239,9 @@ def test_keep_skills_defaults_issue_the_shipped_deltas_commands(tmp_path, monkey
 
     def phase(name, script, args, s):
         issued[name] = [script, *args]
-        folder = os.path.join(s.runs, os.path.dirname(name))
+        kv = os.path.dirname(name)  # the map's folder, '' for the generation and the mix
+        folder = os.path.join(s.runs, kv)
         os.makedirs(folder, exist_ok=True)
-        kv = os.path.dirname(name) or "kv8"  # what the recorded run did for this map
         if name.endswith("calibration"):
             target = next(a for a in recorded(f"{kv}/distillation") if a.startswith("--adapt_target="))
             with open(os.path.join(s.runs, f"{name}.txt"), "w") as f:
@@ -267,3 +267,4 @@ def test_keep_skills_defaults_issue_the_shipped_deltas_commands(tmp_path, monkey
     fresh = os.path.join(exp.ROOT, "results", "smollm2-adapted", "fresh-clone", "kv8", "distillation.json")
     assert issued["kv8/distillation"] == json.load(open(fresh))["cmd"]
     assert list(results["models"]) == ["kv8", "kv15"]  # both maps of the issue, in one command
+    assert "no pareto.png: matplotlib is missing" in capsys.readouterr().out  # not claimed when not drawn
