@@ -397,12 +397,10 @@ INTEGER_CODES = (torch.int8, torch.uint8)  # int8 and 4-bit codes (two a byte): 
 
 
 def blocks_apply(dtype=torch.bfloat16) -> bool:
-    """Whether block_weights lays weights of `dtype` out here. bf16: the kernel's bf16 loops built (the CPU
-    multiplies bf16) and batched rows do not take AMX tiles, whose loop reads row-major weights (tile_rows_bf16).
-    int8 and 4-bit (uint8): the kernel's VNNI loops built."""
-    if dtype in INTEGER_CODES:
-        return blocked_loops_built(dtype)
-    return blocked_loops_built(torch.bfloat16) and not torch.ops.speed.multiplies_tiles()
+    """Whether block_weights lays weights of `dtype` out here: the kernel's loops for them built (bf16: the CPU
+    multiplies bf16; with AMX, batched rows multiply the blocks by tiles, tile_blocks_bf16; int8 and 4-bit (uint8):
+    the kernel's VNNI loops)."""
+    return blocked_loops_built(dtype if dtype in INTEGER_CODES else torch.bfloat16)
 
 
 def block_weights(model, tied_too=False):

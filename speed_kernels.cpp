@@ -16,11 +16,11 @@
    (below, by_x_rows); bf16 rows with AVX-512 BF16 across the vector lanes from 9 rows (bf16_lanes_block), on a CPU
    with AMX by its tile products (tile_rows_bf16).
    And the op speed::matvec_blocked: bf16 rows against bf16 weights laid out in blocks of 16 rows (speed.BlockedLinear;
-   blocked_rows, AVX-512 BF16), speed::matvec_blocked_int8: rows against int8 codes so laid out (blocked_i8,
-   AVX-512 VNNI), and speed::matvec_blocked_q4: against 4-bit codes so laid out, their groups' scales inline
-   (blocked_q4, AVX-512 VNNI). And the
-   op speed::decode_attention: one new position per row attending over the
-   cache (attend_group; with AVX-512, attend_group_wide). And speed::greedy_pick: each row's largest logit's index. */
+   blocked_rows, AVX-512 BF16; batched rows with AMX by tiles, tile_blocks_bf16), speed::matvec_blocked_int8: rows
+   against int8 codes so laid out (blocked_i8, AVX-512 VNNI), and speed::matvec_blocked_q4: against 4-bit codes so
+   laid out, their groups' scales inline (blocked_q4, AVX-512 VNNI); on Intel's cores these prefetch their stream
+   (prefetch_stream). And the op speed::decode_attention: one new position per row attending over the cache
+   (attend_group; with AVX-512, attend_group_wide). And speed::greedy_pick: each row's largest logit's index. */
 
 #include <math.h>
 #include <omp.h>
@@ -286,6 +286,19 @@ static inline __attribute__((always_inline)) void rows_u4(const int16_t *xq, con
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define VNNI_LOOPS 1
+/* The loops over weights in blocks of 16 rows (bf16, int8, 4-bit) prefetch the weight's one stream BLOCKS_AHEAD bytes
+   ahead on Intel's cores and not on AMD's. On the AMX Xeon (family 6 model 167) a SmolLM2 step at one row ran 1.42x
+   (int8) and 1.43x (4-bit) as fast with it, 8 KB ahead as 4 KB, 2 KB less (docs/bench.md, "The weight's stream
+   prefetched on Intel; bf16 blocks by tiles"); on the Zen 4 prefetching 2, 4 or 9 KB ahead made the int8 products
+   slower (blocked_i8_rows). */
+#define BLOCKS_AHEAD 4096
+static bool intel_cpu() { __builtin_cpu_init(); return __builtin_cpu_is("intel"); }
+static const bool prefetch_blocks = intel_cpu();
+static inline __attribute__((always_inline)) void prefetch_stream(const void *at, int bytes) {
+    if (prefetch_blocks)
+        for (int i = 0; i < bytes; i += 64) _mm_prefetch((const char *)at + BLOCKS_AHEAD + i, _MM_HINT_T0);
+}
+
 /* 4-bit rows on a CPU with AVX-512 VNNI (Ice Lake and later Xeons, Zen 4): vpdpbusd multiplies 64 pairs of bytes,
    one unsigned and one signed, and adds each 4 products into an int32, exactly. On one core of the AMX Xeon the
    loop above streamed 4-bit codes at 4.4 GB/s, where bf16 weights streamed at 8.2; this one at 7.5 (docs/bench.md,
@@ -410,6 +423,7 @@ static inline __attribute__((always_inline)) void all_rows_u4_vnni(const float *
 }
 #else
 #define VNNI_LOOPS 0
+static const bool prefetch_blocks = false;
 #endif
 
 /* every row of a float or int8 weight, the kind a constant where it is inlined */
@@ -641,7 +655,8 @@ static void few_rows_bf16(const uint16_t *x, long M, long K, const uint16_t *w, 
    Python (random weights, medians of 11): one row 12.81 -> 9.56 ms, 16 rows 23.96 -> 20.41 (166 GFLOP/s); in the
    compiled step 1.03-1.05x at one row, 1.06x at 16 (docs/bench.md, "Weights in blocks of 16 rows").
    Up to 16 rows of x at a time, one accumulator each (one row: four, over alternate pairs, so no chain of
-   dependent adds limits it); rows of x past 16 meet the block again while it is in L1 or L2. */
+   dependent adds limits it); rows of x past 16 meet the block again while it is in L1 or L2. On a CPU with AMX,
+   more than one row goes to tile_blocks_bf16 instead. */
 #define BLOCKED_AHEAD 2048
 template <int XN>
 static inline __attribute__((always_inline)) void blocked_rows(const uint16_t *x, const uint32_t *packed, long K,
@@ -653,6 +668,7 @@ static inline __attribute__((always_inline)) void blocked_rows(const uint16_t *x
         long p = 0;
         for (; p + 4 <= P; p += 4) {
             const uint32_t *xr = xp + m * P + p;
+            prefetch_stream(block + p * 16, 4 * 64);
             a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(block + p * 16), (__m512bh)_mm512_set1_epi32(xr[0]));
             a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(block + p * 16 + 16), (__m512bh)_mm512_set1_epi32(xr[1]));
             a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(block + p * 16 + 32), (__m512bh)_mm512_set1_epi32(xr[2]));
@@ -702,9 +718,9 @@ static long q4_group_bytes(long group, int scale_kind) { return group * 8 + 32 *
    256-bit vectors. A block of 32 columns (16 pairs) ends with its sums in fp32 times its step of x; the rows' own
    scales come last. One row of x sums alternate pairs into four accumulators (no chain of dependent adds); more
    rows (batched decoding) up to 8 at a time, one accumulator each, the block read from L1 or L2 again past the
-   first 8. |one block's sum| <= 16 x 2 x 127 x 32767 < 2^31. No software prefetch: one block follows another in
-   memory, and prefetching 2, 4 or 9 KB ahead made a SmolLM2 step's products slower (scratch, the Zen 4: 6.5-10.0 ms
-   against 5.8-6.5 without). */
+   first 8. |one block's sum| <= 16 x 2 x 127 x 32767 < 2^31. One block follows another in memory: on the Zen 4 the
+   hardware prefetcher alone streams it, and prefetching 2, 4 or 9 KB ahead made a SmolLM2 step's products slower
+   (scratch: 6.5-10.0 ms against 5.8-6.5 without); on Intel's cores prefetch_stream (above). */
 template <int XN>
 static inline __attribute__((always_inline)) void blocked_i8_rows(const uint32_t *xpairs, const float *step, long K,
         const int8_t *block, long m, __m512 *sums) {
@@ -713,6 +729,7 @@ static inline __attribute__((always_inline)) void blocked_i8_rows(const uint32_t
     for (long b = 0; b < B; b++) {
         const int8_t *wb = block + b * 16 * 32;  /* 16 pairs of columns, 32 bytes each */
         const uint32_t *xb = xpairs + m * P + b * 16;
+        if (m == 0) prefetch_stream(wb, 16 * 32);  /* rows of x past the first meet the block in L1 or L2 */
         if constexpr (XN == 1) {
             __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
             for (int q = 0; q < 16; q += 4) {
@@ -786,6 +803,7 @@ static inline __attribute__((always_inline)) void blocked_q4_rows(const int8_t *
     const uint8_t *wb = block;
     __m512 scale = load16(wb + group * 8, scale_kind, 0, 0xffff);
     for (long b = 0; b < B; b++) {
+        if (m == 0) prefetch_stream(wb, 4 * 64 + 64);  /* this block of 32 columns, and scales past a group's end */
         __m512i h[XN][2], l[XN][2];  /* two of each a row: no chain of 8 dependent adds */
         #pragma GCC unroll 4
         for (int j = 0; j < XN; j++) h[j][0] = h[j][1] = l[j][0] = l[j][1] = _mm512_setzero_si512();
@@ -880,6 +898,14 @@ static bool tiles_permitted() {
     return permitted;
 }
 
+/* six tiles of 16 rows by 64 bytes (16 x 32 bf16, or 16 x 16 fp32 sums), for the calling thread */
+static void load_tile_config() {
+    TileConfig config = {};
+    config.palette = 1;
+    for (int t = 0; t < 6; t++) config.rows[t] = 16, config.colsb[t] = 64;
+    _tile_loadconfig(&config);
+}
+
 /* 16 weight rows from n against XB tiles of x rows (from tile m0): sums in tiles 0..XB-1, weight in 4, x in 5 */
 template <int XB>
 static inline __attribute__((always_inline)) void tile_block(const uint16_t *xp, long m0, long M, long K,
@@ -918,10 +944,7 @@ static void tile_rows_bf16(const uint16_t *x, long M, long K, const uint16_t *w,
     }
     #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        TileConfig config = {};
-        config.palette = 1;
-        for (int t = 0; t < 6; t++) config.rows[t] = 16, config.colsb[t] = 64;
-        _tile_loadconfig(&config);
+        load_tile_config();
         #pragma omp for schedule(static)
         for (long n = 0; n < N - N % 16; n += 16)
             for (long m0 = 0; m0 < MB; m0 += 4) {
@@ -938,10 +961,62 @@ static void tile_rows_bf16(const uint16_t *x, long M, long K, const uint16_t *w,
     for (long n = N - N % 16; n < N; n++)  /* the last outputs, fewer than a tile's 16: the vector loop above */
         by_x_rows<BF16_XR>(M, [&]<int XN>(long m) { bf16_row<XN>(x, K, w, n, m, N, y); });
 }
+
+/* The same tiles against bf16 weights in blocks of 16 rows (blocked_rows' layout, so that one row streams one run of
+   memory): 16 pairs of columns of a block, 1 KB in one run, are the tiles' right operand as they lie (pair p of
+   output r at [p][r], the pairs side by side as the tiles want them), and 16 rows of x by 32 columns the left one,
+   loaded from x with its row stride: no packing, and each 16 x 16 block of sums is (rows, outputs), written out as
+   it is. The block's next kilobytes are prefetched as they stream. XB tiles of x rows (from tile m0), sums in tiles
+   0..XB-1, weight in 4, x in 5. */
+template <int XB>
+static inline __attribute__((always_inline)) void tile_blocked(const uint16_t *x, long m0, long M, long K,
+        const uint16_t *block, long n, long N, uint16_t *y) {
+    _tile_zero(0); if (XB > 1) _tile_zero(1); if (XB > 2) _tile_zero(2); if (XB > 3) _tile_zero(3);
+    const uint16_t *xs = x + m0 * 16 * K;
+    for (long kc = 0; kc < K / 32; kc++) {
+        prefetch_stream(block + kc * 512, 1024);
+        _tile_loadd(4, block + kc * 512, 64);
+        _tile_loadd(5, xs + kc * 32, K * 2); _tile_dpbf16ps(0, 5, 4);
+        if (XB > 1) { _tile_loadd(5, xs + 16 * K + kc * 32, K * 2); _tile_dpbf16ps(1, 5, 4); }
+        if (XB > 2) { _tile_loadd(5, xs + 32 * K + kc * 32, K * 2); _tile_dpbf16ps(2, 5, 4); }
+        if (XB > 3) { _tile_loadd(5, xs + 48 * K + kc * 32, K * 2); _tile_dpbf16ps(3, 5, 4); }
+    }
+    alignas(64) float sums[4][16][16];  /* [x tile][row][output] */
+    _tile_stored(0, sums[0], 64); if (XB > 1) _tile_stored(1, sums[1], 64);
+    if (XB > 2) _tile_stored(2, sums[2], 64); if (XB > 3) _tile_stored(3, sums[3], 64);
+    for (int b = 0; b < XB; b++)
+        for (long m = 0; m < 16 && (m0 + b) * 16 + m < M; m++)
+            _mm256_storeu_si256((__m256i *)(y + ((m0 + b) * 16 + m) * N + n), bf16_of_sums(_mm512_load_ps(sums[b][m])));
+}
+
+/* y (M, N) = x (M, K) against bf16 blocks (N / 16, K / 2, 16, 2), K a multiple of 32, M > 1: rows of x past the last
+   full tile are read from a copy padded with zero rows */
+static void tile_blocks_bf16(const uint16_t *x, long M, long K, const uint16_t *blocks, long N, uint16_t *y, int threads) {
+    long MB = (M + 15) / 16;
+    std::vector<uint16_t> padded(M % 16 ? MB * 16 * K : 0, 0);
+    if (M % 16) memcpy(padded.data(), x, M * K * sizeof(uint16_t)), x = padded.data();
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        load_tile_config();
+        #pragma omp for schedule(static)
+        for (long b = 0; b < N / 16; b++)
+            for (long m0 = 0; m0 < MB; m0 += 4) {
+                const uint16_t *block = blocks + b * K * 16;
+                switch (std::min(MB - m0, 4L)) {
+                    case 1: tile_blocked<1>(x, m0, M, K, block, b * 16, N, y); break;
+                    case 2: tile_blocked<2>(x, m0, M, K, block, b * 16, N, y); break;
+                    case 3: tile_blocked<3>(x, m0, M, K, block, b * 16, N, y); break;
+                    default: tile_blocked<4>(x, m0, M, K, block, b * 16, N, y);
+                }
+            }
+        _tile_release();
+    }
+}
 #else
 #define TILE_ROWS 0
 static bool tiles_permitted() { return false; }
 static void tile_rows_bf16(const uint16_t *, long, long, const uint16_t *, long, uint16_t *, int) {}
+static void tile_blocks_bf16(const uint16_t *, long, long, const uint16_t *, long, uint16_t *, int) {}
 #endif
 
 /* y (M, N) = x W^T for M rows of x (M, K, fp32) and a float W (N, K) of `kind` (F32, BF16 or F16) */
@@ -1294,8 +1369,9 @@ static at::Tensor matvec_blocked_op(const at::Tensor &x, const at::Tensor &block
                 "speed::matvec_blocked: x and blocks must be bf16, not ", x.scalar_type(), " and ", blocks.scalar_type());
     long K, M, N;
     at::Tensor out = blocked_output("speed::matvec_blocked", x, blocks, K, M, N), xc = x.contiguous(), bc = blocks.contiguous();
-    blocked_bf16((const uint16_t *)xc.data_ptr(), M, K, (const uint16_t *)bc.data_ptr(), N, (uint16_t *)out.data_ptr(),
-                 at::get_num_threads());
+    auto product = TILE_ROWS && M > 1 && K % 32 == 0 && tiles_permitted() ? tile_blocks_bf16 : blocked_bf16;
+    product((const uint16_t *)xc.data_ptr(), M, K, (const uint16_t *)bc.data_ptr(), N, (uint16_t *)out.data_ptr(),
+            at::get_num_threads());
     return out;
 }
 
@@ -1450,6 +1526,7 @@ TORCH_LIBRARY(speed, m) {
     m.def("multiplies_bf16() -> bool", [] { return (bool)BF16_ROWS; });  /* matvec_blocked's bf16 loops were built */
     m.def("multiplies_int8_blocks() -> bool", [] { return (bool)I8_BLOCKS; });  /* matvec_blocked_int8's and _q4's loops */
     m.def("multiplies_tiles() -> bool", [] { return TILE_ROWS && tiles_permitted(); });  /* bf16 rows by AMX tiles */
+    m.def("prefetches_blocks() -> bool", [] { return I8_BLOCKS && prefetch_blocks; });  /* int8, 4-bit blocks' stream */
 }
 
 /* its shape alone, for torch.compile's tracing */
