@@ -1526,7 +1526,7 @@ TORCH_LIBRARY(speed, m) {
     m.def("multiplies_bf16() -> bool", [] { return (bool)BF16_ROWS; });  /* matvec_blocked's bf16 loops were built */
     m.def("multiplies_int8_blocks() -> bool", [] { return (bool)I8_BLOCKS; });  /* matvec_blocked_int8's and _q4's loops */
     m.def("multiplies_tiles() -> bool", [] { return TILE_ROWS && tiles_permitted(); });  /* bf16 rows by AMX tiles */
-    m.def("prefetches_blocks() -> bool", [] { return I8_BLOCKS && prefetch_blocks; });  /* int8, 4-bit blocks' stream */
+    m.def("prefetches_blocks() -> bool", [] { return I8_BLOCKS && prefetch_blocks; });  /* the blocked loops' stream */
 }
 
 /* its shape alone, for torch.compile's tracing */

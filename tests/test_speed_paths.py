@@ -975,10 +975,10 @@ def test_matvec_blocked_int8_is_the_row_major_product(M, N, K, threads, set_thre
         set_threads(threads)
 
 
-def test_blocked_integer_loops_prefetch_their_stream_on_intel_only():
-    """The int8 and 4-bit loops in blocks prefetch the weight's stream ahead on Intel's cores, where it made a SmolLM2
-    step 1.4x as fast, and not on AMD's, where prefetching made the products slower (speed_kernels.cpp,
-    prefetch_stream); without the loops there is nothing to prefetch."""
+def test_blocked_loops_prefetch_their_stream_on_intel_only():
+    """The loops over weights in blocks (int8, 4-bit, bf16) prefetch the weight's stream ahead on Intel's cores, where
+    it made a SmolLM2 int8 or 4-bit step 1.4x as fast, and not on AMD's, where prefetching made the products slower
+    (speed_kernels.cpp, prefetch_stream); without the loops there is nothing to prefetch."""
     with open("/proc/cpuinfo") as f:
         vendor = next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
     prefetches = speed.kernel_built() and torch.ops.speed.prefetches_blocks()
