@@ -282,7 +282,7 @@ def decode_row(s, env, name, module, B, rates, prefill_rates, bound, gpu_mem):
     weights, kv = H.decode_bytes_per_step(module, config, B, keys)
     achieved = (weights + kv) * med / B  # B tokens per step
     own = H.memory_bandwidth(int(weights + kv), env.device, reps=5)  # a buffer of the step's size, re-read as steps
-    # re-read their weights: where the caches hold much of them (a 480 MiB L3) it reads faster than `bound`'s 1 GiB
+    # re-read their weights: where the caches hold much of them (a 480 MiB L3) it reads faster than the preset's big one
     mem, mem_base, mem_kind = H.peak_memory(env, name, f"decode_{B}", gpu_mem)
     return dict(env.base_row, model=name, mode="decode", batch_size=B, prompt_len=T, new_tokens=N,
                 tokens_per_s=med, tokens_per_s_min=lo, tokens_per_s_max=hi, repeats=list(rates),
