@@ -652,8 +652,10 @@ def print_profile(prof, name, s, env, plain_s, bandwidth, top=20):
                   f"{t / total:>7.1%}{read:>10}{gbps:>8}")
     if mm_us:
         rate = mm_bytes / mm_us * 1e6
+        own = memory_bandwidth(int(mm_bytes / steps), env.device, reps=5)  # those bytes re-read, as the decode table
         print(f"matmuls: {mm_us / total:.0%} of the op time; {mm_bytes / steps / 2 ** 20:.1f} MiB of weights per "
-              f"token read at {rate / 1e9:.1f} GB/s, {rate / bandwidth:.0%} of the measured bandwidth")
+              f"token read at {rate / 1e9:.1f} GB/s, {rate / bandwidth:.0%} of the measured bandwidth, "
+              f"{rate / max(bandwidth, own):.0%} of the better of it and a read of those bytes ({own / 1e9:.1f} GB/s)")
 
 
 def _numel(shape):

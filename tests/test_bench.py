@@ -4,6 +4,7 @@ timing thresholds: the numbers are only checked to be positive, ordered and cons
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -185,11 +186,19 @@ def test_int8_rows_are_paired_with_their_float_model(rows):
             assert "vs_dense_ratio" in q
 
 
-def test_decode_profile_prints_ops_and_matmul_bandwidth(capsys):
+def test_decode_profile_prints_ops_and_matmul_bandwidth(capsys, monkeypatch):
+    """The profile's matmul line sets the products' read rate against the big buffer's read and against the better
+    of it and a read of the products' own bytes a token (as the decode table's bound)."""
+    big = bench.PRESETS["tiny"]["bandwidth_mib"] * 2 ** 20
+    monkeypatch.setattr(benchmarking, "memory_bandwidth", lambda nbytes, device, reps=3: 1e9 if nbytes == big else 4e9)
     bench.main(TINY + ["--models", "dense", "--skip", "train,decode,mem", "--profile"])
     out = capsys.readouterr().out
     assert "== decode profile: dense, batch 1" in out
     assert "aten::mm" in out and "matmuls:" in out and "GB/s" in out
+    rate, of_big, of_better = re.search(r"read at ([\d.]+) GB/s, (\d+)% of the measured bandwidth, (\d+)% of the "
+                                        r"better of it and a read of those bytes \(4\.0 GB/s\)", out).groups()
+    assert int(of_big) == pytest.approx(4 * int(of_better), abs=4)  # the two bounds: 1 and 4 GB/s (rates rounded)
+    assert int(of_better) == pytest.approx(float(rate) / 4.0 * 100, abs=2.5)
 
 
 def test_train_profile_prints_ops_and_the_matmul_time_the_flops_need(capsys):
