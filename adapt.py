@@ -65,6 +65,9 @@ criterion = "kv"             # calibrate: 'kv' (kv_similarity, proposes kv_sourc
 search = 0                   # calibrate, K/V criteria: 0 = the map is the n_share best single switches (greedily,
                              # from the matrix); k > 0 = switch by switch, each the one of the k best single switches
                              # whose addition to those chosen costs the least KL of the logits (k x n_share forwards)
+lowest_consumer = 0          # calibrate, K/V criteria: consumers only from this layer up; the distillation's backward
+                             # then stops there (a LoRA set on those layers: 2.5x a dense fine-tune's tokens/s at
+                             # 17 of 30 on SmolLM2, at a cost in fidelity: docs/keep_skills.md)
 search_batches = 0           # calibrate, search > 0: the search's batches (the matrix keeps the first --batches of
                              # them); 0 = --batches. SmolLM2: 1 x 2 x 256 tokens were too few (the search fitted them),
                              # 8 x 2 x 256 were not (docs/keep_skills.md, "Maps searched switch by switch")
@@ -755,13 +758,19 @@ def may_switch(kv_source, i, j) -> bool:
     return kv_source[i] == i and kv_source[j] == j and i not in kv_source[:i] + kv_source[i + 1:]
 
 
-def propose_kv_source(similarity, n_share) -> tuple:
-    """Greedily make the n_share most similar (layer, earlier layer) pairs consumer and owner,
-    keeping the map valid: owners stay owners, consumers are never sources."""
+def switch_pairs(similarity, lowest=0) -> list:
+    """Every (similarity, consumer i, source j < i) with i >= lowest, the most similar first."""
+    n = similarity.shape[0]
+    return sorted(((float(similarity[i, j]), i, j) for i in range(max(lowest, 1), n) for j in range(i)), reverse=True)
+
+
+def propose_kv_source(similarity, n_share, lowest=0) -> tuple:
+    """Greedily make the n_share most similar (layer, earlier layer) pairs consumer and owner, consumers from
+    layer `lowest` up, keeping the map valid: owners stay owners, consumers are never sources."""
     n = similarity.shape[0]
     if not 0 <= n_share < n:
         raise ValueError(f"n_share={n_share}: can share between 0 and n_layer-1={n - 1} layers")
-    pairs = sorted(((float(similarity[i, j]), i, j) for i in range(n) for j in range(i)), reverse=True)
+    pairs = switch_pairs(similarity, lowest)
     kv_source = list(range(n))
     shared = 0
     for _, i, j in pairs:
@@ -771,13 +780,14 @@ def propose_kv_source(similarity, n_share) -> tuple:
             kv_source[i] = j
             shared += 1
     if shared < n_share:
-        raise ValueError(f"n_share={n_share}: the best single switches made only {shared} consumers before no allowed "
-                         "pair was left (a layer others read stays an owner): ask for fewer")
+        raise ValueError(f"n_share={n_share}: the best single switches made only {shared} consumers"
+                         f"{f' from layer {lowest} up' if lowest else ''} before no allowed pair was left (a layer "
+                         "others read stays an owner): ask for fewer" + (", or a lower lowest_consumer" if lowest else ""))
     return tuple(kv_source)
 
 
 @torch.no_grad()
-def search_kv_source(model, batches, similarity, n_share, candidates, log=print) -> tuple:
+def search_kv_source(model, batches, similarity, n_share, candidates, log=print, lowest=0) -> tuple:
     """propose_kv_source's greedy pick with the switches' interplay seen: the map grows one switch at a time,
     each the one of the `candidates` best single switches still allowed (by `similarity`) whose addition to
     those already chosen costs the least KL(dense || dense with the map), measured on the batches. A single
@@ -789,7 +799,7 @@ def search_kv_source(model, batches, similarity, n_share, candidates, log=print)
     if not 0 <= n_share < n:
         raise ValueError(f"n_share={n_share}: can share between 0 and n_layer-1={n - 1} layers")
     kv_source, model = list(range(n)), model.eval()
-    ranked = sorted(((float(similarity[i, j]), i, j) for i in range(n) for j in range(i)), reverse=True)
+    ranked = switch_pairs(similarity, lowest)
     runs = []  # per batch: rope tables, the dense log-probabilities and probabilities, the mapped pass's states
     for idx in batches:
         cos, sin = model.rope_cos[: idx.shape[1]], model.rope_sin[: idx.shape[1]]
@@ -813,15 +823,16 @@ def search_kv_source(model, batches, similarity, n_share, candidates, log=print)
             layers_as_mapped(model, model.embed_tokens(r["idx"]), r["kv"], kv_source, 0, r["cos"], r["sin"], r["inputs"])
         allowed = [(i, j) for _, i, j in ranked if may_switch(kv_source, i, j)]
         if not allowed:
-            raise ValueError(f"n_share={n_share}: the search made only {step} consumers before no allowed pair was left "
-                             "(a layer others read stays an owner): ask for fewer")
+            raise ValueError(f"n_share={n_share}: the search made only {step} consumers"
+                             f"{f' from layer {lowest} up' if lowest else ''} before no allowed pair was left (a layer "
+                             "others read stays an owner): ask for fewer" + (", or a lower lowest_consumer" if lowest else ""))
         scored = [(cost(kv_source[:i] + [j] + kv_source[i + 1:], i), i, j) for i, j in allowed[:candidates]]
         kl, i, j = min(scored)
         kv_source[i] = j
         log(f"switch {step + 1} of {n_share}: layer {i} reads layer {j}'s K/V, KL {kl:.4f} with those before "
             f"(the best single switch allowed: layer {allowed[0][0]} reads {allowed[0][1]})")
     try:  # greedy steps need not beat the best single switches' map: keep the cheaper
-        single = list(propose_kv_source(similarity, n_share))
+        single = list(propose_kv_source(similarity, n_share, lowest))
     except ValueError:  # that greedy pick blocked itself
         single = kv_source
     if single != kv_source:
@@ -992,7 +1003,8 @@ def check_settings(s, explicit):
         raise ConfigError(f"local_lr={s.local_lr} must be a finite number > 0")
     converting = bool(s.convert_to or s.attn_to)
     for_convert = {"local_iters", "local_lr", "local_train", "overwrite"} & explicit
-    for_calibration = {"n_share", "criterion", "split", "similarity", "dtype", "search", "search_batches"} & explicit
+    for_calibration = {"n_share", "criterion", "split", "similarity", "dtype", "search", "search_batches",
+                       "lowest_consumer"} & explicit
     if s.search < 0:
         raise ConfigError(f"search={s.search} must be >= 0 (0: the best single switches; k: choose among k at a time)")
     if s.search_batches and not s.search:
@@ -1002,6 +1014,9 @@ def check_settings(s, explicit):
                           "include the matrix's; give search_batches >= batches, or 0 for the same")
     if s.search and s.criterion == "attention":
         raise ConfigError("search applies to K/V maps (--criterion=kv or logits), not to --criterion=attention")
+    if s.lowest_consumer < 0 or (s.lowest_consumer and s.criterion == "attention"):
+        raise ConfigError(f"lowest_consumer={s.lowest_consumer}: give a layer >= 0, for K/V maps (--criterion=kv or "
+                          "logits), not --criterion=attention")
     if for_convert and not converting:
         raise ConfigError(f"{', '.join(sorted(for_convert))} appl{'ies' if len(for_convert) == 1 else 'y'} only with "
                           "--convert_to or --attn_to (conversion)")
@@ -1049,7 +1064,9 @@ def main(argv):
                          "attention pattern" if s.criterion == "attention" else "K/V")
         print(f"saved {out_dir}/{name}.pt" + (f" and {out_dir}/{name}.png" if with_heatmap else ""))
         try:
-            proposal = search_kv_source(model, search_batches, sim, n_share_, s.search) if s.search else propose(sim, n_share_)
+            lowest = {"lowest": s.lowest_consumer} if s.criterion != "attention" else {}
+            proposal = (search_kv_source(model, search_batches, sim, n_share_, s.search, **lowest) if s.search
+                        else propose(sim, n_share_, **lowest))
         except ValueError as e:
             raise ConfigError(f"{e} (the matrix is saved: --similarity={out_dir}/{name}.pt proposes again in seconds)") from None
     print(f"proposed {'attn_source' if s.criterion == 'attention' else 'kv_source'} sharing {n_share_} layers: "

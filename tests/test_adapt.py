@@ -439,6 +439,40 @@ def test_map_search_command_from_a_saved_matrix(data_dir, dense_ckpt, tmp_path, 
     assert f"--similarity={tmp_path / 'c'}/logit_kl_similarity.pt" in err[0] and (tmp_path / "c" / "logit_kl_similarity.pt").exists()
 
 
+def test_lowest_consumer_keeps_every_consumer_at_or_above_it(data_dir, dense_ckpt, tmp_path, capsys):
+    """--lowest_consumer=L: the proposal (the best single switches, or the search) makes consumers of layers L and
+    up only: the best allowed switches among them, by the matrix, where the unrestricted map takes lower ones."""
+    from adapt import search_kv_source
+    sim = torch.eye(6)
+    sim[1, 0], sim[2, 0], sim[4, 1], sim[5, 3], sim[3, 2] = 0.99, 0.98, 0.7, 0.6, 0.5
+    assert propose_kv_source(sim, 2) == (0, 0, 0, 3, 4, 5)
+    assert propose_kv_source(sim, 2, lowest=3) == (0, 1, 2, 3, 1, 3)  # 4 reads 1, then 5 reads 3 (3 reading 2: gone)
+    with pytest.raises(ValueError, match="from layer 5 up .*or a lower lowest_consumer"):
+        propose_kv_source(sim, 2, lowest=5)
+    model = dense_model(n_layer=6, seed=0).eval()
+    xs = [batch(seed=7)[0]]
+    full = logit_kl_similarity(model, xs)
+    unrestricted = search_kv_source(model, xs, full, 2, candidates=100, log=lambda _: None)
+    assert min(i for i, j in enumerate(unrestricted) if j != i) < 5
+    found = search_kv_source(model, xs, full, 1, candidates=100, log=lambda _: None, lowest=5)
+    assert found == (0, 1, 2, 3, 4, int(full[5, :5].argmax()))  # the cheapest switch of layer 5, by the same batches
+    common = [f"--init_from={dense_ckpt}", f"--dataset={data_dir}", "--batches=1", "--batch_size=2",
+              "--criterion=logits", "--split=train"]
+    adapt_main([*common, "--n_share=1", f"--out={tmp_path / 'a'}"])
+    saved = torch.load(tmp_path / "a" / "logit_kl_similarity.pt")
+    n = saved.shape[0]
+    found = adapt_main([*common, "--n_share=1", "--lowest_consumer=2", f"--similarity={tmp_path / 'a' / 'logit_kl_similarity.pt'}",
+                        f"--out={tmp_path / 'b'}"])
+    best = max((float(saved[i, j]), i, j) for i in range(2, n) for j in range(i))
+    assert found == tuple(best[2] if k == best[1] else k for k in range(n))
+    capsys.readouterr()
+    for bad, said in (("--lowest_consumer=-1", "lowest_consumer=-1: give a layer >= 0"),
+                      ("--criterion=attention", "not --criterion=attention")):
+        assert run_script(adapt_main, [*common, "--n_share=1", "--lowest_consumer=2", bad]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+
+
 def test_map_search_on_more_batches_than_the_matrix(data_dir, dense_ckpt, tmp_path, capsys, monkeypatch):
     """--search_batches=N: the matrix comes from the first --batches batches (the same matrix as without the
     search), the search from all N (batch k is the same whatever the count); bad counts are one line."""
@@ -448,8 +482,8 @@ def test_map_search_on_more_batches_than_the_matrix(data_dir, dense_ckpt, tmp_pa
               "--split=train", "--n_share=2"]
     adapt_main([*common, "--batches=1", f"--out={tmp_path / 'a'}"])
     searched, search = [], adapt.search_kv_source
-    monkeypatch.setattr(adapt, "search_kv_source", lambda model, batches, *rest: searched.append(batches) or
-                        search(model, batches, *rest))
+    monkeypatch.setattr(adapt, "search_kv_source", lambda model, batches, *rest, **named: searched.append(batches) or
+                        search(model, batches, *rest, **named))
     found = adapt_main([*common, "--batches=1", "--search=3", "--search_batches=3", f"--out={tmp_path / 'b'}"])
     matrix = torch.load(tmp_path / "b" / "logit_kl_similarity.pt")
     assert torch.equal(matrix, torch.load(tmp_path / "a" / "logit_kl_similarity.pt"))
