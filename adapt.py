@@ -764,6 +764,12 @@ def switch_pairs(similarity, lowest=0) -> list:
     return sorted(((float(similarity[i, j]), i, j) for i in range(max(lowest, 1), n) for j in range(i)), reverse=True)
 
 
+def too_few_switches(n_share, by, made, lowest) -> ValueError:
+    return ValueError(f"n_share={n_share}: {by} made only {made} consumers{f' from layer {lowest} up' if lowest else ''} "
+                      "before no allowed pair was left (a layer others read stays an owner): ask for fewer"
+                      + (", or a lower lowest_consumer" if lowest else ""))
+
+
 def propose_kv_source(similarity, n_share, lowest=0) -> tuple:
     """Greedily make the n_share most similar (layer, earlier layer) pairs consumer and owner, consumers from
     layer `lowest` up, keeping the map valid: owners stay owners, consumers are never sources."""
@@ -780,9 +786,7 @@ def propose_kv_source(similarity, n_share, lowest=0) -> tuple:
             kv_source[i] = j
             shared += 1
     if shared < n_share:
-        raise ValueError(f"n_share={n_share}: the best single switches made only {shared} consumers"
-                         f"{f' from layer {lowest} up' if lowest else ''} before no allowed pair was left (a layer "
-                         "others read stays an owner): ask for fewer" + (", or a lower lowest_consumer" if lowest else ""))
+        raise too_few_switches(n_share, "the best single switches", shared, lowest)
     return tuple(kv_source)
 
 
@@ -823,9 +827,7 @@ def search_kv_source(model, batches, similarity, n_share, candidates, log=print,
             layers_as_mapped(model, model.embed_tokens(r["idx"]), r["kv"], kv_source, 0, r["cos"], r["sin"], r["inputs"])
         allowed = [(i, j) for _, i, j in ranked if may_switch(kv_source, i, j)]
         if not allowed:
-            raise ValueError(f"n_share={n_share}: the search made only {step} consumers"
-                             f"{f' from layer {lowest} up' if lowest else ''} before no allowed pair was left (a layer "
-                             "others read stays an owner): ask for fewer" + (", or a lower lowest_consumer" if lowest else ""))
+            raise too_few_switches(n_share, "the search", step, lowest)
         scored = [(cost(kv_source[:i] + [j] + kv_source[i + 1:], i), i, j) for i, j in allowed[:candidates]]
         kl, i, j = min(scored)
         kv_source[i] = j
