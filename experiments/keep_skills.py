@@ -28,7 +28,9 @@ Every phase is a command of the project's own (printed, timed, its output in RUN
                                 no q/k_proj to adapt)
                   consumers_qo  only the consumers' q_proj/o_proj (what the change touches, as SwiftKV)
                 with --teacher_topk=K the teacher's K likeliest tokens for every batch are made once, in the
-                first map's distillation (RUNS/teacher_topK.pt), and every map's steps read them
+                first map's distillation (RUNS/teacher_topK.pt), and every map's steps read them;
+                with --lowest_consumer=L every consumer lies at layer L or above and the adapters sit on layers
+                L and up only (q, o, gate, up, down), so the backward stops at layer L
   delta         lora.py --adapters (the adapters, fp32 or --adapters_dtype) or delta.py (the changed tensors in bf16):
                 OUT/kvN.safetensors; results/smollm2-adapted/ holds the committed ones
   evaluation    evaluate.py --delta: the shipped delta on the base against the teacher, held-out generated
@@ -91,6 +93,11 @@ calib_search = 16            # sharing=kv: 0 = the map is the matrix's best sing
 calib_search_batches = 8     # calib_search > 0: the search's batches (adapt.py --search_batches; the matrix keeps
                              # calib_batches of them), 0 = calib_batches; the shipped maps: 8 (4,096 tokens)
 train_set = "lora"           # what the KL distillation trains: 'lora' or 'consumers_qo' (see above)
+lowest_consumer = 0          # sharing=kv, train_set=lora: 0 = consumers anywhere, adapters on every layer; L > 0 = every
+                             # consumer at layer L or above (adapt.py --lowest_consumer) and LoRA on q, o, gate, up, down
+                             # of layers L and up only (train.py --lora_layers): the backward stops at L. L = 12 with
+                             # teacher_topk=64: 1.9-2.1x a dense fine-tune's tokens/s, 1.24-1.37x the shipped delta's KL
+                             # (docs/keep_skills.md, "Where the backward stops")
 lora_rank = 32               # train_set=lora: every linear's adapter rank (r32 on SmolLM2: 9.8 M values, 19 MB in bf16)
 lora_alpha = 64.0
 adapters_dtype = "bfloat16"  # train_set=lora: the shipped adapters' dtype, bfloat16 or float32 (twice the bytes)
@@ -125,6 +132,7 @@ SIMILARITY_FILES = {"kv": "kv_similarity", "logits": "logit_kl_similarity", "att
 TRAIN_SETS = ("lora", "consumers_qo")
 SHARING = {"kv": "K/V sharing", "attention": "attention sharing (EchoAtt)"}  # also each row's name: kv8, attention8
 LORA_TARGETS = "q,k,v,o,gate,up,down"  # every linear of a layer (a consumer's k/v go with the switch)
+UPPER_LORA_TARGETS = "q,o,gate,up,down"  # lowest_consumer > 0: train.py --lora_layers refuses k/v a consumer lacks
 PRECISION = {"bfloat16": "bf16 autocast", "float32": "fp32"}
 GOALS = {8: (0.01, "teacher - 1"), 15: (0.03, "90% of teacher")}  # the issue's: perplexity ratio bound, chat bound
 
@@ -178,12 +186,15 @@ def adapt_one(n, s, common, matrix=""):
         *([f"--criterion={s.criterion}", "--split=train"] if s.criterion != "kv" else []),
         *([f"--similarity={matrix}"] if matrix else []), *([f"--search={s.calib_search}"] if s.calib_search else []),
         *([f"--search_batches={s.calib_search_batches}"] if s.calib_search_batches else []),
-        *([f"--dtype={s.calib_dtype}"] if s.calib_dtype != "float32" and (s.calib_search or not matrix) else [])], s)
+        *([f"--dtype={s.calib_dtype}"] if s.calib_dtype != "float32" and (s.calib_search or not matrix) else []),
+        *([f"--lowest_consumer={s.lowest_consumer}"] if s.lowest_consumer else [])], s)
     map_spec = proposed_map(s, f"{name}/calibration")
     switch = [f"--adapt_target={map_spec}", "--adapt_mode=abrupt"] if s.sharing == "kv" else [f"--adapt_attn_target={map_spec}"]
     trained, delta = os.path.join(d, "distill"), os.path.join(s.out, f"{name}.safetensors")
-    start, trainable = s.teacher, ["--lora_targets=" + LORA_TARGETS, f"--lora_rank={s.lora_rank}",
-                                   f"--lora_alpha={s.lora_alpha}"]
+    upper = range(s.lowest_consumer, len(map_spec.split(",")))  # lowest_consumer > 0: the layers that train
+    start, trainable = s.teacher, ["--lora_targets=" + (UPPER_LORA_TARGETS if s.lowest_consumer else LORA_TARGETS),
+                                   *([f"--lora_layers={','.join(map(str, upper))}"] if s.lowest_consumer else []),
+                                   f"--lora_rank={s.lora_rank}", f"--lora_alpha={s.lora_alpha}"]
     if s.train_set == "consumers_qo":
         start, trainable = os.path.join(d, "converted.pt"), ["--adapt_train_layers=consumers_qo"]
         times["conversion"] = phase(f"{name}/conversion", "adapt.py", [
@@ -386,7 +397,9 @@ def recipe(s):
     text = f"tokens of the generated text and {int(tokens):,} of {other}'s train split" if s.mix else "generated tokens"
     steps = f"{s.iters} KL steps x {s.batch_size} x {s.block_size} {text} at lr {s.learning_rate:g} in {PRECISION[s.distill_dtype]}"
     if s.train_set == "lora":
-        return f"{steps} (LoRA r{s.lora_rank}, alpha {s.lora_alpha:g}, on every linear), the adapters as the delta"
+        where = (f"on q, o, gate, up, down of layers {s.lowest_consumer} and up" if s.lowest_consumer else
+                 "on every linear")
+        return f"{steps} (LoRA r{s.lora_rank}, alpha {s.lora_alpha:g}, {where}), the adapters as the delta"
     return f"{s.local_iters} layer-local steps, {steps} (consumers' q_proj/o_proj only), a bf16 delta"
 
 
@@ -446,10 +459,15 @@ def check_teacher(s):
     path = os.path.join(ROOT, s.teacher) if not os.path.isabs(s.teacher) else s.teacher  # the phases run in ROOT
     if not os.path.isfile(path):
         raise ConfigError(f"--teacher={s.teacher}: no such checkpoint; run .venv/bin/python data/smollm2/prepare.py")
-    vocab = load_checkpoint(path, mmap=True)["model_config"]["vocab_size"] if s.teacher_topk else 1
+    config = load_checkpoint(path, mmap=True)["model_config"] if s.teacher_topk or s.lowest_consumer else {}
+    vocab = config.get("vocab_size", 1)
     if not 0 <= s.teacher_topk < vocab:
         raise ConfigError(f"--teacher_topk={s.teacher_topk}: give 0 (the teacher runs every step) or 1.."
                           f"{vocab - 1} (the teacher's vocabulary has {vocab} tokens)")
+    most = max(int(x) for x in s.share.split(",") if x.strip())
+    if s.lowest_consumer and most > config["n_layer"] - s.lowest_consumer:
+        raise ConfigError(f"--lowest_consumer={s.lowest_consumer} leaves {config['n_layer'] - s.lowest_consumer} of the "
+                          f"teacher's {config['n_layer']} layers to share, fewer than --share={most}: lower either")
 
 
 def check_map_settings(s, explicit):
@@ -465,6 +483,9 @@ def check_map_settings(s, explicit):
         s.calib_search = 0  # the default search is for K/V maps (its batches are dropped below)
     elif s.criterion == "attention":
         raise ConfigError("--criterion=attention proposes attention maps: give --sharing=attention too")
+    if s.lowest_consumer < 0 or (s.lowest_consumer and (s.sharing != "kv" or s.train_set != "lora")):
+        raise ConfigError(f"--lowest_consumer={s.lowest_consumer}: give 0, or a layer L > 0 with --sharing=kv and "
+                          f"--train_set=lora (K/V consumers from L up, adapters on layers L and up)")
     if s.calib_search < 0:
         raise ConfigError(f"--calib_search={s.calib_search}: give 0 (the best single switches) or k >= 1 candidates")
     if not s.calib_search:  # the default search batches go with the default search

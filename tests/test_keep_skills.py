@@ -268,3 +268,35 @@ def test_keep_skills_defaults_issue_the_shipped_deltas_commands(tmp_path, monkey
     assert issued["kv8/distillation"] == json.load(open(fresh))["cmd"]
     assert list(results["models"]) == ["kv8", "kv15"]  # both maps of the issue, in one command
     assert "no pareto.png: matplotlib is missing" in capsys.readouterr().out  # not claimed when not drawn
+
+
+def test_keep_skills_lowest_consumer_trains_the_upper_layers_only(tmp_path, capsys):
+    """--lowest_consumer=L: the calibration is asked for consumers at L and up, and the distillation puts adapters on
+    q, o, gate, up and down of layers L and up only (so its backward stops at L); the shipped delta holds those alone.
+    A layer that leaves too few layers to share, a negative one, or one with attention sharing: one line, before
+    the generation."""
+    from configurator import run_script
+    from delta import read_delta
+    exp = importlib.import_module("experiments.keep_skills")
+    teacher = tmp_path / "teacher.pt"
+    save_tiny(teacher, n_layer=4)
+    row = run(exp, tmp_path, teacher, "--train_set=lora", "--lora_rank=2", "--calib_dtype=float32",
+              "--lowest_consumer=2")["models"]["kv1"]
+    calibration = json.loads((tmp_path / "runs" / "kv1" / "calibration.json").read_text())["cmd"]
+    assert "--lowest_consumer=2" in calibration
+    assert [i for i, j in enumerate(row["kv_source"]) if i != j][0] >= 2  # the one consumer: layer 2 or 3
+    distill_cmd = json.loads((tmp_path / "runs" / "kv1" / "distillation.json").read_text())["cmd"]
+    assert "--lora_layers=2,3" in distill_cmd and "--lora_targets=q,o,gate,up,down" in distill_cmd
+    _, tensors, _ = read_delta(str(tmp_path / "res" / "kv1.safetensors"))
+    layers = {int(k.split("layers.")[1].split(".")[0]) for k in tensors}
+    assert layers == {2, 3} and not any("k_proj" in k or "v_proj" in k for k in tensors)
+    assert "on q, o, gate, up, down of layers 2 and up" in (tmp_path / "res" / "results.md").read_text()
+    capsys.readouterr()
+    for args, words in [(["--lowest_consumer=4"], "leaves 0 of the teacher's 4 layers"),
+                        (["--lowest_consumer=-1"], "give 0, or a layer"),
+                        (["--lowest_consumer=1", "--sharing=attention"], "--sharing=kv")]:
+        runs = tmp_path / "bad-runs"
+        assert run_script(exp.main, [f"--teacher={teacher}", f"--out={tmp_path / 'o'}", f"--runs={runs}", "--share=1",
+                                     *args]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--lowest_consumer=" in err[0] and words in err[0] and not runs.exists(), err
