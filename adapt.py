@@ -66,8 +66,9 @@ search = 0                   # calibrate, K/V criteria: 0 = the map is the n_sha
                              # from the matrix); k > 0 = switch by switch, each the one of the k best single switches
                              # whose addition to those chosen costs the least KL of the logits (k x n_share forwards)
 lowest_consumer = 0          # calibrate, K/V criteria: consumers only from this layer up; the distillation's backward
-                             # then stops there (a LoRA set on those layers: 2.5x a dense fine-tune's tokens/s at
-                             # 17 of 30 on SmolLM2, at a cost in fidelity: docs/keep_skills.md)
+                             # then stops there (a LoRA set on those layers from the teacher's top 64, SmolLM2:
+                             # 2.3x a dense fine-tune's tokens/s at 17 of 30, ~2x at 12, over 40 steps; at a cost in
+                             # fidelity: docs/keep_skills.md, "Where the backward stops")
 search_batches = 0           # calibrate, search > 0: the search's batches (the matrix keeps the first --batches of
                              # them); 0 = --batches. SmolLM2: 1 x 2 x 256 tokens were too few (the search fitted them),
                              # 8 x 2 x 256 were not (docs/keep_skills.md, "Maps searched switch by switch")
