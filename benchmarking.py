@@ -581,7 +581,8 @@ def write_json(rows, path):
 # the leaves: aten::linear and aten::matmul call these; quantize.Int8Linear and Int4Linear the int8/int4 ones;
 # speed.matvec (one row on a CPU, every weight kind) and speed.BlockedLinear's matvec_blocked (_int8, _q4) the last
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-              "speed::matvec", "speed::matvec_blocked", "speed::matvec_blocked_int8", "speed::matvec_blocked_q4")
+              "speed::matvec", "speed::matvec_blocked", "speed::matvec_blocked_int8", "speed::matvec_blocked_q4",
+              "speed::decode_layers")  # the last: a step's layers in one call, its products most of its time
 
 
 def profile_train(t, s, env, matmul_rate, flops_per_token, top=12):
@@ -616,13 +617,18 @@ def profile_decode(s, env, name, module, bandwidth):
     with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
         dec.decode(token)
         sync(env.device)
-    print_profile(prof, name, s, env, plain, bandwidth)
+    weights = getattr(dec.step, "weights", None)  # speed.LayersInOneCall's: what its one op reads a call
+    one_call = sum(t.nbytes for t in weights[0] + weights[1]) if weights else None
+    print_profile(prof, name, s, env, plain, bandwidth, one_call=one_call)
 
 
-def op_bytes(e, elsize):
+def op_bytes(e, elsize, one_call=None):
     """Bytes an op has to read, where that is clear from its input shapes: a matmul's largest operand
-    (at decode batch sizes the weight), an attention kernel's K and V (the whole static cache)."""
+    (at decode batch sizes the weight), an attention kernel's K and V (the whole static cache); the step's
+    layers in one call (speed::decode_layers, whose lists of tensors the profiler does not record): one_call."""
     shapes = [x for x in e.input_shapes or [] if x]
+    if e.key == "speed::decode_layers":
+        return one_call
     if e.key in ("aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu") and len(shapes) >= 2:
         return _numel(shapes[1])  # the int8 weight, one byte each, or the 4-bit one packed two a byte
     if e.key == "speed::matvec" and len(shapes) >= 2:  # a float weight, or int8 / 4-bit codes (with their scales)
@@ -636,7 +642,7 @@ def op_bytes(e, elsize):
     return None
 
 
-def print_profile(prof, name, s, env, plain_s, bandwidth, top=20):
+def print_profile(prof, name, s, env, plain_s, bandwidth, top=20, one_call=None):
     """Per op and input shapes: calls and self time per token, share of the op time, and the bytes
     read per call and GB/s where op_bytes knows them, to set against the measured bandwidth."""
     steps, elsize = s.new_tokens, env.dtype.itemsize
@@ -651,7 +657,7 @@ def print_profile(prof, name, s, env, plain_s, bandwidth, top=20):
     print(f"{'op':<40}{'input shapes':<44}{'calls/tok':>10}{'us/tok':>9}{'share':>7}{'MiB read':>10}{'GB/s':>8}")
     mm_us = mm_bytes = 0
     for i, e in enumerate(ops):
-        t, nbytes, read, gbps = self_us(e), op_bytes(e, elsize), "", ""
+        t, nbytes, read, gbps = self_us(e), op_bytes(e, elsize, one_call), "", ""
         if nbytes is not None:
             read, gbps = f"{nbytes / 2 ** 20:.2f}", f"{nbytes * e.count / max(t, 1e-9) / 1e3:.1f}"
         if e.key in MATMUL_OPS and nbytes is not None:

@@ -492,7 +492,7 @@ LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # madvis
 MADV_HUGEPAGE = 14  # linux/mman.h
 
 
-def compile_decode_step(model):
+def compile_decode_step(model, one_call=True):
     """torch.compile of `model.decode_step`, as every decoding script compiles it: the whole step one graph
     (fullgraph), static shapes (one graph per batch size and cache length). Compile after the model is
     final (use_decode_paths, quantization). On a CPU three savings on what surrounds the products (~4-5 ms of
@@ -507,14 +507,16 @@ def compile_decode_step(model):
     docs/bench.md).
     Our ops' shapes come from their Meta kernels, which tests/test_speed_paths.py checks by torch.library.opcheck.
     Last, once a (batch, cache length) has been compiled, its steps call the compiled graph without dynamo
-    (DirectStep)."""
+    (DirectStep). And where every projection lies in blocks (block_weights) and one_call, one row's steps run
+    the layers in one call of speed::decode_layers instead (LayersInOneCall; the graph serves more rows)."""
     device = next(model.parameters()).device
     if device.type != "cpu":  # the other devices' path as it was: the C++ wrapper has not run on them here
         return torch.compile(model.decode_step, fullgraph=True, dynamic=False)
     shared = type(model).decode_step
     own = types.FunctionType(shared.__code__.replace(), shared.__globals__, shared.__name__, shared.__defaults__,
                              shared.__closure__)
-    return DirectStep(types.MethodType(own, model))
+    step = DirectStep(types.MethodType(own, model))
+    return LayersInOneCall(model, step) if one_call and layer_weights(model) is not None else step
 
 
 class DirectStep:
@@ -580,6 +582,72 @@ class DirectStep:
             args[i] = token if kind == "token" else input_pos if kind == "position" else getattr(cache, kind)[layer]
         self.direct_calls += 1
         return fn(*args)[0]
+
+
+# -----------------------------------------------------------------------------
+# a step's layers in one call
+
+
+def layer_weights(model):
+    """speed::decode_layers' weights of `model` (10 a layer: the input norm, the first product's blocks and scales, o's,
+    the post-attention norm, gate_up's, down's), its head's (the final norm, the head's blocks and scales; none where
+    the head is not in blocks: a tied one at one row) and the 4-bit group size; or None where the op cannot serve the
+    model: the kernel without its loops, a projection that is not a BlockedLinear (joined: fuse_projections, then
+    block_weights), kinds or group sizes that differ, attention sharing, a K/V blend, a dtype other than fp32 or bf16,
+    a head dimension or MLP width not a multiple of 16."""
+    c, dtype = model.config, model.embed_tokens.weight.dtype
+    if (not (kernel_built() and torch.ops.speed.multiplies_layers()) or model.kv_blend or c.head_dim % 16
+            or c.intermediate_size % 16 or dtype not in (torch.float32, torch.bfloat16)
+            or any(source != i for i, source in enumerate(c.attn_source))):
+        return None
+    weights, kinds = [], set()
+    for i, block in enumerate(model.layers):
+        attn, mlp = block.self_attn, block.mlp
+        products = [getattr(attn, "qkv_proj" if c.kv_source[i] == i else "q_proj", None), attn.o_proj,
+                    getattr(mlp, "gate_up_proj", None), mlp.down_proj]
+        if any(type(p) is not BlockedLinear for p in products):
+            return None
+        kinds |= {(p.blocks.dtype, p.group_size, p.scale_dtype) for p in products}
+        weights += [block.input_layernorm.weight, *op_weights(products[0]), *op_weights(products[1]),
+                    block.post_attention_layernorm.weight, *op_weights(products[2]), *op_weights(products[3])]
+    head, group = model.lm_head, kinds.pop()[1] if len(kinds) == 1 else None
+    in_blocks = type(head) is BlockedLinear and head.group_size in (0, group)
+    return None if group is None else (weights, [model.norm.weight, *op_weights(head)] if in_blocks else [], group)
+
+
+def op_weights(product):
+    """A BlockedLinear's blocks and scales as speed::decode_layers takes them: a 4-bit layer's scales (inline in its
+    blocks) a 0-element tensor of their dtype, a bf16 layer's a 0-element fp32 one"""
+    none = torch.empty(0, dtype=product.scale_dtype or torch.float32)
+    return [product.blocks, none if product.scales is None else product.scales]
+
+
+class LayersInOneCall:
+    """A decode step whose layers (and the head, where it lies in blocks) run, for one row, in one call of
+    speed::decode_layers (speed_kernels.cpp: why); the token's embedding, and a head not in blocks with the final
+    norm, as the model's own modules. More rows, gradients wanted, or a model the op cannot serve (layer_weights
+    None) go to `other` (the compiled step). The model must be final, as for DirectStep: the op reads the tensors
+    layer_weights took here."""
+
+    def __init__(self, model, other):
+        self.model, self.other = model, other
+        self.weights = layer_weights(model)
+        self.rope = (model.rope_cos.float(), model.rope_sin.float())  # a bf16 model's tables are bf16
+        self.caches = (None, None)  # (the cache, the op's list of its tensors) of the last call
+        self.one_call_steps = 0  # steps that took the op (tests count them)
+
+    def __call__(self, token, input_pos, cache):
+        if self.weights is None or token.shape[0] != 1 or torch.is_grad_enabled():
+            return self.other(token, input_pos, cache)
+        m, c = self.model, self.model.config
+        if self.caches[0] is not cache:
+            self.caches = (cache, [t for source in c.kv_source for t in (cache.k[source], cache.v[source])])
+        pos, (weights, head, group) = int(input_pos), self.weights
+        out = torch.ops.speed.decode_layers(m.embed_tokens(token), weights, self.caches[1], list(c.kv_source),
+                                            self.rope[0][pos], self.rope[1][pos], pos, c.n_head, c.n_kv_head,
+                                            c.norm_eps, group, head)
+        self.one_call_steps += 1
+        return (out if head else m.lm_head(m.norm(out)))[:, -1, :]
 
 
 # -----------------------------------------------------------------------------

@@ -1279,6 +1279,182 @@ static void decode_attention(const float *q, const uint16_t *q16, float scale, l
     }
 }
 
+/* A decoding step's layers in one call (speed::decode_layers), for one row of x with every projection in blocks of 16
+   rows (speed.BlockedLinear: bf16, int8 or 4-bit). Why: called op by op, a SmolLM2 step spends ~0.9 ms a token
+   around its products (the compiled graph's glue, ~150 op calls' dispatch and outputs, attention's own call), and
+   at 2 threads each product is a parallel region of its own whose threads wake and meet; that ~0.9 ms does not
+   split over the threads (docs/bench.md, "What the ~0.9 ms is"). Here the threads enter one parallel region for the
+   whole step and meet at a barrier after each product and after attention: each thread computes its share of each
+   product's 16-row blocks into a shared buffer, and everything between products (the norms, RoPE, the residual
+   stream, SiLU, x rounded for the integer loops) every thread computes whole for itself, the same numbers in each.
+   The residual stream stays fp32 throughout (the op-by-op bf16 step rounds it at every op). An owner's K/V head
+   goes into the cache (its dtype) by the thread that attends with it; a consumer reads its source's cache. */
+#if I8_BLOCKS
+struct Product {  /* one projection's weights as speed.BlockedLinear lays them out */
+    int kind;  /* BF16, I8 or U4 */
+    const void *blocks, *scales;  /* scales: int8's, one a row (of scale_kind) */
+    int scale_kind;
+    long group, N, K;
+};
+
+/* x prepared once by each thread for a product: rounded as blocked_i8 and blocked_q4 round it, or as bf16 pairs */
+struct PreparedX {
+    int16_t *xq;
+    int8_t *hi;
+    uint8_t *lo;
+    float *step, *xsum;
+    uint16_t *x16;
+};
+
+static void prepare_x(const float *x, const Product &w, PreparedX &px) {
+    long K = w.K;
+    if (w.kind == BF16) {
+        for (long k = 0; k + 16 <= K; k += 16) _mm256_storeu_si256((__m256i *)(px.x16 + k), bf16_of_sums(_mm512_loadu_ps(x + k)));
+        return;
+    }
+    if (w.kind == U4) memset(px.xsum, 0, K / w.group * sizeof(float));
+    quantize_x_wide(x, K, px.xq, px.step, nullptr, nullptr, w.kind == U4 ? px.xsum : nullptr, w.group);
+    if (w.kind != U4) return;
+    for (long k = 0; k < K; k += XBLOCK) {  /* blocked_q4's hi and lo bytes */
+        __m512i q = _mm512_loadu_si512(px.xq + k);
+        _mm256_storeu_si256((__m256i *)(px.hi + k), _mm512_cvtepi16_epi8(_mm512_srai_epi16(q, 8)));
+        _mm256_storeu_si256((__m256i *)(px.lo + k), _mm512_cvtepi16_epi8(q));
+    }
+}
+
+/* y[16 b0 .. 16 b1) of the product, fp32, by the blocked loops' one-row forms */
+static void product_blocks(const Product &w, const PreparedX &px, long b0, long b1, float *y) {
+    long K = w.K, q4_bytes = w.kind == U4 ? K / w.group * q4_group_bytes(w.group, w.scale_kind) : 0;
+    for (long b = b0; b < b1; b++) {
+        __m512 sums[1];
+        if (w.kind == U4) {
+            blocked_q4_rows<1>(px.hi, px.lo, px.step, px.xsum, K, w.group, (const uint8_t *)w.blocks + b * q4_bytes,
+                               w.scale_kind, 0, sums);
+        } else if (w.kind == I8) {
+            blocked_i8_rows<1>((const uint32_t *)px.xq, px.step, K, (const int8_t *)w.blocks + b * 16 * K, 0, sums);
+            sums[0] = _mm512_mul_ps(sums[0], load16(w.scales, w.scale_kind, b * 16, 0xffff));
+        } else {
+#if BF16_ROWS
+            const uint32_t *block = (const uint32_t *)w.blocks + b * (K / 2) * 16, *xp = (const uint32_t *)px.x16;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+            for (long p = 0; p < K / 2; p += 2) {
+                prefetch_stream(block + p * 16, 2 * 64);
+                a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(block + p * 16), (__m512bh)_mm512_set1_epi32(xp[p]));
+                a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(block + p * 16 + 16), (__m512bh)_mm512_set1_epi32(xp[p + 1]));
+            }
+            sums[0] = _mm512_add_ps(a0, a1);
+#endif
+        }
+        _mm512_storeu_ps(y + b * 16, sums[0]);
+    }
+}
+
+static void rms_norm(const float *x, long C, const void *w, int kind, float eps, float *y) {
+    float squares = 0;
+    for (long i = 0; i < C; i++) squares += x[i] * x[i];
+    float r = 1.0f / sqrtf(squares / C + eps);
+    for (long i = 0; i < C; i++) y[i] = x[i] * r * scalar_at(w, kind, i);
+}
+
+/* rotate-half RoPE of one head (model.apply_rope), in place */
+static void rope(float *x, long D, const float *cos, const float *sin) {
+    for (long i = 0; i < D / 2; i++) {
+        float a = x[i], b = x[i + D / 2];
+        x[i] = a * cos[i] - b * sin[i], x[i + D / 2] = b * cos[i + D / 2] + a * sin[i + D / 2];
+    }
+}
+
+static void store_row(const float *x, long D, void *to, int kind) {
+    if (kind == F32) return (void)memcpy(to, x, D * sizeof(float));
+    for (long i = 0; i < D; i += 16) _mm256_storeu_si256((__m256i *)((uint16_t *)to + i), bf16_of_sums(_mm512_loadu_ps(x + i)));
+}
+
+struct Layer {  /* one decoder layer's weights and the cache it attends over (its K/V source's) */
+    const void *norm1, *norm2;
+    Product qkv, o, gate_up, down;  /* qkv: an owner's q, k and v joined, a consumer's q alone */
+    void *k, *v;
+    bool owner;
+};
+
+struct Shape { long C, H, Hkv, D, I, S, pos; int norm_kind, cache_kind; float eps; };
+
+struct ThreadRoom { float *x, *h, *q, *scores; PreparedX px; };  /* each thread's own */
+struct SharedRoom { float *qkv, *attention, *projected, *gate_up, *logits; const bool *mask; };  /* written by all, in parts */
+
+/* the final norm and the head, where the call takes them: the logits in the output's dtype */
+struct Head { const void *norm; Product w; void *out; bool out_bf16; };
+
+/* this thread's share of a product (16-row blocks dealt out evenly), then the barrier where all meet */
+static void product_share(const Product &w, const float *x, ThreadRoom &own, float *y, int t, int T) {
+    prepare_x(x, w, own.px);
+    long blocks = w.N / 16;
+    product_blocks(w, own.px, blocks * t / T, blocks * (t + 1) / T, y);
+    #pragma omp barrier
+}
+
+/* the K/V heads j = t, t + T, ...: an owner writes its new K/V row into the cache, then G query heads attend */
+static void attention_share(const Layer &l, const Shape &s, const float *cos, const float *sin, ThreadRoom &own,
+                            SharedRoom &sh, int t, int T) {
+    long D = s.D, G = s.H / s.Hkv, size = s.cache_kind == F32 ? 4 : 2;
+    float scale = 1.0f / sqrtf((float)D);
+    for (long j = t; j < s.Hkv; j += T) {
+        long row = (j * s.S + s.pos) * D * size;  /* the cache is (1, Hkv, S, D) */
+        if (l.owner) {
+            float *k = sh.qkv + (s.H + j) * D, *v = sh.qkv + (s.H + s.Hkv + j) * D;  /* head j's alone: this thread's */
+            rope(k, D, cos, sin);
+            store_row(k, D, (char *)l.k + row, s.cache_kind), store_row(v, D, (char *)l.v + row, s.cache_kind);
+        }
+        for (long g = 0; g < G; g++) {
+            float *q = own.q + g * D;
+            for (long i = 0; i < D; i++) q[i] = sh.qkv[(j * G + g) * D + i];
+            rope(q, D, cos, sin);
+            for (long i = 0; i < D; i++) q[i] *= scale;
+        }
+        if (s.cache_kind == BF16)
+            attend_group<BF16>(own.q, nullptr, scale, G, D, l.k, l.v, j * s.S * D, s.pos + 1, sh.mask, own.scores, sh.attention + j * G * D);
+        else
+            attend_group<F32>(own.q, nullptr, scale, G, D, l.k, l.v, j * s.S * D, s.pos + 1, sh.mask, own.scores, sh.attention + j * G * D);
+    }
+    #pragma omp barrier
+}
+
+/* thread t of T through every layer; own.x, the residual stream, comes in and goes out the same in every thread; then
+   the head's share of the logits, where there is one (head.norm) */
+static void layers_thread(const std::vector<Layer> &layers, const Shape &s, const float *cos, const float *sin,
+                          const Head &head, ThreadRoom &own, SharedRoom &sh, int t, int T) {
+    long C = s.C, I = s.I;
+    for (const Layer &l : layers) {
+        rms_norm(own.x, C, l.norm1, s.norm_kind, s.eps, own.h);
+        product_share(l.qkv, own.h, own, sh.qkv, t, T);
+        attention_share(l, s, cos, sin, own, sh, t, T);
+        product_share(l.o, sh.attention, own, sh.projected, t, T);
+        for (long i = 0; i < C; i++) own.x[i] += sh.projected[i];
+        rms_norm(own.x, C, l.norm2, s.norm_kind, s.eps, own.h);
+        product_share(l.gate_up, own.h, own, sh.gate_up, t, T);
+        for (long i = 0; i < I; i += 16) {  /* silu(gate) x up */
+            __m512 g = _mm512_loadu_ps(sh.gate_up + i), u = _mm512_loadu_ps(sh.gate_up + I + i);
+            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            _mm512_storeu_ps(own.h + i, _mm512_mul_ps(silu, u));
+        }
+        product_share(l.down, own.h, own, sh.projected, t, T);
+        for (long i = 0; i < C; i++) own.x[i] += sh.projected[i];
+    }
+    if (!head.norm) return;
+    rms_norm(own.x, C, head.norm, s.norm_kind, s.eps, own.h);
+    prepare_x(own.h, head.w, own.px);
+    long blocks = head.w.N / 16, b0 = blocks * t / T, b1 = blocks * (t + 1) / T;
+    product_blocks(head.w, own.px, b0, b1, sh.logits);
+    for (long i = b0 * 16; i < b1 * 16; i += 16) {  /* this thread's logits to the output: no barrier needed */
+        __m512 v = _mm512_loadu_ps(sh.logits + i);
+        if (head.out_bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)head.out + i), bf16_of_sums(v));
+        else _mm512_storeu_ps((float *)head.out + i, v);
+    }
+}
+#define LAYER_LOOPS 1
+#else
+#define LAYER_LOOPS 0
+#endif
+
 /* speed::matvec(x, weight, scales, minimums, group_size): the product in x's dtype, for speed.py (its docstring) */
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -1516,6 +1692,127 @@ static at::Tensor greedy_pick_op(const at::Tensor &logits) {
     return out;
 }
 
+#if LAYER_LOOPS
+/* speed::decode_layers(x, weights, caches, kv_source, cos, sin, pos, n_head, n_kv_head, eps, group_size, head): one
+   row x (its C values, fp32 or bf16) through every layer at position pos, as decode_layers above; the residual
+   stream after the last layer in x's dtype, or with head (the final norm's weight, the head's blocks and scales)
+   the logits (x's shape, the vocabulary last). weights: 10 a layer, the input norm, the
+   q(kv) blocks and their scales, o's, the post-attention norm, gate_up's and down's: blocks as speed.BlockedLinear
+   holds them (bf16; int8 with its scales; 4-bit with a 0-element tensor of its scales' dtype in the scales' place),
+   one kind for all; an owner's first product is q, k and v joined, a consumer's q alone. caches: 2 a layer, the K
+   and V cache (1, n_kv_head, S, D) of its source layer (kv_source), one float dtype. cos and sin: position pos's
+   RoPE rows (D fp32). */
+static Product product_of(const at::Tensor &blocks, const at::Tensor &scales, long group) {
+    Product w{BF16, blocks.data_ptr(), nullptr, F32, 0, blocks.size(0) * 16, 0};
+    if (blocks.scalar_type() == at::kByte) {
+        w.kind = U4, w.scale_kind = kind_of(scales), w.group = group, w.K = blocks.size(1) * group;
+        TORCH_CHECK(blocks.dim() == 3 && w.scale_kind <= F16 && blocks.size(2) == q4_group_bytes(group, w.scale_kind),
+                    "speed::decode_layers: 4-bit blocks ", blocks.sizes(), " in groups of ", group);
+    } else {
+        TORCH_CHECK(blocks.dim() == 4 && blocks.size(2) == 16 && blocks.size(3) == 2, "speed::decode_layers: blocks ",
+                    blocks.sizes(), "; it takes speed.BlockedLinear's");
+        w.K = blocks.size(1) * 2;
+        if (blocks.scalar_type() == at::kChar) {
+            w.kind = I8, w.scales = scales.data_ptr(), w.scale_kind = kind_of(scales);
+            TORCH_CHECK(scales.numel() == w.N && w.scale_kind <= F16, "speed::decode_layers: int8 blocks need ", w.N, " scales");
+        } else {
+            TORCH_CHECK(blocks.scalar_type() == at::kBFloat16 && BF16_ROWS, "speed::decode_layers: blocks of ",
+                        blocks.scalar_type(), " (it takes bf16 where the CPU multiplies it, int8 or 4-bit codes)");
+        }
+    }
+    TORCH_CHECK(blocks.is_contiguous() && w.K % XBLOCK == 0, "speed::decode_layers: blocks must be contiguous, rows of a multiple of ", XBLOCK);
+    return w;
+}
+
+static at::Tensor decode_layers_op(const at::Tensor &x, at::TensorList weights, at::TensorList caches,
+                                   at::IntArrayRef kv_source, const at::Tensor &cos, const at::Tensor &sin, int64_t pos,
+                                   int64_t n_head, int64_t n_kv_head, double eps, int64_t group_size,
+                                   at::TensorList head) {
+    TORCH_CHECK(LAYER_LOOPS, "speed::decode_layers: this build has no AVX-512 VNNI loops (the CPU or compiler lacks them)");
+    long L = kv_source.size(), C = x.numel(), H = n_head, Hkv = n_kv_head;
+    TORCH_CHECK(L > 0 && (long)weights.size() == 10 * L && (long)caches.size() == 2 * L, "speed::decode_layers: ", L,
+                " layers need 10 weights and 2 caches each, not ", weights.size(), " and ", caches.size());
+    TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && H / Hkv <= 64 && x.is_contiguous() &&
+                (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), "speed::decode_layers: x ",
+                x.sizes(), " ", x.scalar_type(), " with ", H, " heads over ", Hkv, " K/V heads");
+    const at::Tensor &k0 = caches[0];
+    TORCH_CHECK(k0.dim() == 4 && k0.size(0) == 1 && k0.size(1) == Hkv && k0.size(3) % 16 == 0 && pos >= 0 && pos < k0.size(2) &&
+                (k0.scalar_type() == at::kFloat || k0.scalar_type() == at::kBFloat16), "speed::decode_layers: cache ",
+                k0.sizes(), " ", k0.scalar_type(), " at position ", pos);
+    long S = k0.size(2), D = k0.size(3);
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.numel() == D && sin.numel() == D &&
+                cos.is_contiguous() && sin.is_contiguous(), "speed::decode_layers: cos and sin must be ", D, " fp32 each");
+    std::vector<Layer> layers(L);
+    long I = 0;
+    for (long i = 0; i < L; i++) {
+        const at::Tensor *w = &weights[10 * i];
+        Layer &l = layers[i];
+        l.owner = kv_source[i] == i;
+        l.qkv = product_of(w[1], w[2], group_size), l.o = product_of(w[3], w[4], group_size);
+        l.gate_up = product_of(w[6], w[7], group_size), l.down = product_of(w[8], w[9], group_size);
+        I = l.gate_up.N / 2;
+        int kind = l.qkv.kind;
+        TORCH_CHECK(l.o.kind == kind && l.gate_up.kind == kind && l.down.kind == kind && kind == layers[0].qkv.kind &&
+                    l.qkv.K == C && l.qkv.N == (H + (l.owner ? 2 * Hkv : 0)) * D && l.o.K == H * D && l.o.N == C &&
+                    l.gate_up.K == C && I % 16 == 0 && l.down.K == I && l.down.N == C,
+                    "speed::decode_layers: layer ", i, "'s products do not fit one kind and the model's widths");
+        TORCH_CHECK(w[0].numel() == C && w[5].numel() == C && w[0].scalar_type() == w[5].scalar_type() &&
+                    kind_of(w[0]) <= F16, "speed::decode_layers: layer ", i, "'s norms must be ", C, " floats");
+        for (int c = 0; c < 2; c++)
+            TORCH_CHECK(caches[2 * i + c].sizes() == k0.sizes() && caches[2 * i + c].scalar_type() == k0.scalar_type() &&
+                        caches[2 * i + c].is_contiguous(), "speed::decode_layers: layer ", i, "'s caches differ from layer 0's");
+        l.norm1 = w[0].data_ptr(), l.norm2 = w[5].data_ptr(), l.k = caches[2 * i].data_ptr(), l.v = caches[2 * i + 1].data_ptr();
+    }
+    Shape s{C, H, Hkv, D, I, S, pos, kind_of(weights[0]), kind_of(k0), (float)eps};
+    TORCH_CHECK(head.empty() || head.size() == 3, "speed::decode_layers: head takes the final norm, blocks and scales");
+    Head last{nullptr, {}, nullptr, x.scalar_type() == at::kBFloat16};
+    if (!head.empty()) {
+        last.norm = head[0].data_ptr(), last.w = product_of(head[1], head[2], group_size);
+        TORCH_CHECK(head[0].numel() == C && head[0].scalar_type() == weights[0].scalar_type() && last.w.K == C,
+                    "speed::decode_layers: the head must take the ", C, " values of the final norm (of the layers' dtype)");
+    }
+    at::DimVector shape(x.sizes());
+    shape.back() = head.empty() ? C : last.w.N;
+    at::Tensor out = at::empty(shape, x.options());
+    last.out = out.data_ptr();
+    int threads = at::get_num_threads();
+    long widest = std::max({C, H * D, I}), G = H / Hkv;
+    size_t each = Scratch::room<float>(C) + Scratch::room<float>(widest) + Scratch::room<float>(G * D) +
+                  Scratch::room<float>(G * S) + Scratch::room<int16_t>(widest) + 2 * Scratch::room<int8_t>(widest) +
+                  2 * Scratch::room<float>(widest / XBLOCK) + Scratch::room<uint16_t>(widest);
+    Scratch scratch(threads * each + Scratch::room<float>((H + 2 * Hkv) * D) + Scratch::room<float>(H * D) +
+                    Scratch::room<float>(C) + Scratch::room<float>(2 * I) + Scratch::room<float>(last.w.N) +
+                    Scratch::room<bool>(S));
+    std::vector<ThreadRoom> rooms(threads);
+    for (ThreadRoom &r : rooms) {
+        r.x = scratch.take<float>(C), r.h = scratch.take<float>(widest), r.q = scratch.take<float>(G * D);
+        r.scores = scratch.take<float>(G * S), r.px.xq = scratch.take<int16_t>(widest);
+        r.px.hi = scratch.take<int8_t>(widest), r.px.lo = scratch.take<uint8_t>(widest);
+        r.px.step = scratch.take<float>(widest / XBLOCK), r.px.xsum = scratch.take<float>(widest / XBLOCK);
+        r.px.x16 = scratch.take<uint16_t>(widest);
+        for (long i = 0; i < C; i++) r.x[i] = scalar_at(x.data_ptr(), kind_of(x), i);
+    }
+    SharedRoom sh{scratch.take<float>((H + 2 * Hkv) * D), scratch.take<float>(H * D), scratch.take<float>(C),
+                  scratch.take<float>(2 * I), scratch.take<float>(last.w.N), nullptr};
+    bool *mask = scratch.take<bool>(S);
+    std::fill(mask, mask + S, true), sh.mask = mask;
+    #pragma omp parallel num_threads(threads) if (threads > 1)
+    layers_thread(layers, s, cos.data_ptr<float>(), sin.data_ptr<float>(), last, rooms[omp_get_thread_num()], sh,
+                  omp_get_thread_num(), omp_get_num_threads());
+    if (!head.empty()) return out;
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "speed::decode_layers", [&] {
+        scalar_t *result = out.data_ptr<scalar_t>();
+        for (long i = 0; i < C; i++) result[i] = static_cast<scalar_t>(rooms[0].x[i]);
+    });
+    return out;
+}
+#else
+static at::Tensor decode_layers_op(const at::Tensor &, at::TensorList, at::TensorList, at::IntArrayRef, const at::Tensor &,
+                                   const at::Tensor &, int64_t, int64_t, int64_t, double, int64_t, at::TensorList) {
+    TORCH_CHECK(false, "speed::decode_layers: this build has no AVX-512 VNNI loops (the CPU or compiler lacks them)");
+}
+#endif
+
 TORCH_LIBRARY(speed, m) {
     m.def("matvec(Tensor x, Tensor weight, Tensor? scales=None, Tensor? minimums=None, int group_size=0) -> Tensor");
     m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
@@ -1523,6 +1820,9 @@ TORCH_LIBRARY(speed, m) {
     m.def("matvec_blocked_int8(Tensor x, Tensor blocks, Tensor scales) -> Tensor");
     m.def("matvec_blocked_q4(Tensor x, Tensor blocks, int group_size, int scale_kind) -> Tensor");
     m.def("greedy_pick(Tensor logits) -> Tensor");
+    m.def("decode_layers(Tensor x, Tensor[] weights, Tensor(a!)[] caches, int[] kv_source, Tensor cos, Tensor sin, int pos, "
+          "int n_head, int n_kv_head, float eps, int group_size, Tensor[] head) -> Tensor");
+    m.def("multiplies_layers() -> bool", [] { return (bool)LAYER_LOOPS; });  /* decode_layers' loops were built */
     m.def("multiplies_bf16() -> bool", [] { return (bool)BF16_ROWS; });  /* matvec_blocked's bf16 loops were built */
     m.def("multiplies_int8_blocks() -> bool", [] { return (bool)I8_BLOCKS; });  /* matvec_blocked_int8's and _q4's loops */
     m.def("multiplies_tiles() -> bool", [] { return TILE_ROWS && tiles_permitted(); });  /* bf16 rows by AMX tiles */
@@ -1559,6 +1859,14 @@ static at::Tensor decode_attention_meta(const at::Tensor &q, const at::Tensor &,
     return at::empty(q.sizes(), q.options());
 }
 
+static at::Tensor decode_layers_meta(const at::Tensor &x, at::TensorList, at::TensorList, at::IntArrayRef,
+                                     const at::Tensor &, const at::Tensor &, int64_t, int64_t, int64_t, double, int64_t,
+                                     at::TensorList head) {
+    at::DimVector shape(x.sizes());
+    shape.back() = head.empty() ? x.size(-1) : 16 * head[1].size(0);
+    return at::empty(shape, x.options());
+}
+
 TORCH_LIBRARY_IMPL(speed, CPU, m) {
     m.impl("matvec", &matvec_op);
     m.impl("matvec_blocked", &matvec_blocked_op);
@@ -1566,6 +1874,7 @@ TORCH_LIBRARY_IMPL(speed, CPU, m) {
     m.impl("matvec_blocked_q4", &matvec_blocked_q4_op);
     m.impl("greedy_pick", &greedy_pick_op);
     m.impl("decode_attention", &decode_attention_op);
+    m.impl("decode_layers", &decode_layers_op);
 }
 TORCH_LIBRARY_IMPL(speed, Meta, m) {
     m.impl("matvec", &matvec_meta);
@@ -1574,4 +1883,5 @@ TORCH_LIBRARY_IMPL(speed, Meta, m) {
     m.impl("matvec_blocked_q4", &matvec_blocked_q4_meta);
     m.impl("greedy_pick", &greedy_pick_meta);
     m.impl("decode_attention", &decode_attention_meta);
+    m.impl("decode_layers", &decode_layers_meta);
 }

@@ -10,6 +10,8 @@ vector lanes from 9 rows; with AMX, its tile products). --old=attention: the old
 the CPU multiplies bf16; int8 and 4-bit: where it has AVX-512 VNNI).
 --old=packed: each weight in its own allocation, against speed.pack_weights' one allocation on huge pages.
 --old=dynamo: every step called through dynamo, against speed.DirectStep's steps that call the compiled graph directly.
+--old=layers: one row's step op by op (the compiled graph), against its layers in one call of speed::decode_layers
+(speed.LayersInOneCall, where every projection lies in blocks).
 --old=kernels --kernels=REV: speed_kernels.cpp as of git revision REV (or a file) against the working tree's: the old
 source is built with its ops renamed (speed::* -> speed_old::*) and loaded beside the new, and the old path's step is
 compiled while torch.ops.speed points at speed_old, so its graph calls the old kernels (a profiled step checks it);
@@ -55,7 +57,7 @@ replace_tracked = False      # let --out overwrite a committed result
 model = ""                   # a checkpoint (e.g. data/smollm2/smollm2-135m-instruct.pt); '' = random weights, smollm2 shape
 dtypes = "float32,bfloat16"  # comma list
 batches = "1,4,16,32"        # comma list of decode batch sizes
-old = "products"             # what the old path keeps as it was: 'products', 'attention', 'projections', 'blocks', 'packed', 'dynamo', 'kernels' (docstring)
+old = "products"             # what the old path keeps as it was: 'products', 'attention', 'projections', 'blocks', 'packed', 'dynamo', 'layers', 'kernels' (docstring)
 kernels = ""                 # --old=kernels: the git revision (or file) of speed_kernels.cpp the old path runs
 prompt_len = 64              # prompt tokens per row (random ids)
 new_tokens = 16              # greedy decode steps timed per round
@@ -160,7 +162,7 @@ def time_batch(base, dtype, B, s, old_ops=None):
     gen = torch.Generator().manual_seed(s.seed + B)
     prompt = torch.randint(base.config.vocab_size, (B, s.prompt_len), generator=gen)
     models = {"streaming": copy.deepcopy(base).to(dtype)}
-    if s.old in ("attention", "projections", "blocks", "packed", "dynamo") or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
+    if s.old in ("attention", "projections", "blocks", "packed", "dynamo", "layers") or dtype in HALF or (B > 1 and speed.FP32_CPU_ROWS > 1):  # else the same products
         models["old"] = copy.deepcopy(base).to(dtype)
     if s.quantize:
         models = {name: QUANTIZERS[s.quantize](m) for name, m in models.items()}
@@ -177,6 +179,8 @@ def time_batch(base, dtype, B, s, old_ops=None):
             old_path(m, s.old)
             if s.old == "dynamo":  # every step through dynamo, as compiled steps ran before speed.DirectStep
                 decoders[name].step = decoders[name].step.dynamo
+            if s.old == "layers":  # the compiled graph, op by op, which LayersInOneCall hands more rows
+                decoders[name].step = getattr(decoders[name].step, "other", decoders[name].step)
         t0 = H.announce_warmup(f"{name} {str(dtype)[6:]} batch {B}", True)
         new_ops = torch.ops.speed
         try:
@@ -187,6 +191,9 @@ def time_batch(base, dtype, B, s, old_ops=None):
         finally:
             torch.ops.speed = new_ops
         print(f"  warm-up {time.perf_counter() - t0:.1f}s", flush=True)
+        if s.old == "layers" and name == "streaming" and getattr(decoders[name].step, "one_call_steps", 0) == 0:
+            raise RuntimeError("--old=layers: the new path's steps did not take speed::decode_layers (every projection "
+                               "in blocks? attention sharing? a CPU without AVX-512 VNNI?)")
         if s.old == "kernels":
             calls = kernel_calls(decoders[name])
             print(f"  {name}'s step calls {calls}", flush=True)
@@ -207,6 +214,8 @@ HEADERS = {"products": "old (BLAS; one row: inductor's loop), tokens/s | new (sp
            "blocks": "old (bf16, int8 or 4-bit weights row-major), tokens/s | new (blocks of 16 rows: speed.block_weights)",
            "packed": "old (each weight its own allocation), tokens/s | new (one on huge pages: speed.pack_weights)",
            "dynamo": "old (every step through dynamo), tokens/s | new (the compiled graph called directly: speed.DirectStep)",
+           "layers": "old (one row's step op by op: the compiled graph), tokens/s | new (its layers in one call: "
+                     "speed::decode_layers)",
            "kernels": "old (speed_kernels.cpp of --kernels), tokens/s | new (the working tree's speed_kernels.cpp)"}
 
 

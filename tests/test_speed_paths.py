@@ -548,9 +548,20 @@ def test_kernels_meta_shapes_are_what_they_compute():
                     [(torch.ops.speed.matvec_blocked_int8.default, (xs, torch.zeros(1, 32, 16, 2, dtype=torch.int8), torch.rand(16))),
                      (torch.ops.speed.matvec_blocked_q4.default, (xs, torch.zeros(1, 2, 32 * 8 + 128, dtype=torch.uint8),
                                                                   32, 0))]
-                    if torch.ops.speed.multiplies_int8_blocks() else []):  # int8 and 4-bit ones: where it has AVX-512 VNNI
+                    if torch.ops.speed.multiplies_int8_blocks() else []) + (
+                    [(torch.ops.speed.decode_layers.default, decode_layers_args(head)) for head in (True, False)]
+                    if multiplies_layers() else []):  # its schema says it writes the caches: test_schema checks
         results = torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
         assert set(results.values()) == {"SUCCESS"}, results
+
+
+def decode_layers_args(head=True):
+    """speed::decode_layers' arguments for one_call_tiny's 4-bit model at position 3 (its head in the op, or not)"""
+    model = one_call_tiny("int4", torch.float32)
+    c, cache = model.config, model.new_cache(1, 64)
+    weights, head_weights, group = speed.layer_weights(model)
+    return (torch.randn(1, 1, 64), weights, [t for s in c.kv_source for t in (cache.k[s], cache.v[s])],
+            list(c.kv_source), model.rope_cos[3], model.rope_sin[3], 3, 4, 2, 1e-5, group, head_weights if head else [])
 
 
 # -----------------------------------------------------------------------------
@@ -1282,3 +1293,153 @@ def test_huge_page_bytes_start_on_a_huge_page_advised_as_huge():
         elif inside and first == "VmFlags:":
             flags = line.split()[1:]
     assert flags is not None and "hg" in flags
+
+
+# -----------------------------------------------------------------------------
+# a step's layers in one call (speed.LayersInOneCall, speed_kernels.cpp's decode_layers)
+
+
+def multiplies_layers():
+    return speed.kernel_built() and torch.ops.speed.multiplies_layers()
+
+
+def one_call_tiny(kind, dtype):
+    """The tiny model with K/V sharing (layers 1 and 3 read layers 0's and 2's K/V), attention its own in every layer,
+    a vocabulary of 112 (the head's rows split into 16s), weights x8 (clear greedy picks), quantized as `kind`, then
+    made as sample.py makes it: the decode paths, joined projections, blocks, packed."""
+    plain = tiny("0,0,2,2", "dense", seed=9, vocab_size=112).to(dtype)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.mul_(8 if p.dim() == 2 else 1)
+    model = {"bf16": lambda m: m, "int8": quantize_int8, "int4": quantize_int4}[kind](plain)
+    return speed.pack_weights(speed.block_weights(speed.fuse_projections(speed.use_decode_paths(model))))
+
+
+def forced(model, prompt, tokens, step):
+    """(the logits (1, n, vocab), the cache) of `step` fed prompt (1, T) then tokens (1, n), one a step: the prefill's
+    logits, then each step's"""
+    cache = model.new_cache(1, model.config.block_size)
+    seen = [model.prefill(prompt, cache).float()]
+    for i, token in enumerate(tokens[0, :-1]):
+        seen.append(step(token.view(1, 1), torch.tensor([prompt.shape[1] + i]), cache).float())
+    return torch.stack(seen, 1), cache
+
+
+@pytest.mark.parametrize("kind, dtype", [("bf16", torch.bfloat16), ("int8", torch.bfloat16), ("int8", torch.float32),
+                                         ("int4", torch.bfloat16), ("int4", torch.float32)])
+def test_layers_in_one_call_compute_the_op_by_op_step(kind, dtype, set_threads):
+    """The compiled step of a model whose projections and head lie in blocks runs one row's layers and head in one
+    call of decode_layers (every step takes it). Fed the op-by-op step's greedy tokens, it gives that step's logits
+    at every step, and its cache (against the largest cached value): in fp32 within 1e-3 of the logits' spread (the integer loops round x to int16 on
+    both paths, from norms summed in another order), in bf16 within 3% (the op-by-op step rounds the residual stream
+    to bf16 at every op, the op keeps it fp32: 1.1-1.4% measured); the no-cache forward's last logits within the same
+    bound. Its own greedy tokens equal the op-by-op ones wherever that choice is clear (16 prompts; at least 1 step in 8
+    compared: in bf16 a pick within twice the error of another comes early, 30 and 43 of 192 steps compared). Two threads give
+    one thread's very numbers (each computes its own blocks of a product and all of what lies between products).
+    Where the kernel lacks the loops (no AVX-512 VNNI) the step is the compiled one."""
+    model = one_call_tiny(kind, dtype)
+    step = speed.compile_decode_step(model)
+    if not multiplies_layers():
+        assert type(step) is speed.DirectStep and speed.layer_weights(model) is None
+        return
+    assert type(step) is speed.LayersInOneCall and len(step.weights[1]) == 3  # the head in blocks, in the op
+    prompts = torch.randint(0, 112, (16, 6), generator=torch.Generator().manual_seed(3))
+    compared = 0
+    with torch.no_grad():
+        for b in range(16):
+            prompt = prompts[b:b + 1]
+            want, want_logits = batched_greedy(model, prompt, 12, model.decode_step)
+            _, want_cache = forced(model, prompt, want, model.decode_step)
+            runs = []
+            for threads in (1, 2):
+                set_threads(threads)
+                runs.append(forced(model, prompt, want, step))
+            assert torch.equal(runs[0][0], runs[1][0])
+            logits, cache = runs[1]
+            spread = want_logits.max() - want_logits.min()
+            bound = (1e-3 if dtype == torch.float32 else 0.03) * spread
+            err = (logits - want_logits).abs().max()
+            no_cache = model(torch.cat([prompt, want[:, :-1]], 1))[0][:, -1].float()
+            assert err <= bound and (logits[0, -1] - no_cache[0]).abs().max() <= bound
+            for held, want_held in ((cache.k, want_cache.k), (cache.v, want_cache.v)):
+                assert sorted(held) == [0, 2]  # the owners'
+                for layer, t in held.items():
+                    scale = want_held[layer].abs().max()
+                    assert (t.float() - want_held[layer].float()).abs().max() <= bound / spread * scale
+            got, _ = batched_greedy(model, prompt, 12, step)
+            compared += same_until_a_close_call(got, want, want_logits, err)
+    assert step.one_call_steps == 16 * (2 * 11 + 12) and compared >= 16 * 12 / 8
+
+
+def test_layers_in_one_call_serve_only_what_the_op_takes(set_threads):
+    """The op serves one row without gradients of a model whose every projection lies in blocks of one kind, with
+    attention its own in every layer and no K/V blend; everything else goes to the compiled step (the same logits as
+    that step's): two rows, gradients wanted, attention sharing, a blend, row-major weights, one_call=False. A tied
+    head (left row-major at one row) runs after the op as the model's own module, within the bound of the op-by-op
+    step."""
+    model = one_call_tiny("bf16", torch.bfloat16)
+    step = speed.compile_decode_step(model)
+    if not multiplies_layers():
+        assert type(step) is speed.DirectStep
+        return
+    prompt = torch.randint(0, 112, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache, other_cache = model.new_cache(2, 64), model.new_cache(2, 64)
+        token = model.prefill(prompt, cache).argmax(-1, keepdim=True)
+        model.prefill(prompt, other_cache)
+        got = step(token, torch.tensor([6]), cache)
+        assert torch.equal(got, step.other(token, torch.tensor([6]), other_cache)) and step.one_call_steps == 0
+    with torch.enable_grad():
+        step(token[:1], torch.tensor([7]), model.new_cache(1, 64))
+    assert step.one_call_steps == 0 and type(speed.compile_decode_step(model, one_call=False)) is speed.DirectStep
+    shared_attention = speed.block_weights(speed.fuse_projections(speed.use_decode_paths(spread_tiny(torch.bfloat16))))
+    blended = one_call_tiny("int8", torch.float32)
+    blended.kv_blend = {1: (0, 0.5)}
+    row_major = speed.fuse_projections(speed.use_decode_paths(quantize_int8(tiny("0,0,2,2", vocab_size=112))))
+    for other in (shared_attention, blended, row_major):
+        assert speed.layer_weights(other) is None and type(speed.compile_decode_step(other)) is speed.DirectStep
+    tied = one_call_tiny("bf16", torch.bfloat16)
+    tied.lm_head = speed.use_decode_paths(torch.nn.Linear(64, 112, bias=False)).to(torch.bfloat16)
+    tied.lm_head.weight = tied.embed_tokens.weight
+    tied_step = speed.compile_decode_step(tied)
+    assert tied_step.weights[1] == []  # the head is not in the op
+    with torch.no_grad():
+        want, want_logits = batched_greedy(tied, prompt[:1], 6, tied.decode_step)
+        logits, _ = forced(tied, prompt[:1], want, tied_step)
+    assert tied_step.one_call_steps == 5
+    assert (logits - want_logits).abs().max() <= 0.03 * (want_logits.max() - want_logits.min())
+
+
+def test_decode_layers_refuses_what_it_cannot_read():
+    """One line each, naming what is wrong (without the loops every call is refused, saying so)."""
+    model = one_call_tiny("int4", torch.float32)
+    c = model.config
+    cache = model.new_cache(1, 64)
+    caches = [t for source in c.kv_source for t in (cache.k[source], cache.v[source])]
+    if not multiplies_layers():
+        with pytest.raises(RuntimeError, match="no AVX-512 VNNI loops"):
+            torch.ops.speed.decode_layers(torch.zeros(1, 1, 64), [], caches, [0, 0, 2, 2], torch.zeros(16),
+                                          torch.zeros(16), 0, 4, 2, 1e-5, 32, [])
+        return
+    weights, head, group = speed.layer_weights(model)
+    x, cos, sin = torch.zeros(1, 1, 64), model.rope_cos[3], model.rope_sin[3]
+    swapped = list(weights)
+    swapped[3:5], swapped[8:10] = weights[8:10], weights[3:5]  # layer 0's o and down
+    half_cache = [t.half() for t in caches]
+    for args, message in [((x, weights[:-1], caches, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                           "4 layers need 10 weights and 2 caches each, not 39 and 8"),
+                          ((x, swapped, caches, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                           "layer 0's products do not fit one kind and the model's widths"),
+                          ((x, weights, half_cache, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                           r"cache \[1, 2, 64, 16\] Half at position 3"),
+                          ((x, weights, caches, c.kv_source, cos, sin, 64, 4, 2, 1e-5, group, head),
+                           "at position 64"),
+                          ((x, weights, caches, c.kv_source, cos[:8], sin, 3, 4, 2, 1e-5, group, head),
+                           "cos and sin must be 16 fp32 each"),
+                          ((x.double(), weights, caches, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                           "x .1, 1, 64. Double with 4 heads over 2 K/V heads"),
+                          ((x, weights, caches, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head[:2]),
+                           "head takes the final norm, blocks and scales")]:
+        with pytest.raises(RuntimeError, match=message) as raised:
+            torch.ops.speed.decode_layers(*args)
+        assert len(str(raised.value).strip().splitlines()) == 1
