@@ -1747,7 +1747,10 @@ static at::Tensor decode_layers_op(const at::Tensor &x, at::TensorList weights, 
     for (long i = 0; i < L; i++) {
         const at::Tensor *w = &weights[10 * i];
         Layer &l = layers[i];
-        l.owner = kv_source[i] == i;
+        long source = kv_source[i];
+        TORCH_CHECK(source >= 0 && source <= i && kv_source[source] == source, "speed::decode_layers: layer ", i,
+                    " reads the K/V of layer ", source, ", which is not an owner at or below it");
+        l.owner = source == i;
         l.qkv = product_of(w[1], w[2], group_size), l.o = product_of(w[3], w[4], group_size);
         l.gate_up = product_of(w[6], w[7], group_size), l.down = product_of(w[8], w[9], group_size);
         I = l.gate_up.N / 2;

@@ -1439,7 +1439,11 @@ def test_decode_layers_refuses_what_it_cannot_read():
                           ((x.double(), weights, caches, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            "x .1, 1, 64. Double with 4 heads over 2 K/V heads"),
                           ((x, weights, caches, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head[:2]),
-                           "head takes the final norm, blocks and scales")]:
+                           "head takes the final norm, blocks and scales"),
+                          ((x, weights, caches, [0, 2, 2, 2], cos, sin, 3, 4, 2, 1e-5, group, head),
+                           "layer 1 reads the K/V of layer 2, which is not an owner at or below it"),
+                          ((x, weights, caches, [0, 0, 1, 2], cos, sin, 3, 4, 2, 1e-5, group, head),
+                           "layer 2 reads the K/V of layer 1, which is not an owner at or below it")]:
         with pytest.raises(RuntimeError, match=message) as raised:
             torch.ops.speed.decode_layers(*args)
         assert len(str(raised.value).strip().splitlines()) == 1
