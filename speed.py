@@ -593,18 +593,18 @@ def layer_weights(model):
     the post-attention norm, gate_up's, down's), its head's (the final norm, the head's blocks and scales; none where
     the head is not in blocks: a tied one at one row) and the 4-bit group size; or None where the op cannot serve the
     model: the kernel without its loops, a projection that is not a BlockedLinear (joined: fuse_projections, then
-    block_weights), kinds or group sizes that differ, attention sharing, a K/V blend, a dtype other than fp32 or bf16,
-    a head dimension or MLP width not a multiple of 16."""
+    block_weights), kinds or group sizes that differ, a K/V blend, a dtype other than fp32 or bf16, a head dimension
+    or MLP width not a multiple of 16. A layer's first product: an owner's q, k and v joined, a K/V consumer's q, an
+    attention sharer's v."""
     c, dtype = model.config, model.embed_tokens.weight.dtype
     if (not (kernel_built() and torch.ops.speed.multiplies_layers()) or model.kv_blend or c.head_dim % 16
-            or c.intermediate_size % 16 or dtype not in (torch.float32, torch.bfloat16)
-            or any(source != i for i, source in enumerate(c.attn_source))):
+            or c.intermediate_size % 16 or dtype not in (torch.float32, torch.bfloat16)):
         return None
     weights, kinds = [], set()
     for i, block in enumerate(model.layers):
         attn, mlp = block.self_attn, block.mlp
-        products = [getattr(attn, "qkv_proj" if c.kv_source[i] == i else "q_proj", None), attn.o_proj,
-                    getattr(mlp, "gate_up_proj", None), mlp.down_proj]
+        first = "v_proj" if c.attn_source[i] != i else "qkv_proj" if c.kv_source[i] == i else "q_proj"
+        products = [getattr(attn, first, None), attn.o_proj, getattr(mlp, "gate_up_proj", None), mlp.down_proj]
         if any(type(p) is not BlockedLinear for p in products):
             return None
         kinds |= {(p.blocks.dtype, p.group_size, p.scale_dtype) for p in products}
@@ -640,12 +640,13 @@ class LayersInOneCall:
         if self.weights is None or token.shape[0] != 1 or torch.is_grad_enabled():
             return self.other(token, input_pos, cache)
         m, c = self.model, self.model.config
-        if self.caches[0] is not cache:
-            self.caches = (cache, [t for source in c.kv_source for t in (cache.k[source], cache.v[source])])
+        if self.caches[0] is not cache:  # what each layer attends over: its K/V source's keys (a sharer's: its
+            keys = [c.kv_source[c.attn_source[i]] for i in range(c.n_layer)]  # attention source's) and values
+            self.caches = (cache, [t for i, k in enumerate(keys) for t in (cache.k[k], cache.v[c.kv_source[i]])])
         pos, (weights, head, group) = int(input_pos), self.weights
         out = torch.ops.speed.decode_layers(m.embed_tokens(token), weights, self.caches[1], list(c.kv_source),
-                                            self.rope[0][pos], self.rope[1][pos], pos, c.n_head, c.n_kv_head,
-                                            c.norm_eps, group, head)
+                                            list(c.attn_source), self.rope[0][pos], self.rope[1][pos], pos, c.n_head,
+                                            c.n_kv_head, c.norm_eps, group, head)
         self.one_call_steps += 1
         return (out if head else m.lm_head(m.norm(out)))[:, -1, :]
 

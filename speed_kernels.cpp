@@ -1369,16 +1369,17 @@ static void store_row(const float *x, long D, void *to, int kind) {
     for (long i = 0; i < D; i += 16) _mm256_storeu_si256((__m256i *)((uint16_t *)to + i), bf16_of_sums(_mm512_loadu_ps(x + i)));
 }
 
-struct Layer {  /* one decoder layer's weights and the cache it attends over (its K/V source's) */
+struct Layer {  /* one decoder layer's weights and the cache it attends over */
     const void *norm1, *norm2;
-    Product qkv, o, gate_up, down;  /* qkv: an owner's q, k and v joined, a consumer's q alone */
-    void *k, *v;
-    bool owner;
+    Product qkv, o, gate_up, down;  /* qkv: an owner's q, k and v joined, a K/V consumer's q, an attention sharer's v */
+    void *k, *v;  /* the keys of its K/V source (a sharer: of its attention source's), the values of its K/V source */
+    bool owner, sharer;  /* computes its own K/V; takes the queries and keys of another layer (EchoAtt) */
+    float *queries;  /* its queries after RoPE, scaled (H x D), which a sharer reads from its attention source's */
 };
 
 struct Shape { long C, H, Hkv, D, I, S, pos; int norm_kind, cache_kind; float eps; };
 
-struct ThreadRoom { float *x, *h, *q, *scores; PreparedX px; };  /* each thread's own */
+struct ThreadRoom { float *x, *h, *scores; PreparedX px; };  /* each thread's own */
 struct SharedRoom { float *qkv, *attention, *projected, *gate_up, *logits; const bool *mask; };  /* written by all, in parts */
 
 /* the final norm and the head, where the call takes them: the logits in the output's dtype */
@@ -1404,16 +1405,18 @@ static void attention_share(const Layer &l, const Shape &s, const float *cos, co
             rope(k, D, cos, sin);
             store_row(k, D, (char *)l.k + row, s.cache_kind), store_row(v, D, (char *)l.v + row, s.cache_kind);
         }
-        for (long g = 0; g < G; g++) {
-            float *q = own.q + g * D;
-            for (long i = 0; i < D; i++) q[i] = sh.qkv[(j * G + g) * D + i];
-            rope(q, D, cos, sin);
-            for (long i = 0; i < D; i++) q[i] *= scale;
+        float *q = l.queries + j * G * D;  /* head j's queries: a sharer's source wrote them in this thread too */
+        if (l.sharer) {
+            store_row(sh.qkv + j * D, D, (char *)l.v + row, s.cache_kind);
+        } else {
+            for (long i = 0; i < G * D; i++) q[i] = sh.qkv[j * G * D + i];
+            for (long g = 0; g < G; g++) rope(q + g * D, D, cos, sin);
+            for (long i = 0; i < G * D; i++) q[i] *= scale;
         }
         if (s.cache_kind == BF16)
-            attend_group<BF16>(own.q, nullptr, scale, G, D, l.k, l.v, j * s.S * D, s.pos + 1, sh.mask, own.scores, sh.attention + j * G * D);
+            attend_group<BF16>(q, nullptr, scale, G, D, l.k, l.v, j * s.S * D, s.pos + 1, sh.mask, own.scores, sh.attention + j * G * D);
         else
-            attend_group<F32>(own.q, nullptr, scale, G, D, l.k, l.v, j * s.S * D, s.pos + 1, sh.mask, own.scores, sh.attention + j * G * D);
+            attend_group<F32>(q, nullptr, scale, G, D, l.k, l.v, j * s.S * D, s.pos + 1, sh.mask, own.scores, sh.attention + j * G * D);
     }
     #pragma omp barrier
 }
@@ -1693,15 +1696,17 @@ static at::Tensor greedy_pick_op(const at::Tensor &logits) {
 }
 
 #if LAYER_LOOPS
-/* speed::decode_layers(x, weights, caches, kv_source, cos, sin, pos, n_head, n_kv_head, eps, group_size, head): one
+/* speed::decode_layers(x, weights, caches, kv_source, attn_source, cos, sin, pos, n_head, n_kv_head, eps, group_size,
+   head): one
    row x (its C values, fp32 or bf16) through every layer at position pos, as decode_layers above; the residual
    stream after the last layer in x's dtype, or with head (the final norm's weight, the head's blocks and scales)
    the logits (x's shape, the vocabulary last). weights: 10 a layer, the input norm, the
    q(kv) blocks and their scales, o's, the post-attention norm, gate_up's and down's: blocks as speed.BlockedLinear
    holds them (bf16; int8 with its scales; 4-bit with a 0-element tensor of its scales' dtype in the scales' place),
-   one kind for all; an owner's first product is q, k and v joined, a consumer's q alone. caches: 2 a layer, the K
-   and V cache (1, n_kv_head, S, D) of its source layer (kv_source), one float dtype. cos and sin: position pos's
-   RoPE rows (D fp32). */
+   one kind for all; an owner's first product is q, k and v joined, a K/V consumer's q alone, an attention sharer's
+   (attn_source, EchoAtt) v alone. caches: 2 a layer, the K and V cache (1, n_kv_head, S, D) it attends over: its K/V
+   source's (kv_source), a sharer's keys its attention source's and its own values; one float dtype. cos and sin:
+   position pos's RoPE rows (D fp32). */
 static Product product_of(const at::Tensor &blocks, const at::Tensor &scales, long group) {
     Product w{BF16, blocks.data_ptr(), nullptr, F32, 0, blocks.size(0) * 16, 0};
     if (blocks.scalar_type() == at::kByte) {
@@ -1725,7 +1730,7 @@ static Product product_of(const at::Tensor &blocks, const at::Tensor &scales, lo
 }
 
 static at::Tensor decode_layers_op(const at::Tensor &x, at::TensorList weights, at::TensorList caches,
-                                   at::IntArrayRef kv_source, const at::Tensor &cos, const at::Tensor &sin, int64_t pos,
+                                   at::IntArrayRef kv_source, at::IntArrayRef attn_source, const at::Tensor &cos, const at::Tensor &sin, int64_t pos,
                                    int64_t n_head, int64_t n_kv_head, double eps, int64_t group_size,
                                    at::TensorList head) {
     TORCH_CHECK(LAYER_LOOPS, "speed::decode_layers: this build has no AVX-512 VNNI loops (the CPU or compiler lacks them)");
@@ -1742,22 +1747,27 @@ static at::Tensor decode_layers_op(const at::Tensor &x, at::TensorList weights, 
     long S = k0.size(2), D = k0.size(3);
     TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.numel() == D && sin.numel() == D &&
                 cos.is_contiguous() && sin.is_contiguous(), "speed::decode_layers: cos and sin must be ", D, " fp32 each");
+    TORCH_CHECK((long)attn_source.size() == L, "speed::decode_layers: ", L, " layers need ", L, " attention sources");
     std::vector<Layer> layers(L);
     long I = 0;
     for (long i = 0; i < L; i++) {
         const at::Tensor *w = &weights[10 * i];
         Layer &l = layers[i];
-        long source = kv_source[i];
+        long source = kv_source[i], pattern = attn_source[i];
         TORCH_CHECK(source >= 0 && source <= i && kv_source[source] == source, "speed::decode_layers: layer ", i,
                     " reads the K/V of layer ", source, ", which is not an owner at or below it");
-        l.owner = source == i;
+        TORCH_CHECK(pattern >= 0 && pattern <= i && attn_source[pattern] == pattern && (pattern == i || source == i),
+                    "speed::decode_layers: layer ", i, " takes the attention of layer ", pattern, " (it must have its own"
+                    " and lie at or below it, and a sharer computes its own values)");
+        l.owner = source == i && pattern == i, l.sharer = pattern != i;
         l.qkv = product_of(w[1], w[2], group_size), l.o = product_of(w[3], w[4], group_size);
         l.gate_up = product_of(w[6], w[7], group_size), l.down = product_of(w[8], w[9], group_size);
-        I = l.gate_up.N / 2;
+        I = i == 0 ? l.gate_up.N / 2 : I;
         int kind = l.qkv.kind;
+        long first = l.sharer ? Hkv * D : (H + (l.owner ? 2 * Hkv : 0)) * D;
         TORCH_CHECK(l.o.kind == kind && l.gate_up.kind == kind && l.down.kind == kind && kind == layers[0].qkv.kind &&
-                    l.qkv.K == C && l.qkv.N == (H + (l.owner ? 2 * Hkv : 0)) * D && l.o.K == H * D && l.o.N == C &&
-                    l.gate_up.K == C && I % 16 == 0 && l.down.K == I && l.down.N == C,
+                    l.qkv.K == C && l.qkv.N == first && l.o.K == H * D && l.o.N == C && l.gate_up.K == C &&
+                    l.gate_up.N == 2 * I && I % 16 == 0 && l.down.K == I && l.down.N == C,
                     "speed::decode_layers: layer ", i, "'s products do not fit one kind and the model's widths");
         TORCH_CHECK(w[0].numel() == C && w[5].numel() == C && w[0].scalar_type() == w[5].scalar_type() &&
                     kind_of(w[0]) <= F16, "speed::decode_layers: layer ", i, "'s norms must be ", C, " floats");
@@ -1780,15 +1790,14 @@ static at::Tensor decode_layers_op(const at::Tensor &x, at::TensorList weights, 
     last.out = out.data_ptr();
     int threads = at::get_num_threads();
     long widest = std::max({C, H * D, I}), G = H / Hkv;
-    size_t each = Scratch::room<float>(C) + Scratch::room<float>(widest) + Scratch::room<float>(G * D) +
-                  Scratch::room<float>(G * S) + Scratch::room<int16_t>(widest) + 2 * Scratch::room<int8_t>(widest) +
+    size_t each = Scratch::room<float>(C) + Scratch::room<float>(widest) + Scratch::room<float>(G * S) + Scratch::room<int16_t>(widest) + 2 * Scratch::room<int8_t>(widest) +
                   2 * Scratch::room<float>(widest / XBLOCK) + Scratch::room<uint16_t>(widest);
     Scratch scratch(threads * each + Scratch::room<float>((H + 2 * Hkv) * D) + Scratch::room<float>(H * D) +
                     Scratch::room<float>(C) + Scratch::room<float>(2 * I) + Scratch::room<float>(last.w.N) +
-                    Scratch::room<bool>(S));
+                    Scratch::room<bool>(S) + Scratch::room<float>(L * H * D));
     std::vector<ThreadRoom> rooms(threads);
     for (ThreadRoom &r : rooms) {
-        r.x = scratch.take<float>(C), r.h = scratch.take<float>(widest), r.q = scratch.take<float>(G * D);
+        r.x = scratch.take<float>(C), r.h = scratch.take<float>(widest);
         r.scores = scratch.take<float>(G * S), r.px.xq = scratch.take<int16_t>(widest);
         r.px.hi = scratch.take<int8_t>(widest), r.px.lo = scratch.take<uint8_t>(widest);
         r.px.step = scratch.take<float>(widest / XBLOCK), r.px.xsum = scratch.take<float>(widest / XBLOCK);
@@ -1799,6 +1808,8 @@ static at::Tensor decode_layers_op(const at::Tensor &x, at::TensorList weights, 
                   scratch.take<float>(2 * I), scratch.take<float>(last.w.N), nullptr};
     bool *mask = scratch.take<bool>(S);
     std::fill(mask, mask + S, true), sh.mask = mask;
+    float *queries = scratch.take<float>(L * H * D);  /* each layer's, where a sharer finds its source's */
+    for (long i = 0; i < L; i++) layers[i].queries = queries + attn_source[i] * H * D;
     #pragma omp parallel num_threads(threads) if (threads > 1)
     layers_thread(layers, s, cos.data_ptr<float>(), sin.data_ptr<float>(), last, rooms[omp_get_thread_num()], sh,
                   omp_get_thread_num(), omp_get_num_threads());
@@ -1810,8 +1821,9 @@ static at::Tensor decode_layers_op(const at::Tensor &x, at::TensorList weights, 
     return out;
 }
 #else
-static at::Tensor decode_layers_op(const at::Tensor &, at::TensorList, at::TensorList, at::IntArrayRef, const at::Tensor &,
-                                   const at::Tensor &, int64_t, int64_t, int64_t, double, int64_t, at::TensorList) {
+static at::Tensor decode_layers_op(const at::Tensor &, at::TensorList, at::TensorList, at::IntArrayRef, at::IntArrayRef,
+                                   const at::Tensor &, const at::Tensor &, int64_t, int64_t, int64_t, double, int64_t,
+                                   at::TensorList) {
     TORCH_CHECK(false, "speed::decode_layers: this build has no AVX-512 VNNI loops (the CPU or compiler lacks them)");
 }
 #endif
@@ -1823,8 +1835,8 @@ TORCH_LIBRARY(speed, m) {
     m.def("matvec_blocked_int8(Tensor x, Tensor blocks, Tensor scales) -> Tensor");
     m.def("matvec_blocked_q4(Tensor x, Tensor blocks, int group_size, int scale_kind) -> Tensor");
     m.def("greedy_pick(Tensor logits) -> Tensor");
-    m.def("decode_layers(Tensor x, Tensor[] weights, Tensor(a!)[] caches, int[] kv_source, Tensor cos, Tensor sin, int pos, "
-          "int n_head, int n_kv_head, float eps, int group_size, Tensor[] head) -> Tensor");
+    m.def("decode_layers(Tensor x, Tensor[] weights, Tensor(a!)[] caches, int[] kv_source, int[] attn_source, "
+          "Tensor cos, Tensor sin, int pos, int n_head, int n_kv_head, float eps, int group_size, Tensor[] head) -> Tensor");
     m.def("multiplies_layers() -> bool", [] { return (bool)LAYER_LOOPS; });  /* decode_layers' loops were built */
     m.def("multiplies_bf16() -> bool", [] { return (bool)BF16_ROWS; });  /* matvec_blocked's bf16 loops were built */
     m.def("multiplies_int8_blocks() -> bool", [] { return (bool)I8_BLOCKS; });  /* matvec_blocked_int8's and _q4's loops */
@@ -1863,8 +1875,8 @@ static at::Tensor decode_attention_meta(const at::Tensor &q, const at::Tensor &,
 }
 
 static at::Tensor decode_layers_meta(const at::Tensor &x, at::TensorList, at::TensorList, at::IntArrayRef,
-                                     const at::Tensor &, const at::Tensor &, int64_t, int64_t, int64_t, double, int64_t,
-                                     at::TensorList head) {
+                                     at::IntArrayRef, const at::Tensor &, const at::Tensor &, int64_t, int64_t, int64_t,
+                                     double, int64_t, at::TensorList head) {
     at::DimVector shape(x.sizes());
     shape.back() = head.empty() ? x.size(-1) : 16 * head[1].size(0);
     return at::empty(shape, x.options());

@@ -561,7 +561,7 @@ def decode_layers_args(head=True):
     c, cache = model.config, model.new_cache(1, 64)
     weights, head_weights, group = speed.layer_weights(model)
     return (torch.randn(1, 1, 64), weights, [t for s in c.kv_source for t in (cache.k[s], cache.v[s])],
-            list(c.kv_source), model.rope_cos[3], model.rope_sin[3], 3, 4, 2, 1e-5, group, head_weights if head else [])
+            list(c.kv_source), list(c.attn_source), model.rope_cos[3], model.rope_sin[3], 3, 4, 2, 1e-5, group, head_weights if head else [])
 
 
 # -----------------------------------------------------------------------------
@@ -1303,11 +1303,13 @@ def multiplies_layers():
     return speed.kernel_built() and torch.ops.speed.multiplies_layers()
 
 
-def one_call_tiny(kind, dtype):
-    """The tiny model with K/V sharing (layers 1 and 3 read layers 0's and 2's K/V), attention its own in every layer,
-    a vocabulary of 112 (the head's rows split into 16s), weights x8 (clear greedy picks), quantized as `kind`, then
-    made as sample.py makes it: the decode paths, joined projections, blocks, packed."""
-    plain = tiny("0,0,2,2", "dense", seed=9, vocab_size=112).to(dtype)
+def one_call_tiny(kind, dtype, attn_source="dense"):
+    """The tiny model with K/V sharing (layers 1 and 3 read layers 0's and 2's K/V; with attn_source "0,1,2,2" layer 1
+    reads layer 0's K/V and layer 3 takes layer 2's attention pattern, its own values), a vocabulary of 112 (the
+    head's rows split into 16s), weights x8 (clear greedy picks), quantized as `kind`, then made as sample.py makes it:
+    the decode paths, joined projections, blocks, packed."""
+    kv_source = "0,0,2,2" if attn_source == "dense" else "0,0,2,3"
+    plain = tiny(kv_source, attn_source, seed=9, vocab_size=112).to(dtype)
     with torch.no_grad():
         for p in plain.parameters():
             p.mul_(8 if p.dim() == 2 else 1)
@@ -1327,17 +1329,20 @@ def forced(model, prompt, tokens, step):
 
 @pytest.mark.parametrize("kind, dtype", [("bf16", torch.bfloat16), ("int8", torch.bfloat16), ("int8", torch.float32),
                                          ("int4", torch.bfloat16), ("int4", torch.float32)])
-def test_layers_in_one_call_compute_the_op_by_op_step(kind, dtype, set_threads):
+@pytest.mark.parametrize("attn_source", ["dense", "0,1,2,2"])
+def test_layers_in_one_call_compute_the_op_by_op_step(kind, dtype, attn_source, set_threads):
     """The compiled step of a model whose projections and head lie in blocks runs one row's layers and head in one
     call of decode_layers (every step takes it). Fed the op-by-op step's greedy tokens, it gives that step's logits
-    at every step, and its cache (against the largest cached value): in fp32 within 1e-3 of the logits' spread (the integer loops round x to int16 on
+    at every step, and its cache (against the largest cached value, bf16 within 4%: 3.0% measured):
+    in fp32 within 1e-3 of the logits' spread (the integer loops round x to int16 on
     both paths, from norms summed in another order), in bf16 within 3% (the op-by-op step rounds the residual stream
     to bf16 at every op, the op keeps it fp32: 1.1-1.4% measured); the no-cache forward's last logits within the same
     bound. Its own greedy tokens equal the op-by-op ones wherever that choice is clear (16 prompts; at least 1 step in 8
     compared: in bf16 a pick within twice the error of another comes early, 30 and 43 of 192 steps compared). Two threads give
     one thread's very numbers (each computes its own blocks of a product and all of what lies between products).
-    Where the kernel lacks the loops (no AVX-512 VNNI) the step is the compiled one."""
-    model = one_call_tiny(kind, dtype)
+    K/V sharing alone, and with a layer that takes another's attention pattern (EchoAtt). Where the kernel lacks the
+    loops (no AVX-512 VNNI) the step is the compiled one."""
+    model = one_call_tiny(kind, dtype, attn_source)
     step = speed.compile_decode_step(model)
     if not multiplies_layers():
         assert type(step) is speed.DirectStep and speed.layer_weights(model) is None
@@ -1361,20 +1366,20 @@ def test_layers_in_one_call_compute_the_op_by_op_step(kind, dtype, set_threads):
             err = (logits - want_logits).abs().max()
             no_cache = model(torch.cat([prompt, want[:, :-1]], 1))[0][:, -1].float()
             assert err <= bound and (logits[0, -1] - no_cache[0]).abs().max() <= bound
+            assert sorted(cache.k) == [0, 2] and sorted(cache.v) == ([0, 2] if attn_source == "dense" else [0, 2, 3])
             for held, want_held in ((cache.k, want_cache.k), (cache.v, want_cache.v)):
-                assert sorted(held) == [0, 2]  # the owners'
                 for layer, t in held.items():
                     scale = want_held[layer].abs().max()
-                    assert (t.float() - want_held[layer].float()).abs().max() <= bound / spread * scale
+                    assert (t.float() - want_held[layer].float()).abs().max() <= (bound / spread + (dtype != torch.float32) * 0.01) * scale
             got, _ = batched_greedy(model, prompt, 12, step)
             compared += same_until_a_close_call(got, want, want_logits, err)
     assert step.one_call_steps == 16 * (2 * 11 + 12) and compared >= 16 * 12 / 8
 
 
 def test_layers_in_one_call_serve_only_what_the_op_takes(set_threads):
-    """The op serves one row without gradients of a model whose every projection lies in blocks of one kind, with
-    attention its own in every layer and no K/V blend; everything else goes to the compiled step (the same logits as
-    that step's): two rows, gradients wanted, attention sharing, a blend, row-major weights, one_call=False. A tied
+    """The op serves one row without gradients of a model whose every projection lies in blocks of one kind, with no
+    K/V blend; everything else goes to the compiled step (the same logits as that step's): two rows, gradients wanted,
+    a layer of another kind, a blend, row-major weights, one_call=False. A tied
     head (left row-major at one row) runs after the op as the model's own module, within the bound of the op-by-op
     step."""
     model = one_call_tiny("bf16", torch.bfloat16)
@@ -1392,11 +1397,12 @@ def test_layers_in_one_call_serve_only_what_the_op_takes(set_threads):
     with torch.enable_grad():
         step(token[:1], torch.tensor([7]), model.new_cache(1, 64))
     assert step.one_call_steps == 0 and type(speed.compile_decode_step(model, one_call=False)) is speed.DirectStep
-    shared_attention = speed.block_weights(speed.fuse_projections(speed.use_decode_paths(spread_tiny(torch.bfloat16))))
+    mixed = one_call_tiny("int4", torch.float32)
+    mixed.layers[2].mlp.down_proj = speed.BlockedLinear(*Int8Linear(torch.randn(64, 128)).state_dict().values())
     blended = one_call_tiny("int8", torch.float32)
     blended.kv_blend = {1: (0, 0.5)}
     row_major = speed.fuse_projections(speed.use_decode_paths(quantize_int8(tiny("0,0,2,2", vocab_size=112))))
-    for other in (shared_attention, blended, row_major):
+    for other in (mixed, blended, row_major):
         assert speed.layer_weights(other) is None and type(speed.compile_decode_step(other)) is speed.DirectStep
     tied = one_call_tiny("bf16", torch.bfloat16)
     tied.lm_head = speed.use_decode_paths(torch.nn.Linear(64, 112, bias=False)).to(torch.bfloat16)
@@ -1418,7 +1424,7 @@ def test_decode_layers_refuses_what_it_cannot_read():
     caches = [t for source in c.kv_source for t in (cache.k[source], cache.v[source])]
     if not multiplies_layers():
         with pytest.raises(RuntimeError, match="no AVX-512 VNNI loops"):
-            torch.ops.speed.decode_layers(torch.zeros(1, 1, 64), [], caches, [0, 0, 2, 2], torch.zeros(16),
+            torch.ops.speed.decode_layers(torch.zeros(1, 1, 64), [], caches, [0, 0, 2, 2], [0, 1, 2, 3], torch.zeros(16),
                                           torch.zeros(16), 0, 4, 2, 1e-5, 32, [])
         return
     weights, head, group = speed.layer_weights(model)
@@ -1426,24 +1432,31 @@ def test_decode_layers_refuses_what_it_cannot_read():
     swapped = list(weights)
     swapped[3:5], swapped[8:10] = weights[8:10], weights[3:5]  # layer 0's o and down
     half_cache = [t.half() for t in caches]
-    for args, message in [((x, weights[:-1], caches, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+    for args, message in [((x, weights[:-1], caches, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            "4 layers need 10 weights and 2 caches each, not 39 and 8"),
-                          ((x, swapped, caches, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                          ((x, swapped, caches, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            "layer 0's products do not fit one kind and the model's widths"),
-                          ((x, weights, half_cache, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                          ((x, weights, half_cache, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            r"cache \[1, 2, 64, 16\] Half at position 3"),
-                          ((x, weights, caches, c.kv_source, cos, sin, 64, 4, 2, 1e-5, group, head),
+                          ((x, weights, caches, c.kv_source, c.attn_source, cos, sin, 64, 4, 2, 1e-5, group, head),
                            "at position 64"),
-                          ((x, weights, caches, c.kv_source, cos[:8], sin, 3, 4, 2, 1e-5, group, head),
+                          ((x, weights, caches, c.kv_source, c.attn_source, cos[:8], sin, 3, 4, 2, 1e-5, group, head),
                            "cos and sin must be 16 fp32 each"),
-                          ((x.double(), weights, caches, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                          ((x.double(), weights, caches, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            "x .1, 1, 64. Double with 4 heads over 2 K/V heads"),
-                          ((x, weights, caches, c.kv_source, cos, sin, 3, 4, 2, 1e-5, group, head[:2]),
+                          ((x, weights, caches, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head[:2]),
                            "head takes the final norm, blocks and scales"),
-                          ((x, weights, caches, [0, 2, 2, 2], cos, sin, 3, 4, 2, 1e-5, group, head),
+                          ((x, weights, caches, [0, 2, 2, 2], c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            "layer 1 reads the K/V of layer 2, which is not an owner at or below it"),
-                          ((x, weights, caches, [0, 0, 1, 2], cos, sin, 3, 4, 2, 1e-5, group, head),
-                           "layer 2 reads the K/V of layer 1, which is not an owner at or below it")]:
+                          ((x, weights, caches, [0, 0, 1, 2], c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                           "layer 2 reads the K/V of layer 1, which is not an owner at or below it"),
+                          ((x, weights, caches, c.kv_source, [0, 0, 2, 3], cos, sin, 3, 4, 2, 1e-5, group, head),
+                           "layer 1 takes the attention of layer 0 .it must have its own and lie at or below it, and a "
+                           "sharer computes its own values."),
+                          ((x, weights, caches, c.kv_source, [0, 1, 2, 2], cos, sin, 3, 4, 2, 1e-5, group, head),
+                           "layer 3 takes the attention of layer 2"),  # a sharer reading another's K/V
+                          ((x, weights, caches, [0, 0, 2, 3], [0, 1, 2, 2], cos, sin, 3, 4, 2, 1e-5, group, head),
+                           "layer 3's products do not fit")]:  # a sharer whose first product is not its values'
         with pytest.raises(RuntimeError, match=message) as raised:
             torch.ops.speed.decode_layers(*args)
         assert len(str(raised.value).strip().splitlines()) == 1
