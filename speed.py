@@ -633,18 +633,16 @@ class LayersInOneCall:
         self.model, self.other = model, other
         self.weights = layer_weights(model)
         self.rope = (model.rope_cos.float(), model.rope_sin.float())  # a bf16 model's tables are bf16
-        self.caches = (None, None)  # (the cache, the op's list of its tensors) of the last call
+        self.none = torch.empty(0)  # the op's cache for a layer that computes no keys (or values): not read
         self.one_call_steps = 0  # steps that took the op (tests count them)
 
     def __call__(self, token, input_pos, cache):
         if self.weights is None or token.shape[0] != 1 or torch.is_grad_enabled():
             return self.other(token, input_pos, cache)
         m, c = self.model, self.model.config
-        if self.caches[0] is not cache:  # what each layer attends over: its K/V source's keys (a sharer's: its
-            keys = [c.kv_source[c.attn_source[i]] for i in range(c.n_layer)]  # attention source's) and values
-            self.caches = (cache, [t for i, k in enumerate(keys) for t in (cache.k[k], cache.v[c.kv_source[i]])])
+        caches = [t for i in range(c.n_layer) for t in (cache.k.get(i, self.none), cache.v.get(i, self.none))]
         pos, (weights, head, group) = int(input_pos), self.weights
-        out = torch.ops.speed.decode_layers(m.embed_tokens(token), weights, self.caches[1], list(c.kv_source),
+        out = torch.ops.speed.decode_layers(m.embed_tokens(token), weights, caches, list(c.kv_source),
                                             list(c.attn_source), self.rope[0][pos], self.rope[1][pos], pos, c.n_head,
                                             c.n_kv_head, c.norm_eps, group, head)
         self.one_call_steps += 1

@@ -1704,13 +1704,16 @@ static at::Tensor greedy_pick_op(const at::Tensor &logits) {
    q(kv) blocks and their scales, o's, the post-attention norm, gate_up's and down's: blocks as speed.BlockedLinear
    holds them (bf16; int8 with its scales; 4-bit with a 0-element tensor of its scales' dtype in the scales' place),
    one kind for all; an owner's first product is q, k and v joined, a K/V consumer's q alone, an attention sharer's
-   (attn_source, EchoAtt) v alone. caches: 2 a layer, the K and V cache (1, n_kv_head, S, D) it attends over: its K/V
-   source's (kv_source), a sharer's keys its attention source's and its own values; one float dtype. cos and sin:
-   position pos's RoPE rows (D fp32). */
+   (attn_source, EchoAtt) v alone. caches: 2 a layer, its K and V cache (1, n_kv_head, S, D), one float dtype, where
+   it computes them (an owner's values, and its keys unless it shares attention), anything elsewhere: a layer attends
+   over the keys of its K/V source (a sharer: of its attention source's) and the values of its K/V source, read from
+   their places here, so a layer cannot be handed another's. cos and sin: position pos's RoPE rows (D fp32). */
 static Product product_of(const at::Tensor &blocks, const at::Tensor &scales, long group) {
     Product w{BF16, blocks.data_ptr(), nullptr, F32, 0, blocks.size(0) * 16, 0};
     if (blocks.scalar_type() == at::kByte) {
         w.kind = U4, w.scale_kind = kind_of(scales), w.group = group, w.K = blocks.size(1) * group;
+        TORCH_CHECK(group > 0 && group % XBLOCK == 0, "speed::decode_layers: 4-bit groups of ", group,
+                    " columns; it takes a multiple of ", XBLOCK);
         TORCH_CHECK(blocks.dim() == 3 && w.scale_kind <= F16 && blocks.size(2) == q4_group_bytes(group, w.scale_kind),
                     "speed::decode_layers: 4-bit blocks ", blocks.sizes(), " in groups of ", group);
     } else {
@@ -1719,7 +1722,8 @@ static Product product_of(const at::Tensor &blocks, const at::Tensor &scales, lo
         w.K = blocks.size(1) * 2;
         if (blocks.scalar_type() == at::kChar) {
             w.kind = I8, w.scales = scales.data_ptr(), w.scale_kind = kind_of(scales);
-            TORCH_CHECK(scales.numel() == w.N && w.scale_kind <= F16, "speed::decode_layers: int8 blocks need ", w.N, " scales");
+            TORCH_CHECK(scales.numel() == w.N && w.scale_kind <= F16 && scales.is_contiguous(),
+                        "speed::decode_layers: int8 blocks need ", w.N, " contiguous float scales");
         } else {
             TORCH_CHECK(blocks.scalar_type() == at::kBFloat16 && BF16_ROWS, "speed::decode_layers: blocks of ",
                         blocks.scalar_type(), " (it takes bf16 where the CPU multiplies it, int8 or 4-bit codes)");
@@ -1737,7 +1741,7 @@ static at::Tensor decode_layers_op(const at::Tensor &x, at::TensorList weights, 
     long L = kv_source.size(), C = x.numel(), H = n_head, Hkv = n_kv_head;
     TORCH_CHECK(L > 0 && (long)weights.size() == 10 * L && (long)caches.size() == 2 * L, "speed::decode_layers: ", L,
                 " layers need 10 weights and 2 caches each, not ", weights.size(), " and ", caches.size());
-    TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && H / Hkv <= 64 && x.is_contiguous() &&
+    TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && H / Hkv <= 64 && x.is_contiguous() && C == x.size(-1) &&
                 (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), "speed::decode_layers: x ",
                 x.sizes(), " ", x.scalar_type(), " with ", H, " heads over ", Hkv, " K/V heads");
     const at::Tensor &k0 = caches[0];
@@ -1769,19 +1773,23 @@ static at::Tensor decode_layers_op(const at::Tensor &x, at::TensorList weights, 
                     l.qkv.K == C && l.qkv.N == first && l.o.K == H * D && l.o.N == C && l.gate_up.K == C &&
                     l.gate_up.N == 2 * I && I % 16 == 0 && l.down.K == I && l.down.N == C,
                     "speed::decode_layers: layer ", i, "'s products do not fit one kind and the model's widths");
-        TORCH_CHECK(w[0].numel() == C && w[5].numel() == C && w[0].scalar_type() == w[5].scalar_type() &&
-                    kind_of(w[0]) <= F16, "speed::decode_layers: layer ", i, "'s norms must be ", C, " floats");
-        for (int c = 0; c < 2; c++)
-            TORCH_CHECK(caches[2 * i + c].sizes() == k0.sizes() && caches[2 * i + c].scalar_type() == k0.scalar_type() &&
-                        caches[2 * i + c].is_contiguous(), "speed::decode_layers: layer ", i, "'s caches differ from layer 0's");
-        l.norm1 = w[0].data_ptr(), l.norm2 = w[5].data_ptr(), l.k = caches[2 * i].data_ptr(), l.v = caches[2 * i + 1].data_ptr();
+        TORCH_CHECK(w[0].numel() == C && w[5].numel() == C && w[0].scalar_type() == weights[0].scalar_type() &&
+                    w[5].scalar_type() == weights[0].scalar_type() && kind_of(w[0]) <= F16 && w[0].is_contiguous() &&
+                    w[5].is_contiguous(), "speed::decode_layers: layer ", i, "'s norms must be ", C,
+                    " contiguous floats of layer 0's dtype");
+        const at::Tensor &keys = caches[2 * kv_source[pattern]], &values = caches[2 * source + 1];  /* as the maps say */
+        for (const at::Tensor *c : {&keys, &values})
+            TORCH_CHECK(c->sizes() == k0.sizes() && c->scalar_type() == k0.scalar_type() && c->is_contiguous(),
+                        "speed::decode_layers: the cache layer ", i, " attends over differs from layer 0's");
+        l.norm1 = w[0].data_ptr(), l.norm2 = w[5].data_ptr(), l.k = keys.data_ptr(), l.v = values.data_ptr();
     }
     Shape s{C, H, Hkv, D, I, S, pos, kind_of(weights[0]), kind_of(k0), (float)eps};
     TORCH_CHECK(head.empty() || head.size() == 3, "speed::decode_layers: head takes the final norm, blocks and scales");
     Head last{nullptr, {}, nullptr, x.scalar_type() == at::kBFloat16};
     if (!head.empty()) {
         last.norm = head[0].data_ptr(), last.w = product_of(head[1], head[2], group_size);
-        TORCH_CHECK(head[0].numel() == C && head[0].scalar_type() == weights[0].scalar_type() && last.w.K == C,
+        TORCH_CHECK(head[0].numel() == C && head[0].scalar_type() == weights[0].scalar_type() && head[0].is_contiguous() &&
+                    last.w.K == C,
                     "speed::decode_layers: the head must take the ", C, " values of the final norm (of the layers' dtype)");
     }
     at::DimVector shape(x.sizes());

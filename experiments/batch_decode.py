@@ -11,7 +11,8 @@ the CPU multiplies bf16; int8 and 4-bit: where it has AVX-512 VNNI).
 --old=packed: each weight in its own allocation, against speed.pack_weights' one allocation on huge pages.
 --old=dynamo: every step called through dynamo, against speed.DirectStep's steps that call the compiled graph directly.
 --old=layers: one row's step op by op (the compiled graph), against its layers in one call of speed::decode_layers
-(speed.LayersInOneCall, where every projection lies in blocks).
+(speed.LayersInOneCall, where every projection lies in blocks). Every other --old compares compiled graphs, op by op, at
+one row too (what each of them changed lies in the graph).
 --old=kernels --kernels=REV: speed_kernels.cpp as of git revision REV (or a file) against the working tree's: the old
 source is built with its ops renamed (speed::* -> speed_old::*) and loaded beside the new, and the old path's step is
 compiled while torch.ops.speed points at speed_old, so its graph calls the old kernels (a profiled step checks it);
@@ -178,9 +179,9 @@ def time_batch(base, dtype, B, s, old_ops=None):
         if name == "old":
             old_path(m, s.old)
             if s.old == "dynamo":  # every step through dynamo, as compiled steps ran before speed.DirectStep
-                decoders[name].step = decoders[name].step.dynamo
-            if s.old == "layers":  # the compiled graph, op by op, which LayersInOneCall hands more rows
-                decoders[name].step = getattr(decoders[name].step, "other", decoders[name].step)
+                decoders[name].step = getattr(decoders[name].step, "other", decoders[name].step).dynamo
+        if s.old != "layers" or name == "old":  # the compiled graph, op by op, which LayersInOneCall hands more rows
+            decoders[name].step = getattr(decoders[name].step, "other", decoders[name].step)
         t0 = H.announce_warmup(f"{name} {str(dtype)[6:]} batch {B}", True)
         new_ops = torch.ops.speed
         try:
@@ -193,7 +194,7 @@ def time_batch(base, dtype, B, s, old_ops=None):
         print(f"  warm-up {time.perf_counter() - t0:.1f}s", flush=True)
         if s.old == "layers" and name == "streaming" and B == 1 and getattr(decoders[name].step, "one_call_steps", 0) == 0:
             raise RuntimeError("--old=layers: the new path's steps did not take speed::decode_layers (every projection "
-                               "in blocks? attention sharing? a CPU without AVX-512 VNNI?)")
+                               "in blocks of one kind? a CPU without AVX-512 VNNI?)")
         if s.old == "kernels":
             calls = kernel_calls(decoders[name])
             print(f"  {name}'s step calls {calls}", flush=True)

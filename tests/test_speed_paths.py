@@ -560,7 +560,8 @@ def decode_layers_args(head=True):
     model = one_call_tiny("int4", torch.float32)
     c, cache = model.config, model.new_cache(1, 64)
     weights, head_weights, group = speed.layer_weights(model)
-    return (torch.randn(1, 1, 64), weights, [t for s in c.kv_source for t in (cache.k[s], cache.v[s])],
+    none = torch.empty(0)  # a layer's cache where it computes no keys (or values)
+    return (torch.randn(1, 1, 64), weights, [t for i in range(4) for t in (cache.k.get(i, none), cache.v.get(i, none))],
             list(c.kv_source), list(c.attn_source), model.rope_cos[3], model.rope_sin[3], 3, 4, 2, 1e-5, group, head_weights if head else [])
 
 
@@ -887,7 +888,7 @@ def decodes_as_rows(rows, blocked, compiled, op, calls):
         with torch.no_grad():
             want, want_logits = batched_greedy(rows, batch, 12, rows.decode_step)
             if compiled:
-                step = speed.compile_decode_step(blocked)
+                step = speed.compile_decode_step(blocked, one_call=False)  # the graph, whose code is checked
                 (got, logits), code = run_and_get_code(batched_greedy, blocked, batch, 12, step)
                 code = "\n".join(code)
                 assert blas_calls(code) == [] and op_calls(code, op) == calls
@@ -1376,6 +1377,35 @@ def test_layers_in_one_call_compute_the_op_by_op_step(kind, dtype, attn_source, 
     assert step.one_call_steps == 16 * (2 * 11 + 12) and compared >= 16 * 12 / 8
 
 
+def test_layers_in_one_call_at_smollm2s_head_size_on_any_thread_count(set_threads):
+    """SmolLM2's head size (64: the attention's AVX-512 loop) and grouping (3 query heads a K/V head, one K/V head), 4-bit
+    groups of 64, a 4-bit head in the op; 1, 2 and 3 threads (more than the K/V heads): the op-by-op step's logits
+    within 1e-3 of their spread at every step (fp32), the very same numbers at every thread count."""
+    torch.manual_seed(2)
+    plain = M.Llama(M.LlamaConfig(n_layer=3, n_head=3, n_kv_head=1, n_embd=192, intermediate_size=256, vocab_size=128,
+                                  block_size=64, kv_source="0,0,2")).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.mul_(8 if p.dim() == 2 else 1)
+    head = Int4Linear(plain.lm_head.weight, 64)  # before quantize_int4 makes the head int8 in place
+    model = speed.block_weights(speed.fuse_projections(speed.use_decode_paths(quantize_int4(plain, group_size=64))))
+    if not multiplies_layers():
+        assert type(speed.compile_decode_step(model)) is speed.DirectStep
+        return
+    model.lm_head = speed.BlockedLinear(head.unpacked_codes(), head.scales, head.minimums, 64)
+    step = speed.compile_decode_step(model)
+    assert type(step) is speed.LayersInOneCall and step.weights[1][1].dtype == torch.uint8 and step.weights[2] == 64
+    prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want, want_logits = batched_greedy(model, prompt, 10, model.decode_step)
+        runs = []
+        for threads in (1, 2, 3):
+            set_threads(threads)
+            runs.append(forced(model, prompt, want, step)[0])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert (runs[0] - want_logits).abs().max() <= 1e-3 * (want_logits.max() - want_logits.min())
+
+
 def test_layers_in_one_call_serve_only_what_the_op_takes(set_threads):
     """The op serves one row without gradients of a model whose every projection lies in blocks of one kind, with no
     K/V blend; everything else goes to the compiled step (the same logits as that step's): two rows, gradients wanted,
@@ -1421,7 +1451,7 @@ def test_decode_layers_refuses_what_it_cannot_read():
     model = one_call_tiny("int4", torch.float32)
     c = model.config
     cache = model.new_cache(1, 64)
-    caches = [t for source in c.kv_source for t in (cache.k[source], cache.v[source])]
+    caches = [t for i in range(4) for t in (cache.k.get(i, torch.zeros(0)), cache.v.get(i, torch.zeros(0)))]
     if not multiplies_layers():
         with pytest.raises(RuntimeError, match="no AVX-512 VNNI loops"):
             torch.ops.speed.decode_layers(torch.zeros(1, 1, 64), [], caches, [0, 0, 2, 2], [0, 1, 2, 3], torch.zeros(16),
@@ -1460,3 +1490,17 @@ def test_decode_layers_refuses_what_it_cannot_read():
         with pytest.raises(RuntimeError, match=message) as raised:
             torch.ops.speed.decode_layers(*args)
         assert len(str(raised.value).strip().splitlines()) == 1
+    args = (x, weights, caches, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head)
+    norms_in_bf16, expanded_norm, short_cache = list(weights), list(weights), list(caches)
+    norms_in_bf16[10], norms_in_bf16[15] = weights[10].bfloat16(), weights[15].bfloat16()  # layer 1's
+    expanded_norm[0] = weights[0][:1].expand(64)
+    short_cache[5] = caches[5][:, :, :32]  # layer 2's values, which layer 3 reads too, 32 positions long
+    int8 = speed.layer_weights(one_call_tiny("int8", torch.float32))[0]
+    for changes, message in [({11: 48}, "4-bit groups of 48 columns; it takes a multiple of 32"),
+                             ({0: torch.zeros(2, 32)}, r"x \[2, 32\] Float"),
+                             ({1: norms_in_bf16}, "layer 1's norms must be 64 contiguous floats of layer 0's dtype"),
+                             ({1: expanded_norm}, "layer 0's norms must be 64 contiguous floats"),
+                             ({2: short_cache}, "the cache layer 2 attends over differs from layer 0's"),
+                             ({1: int8[:2] + [int8[2][:1].expand(128)] + int8[3:]}, "int8 blocks need 128 contiguous")]:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.speed.decode_layers(*[changes.get(i, a) for i, a in enumerate(args)])
