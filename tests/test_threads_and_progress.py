@@ -247,3 +247,18 @@ def test_step_times_leave_the_first_step_out():
     per_step = timer.per_step()
     assert 0.01 <= per_step < 0.2 and timer.tokens_per_s(100) == pytest.approx(100 / per_step)
     assert len(notes) == 1 and re.fullmatch(r"compile: the first step took 0\.[4-9] s, compilation included", notes[0])
+
+
+def test_sample_says_when_the_step_needs_no_compile(tmp_path, capsys):
+    """In bf16 every projection lies in blocks where the CPU multiplies bf16 (AVX-512 BF16), and one row's steps take the
+    layers in one call (speed.LayersInOneCall): sample.py says nothing was compiled. Where the kernel lacks those loops
+    it compiles as before and says so."""
+    import speed
+    path = char_checkpoint(tmp_path)
+    rc = run_script(sample.main, [f"--init_from={path}", "--start=abc", "--max_new_tokens=12", "--device=cpu",
+                                  "--dtype=bf16", "--compile=True", "--temperature=0"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    one_call = speed.kernel_built() and torch.ops.speed.multiplies_layers() and torch.ops.speed.multiplies_bf16()
+    assert ("nothing compiled" in err) == one_call and ("compiled in" in err) == (not one_call)
+    assert out.strip()
