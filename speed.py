@@ -634,6 +634,7 @@ class LayersInOneCall:
         self.weights = layer_weights(model)
         self.rope = (model.rope_cos.float(), model.rope_sin.float())  # a bf16 model's tables are bf16
         self.none = torch.empty(0)  # the op's cache for a layer that computes no keys (or values): not read
+        self.maps = (list(model.config.kv_source), list(model.config.attn_source))
         self.one_call_steps = 0  # steps that took the op (tests count them)
 
     def __call__(self, token, input_pos, cache):
@@ -642,9 +643,8 @@ class LayersInOneCall:
         m, c = self.model, self.model.config
         caches = [t for i in range(c.n_layer) for t in (cache.k.get(i, self.none), cache.v.get(i, self.none))]
         pos, (weights, head, group) = int(input_pos), self.weights
-        out = torch.ops.speed.decode_layers(m.embed_tokens(token), weights, caches, list(c.kv_source),
-                                            list(c.attn_source), self.rope[0][pos], self.rope[1][pos], pos, c.n_head,
-                                            c.n_kv_head, c.norm_eps, group, head)
+        out = torch.ops.speed.decode_layers(m.embed_tokens(token), weights, caches, *self.maps, self.rope[0][pos],
+                                            self.rope[1][pos], pos, c.n_head, c.n_kv_head, c.norm_eps, group, head)
         self.one_call_steps += 1
         return (out if head else m.lm_head(m.norm(out)))[:, -1, :]
 

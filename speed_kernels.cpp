@@ -1288,7 +1288,9 @@ static void decode_attention(const float *q, const uint16_t *q16, float scale, l
    product's 16-row blocks into a shared buffer, and everything between products (the norms, RoPE, the residual
    stream, SiLU, x rounded for the integer loops) every thread computes whole for itself, the same numbers in each.
    The residual stream stays fp32 throughout (the op-by-op bf16 step rounds it at every op). An owner's K/V head
-   goes into the cache (its dtype) by the thread that attends with it; a consumer reads its source's cache. */
+   goes into the cache (its dtype) by the thread that attends with it; a K/V consumer reads its source's cache; a
+   layer that takes another's attention pattern (EchoAtt) writes its values and attends with its source's queries
+   and keys, which the same thread computed. */
 #if I8_BLOCKS
 struct Product {  /* one projection's weights as speed.BlockedLinear lays them out */
     int kind;  /* BF16, I8 or U4 */
@@ -1697,13 +1699,11 @@ static at::Tensor greedy_pick_op(const at::Tensor &logits) {
 
 #if LAYER_LOOPS
 /* speed::decode_layers(x, weights, caches, kv_source, attn_source, cos, sin, pos, n_head, n_kv_head, eps, group_size,
-   head): one
-   row x (its C values, fp32 or bf16) through every layer at position pos, as decode_layers above; the residual
-   stream after the last layer in x's dtype, or with head (the final norm's weight, the head's blocks and scales)
-   the logits (x's shape, the vocabulary last). weights: 10 a layer, the input norm, the
-   q(kv) blocks and their scales, o's, the post-attention norm, gate_up's and down's: blocks as speed.BlockedLinear
-   holds them (bf16; int8 with its scales; 4-bit with a 0-element tensor of its scales' dtype in the scales' place),
-   one kind for all; an owner's first product is q, k and v joined, a K/V consumer's q alone, an attention sharer's
+   head): one row x (its C values, fp32 or bf16) through every layer at position pos, as decode_layers above; the
+   residual stream after the last layer in x's dtype, or with head (the final norm's weight, the head's blocks and
+   scales) the logits (x's shape, the vocabulary last). weights: 10 a layer, the input norm, the q(kv) blocks and their
+   scales, o's, the post-attention norm, gate_up's and down's: blocks as speed.BlockedLinear holds them (bf16; int8
+   with its scales; 4-bit with a 0-element tensor of its scales' dtype in the scales' place), one kind for all; an owner's first product is q, k and v joined, a K/V consumer's q alone, an attention sharer's
    (attn_source, EchoAtt) v alone. caches: 2 a layer, its K and V cache (1, n_kv_head, S, D), one float dtype, where
    it computes them (an owner's values, and its keys unless it shares attention), anything elsewhere: a layer attends
    over the keys of its K/V source (a sharer: of its attention source's) and the values of its K/V source, read from
