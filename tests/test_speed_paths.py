@@ -561,8 +561,9 @@ def decode_layers_args(head=True):
     c, cache = model.config, model.new_cache(1, 64)
     weights, head_weights, group = speed.layer_weights(model)
     none = torch.empty(0)  # a layer's cache where it computes no keys (or values)
-    return (torch.randn(1, 1, 64), weights, [t for i in range(4) for t in (cache.k.get(i, none), cache.v.get(i, none))],
-            list(c.kv_source), list(c.attn_source), model.rope_cos[3], model.rope_sin[3], 3, 4, 2, 1e-5, group, head_weights if head else [])
+    caches = [t for i in range(4) for t in (cache.k.get(i, none), cache.v.get(i, none))]
+    return (torch.randn(1, 1, 64), weights, caches, list(c.kv_source), list(c.attn_source), model.rope_cos[3],
+            model.rope_sin[3], 3, 4, 2, 1e-5, group, head_weights if head else [])
 
 
 # -----------------------------------------------------------------------------
@@ -1448,49 +1449,44 @@ def test_layers_in_one_call_serve_only_what_the_op_takes(set_threads):
 
 def test_decode_layers_refuses_what_it_cannot_read():
     """One line each, naming what is wrong (without the loops every call is refused, saying so)."""
-    model = one_call_tiny("int4", torch.float32)
-    c = model.config
-    cache = model.new_cache(1, 64)
-    caches = [t for i in range(4) for t in (cache.k.get(i, torch.zeros(0)), cache.v.get(i, torch.zeros(0)))]
     if not multiplies_layers():
         with pytest.raises(RuntimeError, match="no AVX-512 VNNI loops"):
-            torch.ops.speed.decode_layers(torch.zeros(1, 1, 64), [], caches, [0, 0, 2, 2], [0, 1, 2, 3], torch.zeros(16),
+            torch.ops.speed.decode_layers(torch.zeros(1, 1, 64), [], [], [0, 0, 2, 2], [0, 1, 2, 3], torch.zeros(16),
                                           torch.zeros(16), 0, 4, 2, 1e-5, 32, [])
         return
-    weights, head, group = speed.layer_weights(model)
-    x, cos, sin = torch.zeros(1, 1, 64), model.rope_cos[3], model.rope_sin[3]
+    x, weights, caches, kv_source, attn_source, cos, sin, _, _, _, _, group, head = decode_layers_args()
     swapped = list(weights)
     swapped[3:5], swapped[8:10] = weights[8:10], weights[3:5]  # layer 0's o and down
     half_cache = [t.half() for t in caches]
-    for args, message in [((x, weights[:-1], caches, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+    for args, message in [((x, weights[:-1], caches, kv_source, attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            "4 layers need 10 weights and 2 caches each, not 39 and 8"),
-                          ((x, swapped, caches, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                          ((x, swapped, caches, kv_source, attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            "layer 0's products do not fit one kind and the model's widths"),
-                          ((x, weights, half_cache, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                          ((x, weights, half_cache, kv_source, attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            r"cache \[1, 2, 64, 16\] Half at position 3"),
-                          ((x, weights, caches, c.kv_source, c.attn_source, cos, sin, 64, 4, 2, 1e-5, group, head),
+                          ((x, weights, caches, kv_source, attn_source, cos, sin, 64, 4, 2, 1e-5, group, head),
                            "at position 64"),
-                          ((x, weights, caches, c.kv_source, c.attn_source, cos[:8], sin, 3, 4, 2, 1e-5, group, head),
+                          ((x, weights, caches, kv_source, attn_source, cos[:8], sin, 3, 4, 2, 1e-5, group, head),
                            "cos and sin must be 16 fp32 each"),
-                          ((x.double(), weights, caches, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                          ((x.double(), weights, caches, kv_source, attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            "x .1, 1, 64. Double with 4 heads over 2 K/V heads"),
-                          ((x, weights, caches, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head[:2]),
+                          ((x, weights, caches, kv_source, attn_source, cos, sin, 3, 4, 2, 1e-5, group, head[:2]),
                            "head takes the final norm, blocks and scales"),
-                          ((x, weights, caches, [0, 2, 2, 2], c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                          ((x, weights, caches, [0, 2, 2, 2], attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            "layer 1 reads the K/V of layer 2, which is not an owner at or below it"),
-                          ((x, weights, caches, [0, 0, 1, 2], c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
+                          ((x, weights, caches, [0, 0, 1, 2], attn_source, cos, sin, 3, 4, 2, 1e-5, group, head),
                            "layer 2 reads the K/V of layer 1, which is not an owner at or below it"),
-                          ((x, weights, caches, c.kv_source, [0, 0, 2, 3], cos, sin, 3, 4, 2, 1e-5, group, head),
+                          ((x, weights, caches, kv_source, [0, 0, 2, 3], cos, sin, 3, 4, 2, 1e-5, group, head),
                            "layer 1 takes the attention of layer 0 .it must have its own and lie at or below it, and a "
                            "sharer computes its own values."),
-                          ((x, weights, caches, c.kv_source, [0, 1, 2, 2], cos, sin, 3, 4, 2, 1e-5, group, head),
+                          ((x, weights, caches, kv_source, [0, 1, 2, 2], cos, sin, 3, 4, 2, 1e-5, group, head),
                            "layer 3 takes the attention of layer 2"),  # a sharer reading another's K/V
                           ((x, weights, caches, [0, 0, 2, 3], [0, 1, 2, 2], cos, sin, 3, 4, 2, 1e-5, group, head),
                            "layer 3's products do not fit")]:  # a sharer whose first product is not its values'
         with pytest.raises(RuntimeError, match=message) as raised:
             torch.ops.speed.decode_layers(*args)
         assert len(str(raised.value).strip().splitlines()) == 1
-    args = (x, weights, caches, c.kv_source, c.attn_source, cos, sin, 3, 4, 2, 1e-5, group, head)
+    args = (x, weights, caches, kv_source, attn_source, cos, sin, 3, 4, 2, 1e-5, group, head)
     norms_in_bf16, expanded_norm, short_cache = list(weights), list(weights), list(caches)
     norms_in_bf16[10], norms_in_bf16[15] = weights[10].bfloat16(), weights[15].bfloat16()  # layer 1's
     expanded_norm[0] = weights[0][:1].expand(64)
