@@ -2,7 +2,7 @@
 queries, its attention block gives the teacher's attention-block output (teacher activations, calibration text);
 KL on 8,192 held-out generated tokens, untrained. With a path after the ridges: the teacher's checkpoint with the
 first ridge's o_proj written there (a base for train.py --init_from=PATH --adapt_target=MAP --adapt_mode=abrupt).
-    .venv/bin/python results/smollm2-adapted/orefit/orefit.py 32768 0.1,0.3,1,3 [out-refit/base.pt]"""
+    [MAP=0,1,...] .venv/bin/python results/smollm2-adapted/orefit/orefit.py 32768 0.1,0.3,1,3 [out-refit/base.pt]"""
 import os, sys, time, torch, numpy as np
 import torch.nn.functional as F
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..")
@@ -14,6 +14,8 @@ from dataset import load_meta, open_tokens
 from model import apply_rope
 torch.set_num_threads(2)
 KV = [0, 1, 2, 3, 4, 5, 0, 0, 8, 0, 10, 11, 12, 13, 14, 15, 16, 0, 18, 19, 20, 21, 0, 23, 24, 25, 0, 27, 12, 0]
+if os.environ.get("MAP"):  # another map, comma-separated (the shipped KV-0.73 one above by default)
+    KV = [int(x) for x in os.environ["MAP"].split(",")]
 teacher, ckpt = load_model(ROOT + "/data/smollm2/smollm2-135m-instruct.pt")
 c = teacher.config; H, Hkv, D, C = c.n_head, c.n_kv_head, c.head_dim, c.n_embd
 meta = load_meta(ROOT + "/data/smollm2_selfgen")
