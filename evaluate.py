@@ -4,6 +4,7 @@ Evaluate a model against its teacher (fidelity.py): how much of what the teacher
     .venv/bin/python evaluate.py --init_from=out-adapted/ckpt.pt --teacher=data/smollm2/smollm2-135m-instruct.pt
     .venv/bin/python evaluate.py --init_from=STUDENT --teacher=TEACHER --sets=plays --tokens=8192 --chat=False
     .venv/bin/python evaluate.py --init_from=BASE --delta=results/smollm2-adapted/kv8.safetensors --teacher=BASE
+    .venv/bin/python evaluate.py --init_from=BASE --delta=DELTA --teacher=BASE --sets=selfgen --tokens=8192 --layers=8192 --chat=False
 
 Held-out sets (--sets, comma-separated; each read over --tokens positions in fixed, evenly spaced windows):
   selfgen   data/smollm2_selfgen/val.bin     the teacher's own samples on held-out prompts (its prepare.py)
@@ -16,6 +17,9 @@ expected string appears in the answer) for both, how many of the student's answe
 the held-out figures over the teacher's answers (both models reading the teacher's answer tokens: KL and
 agreement on the very positions the greedy answers are made from: a figure that moves by degrees where the count
 flips with an answer's first different token).
+By layer (--layers=N, off at 0): over N positions of the first set, the KL of hybrids of the two models, a forward
+each per layer and kind (fidelity.compare_layers): the teacher with one of the student's layers, and the student's
+layers up to l under the teacher's: where in depth the student's distance arises.
 Everything goes to --out (JSON); a summary is printed.
 """
 
@@ -32,8 +36,8 @@ from configurator import (DTYPES, autocast, configure, resolve_device, resolve_d
                           warn_slow_bf16)
 from dataset import dataset_dir, load_meta, open_tokens
 from delta import load_with_delta
-from fidelity import (chat_prompts, chat_report, compare_on_replies, compare_on_windows, default_questions_path,
-                      fixed_windows, greedy_replies, load_questions)
+from fidelity import (chat_prompts, chat_report, compare_layers, compare_on_replies, compare_on_windows,
+                      default_questions_path, fixed_windows, greedy_replies, load_questions)
 from guards import trained_tokenizer
 from speed import linears_in
 from tokenizer import HFTokenizer, tokenizer_identity
@@ -47,6 +51,7 @@ tokens = 65_536              # positions scored per set
 block_size = 512             # window length
 batch_size = 1               # windows per forward pass: the full-vocabulary logits of one chunk
 chat = True                  # answer the chat questions
+layers = 0                   # > 0: per-layer KL over this many positions of the first set (2 x n_layer forwards)
 questions = ""               # '' = data/chat_questions.json
 chat_batch_size = 16
 max_new_tokens = 48          # per chat answer
@@ -88,6 +93,9 @@ def check(s):
     names = [n for n in s.sets.split(",") if n]
     if not names and not s.chat:
         raise ValueError("nothing to evaluate: give --sets or --chat=True")
+    if s.layers < 0 or (s.layers and not names):
+        raise ValueError(f"--layers={s.layers}: give a number of positions (0: off) and a set in --sets to read "
+                         "them from")
     found = {n: resolve_set(n) for n in names}
     qs = load_questions(s.questions or default_questions_path()) if s.chat else None
     return found, qs
@@ -118,6 +126,22 @@ def held_out(student, teacher, found, identity, s, dev):
         print(f"{name:>8}: {r['tokens']:,} tokens  ppl {r['student_ppl']:.3f} / teacher {r['teacher_ppl']:.3f} "
               f"= {r['ppl_ratio']:.4f}  KL {r['kl']:.4f}  top-1 agreement {r['agreement']:.4f}", flush=True)
     return results
+
+
+def by_layer(student, teacher, found, s, dev):
+    name, (d, f) = next(iter(found.items()))
+    windows = fixed_windows(open_tokens(d, f.removesuffix(".bin"), load_meta(d)), s.layers, s.block_size)
+    amp = partial(autocast, dev.split(":")[0], s.dtype) if s.dtype != "float32" else None
+    t0 = time.perf_counter()
+    result = compare_layers(student, teacher, windows, amp)
+    print(f"by layer, {name}, {len(windows) * s.block_size:,} positions: KL of the teacher with the student's layer "
+          "alone / of the student's layers up to it under the teacher's")
+    kv, attn = student.config.kv_source, student.config.attn_source
+    for l, (alone, up_to) in enumerate(zip(result["alone"], result["up_to"])):
+        show = [f"{x:.4f}" if x is not None else "  -   " for x in (alone, up_to)]
+        print(f"  layer {l:3d}  K/V from {kv[l]:3d}  pattern from {attn[l]:3d}  {show[0]}  {show[1]}")
+    return result | {"set": name, "positions": len(windows) * s.block_size,
+                     "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def chat_eval(student, teacher, student_ckpt, teacher_ckpt, qs, s):
@@ -151,12 +175,17 @@ def main(argv):
     student, student_ckpt = load_with_delta(s.init_from, s.delta) if s.delta else load_model(s.init_from)
     teacher, teacher_ckpt = load_model(s.teacher)
     identity = check_pair(student_ckpt, teacher_ckpt, s)
+    if s.layers and student.config.n_layer != teacher.config.n_layer:
+        raise ValueError(f"--layers: the student has {student.config.n_layer} layers and the teacher "
+                         f"{teacher.config.n_layer}: per-layer figures swap layers between models of one depth")
     for m in (student, teacher):
         m.to(dev).eval().requires_grad_(False)
     result = {"student": s.init_from, "delta": s.delta, "teacher": s.teacher, "settings": vars(s)}
     with torch.inference_mode():
         with linears_in(student, DTYPES[s.dtype]), linears_in(teacher, DTYPES[s.dtype]):  # the chat: float32
             result["sets"] = held_out(student, teacher, found, identity, s, dev)
+            if s.layers:
+                result["layers"] = by_layer(student, teacher, found, s, dev)
         if s.chat:
             result["chat"] = chat_eval(student, teacher, student_ckpt, teacher_ckpt, qs, s)
     with open(s.out, "w") as f:

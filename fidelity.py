@@ -8,11 +8,14 @@ How faithfully a student (an adapted model) reproduces its teacher: the library 
                   expected strings appears in it (answer_matches), and the student's answers are compared
                   with the teacher's, character for character; the held-out figures again over the teacher's
                   answers alone, both models reading them (compare_on_replies)
+  by layer        the KL again from hybrids of the two (compare_layers): the teacher with one of the student's
+                  layers, and the student's layers up to l under the teacher's: where in depth the distance arises
 
 Logits are reduced to sums one batch of windows at a time (compare_logits): no (tokens, vocab) array outlives
 its chunk, so 64k tokens at a 49k vocabulary cost the memory of one batch, not 12 GB.
 """
 
+import copy
 import json
 import os
 import re
@@ -86,6 +89,50 @@ def compare_on_windows(student, teacher, windows, batch_size=1, autocast=None):
             sums[k] += v
         del s_logits, t_logits
     return summarize(sums)
+
+
+# -----------------------------------------------------------------------------
+# where in depth: hybrids of student and teacher, layer by layer
+
+
+def hybrid(student, teacher, take):
+    """The teacher with the student's blocks at the layers in `take`, sharing their modules (nothing is copied).
+    A block takes its K/V and attention pattern from its source layer through the forward's hand-over, so the
+    student's consumer attends over whatever the mix's block at its source makes; None where that block makes
+    none (a source layer that is a consumer in the mix)."""
+    blocks = [student.layers[i] if i in take else teacher.layers[i] for i in range(len(teacher.layers))]
+    if any(blocks[b.kv_source].kv_source != b.kv_source or blocks[b.attn_source].attn_source != b.attn_source
+           for b in blocks):
+        return None
+    mix = copy.copy(teacher)
+    mix._modules = dict(teacher._modules, layers=torch.nn.ModuleList(blocks))  # copy.copy would share the table
+    return mix
+
+
+@torch.no_grad()
+def compare_layers(student, teacher, windows, autocast=None):
+    """Mean KL(teacher || hybrid) per layer l over the windows: "alone", the teacher with the student's layer l
+    in place of its own; "up_to", the student's layers 0..l under the teacher's above (the last is the student,
+    with the teacher's embedding, final norm and head). None where hybrid() cannot mix. A layer's alone figure
+    is what it costs by itself; the rise of up_to at it, what it adds where the student's layers below feed it."""
+    n = len(teacher.layers)
+    if len(student.layers) != n:
+        raise ValueError(f"per-layer figures need as many layers in both models ({len(student.layers)} against {n})")
+    mixes = {(kind, l): hybrid(student, teacher, {l} if kind == "alone" else set(range(l + 1)))
+             for kind in ("alone", "up_to") for l in range(n)}
+    sums, positions = dict.fromkeys(mixes, 0.0), 0
+    device = teacher.embed_tokens.weight.device
+    for window in windows:
+        chunk = torch.from_numpy(window[None]).to(device)
+        x, y = chunk[:, :-1], chunk[0, 1:]
+        with autocast() if autocast else torch.no_grad():
+            t_logits = teacher(x)[0][0]
+            for key, mix in mixes.items():
+                if mix is not None:
+                    sums[key] += compare_logits(mix(x)[0][0], t_logits, y)["kl"]
+        positions += y.numel()
+    return {kind: [None if mixes[kind, l] is None else sums[kind, l] / positions for l in range(n)]
+            for kind in ("alone", "up_to")}
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Self-generated data (selfgen.py, data/smollm2_selfgen/prepare.py) and the evaluation against a teacher
 (fidelity.py, evaluate.py), on tiny models with a character tokenizer.json that has ChatML's special tokens."""
 
+import copy
 import importlib.util
 import json
 import math
@@ -15,8 +16,8 @@ from checkpoint import save_checkpoint
 from configurator import run_script
 from convert_hf import checkpoint_dict
 import fidelity
-from fidelity import (answer_matches, compare_logits, compare_on_replies, compare_on_windows, fixed_windows,
-                      load_questions)
+from fidelity import (answer_matches, compare_layers, compare_logits, compare_on_replies, compare_on_windows,
+                      fixed_windows, load_questions)
 from model import Llama, LlamaConfig
 from selfgen import generate_rows, render_chat, split_prompts
 from tokenizer import HFTokenizer
@@ -247,6 +248,61 @@ def test_tiny_model_figures_equal_a_per_token_computation():
     assert 0 < got["agreement"] < 1 and got["kl"] > 0.01  # two different models: the figures can tell
 
 
+def on_map_of(teacher, kv_source, seed=5):
+    """A model on kv_source holding the teacher's weights (its consumers without K/V projections)."""
+    model = tiny_model(seed=seed, kv_source=kv_source, n_layer=len(kv_source))
+    mine = model.state_dict()
+    model.load_state_dict({k: v for k, v in teacher.state_dict().items() if k in mine})
+    return model
+
+
+def nudge(module, seed):
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * p.std())
+
+
+def test_layer_figures_put_the_distance_at_the_one_layer_that_differs():
+    teacher = tiny_model(seed=0, n_layer=4)
+    student = on_map_of(teacher, [0, 1, 2, 3])
+    nudge(student.layers[2].mlp, 1)
+    windows = fixed_windows(np.random.default_rng(0).integers(0, len(CHARS), 400), 48, 16)
+    r = compare_layers(student, teacher, windows)
+    whole = compare_on_windows(student, teacher, windows)["kl"]
+    assert whole > 0.01 and r["alone"][2] == pytest.approx(whole, rel=1e-5)
+    assert [r["alone"][l] for l in (0, 1, 3)] == [0.0, 0.0, 0.0] and r["up_to"][:2] == [0.0, 0.0]
+    assert r["up_to"][2] == pytest.approx(whole, rel=1e-5) and r["up_to"][3] == pytest.approx(whole, rel=1e-5)
+    assert compare_layers(teacher, teacher, windows) == {"alone": [0.0] * 4, "up_to": [0.0] * 4}
+
+
+def test_layer_figures_of_a_shared_student_equal_models_built_by_hand():
+    """Layer 2 of the student reads layer 0's K/V, and the student's layer 0 differs from the teacher's: alone,
+    its layer 2 attends over the teacher's layer-0 K/V, which is the student's map with the teacher's layer 0."""
+    teacher = tiny_model(seed=0, n_layer=4)
+    student = on_map_of(teacher, [0, 1, 0, 3])
+    nudge(student.layers[0].self_attn, 2)
+    windows = fixed_windows(np.random.default_rng(1).integers(0, len(CHARS), 400), 48, 16)
+    r = compare_layers(student, teacher, windows)
+    switch_alone = on_map_of(teacher, [0, 1, 0, 3])  # the switch, every weight the teacher's
+    first_alone = copy.deepcopy(teacher)
+    first_alone.layers[0].load_state_dict(student.layers[0].state_dict())  # the teacher with the student's layer 0
+    assert r["alone"][2] == pytest.approx(compare_on_windows(switch_alone, teacher, windows)["kl"], rel=1e-5)
+    assert r["alone"][0] == pytest.approx(compare_on_windows(first_alone, teacher, windows)["kl"], rel=1e-5)
+    assert r["up_to"][3] == pytest.approx(compare_on_windows(student, teacher, windows)["kl"], rel=1e-5)
+    assert r["alone"][1] == r["alone"][3] == 0.0 and min(r["alone"][0], r["alone"][2], r["up_to"][3]) > 1e-3
+    assert r["up_to"][2] != pytest.approx(r["alone"][2], rel=1e-3)  # layer 2 now reads the student's layer 0
+
+
+def test_layer_figures_skip_a_mix_whose_consumer_would_read_a_layer_without_k_v():
+    teacher = on_map_of(tiny_model(seed=0, n_layer=4), [0, 1, 1, 3])  # the teacher's layer 2 reads layer 1
+    student = on_map_of(tiny_model(seed=0, n_layer=4), [0, 0, 2, 3])  # the student's layer 1 has no K/V
+    windows = fixed_windows(np.random.default_rng(2).integers(0, len(CHARS), 200), 16, 16)
+    r = compare_layers(student, teacher, windows)
+    assert r["alone"][1] is None and r["up_to"][1] is None
+    assert all(isinstance(r[k][l], float) for k, l in [("alone", 0), ("alone", 2), ("up_to", 2), ("up_to", 3)])
+
+
 def test_figures_over_replies_count_the_reply_positions_only():
     """Both models read prompt + reply; only the positions that predict a reply token count (a prompt's own
     positions do not), each as the per-token formulas by hand."""
@@ -343,7 +399,21 @@ def test_evaluate_another_student_reports_the_hand_computed_figures(teacher_path
     assert 5 <= on["tokens"] <= 40 and on["kl"] > 0.01
 
 
+def test_evaluate_by_layer_reports_compare_layers_over_the_first_set(teacher_path, tmp_path, capsys):
+    from dataset import load_meta, open_tokens
+    student_path = tmp_path / "student.pt"
+    student = save_tiny(student_path, seed=9)
+    data = make_selfgen(teacher_path, tmp_path / "data", tokens=200, val_tokens=200)
+    r = run_evaluate(student_path, teacher_path, data / "val.bin", tmp_path, capsys, ["--layers=32", "--chat=False"])
+    windows = fixed_windows(open_tokens(str(data), "val", load_meta(str(data))), 32, 16)
+    want = compare_layers(student, tiny_model(), windows)
+    assert r["layers"]["positions"] == 32 and r["layers"]["set"] == str(data / "val.bin")
+    assert r["layers"]["alone"] == pytest.approx(want["alone"], rel=1e-5)
+    assert r["layers"]["up_to"] == pytest.approx(want["up_to"], rel=1e-5) and min(want["alone"]) > 0.001
+
+
 @pytest.mark.parametrize("argv, words", [([], "--teacher"), (["--sets=nope"], "unknown set"),
+                                         (["--layers=-1"], "--layers=-1"), (["--layers=64", "--sets="], "--layers=64"),
                                          (["--sets=/x/none.bin"], "/x/none.bin"), (["--tokens=0"], "--tokens"),
                                          (["--delta=/x/none.safetensors"], "--delta=/x/none.safetensors")])
 def test_evaluate_bad_input_is_one_line(argv, words, capsys, tmp_path, teacher_path):
