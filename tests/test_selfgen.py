@@ -412,6 +412,17 @@ def test_evaluate_by_layer_reports_compare_layers_over_the_first_set(teacher_pat
     assert r["layers"]["up_to"] == pytest.approx(want["up_to"], rel=1e-5) and min(want["alone"]) > 0.001
 
 
+def test_evaluate_by_layer_refuses_models_of_another_depth_in_one_line(teacher_path, tmp_path, capsys):
+    import evaluate
+    save_tiny(tmp_path / "shallow.pt", seed=9, n_layer=2)  # the teacher has 3
+    data = make_selfgen(teacher_path, tmp_path / "data", tokens=200, val_tokens=200)
+    argv = [f"--init_from={tmp_path / 'shallow.pt'}", f"--teacher={teacher_path}", f"--sets={data / 'val.bin'}",
+            "--tokens=16", "--block_size=16", "--layers=16", "--chat=False", f"--out={tmp_path / 'e.json'}"]
+    assert run_script(evaluate.main, argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--layers" in err and "2 layers" in err and not (tmp_path / "e.json").exists()
+
+
 @pytest.mark.parametrize("argv, words", [([], "--teacher"), (["--sets=nope"], "unknown set"),
                                          (["--layers=-1"], "--layers=-1"), (["--layers=64", "--sets="], "--layers=64"),
                                          (["--sets=/x/none.bin"], "/x/none.bin"), (["--tokens=0"], "--tokens"),
