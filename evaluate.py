@@ -110,9 +110,14 @@ def check_pair(student_ckpt, teacher_ckpt, s):
     return theirs
 
 
+def sets_autocast(s, dev):
+    """The held-out forwards' autocast (a context factory), None in float32."""
+    return partial(autocast, dev.split(":")[0], s.dtype) if s.dtype != "float32" else None
+
+
 def held_out(student, teacher, found, identity, s, dev):
     results = {}
-    amp = partial(autocast, dev.split(":")[0], s.dtype) if s.dtype != "float32" else None
+    amp = sets_autocast(s, dev)
     for name, (d, f) in found.items():
         meta = load_meta(d)
         if tokenizer_identity(meta) != identity[1]:
@@ -131,7 +136,7 @@ def held_out(student, teacher, found, identity, s, dev):
 def by_layer(student, teacher, found, s, dev):
     name, (d, f) = next(iter(found.items()))
     windows = fixed_windows(open_tokens(d, f.removesuffix(".bin"), load_meta(d)), s.layers, s.block_size)
-    amp = partial(autocast, dev.split(":")[0], s.dtype) if s.dtype != "float32" else None
+    amp = sets_autocast(s, dev)
     t0 = time.perf_counter()
     result = compare_layers(student, teacher, windows, amp)
     print(f"by layer, {name}, {len(windows) * s.block_size:,} positions: KL of the teacher with the student's layer "
