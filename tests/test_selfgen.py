@@ -51,8 +51,8 @@ def tiny_model(seed=0, kv_source=None, block_size=128, n_layer=3):
     return model
 
 
-def save_tiny(path, seed=0, kv_source=None, n_layer=3):
-    model = tiny_model(seed, kv_source, n_layer=n_layer)
+def save_tiny(path, seed=0, kv_source=None, n_layer=3, block_size=128):
+    model = tiny_model(seed, kv_source, block_size, n_layer)
     save_checkpoint(checkpoint_dict(model, {"bos_token_id": 1, "eos_token_id": 2}, char_tokenizer_json(),
                                     chat_template=CHATML), str(path))
     return model
@@ -421,6 +421,19 @@ def test_evaluate_by_layer_refuses_models_of_another_depth_in_one_line(teacher_p
     assert run_script(evaluate.main, argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--layers" in err and "2 layers" in err and not (tmp_path / "e.json").exists()
+
+
+def test_evaluate_refuses_windows_longer_than_a_models_context_in_one_line(teacher_path, tmp_path, capsys):
+    import evaluate
+    save_tiny(tmp_path / "short.pt", seed=9, block_size=8)  # as train.py leaves a run at --block_size=8
+    data = make_selfgen(teacher_path, tmp_path / "data", tokens=200, val_tokens=200)
+    argv = [f"--init_from={tmp_path / 'short.pt'}", f"--teacher={teacher_path}", f"--sets={data / 'val.bin'}",
+            "--tokens=16", "--block_size=16", "--chat=False", f"--out={tmp_path / 'e.json'}"]
+    assert run_script(evaluate.main, argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--block_size=16" in err and "the student's context (8" in err
+    assert not (tmp_path / "e.json").exists()
+    assert run_script(evaluate.main, [*argv[:4], "--block_size=8", *argv[5:]]) == 0  # within it: evaluated
 
 
 @pytest.mark.parametrize("argv, words", [([], "--teacher"), (["--sets=nope"], "unknown set"),
