@@ -180,11 +180,11 @@ def main(argv):
     student, student_ckpt = load_with_delta(s.init_from, s.delta) if s.delta else load_model(s.init_from)
     teacher, teacher_ckpt = load_model(s.teacher)
     identity = check_pair(student_ckpt, teacher_ckpt, s)
-    short = min((student, "the student"), (teacher, "the teacher"), key=lambda m: m[0].config.block_size)
-    if s.block_size > short[0].config.block_size:
-        raise ValueError(f"--block_size={s.block_size} is longer than {short[1]}'s context ({short[0].config.block_size}"
-                         " positions; train.py keeps the block_size it trained at): pass a --block_size within it, or "
-                         "ship the run as a delta on its base (delta.py), which reads as far as the base")
+    for model, who in ((student, "the student"), (teacher, "the teacher")):
+        if s.block_size > model.config.block_size:
+            raise ValueError(f"--block_size={s.block_size} is longer than {who}'s context ({model.config.block_size} "
+                             "positions; train.py keeps the block_size it trained at): pass a --block_size within it, "
+                             "or ship the run as a delta on its base (delta.py), which reads as far as the base")
     if s.layers and student.config.n_layer != teacher.config.n_layer:
         raise ValueError(f"--layers: the student has {student.config.n_layer} layers and the teacher "
                          f"{teacher.config.n_layer}: per-layer figures swap layers between models of one depth")
