@@ -71,7 +71,8 @@ lowest_consumer = 0          # calibrate, K/V criteria: consumers only from this
                              # fidelity: docs/keep_skills.md, "Where the backward stops")
 search_batches = 0           # calibrate, search > 0: the search's batches (the matrix keeps the first --batches of
                              # them); 0 = --batches. SmolLM2: 1 x 2 x 256 tokens were too few (the search fitted them),
-                             # 8 x 2 x 256 were not (docs/keep_skills.md, "Maps searched switch by switch")
+                             # 8 x 2 x 256 were not; 32 x 2 x 256, or --search=32, chose the map 8 x 2 x 256 with
+                             # --search=16 chose (docs/keep_skills.md, "Maps searched switch by switch", "More tokens")
 dtype = "float32"            # calibrate: float32, or bfloat16 (autocast, the frozen linears cast once: speed.linears_in;
                              # 'logits' on SmolLM2, the AMX Xeon: 104 s against 173 paired, the same map; keep_skills.md)
 convert_to = ""              # convert: the kv_source to convert the dense model to (abruptly)
@@ -799,7 +800,8 @@ def search_kv_source(model, batches, similarity, n_share, candidates, log=print,
     switch's cost says little about eight together (KV 0.50's greedy map, untrained, 3.2x the teacher's
     perplexity). Costs candidates x n_share partial forwards per batch (a switch at layer i reruns i and up).
     Greedy steps can end worse than the single switches' own map (propose_kv_source): the cheaper is returned.
-    On SmolLM2, 512 tokens were too few (the search fitted them); 4,096 were not (docs/keep_skills.md)."""
+    On SmolLM2, 512 tokens were too few (the search fitted them); 4,096 were not, and 16,384 tokens or 32
+    candidates chose the same map as 4,096 and 16 (docs/keep_skills.md)."""
     n = model.config.n_layer
     if not 0 <= n_share < n:
         raise ValueError(f"n_share={n_share}: can share between 0 and n_layer-1={n - 1} layers")
