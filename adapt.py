@@ -801,7 +801,7 @@ def search_kv_source(model, batches, similarity, n_share, candidates, log=print,
     perplexity). Costs candidates x n_share partial forwards per batch (a switch at layer i reruns i and up).
     Greedy steps can end worse than the single switches' own map (propose_kv_source): the cheaper is returned.
     On SmolLM2, 512 tokens were too few (the search fitted them); 4,096 were not, and 16,384 tokens or 32
-    candidates chose the same map as 4,096 and 16 (docs/keep_skills.md)."""
+    candidates chose the map that 4,096 tokens and 16 candidates chose (docs/keep_skills.md)."""
     n = model.config.n_layer
     if not 0 <= n_share < n:
         raise ValueError(f"n_share={n_share}: can share between 0 and n_layer-1={n - 1} layers")
