@@ -113,6 +113,10 @@ TRAINING_SETTINGS = dict(
                                 # this run draws (TeacherTopK): made before step 0 when missing, reused by runs
                                 # that draw the same batches; the steps then run no teacher forward. '' = none
     distill_cache_topk=64,      # k: the KL runs over the teacher's k likeliest tokens and one bucket for the rest
+    distill_end_weight=1.0,     # the positions where the teacher's likeliest next token is its eos (a turn's end)
+                                # count this many times in every term; 1 = as any other. SmolLM2 at KV 0.73, 10:
+                                # 34 of 69 chat answers end against 30, 1-3% more KL (docs/keep_skills.md,
+                                # "End-of-turn weighting")
 )
 
 ORDERS = ("top-down", "bottom-up", "similarity")
@@ -280,11 +284,13 @@ KL_CHUNK_ROWS = 8  # rows of logits the distillation loss holds in fp32 at once 
                    # (2-core Xeon, docs/keep_skills.md)
 
 
-def distillation_loss(logits, teacher_logits, targets, alpha, temperature, argmax=0.0, data=None):
+def distillation_loss(logits, teacher_logits, targets, alpha, temperature, argmax=0.0, data=None, end=None):
     """data * CE(targets) + alpha * T^2 * KL(teacher || student) at temperature T + argmax * CE(the
     teacher's argmax tokens), data being 1 - alpha - argmax unless given; each a mean over the positions
     with a target (not -1). The T^2 keeps the gradient scale of the soft term independent of T (Hinton
-    et al.); the argmax term is EchoAtt's hard labels. Computed by FusedDistillationLoss."""
+    et al.); the argmax term is EchoAtt's hard labels. end = (token, weight): a position whose teacher's
+    argmax is that token counts weight times in the sum (the mean still divides by the positions).
+    Computed by FusedDistillationLoss."""
     data = 1 - alpha - argmax if data is None else data
     vocab = logits.size(-1)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -295,7 +301,7 @@ def distillation_loss(logits, teacher_logits, targets, alpha, temperature, argma
     else:
         teacher = teacher_logits.detach().reshape(-1, vocab)
     return FusedDistillationLoss.apply(logits.reshape(-1, vocab), teacher, targets.reshape(-1),
-                                       (data, alpha, argmax), temperature, need_grad)
+                                       (data, alpha, argmax), temperature, need_grad, end)
 
 
 def top_k_kl(log_q, top_index, top_logprob):
@@ -316,13 +322,13 @@ def top_k_kl(log_q, top_index, top_logprob):
 class FusedDistillationLoss(torch.autograd.Function):
     """distillation_loss in one pass over KL_CHUNK_ROWS rows at a time, its gradient made in the same pass:
     d/dz = [(data + argmax) softmax(z) + alpha T (softmax(z / T) - p_teacher) - data onehot(target)
-    - argmax onehot(teacher's argmax)] / n. The plain composition of log_softmax, kl_div and
+    - argmax onehot(teacher's argmax)] row_weight / n. The plain composition of log_softmax, kl_div and
     cross_entropy (kept in tests/test_adapt.py as the reference) made several passes over fp32 copies of the
     whole (positions x vocab) logits and computed the CE at weight 0: at SmolLM2's 49k vocab and 1,024
     positions that was half of a 10.8 s distillation step (torch profiler, docs/keep_skills.md)."""
 
     @staticmethod
-    def forward(ctx, z_all, t_all, targets, weights, temperature, need_grad):
+    def forward(ctx, z_all, t_all, targets, weights, temperature, need_grad, end=None):
         data, alpha, argmax = weights
         unit_t = temperature == 1  # then the KL's student softmax is the cross-entropies' one
         soft = data + argmax + (alpha if unit_t else 0.0)  # the weight of softmax(z) in the gradient
@@ -331,15 +337,18 @@ class FusedDistillationLoss(torch.autograd.Function):
         grad = torch.empty_like(z_all) if need_grad else None
         for s in range(0, z_all.shape[0], KL_CHUNK_ROWS):
             z, y = z_all[s:s + KL_CHUNK_ROWS].float(), targets[s:s + KL_CHUNK_ROWS]
-            rows, valid = torch.arange(len(y), device=y.device), (y != -1).float()
+            rows, row_weight = torch.arange(len(y), device=y.device), (y != -1).float()
             log_p = z.log_softmax(-1)
             g = (log_p.exp().mul_(soft) if soft else torch.zeros_like(z)) if need_grad else None
             per_row = torch.zeros(len(y), device=z.device)
             if isinstance(t_all, tuple):  # the teacher's top k, its argmax first (TeacherTopK)
                 t, top = None, (t_all[0][s:s + KL_CHUNK_ROWS], t_all[1][s:s + KL_CHUNK_ROWS].float())
             else:
-                t, top = t_all[s:s + KL_CHUNK_ROWS].float() if alpha or argmax else None, None
-            teacher_argmax = (top[0][:, 0] if top is not None else t.argmax(-1)) if argmax else None
+                t, top = t_all[s:s + KL_CHUNK_ROWS].float() if alpha or argmax or end else None, None
+            # max's indices are argmax's (the first of tied maxima) at a third of its time (8 fp32 rows, the Xeon)
+            teacher_argmax = (top[0][:, 0] if top is not None else t.max(-1).indices) if argmax or end else None
+            if end:  # (token, weight): the rows where the teacher's argmax is the token count weight times
+                row_weight = torch.where(teacher_argmax == end[0], row_weight * end[1], row_weight)
             cross_entropies = ([(data, y.clamp(min=0))] if data else []) + ([(argmax, teacher_argmax)] if argmax else [])
             for weight, token in cross_entropies:  # against the data's tokens, and against the teacher's argmax
                 per_row -= weight * log_p[rows, token]
@@ -357,16 +366,16 @@ class FusedDistillationLoss(torch.autograd.Function):
                 per_row += alpha * temperature ** 2 * (p_t * (log_pt - log_q)).sum(-1)
                 if need_grad:
                     g.sub_(p_t, alpha=alpha) if unit_t else g.add_((log_q.exp() - p_t).mul_(alpha * temperature))
-            loss += (per_row * valid).sum()
+            loss += (per_row * row_weight).sum()
             if need_grad:
-                grad[s:s + KL_CHUNK_ROWS] = g.mul_(valid[:, None] / n)
+                grad[s:s + KL_CHUNK_ROWS] = g.mul_(row_weight[:, None] / n)
         ctx.save_for_backward(grad)
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
 
 
 @dataclass
@@ -382,6 +391,7 @@ class Distillation:
     temperature: float = 1.0
     layers: tuple = ()
     iters: int = 0
+    end: tuple = None  # (the teacher's eos id, the weight of the positions where it is the teacher's argmax)
 
     def active(self, iter_num):
         return self.iters == 0 or iter_num < self.iters
@@ -412,7 +422,7 @@ def loss_with_teacher(model, teacher, X, Y, d: Distillation, taps=None):
     with torch.no_grad():
         teacher_logits, _ = teacher(X)
     loss = distillation_loss(logits, teacher_logits, Y, d.kl, d.temperature, d.argmax,
-                             data=1 - d.kl - d.argmax - d.hidden)
+                             data=1 - d.kl - d.argmax - d.hidden, end=d.end)
     if d.hidden:
         student, ref = taps
         mse = [(student.states[i].float() - ref.states[i].float()).pow(2).mean() / ref.states[i].float().pow(2).mean()
@@ -452,6 +462,9 @@ def setup_distillation(s, student, rt, sampler):
     """(teacher, Distillation, (student, teacher) HiddenTaps or None) for train.py's distill_* settings s;
     (None, None, None) when no weight is above 0. With distill_cache the teacher is a TeacherTopK."""
     if s.distill_alpha + s.distill_argmax + s.distill_hidden <= 0:
+        if s.distill_end_weight != 1:
+            raise ConfigError("distill_end_weight weights the teacher's terms: set distill_alpha (or distill_argmax) "
+                              "above 0, or leave distill_end_weight at 1")
         return None, None, None
     teacher_path = s.distill_teacher or (s.init_from if s.init_from not in ("scratch", "resume") else "")
     if not teacher_path:
@@ -461,6 +474,7 @@ def setup_distillation(s, student, rt, sampler):
     if s.distill_cache:
         check_distill_cache(s, student.config.vocab_size, rt.world_size)
     teacher, teacher_ckpt = load_teacher(teacher_path, student.config, rt.device)
+    end = end_of_turn(s.distill_end_weight, teacher_ckpt, teacher_path)
     cast_frozen_linears(teacher, DTYPES[rt.dtype])  # it runs under autocast only: its weights cast once
     if s.distill_cache:
         steps = min(s.max_iters, s.distill_iters) if s.distill_iters else s.max_iters
@@ -471,9 +485,21 @@ def setup_distillation(s, student, rt, sampler):
         teacher = (TeacherTopK.open(s.distill_cache, record) if os.path.exists(s.distill_cache) else
                    TeacherTopK.build(s.distill_cache, record, teacher, sampler, rt.autocast))
     distill = Distillation(s.distill_alpha, s.distill_argmax, s.distill_hidden, s.distill_temperature, layers,
-                           s.distill_iters)
+                           s.distill_iters, end)
     taps = (HiddenTap(student, layers), HiddenTap(teacher, layers)) if s.distill_hidden else None
     return teacher, distill, taps
+
+
+def end_of_turn(weight, teacher_ckpt, teacher_path):
+    """Distillation.end for distill_end_weight: None at 1, else (the teacher's eos token id, weight)."""
+    if weight == 1:
+        return None
+    eos = (teacher_ckpt.get("hf_config") or {}).get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    if weight < 0 or not isinstance(eos, int):
+        why = "must be 0 or more" if weight < 0 else f"needs the teacher's eos token id, which {teacher_path} does not name"
+        raise ConfigError(f"distill_end_weight={weight}: {why}; set distill_end_weight=1 to weight every position alike")
+    return eos, float(weight)
 
 
 def check_distill_cache(s, vocab_size, world_size):

@@ -190,7 +190,9 @@ def adaptation_lines(s, adaptation, distill, frozen, n_layer):
         teacher = s.distill_teacher or s.init_from
         if s.distill_cache:  # adapt.TeacherTopK
             teacher += f" (its top {s.distill_cache_topk} tokens from {s.distill_cache}; the rest one bucket)"
-        lines.append(f"distillation: teacher {teacher}; loss = {mix}, {until} (the printed loss is this mix)")
+        ends = (f"; the positions where the teacher's argmax is token {distill.end[0]} (its eos) count {distill.end[1]:g} "
+                f"times" if distill.end else "")
+        lines.append(f"distillation: teacher {teacher}; loss = {mix}, {until}{ends} (the printed loss is this mix)")
     return lines
 
 

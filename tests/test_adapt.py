@@ -172,6 +172,86 @@ def test_fused_distillation_loss_equals_torchs_composition_in_value_and_gradient
         torch.testing.assert_close(distillation_loss(z * 3, teacher, targets, alpha, temperature, argmax, data), want)
 
 
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_end_of_turn_weight_counts_the_positions_where_the_teachers_argmax_ends_a_turn_that_many_times(monkeypatch,
+                                                                                                     top_k):
+    """end = (token, w): the loss is (1/n) sum over positions of w or 1 times that position's own loss (the reference
+    on one row), n the positions with a target; a position with no target stays out even where its argmax is the
+    token. With the teacher's top k, its first index is its argmax."""
+    import adapt
+    monkeypatch.setattr(adapt, "KL_CHUNK_ROWS", 4)
+    torch.manual_seed(4)
+    teacher, targets = torch.randn(2, 9, 40) * 3, torch.randint(0, 40, (2, 9))
+    teacher[..., 7] = -30.0
+    teacher[0, [1, 6], 7] = teacher[1, [2, 8], 7] = 30.0  # the teacher's argmax is token 7 at these four positions
+    targets[0, 6] = -1  # one of them has no target
+    z = torch.randn(2, 9, 40, requires_grad=True)
+    given = top_k_of(teacher, top_k) if top_k else teacher
+    got = distillation_loss(z * 3, given, targets, 0.75, 1.0, data=0.25, end=(7, 3.0))
+    got_grad, = torch.autograd.grad(got, z)
+    rows = [(b, t) for b in range(2) for t in range(9) if targets[b, t] != -1]
+    per_row = [distillation_loss(z[b, t][None, None] * 3, tuple(x[b, t][None, None] for x in given) if top_k else
+                                 teacher[b, t][None, None], targets[b, t][None, None], 0.75, 1.0, data=0.25)
+               for b, t in rows]
+    weights = [3.0 if teacher[b, t].argmax() == 7 else 1.0 for b, t in rows]
+    assert weights.count(3.0) == 3
+    want = sum(w * loss for w, loss in zip(weights, per_row)) / len(rows)
+    want_grad, = torch.autograd.grad(want, z)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-4)
+    plain = distillation_loss(z * 3, given, targets, 0.75, 1.0, data=0.25)
+    assert got > plain + 1e-3  # the weight changed something
+    torch.testing.assert_close(distillation_loss(z * 3, given, targets, 0.75, 1.0, data=0.25, end=(7, 1.0)), plain)
+
+
+def test_end_of_turn_weight_takes_the_teachers_eos_or_is_refused_in_one_line(dense_ckpt, tmp_path):
+    from types import SimpleNamespace
+
+    from adapt import TRAINING_SETTINGS, setup_distillation
+    from checkpoint import load_model
+    from configurator import ConfigError, Runtime
+    named = tmp_path / "with_eos.pt"
+    torch.save({**torch.load(dense_ckpt, weights_only=True), "hf_config": {"eos_token_id": [5, 9]}}, named)
+    student, _ = load_model(dense_ckpt)
+
+    def distillation(teacher, **settings):
+        s = SimpleNamespace(**{**TRAINING_SETTINGS, "distill_alpha": 1.0, "distill_teacher": str(teacher),
+                               "init_from": dense_ckpt, **settings})
+        return setup_distillation(s, student, Runtime("cpu", "cpu", "float32"), None)[1]
+
+    assert distillation(named, distill_end_weight=4.0).end == (5, 4.0)
+    assert distillation(named).end is None and distillation(dense_ckpt).end is None
+    for teacher, settings, words in [(dense_ckpt, {"distill_end_weight": 4.0}, "needs the teacher's eos token id"),
+                                     (named, {"distill_end_weight": -1.0}, "must be 0 or more"),
+                                     (named, {"distill_end_weight": 4.0, "distill_alpha": 0.0}, "weights the teacher's")]:
+        with pytest.raises(ConfigError, match=words):
+            distillation(teacher, **settings)
+
+
+def test_a_training_step_weights_the_end_of_a_turn_as_its_distillation_says():
+    from adapt import Distillation, loss_with_teacher
+    teacher, student = dense_model(n_layer=2, seed=1).eval(), dense_model(n_layer=2, seed=2).eval()
+    x, y = batch()
+    with torch.no_grad():
+        s_logits, t_logits = student(x)[0], teacher(x)[0]
+    end = (int(t_logits.argmax(-1).flatten().mode().values), 5.0)  # the teacher's commonest argmax as its "eos"
+    got = loss_with_teacher(student, teacher, x, y, Distillation(kl=1.0, end=end))
+    torch.testing.assert_close(got, distillation_loss(s_logits, t_logits, y, 1.0, 1.0, data=0.0, end=end))
+    assert got > loss_with_teacher(student, teacher, x, y, Distillation(kl=1.0)) + 1e-3
+
+
+def test_the_start_of_a_run_names_the_weighted_end_token_only_when_weighted():
+    from types import SimpleNamespace
+
+    from adapt import Distillation
+    from monitor import adaptation_lines
+    s = SimpleNamespace(distill_teacher="teacher.pt", init_from="teacher.pt", distill_cache="")
+    weighted, = adaptation_lines(s, None, Distillation(kl=1.0, end=(2, 10.0)), [], 4)
+    plain, = adaptation_lines(s, None, Distillation(kl=1.0), [], 4)
+    assert "the positions where the teacher's argmax is token 2 (its eos) count 10 times" in weighted
+    assert "eos" not in plain and "1 T^2 KL(teacher || student)" in plain
+
+
 def test_fused_distillation_loss_on_bf16_logits_gives_a_bf16_gradient():
     """Under autocast the logits are bf16: the loss is computed in fp32, the gradient returned in the logits' dtype."""
     torch.manual_seed(1)
