@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import (SAMPLING_KEYS, build_on_meta, load_model, save_checkpoint, share_attn_state, share_kv_state,
-                        weights_sha256)
+                        special_ids, weights_sha256)
 from configurator import (DTYPES, ConfigError, apply_threads, autocast, configure, run_script, settings_from,
                           warn_slow_bf16)
 from dataset import BatchSampler, dataset_dir, load_meta, open_tokens
@@ -494,9 +494,8 @@ def end_of_turn(weight, teacher_ckpt, teacher_path):
     """Distillation.end for distill_end_weight: None at 1, else (the teacher's eos token id, weight)."""
     if weight == 1:
         return None
-    eos = (teacher_ckpt.get("hf_config") or {}).get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) and eos else eos
-    if weight < 0 or not isinstance(eos, int):
+    eos = special_ids(teacher_ckpt)[1]
+    if weight < 0 or eos is None:
         why = "must be 0 or more" if weight < 0 else f"needs the teacher's eos token id, which {teacher_path} does not name"
         raise ConfigError(f"distill_end_weight={weight}: {why}; set distill_end_weight=1 to weight every position alike")
     return eos, float(weight)

@@ -306,6 +306,17 @@ def model_from_checkpoint(ckpt: dict, **config_changes) -> Llama:
     return model
 
 
+def special_ids(ckpt, hf_dir=None):
+    """(bos, eos) token ids of the model (None where it names none), from the checkpoint or hf_dir's config.json."""
+    hf = ckpt.get("hf_config") or {}
+    if hf_dir is not None:
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            hf = json.load(f)
+    eos = hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    return hf.get("bos_token_id"), eos if isinstance(eos, int) else None
+
+
 def load_model(path, mmap=False, **config_changes):
     """(model in eval mode on the CPU, checkpoint dict) from a checkpoint file or out_dir."""
     ckpt = load_checkpoint(path, mmap=mmap)

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, special_ids
 from configurator import DTYPES, apply_threads, configure, resolve_device, resolve_dtype, run_script, settings_from
 from convert_hf import load_hf_llama, read_chat_template
 from dataset import dataset_dir, load_meta
@@ -207,17 +207,6 @@ def read_prompt(start):
         except UnicodeDecodeError:
             raise SampleError(f"the prompt file {path} is not UTF-8 text") from None
     return start
-
-
-def special_ids(ckpt, hf_dir):
-    """(bos, eos) token ids of the model (None where it names none), from the checkpoint or config.json."""
-    hf = ckpt.get("hf_config") or {}
-    if hf_dir is not None:
-        with open(os.path.join(hf_dir, "config.json")) as f:
-            hf = json.load(f)
-    eos = hf.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) and eos else eos
-    return hf.get("bos_token_id"), eos if isinstance(eos, int) else None
 
 
 def chat_template(ckpt, hf_dir):

@@ -204,7 +204,7 @@ def test_end_of_turn_weight_counts_the_positions_where_the_teachers_argmax_ends_
     torch.testing.assert_close(distillation_loss(z * 3, given, targets, 0.75, 1.0, data=0.25, end=(7, 1.0)), plain)
 
 
-def test_end_of_turn_weight_takes_the_teachers_eos_or_is_refused_in_one_line(dense_ckpt, tmp_path):
+def test_end_of_turn_weight_takes_the_teachers_eos_or_is_refused_naming_why(dense_ckpt, tmp_path):
     from types import SimpleNamespace
 
     from adapt import TRAINING_SETTINGS, setup_distillation
