@@ -462,9 +462,6 @@ def setup_distillation(s, student, rt, sampler):
     """(teacher, Distillation, (student, teacher) HiddenTaps or None) for train.py's distill_* settings s;
     (None, None, None) when no weight is above 0. With distill_cache the teacher is a TeacherTopK."""
     if s.distill_alpha + s.distill_argmax + s.distill_hidden <= 0:
-        if s.distill_end_weight != 1:
-            raise ConfigError("distill_end_weight weights the teacher's terms: set distill_alpha (or distill_argmax) "
-                              "above 0, or leave distill_end_weight at 1")
         return None, None, None
     teacher_path = s.distill_teacher or (s.init_from if s.init_from not in ("scratch", "resume") else "")
     if not teacher_path:

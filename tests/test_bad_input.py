@@ -135,6 +135,7 @@ CASES = [  # (script, arguments, what the one line must name); train cases get T
     ("train", ["--kv_source=0,,1", "--n_layer=3"], "kv_source '0,,1' has an empty entry"),
     ("train", ["--kv_source=0,0,"], "kv_source '0,0,' has an empty entry"),
     ("train", ["--adapt_stage_iters=5"], "adapt_stage_iters applies only to an adaptation run"),
+    ("train", ["--distill_end_weight=5"], "distill_end_weight applies only to distillation"),
     ("train", ["--backend=nccl"], "backend=nccl"),
     # train.py: data, calibration file, out_dir, checkpoint
     ("train", ["--dataset={baddata}"], "baddata/train.bin holds token id"),
