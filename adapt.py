@@ -104,6 +104,10 @@ TRAINING_SETTINGS = dict(
     #   + a * T^2 * KL(teacher || student) + g * CE(teacher's argmax) + h * MSE(hidden states); all 0: no teacher
     distill_alpha=0.0,          # a: soft logits at distill_temperature
     distill_temperature=1.0,    # T of the soft-logit term (the KL is scaled by T^2)
+    distill_reverse=0.0,        # r: the soft term's share that is the reverse KL(student || teacher), which seeks the
+                                # teacher's likeliest tokens (MiniLLM, GKD) where the forward KL covers its whole
+                                # distribution: a T^2 [(1 - r) KL(teacher || student) + r KL(student || teacher)]
+                                # (SmolLM2: docs/keep_skills.md, "The reverse KL, and a temperature")
     distill_argmax=0.0,         # g: the teacher's argmax tokens as labels (EchoAtt: 0.5)
     distill_hidden=0.0,         # h: residual stream entering distill_hidden_layers (EchoAtt: 0.25, with a = 0.25)
     distill_hidden_layers="",   # e.g. '10,20' (EchoAtt: the boundaries of the shared blocks)
@@ -284,24 +288,29 @@ KL_CHUNK_ROWS = 8  # rows of logits the distillation loss holds in fp32 at once 
                    # (2-core Xeon, docs/keep_skills.md)
 
 
-def distillation_loss(logits, teacher_logits, targets, alpha, temperature, argmax=0.0, data=None, end=None):
+def distillation_loss(logits, teacher_logits, targets, alpha, temperature, argmax=0.0, data=None, end=None,
+                      reverse=0.0):
     """data * CE(targets) + alpha * T^2 * KL(teacher || student) at temperature T + argmax * CE(the
     teacher's argmax tokens), data being 1 - alpha - argmax unless given; each a mean over the positions
     with a target (not -1). The T^2 keeps the gradient scale of the soft term independent of T (Hinton
     et al.); the argmax term is EchoAtt's hard labels. end = (token, weight): a position whose teacher's
     argmax is that token counts weight times in the sum (the mean still divides by the positions).
-    Computed by FusedDistillationLoss."""
+    reverse = r: the soft term is (1 - r) KL(teacher || student) + r KL(student || teacher), the reverse
+    KL needing the teacher's whole distribution. Computed by FusedDistillationLoss."""
     data = 1 - alpha - argmax if data is None else data
     vocab = logits.size(-1)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     if isinstance(teacher_logits, tuple):  # the teacher's top k (TeacherTopK): (token ids, log-probabilities)
         if temperature != 1:
             raise ValueError("the teacher's top-k log-probabilities are at temperature 1: set distill_temperature=1")
+        if reverse:
+            raise ValueError("the reverse KL needs the teacher's whole distribution, not its top k: "
+                             "set distill_reverse=0")
         teacher = tuple(t.reshape(-1, t.size(-1)) for t in teacher_logits)
     else:
         teacher = teacher_logits.detach().reshape(-1, vocab)
     return FusedDistillationLoss.apply(logits.reshape(-1, vocab), teacher, targets.reshape(-1),
-                                       (data, alpha, argmax), temperature, need_grad, end)
+                                       (data, alpha, argmax), temperature, need_grad, end, reverse)
 
 
 def top_k_kl(log_q, top_index, top_logprob):
@@ -319,19 +328,30 @@ def top_k_kl(log_q, top_index, top_logprob):
     return kl, (log_q + shift[:, None]).exp().scatter_(1, top_index, p_top)
 
 
+def reverse_kl(log_q, log_p):
+    """Per row, KL(q || p) = sum q (log q - log p) of the student's q and the teacher's p (log-softmax rows), and its
+    gradient in the student's logits at temperature 1: q (log q - log p - KL). Where the forward KL pays for every
+    token the teacher finds likely and the student does not, this one pays for the student's mass where the teacher
+    has little: it pulls the student onto the teacher's modes."""
+    q, gap = log_q.exp(), log_q - log_p
+    kl = (q * gap).sum(-1)
+    return kl, gap.sub_(kl[:, None]).mul_(q)
+
+
 class FusedDistillationLoss(torch.autograd.Function):
     """distillation_loss in one pass over KL_CHUNK_ROWS rows at a time, its gradient made in the same pass:
-    d/dz = [(data + argmax) softmax(z) + alpha T (softmax(z / T) - p_teacher) - data onehot(target)
-    - argmax onehot(teacher's argmax)] row_weight / n. The plain composition of log_softmax, kl_div and
-    cross_entropy (kept in tests/test_adapt.py as the reference) made several passes over fp32 copies of the
+    d/dz = [(data + argmax) softmax(z) + alpha T ((1 - r) (softmax(z / T) - p_teacher) + r reverse_kl's gradient)
+    - data onehot(target) - argmax onehot(teacher's argmax)] row_weight / n. The plain composition of log_softmax,
+    kl_div and cross_entropy (kept in tests/test_adapt.py as the reference) made several passes over fp32 copies of the
     whole (positions x vocab) logits and computed the CE at weight 0: at SmolLM2's 49k vocab and 1,024
     positions that was half of a 10.8 s distillation step (torch profiler, docs/keep_skills.md)."""
 
     @staticmethod
-    def forward(ctx, z_all, t_all, targets, weights, temperature, need_grad, end=None):
+    def forward(ctx, z_all, t_all, targets, weights, temperature, need_grad, end=None, reverse=0.0):
         data, alpha, argmax = weights
+        forward_kl = alpha * (1 - reverse)  # the weight of KL(teacher || student)
         unit_t = temperature == 1  # then the KL's student softmax is the cross-entropies' one
-        soft = data + argmax + (alpha if unit_t else 0.0)  # the weight of softmax(z) in the gradient
+        soft = data + argmax + (forward_kl if unit_t else 0.0)  # the weight of softmax(z) in the gradient
         n = (targets != -1).sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.float32, device=z_all.device)
         grad = torch.empty_like(z_all) if need_grad else None
@@ -363,9 +383,17 @@ class FusedDistillationLoss(torch.autograd.Function):
                 log_q = log_p if unit_t else (z / temperature).log_softmax(-1)
                 log_pt = (t if unit_t else t / temperature).log_softmax(-1)
                 p_t = log_pt.exp()
-                per_row += alpha * temperature ** 2 * (p_t * (log_pt - log_q)).sum(-1)
+                per_row += forward_kl * temperature ** 2 * (p_t * (log_pt - log_q)).sum(-1)
                 if need_grad:
-                    g.sub_(p_t, alpha=alpha) if unit_t else g.add_((log_q.exp() - p_t).mul_(alpha * temperature))
+                    if unit_t:
+                        g.sub_(p_t, alpha=forward_kl)
+                    else:
+                        g.add_((log_q.exp() - p_t).mul_(forward_kl * temperature))
+                if reverse:
+                    kl, dkl = reverse_kl(log_q, log_pt)
+                    per_row += alpha * reverse * temperature ** 2 * kl
+                    if need_grad:
+                        g.add_(dkl, alpha=alpha * reverse * temperature)
             loss += (per_row * row_weight).sum()
             if need_grad:
                 grad[s:s + KL_CHUNK_ROWS] = g.mul_(row_weight[:, None] / n)
@@ -375,7 +403,7 @@ class FusedDistillationLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
 
 
 @dataclass
@@ -392,6 +420,7 @@ class Distillation:
     layers: tuple = ()
     iters: int = 0
     end: tuple = None  # (the teacher's eos id, the weight of the positions where it is the teacher's argmax)
+    reverse: float = 0.0  # the share of the kl term that is KL(student || teacher)
 
     def active(self, iter_num):
         return self.iters == 0 or iter_num < self.iters
@@ -422,7 +451,7 @@ def loss_with_teacher(model, teacher, X, Y, d: Distillation, taps=None):
     with torch.no_grad():
         teacher_logits, _ = teacher(X)
     loss = distillation_loss(logits, teacher_logits, Y, d.kl, d.temperature, d.argmax,
-                             data=1 - d.kl - d.argmax - d.hidden, end=d.end)
+                             data=1 - d.kl - d.argmax - d.hidden, end=d.end, reverse=d.reverse)
     if d.hidden:
         student, ref = taps
         mse = [(student.states[i].float() - ref.states[i].float()).pow(2).mean() / ref.states[i].float().pow(2).mean()
@@ -482,7 +511,7 @@ def setup_distillation(s, student, rt, sampler):
         teacher = (TeacherTopK.open(s.distill_cache, record) if os.path.exists(s.distill_cache) else
                    TeacherTopK.build(s.distill_cache, record, teacher, sampler, rt.autocast))
     distill = Distillation(s.distill_alpha, s.distill_argmax, s.distill_hidden, s.distill_temperature, layers,
-                           s.distill_iters, end)
+                           s.distill_iters, end, s.distill_reverse)
     taps = (HiddenTap(student, layers), HiddenTap(teacher, layers)) if s.distill_hidden else None
     return teacher, distill, taps
 
@@ -502,9 +531,10 @@ def check_distill_cache(s, vocab_size, world_size):
     if not 1 <= s.distill_cache_topk < vocab_size:
         raise ConfigError(f"distill_cache_topk={s.distill_cache_topk}: must lie in 1..{vocab_size - 1} (the "
                           f"vocabulary has {vocab_size} tokens; the rest of it is one bucket)")
-    if s.distill_temperature != 1 or s.distill_hidden:
-        raise ConfigError("distill_cache keeps the teacher's log-probabilities at temperature 1 and no hidden states: "
-                          "set distill_temperature=1 and distill_hidden=0, or unset distill_cache")
+    if s.distill_temperature != 1 or s.distill_hidden or s.distill_reverse:
+        raise ConfigError("distill_cache keeps only the teacher's top-k log-probabilities, at temperature 1, and no "
+                          "hidden states (the reverse KL needs its whole distribution): set distill_temperature=1, "
+                          "distill_hidden=0 and distill_reverse=0, or unset distill_cache")
     if world_size > 1:
         raise ConfigError("distill_cache serves a run of one process; under torchrun unset it (the teacher then "
                           "runs at every step)")

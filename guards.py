@@ -58,6 +58,11 @@ def check_settings(s, explicit, world_size, torchrun=False):
             not (math.isfinite(s.distill_temperature) and s.distill_temperature > 0):
         raise ConfigError("distill_alpha, distill_argmax and distill_hidden must be >= 0 with a sum <= 1 (the data's "
                           "cross-entropy gets the rest), and distill_temperature > 0")
+    if not 0 <= s.distill_reverse <= 1:
+        raise ConfigError(f"distill_reverse={s.distill_reverse} must lie in [0, 1]: the share of the soft term that is "
+                          "the reverse KL")
+    if s.distill_reverse > 0 and not s.distill_alpha > 0:
+        raise ConfigError("distill_reverse is a share of the soft term: set distill_alpha > 0 too")
     if s.distill_hidden > 0 and not s.distill_hidden_layers:
         raise ConfigError("distill_hidden > 0 needs distill_hidden_layers, e.g. --distill_hidden_layers=10,20")
     check_applicable(s, explicit)

@@ -183,7 +183,8 @@ def adaptation_lines(s, adaptation, distill, frozen, n_layer):
         lines.append(f"frozen layers {frozen} (no gradients); training {[i for i in range(n_layer) if i not in frozen]}")
     if distill is not None:
         weights = [(1 - distill.kl - distill.argmax - distill.hidden, "CE(data)"),
-                   (distill.kl, f"T^2 KL(teacher || student) at T={distill.temperature:g}"),
+                   (distill.kl * (1 - distill.reverse), f"T^2 KL(teacher || student) at T={distill.temperature:g}"),
+                   (distill.kl * distill.reverse, f"T^2 KL(student || teacher) at T={distill.temperature:g}"),
                    (distill.argmax, "CE(teacher's argmax)"), (distill.hidden, f"MSE(hidden at layers {list(distill.layers)})")]
         mix = " + ".join(f"{w:g} {name}" for w, name in weights if w)
         until = f"until iter {distill.iters}, then plain CE" if distill.iters else "for the whole run"

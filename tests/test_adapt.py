@@ -135,24 +135,27 @@ def test_distillation_is_zero_when_student_equals_teacher():
     torch.testing.assert_close(distillation_loss(logits, logits, targets, 0.5, 2.0), 0.5 * ce)
 
 
-def reference_distillation_loss(logits, teacher_logits, targets, alpha, temperature, argmax=0.0, data=None):
-    """The loss as the composition of torch's own log_softmax, kl_div and cross_entropy (what the fused one replaced)."""
+def reference_distillation_loss(logits, teacher_logits, targets, alpha, temperature, argmax=0.0, data=None, reverse=0.0):
+    """The loss as the composition of torch's own log_softmax, kl_div and cross_entropy (what the fused one replaced);
+    the reverse KL(student || teacher) is kl_div with its two arguments swapped."""
     F = torch.nn.functional
     data = 1 - alpha - argmax if data is None else data
     logits = logits.float().view(-1, logits.size(-1))
     keep = targets.view(-1) != -1
     teacher = teacher_logits.float().view(-1, logits.size(-1))[keep]
-    kl = F.kl_div(F.log_softmax(logits[keep] / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                  log_target=True, reduction="batchmean")
+    log_q, log_p = F.log_softmax(logits[keep] / temperature, -1), F.log_softmax(teacher / temperature, -1)
+    kl = (1 - reverse) * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") + \
+        reverse * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
     hard = F.cross_entropy(logits[keep], teacher.argmax(-1))
     return data * F.cross_entropy(logits, targets.view(-1), ignore_index=-1) + alpha * temperature ** 2 * kl + argmax * hard
 
 
-@pytest.mark.parametrize("alpha,temperature,argmax,data", [(1.0, 1.0, 0.0, None), (0.5, 2.0, 0.0, None),
-                                                          (0.25, 2.0, 0.5, None), (0.0, 1.0, 0.0, None),
-                                                          (0.25, 1.0, 0.5, 0.1), (1.0, 0.5, 0.0, None)])
+@pytest.mark.parametrize("alpha,temperature,argmax,data,reverse", [
+    (1.0, 1.0, 0.0, None, 0.0), (0.5, 2.0, 0.0, None, 0.0), (0.25, 2.0, 0.5, None, 0.0), (0.0, 1.0, 0.0, None, 0.0),
+    (0.25, 1.0, 0.5, 0.1, 0.0), (1.0, 0.5, 0.0, None, 0.0),
+    (1.0, 1.0, 0.0, None, 1.0), (1.0, 1.0, 0.0, None, 0.5), (0.5, 2.0, 0.25, None, 0.3), (1.0, 0.5, 0.0, None, 1.0)])
 def test_fused_distillation_loss_equals_torchs_composition_in_value_and_gradient(monkeypatch, alpha, temperature,
-                                                                                  argmax, data):
+                                                                                  argmax, data, reverse):
     """Chunks of 4 rows over 2 x 9 positions (the last chunk short), ignored targets in the middle of a chunk."""
     import adapt
     monkeypatch.setattr(adapt, "KL_CHUNK_ROWS", 4)
@@ -161,15 +164,33 @@ def test_fused_distillation_loss_equals_torchs_composition_in_value_and_gradient
     targets = torch.randint(0, 40, (2, 9))
     targets[0, 5:7] = -1
     z = torch.randn(2, 9, 40, requires_grad=True)
-    got = distillation_loss(z * 3, teacher, targets, alpha, temperature, argmax, data)
+    got = distillation_loss(z * 3, teacher, targets, alpha, temperature, argmax, data, reverse=reverse)
     got_grad, = torch.autograd.grad(got, z)
-    want = reference_distillation_loss(z * 3, teacher, targets, alpha, temperature, argmax, data)
+    want = reference_distillation_loss(z * 3, teacher, targets, alpha, temperature, argmax, data, reverse)
     want_grad, = torch.autograd.grad(want, z)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_grad, want_grad, atol=1e-6, rtol=1e-4)
     assert want_grad.abs().max() > 1e-3
+    if reverse:  # the reverse share changed the loss (the two KLs differ on these logits)
+        forward = reference_distillation_loss(z * 3, teacher, targets, alpha, temperature, argmax, data)
+        assert (want - forward).abs() > 1e-2
     with torch.no_grad():  # no gradient wanted: the same value
-        torch.testing.assert_close(distillation_loss(z * 3, teacher, targets, alpha, temperature, argmax, data), want)
+        torch.testing.assert_close(distillation_loss(z * 3, teacher, targets, alpha, temperature, argmax, data,
+                                                     reverse=reverse), want)
+
+
+def test_the_reverse_kl_is_the_sum_written_out_on_two_rows():
+    """KL(q || p) = sum_j q_j log(q_j / p_j) of the student's q and the teacher's p, by hand on a 3-token vocabulary,
+    and zero where they agree; the teacher's top k cannot give it (its tail is one bucket) and is refused."""
+    q, p = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]]), torch.tensor([[0.5, 0.3, 0.2], [0.25, 0.25, 0.5]])
+    targets = torch.tensor([[0, -1]])  # the second row has no target: the mean is over the first alone
+    want = 0.7 * math.log(0.7 / 0.5) + 0.2 * math.log(0.2 / 0.3) + 0.1 * math.log(0.1 / 0.2)
+    got = distillation_loss(q.log()[None], p.log()[None], targets, 1.0, 1.0, reverse=1.0)
+    torch.testing.assert_close(got, torch.tensor(want))
+    same = distillation_loss(q.log()[None], q.log()[None], torch.tensor([[0, 1]]), 1.0, 1.0, reverse=1.0)
+    assert same.abs() < 1e-6
+    with pytest.raises(ValueError, match="set distill_reverse=0"):
+        distillation_loss(q.log()[None], top_k_of(p.log()[None], 2), targets, 1.0, 1.0, reverse=0.5)
 
 
 @pytest.mark.parametrize("top_k", [0, 5])
@@ -248,7 +269,21 @@ def test_the_start_of_a_run_names_the_weighted_end_token_only_when_weighted():
     weighted, = adaptation_lines(s, None, Distillation(kl=1.0, end=(2, 10.0)), [], 4)
     plain, = adaptation_lines(s, None, Distillation(kl=1.0), [], 4)
     assert "the positions where the teacher's argmax is token 2 (its eos) count 10 times" in weighted
-    assert "eos" not in plain and "1 T^2 KL(teacher || student)" in plain
+    assert "eos" not in plain and "1 T^2 KL(teacher || student)" in plain and "student || teacher" not in plain
+    mixed, = adaptation_lines(s, None, Distillation(kl=1.0, reverse=0.25), [], 4)
+    assert "loss = 0.75 T^2 KL(teacher || student) at T=1 + 0.25 T^2 KL(student || teacher) at T=1," in mixed
+
+
+def test_a_training_step_takes_the_reverse_share_its_distillation_names():
+    from adapt import Distillation, loss_with_teacher
+    teacher, student = dense_model(n_layer=2, seed=1).eval(), dense_model(n_layer=2, seed=2).eval()
+    x, y = batch()
+    with torch.no_grad():
+        student.lm_head.weight.mul_(20)  # sharp against a flat teacher: the two KLs far apart
+        s_logits, t_logits = student(x)[0], teacher(x)[0]
+    got = loss_with_teacher(student, teacher, x, y, Distillation(kl=1.0, reverse=0.5))
+    torch.testing.assert_close(got, reference_distillation_loss(s_logits, t_logits, y, 1.0, 1.0, reverse=0.5))
+    assert (got - loss_with_teacher(student, teacher, x, y, Distillation(kl=1.0))).abs() > 1e-3
 
 
 def test_fused_distillation_loss_on_bf16_logits_gives_a_bf16_gradient():
@@ -990,6 +1025,7 @@ def test_a_top_k_file_made_for_other_batches_is_refused_naming_the_difference(da
     (["--distill_cache_topk=0"], "distill_cache_topk=0: must lie in 1.."),
     (["--distill_cache_topk=100000"], "distill_cache_topk=100000: must lie in 1.."),
     (["--distill_cache_topk=2", "--distill_temperature=2.0"], "set distill_temperature=1"),
+    (["--distill_cache_topk=2", "--distill_reverse=0.5"], "distill_reverse=0"),
     (["--distill_cache_topk=2", "--distill_alpha=0.5", "--distill_hidden=0.2", "--distill_hidden_layers=1"], "distill_hidden=0"),
 ])
 def test_bad_top_k_settings_are_refused_before_work(data_dir, dense_ckpt, tmp_path, change, words):

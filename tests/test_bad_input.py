@@ -136,6 +136,9 @@ CASES = [  # (script, arguments, what the one line must name); train cases get T
     ("train", ["--kv_source=0,0,"], "kv_source '0,0,' has an empty entry"),
     ("train", ["--adapt_stage_iters=5"], "adapt_stage_iters applies only to an adaptation run"),
     ("train", ["--distill_end_weight=5"], "distill_end_weight applies only to distillation"),
+    ("train", ["--distill_alpha=1.0", "--distill_reverse=1.5"], "distill_reverse=1.5 must lie in [0, 1]"),
+    ("train", ["--distill_alpha=1.0", "--distill_reverse=nan"], "distill_reverse=nan must lie in [0, 1]"),
+    ("train", ["--distill_argmax=0.5", "--distill_reverse=0.5"], "distill_reverse is a share of the soft term"),
     ("train", ["--backend=nccl"], "backend=nccl"),
     # train.py: data, calibration file, out_dir, checkpoint
     ("train", ["--dataset={baddata}"], "baddata/train.bin holds token id"),
