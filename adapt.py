@@ -349,9 +349,9 @@ class FusedDistillationLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_all, t_all, targets, weights, temperature, need_grad, end=None, reverse=0.0):
         data, alpha, argmax = weights
-        forward_kl = alpha * (1 - reverse)  # the weight of KL(teacher || student)
+        forward_weight = alpha * (1 - reverse)  # the weight of KL(teacher || student)
         unit_t = temperature == 1  # then the KL's student softmax is the cross-entropies' one
-        soft = data + argmax + (forward_kl if unit_t else 0.0)  # the weight of softmax(z) in the gradient
+        soft = data + argmax + (forward_weight if unit_t else 0.0)  # the weight of softmax(z) in the gradient
         n = (targets != -1).sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.float32, device=z_all.device)
         grad = torch.empty_like(z_all) if need_grad else None
@@ -383,12 +383,12 @@ class FusedDistillationLoss(torch.autograd.Function):
                 log_q = log_p if unit_t else (z / temperature).log_softmax(-1)
                 log_pt = (t if unit_t else t / temperature).log_softmax(-1)
                 p_t = log_pt.exp()
-                per_row += forward_kl * temperature ** 2 * (p_t * (log_pt - log_q)).sum(-1)
+                per_row += forward_weight * temperature ** 2 * (p_t * (log_pt - log_q)).sum(-1)
                 if need_grad:
                     if unit_t:
-                        g.sub_(p_t, alpha=forward_kl)
+                        g.sub_(p_t, alpha=forward_weight)
                     else:
-                        g.add_((log_q.exp() - p_t).mul_(forward_kl * temperature))
+                        g.add_((log_q.exp() - p_t).mul_(forward_weight * temperature))
                 if reverse:
                     kl, dkl = reverse_kl(log_q, log_pt)
                     per_row += alpha * reverse * temperature ** 2 * kl
