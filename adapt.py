@@ -382,13 +382,14 @@ class FusedDistillationLoss(torch.autograd.Function):
             elif alpha:
                 log_q = log_p if unit_t else (z / temperature).log_softmax(-1)
                 log_pt = (t if unit_t else t / temperature).log_softmax(-1)
-                p_t = log_pt.exp()
-                per_row += forward_weight * temperature ** 2 * (p_t * (log_pt - log_q)).sum(-1)
-                if need_grad:
-                    if unit_t:
-                        g.sub_(p_t, alpha=forward_weight)
-                    else:
-                        g.add_((log_q.exp() - p_t).mul_(forward_weight * temperature))
+                if forward_weight:  # none at reverse = 1: no pass for a term of weight 0
+                    p_t = log_pt.exp()
+                    per_row += forward_weight * temperature ** 2 * (p_t * (log_pt - log_q)).sum(-1)
+                    if need_grad:
+                        if unit_t:
+                            g.sub_(p_t, alpha=forward_weight)
+                        else:
+                            g.add_((log_q.exp() - p_t).mul_(forward_weight * temperature))
                 if reverse:
                     kl, dkl = reverse_kl(log_q, log_pt)
                     per_row += alpha * reverse * temperature ** 2 * kl
