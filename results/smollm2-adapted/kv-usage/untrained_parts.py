@@ -5,14 +5,10 @@ attention output left out: what a consumer gives when what it reads is worth not
 held-out text, as evaluate.py (bf16 autocast, windows of 512).
     [PER=1] [WHAT=kv,v,k,none] .venv/bin/python results/smollm2-adapted/kv-usage/untrained_parts.py MAP SETS TOKENS
 PER=1: each consumer's switch alone instead of the whole map."""
-import copy, json, os, sys, time
+import copy, os, sys
 import torch
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..")
-sys.path.insert(0, ROOT)
+from measure import ROOT, held_out_windows, measure_each
 from checkpoint import load_model
-from dataset import load_meta, open_tokens
-from evaluate import resolve_set
-from fidelity import compare_on_windows, fixed_windows
 torch.set_num_threads(2)
 BASE = ROOT + "/data/smollm2/smollm2-135m-instruct.pt"
 kv_map = [int(x) for x in sys.argv[1].split(",")]
@@ -20,11 +16,7 @@ set_names, n_tokens = sys.argv[2].split(","), int(sys.argv[3])
 teacher, _ = load_model(BASE)
 teacher.eval()
 student = copy.deepcopy(teacher)  # dense: every layer still has k_proj and v_proj, so all four variants can run
-windows = {}
-for name in set_names:
-    d, f = resolve_set(name)
-    windows[name] = fixed_windows(open_tokens(d, f.removesuffix(".bin"), load_meta(d)), n_tokens, 512)
-amp = lambda: torch.autocast("cpu", torch.bfloat16)
+windows = held_out_windows(set_names, n_tokens)
 taking = {}  # consumer layer -> (source layer, "kv" | "k" | "v" | "none")
 
 
@@ -51,14 +43,11 @@ for what in os.environ.get("WHAT", "kv,v,k,none").split(","):
         runs += [(f"{i}<-{j} {what}", {i: (j, what)}) for i, j in consumers]
     else:
         runs.append((f"whole map {what}", {i: (j, what) for i, j in consumers}))
-out = {}
-for label, take in runs:
+
+
+def take_from_sources(take):
     taking.clear()
     taking.update(take)
-    for name, w in windows.items():
-        t0 = time.time()
-        r = compare_on_windows(student, teacher, w, 1, amp)
-        out[f"{label} {name}"] = {k: r[k] for k in ("kl", "ppl_ratio", "agreement", "tokens")}
-        print(f"{label}, {name}: KL {r['kl']:.4f}  ppl ratio {r['ppl_ratio']:.4f}  top-1 {r['agreement']:.4f}  "
-              f"({time.time() - t0:.0f} s)", flush=True)
-print(json.dumps(out))
+
+
+measure_each(student, teacher, windows, runs, take_from_sources)
