@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import model as M
 from configurator import DTYPES, ConfigError, autocast, peak_flops_for
 from checkpoint import hf_config_from_llama
-from convert_hf import hf_state_dict
+from convert_hf import hf_state_dict, import_transformers
 from guards import check_not_tracked
 from quantize import QUANTIZERS
 from speed import block_weights, compile_decode_step, fuse_projections, huge_page_bytes, pack_weights, use_decode_paths
@@ -229,7 +229,7 @@ def build_ours(s, spec, device):
 def build_hf(dense, device):
     """transformers.LlamaForCausalLM of dense's shape, SDPA attention, with dense's weights (the
     config and the name map are convert_hf's, the ones export writes)."""
-    import transformers
+    transformers = import_transformers()
     hcfg = transformers.LlamaConfig(**hf_config_from_llama(dense.config, torch.float32))
     hcfg._attn_implementation = "sdpa"
     hf = transformers.LlamaForCausalLM(hcfg).to(device)

