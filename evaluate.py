@@ -128,8 +128,9 @@ def held_out(student, teacher, found, identity, s, dev):
         results[name] = {**compare_on_windows(student, teacher, windows, s.batch_size, amp, meta.get("eot_token")),
                          "file": os.path.join(d, f), "seconds": round(time.perf_counter() - t0, 1)}
         r = results[name]
-        print(f"{name:>8}: {r['tokens']:,} tokens ({r['left_out']} after a document's end left out)  ppl {r['student_ppl']:.3f} / teacher {r['teacher_ppl']:.3f} "
-              f"= {r['ppl_ratio']:.4f}  KL {r['kl']:.4f}  top-1 agreement {r['agreement']:.4f}", flush=True)
+        print(f"{name:>8}: {r['tokens']:,} tokens ({r['left_out']} after a document's end left out)  "
+              f"ppl {r['student_ppl']:.3f} / teacher {r['teacher_ppl']:.3f} = {r['ppl_ratio']:.4f}  KL {r['kl']:.4f}  "
+              f"top-1 agreement {r['agreement']:.4f}", flush=True)
     return results
 
 

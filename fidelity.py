@@ -40,7 +40,7 @@ def compare_logits(student_logits, teacher_logits, targets, keep=None):
     KL(teacher || student) = sum_v p_t(v) (log p_t(v) - log p_s(v)), and rows whose argmaxes agree.
     keep: an (N,) bool mask of the rows to count (None: all). In float32 whatever the logits' dtype,
     COMPARE_ROWS rows at a time."""
-    if keep is not None:
+    if keep is not None and not keep.all():  # a copy of the rows kept: only where some are left out
         student_logits, teacher_logits, targets = student_logits[keep], teacher_logits[keep], targets[keep]
     sums = dict.fromkeys(SUMS, 0.0)
     for r in range(0, len(targets), COMPARE_ROWS):

@@ -21,7 +21,8 @@ block_init, block_forward, setup_lora = model.Block.__init__, model.Block.forwar
 def init(self, config, layer_idx):
     block_init(self, config, layer_idx)
     self.attn_gate = torch.nn.Parameter(start_gate(layer_idx, config.n_head))  # every layer: the switch comes later
-    self._register_load_state_dict_pre_hook(keep_gate, with_module=True)  # checkpoints without gates (the teacher, a base) load
+    # checkpoints without gates (the teacher, a base) load
+    self._register_load_state_dict_pre_hook(keep_gate, with_module=True)
 
 
 def start_gate(layer_idx, n_head):

@@ -75,7 +75,8 @@ if __name__ == "__main__":
             continue
         line = f"{kind:9s} {int(idx.sum()):6,} positions:"
         for label, (ns, _, kl) in res.items():
-            line += f"  {label}: extra NLL {(ns[idx] - nt[idx]).sum() / len(where):+.4f} KL {kl[idx].sum() / len(where):.4f}"
+            extra, part = (ns[idx] - nt[idx]).sum() / len(where), kl[idx].sum() / len(where)
+            line += f"  {label}: extra NLL {extra:+.4f} KL {part:.4f}"
         print(line)
     for label, (ns, _, kl) in res.items():
         print(f"{label}: ln ppl ratio {(ns - nt).mean():.4f}, KL {kl.mean():.4f}")
