@@ -141,14 +141,13 @@ def by_layer(student, teacher, found, s, dev):
     amp = sets_autocast(s, dev)
     t0 = time.perf_counter()
     result = compare_layers(student, teacher, windows, amp, meta.get("eot_token"))
-    print(f"by layer, {name}, {len(windows) * s.block_size:,} positions: KL of the teacher with the student's layer "
+    print(f"by layer, {name}, {result['positions']:,} positions: KL of the teacher with the student's layer "
           "alone / of the student's layers up to it under the teacher's")
     kv, attn = student.config.kv_source, student.config.attn_source
     for l, (alone, up_to) in enumerate(zip(result["alone"], result["up_to"])):
         show = [f"{x:.4f}" if x is not None else "  -   " for x in (alone, up_to)]
         print(f"  layer {l:3d}  K/V from {kv[l]:3d}  pattern from {attn[l]:3d}  {show[0]}  {show[1]}")
-    return result | {"set": name, "positions": len(windows) * s.block_size,
-                     "seconds": round(time.perf_counter() - t0, 1)}
+    return result | {"set": name, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def chat_eval(student, teacher, student_ckpt, teacher_ckpt, qs, s):

@@ -123,7 +123,7 @@ def compare_layers(student, teacher, windows, autocast=None, document_end=None):
     in place of its own; "up_to", the student's layers 0..l under the teacher's above (the last is the student,
     with the teacher's embedding, final norm and head). None where hybrid() cannot mix. A layer's alone figure
     is what it costs by itself; the rise of up_to at it, what it adds where the student's layers below feed it.
-    document_end: as compare_on_windows', the positions that read it left out."""
+    document_end: as compare_on_windows', the positions that read it left out ("positions": those counted)."""
     n = len(teacher.layers)
     if len(student.layers) != n:
         raise ValueError(f"per-layer figures need as many layers in both models ({len(student.layers)} against {n})")
@@ -142,7 +142,7 @@ def compare_layers(student, teacher, windows, autocast=None, document_end=None):
                     sums[key] += compare_logits(mix(x)[0][0], t_logits, y, keep)["kl"]
         positions += y.numel() if keep is None else int(keep.sum())
     return {kind: [None if mixes[kind, l] is None else sums[kind, l] / positions for l in range(n)]
-            for kind in ("alone", "up_to")}
+            for kind in ("alone", "up_to")} | {"positions": positions}
 
 
 # -----------------------------------------------------------------------------

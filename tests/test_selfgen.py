@@ -299,7 +299,7 @@ def test_layer_figures_put_the_distance_at_the_one_layer_that_differs():
     assert whole > 0.01 and r["alone"][2] == pytest.approx(whole, rel=1e-5)
     assert [r["alone"][l] for l in (0, 1, 3)] == [0.0, 0.0, 0.0] and r["up_to"][:2] == [0.0, 0.0]
     assert r["up_to"][2] == pytest.approx(whole, rel=1e-5) and r["up_to"][3] == pytest.approx(whole, rel=1e-5)
-    assert compare_layers(teacher, teacher, windows) == {"alone": [0.0] * 4, "up_to": [0.0] * 4}
+    assert compare_layers(teacher, teacher, windows) == {"alone": [0.0] * 4, "up_to": [0.0] * 4, "positions": 48}
 
 
 def test_layer_figures_of_a_shared_student_equal_models_built_by_hand():
@@ -433,9 +433,11 @@ def test_evaluate_by_layer_reports_compare_layers_over_the_first_set(teacher_pat
     student = save_tiny(student_path, seed=9)
     data = make_selfgen(teacher_path, tmp_path / "data", tokens=200, val_tokens=200)
     r = run_evaluate(student_path, teacher_path, data / "val.bin", tmp_path, capsys, ["--layers=32", "--chat=False"])
-    windows = fixed_windows(open_tokens(str(data), "val", load_meta(str(data))), 32, 16)
-    want = compare_layers(student, tiny_model(), windows)
-    assert r["layers"]["positions"] == 32 and r["layers"]["set"] == str(data / "val.bin")
+    meta = load_meta(str(data))
+    windows = fixed_windows(open_tokens(str(data), "val", meta), 32, 16)
+    want = compare_layers(student, tiny_model(), windows, document_end=meta["eot_token"])
+    ends = int((windows[:, :-1] == meta["eot_token"]).sum())  # positions that read a document's end: left out
+    assert r["layers"]["positions"] == want["positions"] == 32 - ends and r["layers"]["set"] == str(data / "val.bin")
     assert r["layers"]["alone"] == pytest.approx(want["alone"], rel=1e-5)
     assert r["layers"]["up_to"] == pytest.approx(want["up_to"], rel=1e-5) and min(want["alone"]) > 0.001
 
