@@ -2,7 +2,8 @@
 student's and the teacher's NLL of the next token and the KL, over evaluate.py's 65,536 held-out generated positions
 (the same windows of 512, bf16 autocast), for the gated delta (its gates) and the no-attention delta (gates at 0,
 which is ../kv-usage/without_attention.py's block exactly). Sums by where the position sits: a chat turn's user
-text, its assistant text, free text (no chat turn open), and the positions a chat marker starts.
+text, its assistant text, another turn ("other": the system prompt, or whatever the teacher's free text put after
+`<|im_start|>`), free text (no turn open), and the positions whose next token is `<|im_start|>` ("marker").
     .venv/bin/python results/smollm2-adapted/gated/where_ppl.py GATED_DELTA GATES NOATTN_DELTA"""
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,8 @@ def per_position(m, teacher, windows):
 
 
 def regions(windows, tok):
-    """Per predicted position: 'user', 'assistant', 'free' by the chat markers seen so far in the window."""
+    """Per predicted position, by the chat markers seen so far in the window: 'user', 'assistant', 'other' (a turn
+    of another role), 'free' (no turn open); 'marker' where the next token is <|im_start|>."""
     start, end = tok.encode("<|im_start|>")[0], tok.encode("<|im_end|>")[0]
     user, assistant = tok.encode("user"), tok.encode("assistant")
     out = []
